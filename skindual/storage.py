@@ -1,0 +1,318 @@
+"""One small interface over a local directory and an S3 prefix.
+
+`open_storage` takes a local path, a ``file://`` URL or ``s3://bucket/prefix``; the `Storage` it
+returns takes names relative to that root, with ``/`` separators (``"shards/00000.tar"``).  A file
+is visible under its final name only once complete: local writes go to a hidden temp file in the
+same directory, fsynced, then `os.replace`d; S3 PUTs and multipart uploads are atomic already.
+
+S3 goes through boto3: endpoint from the ``s3_endpoint`` argument, else ``AWS_ENDPOINT_URL``;
+credentials only from the standard AWS chain, never taken, logged or echoed here; botocore's
+adaptive retries so that hundreds of writers ride out throttling.  Failures the user can fix
+become one-line `StorageError`s, a missing object a `FileNotFoundError`.  A `Storage` pickles
+without its boto3 client (Ray ships it to actors) and makes a new one on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import unquote
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
+                                 EndpointConnectionError, NoCredentialsError,
+                                 PartialCredentialsError)
+
+from skindual.errors import StorageError
+
+__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "is_remote", "open_storage"]
+
+DEFAULT_PART_SIZE = 64 * 1024 * 1024
+"""S3 multipart threshold and part size of `Storage.upload_file` (S3's minimum part is 5 MiB)."""
+
+_TMP_PREFIX = ".tmp-skindual-"
+_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden",
+           "InvalidToken", "ExpiredToken"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_T = TypeVar("_T")
+
+
+def is_remote(url: str | os.PathLike[str]) -> bool:
+    """True for an ``s3://`` URL, False for a local path or ``file://`` URL."""
+    return os.fspath(url).startswith("s3://")
+
+
+def open_storage(url: str | os.PathLike[str], s3_endpoint: str | None = None, *,
+                 part_size: int = DEFAULT_PART_SIZE) -> Storage:
+    """Open a storage root: a local path, ``file://`` URL or ``s3://bucket/prefix``.
+
+    ``s3_endpoint`` (e.g. ``http://127.0.0.1:8333``) wins over ``AWS_ENDPOINT_URL``; ``part_size``
+    is the multipart threshold and part size of S3 uploads.  Both are ignored for local roots.
+    Nothing is contacted here: call `Storage.check` to fail early on an unusable location.
+    """
+    text = os.fspath(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return LocalStorage(text)
+    if scheme == "file":
+        return LocalStorage(unquote(rest))
+    if scheme != "s3":
+        raise StorageError(f"{text}: unsupported storage URL; use a local path, file:// or s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{text}: an S3 URL needs a bucket, e.g. s3://my-bucket/run1")
+    return S3Storage(bucket, prefix, s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"), part_size)
+
+
+def _check_name(name: str, *, prefix: bool = False) -> str:
+    """Return ``name`` if it is a clean relative name (a prefix may be empty or end in '/')."""
+    body = name[:-1] if prefix and name.endswith("/") else name
+    if (name or not prefix) and ("\\" in name or any(
+            part in ("", ".", "..") for part in body.split("/"))):
+        raise ValueError(f"bad relative storage name {name!r}: use 'a/b.ext', no '.', '..' or '//'")
+    return name
+
+
+class Storage(ABC):
+    """A root directory or S3 prefix holding files; every name is relative to ``url``."""
+
+    url: str
+
+    @abstractmethod
+    def join(self, relpath: str) -> str:
+        """The full location of ``relpath``: an absolute local path or an ``s3://`` URL."""
+
+    @abstractmethod
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Write ``data`` to ``relpath`` atomically, replacing any previous file."""
+
+    @abstractmethod
+    def read_bytes(self, relpath: str) -> bytes:
+        """The content of ``relpath``; `FileNotFoundError` when there is no such file."""
+
+    @abstractmethod
+    def exists(self, relpath: str) -> bool:
+        """Whether the file ``relpath`` exists (on S3, False also when the bucket is missing)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted relative names of all files, at any depth, whose name starts with ``prefix``."""
+
+    @abstractmethod
+    def delete(self, relpath: str) -> None:
+        """Delete the file ``relpath``; deleting a missing file is not an error."""
+
+    @abstractmethod
+    def upload_file(self, local_path: str | os.PathLike[str], relpath: str) -> None:
+        """Copy a local file to ``relpath`` atomically (multipart upload on S3, for big shards)."""
+
+    @abstractmethod
+    def download_file(self, relpath: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy ``relpath`` to a local file, creating its parent directories."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise `StorageError` unless the location is usable (local: writable; S3: bucket ok)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Create ``path`` from a fsynced temp file in its directory renamed onto it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalStorage(Storage):
+    """A directory on a local or shared file system (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(os.path.expanduser(root)))  # absolute for Ray workers
+        self.url = str(self.root)
+
+    def _path(self, relpath: str) -> Path:
+        return self.root / _check_name(relpath)
+
+    def join(self, relpath: str) -> str:
+        return str(self._path(relpath))
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        _atomic_write(self._path(relpath), lambda f: f.write(data))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self._path(relpath).read_bytes()
+
+    def exists(self, relpath: str) -> bool:
+        return self._path(relpath).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        names = []
+        top = self.root / _check_name(prefix, prefix=True).rpartition("/")[0]
+        for dirpath, _, files in os.walk(top):
+            for name in files:
+                rel = Path(dirpath, name).relative_to(self.root).as_posix()
+                if rel.startswith(prefix) and not name.startswith(_TMP_PREFIX):
+                    names.append(rel)
+        return sorted(names)
+
+    def delete(self, relpath: str) -> None:
+        self._path(relpath).unlink(missing_ok=True)
+
+    def upload_file(self, local_path: str | os.PathLike[str], relpath: str) -> None:
+        with open(local_path, "rb") as src:
+            _atomic_write(self._path(relpath), lambda f: shutil.copyfileobj(src, f))
+
+    def download_file(self, relpath: str, local_path: str | os.PathLike[str]) -> None:
+        with self._path(relpath).open("rb") as src:
+            _atomic_write(Path(local_path), lambda f: shutil.copyfileobj(src, f))
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root, prefix=_TMP_PREFIX):
+                pass
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.url}: {exc.strerror}; "
+                               "fix the path or its permissions") from exc
+
+
+class S3Storage(Storage):
+    """A prefix in an S3 or S3-compatible (SeaweedFS, MinIO, Ceph) bucket.
+
+    Addressing style is ``SKINDUAL_S3_ADDRESSING_STYLE`` (default ``path``, which S3-compatible
+    servers need), read, like the endpoint, when the object is made, so Ray workers agree.
+    """
+
+    def __init__(self, bucket: str, prefix: str, endpoint: str | None,
+                 part_size: int = DEFAULT_PART_SIZE) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint or None
+        self.addressing_style = os.environ.get("SKINDUAL_S3_ADDRESSING_STYLE", "path")
+        self.part_size = part_size
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _make_client(self, max_attempts: int, connect_timeout: float) -> Any:
+        config = Config(retries={"mode": "adaptive", "max_attempts": max_attempts},
+                        connect_timeout=connect_timeout, read_timeout=120,
+                        s3={"addressing_style": self.addressing_style})
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            self._client = self._make_client(max_attempts=10, connect_timeout=10)
+        return self._client
+
+    def _key(self, relpath: str) -> str:
+        return self.prefix + _check_name(relpath)
+
+    def _call(self, fn: Callable[[], _T], relpath: str | None = None) -> _T:
+        """Run S3 requests about ``relpath`` (None: about the bucket), translating failures the
+        user can fix into `StorageError` and a missing object into `FileNotFoundError`."""
+        try:
+            return fn()
+        except (S3UploadFailedError, BotoCoreError, ClientError) as exc:
+            # boto3's S3UploadFailedError keeps the ClientError only as its context
+            cause = exc.__context__ if isinstance(exc, S3UploadFailedError) else exc
+            translated = self._translate(cause, relpath)
+            if translated is None:
+                raise
+            raise translated from exc
+
+    def _translate(self, exc: BaseException | None, relpath: str | None) -> Exception | None:
+        where = self.endpoint or "the default AWS endpoint"
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StorageError(f"no usable AWS credentials for {self.url}; set AWS_ACCESS_KEY_ID/"
+                                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+            return StorageError(f"cannot reach S3 endpoint {where} for {self.url}; "
+                                "check --s3-endpoint / AWS_ENDPOINT_URL")
+        code = str(exc.response["Error"].get("Code")) if isinstance(exc, ClientError) else ""
+        if code in _DENIED:  # the server's own message is dropped: it may quote signing details
+            return StorageError(f"access to {self.url} at {where} denied ({code}); check "
+                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or your AWS profile")
+        if code == "NoSuchBucket" or (code in _MISSING and relpath is None):
+            return StorageError(f"bucket {self.bucket} does not exist at endpoint {where}; "
+                                "create it or fix the URL")
+        if code in _MISSING:
+            return FileNotFoundError(f"{self.url}{relpath} does not exist")
+        return None
+
+    def join(self, relpath: str) -> str:
+        return f"s3://{self.bucket}/{self._key(relpath)}"
+
+    def _object_call(self, operation: str, relpath: str, **kwargs: Any) -> Any:
+        """Run the client's ``operation`` on the object ``relpath``."""
+        key = self._key(relpath)
+        return self._call(lambda: getattr(self._s3(), operation)(
+            Bucket=self.bucket, Key=key, **kwargs), relpath)
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self._object_call("put_object", relpath, Body=data)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        body = self._object_call("get_object", relpath)["Body"]
+        return self._call(body.read, relpath)
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            self._object_call("head_object", relpath)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self.prefix + _check_name(prefix, prefix=True)
+
+        def keys() -> list[str]:
+            pages = self._s3().get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+        # keys ending in "/" are directory markers some servers and tools create, not files
+        return sorted(k[len(self.prefix):] for k in self._call(keys) if not k.endswith("/"))
+
+    def delete(self, relpath: str) -> None:
+        self._object_call("delete_object", relpath)
+
+    def _transfer_config(self) -> TransferConfig:
+        size = self.part_size
+        return TransferConfig(multipart_threshold=size, multipart_chunksize=size,
+                              preferred_transfer_client="classic")
+
+    def upload_file(self, local_path: str | os.PathLike[str], relpath: str) -> None:
+        key, config = self._key(relpath), self._transfer_config()
+        self._call(lambda: self._s3().upload_file(os.fspath(local_path), self.bucket, key,
+                                                  Config=config), relpath)
+
+    def download_file(self, relpath: str, local_path: str | os.PathLike[str]) -> None:
+        key, config = self._key(relpath), self._transfer_config()
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        self._call(lambda: self._s3().download_file(self.bucket, key, os.fspath(local_path),
+                                                    Config=config), relpath)
+
+    def check(self) -> None:
+        probe = self._make_client(max_attempts=2, connect_timeout=3)  # fail fast, unlike data calls
+        self._call(lambda: probe.head_bucket(Bucket=self.bucket))
