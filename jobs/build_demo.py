@@ -1,0 +1,62 @@
+"""Build the offline demo world: procedural HAM10000-layout data and the demo base model.
+
+    python jobs/build_demo.py                      # data + base from the shipped artifact + measurements
+    python jobs/build_demo.py --rebuild            # pretrain the demo base from scratch (about 30 min on 2 cores)
+
+The base is cached under ~/.cache/skindual (SKINDUAL_CACHE) by the artifact's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from skindual.cli import option, run_job
+from skindual.demo import prepare_demo_world
+from skindual.demo_model import ARTIFACT, PretrainRecipe
+from skindual.errors import UserError
+
+_RECIPE = PretrainRecipe()
+
+
+@dataclass
+class BuildDemoConfig:
+    output: str = option("skindual-demo", "folder for the demo data, its training table and demo_world.json")
+    data_scale: float = option(0.1, "demo images per class as a fraction of HAM10000's counts")
+    seed: int = option(0, "seed of the demo data, its split and the measurements")
+    artifact: str = option(str(ARTIFACT), "the demo base's safetensors artifact (read, or written by --rebuild)")
+    rebuild: bool = option(False, "pretrain the demo base from scratch and write --artifact")
+    vae_steps: int = option(_RECIPE.vae_steps, "with --rebuild: VAE pretraining steps")
+    unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
+    pretrain_per_class: int = option(_RECIPE.per_class, "with --rebuild: class-balanced pretraining lesions per class")
+    measure: bool = option(True, "measure VAE reconstruction and the base's class fidelity")
+    samples_per_class: int = option(24, "base samples per class for the class-fidelity figure")
+    sample_steps: int = option(25, "sampling steps for those samples")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.data_scale <= 1:
+            raise UserError(f"--data-scale {self.data_scale}: must be in (0, 1]")
+        for flag in ("vae_steps", "unet_steps", "pretrain_per_class", "samples_per_class", "sample_steps"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: must be at least 1")
+        if not self.rebuild and not Path(self.artifact).is_file():
+            raise UserError(f"--artifact {self.artifact}: no such file; give the demo base artifact "
+                            "or pass --rebuild to pretrain one")
+
+
+def main(cfg: BuildDemoConfig) -> None:
+    recipe = None
+    if cfg.rebuild:
+        recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class,
+                                vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps)
+    world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=cfg.artifact,
+                               rebuild=recipe, measure=cfg.measure, samples_per_class=cfg.samples_per_class,
+                               sample_steps=cfg.sample_steps)
+    print(json.dumps({"data_root": str(world.data_root), "base_model": str(world.base_model), **world.report},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, BuildDemoConfig, __doc__))

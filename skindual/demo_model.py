@@ -1,0 +1,379 @@
+"""The demo base model: a tiny Stable-Diffusion-2-shaped pipeline that runs offline.
+
+It has SD-2's parts and conventions -- a CLIP text encoder (frozen) with a BPE
+tokenizer built here from the prompt vocabulary, an `AutoencoderKL`, a
+`UNet2DConditionModel` with linear attention projections, v-prediction -- at
+about 1/300 of the size, and is pretrained on procedural lesions so that its
+samples mean something.  It is saved with `save_pretrained` and read back by
+the same `StableDiffusionPipeline.from_pretrained` call that loads a real SD-2
+id or folder.
+
+Pretraining for class control takes longer than a fresh machine should wait,
+so the trained weights ship as `skindual/assets/demo_base.safetensors` (fp16, a
+few MB; its metadata holds the configs, the tokenizer and the recipe, so the
+file alone rebuilds the pipeline).  `python jobs/build_demo.py --rebuild`
+trains it again from scratch with the recipe's defaults.  A materialised
+pipeline is cached on disk under the sha256 of the file it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from skindual.demo_data import render_batch
+from skindual.errors import UserError
+from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = Path(__file__).parent / "assets" / "demo_base.safetensors"
+DEMO_RESOLUTION = 64
+REBUILD_COMMAND = "python jobs/build_demo.py --rebuild"
+DEMO_BASE = "demo"  # --base-model value naming the demo base
+
+
+@dataclass
+class PretrainRecipe:
+    """How the demo base is pretrained (all defaults are what the shipped artifact used)."""
+
+    seed: int = 0
+    per_class: int = 300  # class-balanced pretraining lesions per class
+    vae_steps: int = 600
+    vae_lr: float = 1e-3
+    vae_batch_size: int = 16
+    unet_steps: int = 3000
+    unet_lr: float = 5e-4
+    batch_size: int = 32
+    uncond_prob: float = 0.1  # prompt dropped to "" this often, for classifier-free guidance
+    ema_decay: float = 0.999
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SKINDUAL_CACHE", Path.home() / ".cache" / "skindual"))
+
+
+# --------------------------------------------------------------------------- components
+
+
+def prompt_corpus() -> list[str]:
+    """Every class with every body site and a spread of patients: what the tokenizer is trained on."""
+    texts = []
+    for cls in CLASSES:
+        texts.append(build_prompt(cls.code))
+        for i, site in enumerate(LOCALIZATIONS):
+            texts.append(build_prompt(cls.code, site, 5 * (i % 18), SEXES[i % 3]))
+    return texts + [" ".join(str(d) for d in range(10))]
+
+
+def build_tokenizer():
+    """A CLIP BPE tokenizer trained on the prompt corpus: every prompt word is one token."""
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(prompt_corpus(), trainer)
+    model = json.loads(backend.to_str())["model"]
+    return CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], model_max_length=77)
+
+
+def component_configs(vocab_size: int, bos: int, eos: int) -> dict[str, dict]:
+    """The configs of the demo base's parts (SD-2 shapes, tiny widths)."""
+    return {
+        "text_encoder": dict(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu",
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+            block_out_channels=[32, 32, 64], norm_num_groups=16, sample_size=DEMO_RESOLUTION,
+            mid_block_add_attention=False,
+        ),
+        "unet": dict(
+            sample_size=DEMO_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
+            norm_num_groups=16,
+        ),
+        "scheduler": dict(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        ),
+    }
+
+
+def build_components(configs: dict[str, dict], seed: int = 0) -> dict:
+    """Fresh (randomly initialised) components from `component_configs`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval(),
+        "vae": AutoencoderKL(**configs["vae"]),
+        "unet": UNet2DConditionModel(**configs["unet"]),
+        "scheduler": DDIMScheduler(**configs["scheduler"]),
+    }
+
+
+def assemble_pipeline(components: dict, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **components,
+    )
+
+
+# --------------------------------------------------------------------------- artifact and cache
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[str, dict]) -> None:
+    """Weights in fp16 plus everything needed to rebuild the pipeline, in one safetensors file."""
+    tensors = {}
+    for name in ("text_encoder", "vae", "unet"):
+        for key, value in getattr(pipe, name).state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to(torch.float16).contiguous()
+    tok_model = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
+    configs = dict(configs, vae=dict(configs["vae"], scaling_factor=pipe.vae.config.scaling_factor))
+    metadata = {
+        "configs": json.dumps(configs, sort_keys=True),
+        "tokenizer": json.dumps({"vocab": tok_model["vocab"], "merges": tok_model["merges"]}, sort_keys=True),
+        "recipe": json.dumps(asdict(recipe), sort_keys=True),
+        "rebuild_command": REBUILD_COMMAND,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def pipeline_from_artifact(path: str | Path = ARTIFACT):
+    """The demo base pipeline (fp32) straight from its artifact file."""
+    from safetensors import safe_open
+    from transformers import CLIPTokenizer
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    configs = json.loads(metadata["configs"])
+    tok = json.loads(metadata["tokenizer"])
+    tokenizer = CLIPTokenizer(vocab=tok["vocab"], merges=[tuple(m) for m in tok["merges"]], model_max_length=77)
+    components = build_components(configs)
+    tensors = load_file(str(path))
+    for name in ("text_encoder", "vae", "unet"):
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        components[name].load_state_dict(state, strict=True)
+    return assemble_pipeline(components, tokenizer)
+
+
+def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -> Path:
+    """A `from_pretrained`-loadable folder of the demo base, materialised once per artifact hash."""
+    if not Path(artifact).is_file():
+        raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
+                        f"or rebuild it with `{REBUILD_COMMAND}`")
+    digest = file_sha256(artifact)[:16]
+    target = (cache or cache_root()) / "demo_base" / digest
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
+    pipeline_from_artifact(artifact).save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process materialised it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base_model(model: str | Path) -> str:
+    """`demo` (the name jobs and adapters use for the demo base) → its cached folder; others as given."""
+    return str(demo_base_path()) if str(model) == DEMO_BASE else str(model)
+
+
+def load_pipeline(model: str | Path, torch_dtype=torch.float32):
+    """Load any SD-2-style pipeline -- `demo`, a local SD-2 folder, or a hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        resolve_base_model(model), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+    )
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Binary N×H×W masks → N×3×H×W in {-1, 1}: how the shared VAE sees a mask."""
+    m = torch.as_tensor(masks).float()
+    return (m * 2 - 1)[:, None].expand(-1, 3, -1, -1)
+
+
+def warmup_cosine(opt, steps: int, warmup_fraction: float = 0.03):
+    """Linear warm-up, then cosine decay to 0 over `steps` optimiser steps."""
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRecipe) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term, on lesion images and masks alike."""
+    data = torch.cat([images, masks])
+    g = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, recipe.vae_steps)
+    vae.train()
+    start = time.time()
+    for step in range(recipe.vae_steps):
+        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=g)]
+        if torch.rand((), generator=g) < 0.5:
+            batch = batch.flip(-1)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == recipe.vae_steps - 1:
+            log.info("vae step %d/%d loss %.4f (%.2f s/step)", step + 1, recipe.vae_steps, loss.item(),
+                     (time.time() - start) / (step + 1))
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Posterior means, unscaled."""
+    return torch.cat([vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(pipe, latents: torch.Tensor, prompt_embeds: torch.Tensor, uncond: torch.Tensor,
+               recipe: PretrainRecipe) -> None:
+    """Text-to-image denoising (v-prediction) on scaled latents with prompt dropout and an EMA copy."""
+    from diffusers import DDPMScheduler
+
+    unet, noise_sched = pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(recipe.seed + 1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
+    sched = warmup_cosine(opt, recipe.unet_steps)
+    unet.train()
+    start = time.time()
+    for step in range(recipe.unet_steps):
+        idx = torch.randint(len(latents), (recipe.batch_size,), generator=g)
+        x0 = latents[idx]
+        if torch.rand((), generator=g) < 0.5:
+            x0 = x0.flip(-1)
+        cond = prompt_embeds[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < recipe.uncond_prob
+        cond[drop] = uncond
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        loss = F.mse_loss(unet(noisy, t, cond).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].lerp_(v, 1 - decay)
+        if step % 100 == 0 or step == recipe.unet_steps - 1:
+            rate = (time.time() - start) / (step + 1)
+            log.info("unet step %d/%d loss %.4f (%.2f s/step, ETA %.0f s)", step + 1, recipe.unet_steps,
+                     loss.item(), rate, rate * (recipe.unet_steps - step - 1))
+    unet.load_state_dict(ema)
+    unet.eval()
+
+
+def pretrain_demo_base(recipe: PretrainRecipe):
+    """Pretrain the demo base from scratch: VAE reconstruction, then text-to-image (text encoder frozen)."""
+    torch.manual_seed(recipe.seed)
+    tokenizer = build_tokenizer()
+    configs = component_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    pipe = assemble_pipeline(build_components(configs, recipe.seed), tokenizer)
+    pipe.text_encoder.requires_grad_(False)
+
+    images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION)
+    images, masks = _to_tensor(images_np), mask_to_image(masks_np)
+    train_vae(pipe.vae, images, masks, recipe)
+    latents = encode_latents(pipe.vae, images)
+    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * pipe.vae.config.scaling_factor
+
+    rng = np.random.default_rng(recipe.seed)
+    prompts = []
+    for label in labels:  # a class word with a random site and patient, or the class alone
+        code = CLASSES[label].code
+        if rng.random() < 0.3:
+            prompts.append(build_prompt(code))
+        else:
+            prompts.append(build_prompt(code, str(rng.choice(LOCALIZATIONS)), int(rng.integers(0, 18)) * 5,
+                                        str(rng.choice(SEXES))))
+    embeds = encode_prompts(tokenizer, pipe.text_encoder, prompts)
+    uncond = encode_prompts(tokenizer, pipe.text_encoder, [""])[0]
+    train_unet(pipe, latents, embeds, uncond, recipe)
+    return pipe, configs
+
+
+@torch.no_grad()
+def vae_reconstruction(vae, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """PSNR (dB) of images and Dice of masks (thresholded at 0) after encode/decode."""
+    x, m = _to_tensor(images), mask_to_image(masks)
+    rec_x = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(128)]).clamp(-1, 1)
+    rec_m = torch.cat([vae.decode(z).sample for z in encode_latents(vae, m).split(128)]).mean(1) > 0
+    mse = ((rec_x - x) / 2).pow(2).mean().item()
+    truth = torch.as_tensor(masks).bool()
+    dice = (2 * (rec_m & truth).sum() / (rec_m.sum() + truth.sum()).clamp(min=1)).item()
+    return {"psnr_db": 10 * math.log10(1 / max(mse, 1e-12)), "mask_dice": dice}

@@ -1,0 +1,158 @@
+"""The offline demo world: procedural data read by the real reader, the demo base model, the build job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skindual import data, demo_data, demo_model, quality
+from skindual.prompts import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"akiec": 6, "bcc": 6, "bkl": 8, "df": 5, "mel": 8, "nv": 20, "vasc": 5}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("ham") / "HAM10000", SMALL, seed=3)
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    return demo_model.demo_base_path(cache=tmp_path_factory.mktemp("cache"))
+
+
+def test_demo_counts_keep_ham10000_proportions():
+    counts = demo_data.demo_counts(0.1)
+    assert counts["nv"] == 670 and counts["mel"] == 111 and counts["df"] == 12
+    assert max(counts, key=counts.get) == "nv" and min(counts, key=counts.get) == "df"
+
+
+def test_real_reader_reads_the_demo_folder(demo_root):
+    report = data.read_ham10000(str(demo_root))
+    table = report.table
+    assert report.skipped == {}
+    codes = table.column("class_code").to_pylist()
+    assert {c: codes.count(c) for c in SMALL} == SMALL
+    folders = {Path(p).parent.name for p in table.column("image_path").to_pylist()}
+    assert folders == set(demo_data.IMAGE_DIRS)
+    lesions = table.column("lesion_id").to_pylist()
+    assert len(set(lesions)) < len(lesions)  # some lesions have two images, as in HAM10000
+    assert set(table.column("dataset").to_pylist()) == {"demo"}
+
+
+def test_masks_are_exact_and_classes_differ_in_coarse_look(demo_root):
+    table = data.read_ham10000(str(demo_root)).table
+    images, masks, labels = data.load_arrays(table, 64)
+    assert set(np.unique(masks)) == {0, 1}
+    colours = np.stack([img[m.astype(bool)].mean(0) for img, m in zip(images, masks)])
+    areas = masks.mean((1, 2))
+    features = np.column_stack([colours / 255, areas * 4])
+    centroids = np.stack([features[labels == c].mean(0) for c in range(7)])
+    nearest = np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (nearest == labels).mean() >= 0.9  # mean colour and size alone nearly separate the classes
+
+
+def test_render_is_deterministic_and_views_share_the_lesion():
+    a_img, a_mask = demo_data.render_lesion("mel", 11)
+    b_img, b_mask = demo_data.render_lesion("mel", 11)
+    c_img, c_mask = demo_data.render_lesion("mel", 11, view=1)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    assert np.array_equal(a_mask, c_mask) and not np.array_equal(a_img, c_img)
+
+
+def test_independent_segmenter_agrees_with_demo_masks(demo_root):
+    images, masks, labels = data.load_arrays(data.read_ham10000(str(demo_root)).table, 64)
+    scores = quality.consistency(images, masks)
+    assert scores.mean() >= 0.9, scores
+    assert all(quality.mask_check(m) is None for m in masks)
+
+
+def test_mask_check_reasons():
+    empty = np.zeros((32, 32), np.uint8)
+    full = np.ones((32, 32), np.uint8)
+    split = empty.copy()
+    split[2:10, 2:10] = 1
+    split[20:28, 20:28] = 1
+    assert quality.mask_check(empty) == "empty"
+    assert quality.mask_check(full) == "full-frame"
+    assert quality.mask_check(split) == "fragmented"
+    assert quality.largest_component(split).sum() == 64
+
+
+def test_shipped_base_loads_through_from_pretrained(base_folder):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert (base_folder / "model_index.json").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_folder), safety_checker=None)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.unet, UNet2DConditionModel)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # every prompt word is a single token of the locally built tokenizer
+    assert pipe.tokenizer.tokenize("melanocytic nevus")[:2] == ["melanocytic</w>", "nevus</w>"]
+    out = pipe(["a dermoscopy image of melanoma"], num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_base_cache_is_keyed_by_artifact_hash(base_folder, tmp_path):
+    digest = demo_model.file_sha256(demo_model.ARTIFACT)[:16]
+    assert base_folder.name == digest
+    stamp = (base_folder / "model_index.json").stat().st_mtime_ns
+    assert demo_model.demo_base_path(cache=base_folder.parents[1]) == base_folder
+    assert (base_folder / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
+    pipe = demo_model.load_pipeline(base_folder)
+    images, masks, _ = data.load_arrays(data.read_ham10000(str(demo_root)).table, 64)
+    figures = demo_model.vae_reconstruction(pipe.vae, images, masks)
+    assert figures["psnr_db"] >= 24.0, figures
+    assert figures["mask_dice"] >= 0.97, figures
+
+
+def test_rebuild_recipe_still_runs_shortened(tmp_path):
+    recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4)
+    pipe, configs = demo_model.pretrain_demo_base(recipe)
+    artifact = tmp_path / "base.safetensors"
+    demo_model.save_artifact(pipe, recipe, artifact, configs)
+    folder = demo_model.demo_base_path(artifact, cache=tmp_path / "cache")
+    again = demo_model.load_pipeline(folder)
+    assert again.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
+    for name in ("unet", "vae", "text_encoder"):
+        for (k, a), b in zip(getattr(pipe, name).state_dict().items(), getattr(again, name).state_dict().values()):
+            torch.testing.assert_close(a.half().float(), b, msg=f"{name}.{k}")
+
+
+def _run_job(*args, env_extra=None):
+    env = dict(os.environ, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "build_demo.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_build_demo_job_end_to_end(tmp_path):
+    out = tmp_path / "world"
+    result = _run_job("--output", str(out), "--data-scale", "0.02", "--samples-per-class", "2",
+                      "--sample-steps", "4", env_extra={"SKINDUAL_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "demo_world.json").read_text())
+    assert report["class_counts"]["nv"] == 134 and report["class_counts"]["df"] == 10
+    assert set(report["base_class_fidelity"]) == {c.code for c in CLASSES}
+    assert report["vae_psnr_db"] > 20 and 0 <= report["base_class_fidelity_mean"] <= 1
+    assert (out / "training_table.parquet").exists() and (out / "data" / demo_data.METADATA_CSV).exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data-scale", "2"], "--data-scale 2.0"),
+    (["--artifact", "/nonexistent/base.safetensors"], "/nonexistent/base.safetensors"),
+])
+def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
+    result = _run_job("--output", str(tmp_path / "w"), "--no-measure", *args)
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
