@@ -1,0 +1,141 @@
+"""The multi-objective loss of the joint image–mask model (pure tensor maths).
+
+``total = w_img·L(image latents) + w_mask·L(mask latents) + w_geo·(Dice + BCE)``, where the two
+denoising terms are MSE against the target the scheduler's ``prediction_type`` asks for
+(optionally min-SNR-γ weighted per sample), and the geometry term decodes the model's predicted
+x0 of the mask latents and compares it with the true binary mask (DESIGN.md, "Joint image–mask
+model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's timestep.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from skindual.model import unpack_latents
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MASK_SHARPNESS = 4.0  # k in sigmoid(k · mean decoded channel): a decoded mask is about ±1
+
+
+def _check(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (N,) tensor shaped to broadcast against `like` (N, ...)."""
+    return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t of each sample, shape (N,)."""
+    return alphas_cumprod.to(timesteps.device)[timesteps].float()
+
+
+def noisy(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε (what the scheduler's `add_noise` computes)."""
+    a = _per_sample(abar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0."""
+    a = _per_sample(abar, x0)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the model is trained to predict: ε for ``epsilon``, v for ``v_prediction``."""
+    _check(prediction_type)
+    return noise if prediction_type == "epsilon" else velocity(x0, noise, abar)
+
+
+def predicted_x0(model_pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 recovered from a model output: ε: (x_t − sqrt(1−ᾱ)ε̂)/sqrt(ᾱ); v: sqrt(ᾱ)x_t − sqrt(1−ᾱ)v̂."""
+    _check(prediction_type)
+    a = _per_sample(abar, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * model_pred) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * model_pred
+
+
+def snr(abar: torch.Tensor) -> torch.Tensor:
+    return abar / (1 - abar)
+
+
+def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights per sample: min(snr, γ)/snr (ε) or min(snr, γ)/(snr + 1) (v)."""
+    _check(prediction_type)
+    s = snr(abar)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    return clipped / s if prediction_type == "epsilon" else clipped / (s + 1)
+
+
+def soft_dice_loss(prob: torch.Tensor, truth: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − (2Σpm + eps)/(Σp + Σm + eps) per sample (N×H×W), averaged over the batch."""
+    p, m = prob.flatten(1), truth.flatten(1).to(prob.dtype)
+    dice = (2 * (p * m).sum(1) + eps) / (p.sum(1) + m.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def mask_geometry_loss(decoded: torch.Tensor, truth: torch.Tensor, k: float = MASK_SHARPNESS) -> torch.Tensor:
+    """Soft Dice + BCE of a decoded mask image (N×3×H×W in [-1, 1]) against a binary mask (N×H×W).
+
+    The mask probability is sigmoid(k · mean over the 3 channels); BCE is taken on the logits.
+    """
+    logits = k * decoded.float().mean(1)
+    truth = truth.to(logits.dtype)
+    return soft_dice_loss(torch.sigmoid(logits), truth) + F.binary_cross_entropy_with_logits(logits, truth)
+
+
+def _mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    per_sample = F.mse_loss(pred.float(), tgt.float(), reduction="none").flatten(1).mean(1)
+    return (per_sample * weights).mean() if weights is not None else per_sample.mean()
+
+
+def joint_loss(
+    model_pred: torch.Tensor,
+    latents_x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    layout: str,
+    true_masks: torch.Tensor | None = None,
+    decode_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    w_img: float = 1.0,
+    w_mask: float = 1.0,
+    w_geo: float = 0.1,
+    snr_gamma: float | None = None,
+    noisy_latents: torch.Tensor | None = None,
+    mask_sharpness: float = MASK_SHARPNESS,
+) -> dict[str, torch.Tensor]:
+    """The loss of one batch of joint latents, each term returned separately for logging.
+
+    `model_pred`, `latents_x0` (the clean, scaled joint latents) and `noise` share the packed
+    shape of `layout`; `noisy_latents` defaults to sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε (the scheduler's
+    `add_noise`).  The geometry term needs `true_masks` (N×H×W, 0/1) and `decode_mask` (scaled
+    latents → decoded N×3×H×W image, e.g. `skindual.model.vae_decoder(vae)`); it is skipped —
+    0, nothing decoded — when ``w_geo == 0``.  Returns ``total``, ``img``, ``mask``, ``geo``.
+    """
+    abar = alpha_bar(alphas_cumprod, timesteps)
+    tgt = target(latents_x0, noise, abar, prediction_type)
+    weights = min_snr_weights(abar, snr_gamma, prediction_type) if snr_gamma else None
+    pred_img, pred_mask = unpack_latents(model_pred, layout)
+    tgt_img, tgt_mask = unpack_latents(tgt, layout)
+    img = _mse(pred_img, tgt_img, weights)
+    mask = _mse(pred_mask, tgt_mask, weights)
+    if w_geo:
+        if true_masks is None or decode_mask is None:
+            raise ValueError("the geometry term (w_geo != 0) needs true_masks and decode_mask")
+        x_t = noisy_latents if noisy_latents is not None else noisy(latents_x0, noise, abar)
+        _, x_t_mask = unpack_latents(x_t, layout)
+        x0_mask = predicted_x0(pred_mask, x_t_mask, abar, prediction_type)
+        geo = mask_geometry_loss(decode_mask(x0_mask), true_masks, mask_sharpness)
+    else:
+        geo = model_pred.new_zeros((), dtype=torch.float32)
+    total = w_img * img + w_mask * mask + w_geo * geo
+    return {"total": total, "img": img, "mask": mask, "geo": geo}

@@ -1,0 +1,371 @@
+"""The joint image–mask model: Stable Diffusion 2 adapted so that ONE sampling pass yields both.
+
+Layouts (DESIGN.md, "Joint image–mask model"): ``channels`` stacks image and mask latents to 8
+channels (UNet ``conv_in``/``conv_out`` widened, mask inputs starting at zero so step 0 is the
+base model); ``side-by-side`` puts image | mask on one canvas of twice the width (stock UNet, so
+its LoRA file loads into any Stable Diffusion tool).  An adapter folder holds the diffusers LoRA
+file, the widened convs (or the whole UNet when trained fully) and ``skindual_adapter.json`` with
+the sha256 of every file.  Pure model code: no Ray, no storage beyond a local adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from skindual.demo_model import file_sha256, load_pipeline, mask_to_image
+from skindual.errors import UserError
+from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("channels", "side-by-side")
+TRAIN_MODES = ("lora", "full")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+CONVS_FILE = "skindual_convs.safetensors"
+UNET_FILE = "skindual_unet.safetensors"
+ADAPTER_JSON = "skindual_adapter.json"
+ADAPTER_FORMAT = "skindual-adapter/1"
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def check_train(train: str) -> str:
+    if train not in TRAIN_MODES:
+        raise UserError(f"unknown train mode {train!r}; choose one of {', '.join(TRAIN_MODES)}")
+    return train
+
+
+# --------------------------------------------------------------------------- UNet and latents
+
+
+def widen_unet(unet) -> None:
+    """Widen ``conv_in``/``conv_out`` 4→8 channels in place: mask inputs zero, mask outputs = image outputs."""
+    if unet.config.in_channels == 8 and unet.config.out_channels == 8:
+        return
+    if unet.config.in_channels != 4 or unet.config.out_channels != 4:
+        raise ValueError(f"expected a 4-channel UNet, got {unet.config.in_channels}→{unet.config.out_channels}")
+    old_in, old_out = unet.conv_in, unet.conv_out
+
+    def conv(old, in_ch, out_ch):
+        return torch.nn.Conv2d(in_ch, out_ch, old.kernel_size, old.stride, old.padding,
+                               device=old.weight.device, dtype=old.weight.dtype)
+
+    new_in, new_out = conv(old_in, 8, old_in.out_channels), conv(old_out, old_out.in_channels, 8)
+    with torch.no_grad():
+        new_in.weight.zero_()
+        new_in.weight[:, :4] = old_in.weight
+        new_in.bias.copy_(old_in.bias)
+        new_out.weight.copy_(torch.cat([old_out.weight, old_out.weight]))
+        new_out.bias.copy_(torch.cat([old_out.bias, old_out.bias]))
+    unet.conv_in, unet.conv_out = new_in, new_out
+    unet.register_to_config(in_channels=8, out_channels=8)
+
+
+def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None = None,
+                 train: str = "lora") -> list[torch.nn.Parameter]:
+    """Make `unet` trainable for `layout`; returns the trainable parameters.
+
+    ``train="lora"``: LoRA (rank `lora_rank`, alpha `lora_alpha` or the rank) on the attention
+    projections, added with ``unet.add_adapter`` as diffusers' train_text_to_image_lora.py does,
+    plus the widened convs for ``channels``.  ``train="full"``: the whole UNet.
+    """
+    check_layout(layout)
+    check_train(train)
+    unet.requires_grad_(False)
+    if layout == "channels":
+        widen_unet(unet)
+    if train == "full":
+        unet.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
+                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        if layout == "channels":  # after add_adapter: peft freezes everything but the LoRA layers
+            unet.conv_in.requires_grad_(True)
+            unet.conv_out.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def pack_latents(image_latents: torch.Tensor, mask_latents: torch.Tensor, layout: str) -> torch.Tensor:
+    """Image and mask latents → the UNet's joint latents (channels: dim 1; side-by-side: width)."""
+    return torch.cat([image_latents, mask_latents], dim=1 if check_layout(layout) == "channels" else 3)
+
+
+def unpack_latents(latents: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint latents → (image latents, mask latents)."""
+    dim = 1 if check_layout(layout) == "channels" else 3
+    half = latents.shape[dim] // 2
+    return latents.narrow(dim, 0, half), latents.narrow(dim, half, half)
+
+
+def encode_pair(vae, images: torch.Tensor, masks: torch.Tensor, layout: str,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (N×3×H×W in [-1, 1]) and binary masks (N×H×W) → scaled joint latents.
+
+    The latents are posterior samples when a `generator` is given, posterior means otherwise.
+    """
+    both = torch.cat([images, mask_to_image(masks).to(images)])
+    dist = vae.encode(both).latent_dist
+    z = (dist.sample(generator) if generator is not None else dist.mean) * vae.config.scaling_factor
+    return pack_latents(*z.chunk(2), layout)
+
+
+def vae_decoder(vae):
+    """Scaled latents → decoded N×3×H×W images in about [-1, 1]: the `decode_mask` of `joint_loss`."""
+    return lambda latents: vae.decode(latents / vae.config.scaling_factor).sample
+
+
+# --------------------------------------------------------------------------- adapter folder
+
+
+@dataclass
+class AdapterInfo:
+    folder: Path
+    base_model: str
+    layout: str
+    train: str
+    lora_rank: int | None
+    lora_alpha: float | None
+    resolution: int | None
+    classes: list[dict]
+    prompt_template: str
+    training_config: dict
+    files: dict[str, str]  # file name → sha256
+    sha256: str  # of skindual_adapter.json, which names every file's hash: the adapter's identity
+
+
+def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, training_config: dict,
+                 train: str = "lora", resolution: int | None = None,
+                 prompt_template: str = DEFAULT_TEMPLATE) -> AdapterInfo:
+    """Write the adapter folder of an (unwrapped) UNet prepared by `prepare_unet`.
+
+    Every file is written under a temp name and moved in with `os.replace`; the json (which
+    holds every file's sha256) goes last, so a folder with a json is complete.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    check_layout(layout)
+    check_train(train)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
+    lora = None
+    try:
+        if train == "lora":
+            config = unet.peft_config["default"]
+            lora = {"rank": int(config.r), "alpha": float(config.lora_alpha), "target_modules": LORA_TARGETS}
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
+                weight_name=LORA_FILE, unet_lora_adapter_metadata=config.to_dict())
+            if layout == "channels":
+                convs = {f"{name}.{p}": getattr(getattr(unet, name), p).detach().cpu().contiguous()
+                         for name in ("conv_in", "conv_out") for p in ("weight", "bias")}
+                save_file(convs, tmp / CONVS_FILE)
+        else:
+            save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / UNET_FILE)
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        meta = {
+            "format": ADAPTER_FORMAT, "base_model": str(base_model), "layout": layout, "train": train,
+            "lora": lora,
+            "resolution": resolution if resolution is not None else training_config.get("resolution"),
+            "classes": [{"code": c.code, "index": c.index, "name": c.name} for c in CLASSES],
+            "prompt_template": prompt_template,
+            "training_config": training_config,
+            "versions": {name: version(name) for name in ("torch", "diffusers", "peft")},
+            "files": files,
+        }
+        (tmp / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        (folder / ADAPTER_JSON).unlink(missing_ok=True)  # a half-replaced folder never looks complete
+        for name in (LORA_FILE, CONVS_FILE, UNET_FILE):
+            if name in files:
+                os.replace(tmp / name, folder / name)
+            else:  # left over from an earlier save of another kind
+                (folder / name).unlink(missing_ok=True)
+        os.replace(tmp / ADAPTER_JSON, folder / ADAPTER_JSON)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_adapter(folder)
+
+
+def load_adapter(folder: str | Path) -> AdapterInfo:
+    """Read ``skindual_adapter.json`` and verify the sha256 of every file it names."""
+    folder = Path(folder)
+    path = folder / ADAPTER_JSON
+    redo = "re-download the adapter folder or re-train it"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {folder} is not a complete skindual adapter; {redo}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); {redo}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path}: not a skindual adapter (format {meta.get('format')!r}); {redo}")
+    check_layout(meta["layout"])
+    for name, digest in meta["files"].items():
+        if not (folder / name).is_file():
+            raise UserError(f"adapter file {folder / name} is missing; {redo}")
+        if file_sha256(folder / name) != digest:
+            raise UserError(f"adapter file {folder / name} is corrupted (sha256 does not match "
+                            f"{ADAPTER_JSON}); {redo}")
+    lora = meta.get("lora") or {}
+    return AdapterInfo(
+        folder=folder, base_model=meta["base_model"], layout=meta["layout"], train=meta["train"],
+        lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), resolution=meta.get("resolution"),
+        classes=meta["classes"], prompt_template=meta["prompt_template"],
+        training_config=meta["training_config"], files=dict(meta["files"]), sha256=file_sha256(path),
+    )
+
+
+def apply_adapter(pipe, info: AdapterInfo, fuse: bool = True) -> None:
+    """Load an adapter (already verified by `load_adapter`) into a base pipeline, in place."""
+    if info.layout == "channels":
+        widen_unet(pipe.unet)
+    if UNET_FILE in info.files:
+        pipe.unet.load_state_dict(load_file(info.folder / UNET_FILE), strict=True)
+    if CONVS_FILE in info.files:
+        missing, unexpected = pipe.unet.load_state_dict(load_file(info.folder / CONVS_FILE), strict=False)
+        if unexpected:
+            raise UserError(f"{info.folder / CONVS_FILE}: unexpected tensors {unexpected}")
+    if LORA_FILE in info.files:
+        pipe.load_lora_weights(str(info.folder), weight_name=LORA_FILE)
+        if fuse:
+            pipe.fuse_lora(components=["unet"])
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def make_scheduler(name: str, config):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+    if name not in classes:
+        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
+    return classes[name].from_config(config)
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component and fill its holes (an empty mask stays empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.astype(np.uint8)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
+
+
+@dataclass
+class DualSample:
+    images: np.ndarray  # uint8 N×H×W×3
+    masks: np.ndarray  # uint8 N×H×W, values 0/1
+    latents: torch.Tensor = field(repr=False)  # final joint latents (float32, CPU), before decoding
+
+
+class DualPipeline:
+    """One denoising loop over joint image–mask latents, with classifier-free guidance.
+
+    Wraps a `StableDiffusionPipeline` whose UNet is already adapted (by `prepare_unet` in a
+    training job, or by `from_pretrained` with an adapter folder).
+    """
+
+    def __init__(self, pipe, layout: str = "channels", scheduler: str = "ddim",
+                 adapter: AdapterInfo | None = None):
+        self.pipe, self.layout, self.adapter = pipe, check_layout(layout), adapter
+        if layout == "channels" and pipe.unet.config.in_channels != 8:
+            raise ValueError("layout 'channels' needs a widened UNet: call prepare_unet or widen_unet first")
+        self.scheduler_name = scheduler
+        self.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+
+    @classmethod
+    def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
+                        dtype: torch.dtype = torch.float32, scheduler: str = "ddim",
+                        layout: str | None = None, fuse: bool = True) -> "DualPipeline":
+        """The base model (an SD-2 id or folder) with an adapter folder applied, or the bare base
+        (``layout`` then picks the layout; ``channels`` starts as the base model, mask untrained)."""
+        info = load_adapter(adapter) if adapter is not None else None
+        if info is not None and layout is not None and layout != info.layout:
+            raise UserError(f"adapter {adapter} has layout {info.layout!r}, not {layout!r}")
+        layout = info.layout if info is not None else (layout or "channels")
+        if info is not None and info.base_model != str(base_model):
+            log.warning("adapter %s was trained on %s, loading it onto %s", adapter, info.base_model, base_model)
+        pipe = load_pipeline(base_model, torch_dtype=dtype)
+        if info is not None:
+            apply_adapter(pipe, info, fuse=fuse)
+        elif layout == "channels":
+            widen_unet(pipe.unet)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, layout, scheduler, info)
+
+    unet = property(lambda self: self.pipe.unet)
+    vae = property(lambda self: self.pipe.vae)
+    text_encoder = property(lambda self: self.pipe.text_encoder)
+    tokenizer = property(lambda self: self.pipe.tokenizer)
+    device = property(lambda self: self.pipe.unet.device)
+    dtype = property(lambda self: self.pipe.unet.dtype)
+
+    @property
+    def resolution(self) -> int:
+        """Side of one square image (and its mask) in pixels."""
+        return self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """Per-sample noise, each from its own CPU generator: a sample depends on its seed only."""
+        channels, side = self.unet.config.in_channels, self.unet.config.sample_size
+        shape = (channels, side, 2 * side if self.layout == "side-by-side" else side)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels)."""
+        image_latents, mask_latents = unpack_latents(latents, self.layout)
+        decoded = vae_decoder(self.vae)(torch.cat([image_latents, mask_latents]).to(self.dtype)).float()
+        images, masks = decoded.chunk(2)
+        return images.clamp(-1, 1), masks.mean(1)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
+                 clean_masks: bool = True) -> DualSample:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        cfg = guidance > 1.0
+        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg)
+        embeds = torch.cat([uncond, cond]) if cfg else cond
+        sched = self.scheduler
+        sched.set_timesteps(steps, device=self.device)
+        latents = self.initial_noise(seeds) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = torch.cat([latents, latents]) if cfg else latents
+            pred = self.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=embeds).sample
+            if cfg:
+                uncond_pred, cond_pred = pred.chunk(2)
+                pred = uncond_pred + guidance * (cond_pred - uncond_pred)
+            latents = sched.step(pred, t, latents).prev_sample
+        images, mask_logits = self.decode(latents)
+        images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        masks = (mask_logits > 0).to(torch.uint8).cpu().numpy()
+        if clean_masks:
+            masks = np.stack([clean_mask(m) for m in masks]) if len(masks) else masks
+        return DualSample(images=images, masks=masks, latents=latents.float().cpu())

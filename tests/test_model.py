@@ -1,0 +1,240 @@
+"""The joint image–mask model on a tiny, randomly initialised SD-2-shaped pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from skindual import model
+from skindual.demo_model import assemble_pipeline, build_components, build_tokenizer, component_configs, load_pipeline
+from skindual.errors import UserError
+from skindual.model import DualPipeline, load_adapter, pack_latents, prepare_unet, save_adapter, unpack_latents
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a dermoscopy image of melanoma", "a dermoscopy image of melanocytic nevus", ""]
+STEPS = 2
+
+
+def tiny_pipeline(seed: int = 0):
+    tokenizer = build_tokenizer()
+    configs = component_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    pipe = assemble_pipeline(build_components(configs, seed), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random base pipeline saved as a `from_pretrained` folder (the stand-in for an SD-2 id)."""
+    path = tmp_path_factory.mktemp("base")
+    tiny_pipeline().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def base(base_dir):
+    pipe = load_pipeline(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def perturb(unet, seed: int = 1) -> None:
+    """Make the trainable weights non-trivial (LoRA B starts at zero, mask inputs at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def unet_inputs(latent_channels: int = 4, width: int = 16):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(2, latent_channels, 16, width, generator=g), torch.tensor([999, 10]),
+            torch.randn(2, 77, 64, generator=g))
+
+
+def test_pack_unpack_roundtrip():
+    img, mask = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert pack_latents(img, mask, "channels").shape == (2, 8, 3, 3)
+    assert pack_latents(img, mask, "side-by-side").shape == (2, 4, 3, 6)
+    for layout in model.LAYOUTS:
+        back = unpack_latents(pack_latents(img, mask, layout), layout)
+        assert torch.equal(back[0], img) and torch.equal(back[1], mask)
+    with pytest.raises(UserError, match="layout"):
+        pack_latents(img, mask, "stacked")
+
+
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_widened_unet_starts_as_the_base_model(base_dir, train):
+    pipe = base(base_dir)
+    reference = copy.deepcopy(pipe.unet)
+    prepare_unet(pipe.unet, "channels", lora_rank=4, train=train)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    x, t, emb = unet_inputs()
+    mask_latents = torch.randn_like(x) * 3  # arbitrary: their input weights are zero
+    with torch.no_grad():
+        expected = reference(x, t, emb).sample
+        out = pipe.unet(torch.cat([x, mask_latents], 1), t, emb).sample
+    torch.testing.assert_close(out[:, :4], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 4:], expected, atol=1e-5, rtol=1e-5)  # mask outputs start as copies
+
+
+def test_trainable_parameters_lora_vs_full(base_dir):
+    unet = base(base_dir).unet
+    params = prepare_unet(unet, "channels", lora_rank=4)
+    names = {id(p): n for n, p in unet.named_parameters()}
+    trainable = {names[id(p)] for p in params}
+    assert len(trainable) == len(params)
+    assert {"conv_in.weight", "conv_in.bias", "conv_out.weight", "conv_out.bias"} <= trainable
+    rest = trainable - {"conv_in.weight", "conv_in.bias", "conv_out.weight", "conv_out.bias"}
+    assert rest and all("lora_" in n for n in rest)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in rest} == {"to_q", "to_k", "to_v", "0"}
+
+    stock = base(base_dir).unet
+    params = prepare_unet(stock, "side-by-side", lora_rank=4)
+    assert stock.config.in_channels == 4
+    assert all("lora_" in n for n, p in stock.named_parameters() if p.requires_grad)
+    assert len(params) == len(rest)
+
+    full = base(base_dir).unet
+    params = prepare_unet(full, "channels", train="full")
+    assert len(params) == len(list(full.parameters()))
+    assert not any("lora_" in n for n, _ in full.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def dual(base_dir):
+    """Adapted pipelines of both layouts with perturbed (non-trivial) trainable weights."""
+    out = {}
+    for layout in model.LAYOUTS:
+        pipe = base(base_dir)
+        prepare_unet(pipe.unet, layout, lora_rank=4, lora_alpha=8)
+        perturb(pipe.unet)
+        out[layout] = DualPipeline(pipe, layout)
+    return out
+
+
+@pytest.mark.parametrize("layout", model.LAYOUTS)
+def test_sampling_shapes_determinism_and_batch_independence(dual, layout):
+    pipe = dual[layout]
+    assert pipe.resolution == 64 and pipe.layout == layout
+    batch = pipe(PROMPTS, seeds=[11, 22, 33], steps=STEPS, guidance=3.0)
+    assert batch.images.shape == (3, 64, 64, 3) and batch.images.dtype == np.uint8
+    assert batch.masks.shape == (3, 64, 64) and batch.masks.dtype == np.uint8
+    assert set(np.unique(batch.masks)) <= {0, 1}
+    alone = pipe(PROMPTS[1:2], seeds=[22], steps=STEPS, guidance=3.0)
+    torch.testing.assert_close(alone.latents[0], batch.latents[1], atol=1e-4, rtol=1e-4)
+    assert np.abs(alone.images[0].astype(int) - batch.images[1]).max() <= 1
+    again = pipe(PROMPTS[1:2], seeds=[22], steps=STEPS, guidance=3.0)
+    assert torch.equal(again.latents, alone.latents)
+    other = pipe(PROMPTS[1:2], seeds=[23], steps=STEPS, guidance=3.0)
+    assert not torch.allclose(other.latents, alone.latents)
+
+
+def test_other_schedulers_and_no_guidance(dual):
+    pipe = dual["channels"]
+    for name in ("dpm", "euler"):
+        sample = DualPipeline(pipe.pipe, "channels", scheduler=name)(PROMPTS[:1], [1], steps=STEPS, guidance=1.0)
+        assert sample.images.shape == (1, 64, 64, 3) and np.isfinite(sample.latents).all()
+    with pytest.raises(UserError, match="scheduler"):
+        DualPipeline(pipe.pipe, "channels", scheduler="plms")
+
+
+@pytest.mark.parametrize("layout", model.LAYOUTS)
+def test_encode_pair_and_geometry_loss_through_the_frozen_vae(base_dir, layout):
+    from skindual.losses import joint_loss
+
+    pipe = base(base_dir)
+    pipe.vae.requires_grad_(False)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    masks = torch.zeros(2, 64, 64)
+    masks[:, 16:48, 16:48] = 1
+    with torch.no_grad():
+        x0 = model.encode_pair(pipe.vae, images, masks, layout)
+    assert x0.shape == ((2, 8, 16, 16) if layout == "channels" else (2, 4, 16, 32))
+    noise = torch.randn_like(x0)
+    pred = torch.randn_like(x0).requires_grad_(True)
+    sched = pipe.scheduler
+    out = joint_loss(pred, x0, noise, torch.tensor([50, 500]), sched.alphas_cumprod, sched.config.prediction_type,
+                     layout, masks, model.vae_decoder(pipe.vae), w_img=0.0, w_mask=0.0, w_geo=1.0)
+    out["total"].backward()
+    assert out["geo"] > 0 and pred.grad.abs().sum() > 0
+    assert all(p.grad is None for p in pipe.vae.parameters())
+
+
+def test_clean_mask_keeps_largest_component_and_fills_holes():
+    m = np.zeros((9, 9), np.uint8)
+    m[1:6, 1:6] = 1
+    m[3, 3] = 0  # a hole
+    m[8, 8] = 1  # a speck
+    cleaned = model.clean_mask(m)
+    assert cleaned[3, 3] == 1 and cleaned[8, 8] == 0 and cleaned.sum() == 25
+    assert model.clean_mask(np.zeros((4, 4), np.uint8)).sum() == 0
+
+
+@pytest.mark.parametrize("layout,train", [("channels", "lora"), ("side-by-side", "lora"), ("channels", "full")])
+def test_saved_adapter_reproduces_the_adapted_model(base_dir, tmp_path, layout, train):
+    pipe = base(base_dir)
+    prepare_unet(pipe.unet, layout, lora_rank=4, lora_alpha=2, train=train)
+    perturb(pipe.unet, seed=7)
+    adapted = DualPipeline(pipe, layout)
+    expected = adapted(PROMPTS[:2], seeds=[5, 6], steps=STEPS)
+    info = save_adapter(tmp_path / "adapter", pipe.unet, layout, base_dir, {"steps": 3, "lr": 1e-4},
+                        train=train, resolution=adapted.resolution)
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    expected_files = {"skindual_adapter.json"} | (
+        {"skindual_unet.safetensors"} if train == "full" else
+        {"pytorch_lora_weights.safetensors"} | ({"skindual_convs.safetensors"} if layout == "channels" else set()))
+    assert files == expected_files  # nothing pickled, no temp leftovers
+    meta = json.loads((tmp_path / "adapter" / "skindual_adapter.json").read_text())
+    assert meta["layout"] == layout and meta["train"] == train and meta["resolution"] == 64
+    assert [c["code"] for c in meta["classes"]] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert set(meta["files"]) == expected_files - {"skindual_adapter.json"}
+    assert info.lora_rank == (4 if train == "lora" else None) and len(info.sha256) == 64
+
+    bare = DualPipeline.from_pretrained(base_dir, layout=layout)(PROMPTS[:2], seeds=[5, 6], steps=STEPS)
+    assert not torch.allclose(bare.latents, expected.latents, atol=1e-3)  # the adapter matters
+    for fuse in (True, False) if train == "lora" else (True,):
+        loaded = DualPipeline.from_pretrained(base_dir, tmp_path / "adapter", fuse=fuse)
+        assert loaded.layout == layout and loaded.adapter.sha256 == info.sha256
+        got = loaded(PROMPTS[:2], seeds=[5, 6], steps=STEPS)
+        torch.testing.assert_close(got.latents, expected.latents, atol=1e-5, rtol=1e-5)
+        assert np.abs(got.images.astype(int) - expected.images).max() <= 1
+
+
+def test_corrupted_or_missing_adapter_file_is_refused(base_dir, tmp_path):
+    pipe = base(base_dir)
+    prepare_unet(pipe.unet, "channels", lora_rank=4)
+    folder = tmp_path / "adapter"
+    save_adapter(folder, pipe.unet, "channels", base_dir, {})
+    convs = folder / "skindual_convs.safetensors"
+    data = bytearray(convs.read_bytes())
+    data[-1] ^= 0xFF
+    convs.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"skindual_convs\.safetensors.*corrupted.*re-download"):
+        DualPipeline.from_pretrained(base_dir, folder)
+    (folder / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(UserError, match=r"pytorch_lora_weights\.safetensors is missing"):
+        load_adapter(folder)
+    with pytest.raises(UserError, match="skindual_adapter.json is missing"):
+        load_adapter(tmp_path)
+
+
+def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
+    pipe = base(base_dir)
+    prepare_unet(pipe.unet, "side-by-side", lora_rank=4, lora_alpha=8)
+    perturb(pipe.unet, seed=3)
+    save_adapter(tmp_path / "adapter", pipe.unet, "side-by-side", base_dir, {})
+    stock = load_pipeline(base_dir)
+    x, t, emb = unet_inputs(width=32)
+    with torch.no_grad():
+        before = stock.unet(x, t, emb).sample
+        stock.load_lora_weights(tmp_path / "adapter")
+        after = stock.unet(x, t, emb).sample
+        adapted = pipe.unet(x, t, emb).sample
+    assert not torch.allclose(before, after, atol=1e-4)
+    torch.testing.assert_close(after, adapted, atol=1e-5, rtol=1e-5)
