@@ -1,0 +1,281 @@
+"""skindual.shards: shard files, commit protocol, rerun guard, run files, and reading back
+(locally and from a real SeaweedFS S3 server, tests/s3server.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from skindual import shards
+from skindual.errors import UserError
+from skindual.prompts import CLASSES, sample_key
+from skindual.shards import (Sample, check_output, committed_shards, config_fingerprint,
+                             is_committed, read_shards, write_run_files, write_shard)
+from skindual.storage import LocalStorage, Storage, open_storage
+
+CONFIG = {"base_model": "demo", "steps": 25, "guidance": 4.0, "seed": 0}
+FP = config_fingerprint(CONFIG)
+RUN_INFO = {"base_model": "demo", "adapter_sha256": "ab" * 32, "layout": "channels",
+            "scheduler": "ddim", "steps": 25, "guidance": 4.0, "fingerprint": FP}
+SIZE = 24
+
+
+def make_samples(shard: int, n: int = 6, rejected: dict[int, str] | None = None) -> list[Sample]:
+    """``n`` samples of ``shard`` with random images and disc masks; ``rejected``: index -> reason."""
+    rng = np.random.default_rng(shard)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    samples = []
+    for i in range(n):
+        cls = CLASSES[(shard + i) % len(CLASSES)]
+        mask = ((yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2 < (3 + i) ** 2).astype(np.uint8)
+        reason = (rejected or {}).get(i)
+        samples.append(Sample(
+            key=sample_key(shard, i), row_id=shard * 100 + i, class_code=cls.code,
+            class_index=cls.index, prompt=f"a dermoscopy image of {cls.name} #{i}", seed=10**17 + i,
+            image=rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), mask=mask,
+            attempts=3 if reason else 1, status="rejected" if reason else "ok", reason=reason))
+    return samples
+
+
+class RecordingStorage(LocalStorage):
+    """A local storage that records every call that changes a file."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[tuple[str, str]] = []
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.calls.append(("write_bytes", relpath))
+        super().write_bytes(relpath, data)
+
+    def upload_file(self, local_path: Any, relpath: str) -> None:
+        self.calls.append(("upload_file", relpath))
+        super().upload_file(local_path, relpath)
+
+    def delete(self, relpath: str) -> None:
+        self.calls.append(("delete", relpath))
+        super().delete(relpath)
+
+
+def sha(storage: Storage, name: str) -> str:
+    return hashlib.sha256(storage.read_bytes(name)).hexdigest()
+
+
+def test_write_shard_files_order_and_stats(tmp_path: Path) -> None:
+    store = RecordingStorage(tmp_path / "out")
+    samples = make_samples(3, 7, rejected={1: "empty", 4: "fragmented", 5: "empty"})
+    stats = write_shard(store, 3, samples, RUN_INFO)
+    assert store.list() == ["00003.parquet", "00003.tar", "00003_stats.json"]
+    # the old commit marker goes first, the new one last: a crash never leaves stats beside new data
+    assert store.calls == [("delete", "00003_stats.json"), ("upload_file", "00003.tar"),
+                           ("upload_file", "00003.parquet"), ("upload_file", "00003_stats.json")]
+    on_disk = json.loads(store.read_bytes("00003_stats.json"))
+    assert on_disk == json.loads(json.dumps(stats.__dict__))
+    assert (stats.count, stats.successes, stats.failed_to_generate) == (7, 4, 3)
+    assert stats.rejections == {"empty": 2, "fragmented": 1}
+    assert sum(c["ok"] for c in stats.per_class.values()) == 4
+    assert stats.per_class[samples[1].class_code] == {"ok": 0, "rejected": 1}
+    assert stats.tar_sha256 == sha(store, "00003.tar") and stats.parquet_sha256 == sha(store, "00003.parquet")
+    assert stats.tar_bytes == len(store.read_bytes("00003.tar")) and stats.fingerprint == FP
+
+
+def test_shards_are_byte_reproducible(tmp_path: Path) -> None:
+    samples = make_samples(0, 8, rejected={2: "full-frame"})
+    shuffled = samples[:]
+    random.Random(1).shuffle(shuffled)  # input order does not matter: members are in key order
+    a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
+    write_shard(a, 0, samples, RUN_INFO)
+    write_shard(b, 0, shuffled, RUN_INFO)
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+        assert sha(a, name) == sha(b, name), name
+    with tarfile.open(a.join("00000.tar")) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:5]] == [f"000000000.{e}" for e in ("cls", "jpg", "json", "seg.png", "txt")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "skindual", 0o444)}
+
+
+def test_tar_reads_with_stock_webdataset(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    samples = make_samples(1, 6, rejected={0: "empty", 3: "full-frame"})
+    write_shard(store, 1, samples, RUN_INFO)
+    accepted = [s for s in samples if s.status == "ok"]
+    raw = list(wds.WebDataset(store.join("00001.tar"), shardshuffle=False))
+    assert [r["__key__"] for r in raw] == [s.key for s in accepted] == ["000010001", "000010002",
+                                                                          "000010004", "000010005"]
+    for r, s in zip(raw, accepted):
+        assert set(r) >= {"jpg", "seg.png", "cls", "txt", "json"}
+        image, mask = Image.open(io.BytesIO(r["jpg"])), Image.open(io.BytesIO(r["seg.png"]))
+        assert image.format == "JPEG" and image.mode == "RGB" and not image.info.get("exif")
+        assert mask.format == "PNG" and mask.mode == "L" and mask.size == image.size == (SIZE, SIZE)
+        assert np.array_equal(np.asarray(mask), s.mask * 255)
+    decoded = list(wds.WebDataset(store.join("00001.tar"), shardshuffle=False).decode("rgb8"))
+    for d, s in zip(decoded, accepted):
+        assert d["jpg"].shape == (SIZE, SIZE, 3) and d["jpg"].dtype == np.uint8
+        assert np.abs(d["jpg"].astype(int) - s.image).mean() < 12  # JPEG of noise at quality 95
+        assert d["cls"] == s.class_index and d["txt"] == s.prompt
+        meta = d["json"]
+        assert meta["key"] == s.key and meta["class_code"] == s.class_code and meta["seed"] == s.seed
+        assert meta["mask_area"] == pytest.approx(s.mask.mean()) and meta["status"] == "ok"
+        assert (meta["width"], meta["height"], meta["steps"], meta["layout"]) == (SIZE, SIZE, 25, "channels")
+    # rejected samples are only in the parquet, with their reason
+    table = pq.read_table(store.join("00001.parquet")).to_pylist()
+    assert [row["key"] for row in table] == [s.key for s in samples]
+    assert [(row["status"], row["reason"]) for row in table][:4] == [
+        ("rejected", "empty"), ("ok", None), ("ok", None), ("rejected", "full-frame")]
+    assert table[0]["attempts"] == 3 and table[0]["seed"] == samples[0].seed and table[0]["width"] == SIZE
+
+
+def test_png_images_and_bad_samples(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    samples = make_samples(2, 3)
+    write_shard(store, 2, samples, {**RUN_INFO, "image_format": "png"})
+    first = next(iter(wds.WebDataset(store.join("00002.tar"), shardshuffle=False).decode("rgb8")))
+    assert "jpg" not in first and np.array_equal(first["png"], samples[0].image)
+    with pytest.raises(ValueError, match="does not belong to shard 5"):
+        write_shard(store, 5, samples, RUN_INFO)
+    bad = make_samples(2, 1)
+    bad[0].mask = bad[0].mask[:-1]
+    with pytest.raises(ValueError, match="mask"):
+        write_shard(store, 2, bad, RUN_INFO)
+    with pytest.raises(ValueError, match="lacks fingerprint"):
+        write_shard(store, 2, samples, {k: v for k, v in RUN_INFO.items() if k != "fingerprint"})
+
+
+def test_commit_marker_and_interrupted_shard(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    write_shard(store, 0, make_samples(0), RUN_INFO)
+    write_shard(store, 1, make_samples(1), RUN_INFO)
+    assert is_committed(store, 0, FP) and not is_committed(store, 0, "other") and not is_committed(store, 7, FP)
+    assert committed_shards(store) == [0, 1]
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingStorage(LocalStorage):
+        def upload_file(self, local_path: Any, relpath: str) -> None:
+            if relpath.endswith("_stats.json"):
+                raise Crash("killed before the commit")
+            super().upload_file(local_path, relpath)
+
+    crashing = CrashingStorage(tmp_path)
+    with pytest.raises(Crash):  # a redo of committed shard 1 that dies: its old marker is gone
+        write_shard(crashing, 1, make_samples(1), RUN_INFO)
+    with pytest.raises(Crash):
+        write_shard(crashing, 2, make_samples(2), RUN_INFO)
+    assert store.exists("00002.tar") and not is_committed(store, 2, FP) and not is_committed(store, 1, FP)
+    assert committed_shards(store) == [0]
+    write_shard(store, 2, make_samples(2), RUN_INFO)  # the rerun redoes it
+    assert is_committed(store, 2, FP)
+    store.delete("00000.tar")
+    assert not is_committed(store, 0, FP) and committed_shards(store) == [2]
+
+
+def test_check_output_guards_reruns(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "out")
+    assert check_output(store, CONFIG) == FP
+    assert json.loads(store.read_bytes("run.json")) == {"fingerprint": FP, "config": CONFIG}
+    write_shard(store, 0, make_samples(0), RUN_INFO)
+    store.write_bytes("notes.txt", b"the user's own file")
+    assert check_output(store, dict(CONFIG)) == FP  # resume: committed shards stay
+    assert is_committed(store, 0, FP)
+
+    changed = {**CONFIG, "steps": 30, "per_class": {"df": 5}}
+    with pytest.raises(UserError) as err:
+        check_output(store, changed)
+    message = str(err.value)
+    assert store.url in message and "--steps 25, now --steps 30" in message
+    assert '--per-class (unset), now --per-class {"df": 5}' in message and "--overwrite" in message
+    assert is_committed(store, 0, FP)  # refusing changes nothing
+
+    new_fp = check_output(store, changed, overwrite=True)
+    assert new_fp == config_fingerprint(changed) != FP
+    assert store.list() == ["notes.txt", "run.json"]
+    assert json.loads(store.read_bytes("run.json"))["config"] == changed
+
+    foreign = LocalStorage(tmp_path / "foreign")
+    write_shard(foreign, 0, make_samples(0), RUN_INFO)
+    with pytest.raises(UserError, match="no run.json"):
+        check_output(foreign, CONFIG)
+    check_output(foreign, CONFIG, overwrite=True)
+    assert foreign.list() == ["run.json"]
+
+
+def test_run_files(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    check_output(store, CONFIG)
+    write_shard(store, 0, make_samples(0, 5, rejected={0: "empty"}), RUN_INFO)
+    write_shard(store, 1, make_samples(1, 4, rejected={1: "empty", 2: "fragmented"}), RUN_INFO)
+    store.upload_file(store.join("00001.tar"), "00002.tar")  # an unfinished shard: not counted
+    manifest = write_run_files(store, {"config": CONFIG, "fingerprint": FP, "versions": {"skindual": "0.1.0"}})
+    assert json.loads(store.read_bytes("sizes.json")) == {"00000.tar": 4, "00001.tar": 2}
+    assert json.loads(store.read_bytes("manifest.json")) == manifest
+    totals = manifest["totals"]
+    assert (totals["shards"], totals["count"], totals["successes"], totals["failed_to_generate"]) == (2, 9, 6, 3)
+    assert totals["rejections"] == {"empty": 2, "fragmented": 1}
+    assert sum(c["ok"] for c in totals["per_class"].values()) == 6
+    assert manifest["versions"] == {"skindual": "0.1.0"} and manifest["config"] == CONFIG
+    with pytest.raises(UserError, match=r"shards \[0, 1\]"):
+        write_run_files(store, {"fingerprint": "other"})
+
+
+def _read_all(url: str, **kw: Any) -> list[dict[str, Any]]:
+    return list(read_shards(url, **kw))
+
+
+def test_read_shards_local_and_s3(tmp_path: Path, s3_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    local, remote = LocalStorage(tmp_path), open_storage(s3_env)
+    info = {**RUN_INFO, "image_format": "png"}
+    written = {0: make_samples(0, 4, rejected={2: "empty"}), 1: make_samples(1, 3)}
+    for store in (local, remote):
+        for shard, samples in written.items():
+            write_shard(store, shard, samples, info)
+        store.upload_file(local.join("00000.tar"), "00005.tar")  # no stats: must not be read
+    assert remote.list() == local.list() and is_committed(remote, 1, FP) and committed_shards(remote) == [0, 1]
+    assert sha(remote, "00000.tar") == sha(local, "00000.tar")
+
+    expected = [s for shard in (0, 1) for s in written[shard] if s.status == "ok"]
+    for url in (local.url, remote.url):
+        got = _read_all(url)
+        assert [g["key"] for g in got] == [s.key for s in expected]
+        for g, s in zip(got, expected):
+            assert np.array_equal(g["image"], s.image) and np.array_equal(g["mask"], s.mask)
+            assert g["mask"].dtype == np.uint8 and g["class_index"] == s.class_index
+            assert g["prompt"] == s.prompt and g["meta"]["row_id"] == s.row_id
+    urls = shards.shard_urls(remote.url)
+    assert len(urls) == 2 and all(u.startswith("pipe:") and "AWS_SECRET" not in u for u in urls)
+    first = next(iter(read_shards([remote.join("00001.tar")])))  # a single tar URL; stop early
+    assert first["key"] == "000010000"
+    assert shards.main(["cat", remote.join("missing.tar")]) == 1
+    assert "missing.tar does not exist" in capsys.readouterr().err
+
+
+def test_read_shards_tensors_and_errors(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    samples = make_samples(0, 2)
+    write_shard(store, 0, samples, {**RUN_INFO, "image_format": "png"})
+    got = _read_all(store.url, to_tensors=True)
+    assert tuple(got[0]["image"].shape) == (3, SIZE, SIZE) and float(got[0]["image"].max()) <= 1.0
+    assert tuple(got[0]["mask"].shape) == (1, SIZE, SIZE)
+    assert np.array_equal(got[1]["mask"][0].numpy(), samples[1].mask)
+    assert np.allclose(got[1]["image"].permute(1, 2, 0).numpy() * 255, samples[1].image)
+    with pytest.raises(UserError, match="no committed shards"):
+        read_shards(str(tmp_path / "empty"))
+
+
+def test_import_loads_neither_torch_nor_webdataset() -> None:
+    code = "import sys, skindual.shards; print(sorted({'torch', 'webdataset'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
