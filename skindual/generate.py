@@ -1,0 +1,388 @@
+"""Generation: the prompt table → Ray Data → a pool of generator actors → WebDataset shards.
+
+`run_generate(config)` builds the class-balanced prompt table, guards the output
+(`shards.check_output`: same settings resume, other settings refuse unless ``--overwrite``), and
+maps a Ray Dataset with ONE ROW PER SHARD still to do through two stages:
+
+1. `ShardGenerator`, a pool of ``--actors`` actors (``--num-gpus-per-actor`` each) that load the
+   `DualPipeline` once and, per shard, sample its rows in mini-batches of ``--batch-size`` in row
+   order, run quality control on every pair, and encode the accepted pairs in a small thread
+   pool while the next mini-batch runs;
+2. `write_shard_rows`, light CPU tasks that build the tar and parquet and upload them, so the
+   generators never wait for tar building or uploads.
+
+Seeds come from (run seed, row id, attempt) only, and a shard's mini-batches have a fixed
+composition, so the same settings give the same bytes, however the work was spread over actors or
+interrupted (on the same kind of device and the same library versions; float results differ
+between GPU models).  The output's fingerprint covers every setting that changes bytes, batch
+size and CPU thread count included, but not --actors, --output or --classes order.
+
+Embedded default: with no --adapter, the adapter in `DEMO_ADAPTER` if that folder holds one, else
+the bare base model (a warning: its mask channel is untrained); with no --base-model, the
+adapter's base, else the shipped demo base.  Ray workers take S3 credentials from their own
+environment, and a local --output only works on one node or a shared file system.
+
+Quality control and exact counts: a pair whose mask is empty, full-frame or fragmented
+(`quality.mask_check`, thresholds from the config) is drawn again with the row's next seed,
+``row_seed(seed, row_id, attempt)``, up to ``--max-attempts`` draws in all.  Every failed draw's
+reason is kept in the shard parquet (``rejections``); a row that fails every draw is stored as
+``rejected`` (parquet only, not in the tar).  The classes must come out with exactly the asked
+counts, so such a row is never silently dropped nor replaced by an extra row: the run ends with
+a `UserError` giving the short classes and how to fix it (more attempts or looser thresholds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from skindual import __version__
+from skindual.cli import option
+from skindual.errors import UserError
+from skindual.prompts import parse_per_class, prompt_table, row_seed
+from skindual.quality import MaskLimits, mask_check
+from skindual.shards import (Sample, check_output, committed_shards, encode_sample, write_run_files,
+                             write_shard)
+from skindual.storage import Storage, is_remote, open_storage
+
+log = logging.getLogger(__name__)
+
+DEMO_BASE = "demo"  # --base-model value for the shipped demo base (skindual.demo_model)
+DEMO_ADAPTER = Path(__file__).parent / "assets" / "demo_adapter"
+"""The embedded default adapter: used when no --adapter is given and this folder holds one."""
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+_LIMITS = MaskLimits()
+
+
+@dataclass
+class GenerateConfig:
+    per_class: str = option("100", "pairs per class (5000), or per class (df=5000,vasc=4000) to top up rare classes")
+    classes: str = option("", "comma-separated class codes; empty: all seven")
+    adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty: the demo adapter if shipped, else none")
+    base_model: str = option("", "SD-2 id or folder; empty: the adapter's base model, else 'demo' (the shipped demo base)")
+    output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
+    samples_per_shard: int = option(1000, "pairs per WebDataset shard")
+    actors: int = option(1, "generator actors")
+    num_gpus_per_actor: float = option(-1.0, "GPUs per actor (fractions share one); -1: 1 if the cluster has GPUs, else 0 (CPU)")
+    cpus_per_actor: float = option(1.0, "CPUs per actor (also torch's thread count on CPU)")
+    batch_size: int = option(8, "pairs per sampling mini-batch")
+    steps: int = option(25, "sampling steps")
+    guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
+    scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
+    dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
+    seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
+    image_format: str = option("jpg", "image encoding in the tars", choices=["jpg", "png"])
+    max_attempts: int = option(8, "draws per pair before it counts as rejected (quality control)")
+    min_mask_area: float = option(_LIMITS.min_area, "QC: a smaller mask (share of the image) is 'empty'")
+    max_mask_area: float = option(_LIMITS.max_area, "QC: a larger mask is 'full-frame'")
+    min_main_share: float = option(_LIMITS.min_main_share, "QC: the largest mask component's least share, else 'fragmented'")
+    overwrite: bool = option(False, "replace an output written with other settings")
+    s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_shard", "actors", "batch_size", "steps", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.guidance < 0:
+            raise UserError(f"--guidance {self.guidance}: must not be negative")
+        if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1):
+            raise UserError("--cpus-per-actor must be positive and --num-gpus-per-actor 0 or more (or -1: auto)")
+        if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
+            raise UserError(f"--min-mask-area {self.min_mask_area} / --max-mask-area {self.max_mask_area} / "
+                            f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
+        if self.dtype not in DTYPES or self.image_format not in ("jpg", "png"):
+            raise UserError(f"--dtype {self.dtype!r} / --image-format {self.image_format!r}: see --help for the choices")
+        self.counts()  # --per-class / --classes errors name the flag
+
+    def counts(self) -> dict[str, int]:
+        """The asked pairs per class, in class-index order."""
+        classes = [c.strip() for c in self.classes.split(",") if c.strip()] or None
+        return parse_per_class(self.per_class, classes)
+
+    def limits(self) -> MaskLimits:
+        return MaskLimits(self.min_mask_area, self.max_mask_area, self.min_main_share)
+
+
+# --------------------------------------------------------------------------- quality control
+
+GenerateFn = Callable[[list[str], list[int]], tuple[np.ndarray, np.ndarray]]
+"""(prompts, seeds) → (uint8 images N×H×W×3, uint8 masks N×H×W 0/1)."""
+
+
+def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, batch_size: int,
+                     max_attempts: int, limits: MaskLimits, image_format: str = "jpg",
+                     encoder: Executor | None = None) -> list[Sample]:
+    """The samples of one shard's prompt rows, quality-controlled and encoded, in row order.
+
+    Draw 0 uses each row's table seed; rows whose mask fails `mask_check` are drawn again with
+    ``row_seed(run_seed, row_id, attempt)``, in mini-batches of the failed rows in row order, up to
+    `max_attempts` draws.  Accepted pairs are encoded on `encoder` while the next mini-batch runs.
+    """
+    done: dict[int, Future | Sample] = {}
+    failures: dict[int, list[str]] = {r["row_id"]: [] for r in rows}
+    last: dict[int, tuple[int, int, int, float]] = {}  # row id → (seed, height, width, mask area)
+    pending, pool = list(rows), encoder or ThreadPoolExecutor(2)
+    try:
+        for attempt in range(max_attempts):
+            failed = []
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start:start + batch_size]
+                seeds = [r["seed"] if attempt == 0 else row_seed(run_seed, r["row_id"], attempt) for r in chunk]
+                images, masks = generate([r["prompt"] for r in chunk], seeds)
+                for row, seed, image, mask in zip(chunk, seeds, images, masks):
+                    reason, rid = mask_check(mask, limits), row["row_id"]
+                    if reason is None:
+                        sample = _sample(row, seed, attempt + 1, failures[rid], image=image, mask=mask)
+                        done[rid] = pool.submit(encode_sample, sample, image_format)
+                    else:
+                        failures[rid].append(reason)
+                        last[rid] = (seed, *mask.shape[:2], float(mask.mean()))
+                        failed.append(row)
+            pending = failed
+            if not pending:
+                break
+        for row in pending:
+            seed, height, width, area = last[row["row_id"]]
+            done[row["row_id"]] = _sample(row, seed, max_attempts, failures[row["row_id"]], status="rejected",
+                                          reason=failures[row["row_id"]][-1], height=height, width=width, area=area)
+        return [s.result() if isinstance(s, Future) else s for s in (done[r["row_id"]] for r in rows)]
+    finally:
+        if encoder is None:
+            pool.shutdown()
+
+
+def _sample(row: dict, seed: int, attempts: int, rejections: list[str], **kwargs: Any) -> Sample:
+    fields = {"image": None, "mask": None, **kwargs}
+    return Sample(key=row["key"], row_id=row["row_id"], class_code=row["class_code"], class_index=row["class_index"],
+                  prompt=row["prompt"], seed=seed, attempts=attempts, rejections=list(rejections), **fields)
+
+
+# --------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base_model: str  # what from_pretrained loads: an id, a folder, or DEMO_BASE
+    base_id: str  # how the output names it: DEMO_BASE@<artifact hash> for the demo base
+    adapter: str | None  # folder or s3:// prefix
+    adapter_sha256: str | None
+    layout: str
+
+
+def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
+    """A local adapter folder: `url` itself, or its files downloaded from s3:// into `dest`."""
+    if not is_remote(url):
+        return Path(url.removeprefix("file://"))
+    storage = open_storage(url, s3_endpoint)
+    names = [n for n in storage.list() if "/" not in n]
+    if not names:
+        raise UserError(f"--adapter {url}: no files there; give the adapter folder the finetune job wrote")
+    for name in names:
+        storage.download_file(name, Path(dest) / name)
+    return Path(dest)
+
+
+def resolve_model(cfg: GenerateConfig) -> ModelSpec:
+    """The base model, adapter and layout of a run (the adapter's files verified by their sha256)."""
+    from skindual.demo_model import ARTIFACT, file_sha256
+    from skindual.model import ADAPTER_JSON, load_adapter
+
+    adapter = cfg.adapter or (str(DEMO_ADAPTER) if (DEMO_ADAPTER / ADAPTER_JSON).is_file() else None)
+    sha, layout, base = None, "channels", cfg.base_model
+    if adapter:
+        with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
+            info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
+        sha, layout = info.sha256, info.layout
+        # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
+        base = base or (DEMO_BASE if Path(info.base_model).parent.name == "demo_base" else info.base_model)
+    else:
+        log.warning("no --adapter (and no demo adapter in %s): sampling the bare base model, whose mask "
+                    "channel is untrained, so masks are not meaningful", DEMO_ADAPTER)
+    base = base or DEMO_BASE
+    base_id = f"{DEMO_BASE}@{file_sha256(ARTIFACT)[:16]}" if base == DEMO_BASE else base
+    return ModelSpec(base, base_id, adapter, sha, layout)
+
+
+def load_generator(spec: ModelSpec, device: str, dtype: str, scheduler: str, s3_endpoint: str | None, tmp: str):
+    """The `DualPipeline` of `spec` on `device` (diffusers' default attention on torch 2 is SDPA)."""
+    import torch
+
+    from skindual.demo_model import demo_base_path
+    from skindual.model import DualPipeline
+
+    adapter = fetch_adapter(spec.adapter, s3_endpoint, tmp) if spec.adapter else None
+    base = demo_base_path() if spec.base_model == DEMO_BASE else spec.base_model
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    pipe = DualPipeline.from_pretrained(base, adapter, device=device, dtype=torch_dtype, scheduler=scheduler,
+                                        layout=spec.layout)
+    if pipe.adapter is not None and pipe.adapter.sha256 != spec.adapter_sha256:
+        raise RuntimeError(f"adapter {spec.adapter} changed while the run started; rerun the job")
+    return pipe
+
+
+# --------------------------------------------------------------------------- the Ray stages
+
+SAMPLE_STRUCT = pa.struct([
+    ("key", pa.string()), ("row_id", pa.int64()), ("class_code", pa.string()), ("class_index", pa.int8()),
+    ("prompt", pa.string()), ("seed", pa.int64()), ("attempts", pa.int32()), ("status", pa.string()),
+    ("reason", pa.string()), ("rejections", pa.list_(pa.string())), ("image_bytes", pa.large_binary()),
+    ("mask_bytes", pa.large_binary()), ("encoded_format", pa.string()), ("height", pa.int32()),
+    ("width", pa.int32()), ("area", pa.float64()),
+])
+
+
+class ShardGenerator:
+    """Stage 1 (an actor): loads the pipeline once; per input row (a shard number) returns the
+    shard's encoded samples as one row ``{"shard", "samples"}``."""
+
+    def __init__(self, table: pa.Table, spec: ModelSpec, settings: dict):
+        import torch
+
+        self.table, self.s = table, settings
+        device = "cuda" if settings["num_gpus"] > 0 else "cpu"
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = False  # the same kernels every run: reproducible bytes
+        else:
+            torch.set_num_threads(settings["cpu_threads"])
+        self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
+        self.pipe = load_generator(spec, device, settings["dtype"], settings["scheduler"],
+                                   settings["s3_endpoint"], self._tmp.name)
+        self.encoder = ThreadPoolExecutor(2)
+
+    def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        out = self.pipe(prompts, seeds, steps=self.s["steps"], guidance=self.s["guidance"])
+        return out.images, out.masks
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        (shard,) = batch.column("shard").to_pylist()
+        rows = self.table.filter(pc.equal(self.table.column("shard"), shard)).to_pylist()
+        s = self.s
+        samples = generate_samples(rows, self._generate, s["seed"], s["batch_size"], s["max_attempts"],
+                                   MaskLimits(**s["limits"]), s["image_format"], self.encoder)
+        records = [{f: getattr(x, f) for f in SAMPLE_STRUCT.names} for x in samples]
+        return pa.table({"shard": pa.array([shard], pa.int32()),
+                         "samples": pa.array([records], pa.list_(SAMPLE_STRUCT))})
+
+
+def write_shard_rows(batch: pa.Table, storage: Storage, run_info: dict) -> dict[str, np.ndarray]:
+    """Stage 2 (CPU tasks): write the shard of each row; return its numbers for progress."""
+    rows = []
+    for shard, records in zip(batch.column("shard").to_pylist(), batch.column("samples").to_pylist()):
+        samples = [Sample(image=None, mask=None, **r) for r in records]
+        stats = write_shard(storage, shard, samples, run_info)
+        rows.append((shard, stats.count, stats.successes, sum(len(x.rejections) for x in samples)))
+    return dict(zip(("shard", "count", "successes", "redraws"), np.asarray(rows, dtype=np.int64).reshape(-1, 4).T))
+
+
+# --------------------------------------------------------------------------- the driver
+
+def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, device: str, dtype: str) -> dict[str, Any]:
+    """Everything that changes the output's bytes, keyed like the flags (for `check_output`'s message)."""
+    config = {
+        "per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "seed": cfg.seed,
+        "samples_per_shard": cfg.samples_per_shard, "base_model": spec.base_id,
+        "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
+        "steps": cfg.steps, "guidance": float(cfg.guidance), "scheduler": cfg.scheduler, "device": device,
+        "dtype": dtype, "image_format": cfg.image_format, "batch_size": cfg.batch_size,
+        "max_attempts": cfg.max_attempts, "min_mask_area": float(cfg.min_mask_area),
+        "max_mask_area": float(cfg.max_mask_area), "min_main_share": float(cfg.min_main_share),
+    }
+    return config | ({"cpus_per_actor": float(cfg.cpus_per_actor)} if device == "cpu" else {})  # CPU: threads
+
+
+def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> dict[str, Any]:
+    """`shards.write_shard`'s run_info: the settings every sample's json names."""
+    return {"base_model": spec.base_id, "adapter_sha256": spec.adapter_sha256, "layout": spec.layout,
+            "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": float(cfg.guidance),
+            "fingerprint": fingerprint, "image_format": cfg.image_format}
+
+
+def actor_settings(cfg: GenerateConfig, num_gpus: float, dtype: str) -> dict[str, Any]:
+    """What a `ShardGenerator` needs besides the prompt table and the model."""
+    return {"num_gpus": num_gpus, "cpu_threads": max(1, int(cfg.cpus_per_actor)), "dtype": dtype,
+            "scheduler": cfg.scheduler, "s3_endpoint": cfg.s3_endpoint or None, "steps": cfg.steps,
+            "guidance": cfg.guidance, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()), "image_format": cfg.image_format}
+
+
+def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate the run's missing shards on the current Ray cluster; return the manifest."""
+    import ray
+
+    spec = resolve_model(cfg)
+    num_gpus = cfg.num_gpus_per_actor
+    if num_gpus < 0:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    device = "cuda" if num_gpus > 0 else "cpu"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
+    if device == "cpu" and dtype == "fp16":
+        raise UserError("--dtype fp16 needs a GPU (--num-gpus-per-actor); use fp32 or bf16 on CPU")
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    storage.check()
+    if not is_remote(storage.url) and sum(n["Alive"] for n in ray.nodes()) > 1:
+        log.warning("--output %s is a local path on a cluster of several nodes: shards land on whichever "
+                    "node writes them unless it is a shared file system; use s3://", storage.url)
+    counts = cfg.counts()
+    table = prompt_table(counts, cfg.seed, cfg.samples_per_shard)
+    config = fingerprint_config(cfg, spec, device, dtype)
+    fingerprint = check_output(storage, config, cfg.overwrite)
+    shards = sorted(set(table.column("shard").to_pylist()))
+    committed = set(committed_shards(storage))
+    todo = [s for s in shards if s not in committed]
+    log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
+             table.num_rows, len(shards), len(shards) - len(todo), len(todo), spec.base_id, cfg.actors, device)
+    run_info, settings = shard_run_info(cfg, spec, fingerprint), actor_settings(cfg, num_gpus, dtype)
+    if todo:
+        dataset = (ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+                   .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                                num_gpus=num_gpus, num_cpus=cfg.cpus_per_actor,
+                                fn_constructor_kwargs={"table": table, "spec": spec, "settings": settings})
+                   .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                                fn_kwargs={"storage": storage, "run_info": run_info}))
+        _follow(dataset, table, todo, len(shards))
+    manifest = write_run_files(storage, {
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        "resolved": {**config, "base_model_path": spec.base_model, "adapter_url": spec.adapter,
+                     "num_gpus_per_actor": num_gpus},
+        "asked_per_class": counts, "fingerprint": fingerprint,
+        "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
+    })
+    _check_counts(manifest, counts, cfg, spec)
+    return manifest
+
+
+def _follow(dataset, table: pa.Table, todo: list[int], total: int) -> None:
+    """Drive the dataset, one progress line per written shard: shards done/total, pairs/s, ETA."""
+    sizes = np.bincount(np.asarray(table.column("shard")), minlength=total)
+    left, done = int(sizes[todo].sum()), total - len(todo)
+    started, pairs = time.monotonic(), 0
+    for row in dataset.iter_rows():
+        done, pairs, left = done + 1, pairs + int(row["count"]), left - int(row["count"])
+        rate = pairs / max(time.monotonic() - started, 1e-9)
+        log.info("shard %05d written (%d/%d accepted, %d redraws): %d/%d shards done, %.2f pairs/s, ETA %.0f s",
+                 row["shard"], row["successes"], row["count"], row["redraws"], done, total, rate, left / rate)
+
+
+def _check_counts(manifest: dict, counts: dict[str, int], cfg: GenerateConfig, spec: ModelSpec) -> None:
+    """Raise a `UserError` naming the short classes unless every class has exactly its asked pairs."""
+    per_class = manifest["totals"]["per_class"]
+    short = {c: (per_class.get(c, {}).get("ok", 0), n) for c, n in counts.items()
+             if per_class.get(c, {}).get("ok", 0) != n}
+    if short:
+        what = ", ".join(f"{c}: {got} of {n}" for c, (got, n) in short.items())
+        raise UserError(f"quality control rejected pairs after --max-attempts {cfg.max_attempts} draws, so the "
+                        f"output is short ({what}; the reasons are in the shard parquets and manifest.json); "
+                        "rerun with a higher --max-attempts or looser --min-mask-area / --max-mask-area / "
+                        "--min-main-share, and --overwrite" + ("" if spec.adapter else
+                        " (no --adapter was given: the bare base model's mask channel is untrained)"))
