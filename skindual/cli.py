@@ -42,8 +42,12 @@ def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, bool]:
     return str, False
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the job's docstring (its usage examples) kept as written."""
+
+
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
@@ -76,7 +80,26 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
     return 0
 
 
-def local_ray_env() -> None:
-    """Make an embedded local Ray cluster bind 127.0.0.1 only (DESIGN.md, "Ray")."""
-    if not os.environ.get("RAY_ADDRESS"):
+def init_ray(min_cpus: int = 1) -> None:
+    """Connect to the cluster of RAY_ADDRESS / `ray job submit`, or start an embedded local one.
+
+    The embedded cluster binds 127.0.0.1 only (DESIGN.md, "Ray") and advertises at least
+    `min_cpus` logical CPUs, so that training or generation actors and the Ray Data tasks that
+    feed them can all be scheduled on a small machine.  Progress bars go off without a terminal.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not sys.stdout.isatty():
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("127.", "localhost")) or not address:
+        # without it Ray 2.60 swaps 127.0.0.1 for the machine's address (and then cannot connect)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init()
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))

@@ -1,0 +1,336 @@
+"""Fine-tuning the joint image–mask model with Ray Train (DESIGN.md, "Joint image–mask model").
+
+`run_finetune(config)` builds a Ray Data dataset from the training table, runs a
+`TorchTrainer` of `num_workers` DDP workers (gloo on CPU, NCCL on GPUs) over
+`train_loop`, checkpoints every `checkpoint_every` optimiser steps to
+`RunConfig(storage_path=output, name=name)` -- a local folder or s3:// -- and
+writes the adapter folder, a validation grid and a loss curve beside the
+checkpoints.  Re-running with the same output and name resumes from the last
+checkpoint (Ray Train restores its checkpoint manager from storage) and ends at
+the same final step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from skindual import data, losses, model
+from skindual.cli import option
+from skindual.demo_model import load_pipeline
+from skindual.errors import UserError
+from skindual.storage import is_remote, open_storage
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_STATE = "trainable.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_PROGRESS = "progress.json"
+
+
+@dataclass
+class FinetuneConfig:
+    training_table: str = option("", "training table parquet from the data stage; empty: the demo world's (built if missing)")
+    base_model: str = option("demo", "SD-2 id or folder (e.g. stabilityai/stable-diffusion-2-base); demo: the demo base")
+    output: str = option("skindual-runs", "Ray Train storage_path: a folder or s3://bucket/prefix")
+    name: str = option("finetune", "run name under --output; re-running the same name resumes it")
+    layout: str = option("channels", "joint latent layout", choices=list(model.LAYOUTS))
+    train: str = option("lora", "what is trained: LoRA (+ widened convs) or the full UNet", choices=list(model.TRAIN_MODES))
+    lora_rank: int = option(16, "LoRA rank")
+    lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
+    steps: int = option(300, "optimiser steps")
+    batch_size: int = option(8, "samples per worker per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    lr: float = option(1e-4, "learning rate (AdamW), after a linear warm-up")
+    warmup_steps: int = option(20, "learning-rate warm-up steps")
+    mixed_precision: str = option("no", "autocast dtype on GPU", choices=["no", "fp16", "bf16"])
+    num_workers: int = option(1, "Ray Train workers (one GPU each with --use-gpu)")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per training worker (leave some for data loading)")
+    use_gpu: bool = option(False, "train on GPUs (NCCL); otherwise CPU workers (gloo)")
+    checkpoint_every: int = option(50, "checkpoint every this many optimiser steps")
+    max_failures: int = option(0, "worker-group failures Ray Train retries from the last checkpoint")
+    w_img: float = option(1.0, "weight of the image-latent denoising term")
+    w_mask: float = option(1.0, "weight of the mask-latent denoising term")
+    w_geo: float = option(0.1, "weight of the mask-geometry term (Dice+BCE on the decoded predicted mask)")
+    snr_gamma: float = option(0.0, "min-SNR-gamma weighting (0: off; 5 is usual)")
+    uncond_prob: float = option(0.1, "share of prompts dropped to '' for classifier-free guidance")
+    balance: bool = option(True, "oversample rare classes to even out the class counts the model sees")
+    resolution: int = option(0, "training resolution (0: the base model's)")
+    seed: int = option(0, "seed of noise, timesteps, shuffling and validation samples")
+    validation_per_class: int = option(2, "validation-grid samples per class")
+    validation_steps: int = option(25, "sampling steps for the validation grid")
+    s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.uncond_prob < 1:
+            raise UserError(f"--uncond-prob {self.uncond_prob}: must be in [0, 1)")
+        if self.layout not in model.LAYOUTS or self.train not in model.TRAIN_MODES:
+            raise UserError(f"--layout {self.layout!r} / --train {self.train!r}: see --help for the choices")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def training_rows(table: pa.Table, balance: bool, seed: int) -> pa.Table:
+    """The classed training split, rare classes repeated (when `balance`) up to the largest class's count."""
+    codes = np.asarray(table.column("class_index"))
+    keep = (np.asarray(table.column("split")) == "train") & (codes >= 0)
+    table = table.filter(keep).select(["image_path", "mask_path", "prompt", "class_index"])
+    if table.num_rows == 0:
+        raise UserError("the training table has no classed rows in its train split; check the data stage")
+    if not balance:
+        return table
+    labels = np.asarray(table.column("class_index"))
+    counts = np.bincount(labels)
+    rng = np.random.default_rng(seed)
+    index = []
+    for c in np.flatnonzero(counts):
+        rows = np.flatnonzero(labels == c)
+        index.extend(rows)
+        index.extend(rng.choice(rows, counts.max() - len(rows), replace=True))
+    return table.take(np.sort(np.asarray(index)))
+
+
+def load_batch(batch: dict, size: int) -> dict:
+    """A Ray Data batch of paths → uint8 images B×S×S×3, masks B×S×S, prompts."""
+    pairs = [data.load_pair(i, m, size) for i, m in zip(batch["image_path"], batch["mask_path"])]
+    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs]),
+            "prompt": np.asarray(batch["prompt"], dtype=object)}
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / max(1, warmup))
+
+
+class JointTrainer:
+    """The model, optimiser and one training step: plain PyTorch, no Ray (the bench's baseline too)."""
+
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed + seed_offset)
+        self.pipe = load_pipeline(cfg.base_model)
+        self.vae = self.pipe.vae.to(device).eval().requires_grad_(False)
+        self.text_encoder = self.pipe.text_encoder.to(device).eval().requires_grad_(False)
+        self.unet = self.pipe.unet.to(device)
+        self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=1e-2)
+        self.model = self.unet  # what runs forward: the DDP wrapper under Ray Train
+        self.alphas = torch.as_tensor(self.pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+        self.prediction_type = self.pipe.scheduler.config.prediction_type
+        self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        self.scaler = torch.amp.GradScaler(enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + seed_offset)
+        self.step, self.micro, self.history = 0, 0, []
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.unet.named_parameters() if v.requires_grad}
+
+    def restore(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        unexpected = self.unet.load_state_dict(load_file(os.path.join(folder, CHECKPOINT_STATE)), strict=False)
+        if unexpected.unexpected_keys:
+            raise RuntimeError(f"checkpoint has keys the model lacks: {unexpected.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(torch.load(os.path.join(folder, CHECKPOINT_OPTIMIZER), weights_only=True))
+        progress = json.loads(Path(folder, CHECKPOINT_PROGRESS).read_text())
+        self.step, self.history = progress["step"], progress["history"]
+
+    def save(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state(), os.path.join(folder, CHECKPOINT_STATE))
+        torch.save(self.optimizer.state_dict(), os.path.join(folder, CHECKPOINT_OPTIMIZER))
+        Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({"step": self.step, "history": self.history}))
+
+    def train_step(self, batch: dict) -> dict | None:
+        """One micro-batch (uint8 images, 0/1 masks, prompts); the metrics when an optimiser step was taken."""
+        cfg, g, device = self.cfg, self.generator, self.device
+        images = torch.from_numpy(batch["image"]).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        masks = torch.from_numpy(batch["mask"]).to(device)
+        flip = (torch.rand(len(images), generator=g) < 0.5).to(device)
+        images[flip], masks[flip] = images[flip].flip(-1), masks[flip].flip(-1)
+        prompts = [p if torch.rand((), generator=g) >= cfg.uncond_prob else "" for p in batch["prompt"]]
+        with torch.no_grad():
+            tok = self.pipe.tokenizer
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            cond = self.text_encoder(ids)[0]
+            x0 = model.encode_pair(self.vae, images, masks, cfg.layout)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, self.num_timesteps, (len(x0),), generator=g).to(device)
+        noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+        terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
+                                  true_masks=masks, decode_mask=model.vae_decoder(self.vae), w_img=cfg.w_img,
+                                  w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
+                                  noisy_latents=noisy)
+        self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
+        self.micro += 1
+        if self.micro % cfg.grad_accum:
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(self.step, cfg.warmup_steps)
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = {k: float(v.detach()) for k, v in terms.items()} | {"step": self.step, "time": time.time()}
+        self.history.append(metrics)
+        return metrics
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = FinetuneConfig(**config)
+    rank = ray.train.get_context().get_world_rank()
+    trainer = JointTrainer(cfg, ray.train.torch.get_device(), seed_offset=rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            trainer.restore(folder)
+        log.info("resumed from step %d", trainer.step)
+    trainer.model = ray.train.torch.prepare_model(trainer.unet)
+    shard = ray.train.get_dataset_shard("train")
+    started, start_step = time.perf_counter(), trainer.step
+    while trainer.step < cfg.steps:
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * cfg.batch_size,
+                                        local_shuffle_seed=cfg.seed + trainer.step):
+            metrics = trainer.train_step(batch)
+            if metrics is None:
+                continue
+            step = trainer.step
+            rate = (step - start_step) / (time.perf_counter() - started)
+            if rank == 0 and (step % 10 == 0 or step == cfg.steps):
+                log.info("step %d/%d loss %.4f (img %.4f mask %.4f geo %.4f) %.2f steps/s ETA %.0f s", step,
+                         cfg.steps, metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], rate,
+                         (cfg.steps - step) / max(rate, 1e-9))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
+            if step >= cfg.steps:
+                break
+    if rank == 0:
+        _write_outputs(cfg, trainer)
+
+
+def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (trainable weights, optimiser, progress)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            trainer.save(folder)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
+    """Adapter folder, validation grid and loss curve under `{output}/{name}/` (rank 0 only)."""
+    from skindual import report
+
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    unet = trainer.unet.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"
+        info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train)
+        dual = model.DualPipeline(trainer.pipe, cfg.layout)
+        report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed,
+                               Path(tmp) / "validation_grid.png")
+        report.loss_curve(trainer.history, Path(tmp) / "loss_curve.png")
+        for name in sorted(info.files) + [model.ADAPTER_JSON]:
+            storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
+        for name in ("validation_grid.png", "loss_curve.png"):
+            storage.upload_file(str(Path(tmp) / name), f"{cfg.name}/{name}")
+    log.info("adapter written to %s", storage.join(f"{cfg.name}/adapter"))
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def ray_storage(output: str, s3_endpoint: str | None):
+    """(storage_path, storage_filesystem) for RunConfig: a local folder, or s3:// through pyarrow."""
+    if not is_remote(output):
+        return os.path.abspath(output.removeprefix("file://")), None
+    from pyarrow import fs
+
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    return output.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
+
+
+def run_finetune(cfg: FinetuneConfig):
+    """Run the fine-tuning job on the current Ray cluster; returns the Ray Train result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    table = data.read_training_table(cfg.training_table)
+    rows = training_rows(table, cfg.balance, cfg.seed)
+    size = cfg.resolution or _base_resolution(cfg.base_model)
+    dataset = ray.data.from_arrow(rows).map_batches(load_batch, fn_kwargs={"size": size}, batch_size=32,
+                                                    batch_format="numpy")
+    storage_path, filesystem = ray_storage(cfg.output, cfg.s3_endpoint or None)
+    open_storage(cfg.output, cfg.s3_endpoint or None).check()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(cfg) | {"resolution": size},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets={"train": dataset},
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    log.info("fine-tuning %s (%s, %s) on %d rows, %d worker(s), %d steps", cfg.base_model, cfg.layout, cfg.train,
+             rows.num_rows, cfg.num_workers, cfg.steps)
+    return trainer.fit()
+
+
+def _base_resolution(base_model: str) -> int:
+    from diffusers import UNet2DConditionModel
+
+    from skindual.demo_model import resolve_base_model
+
+    base_model = resolve_base_model(base_model)
+    unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
+    vae_config = json.loads(Path(base_model, "vae", "config.json").read_text()) if Path(base_model).is_dir() else None
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
+    return unet_config["sample_size"] * factor
+
+
+def resolve_inputs(cfg: FinetuneConfig, demo_output: str = "skindual-demo") -> FinetuneConfig:
+    """Fill the embedded default: without --training-table, the demo world's table (built if missing)."""
+    if cfg.training_table:
+        return cfg
+    from dataclasses import replace
+
+    from skindual.demo import prepare_demo_world
+
+    world = prepare_demo_world(demo_output, measure=False)
+    return replace(cfg, training_table=str(world.training_table))

@@ -1,0 +1,141 @@
+"""The real fine-tuning job (jobs/finetune.py) on the demo data, on the shared local Ray cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from skindual import model
+from skindual.demo_model import demo_base_path, load_pipeline
+from skindual.finetune import FinetuneConfig, training_rows
+from skindual.errors import UserError
+from skindual.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "4", "--checkpoint-every", "2", "--batch-size", "4", "--validation-per-class", "1",
+        "--validation-steps", "2", "--lora-rank", "4", "--cpus-per-worker", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def demo_table(tmp_path_factory):
+    from skindual import data, demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    demo_data.write_demo_dataset(root / "data", demo_data.demo_counts(0.02), seed=1)
+    path = root / "training_table.parquet"
+    data.write_training_table(data.training_table(str(root / "data")), str(path))
+    return path
+
+
+def start_job(args, ray_cluster, env_extra=None):
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "finetune.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run_job(args, ray_cluster, env_extra=None, timeout=600):
+    proc = start_job(args, ray_cluster, env_extra)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def registered_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what it resumes from)."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]
+
+
+def last_checkpoint(run: Path) -> Path:
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
+
+
+def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_table, ray_cluster, s3_env):
+    code, out = run_job(["--training-table", str(demo_table), "--output", s3_env, "--name", "s3run",
+                         "--num-workers", "2", *TINY], ray_cluster)
+    assert code == 0, out[-4000:]
+    storage = open_storage(s3_env)
+    names = storage.list("s3run/")
+    assert {f"s3run/adapter/{n}" for n in (model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON)} <= set(names)
+    assert {"s3run/validation_grid.png", "s3run/loss_curve.png"} <= set(names)
+    assert any(n.startswith("s3run/checkpoint_") and n.endswith("trainable.safetensors") for n in names)
+    assert "step 4/4" in out and "steps/s" in out and "ETA" in out
+    meta = json.loads(storage.read_bytes("s3run/adapter/" + model.ADAPTER_JSON))
+    assert meta["layout"] == "channels" and meta["base_model"] == "demo"
+
+
+def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_table, ray_cluster, tmp_path):
+    args = ["--training-table", str(demo_table), "--output", str(tmp_path), "--name", "r", *TINY]
+    args[args.index("--steps") + 1] = "8"
+    proc = start_job(args, ray_cluster)
+    run = tmp_path / "r"
+    deadline = time.time() + 400
+    while not registered_steps(run) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the step Ray Train resumes from: the last checkpoint its manager registered before the kill
+    first = registered_steps(run)[-1]
+    assert 0 < first < 8
+
+    code, out = run_job(args, ray_cluster)
+    assert code == 0, out[-4000:]
+    assert f"resumed from step {first}" in out
+    final = last_checkpoint(run)
+    progress = json.loads((final / "progress.json").read_text())
+    assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
+
+    # the adapter reproduces the trained weights exactly: compare with the checkpoint loaded by hand
+    pipe = load_pipeline("demo")
+    model.prepare_unet(pipe.unet, "channels", lora_rank=4)
+    pipe.unet.load_state_dict(load_file(final / "trainable.safetensors"), strict=False)
+    trained = model.DualPipeline(pipe.to(torch.float32), "channels")
+    reloaded = model.DualPipeline.from_pretrained("demo", adapter=run / "adapter", fuse=False)
+    prompts, seeds = ["a dermoscopy image of melanoma"] * 2, [1, 2]
+    a, b = trained(prompts, seeds, steps=3), reloaded(prompts, seeds, steps=3)
+    torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(a.masks, b.masks)
+
+
+def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_table, ray_cluster, tmp_path):
+    code, out = run_job(["--training-table", str(demo_table), "--output", str(tmp_path), "--name", "sbs",
+                         "--layout", "side-by-side", "--w-geo", "0", *TINY], ray_cluster)
+    assert code == 0, out[-4000:]
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline.from_pretrained(str(demo_base_path()), safety_checker=None)
+    stock.load_lora_weights(str(tmp_path / "sbs" / "adapter"))
+    image = stock(["a dermoscopy image of melanoma"], num_inference_steps=2, height=64, width=128,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 128, 3)
+
+
+def test_bad_flags_are_one_clear_line(ray_cluster, tmp_path):
+    code, out = run_job(["--training-table", str(tmp_path / "missing.parquet"), "--output", str(tmp_path)],
+                        ray_cluster)
+    assert code == 2 and "missing.parquet" in out and "Traceback" not in out
+    code, out = run_job(["--steps", "0"], ray_cluster)
+    assert code == 2 and "--steps 0" in out
+
+
+def test_balanced_rows_even_out_classes(demo_table):
+    from skindual import data
+
+    table = data.read_training_table(str(demo_table))
+    counts = np.bincount(np.asarray(training_rows(table, True, 0).column("class_index")))
+    assert counts.min() == counts.max()
+    raw = np.bincount(np.asarray(training_rows(table, False, 0).column("class_index")))
+    assert raw.max() == counts.max() and raw.min() < raw.max()
+    with pytest.raises(UserError):
+        FinetuneConfig(batch_size=0)
