@@ -1,4 +1,4 @@
-"""Fine-tune the joint image–mask model with Ray Train (LoRA on SD-2 attention + widened convs).
+r"""Fine-tune the joint image–mask model with Ray Train (LoRA on SD-2 attention + widened convs).
 
     python jobs/finetune.py                                   # demo data + demo base, local Ray, ./skindual-runs
     ray job submit -- python jobs/finetune.py --training-table s3://.../table.parquet \

@@ -1,4 +1,4 @@
-"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset shards.
+r"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset shards.
 
     python jobs/generate.py --per-class 20                 # demo base (+ demo adapter if shipped), local Ray
     ray job submit -- python jobs/generate.py --per-class 5000 --adapter s3://bucket/runs/finetune/adapter \
