@@ -1,0 +1,223 @@
+"""The downstream benchmark: do synthetic pairs help a classifier and a segmenter trained on real data?
+
+Two arms, ``real`` and ``real+synthetic``, train the same model from the same seeded
+initialisation with the same step budget and batch size; batches are drawn uniformly (with
+replacement) from the arm's pool, so in ``real+synthetic`` the synthetic share of a batch is its
+share of the pool.  Both are tested on the same held-out real split (the training table's
+``test`` split, which is split by lesion_id).  One Ray task per (arm, model, seed) (`run_benchmark`),
+one CPU each, a GPU each when asked; `summarise` gives mean ± std over seeds and the gain.
+
+Models: ``resnet18`` (torchvision, ``weights=None``) or ``small`` (`skindual.quality.LesionClassifier`)
+for the classifier — accuracy, macro-F1 (over the classes present in the test split) and per-class
+recall; ``unet`` (`SmallUNet`, below) or ``fcn_resnet50`` (torchvision,
+``weights=None, weights_backbone=None``) for the segmenter — per-image Dice and IoU, averaged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARMS = ("real", "real+synthetic")
+CLASSIFIERS = ("resnet18", "small")
+SEGMENTERS = ("unet", "fcn_resnet50")
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    classifier: str = "resnet18"
+    segmenter: str = "unet"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    num_classes: int = 7
+
+
+@dataclass
+class PairSet:
+    """uint8 images N×S×S×3, masks N×S×S (0/1), class indices N."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def concat(sets: Sequence[PairSet]) -> PairSet:
+        return PairSet(*(np.concatenate([getattr(s, f) for s in sets]) for f in ("images", "masks", "labels")))
+
+
+class SmallUNet(nn.Module):
+    """A compact U-Net: `depth` 2×downsampling stages of two 3×3 conv-BN-ReLU, mirrored with skips."""
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+        widths = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([block(3, widths[0])] + [block(widths[i], widths[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
+        self.merge = nn.ModuleList([block(2 * widths[i], widths[i]) for i in range(depth)])
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(len(self.up))):
+            x = self.merge[i](torch.cat([self.up[i](x), skips.pop()], 1))
+        return self.head(x)
+
+
+class _FCN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.segmentation import fcn_resnet50
+
+        self.net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=1, aux_loss=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def build_model(kind: str, num_classes: int = 7) -> nn.Module:
+    """A freshly initialised model of `CLASSIFIERS` or `SEGMENTERS`."""
+    if kind == "resnet18":
+        from torchvision.models import resnet18
+
+        return resnet18(weights=None, num_classes=num_classes)
+    if kind == "small":
+        from skindual.quality import LesionClassifier
+
+        return LesionClassifier(num_classes)
+    if kind == "unet":
+        return SmallUNet()
+    if kind == "fcn_resnet50":
+        return _FCN()
+    raise ValueError(f"unknown model {kind!r}")
+
+
+def _to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkSettings, seed: int,
+                device: torch.device) -> nn.Module:
+    """`settings.steps` AdamW steps (cosine decay) on uniform batches with random flips."""
+    g = torch.Generator().manual_seed(seed)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
+    for _ in range(settings.steps):
+        idx = torch.randint(len(data), (settings.batch_size,), generator=g).numpy()
+        x = _to_input(data.images[idx], device)
+        y = (torch.from_numpy(data.labels[idx]) if task == "classifier"
+             else torch.from_numpy(data.masks[idx]).float()[:, None]).to(device)
+        for dim in (-1, -2):
+            if torch.rand((), generator=g) < 0.5:
+                x = x.flip(dim)
+                y = y.flip(dim) if task == "segmenter" else y
+        out = model(x)
+        loss = F.cross_entropy(out, y) if task == "classifier" else F.binary_cross_entropy_with_logits(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: np.ndarray, device: torch.device, batch: int = 128) -> torch.Tensor:
+    return torch.cat([model(_to_input(images[i:i + batch], device)).cpu() for i in range(0, len(images), batch)])
+
+
+def classifier_metrics(predicted: np.ndarray, labels: np.ndarray, class_codes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes present in `labels`, and recall of each of those classes.
+
+    From the confusion matrix (F1 of a class nobody predicted is 0), as torchmetrics' multiclass
+    F1/recall with ``average=None, zero_division=0`` compute them (tests compare the two).
+    """
+    n = len(class_codes)
+    p, t = np.asarray(predicted, np.int64), np.asarray(labels, np.int64)
+    confusion = np.bincount(t * n + p, minlength=n * n).reshape(n, n)  # rows: true, columns: predicted
+    hits, support, called = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    f1 = np.divide(2 * hits, support + called, out=np.zeros(n), where=support + called > 0)
+    present = np.flatnonzero(support)
+    return {"accuracy": float((p == t).mean()), "macro_f1": float(f1[present].mean()),
+            "per_class_recall": {class_codes[c]: float(hits[c] / support[c]) for c in present}}
+
+
+def segmenter_metrics(predicted: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Per-image Dice and IoU (1 when both masks are empty), averaged over the images."""
+    p, m = predicted.astype(bool).reshape(len(masks), -1), masks.astype(bool).reshape(len(masks), -1)
+    inter, a, b = (p & m).sum(1), p.sum(1), m.sum(1)
+    union = a + b - inter
+    dice = np.where(a + b > 0, 2 * inter / np.maximum(a + b, 1), 1.0)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return {"dice": float(dice.mean()), "iou": float(iou.mean())}
+
+
+def run_task(arm: str, task: str, seed: int, real: PairSet, synthetic: PairSet | None, test: PairSet,
+             settings: BenchmarkSettings, class_codes: Sequence[str], threads: int = 1) -> dict[str, Any]:
+    """Train one model of one arm with one seed and test it: a row of the results table."""
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pool = real if arm == "real" else PairSet.concat([real, synthetic])
+    torch.manual_seed(seed)  # the same initialisation in both arms
+    kind = settings.classifier if task == "classifier" else settings.segmenter
+    model = train_model(build_model(kind, settings.num_classes), pool, task, settings, seed, device)
+    out = _predict(model, test.images, device)
+    metrics = (classifier_metrics(out.argmax(1).numpy(), test.labels, class_codes) if task == "classifier"
+               else segmenter_metrics((out[:, 0] > 0).numpy(), test.masks))
+    return {"arm": arm, "model": task, "architecture": kind, "seed": seed, "train_pairs": len(pool),
+            "test_pairs": len(test), "seconds": round(time.perf_counter() - started, 1), **metrics}
+
+
+def run_benchmark(real: PairSet, synthetic: PairSet, test: PairSet, settings: BenchmarkSettings,
+                  class_codes: Sequence[str], seeds: Sequence[int], num_cpus: float = 1,
+                  num_gpus: float = 0) -> list[dict[str, Any]]:
+    """Every (arm, model, seed) as one Ray task on the current cluster; results in that order."""
+    import ray
+
+    refs = [ray.put(x) for x in (real, synthetic, test)]
+    remote = ray.remote(run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+    futures = [remote.remote(arm, task, seed, *refs, settings, list(class_codes), max(1, int(num_cpus)))
+               for task in ("classifier", "segmenter") for arm in ARMS for seed in seeds]
+    return ray.get(futures)
+
+
+METRICS = {"classifier": ("accuracy", "macro_f1"), "segmenter": ("dice", "iou")}
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """model → metric → {arm: {mean, std, n}, gain: mean(real+synthetic) − mean(real)}; recall per class too."""
+    summary: dict[str, dict[str, dict]] = {}
+    for task, names in METRICS.items():
+        rows = [r for r in results if r["model"] == task]
+        codes = sorted({c for r in rows for c in r.get("per_class_recall", {})})
+        for name in [*names, *(f"recall_{c}" for c in codes)]:
+            entry: dict[str, Any] = {}
+            for arm in ARMS:
+                values = [r[name] if not name.startswith("recall_") else r["per_class_recall"].get(name[7:])
+                          for r in rows if r["arm"] == arm]
+                values = np.array([v for v in values if v is not None], np.float64)
+                entry[arm] = {"mean": float(values.mean()) if len(values) else None,
+                              "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+            if all(entry[a]["mean"] is not None for a in ARMS):
+                entry["gain"] = entry["real+synthetic"]["mean"] - entry["real"]["mean"]
+            summary.setdefault(task, {})[name] = entry
+    return summary

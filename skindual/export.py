@@ -1,0 +1,173 @@
+"""Exporters: synthetic shards (optionally merged with the real pairs) as datasets other tools read.
+
+- ``nnunet``: an nnU-Net v2 raw dataset, ``{output}/Dataset{id:03d}_{name}/`` with ``imagesTr/{case}_0000.png``
+  (one RGB PNG: nnU-Net's NaturalImage2DIO reads it as three channels, which ``dataset.json`` names
+  ``{"0": "R", "1": "G", "2": "B"}``, as nnU-Net's own 2D RGB example Dataset120_RoadSegmentation does),
+  ``labelsTr/{case}.png`` (8-bit, 0 background / 1 lesion) and ``dataset.json`` (``channel_names``,
+  ``labels``, ``numTraining``, ``file_ending: ".png"``).  Lossless PNG throughout, as nnU-Net requires.
+  With ``--with-real``, real pairs of ``--real-splits`` join imagesTr and the real ``test`` split goes
+  to ``imagesTs``/``labelsTs``, so a model trained on the export can be scored on held-out real lesions.
+- ``imagefolder``: a torchvision ``ImageFolder`` tree ``{output}/{class_code}/{key}.png`` (real pairs:
+  ``{image_id}.png``).  ImageFolder numbers the class folders alphabetically, which is the
+  project's class order when all seven classes are there (``export.json`` records the mapping).
+
+Case names: synthetic ``syn_{key}``, real ``real_{image_id}``.  Files go through `skindual.storage`
+(a folder or s3://), written by a small thread pool; ``export.json`` (counts, sources) is written last.
+An output that already holds such a dataset is refused unless ``--overwrite`` (which deletes it first).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from skindual import data
+from skindual.cli import option
+from skindual.errors import UserError
+from skindual.prompts import CLASS_CODES
+from skindual.shards import read_shards
+from skindual.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+FORMATS = ("nnunet", "imagefolder")
+EXPORT_FILE = "export.json"
+NNUNET_CHANNELS = {"0": "R", "1": "G", "2": "B"}
+NNUNET_LABELS = {"background": 0, "lesion": 1}
+
+
+@dataclass
+class ExportConfig:
+    synthetic: str = option("skindual-synthetic", "shard folder or s3:// prefix written by the generate job")
+    output: str = option("skindual-export", "folder or s3://bucket/prefix to write the dataset under")
+    format: str = option("nnunet", "dataset layout", choices=list(FORMATS))
+    with_real: str = option("", "training table parquet: merge its real pairs (see --real-splits)")
+    real_splits: str = option("train", "comma-separated splits of --with-real that join the training set")
+    dataset_id: int = option(501, "nnU-Net dataset id (1-999)")
+    dataset_name: str = option("SkinDualGen", "nnU-Net dataset name (letters, digits, - and _)")
+    size: int = option(0, "resize every pair to size x size (real ones centre-cropped first); 0: as stored")
+    overwrite: bool = option(False, "delete an existing export at --output first")
+    s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if not 1 <= self.dataset_id <= 999 or not re.fullmatch(r"[A-Za-z0-9_-]+", self.dataset_name):
+            raise UserError(f"--dataset-id {self.dataset_id} / --dataset-name {self.dataset_name!r}: "
+                            "need an id 1-999 and a name of letters, digits, - and _")
+        if self.size < 0:
+            raise UserError(f"--size {self.size}: must be 0 (keep) or positive")
+        bad = [s for s in self.splits() if s not in ("train", "val", "test")]
+        if bad or not self.splits():
+            raise UserError(f"--real-splits {self.real_splits!r}: use train, val and/or test, comma-separated")
+
+    def splits(self) -> list[str]:
+        return [s.strip() for s in self.real_splits.split(",") if s.strip()]
+
+    def dataset_folder(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    if not size or image.shape[:2] == (size, size):
+        return image, mask
+    if image.shape[0] != image.shape[1]:
+        raise UserError(f"--size needs square synthetic pairs, got {image.shape[1]}x{image.shape[0]}")
+    img = Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)
+    soft = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img), (np.asarray(soft) >= 0.5).astype(np.uint8)
+
+
+Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index or -1, image, mask, part)
+
+
+def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
+    """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test"."""
+    for sample in read_shards(cfg.synthetic, cfg.s3_endpoint or None):
+        image, mask = _resize(sample["image"], sample["mask"], cfg.size)
+        yield f"syn_{sample['key']}", int(sample["class_index"]), image, mask, "train"
+    if not cfg.with_real:
+        return
+    table = data.read_training_table(cfg.with_real)
+    for row in table.to_pylist():
+        part = "train" if row["split"] in cfg.splits() else "test" if row["split"] == "test" else None
+        if part is None:
+            continue
+        image, mask = data.load_pair(row["image_path"], row["mask_path"], cfg.size or None)
+        yield f"real_{row['image_id']}", int(row["class_index"]), image, mask, part
+
+
+def _prepare(storage: Storage, cfg: ExportConfig) -> None:
+    """Refuse (or, with --overwrite, delete) an earlier export at the output."""
+    if cfg.format == "nnunet":
+        ours = storage.list(cfg.dataset_folder() + "/")
+    else:
+        ours = [n for n in storage.list() if "/" in n and n.split("/")[0] in CLASS_CODES]
+    ours += [EXPORT_FILE] if storage.exists(EXPORT_FILE) else []
+    if ours and not cfg.overwrite:
+        raise UserError(f"{storage.url} already holds an export ({len(ours)} files); "
+                        "pass --overwrite to replace it, or choose another --output")
+    for name in ours:
+        storage.delete(name)
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Write the dataset; returns the summary also written to ``export.json``."""
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    storage.check()
+    _prepare(storage, cfg)
+    root = cfg.dataset_folder() + "/" if cfg.format == "nnunet" else ""
+    counts: Counter[str] = Counter()
+    per_class: Counter[str] = Counter()
+    with ThreadPoolExecutor(8) as pool:
+        pending = []
+        for case, label, image, mask, part in iter_pairs(cfg):
+            source = "synthetic" if case.startswith("syn_") else "real"
+            if cfg.format == "nnunet":
+                images, labels = ("imagesTr", "labelsTr") if part == "train" else ("imagesTs", "labelsTs")
+                files = {f"{root}{images}/{case}_0000.png": image, f"{root}{labels}/{case}.png": mask.astype(np.uint8)}
+            elif part == "train" and label >= 0:  # ImageFolder: classed training pairs only
+                files = {f"{CLASS_CODES[label]}/{case.split('_', 1)[1]}.png": image}
+            else:
+                continue
+            counts[f"{source}_{part}"] += 1
+            if part == "train":
+                per_class[CLASS_CODES[label] if label >= 0 else "unclassed"] += 1
+            pending += [pool.submit(lambda n=n, a=a: storage.write_bytes(n, png_bytes(a))) for n, a in files.items()]
+            if len(pending) > 256:
+                for f in pending:
+                    f.result()
+                pending = []
+        for f in pending:
+            f.result()
+    trained = counts["synthetic_train"] + counts["real_train"]
+    if not trained:
+        raise UserError(f"{cfg.synthetic}: nothing to export")
+    summary = {"config": asdict(cfg), "format": cfg.format, "counts": dict(counts), "train_per_class": dict(per_class)}
+    if cfg.format == "nnunet":
+        dataset = {"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "numTraining": trained,
+                   "file_ending": ".png", "overwrite_image_reader_writer": "NaturalImage2DIO",
+                   "name": cfg.dataset_name, "description": "SkinDualGen synthetic lesion image/mask pairs"
+                   + (" merged with real pairs" if cfg.with_real else "")}
+        storage.write_bytes(f"{root}dataset.json", (json.dumps(dataset, indent=1) + "\n").encode())
+        summary["dataset"] = storage.join(cfg.dataset_folder())
+    else:
+        classes = sorted(c for c in per_class if c != "unclassed")
+        summary["class_to_idx"] = {c: i for i, c in enumerate(classes)}  # what ImageFolder will number them
+    storage.write_bytes(EXPORT_FILE, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+    log.info("exported %s to %s", dict(counts), storage.url)
+    return summary

@@ -1,0 +1,264 @@
+"""Image fidelity: feature extractors, Fréchet and kernel distances, the real-feature cache.
+
+The distances are clean-fid's own maths (`cleanfid.fid.fid_from_feats`, `kernel_distance`) on
+whatever features an extractor gives.  Only clean-fid's InceptionV3 (the torchscript
+``inception-2015-12-05.pt`` with its "clean" PIL-bicubic resize to 299²) gives "FID" and "KID";
+a distance in any other feature space is reported under that space's name (`metric_names`):
+``FD_lesioncnn`` / ``KD_lesioncnn``, never as FID, since its values are not comparable with FIDs.
+
+Extractors (`build_extractor`):
+
+- ``inception``: clean-fid's InceptionV3 (what ``cleanfid.features.build_feature_extractor("clean")``
+  builds, without its download).  Weights from ``--inception-weights`` or clean-fid's cache
+  (``/tmp/inception-2015-12-05.pt``); missing weights are one `UserError` saying how to get them.
+- ``lesion-cnn``: the penultimate layer (128-d) of `skindual.quality.LesionClassifier` trained on
+  the real images at the evaluation's size; its weights are cached by the content of its
+  training set, steps and seed.  Offline, and it knows what lesions look like.
+- ``random-cnn``: the same network with a fixed seeded random initialisation (no training).
+
+Real features are cached as ``.npy`` under the cache folder, keyed by the extractor's fingerprint
+(its weights' sha256 and its preprocessing) and a content hash of the real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skindual.errors import UserError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+CLEAN_FID_CACHE = Path("/tmp")  # where clean-fid's feature_extractor keeps the weights on Linux/macOS
+EXTRACTORS = ("inception", "lesion-cnn", "random-cnn")
+
+
+class FeatureExtractor(Protocol):
+    name: str  # "inception" gives FID/KID; any other name X gives FD_X/KD_X
+    fingerprint: str  # changes whenever the features would
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×3 → float64 N×D."""
+
+
+def metric_names(extractor_name: str) -> tuple[str, str]:
+    """(Fréchet, kernel) distance names for features of `extractor_name`."""
+    return ("FID", "KID") if extractor_name == "inception" else (f"FD_{extractor_name}", f"KD_{extractor_name}")
+
+
+def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """Fréchet distance of the Gaussians fitted to two feature sets (clean-fid's `fid_from_feats`).
+
+    Round-off can leave identical sets a hair below 0; that is returned as 0.
+    """
+    from cleanfid.fid import fid_from_feats
+    from scipy.linalg import LinAlgWarning
+
+    _need_two(feats1, feats2)
+    with warnings.catch_warnings():  # fewer samples than dimensions: singular covariances, expected
+        warnings.simplefilter("ignore", LinAlgWarning)
+        return max(0.0, float(fid_from_feats(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64))))
+
+
+def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100,
+                    max_subset_size: int = 1000, seed: int = 0) -> float:
+    """Unbiased MMD² with the cubic polynomial kernel over random subsets (clean-fid's KID maths).
+
+    clean-fid draws the subsets from numpy's global generator; it is seeded here and restored after.
+    """
+    from cleanfid.fid import kernel_distance as clean_kernel_distance
+
+    _need_two(feats1, feats2)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return float(clean_kernel_distance(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64),
+                                           num_subsets=num_subsets, max_subset_size=max_subset_size))
+    finally:
+        np.random.set_state(state)
+
+
+def _need_two(*sets: np.ndarray) -> None:
+    if min(len(s) for s in sets) < 2:
+        raise ValueError(f"a distance needs at least 2 samples per set, got {[len(s) for s in sets]}")
+
+
+def fidelity_metrics(name: str, real: np.ndarray, real_labels: np.ndarray, synthetic: np.ndarray,
+                     synthetic_labels: np.ndarray, class_codes: Sequence[str], *, num_subsets: int = 100,
+                     max_subset_size: int = 1000, seed: int = 0) -> dict:
+    """Fréchet and kernel distances, overall and per class, under the names of `metric_names(name)`.
+
+    A class with fewer than 2 samples on either side gets None values (and its counts).
+    """
+    fd, kd = metric_names(name)
+
+    def pair(a: np.ndarray, b: np.ndarray) -> dict:
+        out: dict = {"n_real": int(len(a)), "n_synthetic": int(len(b)), fd: None, kd: None}
+        if len(a) >= 2 and len(b) >= 2:
+            out[fd] = frechet_distance(a, b)
+            out[kd] = kernel_distance(a, b, num_subsets, max_subset_size, seed)
+        return out
+
+    per_class = {code: pair(real[real_labels == i], synthetic[synthetic_labels == i])
+                 for i, code in enumerate(class_codes) if np.any(synthetic_labels == i)}
+    return {"extractor": name, "fd_name": fd, "kd_name": kd, "overall": pair(real, synthetic),
+            "per_class": per_class}
+
+
+# --------------------------------------------------------------------------- extractors
+
+
+class InceptionExtractor:
+    """clean-fid's InceptionV3 pool features (2048-d) with its "clean" resize to 299×299."""
+
+    name = "inception"
+
+    def __init__(self, weights: str | os.PathLike[str], device: str = "cpu", batch_size: int = 32):
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
+        weights = Path(weights)
+        folder = weights.parent
+        if weights.name != INCEPTION_FILE:  # InceptionV3W loads {folder}/inception-2015-12-05.pt
+            folder = Path(tempfile.mkdtemp(prefix="skindual-inception-"))
+            (folder / INCEPTION_FILE).symlink_to(weights.resolve())
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.model = InceptionV3W(str(folder), download=False, resize_inside=False).to(self.device).eval()
+        self.resize = build_resizer("clean")
+        self.fingerprint = f"inception-clean:{file_sha256(weights)}"
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            batch = np.stack([self.resize(img) for img in images[i:i + self.batch_size]])  # float 0..255
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
+            feats.append(self.model(x).double().cpu().numpy())
+        return np.concatenate(feats) if feats else np.zeros((0, 2048))
+
+
+class CNNExtractor:
+    """Penultimate features of a `LesionClassifier`, at the network's own input size."""
+
+    def __init__(self, name: str, model: torch.nn.Module, size: int, device: str = "cpu", batch_size: int = 256):
+        self.name, self.size, self.batch_size = name, size, batch_size
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        digest = hashlib.sha256(f"{name}:{size}".encode())
+        for key, value in sorted(model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        self.fingerprint = f"{name}:{digest.hexdigest()}"
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).permute(0, 3, 1, 2)
+            x = x.float().div(127.5).sub(1).to(self.device)
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            feats.append(self.model.features(x).mean((2, 3)).double().cpu().numpy())
+        return np.concatenate(feats) if feats else np.zeros((0, 0))
+
+
+def find_inception_weights(path: str = "") -> Path:
+    """The Inception weights file: `path`, else clean-fid's cached copy; a `UserError` saying how to get it."""
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--inception-weights {path}: no such file; give the path of clean-fid's "
+                            f"{INCEPTION_FILE} (download: {INCEPTION_URL})")
+        return Path(path)
+    cached = CLEAN_FID_CACHE / INCEPTION_FILE
+    if cached.is_file():
+        return cached
+    raise UserError(f"clean-fid's Inception weights are not cached ({cached} is missing) and are not downloaded "
+                    f"here: download {INCEPTION_URL} and pass --inception-weights PATH (or put it at {cached}), "
+                    "or pass --feature-extractor lesion-cnn to measure offline (reported as FD_lesioncnn, not FID)")
+
+
+def build_extractor(kind: str, *, size: int, device: str = "cpu", inception_weights: str = "",
+                    train: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None, steps: int = 300,
+                    seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> FeatureExtractor:
+    """An extractor of `EXTRACTORS`.  ``lesion-cnn`` trains on ``train()``'s (real images, class
+    indices), or loads the weights cached for that content, `steps`, `seed` and `size`."""
+    from skindual.quality import LesionClassifier, train_classifier
+
+    if kind == "inception":
+        return InceptionExtractor(find_inception_weights(inception_weights), device)
+    if kind == "random-cnn":
+        torch.manual_seed(seed)
+        return CNNExtractor("randomcnn", LesionClassifier(), size, device)
+    if kind != "lesion-cnn":
+        raise UserError(f"--feature-extractor {kind!r}: choose one of {', '.join(EXTRACTORS)}")
+    if train is None:
+        raise ValueError("lesion-cnn needs the real images to train on")
+    images, labels = train()
+    key = hashlib.sha256(f"lesioncnn-v1:{steps}:{seed}:{size}:{array_digest(images)}:{array_digest(labels)}".encode())
+    path = feature_cache(cache_dir) / f"lesioncnn-{key.hexdigest()[:32]}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    model = LesionClassifier()
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        model = train_classifier(images, labels, steps=steps, seed=seed, batch_size=min(64, max(8, len(images))))
+        _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
+    return CNNExtractor("lesioncnn", model, size, device)
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def feature_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder: `cache_dir`, else ``$SKINDUAL_CACHE/features`` (default ``~/.cache/skindual``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("SKINDUAL_CACHE", Path.home() / ".cache" / "skindual")) / "features"
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.data)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write: Callable[[str], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def cached_features(extractor: FeatureExtractor, images: np.ndarray,
+                    cache_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, bool]:
+    """(features of `images`, whether they came from the cache), keyed by extractor and image content."""
+    key = hashlib.sha256(f"{extractor.fingerprint}:{array_digest(images)}".encode()).hexdigest()
+    path = feature_cache(cache_dir) / f"{extractor.name}-{key[:32]}.npy"
+    if path.is_file():
+        return np.load(path), True
+    feats = extractor(images)
+    _atomic(path, lambda tmp: np.save(tmp, feats))
+    return feats, False

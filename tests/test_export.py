@@ -1,0 +1,124 @@
+"""skindual.export and jobs/export.py: the exports are read back as nnU-Net v2 and torchvision expect them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_test_shards
+from skindual import data
+from skindual.errors import UserError
+from skindual.export import ExportConfig, run_export
+from skindual.prompts import CLASS_BY_CODE, CLASS_CODES
+from skindual.shards import read_shards
+from skindual.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shard_pairs(url: str) -> dict[str, dict]:
+    return {s["key"]: s for s in read_shards(url)}
+
+
+def check_nnunet_dataset(folder: Path) -> dict:
+    """nnU-Net v2's raw-dataset conventions (documentation/dataset_format.md) for 2D RGB PNG data."""
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    assert meta["labels"] == {"background": 0, "lesion": 1}
+    assert meta["file_ending"] == ".png"
+    images = sorted((folder / "imagesTr").iterdir())
+    labels = sorted((folder / "labelsTr").iterdir())
+    cases = [p.name.removesuffix("_0000.png") for p in images]
+    assert all(p.name.endswith("_0000.png") for p in images)  # one file (channel 0000) holding R, G and B
+    assert [p.name for p in labels] == [c + ".png" for c in cases]
+    assert meta["numTraining"] == len(cases) == len(set(cases))
+    for image_path, label_path in zip(images, labels):
+        image, label = np.asarray(Image.open(image_path)), np.asarray(Image.open(label_path))
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert label.dtype == np.uint8 and label.shape == image.shape[:2]
+        assert set(np.unique(label)) <= {0, 1}  # consecutive integer labels, background 0
+    return meta
+
+
+def test_nnunet_export_of_local_shards(eval_world, tmp_path):
+    summary = run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path)))
+    folder = tmp_path / "Dataset501_SkinDualGen"
+    meta = check_nnunet_dataset(folder)
+    pairs = shard_pairs(eval_world["synthetic"])
+    assert meta["numTraining"] == len(pairs) == len(eval_world["pairs"]) and summary["counts"] == {"synthetic_train": 28}
+    key, sample = next(iter(pairs.items()))
+    assert np.array_equal(np.asarray(Image.open(folder / "imagesTr" / f"syn_{key}_0000.png")), sample["image"])
+    assert np.array_equal(np.asarray(Image.open(folder / "labelsTr" / f"syn_{key}.png")), sample["mask"])
+    assert not (folder / "imagesTs").exists()
+    # a second export into the same place is refused, then replaced with --overwrite
+    with pytest.raises(UserError, match="--overwrite"):
+        run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path)))
+    (folder / "imagesTr" / "stale_0000.png").write_bytes(b"")
+    run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), overwrite=True))
+    assert not (folder / "imagesTr" / "stale_0000.png").exists()
+
+
+def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):
+    cfg = ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), with_real=eval_world["table"],
+                       dataset_id=7, dataset_name="Lesions", size=24)
+    summary = run_export(cfg)
+    folder = tmp_path / "Dataset007_Lesions"
+    meta = check_nnunet_dataset(folder)
+    splits = data.read_training_table(eval_world["table"]).column("split").to_pylist()
+    assert summary["counts"] == {"synthetic_train": 28, "real_train": splits.count("train"),
+                                 "real_test": splits.count("test")}
+    assert meta["numTraining"] == 28 + splits.count("train")
+    test_images = sorted(p.name for p in (folder / "imagesTs").iterdir())
+    assert len(test_images) == splits.count("test") and all(n.startswith("real_") for n in test_images)
+    assert len(list((folder / "labelsTs").iterdir())) == len(test_images)
+    assert all(Image.open(p).size == (24, 24) for p in (folder / "imagesTr").iterdir())
+
+
+def test_imagefolder_export_reads_back_with_torchvision(eval_world, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    summary = run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), format="imagefolder",
+                                      with_real=eval_world["table"]))
+    dataset = ImageFolder(str(tmp_path))
+    table = data.read_training_table(eval_world["table"])
+    real_train = sum(1 for s in table.column("split").to_pylist() if s == "train")
+    assert len(dataset) == 28 + real_train
+    assert dataset.class_to_idx == {c.code: c.index for c in CLASS_BY_CODE.values()} == summary["class_to_idx"]
+    by_name = {Path(path).stem: target for path, target in dataset.samples}
+    for key, sample in shard_pairs(eval_world["synthetic"]).items():
+        assert by_name[key] == sample["class_index"]
+    image, target = dataset[0]
+    assert image.mode == "RGB" and CLASS_CODES[target] == Path(dataset.samples[0][0]).parent.name
+
+
+def test_export_from_and_to_s3(s3_env, tmp_path):
+    source, target = s3_env + "/synthetic", s3_env + "/nnunet"
+    write_test_shards(source, [("df", 1), ("vasc", 2), ("nv", 3)], per_shard=2)
+    run_export(ExportConfig(synthetic=source, output=target))
+    storage = open_storage(target)
+    names = storage.list()
+    assert "export.json" in names and "Dataset501_SkinDualGen/dataset.json" in names
+    local = tmp_path / "Dataset501_SkinDualGen"
+    for name in names:
+        if name.startswith("Dataset501_SkinDualGen/"):
+            storage.download_file(name, tmp_path / name)
+    assert check_nnunet_dataset(local)["numTraining"] == 3
+
+
+def test_config_and_job_errors(tmp_path):
+    with pytest.raises(UserError, match="--dataset-id"):
+        ExportConfig(dataset_id=1000)
+    with pytest.raises(UserError, match="--real-splits"):
+        ExportConfig(real_splits="training")
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--synthetic", str(tmp_path / "empty"),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no committed shards" in errors[0] and "Traceback" not in run.stderr
