@@ -56,9 +56,9 @@ def main() -> None:
         plain = plain_loop(cfg, rows, 64, args.steps, args.warmup)
         init_ray(min_cpus=2)
         started = time.time()
-        run_finetune(cfg)
-        checkpoint = sorted(Path(out, "bench").glob("checkpoint_*"))[-1]
-        history = json.loads((checkpoint / "progress.json").read_text())["history"]
+        result = run_finetune(cfg)
+        with result.checkpoint.as_directory() as folder:
+            history = json.loads(Path(folder, "progress.json").read_text())["history"]
     ray_rate = steady_rate(history, args.warmup)
     print(json.dumps({"plain_steps_per_s": round(plain, 3), "ray_steps_per_s": round(ray_rate, 3),
                       "ratio_ray_over_plain": round(ray_rate / plain, 3),
