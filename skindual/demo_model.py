@@ -52,7 +52,7 @@ class PretrainRecipe:
 
     seed: int = 0
     per_class: int = 300  # class-balanced pretraining lesions per class
-    vae_steps: int = 600
+    vae_steps: int = 800
     vae_lr: float = 1e-3
     vae_batch_size: int = 16
     unet_steps: int = 3000
