@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--w-mask", type=float, default=1.0, help="weight of the mask-latent term")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -64,7 +65,8 @@ def main() -> None:
         layout, train, *rank = variant.split(":")
         cfg = FinetuneConfig(training_table=str(world.training_table), output=out, name=variant.replace(":", "_"),
                              layout=layout, train=train, lora_rank=int(rank[0]) if rank else 16, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, w_mask=args.w_mask,
+                             checkpoint_every=args.steps,
                              validation_per_class=1, validation_steps=2, cpus_per_worker=2)
         started = time.time()
         run_finetune(cfg)
@@ -72,7 +74,8 @@ def main() -> None:
         dual = DualPipeline.from_pretrained("demo", adapter=Path(out, cfg.name, "adapter"))
         images, masks, labels = sample_pairs(dual, args.per_class, args.sample_steps, args.guidance, seed=1)
         results[variant] = quality.pair_quality(images, masks, labels, classifier) | {
-            "finetune_wall_s": round(wall, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+            "finetune_wall_s": round(wall, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "w_mask": args.w_mask}
         print(json.dumps({variant: results[variant]}), flush=True)
     print(json.dumps(results, indent=2))
 
