@@ -18,7 +18,6 @@ pipeline is cached on disk under the sha256 of the file it came from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from skindual.demo_data import render_batch
 from skindual.errors import UserError
+from skindual.quality import images_to_tensor
+from skindual.storage import file_sha256
 from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
 
 log = logging.getLogger(__name__)
@@ -150,14 +151,6 @@ def assemble_pipeline(components: dict, tokenizer):
 # --------------------------------------------------------------------------- artifact and cache
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[str, dict]) -> None:
     """Weights in fp16 plus everything needed to rebuild the pipeline, in one safetensors file."""
     tensors = {}
@@ -231,11 +224,6 @@ def load_pipeline(model: str | Path, torch_dtype=torch.float32):
 
 
 # --------------------------------------------------------------------------- pretraining
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -346,7 +334,7 @@ def pretrain_demo_base(recipe: PretrainRecipe):
     pipe.text_encoder.requires_grad_(False)
 
     images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION)
-    images, masks = _to_tensor(images_np), mask_to_image(masks_np)
+    images, masks = images_to_tensor(images_np), mask_to_image(masks_np)
     train_vae(pipe.vae, images, masks, recipe)
     latents = encode_latents(pipe.vae, images)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -370,7 +358,7 @@ def pretrain_demo_base(recipe: PretrainRecipe):
 @torch.no_grad()
 def vae_reconstruction(vae, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """PSNR (dB) of images and Dice of masks (thresholded at 0) after encode/decode."""
-    x, m = _to_tensor(images), mask_to_image(masks)
+    x, m = images_to_tensor(images), mask_to_image(masks)
     rec_x = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(128)]).clamp(-1, 1)
     rec_m = torch.cat([vae.decode(z).sample for z in encode_latents(vae, m).split(128)]).mean(1) > 0
     mse = ((rec_x - x) / 2).pow(2).mean().item()

@@ -194,7 +194,8 @@ def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
 
 def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter and layout of a run (the adapter's files verified by their sha256)."""
-    from skindual.demo_model import ARTIFACT, file_sha256
+    from skindual.demo_model import ARTIFACT
+    from skindual.storage import file_sha256
     from skindual.model import ADAPTER_JSON, load_adapter
 
     adapter = cfg.adapter or (str(DEMO_ADAPTER) if (DEMO_ADAPTER / ADAPTER_JSON).is_file() else None)

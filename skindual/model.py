@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from skindual.demo_model import file_sha256, load_pipeline, mask_to_image
+from skindual.demo_model import load_pipeline, mask_to_image
+from skindual.storage import file_sha256
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
 

@@ -119,7 +119,8 @@ class LesionClassifier(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
@@ -137,7 +138,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 200, b
     """Train on real images with class-balanced batches, flips and blur augmentation."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x, y = _images_to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    x, y = images_to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
     counts = torch.bincount(y, minlength=num_classes).float()
     weights = (1.0 / counts.clamp(min=1))[y]
     model = LesionClassifier(num_classes)
@@ -160,7 +161,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 200, b
 
 @torch.no_grad()
 def classify(model: LesionClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    x = _images_to_tensor(images)
+    x = images_to_tensor(images)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 
 from skindual.errors import UserError
 from skindual.prompts import MAX_SAMPLES_PER_SHARD
-from skindual.storage import Storage, is_remote, open_storage
+from skindual.storage import Storage, file_sha256, is_remote, open_storage
 
 if TYPE_CHECKING:  # webdataset imports torch when it is installed: only load it when used
     import webdataset as wds
@@ -216,14 +216,6 @@ def _write_tar(path: Path, samples: Sequence[Sample], run_info: Mapping[str, Any
                        "txt": s.prompt.encode(), "json": canonical_json({**meta, **_row(s)})})
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:  # hashlib.file_digest is 3.11+
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_info: Mapping[str, Any]) -> ShardStats:
     """Write one shard's tar, parquet and (last, as commit marker) stats; return the stats.
 
@@ -254,8 +246,8 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
             shard=shard, count=len(ordered), successes=len(accepted),
             failed_to_generate=len(ordered) - len(accepted),
             rejections=dict(Counter(str(s.reason) for s in ordered if s.status != "ok")),
-            per_class=per_class, tar_sha256=_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
-            parquet_sha256=_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
+            per_class=per_class, tar_sha256=file_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
+            parquet_sha256=file_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
             fingerprint=str(run_info["fingerprint"]), image_format=image_format)
         stats_path.write_bytes(canonical_json(asdict(stats)))
         storage.delete(stats_name)  # un-commit a previous attempt before replacing its data

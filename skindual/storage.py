@@ -14,6 +14,7 @@ without its boto3 client (Ray ships it to actors) and makes a new one on first u
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -48,6 +49,15 @@ _T = TypeVar("_T")
 def is_remote(url: str | os.PathLike[str]) -> bool:
     """True for an ``s3://`` URL, False for a local path or ``file://`` URL."""
     return os.fspath(url).startswith("s3://")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def open_storage(url: str | os.PathLike[str], s3_endpoint: str | None = None, *,
