@@ -7,6 +7,7 @@ independent segmentation of its image, the share of sane masks, and the accuracy
 trained on real demo images on the samples of each class.
 
     python bench/finetune_quality.py --steps 400 --variants channels:lora:32 channels:full
+    python bench/finetune_quality.py --steps 300 --lr 5e-4 --variants channels:lora:32 --set w_prior=10
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,19 @@ def sample_pairs(dual: DualPipeline, per_class: int, steps: int, guidance: float
     return np.concatenate(images), np.concatenate(masks), labels
 
 
+def parse_fields(pairs: list[str]) -> dict:
+    """["w_prior=10", "lr_schedule=constant"] → FinetuneConfig keyword arguments, typed by the field's default."""
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in defaults:
+            raise SystemExit(f"--set {pair}: FinetuneConfig has no field {name!r}")
+        kind = type(defaults[name])
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", nargs="+", default=["channels:lora:32", "side-by-side:lora:32"],
@@ -46,13 +61,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--w-mask", type=float, default=1.0, help="weight of the mask-latent term")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other FinetuneConfig fields for every variant, e.g. w_prior=10 ema_decay=0 lr_schedule=constant")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--output", default="", help="keep runs here (default: a temp folder)")
     args = parser.parse_args()
 
+    extra = parse_fields(args.set)
     world = prepare_demo_world("skindual-demo", measure=False)
     table = data.read_training_table(str(world.training_table))
     split = np.asarray(table.column("split"))
@@ -65,8 +82,7 @@ def main() -> None:
         layout, train, *rank = variant.split(":")
         cfg = FinetuneConfig(training_table=str(world.training_table), output=out, name=variant.replace(":", "_"),
                              layout=layout, train=train, lora_rank=int(rank[0]) if rank else 16, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, w_mask=args.w_mask,
-                             checkpoint_every=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.steps, **extra,
                              validation_per_class=1, validation_steps=2, cpus_per_worker=2)
         started = time.time()
         run_finetune(cfg)
@@ -75,7 +91,7 @@ def main() -> None:
         images, masks, labels = sample_pairs(dual, args.per_class, args.sample_steps, args.guidance, seed=1)
         results[variant] = quality.pair_quality(images, masks, labels, classifier) | {
             "finetune_wall_s": round(wall, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "w_mask": args.w_mask}
+            **extra}
         print(json.dumps({variant: results[variant]}), flush=True)
     print(json.dumps(results, indent=2))
 

@@ -12,8 +12,10 @@ the same final step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_STATE = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_PROGRESS = "progress.json"
+CHECKPOINT_EMA = "ema.safetensors"
 
 
 @dataclass
@@ -51,7 +54,9 @@ class FinetuneConfig:
     batch_size: int = option(8, "samples per worker per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimiser step")
     lr: float = option(1e-4, "learning rate (AdamW), after a linear warm-up")
+    lr_schedule: str = option("cosine", "learning rate after the warm-up", choices=["constant", "cosine"])
     warmup_steps: int = option(20, "learning-rate warm-up steps")
+    ema_decay: float = option(0.995, "EMA of the trained weights, which the adapter holds (0: off, the last weights)")
     mixed_precision: str = option("no", "autocast dtype on GPU", choices=["no", "fp16", "bf16"])
     num_workers: int = option(1, "Ray Train workers (one GPU each with --use-gpu)")
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker (leave some for data loading)")
@@ -61,6 +66,7 @@ class FinetuneConfig:
     w_img: float = option(1.0, "weight of the image-latent denoising term")
     w_mask: float = option(1.0, "weight of the mask-latent denoising term")
     w_geo: float = option(0.1, "weight of the mask-geometry term (Dice+BCE on the decoded predicted mask)")
+    w_prior: float = option(0.0, "weight of the prior-preservation term: the image prediction vs the frozen base model's")
     snr_gamma: float = option(0.0, "min-SNR-gamma weighting (0: off; 5 is usual)")
     uncond_prob: float = option(0.1, "share of prompts dropped to '' for classifier-free guidance")
     balance: bool = option(True, "oversample rare classes to even out the class counts the model sees")
@@ -74,6 +80,10 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose constant or cosine")
         if not 0 <= self.uncond_prob < 1:
             raise UserError(f"--uncond-prob {self.uncond_prob}: must be in [0, 1)")
         if self.layout not in model.LAYOUTS or self.train not in model.TRAIN_MODES:
@@ -113,8 +123,14 @@ def load_batch(batch: dict, size: int) -> dict:
 # --------------------------------------------------------------------------- the worker loop
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
+def _lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+    """Linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class JointTrainer:
@@ -127,6 +143,11 @@ class JointTrainer:
         self.vae = self.pipe.vae.to(device).eval().requires_grad_(False)
         self.text_encoder = self.pipe.text_encoder.to(device).eval().requires_grad_(False)
         self.unet = self.pipe.unet.to(device)
+        self.teacher = None
+        if cfg.w_prior:  # a frozen copy of the base UNet: the image branch is pulled towards what it predicts
+            import copy
+
+            self.teacher = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=1e-2)
         self.model = self.unet  # what runs forward: the DDP wrapper under Ray Train
@@ -137,9 +158,35 @@ class JointTrainer:
         self.scaler = torch.amp.GradScaler(enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + seed_offset)
         self.step, self.micro, self.history = 0, 0, []
+        self.ema = None  # float32 copies of the trainable weights, on their device
+        if cfg.ema_decay:
+            self.ema = {k: v.detach().float().clone() for k, v in self.unet.named_parameters() if v.requires_grad}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.unet.named_parameters() if v.requires_grad}
+
+    def update_ema(self) -> None:
+        """ema ← d·ema + (1−d)·weights, with d warming up as (1+n)/(10+n) (diffusers' EMAModel)."""
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                if param.requires_grad:
+                    self.ema[name].lerp_(param.detach().float(), 1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the UNet holds the EMA weights (for sampling and the adapter)."""
+        if self.ema is None:
+            yield
+            return
+        backup = self.state()
+        self.unet.load_state_dict(self.ema, strict=False)
+        try:
+            yield
+        finally:
+            self.unet.load_state_dict(backup, strict=False)
 
     def restore(self, folder: str) -> None:
         from safetensors.torch import load_file
@@ -147,6 +194,8 @@ class JointTrainer:
         unexpected = self.unet.load_state_dict(load_file(os.path.join(folder, CHECKPOINT_STATE)), strict=False)
         if unexpected.unexpected_keys:
             raise RuntimeError(f"checkpoint has keys the model lacks: {unexpected.unexpected_keys[:3]}")
+        if self.ema is not None and os.path.exists(os.path.join(folder, CHECKPOINT_EMA)):
+            self.ema = {k: v.to(self.device) for k, v in load_file(os.path.join(folder, CHECKPOINT_EMA)).items()}
         self.optimizer.load_state_dict(torch.load(os.path.join(folder, CHECKPOINT_OPTIMIZER), weights_only=True))
         progress = json.loads(Path(folder, CHECKPOINT_PROGRESS).read_text())
         self.step, self.history = progress["step"], progress["history"]
@@ -155,6 +204,8 @@ class JointTrainer:
         from safetensors.torch import save_file
 
         save_file(self.state(), os.path.join(folder, CHECKPOINT_STATE))
+        if self.ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, os.path.join(folder, CHECKPOINT_EMA))
         torch.save(self.optimizer.state_dict(), os.path.join(folder, CHECKPOINT_OPTIMIZER))
         Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({"step": self.step, "history": self.history}))
 
@@ -177,22 +228,28 @@ class JointTrainer:
         noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+            prior_pred = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    prior_pred = self.teacher(model.unpack_latents(noisy, cfg.layout)[0], t,
+                                              encoder_hidden_states=cond).sample.float()
         terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
                                   true_masks=masks, decode_mask=model.vae_decoder(self.vae), w_img=cfg.w_img,
                                   w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
-                                  noisy_latents=noisy)
+                                  noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior)
         self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
         if self.micro % cfg.grad_accum:
             return None
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(self.step, cfg.warmup_steps)
+            group["lr"] = cfg.lr * _lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.update_ema()
         metrics = {k: float(v.detach()) for k, v in terms.items()} | {"step": self.step, "time": time.time()}
         self.history.append(metrics)
         return metrics
@@ -253,7 +310,7 @@ def _write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
 
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     unet = trainer.unet.eval()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, trainer.ema_weights():
         adapter = Path(tmp) / "adapter"
         info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train)
         dual = model.DualPipeline(trainer.pipe, cfg.layout)

@@ -9,7 +9,7 @@ model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,8 @@ def joint_loss(
     snr_gamma: float | None = None,
     noisy_latents: torch.Tensor | None = None,
     mask_sharpness: float = MASK_SHARPNESS,
+    prior_pred: torch.Tensor | None = None,
+    w_prior: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch of joint latents, each term returned separately for logging.
 
@@ -137,5 +139,11 @@ def joint_loss(
         geo = mask_geometry_loss(decode_mask(x0_mask), true_masks, mask_sharpness)
     else:
         geo = model_pred.new_zeros((), dtype=torch.float32)
-    total = w_img * img + w_mask * mask + w_geo * geo
-    return {"total": total, "img": img, "mask": mask, "geo": geo}
+    if w_prior:
+        if prior_pred is None:
+            raise ValueError("the prior-preservation term (w_prior != 0) needs prior_pred")
+        prior = _mse(pred_img, prior_pred, weights)
+    else:
+        prior = model_pred.new_zeros((), dtype=torch.float32)
+    total = w_img * img + w_mask * mask + w_geo * geo + w_prior * prior
+    return {"total": total, "img": img, "mask": mask, "geo": geo, "prior": prior}

@@ -15,8 +15,14 @@ from safetensors.torch import load_file
 
 from skindual import model
 from skindual.demo_model import demo_base_path, load_pipeline
-from skindual.finetune import FinetuneConfig, training_rows
 from skindual.errors import UserError
+from skindual.finetune import (
+    FinetuneConfig,
+    JointTrainer,
+    _lr_factor,
+    load_batch,
+    training_rows,
+)
 from skindual.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +102,11 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_tab
     progress = json.loads((final / "progress.json").read_text())
     assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
 
-    # the adapter reproduces the trained weights exactly: compare with the checkpoint loaded by hand
+    # the adapter holds the EMA of the trained weights, carried across the kill: compare it with the
+    # last checkpoint's EMA loaded by hand
     pipe = load_pipeline("demo")
     model.prepare_unet(pipe.unet, "channels", lora_rank=4)
-    pipe.unet.load_state_dict(load_file(final / "trainable.safetensors"), strict=False)
+    pipe.unet.load_state_dict(load_file(final / "ema.safetensors"), strict=False)
     trained = model.DualPipeline(pipe.to(torch.float32), "channels")
     reloaded = model.DualPipeline.from_pretrained("demo", adapter=run / "adapter", fuse=False)
     prompts, seeds = ["a dermoscopy image of melanoma"] * 2, [1, 2]
@@ -139,3 +146,35 @@ def test_balanced_rows_even_out_classes(demo_table):
     assert raw.max() == counts.max() and raw.min() < raw.max()
     with pytest.raises(UserError):
         FinetuneConfig(batch_size=0)
+
+
+def test_learning_rate_warms_up_then_holds_or_decays_to_zero():
+    assert [_lr_factor(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert _lr_factor(10, 4, 20, "constant") == 1.0
+    assert _lr_factor(4, 4, 20, "cosine") == 1.0
+    assert _lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert _lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+
+
+def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_table):
+    """Plain PyTorch (no Ray): at step 0 the widened UNet's image prediction IS the base model's, so the
+    prior-preservation term is 0; the EMA moves more slowly than the weights and is swapped in only
+    inside `ema_weights()`."""
+    from skindual import data
+
+    cfg = FinetuneConfig(training_table=str(demo_table), steps=3, batch_size=2, lora_rank=4, w_prior=1.0,
+                         ema_decay=0.9, lr=1e-3, warmup_steps=1)
+    trainer = JointTrainer(cfg, torch.device("cpu"))
+    rows = training_rows(data.read_training_table(str(demo_table)), False, 0).slice(0, 2).to_pydict()
+    first = trainer.train_step(load_batch(rows, 64))
+    assert first["prior"] < 1e-10 and first["img"] > 0
+    later = trainer.train_step(load_batch(rows, 64))
+    assert later["prior"] > 1e-6  # the image branch moved; the term now pulls it back
+    raw = trainer.state()
+    name = next(k for k in raw if "lora_B" in k)
+    assert not torch.equal(trainer.ema[name], raw[name])
+    # both moved from B=0 at the same sign, the EMA a shorter way
+    assert 0 < trainer.ema[name].abs().sum() < raw[name].abs().sum()
+    with trainer.ema_weights():
+        torch.testing.assert_close(trainer.state()[name], trainer.ema[name])
+    torch.testing.assert_close(trainer.state()[name], raw[name])

@@ -102,7 +102,8 @@ def test_terms_are_separate_and_total_is_the_weighted_sum(layout, prediction_typ
     masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
     out = losses.joint_loss(pred, x0, eps, t, ac, prediction_type, layout, masks, _decode,
                             w_img=0.7, w_mask=1.3, w_geo=0.2)
-    assert set(out) == {"total", "img", "mask", "geo"}
+    assert set(out) == {"total", "img", "mask", "geo", "prior"}
+    assert out["prior"] == 0  # off unless w_prior
     abar = ac[t]
     tgt = losses.target(x0, eps, abar, prediction_type)
     dim = 1 if layout == "channels" else 3
@@ -162,3 +163,15 @@ def test_gradients_reach_the_model_prediction_through_every_term():
 def test_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="sample"):
         losses.target(one(1.0), one(1.0), torch.tensor([0.5]), "sample")
+
+
+def test_prior_preservation_term_by_hand():
+    pred, x0, eps, t, ac = _batch("channels")
+    teacher = torch.zeros(2, 4, 4, 4)
+    teacher[:, 0] = 1.0  # the frozen base predicted 1 in channel 0, 0 elsewhere
+    out = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, prior_pred=teacher, w_prior=2.0)
+    by_hand = ((pred[:, :4] - teacher) ** 2).mean()  # the image half only: the mask half has no prior
+    torch.testing.assert_close(out["prior"], by_hand)
+    torch.testing.assert_close(out["total"], out["img"] + out["mask"] + 2.0 * by_hand)
+    with pytest.raises(ValueError, match="prior_pred"):
+        losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, w_prior=1.0)
