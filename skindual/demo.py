@@ -1,4 +1,4 @@
-"""The offline demo world in one call: demo data, demo base model, and what they measure.
+"""The offline demo world in one call, and the whole chain on it: data → fine-tune → generate → evaluate.
 
 `prepare_demo_world` writes the procedural HAM10000-layout folder and its
 training table, makes the demo base pipeline ready (from the shipped artifact,
@@ -6,23 +6,47 @@ or pretrained from scratch), and, when asked, measures the base: VAE
 reconstruction of held-out demo images and masks, and class fidelity of its
 samples (a small classifier trained on real demo images, its accuracy on the
 base's samples of each class).
+
+`run_demo` (jobs/demo.py) runs the four stages on the current Ray cluster into one local folder
+(``data/``, ``runs/``, ``synthetic/``, ``eval/``), each through its own job's library call, with
+the fine-tuning settings of `DEMO_FINETUNE`.  Re-running into the same folder reuses what the
+stages already reuse: the demo data, the fine-tuning run (resumed by its name; a finished one only
+writes its adapter, grid and curve again) and the committed shards (while the adapter's sha256 is
+the same); the evaluation runs again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from skindual import data, demo_data, demo_model, quality
+from skindual import data, demo_data, demo_model, fidelity, quality
+from skindual.cli import option
+from skindual.downstream import ARMS
+from skindual.errors import UserError
+from skindual.evaluate import EvalInputs, EvaluateConfig, load_inputs, resize_pairs, run_evaluate
+from skindual.finetune import FinetuneConfig, run_finetune
+from skindual.generate import GenerateConfig, run_generate
 from skindual.prompts import CLASSES, build_prompt, row_seed
+from skindual.storage import is_remote
 
 log = logging.getLogger(__name__)
+
+DEMO_FINETUNE = dict(layout="channels", train="lora", lora_rank=32, steps=300, lr=5e-4, batch_size=16,
+                     cpus_per_worker=2)
+"""The demo's fine-tuning settings (`skindual.finetune.FinetuneConfig` fields; the rest keep their
+defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  Retune here;
+``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
+DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
 
 
 @dataclass
@@ -123,3 +147,172 @@ def sample_base(pipe, per_class: int, steps: int, guidance: float, seed: int, ba
                    generator=generators, output_type="np").images
         images.append((out * 255).round().astype(np.uint8))
     return np.concatenate(images), np.asarray(labels)
+
+
+# --------------------------------------------------------------------------- the whole chain (jobs/demo.py)
+
+STAGES = ("demo data", "fine-tune", "generate", "evaluate")
+
+
+@dataclass
+class DemoConfig:
+    output: str = option("skindual-demo-run", "local folder for everything: data/, runs/, synthetic/, eval/")
+    finetune_steps: int = option(DEMO_FINETUNE["steps"], "fine-tuning optimiser steps (the other demo settings: "
+                                                         "skindual.demo.DEMO_FINETUNE)")
+    per_class: int = option(100, "synthetic pairs per class")
+    actors: int = option(2, "generator actors (one CPU each)")
+    eval_steps: int = option(EvaluateConfig.steps, "optimiser steps of every downstream model in the evaluation")
+    seeds: int = option(EvaluateConfig.seeds, "downstream seeds per (arm, model)")
+    extractor_steps: int = option(EvaluateConfig.extractor_steps, "training steps of the lesion-cnn classifier "
+                                                                  "(fidelity features, class fidelity)")
+    feature_extractor: str = option("lesion-cnn", "feature space of the fidelity distances (inception gives FID/KID "
+                                                  "but needs --inception-weights)", choices=list(fidelity.EXTRACTORS))
+    inception_weights: str = option("", f"with --feature-extractor inception: path to clean-fid's "
+                                        f"{fidelity.INCEPTION_FILE}")
+    max_mask_area: float = option(quality.MaskLimits().max_area,
+                                  "generation QC: a larger mask (share of the image) is 'full-frame' and drawn again")
+    overwrite: bool = option(False, "replace synthetic shards written with other settings (e.g. another "
+                                    "--finetune-steps or --per-class)")
+
+    def __post_init__(self) -> None:
+        for name in ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if is_remote(self.output):
+            raise UserError(f"--output {self.output}: the demo writes a local folder; run the stage jobs "
+                            "(jobs/finetune.py, generate.py, evaluate.py) for s3:// outputs")
+        if self.feature_extractor not in fidelity.EXTRACTORS:
+            raise UserError(f"--feature-extractor {self.feature_extractor!r}: choose one of "
+                            f"{', '.join(fidelity.EXTRACTORS)}")
+        if self.feature_extractor == "inception":
+            fidelity.find_inception_weights(self.inception_weights)  # missing weights: say so before any work
+        if not 0 < self.max_mask_area <= 1:
+            raise UserError(f"--max-mask-area {self.max_mask_area}: must be in (0, 1]")
+
+    def min_cpus(self) -> int:
+        """Logical CPUs the local cluster needs: the training worker's or the actors', plus one for Ray Data."""
+        return math.ceil(max(DEMO_FINETUNE["cpus_per_worker"], self.actors, 1)) + 1
+
+
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
+    """Run the four stages on the current Ray cluster, one `progress` line as each starts and ends;
+    returns the summary (also written to ``{output}/demo_summary.json``)."""
+    out = Path(cfg.output).expanduser().resolve()
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(number: int, what: str):
+        name = STAGES[number - 1]
+        progress(f"[{number}/{len(STAGES)}] {name}: {what} ...")
+        return name, time.perf_counter()
+
+    def done(name: str, t: float, what: str) -> None:
+        seconds[name] = round(time.perf_counter() - t, 1)
+        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: done in {seconds[name]:.0f} s ({what})")
+
+    name, t = stage(1, f"procedural HAM10000-layout data and the demo base, into {out / 'data'}")
+    world = prepare_demo_world(out, measure=False)
+    counts = world.report["class_counts"]
+    done(name, t, f"{sum(counts.values())} pairs, {_per_class(counts)}")
+
+    ft = FinetuneConfig(training_table=str(world.training_table), output=str(out / "runs"), name="demo",
+                        **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
+    name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
+                       f"lr {ft.lr:g}) into {out / 'runs' / ft.name}")
+    with _stage_errors(name):
+        result = run_finetune(ft)
+    adapter = out / "runs" / ft.name / "adapter"
+    step = (result.metrics or {}).get("step")
+    done(name, t, f"{f'step {step}, ' if step else ''}adapter at {adapter}")
+
+    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter), output=str(out / "synthetic"),
+                         samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
+                         max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite)
+    name, t = stage(3, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
+    with _stage_errors(name):
+        manifest = run_generate(gen)
+    totals = manifest["totals"]
+    done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
+                  f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
+
+    ev = EvaluateConfig(real=str(world.training_table), synthetic=gen.output, output=str(out / "eval"),
+                        feature_extractor=cfg.feature_extractor, inception_weights=cfg.inception_weights,
+                        extractor_steps=cfg.extractor_steps, steps=cfg.eval_steps, seeds=cfg.seeds)
+    name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, downstream {cfg.eval_steps} steps x "
+                       f"{cfg.seeds} seed(s), pair quality, into {ev.output}")
+    with _stage_errors(name):
+        inputs = load_inputs(ev)
+        metrics = run_evaluate(ev, inputs)
+        pairs = pair_figures(ev, inputs)
+    done(name, t, f"report at {out / 'eval' / 'report.md'}")
+
+    summary = {"output": str(out), "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
+               "finetune": {k: getattr(ft, k) for k in DEMO_FINETUNE}, "adapter": str(adapter),
+               "synthetic": gen.output, "synthetic_per_class": {c: n["ok"] for c, n in totals["per_class"].items()},
+               "report": str(out / "eval" / "report.md"), "metrics": str(out / "eval" / "metrics.json"),
+               **pairs, **key_figures(metrics)}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _per_class(counts: dict) -> str:
+    return ", ".join(f"{c}={n}" for c, n in counts.items())
+
+
+@contextmanager
+def _stage_errors(name: str):
+    """A stage's `UserError` names the stage (the flag it names is the stage job's)."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{name}: {err}") from None
+
+
+def pair_figures(ev: EvaluateConfig, inputs: EvalInputs) -> dict:
+    """Image–mask consistency, sane-mask share and class fidelity (`quality.pair_quality`, as
+    bench/finetune_quality.py measures them) of the synthetic pairs, and of the real test split
+    as the reference.  The classifier is the evaluation's lesion-cnn (a `quality.LesionClassifier`
+    trained on the real ``--fid-split`` images), loaded from the cache the evaluation filled when
+    that was its feature extractor, else trained here."""
+    real = resize_pairs(inputs.real, ev.size)
+    classifier = fidelity.build_extractor("lesion-cnn", size=ev.size, train=lambda: (real.images, real.labels),
+                                          steps=ev.extractor_steps, seed=ev.seed, cache_dir=ev.cache_dir or None).model
+    synthetic = resize_pairs(inputs.synthetic, ev.size)
+    figures = quality.pair_quality(synthetic.images, synthetic.masks, synthetic.labels, classifier)
+    reference = quality.pair_quality(inputs.test.images, inputs.test.masks, inputs.test.labels, classifier)
+    reference["classifier_accuracy"] = round(float((quality.classify(classifier, inputs.test.images)
+                                                    == inputs.test.labels).mean()), 4)
+    for q in (figures, reference):
+        q["class_fidelity"] = {CLASSES[i].code: v for i, v in q["class_fidelity"].items()}
+    return {"pair_quality": figures, "real_test_pair_quality": reference}
+
+
+def key_figures(metrics: dict) -> dict:
+    """The figures of the evaluation's metrics.json the summary shows."""
+    fid = metrics["fidelity"]
+    figures = {"fd_name": fid["fd_name"], "fd": fid["overall"][fid["fd_name"]],
+               "fd_per_class": {c: v[fid["fd_name"]] for c, v in fid["per_class"].items()}}
+    if "downstream" in metrics:
+        summary = metrics["downstream"]["summary"]
+        figures["downstream"] = {f"{model} {metric}": {arm: summary[model][metric][arm] for arm in ARMS}
+                                 for model, metric in (("classifier", "macro_f1"), ("segmenter", "dice"))}
+    return figures
+
+
+def format_summary(summary: dict) -> str:
+    """The demo's closing lines: stage times, key figures, where the report is."""
+    lines = [f"demo finished in {summary['total_seconds']:.0f} s:"]
+    lines += [f"  {name:<10} {s:7.1f} s" for name, s in summary["stage_seconds"].items()]
+    lines.append(f"  {'total':<10} {summary['total_seconds']:7.1f} s")
+    q, r = summary["pair_quality"], summary["real_test_pair_quality"]
+    lines.append(f"  image-mask consistency (Dice vs an independent segmentation) {q['consistency_dice']:.3f} "
+                 f"(real test pairs {r['consistency_dice']:.3f}), sane masks {q['sane_mask_share']:.3f}")
+    lines.append(f"  class fidelity (classifier trained on real demo images, mean over classes) "
+                 f"{q['class_fidelity_mean']:.3f} (its accuracy on real test images {r['classifier_accuracy']:.3f})")
+    fd = summary["fd"]
+    lines.append(f"  {summary['fd_name']} (all classes) {'n/a' if fd is None else f'{fd:.2f}'}")
+    for name, arms in summary.get("downstream", {}).items():
+        cells = [f"{arms[a]['mean']:.3f} ± {arms[a]['std']:.3f}" for a in ARMS]
+        lines.append(f"  downstream {name}: real {cells[0]} -> real+synthetic {cells[1]}")
+    lines.append(f"  report: {summary['report']}")
+    return "\n".join(lines)
