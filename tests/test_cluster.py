@@ -1,11 +1,27 @@
-"""cluster.yaml passes Ray's own autoscaler validation and keeps the settings the project relies on."""
+"""cluster.yaml passes Ray's own autoscaler validation and keeps the settings the project relies on; the
+jobs run as a user runs them on a cluster: `ray job submit --working-dir .` to a real two-node local
+cluster (conftest `ray_test_cluster`), S3 credentials from the nodes' environment, outputs on SeaweedFS."""
 
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+from conftest import RayTestCluster, ray_list
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "cluster.yaml"
+from skindual.prompts import CLASS_CODES
+from skindual.shards import read_shards
+from skindual.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "cluster.yaml"
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def test_cluster_yaml_validates_with_rays_schema():
@@ -26,3 +42,123 @@ def test_cluster_starts_ray_with_token_auth_from_the_project_venv():
         assert start and all("RAY_AUTH_MODE=token" in c and "skindual-venv/bin:$PATH" in c for c in start)
     assert "~/.ray/auth_token" in config["file_mounts"]
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+# --------------------------------------------------------------------------- jobs on a real two-node cluster
+
+# 14 pairs in 3 shards from the shipped demo adapter, 10 sampling steps; two actors of 1.5 CPUs cannot both
+# fit on the head's 2 CPUs, so one runs on the worker node.  QC loosened as in test_generate.
+GENERATE = ["--per-class", "2", "--samples-per-shard", "5", "--steps", "10", "--batch-size", "5", "--actors", "2",
+            "--cpus-per-actor", "1.5", "--max-mask-area", "1.0"]
+# tiny evaluation (as test_evaluate's): 8 downstream tasks of 1 CPU, more than the head holds
+EVALUATE = ["--feature-extractor", "lesion-cnn", "--extractor-steps", "10", "--size", "32", "--classifier", "small",
+            "--steps", "6", "--batch-size", "8", "--seeds", "2", "--kid-subsets", "10", "--grid-per-class", "2"]
+# what must never travel with --working-dir: the virtual environment, git history, the jobs' default outputs
+NOT_UPLOADED = (".venv", ".git", "skindual-demo", "skindual-demo-run", "skindual-runs", "skindual-synthetic",
+                "skindual-eval", "skindual-export")
+
+
+def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir .` as a user runs it: no S3 credentials on the submitting side
+    (the nodes have theirs), the cluster's token from RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
+               "--working-dir", ".", "--", "python", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0 and f"Job '{submission_id}' succeeded" in result.stdout, (
+        result.stdout[-4000:] + result.stderr[-3000:])
+    return result
+
+
+def nodes_of_job(cluster: RayTestCluster, submission_id: str) -> set[str]:
+    """The nodes on which the job's tasks and actor tasks ran (Ray's state API)."""
+    (job,) = [j for j in ray_list(cluster, "jobs") if j["submission_id"] == submission_id]
+    return {t["node_id"] for t in ray_list(cluster, "tasks", f"job_id={job['job_id']}") if t.get("node_id")}
+
+
+def test_jobs_submitted_with_their_working_dir_run_on_both_nodes_and_write_to_s3(ray_test_cluster, s3_env,
+                                                                                  eval_world):
+    cluster, run = ray_test_cluster, secrets.token_hex(4)
+    alive = {n["node_id"]: n for n in ray_list(cluster, "nodes") if n["state"] == "ALIVE"}
+    (worker,) = [node for node, n in alive.items() if not n["is_head_node"]]
+    assert len(alive) == 2
+
+    synthetic, report = f"{s3_env}/synthetic", f"{s3_env}/eval"
+    submit(cluster, f"generate-{run}", ["jobs/generate.py", *GENERATE, "--output", synthetic])
+    assert nodes_of_job(cluster, f"generate-{run}") == set(alive)
+    storage = open_storage(synthetic)
+    assert sorted(n for n in storage.list() if n.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert json.loads(storage.read_bytes("sizes.json")) == {"00000.tar": 5, "00001.tar": 5, "00002.tar": 4}
+    counts: dict[str, int] = {}
+    for sample in read_shards(synthetic):
+        counts[sample["meta"]["class_code"]] = counts.get(sample["meta"]["class_code"], 0) + 1
+    assert counts == {code: 2 for code in CLASS_CODES}
+
+    submit(cluster, f"evaluate-{run}", ["jobs/evaluate.py", "--real", eval_world["table"], "--synthetic", synthetic,
+                                        "--output", report, *EVALUATE])
+    assert worker in nodes_of_job(cluster, f"evaluate-{run}")
+    storage = open_storage(report)
+    assert {"report.md", "metrics.json", "downstream.png"} <= set(storage.list())
+    assert storage.read_bytes("report.md").decode().startswith("# SkinDualGen evaluation")
+    metrics = json.loads(storage.read_bytes("metrics.json"))
+    assert metrics["counts"]["synthetic"] == {code: 2 for code in CLASS_CODES}
+    assert metrics["config"]["synthetic"] == synthetic and metrics["fidelity"]["fd_name"] == "FD_lesioncnn"
+    assert len(metrics["downstream"]["results"]) == 8
+
+    # the working dir each node unpacked: the project's sources, nothing ignored by .gitignore / .rayignore
+    for temp_dir in cluster.temp_dirs:
+        unpacked = Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+        packages = {p.resolve() for p in unpacked if p.is_dir()}  # not the .zip (or its lock) beside it
+        assert packages, f"no working dir unpacked under {temp_dir}"
+        for package in packages:
+            files = [p.relative_to(package) for p in package.rglob("*") if p.is_file()]
+            needed = ("jobs/generate.py", "skindual/evaluate.py", "skindual/assets/demo_base.safetensors")
+            assert {Path(name) for name in needed} <= set(files)
+            # (Ray keeps an ignored folder's empty directory entry: `.venv/` matches what is in it, not it)
+            assert not [f for f in files if f.parts[0] in NOT_UPLOADED]
+            assert sum((package / f).stat().st_size for f in files) < 30e6
+
+
+def test_gitignore_covers_every_jobs_default_output():
+    from skindual.demo import DemoConfig
+    from skindual.evaluate import EvaluateConfig
+    from skindual.export import ExportConfig
+    from skindual.finetune import FinetuneConfig
+    from skindual.generate import GenerateConfig
+
+    ignored = set((ROOT / ".gitignore").read_text().split())
+    defaults = {c().output for c in (DemoConfig, EvaluateConfig, ExportConfig, FinetuneConfig, GenerateConfig)}
+    assert defaults | {"skindual-demo"} <= set(NOT_UPLOADED)  # jobs/build_demo.py's default too
+    assert {f"/{name}/" for name in NOT_UPLOADED if name not in (".venv", ".git")} <= ignored
+    assert ".venv/" in ignored and ".git/" in (ROOT / ".rayignore").read_text().split()
+
+
+def listening_addresses(cluster: RayTestCluster) -> set[str]:
+    """The addresses the cluster's processes (both nodes', found by their marker) listen on."""
+    import ipaddress
+
+    marker, inodes = f"SKINDUAL_TEST_RAY_CLUSTER={cluster.temp_dirs[0]}".encode(), set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                inodes |= {link[8:-1] for link in (os.readlink(fd) for fd in (proc / "fd").iterdir())
+                           if link.startswith("socket:[")}
+        except OSError:
+            pass
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            if state == "0A" and inode in inodes:  # LISTEN
+                raw = bytes.fromhex(local.split(":")[0])
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per 32-bit word, host order
+                ip = ipaddress.ip_address(raw)
+                addresses.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+    return addresses
+
+
+def test_the_test_cluster_has_two_nodes_listening_on_127_0_0_1_only(ray_test_cluster):
+    nodes = [n for n in ray_list(ray_test_cluster, "nodes") if n["state"] == "ALIVE"]
+    assert sorted(n["is_head_node"] for n in nodes) == [False, True]
+    assert {n["node_ip"] for n in nodes} == {"127.0.0.1"}
+    assert listening_addresses(ray_test_cluster) == {"127.0.0.1"}
