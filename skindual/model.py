@@ -104,6 +104,16 @@ def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def _stable(value):
+    """peft config → JSON-able with sets as sorted lists: the LoRA file (and its sha256) must not
+    depend on a process's string-hash seed (PYTHONHASHSEED)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return value
+
+
 def pack_latents(image_latents: torch.Tensor, mask_latents: torch.Tensor, layout: str) -> torch.Tensor:
     """Image and mask latents → the UNet's joint latents (channels: dim 1; side-by-side: width)."""
     return torch.cat([image_latents, mask_latents], dim=1 if check_layout(layout) == "channels" else 3)
@@ -177,7 +187,7 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
-                weight_name=LORA_FILE, unet_lora_adapter_metadata=config.to_dict())
+                weight_name=LORA_FILE, unet_lora_adapter_metadata=_stable(config.to_dict()))
             if layout == "channels":
                 convs = {f"{name}.{p}": getattr(getattr(unet, name), p).detach().cpu().contiguous()
                          for name in ("conv_in", "conv_out") for p in ("weight", "bias")}

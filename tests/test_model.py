@@ -238,3 +238,32 @@ def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
         adapted = pipe.unet(x, t, emb).sample
     assert not torch.allclose(before, after, atol=1e-4)
     torch.testing.assert_close(after, adapted, atol=1e-5, rtol=1e-5)
+
+
+SAVE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from skindual.demo_model import load_pipeline
+from skindual.model import prepare_unet, save_adapter
+torch.manual_seed(0)
+pipe = load_pipeline(sys.argv[1])
+prepare_unet(pipe.unet, "channels", lora_rank=4)
+print(save_adapter(sys.argv[2], pipe.unet, "channels", sys.argv[1], {"steps": 1}).sha256)
+"""
+
+
+def test_adapter_bytes_do_not_depend_on_the_process_hash_seed(base_dir, tmp_path):
+    """Same weights, two processes with other string-hash seeds: the same files and sha256 (a rerun of
+    a finished fine-tune must not look like a new adapter to the generate job's resume check)."""
+    import os
+    import subprocess
+    import sys
+
+    shas = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(base_dir), str(tmp_path / seed)],
+                             env=env, capture_output=True, text=True, check=True)
+        shas.append(out.stdout.split()[-1])
+    assert shas[0] == shas[1]
+    for name in ("pytorch_lora_weights.safetensors", "skindual_convs.safetensors"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
