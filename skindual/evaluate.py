@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -65,6 +66,9 @@ class EvaluateConfig:
     batch_size: int = option(32, "downstream batch size")
     lr: float = option(1e-3, "downstream learning rate (AdamW, cosine decay)")
     seeds: int = option(3, "downstream seeds per (arm, model)")
+    real_fraction: float = option(1.0, "share of the real train split both downstream arms train on, per class "
+                                       "(at least one image each; the test split is unchanged): below 1, the "
+                                       "low-data regime where rare classes have a handful of images")
     cpus_per_task: float = option(1.0, "CPUs per downstream Ray task (also its torch threads)")
     num_gpus_per_task: float = option(-1.0, "GPUs per downstream task; -1: 1 if the cluster has GPUs, else 0")
     grid_per_class: int = option(4, "pairs per class in the sample grids")
@@ -77,6 +81,8 @@ class EvaluateConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.size < 16 or self.size % 8:
             raise UserError(f"--size {self.size}: must be a multiple of 8, at least 16")
+        if not 0 < self.real_fraction <= 1:
+            raise UserError(f"--real-fraction {self.real_fraction}: must be in (0, 1]")
         if self.max_per_class < 0 or self.grid_per_class < 0 or self.cpus_per_task <= 0:
             raise UserError("--max-per-class and --grid-per-class must be >= 0, --cpus-per-task > 0")
         if self.fid_split not in SPLITS or self.feature_extractor not in fidelity.EXTRACTORS:
@@ -142,6 +148,17 @@ def _rows(table: pa.Table, split: str, max_per_class: int = 0) -> pa.Table:
     return classed.take(np.sort(keep))
 
 
+def fraction_per_class(rows: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """A seeded random `fraction` of each class's rows, rounded up (so at least one per class)."""
+    if fraction >= 1:
+        return rows
+    labels = np.asarray(rows.column("class_index"))
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(labels == c), math.ceil(fraction * (labels == c).sum()), replace=False)
+            for c in np.unique(labels)]
+    return rows.take(np.sort(np.concatenate(keep)))
+
+
 def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
     """Read and check the synthetic shards and the real table (see the module docstring)."""
     if cfg.feature_extractor == "inception":
@@ -159,7 +176,8 @@ def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
     real = PairSet(*data.load_arrays(rows, size))
     train = test = None
     if cfg.downstream:
-        train, test = (PairSet(*data.load_arrays(_rows(table, s), cfg.size)) for s in ("train", "test"))
+        train_rows = fraction_per_class(_rows(table, "train"), cfg.real_fraction, cfg.seed)
+        train, test = (PairSet(*data.load_arrays(t, cfg.size)) for t in (train_rows, _rows(table, "test")))
         if not len(test) or not len(train):
             raise UserError(f"{cfg.real} has no classed rows in its {'test' if not len(test) else 'train'} split, "
                             "which the downstream benchmark needs; rebuild the table, or pass --no-downstream")
@@ -195,7 +213,7 @@ def measure_masks(inputs: EvalInputs) -> tuple[dict, dict]:
     real, synthetic = (mask_stats.statistics_table(s.masks) for s in (inputs.real, inputs.synthetic))
     per_class = {}
     for c in np.unique(inputs.synthetic.labels):
-        pick = lambda t, labels: {k: v[labels == c] for k, v in t.items()}  # noqa: E731
+        pick = lambda t, labels: {k: v[labels == c] for k, v in t.items()}
         per_class[CLASS_CODES[c]] = mask_stats.compare_statistics(pick(real, inputs.real.labels),
                                                                   pick(synthetic, inputs.synthetic.labels))
     return {"overall": mask_stats.compare_statistics(real, synthetic), "per_class": per_class}, {

@@ -124,6 +124,22 @@ def test_mismatched_image_sizes(eval_world, tmp_path, capsys):
 def test_bad_flags_name_the_flag(capsys):
     assert "--size" in _one_error_line(capsys, ["--size", "30"])
     assert "--seeds" in _one_error_line(capsys, ["--seeds", "0"])
+    assert "--real-fraction" in _one_error_line(capsys, ["--real-fraction", "0"])
+
+
+def test_real_fraction_keeps_a_share_of_every_class(eval_world):
+    from skindual import data
+    from skindual.evaluate import _rows, fraction_per_class
+
+    rows = _rows(data.read_training_table(eval_world["table"]), "train")
+    counts = np.bincount(np.asarray(rows.column("class_index")), minlength=7)
+    part = fraction_per_class(rows, 0.3, seed=0)
+    part_counts = np.bincount(np.asarray(part.column("class_index")), minlength=7)
+    assert part_counts.tolist() == [int(np.ceil(0.3 * n)) for n in counts]  # rounded up: every class stays
+    assert set(part.column("image_path").to_pylist()) <= set(rows.column("image_path").to_pylist())
+    assert fraction_per_class(rows, 0.3, seed=0).equals(part)  # seeded
+    assert not fraction_per_class(rows, 0.3, seed=1).equals(part)
+    assert fraction_per_class(rows, 1.0, seed=0) is rows
 
 
 def test_missing_inception_weights_by_default(eval_world, tmp_path, capsys, monkeypatch):
