@@ -281,9 +281,9 @@ def train_loop(config: dict) -> None:
             step = trainer.step
             rate = (step - start_step) / (time.perf_counter() - started)
             if rank == 0 and (step % 10 == 0 or step == cfg.steps):
-                log.info("step %d/%d loss %.4f (img %.4f mask %.4f geo %.4f) %.2f steps/s ETA %.0f s", step,
-                         cfg.steps, metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], rate,
-                         (cfg.steps - step) / max(rate, 1e-9))
+                log.info("step %d/%d loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f) %.2f steps/s ETA %.0f s",
+                         step, cfg.steps, metrics["total"], metrics["img"], metrics["mask"], metrics["geo"],
+                         metrics["prior"], rate, (cfg.steps - step) / max(rate, 1e-9))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
             if step >= cfg.steps:

@@ -59,8 +59,8 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [h["step"] for h in history]
-    for term in ("total", "img", "mask", "geo"):
-        values = [h[term] for h in history]
+    for term in ("total", "img", "mask", "geo", "prior"):
+        values = [h.get(term, 0.0) for h in history]  # "prior": runs from before that term have none
         if any(values):
             ax.plot(steps, values, label=term, linewidth=1)
     ax.set_yscale("log")
