@@ -21,19 +21,25 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from skindual import data, demo_data, demo_model, fidelity, quality
 from skindual.cli import option
-from skindual.downstream import ARMS
+from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
-from skindual.evaluate import EvalInputs, EvaluateConfig, load_inputs, resize_pairs, run_evaluate
+from skindual.evaluate import (
+    EvalInputs,
+    EvaluateConfig,
+    load_inputs,
+    resize_pairs,
+    run_evaluate,
+)
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.generate import GenerateConfig, run_generate
 from skindual.prompts import CLASSES, build_prompt, row_seed
@@ -41,11 +47,13 @@ from skindual.storage import is_remote
 
 log = logging.getLogger(__name__)
 
-DEMO_FINETUNE = dict(layout="channels", train="lora", lora_rank=32, steps=300, lr=5e-4, batch_size=16,
-                     cpus_per_worker=2)
+DEMO_FINETUNE = {"layout": "channels", "train": "lora", "lora_rank": 32, "steps": 400, "lr": 5e-4, "batch_size": 16,
+                 "w_prior": 10.0, "ema_decay": 0.995, "lr_schedule": "cosine", "cpus_per_worker": 2}
 """The demo's fine-tuning settings (`skindual.finetune.FinetuneConfig` fields; the rest keep their
-defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  Retune here;
-``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
+defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  ``w_prior=10``
+pins the image branch to the demo base, which was pretrained on this very domain: without it the
+mask objective erodes class control (class fidelity 0.4–0.6 instead of 0.97, docs/finetune-quality.md).
+Retune here; ``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
 DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
 
 
@@ -161,8 +169,10 @@ class DemoConfig:
                                                          "skindual.demo.DEMO_FINETUNE)")
     per_class: int = option(100, "synthetic pairs per class")
     actors: int = option(2, "generator actors (one CPU each)")
-    eval_steps: int = option(EvaluateConfig.steps, "optimiser steps of every downstream model in the evaluation")
-    seeds: int = option(EvaluateConfig.seeds, "downstream seeds per (arm, model)")
+    eval_steps: int = option(150, "optimiser steps of every downstream model in the evaluation")
+    seeds: int = option(2, "downstream seeds per (arm, model)")
+    classifier: str = option("small", "downstream classifier (resnet18: the evaluation job's default, slower on CPU)",
+                             choices=list(CLASSIFIERS))
     extractor_steps: int = option(EvaluateConfig.extractor_steps, "training steps of the lesion-cnn classifier "
                                                                   "(fidelity features, class fidelity)")
     feature_extractor: str = option("lesion-cnn", "feature space of the fidelity distances (inception gives FID/KID "
@@ -181,6 +191,8 @@ class DemoConfig:
         if is_remote(self.output):
             raise UserError(f"--output {self.output}: the demo writes a local folder; run the stage jobs "
                             "(jobs/finetune.py, generate.py, evaluate.py) for s3:// outputs")
+        if self.classifier not in CLASSIFIERS:
+            raise UserError(f"--classifier {self.classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
         if self.feature_extractor not in fidelity.EXTRACTORS:
             raise UserError(f"--feature-extractor {self.feature_extractor!r}: choose one of "
                             f"{', '.join(fidelity.EXTRACTORS)}")
@@ -237,7 +249,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     ev = EvaluateConfig(real=str(world.training_table), synthetic=gen.output, output=str(out / "eval"),
                         feature_extractor=cfg.feature_extractor, inception_weights=cfg.inception_weights,
-                        extractor_steps=cfg.extractor_steps, steps=cfg.eval_steps, seeds=cfg.seeds)
+                        extractor_steps=cfg.extractor_steps, steps=cfg.eval_steps, seeds=cfg.seeds,
+                        classifier=cfg.classifier)
     name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, downstream {cfg.eval_steps} steps x "
                        f"{cfg.seeds} seed(s), pair quality, into {ev.output}")
     with _stage_errors(name):
