@@ -171,6 +171,8 @@ class DemoConfig:
     actors: int = option(2, "generator actors (one CPU each)")
     eval_steps: int = option(150, "optimiser steps of every downstream model in the evaluation")
     seeds: int = option(2, "downstream seeds per (arm, model)")
+    real_fraction: float = option(1.0, "share of each class of the real train split the downstream arms train on "
+                                        "(below 1: the low-data regime)")
     classifier: str = option("small", "downstream classifier (resnet18: the evaluation job's default, slower on CPU)",
                              choices=list(CLASSIFIERS))
     extractor_steps: int = option(EvaluateConfig.extractor_steps, "training steps of the lesion-cnn classifier "
@@ -198,6 +200,8 @@ class DemoConfig:
                             f"{', '.join(fidelity.EXTRACTORS)}")
         if self.feature_extractor == "inception":
             fidelity.find_inception_weights(self.inception_weights)  # missing weights: say so before any work
+        if not 0 < self.real_fraction <= 1:
+            raise UserError(f"--real-fraction {self.real_fraction}: must be in (0, 1]")
         if not 0 < self.max_mask_area <= 1:
             raise UserError(f"--max-mask-area {self.max_mask_area}: must be in (0, 1]")
 
@@ -250,7 +254,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     ev = EvaluateConfig(real=str(world.training_table), synthetic=gen.output, output=str(out / "eval"),
                         feature_extractor=cfg.feature_extractor, inception_weights=cfg.inception_weights,
                         extractor_steps=cfg.extractor_steps, steps=cfg.eval_steps, seeds=cfg.seeds,
-                        classifier=cfg.classifier)
+                        classifier=cfg.classifier, real_fraction=cfg.real_fraction)
     name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, downstream {cfg.eval_steps} steps x "
                        f"{cfg.seeds} seed(s), pair quality, into {ev.output}")
     with _stage_errors(name):

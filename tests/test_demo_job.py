@@ -128,6 +128,7 @@ def test_rerun_finishes_the_fine_tune_and_skips_the_committed_shards(demo_run, s
 def test_a_bad_flag_is_one_line_and_exit_status_2(skindual_cache, tmp_path):
     out = str(tmp_path / "x")
     for args, message in [(["--per-class", "0", "--output", out], "error: --per-class 0: must be at least 1"),
+                          (["--real-fraction", "0", "--output", out], "error: --real-fraction 0.0: must be in (0, 1]"),
                           (["--output", "s3://bucket/demo"], "error: --output s3://bucket/demo: the demo writes")]:
         run = run_demo_job(args, skindual_cache, timeout=120)
         assert run.returncode == 2 and run.stdout == "", run.stderr
