@@ -234,7 +234,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     ft = FinetuneConfig(training_table=str(world.training_table), output=str(out / "runs"), name="demo",
                         **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
-                       f"lr {ft.lr:g}) into {out / 'runs' / ft.name}")
+                       f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
     with _stage_errors(name):
         result = run_finetune(ft)
     adapter = out / "runs" / ft.name / "adapter"
