@@ -59,7 +59,7 @@ def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
         assert len(start) == len(end) == 1, (name, run.stdout)
         positions += [start[0], end[0]]
     assert positions == sorted(positions)
-    assert "[2/4] fine-tune: 3 steps (channels layout, lora rank 32, batch 16, lr 0.0005)" in run.stdout
+    assert "[2/4] fine-tune: 3 steps (channels layout, lora rank 32, batch 16, lr 0.0005, prior weight 10)" in run.stdout
     assert "[3/4] generate: done in" in run.stdout and "14 pairs in 1 shards" in run.stdout
 
     # the summary: stage times, total, key figures, the report's path
