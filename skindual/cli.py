@@ -29,6 +29,19 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def check_fields(cfg: Any, at_least_one: tuple[str, ...] = ()) -> None:
+    """The checks job configs share, also when built in code rather than from flags: each field in
+    `at_least_one` is ≥ 1, and each field declared with ``choices=`` holds one of them."""
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(cfg, f.name) not in choices:
+            raise UserError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose one of "
+                            f"{', '.join(map(str, choices))}")
+
+
 def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, bool]:
     """(value parser, is_bool) for a field's annotated type."""
     origin = typing.get_origin(tp)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from skindual import data, demo_data, demo_model, fidelity, quality
-from skindual.cli import option
+from skindual.cli import check_fields, option
 from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
 from skindual.evaluate import (
@@ -187,17 +187,10 @@ class DemoConfig:
                                     "--finetune-steps or --per-class)")
 
     def __post_init__(self) -> None:
-        for name in ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_fields(self, ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps"))
         if is_remote(self.output):
             raise UserError(f"--output {self.output}: the demo writes a local folder; run the stage jobs "
                             "(jobs/finetune.py, generate.py, evaluate.py) for s3:// outputs")
-        if self.classifier not in CLASSIFIERS:
-            raise UserError(f"--classifier {self.classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
-        if self.feature_extractor not in fidelity.EXTRACTORS:
-            raise UserError(f"--feature-extractor {self.feature_extractor!r}: choose one of "
-                            f"{', '.join(fidelity.EXTRACTORS)}")
         if self.feature_extractor == "inception":
             fidelity.find_inception_weights(self.inception_weights)  # missing weights: say so before any work
         if not 0 < self.real_fraction <= 1:

@@ -32,7 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, report
-from skindual.cli import option
+from skindual.cli import check_fields, option
 from skindual.downstream import CLASSIFIERS, SEGMENTERS, PairSet
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
@@ -76,9 +76,7 @@ class EvaluateConfig:
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        for name in ("extractor_steps", "kid_subsets", "kid_subset_size", "steps", "batch_size", "seeds"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_fields(self, ("extractor_steps", "kid_subsets", "kid_subset_size", "steps", "batch_size", "seeds"))
         if self.size < 16 or self.size % 8:
             raise UserError(f"--size {self.size}: must be a multiple of 8, at least 16")
         if not 0 < self.real_fraction <= 1:

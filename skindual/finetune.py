@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from skindual import data, losses, model
-from skindual.cli import option
+from skindual.cli import check_fields, option
 from skindual.demo_model import load_pipeline
 from skindual.errors import UserError
 from skindual.storage import is_remote, open_storage
@@ -77,17 +77,11 @@ class FinetuneConfig:
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_fields(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank"))
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose constant or cosine")
         if not 0 <= self.uncond_prob < 1:
             raise UserError(f"--uncond-prob {self.uncond_prob}: must be in [0, 1)")
-        if self.layout not in model.LAYOUTS or self.train not in model.TRAIN_MODES:
-            raise UserError(f"--layout {self.layout!r} / --train {self.train!r}: see --help for the choices")
 
 
 # --------------------------------------------------------------------------- data

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skindual import __version__
-from skindual.cli import option
+from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import parse_per_class, prompt_table, row_seed
 from skindual.quality import MaskLimits, mask_check
@@ -91,9 +91,7 @@ class GenerateConfig:
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        for name in ("samples_per_shard", "actors", "batch_size", "steps", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_fields(self, ("samples_per_shard", "actors", "batch_size", "steps", "max_attempts"))
         if self.guidance < 0:
             raise UserError(f"--guidance {self.guidance}: must not be negative")
         if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1):

@@ -178,3 +178,12 @@ def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_table):
     with trainer.ema_weights():
         torch.testing.assert_close(trainer.state()[name], trainer.ema[name])
     torch.testing.assert_close(trainer.state()[name], raw[name])
+
+
+def test_config_built_in_code_is_checked_like_flags():
+    with pytest.raises(UserError, match=r"^--layout 'tiles': choose one of channels, side-by-side$"):
+        FinetuneConfig(layout="tiles")
+    with pytest.raises(UserError, match=r"^--lr-schedule 'linear': choose one of constant, cosine$"):
+        FinetuneConfig(lr_schedule="linear")
+    with pytest.raises(UserError, match=r"^--grad-accum 0: must be at least 1$"):
+        FinetuneConfig(grad_accum=0)
