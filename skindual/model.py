@@ -114,6 +114,22 @@ def _stable(value):
     return value
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a .safetensors header with its ``__metadata__`` keys sorted, in place: safetensors
+    writes that map in a per-process random order, which would give the same adapter another sha256."""
+    import struct
+
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= size:  # same content, same length: pad as safetensors does, tensor bytes untouched
+        path.write_bytes(raw[:8] + text.ljust(size, b" ") + raw[8 + size:])
+
+
 def pack_latents(image_latents: torch.Tensor, mask_latents: torch.Tensor, layout: str) -> torch.Tensor:
     """Image and mask latents → the UNet's joint latents (channels: dim 1; side-by-side: width)."""
     return torch.cat([image_latents, mask_latents], dim=1 if check_layout(layout) == "channels" else 3)
@@ -188,6 +204,7 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
                 weight_name=LORA_FILE, unet_lora_adapter_metadata=_stable(config.to_dict()))
+            _sort_safetensors_metadata(tmp / LORA_FILE)
             if layout == "channels":
                 convs = {f"{name}.{p}": getattr(getattr(unet, name), p).detach().cpu().contiguous()
                          for name in ("conv_in", "conv_out") for p in ("weight", "bias")}
