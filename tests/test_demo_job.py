@@ -76,7 +76,8 @@ def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
 
     saved = json.loads((out / "demo_summary.json").read_text())
     assert list(saved["stage_seconds"]) == list(STAGES)
-    assert saved["total_seconds"] >= sum(saved["stage_seconds"].values())
+    # each figure is rounded to 0.1 s, so the stages' sum may exceed the total by up to 0.05 s per stage
+    assert saved["total_seconds"] >= sum(saved["stage_seconds"].values()) - 0.05 * len(STAGES)
     assert saved["finetune"] == {**DEMO_FINETUNE, "steps": 3}
     assert saved["pair_quality"]["pairs"] == 14 and set(saved["pair_quality"]["class_fidelity"]) == set(CLASS_CODES)
 
