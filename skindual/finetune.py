@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +262,11 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             trainer.restore(folder)
         log.info("resumed from step %d", trainer.step)
+        if trainer.step > cfg.steps:
+            # the run already went further: its adapter is the trained one, recorded with its real step count
+            log.warning("run %s is at step %d, past --steps %d: writing its adapter as trained (%d steps); "
+                        "use a new --name to train a shorter run", cfg.name, trainer.step, cfg.steps, trainer.step)
+            cfg = replace(cfg, steps=trainer.step)
     trainer.model = ray.train.torch.prepare_model(trainer.unet)
     shard = ray.train.get_dataset_shard("train")
     started, start_step = time.perf_counter(), trainer.step
@@ -379,7 +384,6 @@ def resolve_inputs(cfg: FinetuneConfig, demo_output: str = "skindual-demo") -> F
     """Fill the embedded default: without --training-table, the demo world's table (built if missing)."""
     if cfg.training_table:
         return cfg
-    from dataclasses import replace
 
     from skindual.demo import prepare_demo_world
 

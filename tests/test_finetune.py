@@ -114,6 +114,16 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_tab
     torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)
     assert np.array_equal(a.masks, b.masks)
 
+    # a rerun asking for fewer steps than the run already has: no training, a warning, and the
+    # adapter it writes again records the steps it was trained for, not the new --steps
+    fewer = list(args)
+    fewer[fewer.index("--steps") + 1] = "5"
+    code, out = run_job(fewer, ray_cluster)
+    assert code == 0, out[-4000:]
+    assert "is at step 8, past --steps 5" in out and "step 6/" not in out
+    meta = json.loads((run / "adapter" / model.ADAPTER_JSON).read_text())
+    assert meta["training_config"]["steps"] == 8
+
 
 def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_table, ray_cluster, tmp_path):
     code, out = run_job(["--training-table", str(demo_table), "--output", str(tmp_path), "--name", "sbs",
