@@ -36,6 +36,7 @@ from skindual.errors import UserError
 from skindual.evaluate import (
     EvalInputs,
     EvaluateConfig,
+    fraction_per_class,
     load_inputs,
     resize_pairs,
     run_evaluate,
@@ -57,12 +58,22 @@ Retune here; ``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
 DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
 
 
+DEMO_TEST_PER_CLASS = 40
+"""Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
+``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
+imbalance, so its own test split holds only 2 df and 2 vasc images, too few to measure a rare
+class's recall; like ISIC 2018's test set for HAM10000, this one is drawn apart (other seed, other
+ids) and balanced."""
+DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apart from the main data's
+
+
 @dataclass
 class DemoWorld:
     data_root: Path
     training_table: Path
     base_model: Path  # a from_pretrained folder
     report: dict
+    test_table: Path  # the separate balanced test set's table (`DEMO_TEST_PER_CLASS`)
 
 
 def prepare_demo_world(
@@ -77,7 +88,8 @@ def prepare_demo_world(
     sample_steps: int = 25,
     guidance: float = 4.0,
 ) -> DemoWorld:
-    """Demo data under `output/data`, its table at `output/training_table.parquet`, the base ready, a report."""
+    """Demo data under `output/data`, its table at `output/training_table.parquet`, the separate test set
+    under `output/data-test` (table `output/test_table.parquet`), the base ready, a report."""
     output = Path(output)
     started = time.perf_counter()
     report: dict = {}
@@ -87,6 +99,11 @@ def prepare_demo_world(
     table_path = output / "training_table.parquet"
     table = data.training_table(str(data_root), seed=seed).table
     data.write_training_table(table, str(table_path))
+    test_root, test_table = output / "data-test", output / "test_table.parquet"
+    if not (test_root / demo_data.METADATA_CSV).exists():
+        demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
+                                     first_number=DEMO_TEST_FIRST_ID)
+    data.write_training_table(data.training_table(str(test_root), seed=seed).table, str(test_table))
     report["data_seconds"] = round(time.perf_counter() - started, 1)
     report["class_counts"] = {c.code: int(np.sum(np.asarray(table.column("class_index")) == c.index)) for c in CLASSES}
     log.info("demo data: %d pairs at %s (%s)", table.num_rows, data_root, report["class_counts"])
@@ -106,7 +123,7 @@ def prepare_demo_world(
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     output.mkdir(parents=True, exist_ok=True)
     (output / "demo_world.json").write_text(json.dumps(report, indent=2) + "\n")
-    return DemoWorld(data_root, table_path, base, report)
+    return DemoWorld(data_root, table_path, base, report, test_table)
 
 
 def measure_base(base: Path, table, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
@@ -171,8 +188,9 @@ class DemoConfig:
     actors: int = option(2, "generator actors (one CPU each)")
     eval_steps: int = option(150, "optimiser steps of every downstream model in the evaluation")
     seeds: int = option(2, "downstream seeds per (arm, model)")
-    real_fraction: float = option(1.0, "share of each class of the real train split the downstream arms train on "
-                                        "(below 1: the low-data regime)")
+    real_fraction: float = option(1.0, "share of each class of the real train split the whole chain sees: fine-tuning "
+                                        "and both downstream arms (below 1: the low-data regime; its run, shards and "
+                                        "report get their own folders)")
     classifier: str = option("small", "downstream classifier (resnet18: the evaluation job's default, slower on CPU)",
                              choices=list(CLASSIFIERS))
     extractor_steps: int = option(EvaluateConfig.extractor_steps, "training steps of the lesion-cnn classifier "
@@ -205,7 +223,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the four stages on the current Ray cluster, one `progress` line as each starts and ends;
-    returns the summary (also written to ``{output}/demo_summary.json``)."""
+    returns the summary (also written to ``{output}/demo_summary.json``; below ``--real-fraction`` 1,
+    ``demo_summary-real{F}.json``, next to that run's own table, run, shards and report)."""
     out = Path(cfg.output).expanduser().resolve()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -221,10 +240,17 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     name, t = stage(1, f"procedural HAM10000-layout data and the demo base, into {out / 'data'}")
     world = prepare_demo_world(out, measure=False)
-    counts = world.report["class_counts"]
-    done(name, t, f"{sum(counts.values())} pairs, {_per_class(counts)}")
+    table, suffix = world.training_table, ""
+    if cfg.real_fraction < 1:
+        suffix = f"-real{cfg.real_fraction:g}"
+        table = out / f"training_table{suffix}.parquet"
+        data.write_training_table(low_data_table(data.read_training_table(str(world.training_table)),
+                                                 cfg.real_fraction), str(table))
+    counts = _class_counts(table)
+    done(name, t, f"{sum(counts.values())} train pairs ({_per_class(counts)}), test set "
+                  f"{DEMO_TEST_PER_CLASS} per class")
 
-    ft = FinetuneConfig(training_table=str(world.training_table), output=str(out / "runs"), name="demo",
+    ft = FinetuneConfig(training_table=str(table), output=str(out / "runs"), name=f"demo{suffix}",
                         **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
                        f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
@@ -234,7 +260,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     step = (result.metrics or {}).get("step")
     done(name, t, f"{f'step {step}, ' if step else ''}adapter at {adapter}")
 
-    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter), output=str(out / "synthetic"),
+    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter), output=str(out / f"synthetic{suffix}"),
                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
                          max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite)
     name, t = stage(3, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
@@ -244,25 +270,41 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
 
-    ev = EvaluateConfig(real=str(world.training_table), synthetic=gen.output, output=str(out / "eval"),
-                        feature_extractor=cfg.feature_extractor, inception_weights=cfg.inception_weights,
-                        extractor_steps=cfg.extractor_steps, steps=cfg.eval_steps, seeds=cfg.seeds,
-                        classifier=cfg.classifier, real_fraction=cfg.real_fraction)
+    ev = EvaluateConfig(real=str(table), test_table=str(world.test_table), synthetic=gen.output,
+                        output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
+                        inception_weights=cfg.inception_weights, extractor_steps=cfg.extractor_steps,
+                        steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier)
     name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, downstream {cfg.eval_steps} steps x "
                        f"{cfg.seeds} seed(s), pair quality, into {ev.output}")
     with _stage_errors(name):
         inputs = load_inputs(ev)
         metrics = run_evaluate(ev, inputs)
         pairs = pair_figures(ev, inputs)
-    done(name, t, f"report at {out / 'eval' / 'report.md'}")
+    done(name, t, f"report at {Path(ev.output) / 'report.md'}")
 
     summary = {"output": str(out), "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
                "finetune": {k: getattr(ft, k) for k in DEMO_FINETUNE}, "adapter": str(adapter),
                "synthetic": gen.output, "synthetic_per_class": {c: n["ok"] for c, n in totals["per_class"].items()},
-               "report": str(out / "eval" / "report.md"), "metrics": str(out / "eval" / "metrics.json"),
+               "real_fraction": cfg.real_fraction, "training_table": str(table), "test_table": str(world.test_table),
+               "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
                **pairs, **key_figures(metrics)}
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def low_data_table(table, fraction: float, seed: int = 0):
+    """The training table with its train split cut to a seeded `fraction` of each class (val and test kept)."""
+    import pyarrow as pa
+
+    train = np.asarray(table.column("split")) == "train"
+    return pa.concat_tables([fraction_per_class(table.filter(train), fraction, seed), table.filter(~train)])
+
+
+def _class_counts(table_path: Path) -> dict[str, int]:
+    """Train-split images per class of a training table."""
+    table = data.read_training_table(str(table_path))
+    labels = np.asarray(table.column("class_index"))[np.asarray(table.column("split")) == "train"]
+    return {c.code: int((labels == c.index).sum()) for c in CLASSES}
 
 
 def _per_class(counts: dict) -> str:

@@ -182,11 +182,12 @@ def render_lesion(code: str, seed: int, size: tuple[int, int] = DEMO_IMAGE_SIZE,
 
 
 def write_demo_dataset(root: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
-                       size: tuple[int, int] = DEMO_IMAGE_SIZE) -> Path:
+                       size: tuple[int, int] = DEMO_IMAGE_SIZE, first_number: int = 0) -> Path:
     """Write a HAM10000-layout folder of procedural lesions; returns `root`.
 
     `counts` is images per class (default `demo_counts()`); about a fifth of the
-    lesions get a second image, as in HAM10000 (lesion_id shared).
+    lesions get a second image, as in HAM10000 (lesion_id shared).  Image and lesion ids
+    count from `first_number` (a second set with other ids: a separate test set).
     """
     counts = counts or demo_counts()
     root = Path(root)
@@ -194,7 +195,7 @@ def write_demo_dataset(root: str | Path, counts: dict[str, int] | None = None, s
         (root / d).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 7])
     rows = []
-    image_number = lesion_number = 0
+    image_number = lesion_number = first_number
     for cls in CLASSES:
         made = 0
         while made < counts.get(cls.code, 0):

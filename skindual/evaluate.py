@@ -66,6 +66,8 @@ class EvaluateConfig:
     batch_size: int = option(32, "downstream batch size")
     lr: float = option(1e-3, "downstream learning rate (AdamW, cosine decay)")
     seeds: int = option(3, "downstream seeds per (arm, model)")
+    test_table: str = option("", "downstream test set: a separate real table (all its classed rows), e.g. the "
+                                 "ISIC 2018 test images through the data stage; empty: the --real table's test split")
     real_fraction: float = option(1.0, "share of the real train split both downstream arms train on, per class "
                                        "(at least one image each; the test split is unchanged): below 1, the "
                                        "low-data regime where rare classes have a handful of images")
@@ -93,7 +95,7 @@ class EvalInputs:
     synthetic: PairSet  # at size × size
     real: PairSet  # the --fid-split rows, at size × size
     train: PairSet | None  # downstream: real train split at --size
-    test: PairSet | None  # downstream: real test split at --size
+    test: PairSet | None  # downstream: real test split (or --test-table) at --size
     size: int
 
 
@@ -175,13 +177,36 @@ def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
     train = test = None
     if cfg.downstream:
         train_rows = fraction_per_class(_rows(table, "train"), cfg.real_fraction, cfg.seed)
-        train, test = (PairSet(*data.load_arrays(t, cfg.size)) for t in (train_rows, _rows(table, "test")))
-        if not len(test) or not len(train):
-            raise UserError(f"{cfg.real} has no classed rows in its {'test' if not len(test) else 'train'} split, "
-                            "which the downstream benchmark needs; rebuild the table, or pass --no-downstream")
+        test_rows = _test_rows(cfg, table)
+        train, test = (PairSet(*data.load_arrays(t, cfg.size)) for t in (train_rows, test_rows))
+        if not len(train):
+            raise UserError(f"{cfg.real} has no classed rows in its train split, which the downstream benchmark "
+                            "needs; rebuild the table, or pass --no-downstream")
     log.info("%d synthetic pairs at %dx%d, %d real (%s split)%s", len(synthetic), size, size, len(real), cfg.fid_split,
              f", downstream {len(train)} train / {len(test)} test" if train is not None else "")
     return EvalInputs(synthetic, real, train, test, size)
+
+
+def _test_rows(cfg: EvaluateConfig, table: pa.Table) -> pa.Table:
+    """The downstream test rows: the table's test split, or every classed row of --test-table, which
+    must share no image and no lesion with the train split it is compared against."""
+    if not cfg.test_table:
+        rows = _rows(table, "test")
+        if not len(rows):
+            raise UserError(f"{cfg.real} has no classed rows in its test split, which the downstream benchmark "
+                            "needs; rebuild the table, pass --test-table, or pass --no-downstream")
+        return rows
+    rows = _rows(data.read_training_table(cfg.test_table), "all")
+    if not len(rows):
+        raise UserError(f"--test-table {cfg.test_table}: no rows with a class; the downstream test set needs "
+                        "labelled images")
+    train = _rows(table, "train")
+    for column in ("image_id", "lesion_id"):
+        shared = sorted(set(rows.column(column).to_pylist()) & set(train.column(column).to_pylist()))
+        if shared:
+            raise UserError(f"--test-table {cfg.test_table}: {len(shared)} {column}(s) also in the train split of "
+                            f"{cfg.real} (e.g. {shared[0]}); a test set must be held out from training")
+    return rows
 
 
 def _device() -> str:
@@ -342,9 +367,12 @@ def render_report(metrics: dict, figures: list[str]) -> str:
     if "downstream" in metrics:
         d = metrics["downstream"]
         s = d["settings"]
+        test = metrics["counts"]["real_test"]
+        tested_on = f"`{cfg['test_table']}`" if cfg.get("test_table") else "the real test split"
         lines += ["", "## Downstream: real vs real + synthetic", "",
                   f"{s['classifier']} classifier and {s['segmenter']} segmenter at {s['size']}², {s['steps']} steps of "
-                  f"batch {s['batch_size']} in both arms, tested on the real test split; mean ± std over "
+                  f"batch {s['batch_size']} in both arms, tested on {tested_on} ({sum(test.values())} pairs: {test}); "
+                  f"mean ± std over "
                   f"{len({r['seed'] for r in d['results']})} seeds.", "",
                   "| model | metric | real | real + synthetic | gain |", "|---|---|---|---|---|"]
         for model, entries in d["summary"].items():
@@ -358,9 +386,11 @@ def render_report(metrics: dict, figures: list[str]) -> str:
 
 
 def resolve_inputs(cfg: EvaluateConfig, demo_output: str = "skindual-demo") -> EvaluateConfig:
-    """Without --real, the demo world's training table (built if missing)."""
+    """Without --real, the demo world's training table and (without --test-table) its separate
+    balanced test set (built if missing)."""
     if cfg.real:
         return cfg
     from skindual.demo import prepare_demo_world
 
-    return replace(cfg, real=str(prepare_demo_world(demo_output, measure=False).training_table))
+    world = prepare_demo_world(demo_output, measure=False)
+    return replace(cfg, real=str(world.training_table), test_table=cfg.test_table or str(world.test_table))

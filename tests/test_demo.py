@@ -46,6 +46,24 @@ def test_real_reader_reads_the_demo_folder(demo_root):
     assert set(table.column("dataset").to_pylist()) == {"demo"}
 
 
+def test_a_second_set_with_other_ids_and_the_low_data_table(demo_root, tmp_path):
+    from skindual.demo import low_data_table
+
+    other = demo_data.write_demo_dataset(tmp_path / "test", {c: 2 for c in SMALL}, seed=4, first_number=1_000_000)
+    ids = [set(data.read_ham10000(str(root)).table.column(k).to_pylist()) for root in (demo_root, other)
+           for k in ("image_id", "lesion_id")]
+    assert not ids[0] & ids[2] and not ids[1] & ids[3] and "ISIC_1000000" in ids[2]
+
+    table = data.training_table(str(demo_root), seed=0).table
+    low = low_data_table(table, 0.3)
+    split = lambda t, s: np.asarray(t.column("class_index"))[np.asarray(t.column("split")) == s]
+    full, cut = (np.bincount(split(t, "train"), minlength=7) for t in (table, low))
+    assert cut.tolist() == [int(np.ceil(0.3 * n)) for n in full]  # a share of each class, none lost
+    for s in ("val", "test"):
+        assert sorted(split(low, s)) == sorted(split(table, s))
+    assert set(low.column("image_id").to_pylist()) <= set(table.column("image_id").to_pylist())
+
+
 def test_masks_are_exact_and_classes_differ_in_coarse_look(demo_root):
     table = data.read_ham10000(str(demo_root)).table
     images, masks, labels = data.load_arrays(table, 64)

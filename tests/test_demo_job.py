@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from skindual import model
-from skindual.demo import DEMO_FINETUNE, STAGES
+from skindual.demo import DEMO_FINETUNE, DEMO_TEST_PER_CLASS, STAGES
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
 
@@ -108,6 +108,9 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert (out / "eval" / "report.md").read_text().startswith("# SkinDualGen evaluation")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["counts"]["synthetic"] == {code: 2 for code in CLASS_CODES}
+    # the downstream test set is the separate balanced one, not the imbalanced table's test split
+    assert metrics["config"]["test_table"] == str(out / "test_table.parquet")
+    assert metrics["counts"]["real_test"] == {code: DEMO_TEST_PER_CLASS for code in CLASS_CODES}
     assert metrics["fidelity"]["fd_name"] == "FD_lesioncnn"
     assert metrics["config"]["steps"] == 5 and metrics["config"]["extractor_steps"] == 20
     assert {(r["arm"], r["model"]) for r in metrics["downstream"]["results"]} == {

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -140,6 +141,35 @@ def test_real_fraction_keeps_a_share_of_every_class(eval_world):
     assert fraction_per_class(rows, 0.3, seed=0).equals(part)  # seeded
     assert not fraction_per_class(rows, 0.3, seed=1).equals(part)
     assert fraction_per_class(rows, 1.0, seed=0) is rows
+
+
+def test_a_separate_test_table_is_the_downstream_test_set(eval_world, tmp_path, capsys):
+    from skindual import data, demo_data
+    from skindual.evaluate import load_inputs
+    from skindual.prompts import CLASS_CODES
+
+    demo_data.write_demo_dataset(tmp_path / "test", {c: 3 for c in CLASS_CODES}, seed=9, first_number=500_000)
+    data.write_training_table(data.training_table(str(tmp_path / "test"), seed=0), str(tmp_path / "test.parquet"))
+    base = ["--real", eval_world["table"], "--synthetic", eval_world["synthetic"], "--output", str(tmp_path / "out"),
+            *FAST]
+    common = {"real": eval_world["table"], "synthetic": eval_world["synthetic"], "size": 32,
+              "feature_extractor": "lesion-cnn"}
+    inputs = load_inputs(EvaluateConfig(**common, test_table=str(tmp_path / "test.parquet")))
+    assert np.bincount(inputs.test.labels, minlength=7).tolist() == [3] * 7  # every row, all its splits
+    own = load_inputs(EvaluateConfig(**common))
+    assert len(own.test) < 21 and len(inputs.train) == len(own.train)
+
+    # a "test" set that shares images with the train split is refused, naming the flag and an image
+    line = _one_error_line(capsys, [*base, "--test-table", eval_world["table"]])
+    assert f"--test-table {eval_world['table']}" in line and "image_id(s) also in the train split" in line
+    assert "ISIC_" in line and not (tmp_path / "out").exists()
+    # and one with no classed rows
+    table = data.read_training_table(str(tmp_path / "test.parquet"))
+    unclassed = table.set_column(table.schema.get_field_index("class_index"), "class_index",
+                                 pa.array([-1] * table.num_rows, pa.int8()))
+    pq.write_table(unclassed, tmp_path / "unclassed.parquet")
+    line = _one_error_line(capsys, [*base, "--test-table", str(tmp_path / "unclassed.parquet")])
+    assert "--test-table" in line and "no rows with a class" in line
 
 
 def test_missing_inception_weights_by_default(eval_world, tmp_path, capsys, monkeypatch):
