@@ -51,7 +51,7 @@ from skindual import __version__
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import parse_per_class, prompt_table, row_seed
-from skindual.quality import MaskLimits, mask_check
+from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
 from skindual.shards import (Sample, check_output, committed_shards, encode_sample, write_run_files,
                              write_shard)
 from skindual.storage import Storage, is_remote, open_storage
@@ -80,6 +80,9 @@ class GenerateConfig:
     steps: int = option(25, "sampling steps")
     guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
     scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
+    mask_smoothing: float = option(MASK_SMOOTHING, "σ of the Gaussian that smooths each decoded mask before its threshold, in "
+                                         "latent cells (× the VAE's scale factor in pixels: 6 px at SD-2's 512²); "
+                                         "removes the VAE's spiky mask edges; 0: off")
     dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
     seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
     image_format: str = option("jpg", "image encoding in the tars", choices=["jpg", "png"])
@@ -94,6 +97,8 @@ class GenerateConfig:
         check_fields(self, ("samples_per_shard", "actors", "batch_size", "steps", "max_attempts"))
         if self.guidance < 0:
             raise UserError(f"--guidance {self.guidance}: must not be negative")
+        if not 0 <= self.mask_smoothing <= 4:
+            raise UserError(f"--mask-smoothing {self.mask_smoothing}: must be between 0 (off) and 4 latent cells")
         if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1):
             raise UserError("--cpus-per-actor must be positive and --num-gpus-per-actor 0 or more (or -1: auto)")
         if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
@@ -259,7 +264,8 @@ class ShardGenerator:
         self.encoder = ThreadPoolExecutor(2)
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        out = self.pipe(prompts, seeds, steps=self.s["steps"], guidance=self.s["guidance"])
+        out = self.pipe(prompts, seeds, steps=self.s["steps"], guidance=self.s["guidance"],
+                        mask_smoothing=self.s["mask_smoothing"])
         return out.images, out.masks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -292,7 +298,7 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, device: str, dtype:
         "samples_per_shard": cfg.samples_per_shard, "base_model": spec.base_id,
         "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
         "steps": cfg.steps, "guidance": float(cfg.guidance), "scheduler": cfg.scheduler, "device": device,
-        "dtype": dtype, "image_format": cfg.image_format, "batch_size": cfg.batch_size,
+        "mask_smoothing": float(cfg.mask_smoothing), "dtype": dtype, "image_format": cfg.image_format, "batch_size": cfg.batch_size,
         "max_attempts": cfg.max_attempts, "min_mask_area": float(cfg.min_mask_area),
         "max_mask_area": float(cfg.max_mask_area), "min_main_share": float(cfg.min_main_share),
     }
@@ -310,8 +316,8 @@ def actor_settings(cfg: GenerateConfig, num_gpus: float, dtype: str) -> dict[str
     """What a `ShardGenerator` needs besides the prompt table and the model."""
     return {"num_gpus": num_gpus, "cpu_threads": max(1, int(cfg.cpus_per_actor)), "dtype": dtype,
             "scheduler": cfg.scheduler, "s3_endpoint": cfg.s3_endpoint or None, "steps": cfg.steps,
-            "guidance": cfg.guidance, "seed": cfg.seed, "batch_size": cfg.batch_size,
-            "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()), "image_format": cfg.image_format}
+            "guidance": cfg.guidance, "mask_smoothing": cfg.mask_smoothing, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()), "image_format": cfg.image_format}
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:

@@ -23,6 +23,11 @@ from scipy import ndimage
 from torch import nn
 
 
+MASK_SMOOTHING = 0.75
+"""Default σ, in latent cells, of the Gaussian that smooths a decoded mask before its threshold
+(`skindual.model.smooth_mask_logits`; generation's ``--mask-smoothing``)."""
+
+
 @dataclass(frozen=True)
 class MaskLimits:
     """Quality-control thresholds on a mask, as fractions of the image area."""

@@ -45,7 +45,7 @@ def test_config_errors_name_the_flag():
     for kwargs, flag in [({"per_class": "df=x"}, "--per-class"), ({"per_class": "mel=2", "classes": "df"}, "--classes"),
                          ({"batch_size": 0}, "--batch-size"), ({"max_attempts": 0}, "--max-attempts"),
                          ({"min_mask_area": 0.5, "max_mask_area": 0.4}, "--max-mask-area"),
-                         ({"samples_per_shard": 0}, "--samples-per-shard")]:
+                         ({"samples_per_shard": 0}, "--samples-per-shard"), ({"mask_smoothing": -1}, "--mask-smoothing")]:
         with pytest.raises(UserError, match=flag):
             GenerateConfig(**kwargs)
     assert GenerateConfig(per_class="df=5,vasc=4").counts() == {"df": 5, "vasc": 4}

@@ -166,6 +166,33 @@ def test_encode_pair_and_geometry_loss_through_the_frozen_vae(base_dir, layout):
     assert all(p.grad is None for p in pipe.vae.parameters())
 
 
+def test_mask_smoothing_removes_a_ragged_edge_and_keeps_the_shape():
+    from skindual.mask_stats import mask_statistics
+
+    yy, xx = np.mgrid[:64, :64]
+    angle, radius = np.arctan2(yy - 32, xx - 32), np.hypot(yy - 32, xx - 32)
+    logits = np.stack([16 + 3 * np.sin(16 * angle) - radius,  # a disk of radius 16 with 16 spikes of ±3 px
+                       np.full((64, 64), -1.0)]).astype(np.float32)  # and an empty one beside it
+    raw, smooth = (model.clean_mask(m > 0) for m in (logits[0], model.smooth_mask_logits(logits, 3.0)[0]))
+    before, after = mask_statistics(raw)["compactness"], mask_statistics(smooth)["compactness"]
+    assert before < 0.5 and after > 0.95
+    assert abs(int(smooth.sum()) - np.pi * 16**2) < 0.05 * np.pi * 16**2  # the disk under the spikes
+    assert model.smooth_mask_logits(logits, 3.0)[1].max() < 0  # each image alone: nothing spills over
+    assert model.smooth_mask_logits(logits, 0) is logits
+
+
+def test_sampling_applies_the_smoothing_in_latent_cells(dual):
+    pipe = dual["channels"]
+    raw = pipe(PROMPTS[:2], seeds=[3, 4], steps=STEPS, mask_smoothing=0)
+    smooth = pipe(PROMPTS[:2], seeds=[3, 4], steps=STEPS, mask_smoothing=0.75)
+    assert torch.equal(raw.latents, smooth.latents) and np.array_equal(raw.images, smooth.images)
+    _, logits = pipe.decode(raw.latents)
+    sigma = 0.75 * pipe.pipe.vae_scale_factor
+    expected = [model.clean_mask(m > 0) for m in model.smooth_mask_logits(logits.numpy(), sigma)]
+    assert np.array_equal(smooth.masks, np.stack(expected))
+    assert np.array_equal(raw.masks, np.stack([model.clean_mask(m > 0) for m in logits.numpy()]))
+
+
 def test_clean_mask_keeps_largest_component_and_fills_holes():
     m = np.zeros((9, 9), np.uint8)
     m[1:6, 1:6] = 1
