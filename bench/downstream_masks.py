@@ -1,0 +1,80 @@
+"""Why does real+synthetic not beat real on segmentation Dice? The segmenter arm with other synthetic masks.
+
+On a finished demo run (``python jobs/demo.py --output RUN``), trains the evaluation's segmenter
+(`skindual.downstream.run_task`, same settings as the demo's evaluation) on
+
+- ``real``: the real train split alone (the baseline);
+- ``real+synthetic`` with the synthetic masks as generated;
+- ``real+synthetic`` with each synthetic mask replaced by `skindual.quality.segment_lesion` of its
+  image: masks from an independent segmenter, aligned to the image by construction (its own Dice
+  on the real test pairs is printed first, the quality of such labels);
+- ``real+synthetic`` with the synthetic masks replaced by a disk (the masks' area, centred on their
+  centroid): labels that only get position and size right;
+
+and tests each on the run's downstream test set, mean ± std over ``--seeds``.
+
+    python bench/downstream_masks.py --run skindual-demo-run --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skindual import data, quality
+from skindual.downstream import BenchmarkSettings, PairSet, run_task
+from skindual.evaluate import _rows, read_synthetic, resize_pairs
+from skindual.prompts import CLASS_CODES
+
+
+def disk_like(mask: np.ndarray) -> np.ndarray:
+    """A disk with the mask's area at its centroid."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return mask
+    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    return ((yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2 <= len(ys) / np.pi).astype(np.uint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="output folder of jobs/demo.py")
+    parser.add_argument("--real-fraction", type=float, default=1.0, help="the demo run's --real-fraction")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150, help="segmenter steps (the demo's --eval-steps)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    run = Path(args.run)
+    suffix = "" if args.real_fraction >= 1 else f"-real{args.real_fraction:g}"
+    table = data.read_training_table(str(run / f"training_table{suffix}.parquet"))
+    train = PairSet(*data.load_arrays(_rows(table, "train"), args.size))
+    test = PairSet(*data.load_arrays(_rows(data.read_training_table(str(run / "test_table.parquet")), "all"),
+                                     args.size))
+    synthetic = resize_pairs(read_synthetic(str(run / f"synthetic{suffix}"))[0], args.size)
+    print(f"{len(train)} real train pairs, {len(synthetic)} synthetic, {len(test)} test")
+    own = [quality.dice(quality.segment_lesion(i), m) for i, m in zip(test.images, test.masks)]
+    print(f"segment_lesion on the real test pairs: Dice {np.mean(own):.3f}")
+    variants = {
+        "real": None,
+        "real+synthetic, generated masks": synthetic,
+        "real+synthetic, segment_lesion masks": PairSet(
+            synthetic.images, np.stack([quality.segment_lesion(i) for i in synthetic.images]), synthetic.labels),
+        "real+synthetic, disk masks": PairSet(
+            synthetic.images, np.stack([disk_like(m) for m in synthetic.masks]), synthetic.labels),
+    }
+    settings = BenchmarkSettings("small", "unet", args.steps, 32, 1e-3)
+    torch.set_num_threads(args.threads)
+    for name, pairs in variants.items():
+        arm = "real" if pairs is None else "real+synthetic"
+        dice = [run_task(arm, "segmenter", seed, train, pairs, test, settings, CLASS_CODES, args.threads)["dice"]
+                for seed in range(args.seeds)]
+        print(f"{name:40s} Dice {np.mean(dice):.4f} ± {np.std(dice, ddof=1) if len(dice) > 1 else 0:.4f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
