@@ -172,6 +172,24 @@ def test_a_separate_test_table_is_the_downstream_test_set(eval_world, tmp_path, 
     assert "--test-table" in line and "no rows with a class" in line
 
 
+def test_the_embedded_default_is_the_demo_world_and_its_balanced_test_set(skindual_cache, tmp_path):
+    from skindual import data
+    from skindual.demo import DEMO_TEST_PER_CLASS
+    from skindual.evaluate import resolve_inputs
+
+    cfg = resolve_inputs(EvaluateConfig(), demo_output=str(tmp_path / "demo"))
+    assert cfg.real == str(tmp_path / "demo" / "training_table.parquet")
+    assert cfg.test_table == str(tmp_path / "demo" / "test_table.parquet")
+    test = data.read_training_table(cfg.test_table)
+    assert np.bincount(np.asarray(test.column("class_index")), minlength=7).tolist() == [DEMO_TEST_PER_CLASS] * 7
+    train = data.read_training_table(cfg.real)
+    assert not set(test.column("image_id").to_pylist()) & set(train.column("image_id").to_pylist())
+    # a given --test-table is kept; a given --real is left alone, test table and all
+    mine = resolve_inputs(EvaluateConfig(test_table="mine.parquet"), demo_output=str(tmp_path / "demo"))
+    assert mine.test_table == "mine.parquet"
+    assert resolve_inputs(EvaluateConfig(real="t.parquet")).test_table == ""
+
+
 def test_missing_inception_weights_by_default(eval_world, tmp_path, capsys, monkeypatch):
     from skindual import fidelity
 
