@@ -355,9 +355,13 @@ def render_report(metrics: dict, figures: list[str]) -> str:
     lines += [f"Per class is the comparison to read: the synthetic set is class-balanced and the real one is not, so "
               f"the all-class {fd} also measures the class mix. With fewer samples than feature dimensions "
               f"({fd} on n < d) the values are biased upwards; {kd} is unbiased and may dip below 0.", "",
-              f"| class | n real | n synthetic | {fd} | {kd} |", "|---|---|---|---|---|"]
+              "Diversity: the mean distance between two images of a set in the same feature space, synthetic "
+              "over real (1: as varied as the real images; well below 1: the generator repeats itself).", "",
+              f"| class | n real | n synthetic | {fd} | {kd} | diversity (synthetic / real spread) |",
+              "|---|---|---|---|---|---|"]
     for code, v in [("all", fid["overall"]), *fid["per_class"].items()]:
-        lines.append(f"| {code} | {v['n_real']} | {v['n_synthetic']} | {_fmt(v[fd], 2)} | {_fmt(v[kd], 4)} |")
+        lines.append(f"| {code} | {v['n_real']} | {v['n_synthetic']} | {_fmt(v[fd], 2)} | {_fmt(v[kd], 4)} "
+                     f"| {_fmt(v.get('spread_ratio'), 2)} |")
     lines += ["", "![FD per class](fd_per_class.png)", "", "## Mask statistics (all classes)", "",
               "| statistic | real mean | synthetic mean | Wasserstein | KS |", "|---|---|---|---|---|"]
     for stat, v in metrics["mask_statistics"]["overall"].items():

@@ -92,20 +92,40 @@ def _need_two(*sets: np.ndarray) -> None:
         raise ValueError(f"a distance needs at least 2 samples per set, got {[len(s) for s in sets]}")
 
 
+def feature_spread(features: np.ndarray, max_rows: int = 1000, seed: int = 0) -> float | None:
+    """Mean Euclidean distance between two different rows (None below 2 rows): how varied a set is.
+
+    Above `max_rows` rows, a seeded random `max_rows` of them (the distances are O(n²))."""
+    f = np.asarray(features, np.float64)
+    if len(f) < 2:
+        return None
+    if len(f) > max_rows:
+        f = f[np.random.default_rng(seed).choice(len(f), max_rows, replace=False)]
+    sq = (f * f).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * f @ f.T, 0))
+    return float(d[np.triu_indices(len(f), 1)].mean())
+
+
 def fidelity_metrics(name: str, real: np.ndarray, real_labels: np.ndarray, synthetic: np.ndarray,
                      synthetic_labels: np.ndarray, class_codes: Sequence[str], *, num_subsets: int = 100,
                      max_subset_size: int = 1000, seed: int = 0) -> dict:
-    """Fréchet and kernel distances, overall and per class, under the names of `metric_names(name)`.
+    """Fréchet and kernel distances, overall and per class, under the names of `metric_names(name)`,
+    and the diversity of each side: `feature_spread` of the real and the synthetic features and
+    ``spread_ratio`` = synthetic / real (1: as varied as the real images; well below 1: the generator
+    repeats itself, which FD alone can hide when the repeated samples are typical ones).
 
     A class with fewer than 2 samples on either side gets None values (and its counts).
     """
     fd, kd = metric_names(name)
 
     def pair(a: np.ndarray, b: np.ndarray) -> dict:
-        out: dict = {"n_real": int(len(a)), "n_synthetic": int(len(b)), fd: None, kd: None}
+        out: dict = {"n_real": int(len(a)), "n_synthetic": int(len(b)), fd: None, kd: None,
+                     "spread_real": None, "spread_synthetic": None, "spread_ratio": None}
         if len(a) >= 2 and len(b) >= 2:
             out[fd] = frechet_distance(a, b)
             out[kd] = kernel_distance(a, b, num_subsets, max_subset_size, seed)
+            out["spread_real"], out["spread_synthetic"] = feature_spread(a, seed=seed), feature_spread(b, seed=seed)
+            out["spread_ratio"] = out["spread_synthetic"] / out["spread_real"] if out["spread_real"] else None
         return out
 
     per_class = {code: pair(real[real_labels == i], synthetic[synthetic_labels == i])

@@ -52,6 +52,7 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     assert "FID" not in json.dumps(fid) and fid["real_features_cached"] is False
     assert fid["overall"]["n_synthetic"] == 28 and fid["overall"]["FD_lesioncnn"] > 0
     assert set(fid["per_class"]) == set(metrics["counts"]["synthetic"]) and len(fid["per_class"]) == 7
+    assert all(v["spread_ratio"] > 0 for v in fid["per_class"].values())
 
     masks = metrics["mask_statistics"]
     assert set(masks["overall"]) == {"area_fraction", "components", "border_contact", "compactness", "eccentricity"}
@@ -71,6 +72,7 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
         assert entry["gain"] == pytest.approx(entry["real+synthetic"]["mean"] - entry["real"]["mean"])
     report = storage.read_bytes("report.md").decode()
     assert "FD_lesioncnn" in report and "not FID" in report and "| segmenter | dice |" in report
+    assert "diversity (synthetic / real spread)" in report
 
     # again, locally and without the benchmark (so without Ray): the extractor and the real features come from the cache
     assert run_job(_job_main(), EvaluateConfig, "evaluate", [

@@ -94,6 +94,27 @@ def test_metric_names_never_call_another_space_fid():
     assert out["per_class"]["c"]["FD_lesioncnn"] is None  # one synthetic sample: no distance
 
 
+def test_feature_spread_is_the_mean_pairwise_distance_and_the_ratio_sees_a_repeating_generator():
+    from scipy.spatial.distance import pdist
+
+    from skindual.fidelity import feature_spread
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (40, 6))
+    assert feature_spread(x) == pytest.approx(pdist(x).mean())
+    assert feature_spread(x[:1]) is None and feature_spread(np.repeat(x[:1], 5, 0)) == pytest.approx(0, abs=1e-6)
+    # capped at max_rows by a seeded subsample
+    assert feature_spread(x, max_rows=10) == feature_spread(x, max_rows=10) != feature_spread(x)
+
+    # per class: synthetic features at half the real spread (same centre) read as ratio 0.5
+    real, labels = rng.normal(0, 1, (400, 6)), np.repeat([0, 1], 200)
+    narrow = np.concatenate([real[:200] * 0.5, real[200:]])
+    out = fidelity_metrics("lesioncnn", real, labels, narrow, labels, ["a", "b"], num_subsets=5)
+    assert out["per_class"]["a"]["spread_ratio"] == pytest.approx(0.5)
+    assert out["per_class"]["b"]["spread_ratio"] == pytest.approx(1.0)
+    assert out["per_class"]["a"]["spread_real"] == pytest.approx(pdist(real[:200]).mean())
+
+
 def tiny_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
