@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from skindual import data
-from skindual.cli import option
+from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
@@ -58,8 +58,7 @@ class ExportConfig:
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UserError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        check_fields(self)
         if not 1 <= self.dataset_id <= 999 or not re.fullmatch(r"[A-Za-z0-9_-]+", self.dataset_name):
             raise UserError(f"--dataset-id {self.dataset_id} / --dataset-name {self.dataset_name!r}: "
                             "need an id 1-999 and a name of letters, digits, - and _")

@@ -101,9 +101,9 @@ def feature_spread(features: np.ndarray, max_rows: int = 1000, seed: int = 0) ->
         return None
     if len(f) > max_rows:
         f = f[np.random.default_rng(seed).choice(len(f), max_rows, replace=False)]
-    sq = (f * f).sum(1)
-    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * f @ f.T, 0))
-    return float(d[np.triu_indices(len(f), 1)].mean())
+    from scipy.spatial.distance import pdist
+
+    return float(pdist(f).mean())
 
 
 def fidelity_metrics(name: str, real: np.ndarray, real_labels: np.ndarray, synthetic: np.ndarray,

@@ -80,9 +80,10 @@ class GenerateConfig:
     steps: int = option(25, "sampling steps")
     guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
     scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
-    mask_smoothing: float = option(MASK_SMOOTHING, "σ of the Gaussian that smooths each decoded mask before its threshold, in "
-                                         "latent cells (× the VAE's scale factor in pixels: 6 px at SD-2's 512²); "
-                                         "removes the VAE's spiky mask edges; 0: off")
+    mask_smoothing: float = option(MASK_SMOOTHING, "σ of the Gaussian that smooths each decoded mask before its "
+                                                   "threshold, in latent cells (× the VAE's scale factor in "
+                                                   "pixels: 6 px at SD-2's 512²); "
+                                                   "removes the VAE's spiky mask edges; 0: off")
     dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
     seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
     image_format: str = option("jpg", "image encoding in the tars", choices=["jpg", "png"])
@@ -104,8 +105,6 @@ class GenerateConfig:
         if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
             raise UserError(f"--min-mask-area {self.min_mask_area} / --max-mask-area {self.max_mask_area} / "
                             f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
-        if self.dtype not in DTYPES or self.image_format not in ("jpg", "png"):
-            raise UserError(f"--dtype {self.dtype!r} / --image-format {self.image_format!r}: see --help for the choices")
         self.counts()  # --per-class / --classes errors name the flag
 
     def counts(self) -> dict[str, int]:
@@ -298,7 +297,8 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, device: str, dtype:
         "samples_per_shard": cfg.samples_per_shard, "base_model": spec.base_id,
         "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
         "steps": cfg.steps, "guidance": float(cfg.guidance), "scheduler": cfg.scheduler, "device": device,
-        "mask_smoothing": float(cfg.mask_smoothing), "dtype": dtype, "image_format": cfg.image_format, "batch_size": cfg.batch_size,
+        "mask_smoothing": float(cfg.mask_smoothing), "dtype": dtype, "image_format": cfg.image_format,
+        "batch_size": cfg.batch_size,
         "max_attempts": cfg.max_attempts, "min_mask_area": float(cfg.min_mask_area),
         "max_mask_area": float(cfg.max_mask_area), "min_main_share": float(cfg.min_main_share),
     }
@@ -317,7 +317,8 @@ def actor_settings(cfg: GenerateConfig, num_gpus: float, dtype: str) -> dict[str
     return {"num_gpus": num_gpus, "cpu_threads": max(1, int(cfg.cpus_per_actor)), "dtype": dtype,
             "scheduler": cfg.scheduler, "s3_endpoint": cfg.s3_endpoint or None, "steps": cfg.steps,
             "guidance": cfg.guidance, "mask_smoothing": cfg.mask_smoothing, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()), "image_format": cfg.image_format}
+            "batch_size": cfg.batch_size, "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()),
+            "image_format": cfg.image_format}
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
