@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from skindual import data, demo_data, demo_model, fidelity, quality
@@ -241,12 +242,12 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     name, t = stage(1, f"procedural HAM10000-layout data and the demo base, into {out / 'data'}")
     world = prepare_demo_world(out, measure=False)
     table, suffix = world.training_table, ""
+    rows = data.read_training_table(str(table))
     if cfg.real_fraction < 1:
         suffix = f"-real{cfg.real_fraction:g}"
-        table = out / f"training_table{suffix}.parquet"
-        data.write_training_table(low_data_table(data.read_training_table(str(world.training_table)),
-                                                 cfg.real_fraction), str(table))
-    counts = _class_counts(table)
+        table, rows = out / f"training_table{suffix}.parquet", low_data_table(rows, cfg.real_fraction)
+        data.write_training_table(rows, str(table))
+    counts = _train_counts(rows)
     done(name, t, f"{sum(counts.values())} train pairs ({_per_class(counts)}), test set "
                   f"{DEMO_TEST_PER_CLASS} per class")
 
@@ -292,17 +293,14 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def low_data_table(table, fraction: float, seed: int = 0):
+def low_data_table(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
     """The training table with its train split cut to a seeded `fraction` of each class (val and test kept)."""
-    import pyarrow as pa
-
     train = np.asarray(table.column("split")) == "train"
     return pa.concat_tables([fraction_per_class(table.filter(train), fraction, seed), table.filter(~train)])
 
 
-def _class_counts(table_path: Path) -> dict[str, int]:
+def _train_counts(table: pa.Table) -> dict[str, int]:
     """Train-split images per class of a training table."""
-    table = data.read_training_table(str(table_path))
     labels = np.asarray(table.column("class_index"))[np.asarray(table.column("split")) == "train"]
     return {c.code: int((labels == c.index).sum()) for c in CLASSES}
 

@@ -27,7 +27,7 @@ from skindual.demo_model import load_pipeline, mask_to_image
 from skindual.storage import file_sha256
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
-from skindual.quality import MASK_SMOOTHING
+from skindual.quality import MASK_SMOOTHING, largest_component
 
 log = logging.getLogger(__name__)
 
@@ -306,17 +306,6 @@ def smooth_mask_logits(logits: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(m, sigma) for m in logits]) if len(logits) else logits
 
 
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component and fill its holes (an empty mask stays empty)."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask.astype(np.uint8)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
-
-
 @dataclass
 class DualSample:
     images: np.ndarray  # uint8 N×H×W×3
@@ -413,5 +402,5 @@ class DualPipeline:
         logits = smooth_mask_logits(mask_logits.float().cpu().numpy(), mask_smoothing * self.pipe.vae_scale_factor)
         masks = (logits > 0).astype(np.uint8)
         if clean_masks:
-            masks = np.stack([clean_mask(m) for m in masks]) if len(masks) else masks
+            masks = np.stack([largest_component(m) for m in masks]) if len(masks) else masks
         return DualSample(images=images, masks=masks, latents=latents.float().cpu())

@@ -13,6 +13,7 @@ from skindual import model
 from skindual.demo_model import assemble_pipeline, build_components, build_tokenizer, component_configs, load_pipeline
 from skindual.errors import UserError
 from skindual.model import DualPipeline, load_adapter, pack_latents, prepare_unet, save_adapter, unpack_latents
+from skindual.quality import largest_component
 
 torch.set_num_threads(1)
 
@@ -173,7 +174,7 @@ def test_mask_smoothing_removes_a_ragged_edge_and_keeps_the_shape():
     angle, radius = np.arctan2(yy - 32, xx - 32), np.hypot(yy - 32, xx - 32)
     logits = np.stack([16 + 3 * np.sin(16 * angle) - radius,  # a disk of radius 16 with 16 spikes of ±3 px
                        np.full((64, 64), -1.0)]).astype(np.float32)  # and an empty one beside it
-    raw, smooth = (model.clean_mask(m > 0) for m in (logits[0], model.smooth_mask_logits(logits, 3.0)[0]))
+    raw, smooth = (largest_component(m > 0) for m in (logits[0], model.smooth_mask_logits(logits, 3.0)[0]))
     before, after = mask_statistics(raw)["compactness"], mask_statistics(smooth)["compactness"]
     assert before < 0.5 and after > 0.95
     assert abs(int(smooth.sum()) - np.pi * 16**2) < 0.05 * np.pi * 16**2  # the disk under the spikes
@@ -188,19 +189,19 @@ def test_sampling_applies_the_smoothing_in_latent_cells(dual):
     assert torch.equal(raw.latents, smooth.latents) and np.array_equal(raw.images, smooth.images)
     _, logits = pipe.decode(raw.latents)
     sigma = 0.75 * pipe.pipe.vae_scale_factor
-    expected = [model.clean_mask(m > 0) for m in model.smooth_mask_logits(logits.numpy(), sigma)]
+    expected = [largest_component(m > 0) for m in model.smooth_mask_logits(logits.numpy(), sigma)]
     assert np.array_equal(smooth.masks, np.stack(expected))
-    assert np.array_equal(raw.masks, np.stack([model.clean_mask(m > 0) for m in logits.numpy()]))
+    assert np.array_equal(raw.masks, np.stack([largest_component(m > 0) for m in logits.numpy()]))
 
 
-def test_clean_mask_keeps_largest_component_and_fills_holes():
+def test_mask_cleanup_keeps_largest_component_and_fills_holes():
     m = np.zeros((9, 9), np.uint8)
     m[1:6, 1:6] = 1
     m[3, 3] = 0  # a hole
     m[8, 8] = 1  # a speck
-    cleaned = model.clean_mask(m)
+    cleaned = largest_component(m)
     assert cleaned[3, 3] == 1 and cleaned[8, 8] == 0 and cleaned.sum() == 25
-    assert model.clean_mask(np.zeros((4, 4), np.uint8)).sum() == 0
+    assert largest_component(np.zeros((4, 4), np.uint8)).sum() == 0
 
 
 @pytest.mark.parametrize("layout,train", [("channels", "lora"), ("side-by-side", "lora"), ("channels", "full")])
