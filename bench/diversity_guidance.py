@@ -16,8 +16,8 @@ import argparse
 import numpy as np
 import torch
 
-from skindual import data, demo_model, fidelity, quality
-from skindual.evaluate import _rows
+from skindual import data, fidelity, quality
+from skindual.base_models import demo_base_path
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt
 
@@ -33,12 +33,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = _rows(data.read_training_table(f"{args.run}/training_table.parquet"), "train")
+    rows = data.classed_rows(data.read_training_table(f"{args.run}/training_table.parquet"), "train")
     real_images, _, real_labels = data.load_arrays(rows, 64)
     extractor = fidelity.build_extractor("lesion-cnn", size=64, train=lambda: (real_images, real_labels), steps=300,
                                          seed=0)
     real = extractor(real_images)
-    pipe = DualPipeline.from_pretrained(demo_model.demo_base_path(demo_model.ARTIFACT), f"{args.run}/runs/demo/adapter")
+    pipe = DualPipeline.from_pretrained(demo_base_path(), f"{args.run}/runs/demo/adapter")
     prompts, seeds, labels = [], [], []
     for c in CLASSES:
         for i in range(args.per_class):

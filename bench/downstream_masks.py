@@ -26,7 +26,7 @@ import torch
 
 from skindual import data, quality
 from skindual.downstream import BenchmarkSettings, PairSet, run_task
-from skindual.evaluate import _rows, read_synthetic, resize_pairs
+from skindual.evaluate import read_synthetic, resize_pairs
 from skindual.prompts import CLASS_CODES
 
 
@@ -51,8 +51,8 @@ def main() -> None:
     run = Path(args.run)
     suffix = "" if args.real_fraction >= 1 else f"-real{args.real_fraction:g}"
     table = data.read_training_table(str(run / f"training_table{suffix}.parquet"))
-    train = PairSet(*data.load_arrays(_rows(table, "train"), args.size))
-    test = PairSet(*data.load_arrays(_rows(data.read_training_table(str(run / "test_table.parquet")), "all"),
+    train = PairSet(*data.load_arrays(data.classed_rows(table, "train"), args.size))
+    test = PairSet(*data.load_arrays(data.classed_rows(data.read_training_table(str(run / "test_table.parquet"))),
                                      args.size))
     synthetic = resize_pairs(read_synthetic(str(run / f"synthetic{suffix}"))[0], args.size)
     print(f"{len(train)} real train pairs, {len(synthetic)} synthetic, {len(test)} test")

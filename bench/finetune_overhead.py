@@ -19,7 +19,7 @@ import torch
 
 from skindual import data
 from skindual.cli import init_ray
-from skindual.demo import prepare_demo_world
+from skindual.demo_world import prepare_demo_world
 from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, run_finetune, training_rows
 
 

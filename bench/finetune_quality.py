@@ -23,7 +23,7 @@ import numpy as np
 
 from skindual import data, quality
 from skindual.cli import init_ray
-from skindual.demo import prepare_demo_world
+from skindual.demo_world import prepare_demo_world
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt, row_seed

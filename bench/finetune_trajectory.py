@@ -22,7 +22,7 @@ import torch
 from finetune_quality import parse_fields, sample_pairs
 
 from skindual import data, quality
-from skindual.demo import prepare_demo_world
+from skindual.demo_world import prepare_demo_world
 from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, training_rows
 from skindual.model import DualPipeline
 

@@ -72,20 +72,21 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
     import pyarrow.compute as pc
 
     from skindual.cli import parse_config
+    from skindual.demo_world import generate_defaults
     from skindual.generate import (GenerateConfig, fingerprint_config, generate_samples, load_generator,
-                                   resolve_model, shard_run_info)
+                                   resolve_devices, resolve_model, shard_run_info)
     from skindual.prompts import prompt_table
     from skindual.shards import check_output, write_shard
     from skindual.storage import open_storage
 
-    cfg = parse_config(GenerateConfig, [*job_args, "--output", output], "")
+    cfg = resolve_devices(generate_defaults(parse_config(GenerateConfig, [*job_args, "--output", output], "")), 0)
     spec = resolve_model(cfg)
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
-        pipe = load_generator(spec, "cpu", "fp32", cfg.scheduler, None, tmp)
+        pipe = load_generator(spec, cfg, tmp)
     loaded = time.time()
     storage = open_storage(cfg.output)
     table = prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard)
-    fingerprint = check_output(storage, fingerprint_config(cfg, spec, "cpu", "fp32"), overwrite=True)
+    fingerprint = check_output(storage, fingerprint_config(cfg, spec), overwrite=True)
     run_info = shard_run_info(cfg, spec, fingerprint)
 
     def generate(prompts, seeds):

@@ -1,7 +1,7 @@
 """Build the offline demo world: procedural HAM10000-layout data and the demo base model.
 
     python jobs/build_demo.py                      # data + base from the shipped artifact + measurements
-    python jobs/build_demo.py --rebuild            # pretrain the demo base from scratch (about 30 min on 2 cores)
+    python jobs/build_demo.py --rebuild            # pretrain the demo base from scratch (time: README)
 
 The base is cached under ~/.cache/skindual (SKINDUAL_CACHE) by the artifact's sha256.
 """
@@ -13,9 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from skindual.base_models import ARTIFACT
 from skindual.cli import option, run_job
-from skindual.demo import prepare_demo_world
-from skindual.demo_model import ARTIFACT, PretrainRecipe
+from skindual.demo_model import PretrainRecipe
+from skindual.demo_world import DEMO_OUTPUT, prepare_demo_world
 from skindual.errors import UserError
 
 _RECIPE = PretrainRecipe()
@@ -23,7 +24,7 @@ _RECIPE = PretrainRecipe()
 
 @dataclass
 class BuildDemoConfig:
-    output: str = option("skindual-demo", "folder for the demo data, its training table and demo_world.json")
+    output: str = option(DEMO_OUTPUT, "folder for the demo data, its training table and demo_world.json")
     data_scale: float = option(0.1, "demo images per class as a fraction of HAM10000's counts")
     seed: int = option(0, "seed of the demo data, its split and the measurements")
     artifact: str = option(str(ARTIFACT), "the demo base's safetensors artifact (read, or written by --rebuild)")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import sys
 
 from skindual.cli import init_ray, run_job
-from skindual.evaluate import EvaluateConfig, load_inputs, resolve_inputs, run_evaluate
+from skindual.demo_world import evaluate_defaults
+from skindual.evaluate import EvaluateConfig, load_inputs, run_evaluate
 
 
 def main(cfg: EvaluateConfig) -> None:
-    cfg = resolve_inputs(cfg)
+    cfg = evaluate_defaults(cfg)  # the embedded default: the demo world
     inputs = load_inputs(cfg)  # bad input fails here, before any cluster work
     if cfg.downstream:
         init_ray(min_cpus=2)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 
 from skindual.cli import init_ray, run_job
-from skindual.finetune import FinetuneConfig, resolve_inputs, run_finetune
+from skindual.demo_world import finetune_defaults
+from skindual.finetune import FinetuneConfig, run_finetune
 
 
 def main(cfg: FinetuneConfig) -> None:
-    cfg = resolve_inputs(cfg)
+    cfg = finetune_defaults(cfg)  # the embedded default: the demo world
     init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 1)
     result = run_finetune(cfg)
     print(f"done: step {result.metrics.get('step')}, adapter at {cfg.output.rstrip('/')}/{cfg.name}/adapter")

@@ -16,10 +16,12 @@ import math
 import sys
 
 from skindual.cli import init_ray, run_job
+from skindual.demo_world import generate_defaults
 from skindual.generate import GenerateConfig, run_generate
 
 
 def main(cfg: GenerateConfig) -> None:
+    cfg = generate_defaults(cfg)  # the embedded default: the shipped demo adapter
     init_ray(min_cpus=math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
     manifest = run_generate(cfg)
     totals = manifest["totals"]

@@ -96,7 +96,7 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
 def init_ray(min_cpus: int = 1) -> None:
     """Connect to the cluster of RAY_ADDRESS / `ray job submit`, or start an embedded local one.
 
-    The embedded cluster binds 127.0.0.1 only (DESIGN.md, "Ray") and advertises at least
+    The embedded cluster binds 127.0.0.1 only (docs/architecture.md, "Ray") and advertises at least
     `min_cpus` logical CPUs, so that training or generation actors and the Ray Data tasks that
     feed them can all be scheduled on a small machine.  Progress bars go off without a terminal.
     """

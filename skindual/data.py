@@ -1,6 +1,7 @@
-"""Real training data: the HAM10000 and ISIC 2018 Task 1 readers, the training table, pair loading.
+"""Real training data: the HAM10000 and ISIC 2018 Task 1 readers, the training table, pair loading,
+and the row selections the stages share (classed rows of a split, class balancing, the low-data cut).
 
-Layouts (DESIGN.md, "Inputs"):
+Layouts (docs/architecture.md, "Inputs"):
 
 - HAM10000 root: `HAM10000_metadata.csv` (`lesion_id,image_id,dx,dx_type,age,sex,localization`,
   optional `dataset`), images `ISIC_xxxxxxx.jpg` anywhere under the root (found by one recursive
@@ -19,7 +20,7 @@ emptied one, that is an error naming it. `require_classes=[...]` replaces that r
 "these classes must have rows" (and `[]` with "no class is needed"), for callers who only
 train some classes.
 
-With `check_files=True` every image is decoded (JPEG at 1/8 scale: a few ms) and every mask
+With `check_files=True` every image is decoded (JPEG at 1/8 scale) and every mask
 decoded and checked for size and binariness, on a thread pool (PIL releases the GIL).
 """
 
@@ -230,25 +231,38 @@ def read_training_table(path: str) -> pa.Table:
 def load_pair(image_path: str, mask_path: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One (image, mask) pair: uint8 RGB HxWx3 and uint8 HxW with values {0, 1}.
 
-    With `size`, a non-square pair is first center-cropped to a square (the shorter side; a
-    lesion is photographed centred), then the image is resized with Lanczos and the mask, as a
-    0/1 float, with a bilinear (area-like when shrinking) filter thresholded at 0.5, so it stays
-    binary and follows the image's edges. With `size=None` the pair comes back as stored.
+    With `size`, the pair is resized by `resize_pair` (centre-cropped to a square first); with
+    `size=None` it comes back as stored.
     """
     with _reading(image_path, "image"), Image.open(image_path) as im:
         image = im.convert("RGB")
     mask = _load_mask(mask_path, image.size, image_path)
     if size is None:
         return np.array(image), mask.astype(np.uint8)
+    return resize_pair(image, mask, size)
+
+
+def resize_pair(image: np.ndarray | Image.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A pair at size × size, the one resize every stage uses: uint8 RGB size×size×3 and 0/1 size×size.
+
+    A non-square pair is first centre-cropped to a square of its shorter side (a lesion is
+    photographed centred); then the image is resized with Lanczos and the mask, as a 0/1 float, with
+    a bilinear (area-like when shrinking) filter thresholded at 0.5, so it stays binary and follows
+    the image's edges.  A pair already at size × size comes back as it is.
+    """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     width, height = image.size
+    if (width, height) == (size, size):
+        return np.array(image), (np.asarray(mask) > 0).astype(np.uint8)
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
-    image = image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    soft = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.array(image), (np.asarray(soft) >= 0.5).astype(np.uint8)
+    resized = image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    soft = Image.fromarray(np.asarray(mask).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR,
+                                                                        box=box)
+    return np.array(resized), (np.asarray(soft) >= 0.5).astype(np.uint8)
 
 
 def load_arrays(table: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,6 +273,54 @@ def load_arrays(table: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.
     if not pairs:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8), labels
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), labels
+
+
+# --- row selections -------------------------------------------------------------------------
+
+
+def classed_rows(table: pa.Table, split: str = "all", max_per_class: int = 0) -> pa.Table:
+    """The rows with a class (ISIC 2018's unclassed rows left out) of `split` ("all": every split), at
+    most `max_per_class` of each class (the first ones; 0: all)."""
+    classed = table.filter(np.asarray(table.column("class_index")) >= 0)
+    if split != "all":
+        classed = classed.filter(np.asarray(classed.column("split")) == split)
+    if not max_per_class:
+        return classed
+    labels = np.asarray(classed.column("class_index"))
+    keep = np.concatenate([np.flatnonzero(labels == c)[:max_per_class] for c in range(len(CLASS_CODES))])
+    return classed.take(np.sort(keep))
+
+
+def balance_classes(table: pa.Table, seed: int) -> pa.Table:
+    """Rare classes' rows repeated, drawn with replacement by a seeded generator, up to the largest
+    class's count; rows stay in table order."""
+    labels = np.asarray(table.column("class_index"))
+    counts = np.bincount(labels)
+    rng = np.random.default_rng(seed)
+    index = []
+    for c in np.flatnonzero(counts):
+        rows = np.flatnonzero(labels == c)
+        index.extend(rows)
+        index.extend(rng.choice(rows, counts.max() - len(rows), replace=True))
+    return table.take(np.sort(np.asarray(index)))
+
+
+def fraction_per_class(rows: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """A seeded random `fraction` of each class's rows, rounded up (so at least one per class)."""
+    if fraction >= 1:
+        return rows
+    labels = np.asarray(rows.column("class_index"))
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(labels == c), math.ceil(fraction * (labels == c).sum()), replace=False)
+            for c in np.unique(labels)]
+    return rows.take(np.sort(np.concatenate(keep)))
+
+
+def low_data_table(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
+    """The low-data regime: the table with its train split cut to a seeded `fraction` of each class
+    (`fraction_per_class`); val and test kept."""
+    train = np.asarray(table.column("split")) == "train"
+    return pa.concat_tables([fraction_per_class(table.filter(train), fraction, seed), table.filter(~train)])
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,11 +1,4 @@
-"""The offline demo world in one call, and the whole chain on it: data → fine-tune → generate → evaluate.
-
-`prepare_demo_world` writes the procedural HAM10000-layout folder and its
-training table, makes the demo base pipeline ready (from the shipped artifact,
-or pretrained from scratch), and, when asked, measures the base: VAE
-reconstruction of held-out demo images and masks, and class fidelity of its
-samples (a small classifier trained on real demo images, its accuracy on the
-base's samples of each class).
+"""The whole chain on the demo world: data → fine-tune → generate → evaluate (jobs/demo.py).
 
 `run_demo` (jobs/demo.py) runs the four stages on the current Ray cluster into one local folder
 (``data/``, ``runs/``, ``synthetic/``, ``eval/``), each through its own job's library call, with
@@ -28,23 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from skindual import data, demo_data, demo_model, fidelity, quality
+from skindual import data, fidelity, quality
 from skindual.cli import check_fields, option
+from skindual.demo_world import DEMO_TEST_PER_CLASS, prepare_demo_world
 from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
-from skindual.evaluate import (
-    EvalInputs,
-    EvaluateConfig,
-    fraction_per_class,
-    load_inputs,
-    resize_pairs,
-    run_evaluate,
-)
+from skindual.evaluate import EvalInputs, EvaluateConfig, load_inputs, resize_pairs, run_evaluate
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.generate import GenerateConfig, run_generate
-from skindual.prompts import CLASSES, build_prompt, row_seed
+from skindual.prompts import CLASSES
 from skindual.storage import is_remote
 
 log = logging.getLogger(__name__)
@@ -54,125 +40,9 @@ DEMO_FINETUNE = {"layout": "channels", "train": "lora", "lora_rank": 32, "steps"
 """The demo's fine-tuning settings (`skindual.finetune.FinetuneConfig` fields; the rest keep their
 defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  ``w_prior=10``
 pins the image branch to the demo base, which was pretrained on this very domain: without it the
-mask objective erodes class control (class fidelity 0.4–0.6 instead of 0.97, docs/finetune-quality.md).
+mask objective erodes class control (measured in docs/finetune-quality.md).
 Retune here; ``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
 DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
-
-
-DEMO_TEST_PER_CLASS = 40
-"""Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
-``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
-imbalance, so its own test split holds only 2 df and 2 vasc images, too few to measure a rare
-class's recall; like ISIC 2018's test set for HAM10000, this one is drawn apart (other seed, other
-ids) and balanced."""
-DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apart from the main data's
-
-
-@dataclass
-class DemoWorld:
-    data_root: Path
-    training_table: Path
-    base_model: Path  # a from_pretrained folder
-    report: dict
-    test_table: Path  # the separate balanced test set's table (`DEMO_TEST_PER_CLASS`)
-
-
-def prepare_demo_world(
-    output: str | Path,
-    *,
-    data_scale: float = 0.1,
-    seed: int = 0,
-    artifact: str | Path = demo_model.ARTIFACT,
-    rebuild: demo_model.PretrainRecipe | None = None,
-    measure: bool = True,
-    samples_per_class: int = 24,
-    sample_steps: int = 25,
-    guidance: float = 4.0,
-) -> DemoWorld:
-    """Demo data under `output/data`, its table at `output/training_table.parquet`, the separate test set
-    under `output/data-test` (table `output/test_table.parquet`), the base ready, a report."""
-    output = Path(output)
-    started = time.perf_counter()
-    report: dict = {}
-    data_root = output / "data"
-    if not (data_root / demo_data.METADATA_CSV).exists():
-        demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed)
-    table_path = output / "training_table.parquet"
-    table = data.training_table(str(data_root), seed=seed).table
-    data.write_training_table(table, str(table_path))
-    test_root, test_table = output / "data-test", output / "test_table.parquet"
-    if not (test_root / demo_data.METADATA_CSV).exists():
-        demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
-                                     first_number=DEMO_TEST_FIRST_ID)
-    data.write_training_table(data.training_table(str(test_root), seed=seed).table, str(test_table))
-    report["data_seconds"] = round(time.perf_counter() - started, 1)
-    report["class_counts"] = {c.code: int(np.sum(np.asarray(table.column("class_index")) == c.index)) for c in CLASSES}
-    log.info("demo data: %d pairs at %s (%s)", table.num_rows, data_root, report["class_counts"])
-
-    if rebuild is not None:
-        t = time.perf_counter()
-        pipe, configs = demo_model.pretrain_demo_base(rebuild)
-        demo_model.save_artifact(pipe, rebuild, artifact, configs)
-        report["pretrain_seconds"] = round(time.perf_counter() - t, 1)
-        log.info("demo base pretrained in %.0f s, written to %s", report["pretrain_seconds"], artifact)
-    base = demo_model.demo_base_path(artifact)
-    report["base_ready_seconds"] = round(time.perf_counter() - started, 1)
-    log.info("demo base ready at %s after %.1f s", base, report["base_ready_seconds"])
-
-    if measure:
-        report.update(measure_base(base, table, samples_per_class, sample_steps, guidance, seed))
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "demo_world.json").write_text(json.dumps(report, indent=2) + "\n")
-    return DemoWorld(data_root, table_path, base, report, test_table)
-
-
-def measure_base(base: Path, table, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
-    """VAE reconstruction on held-out demo pairs, and class fidelity of the base's samples."""
-    pipe = demo_model.load_pipeline(base)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    train = table.filter(np.asarray(table.column("split")) == "train")
-    test = table.filter(np.asarray(table.column("split")) == "test")
-    test_images, test_masks, test_labels = data.load_arrays(test, size)
-    recon = demo_model.vae_reconstruction(pipe.vae, test_images, test_masks)
-    log.info("VAE on %d held-out demo pairs: PSNR %.1f dB, mask Dice %.3f", len(test_images),
-             recon["psnr_db"], recon["mask_dice"])
-
-    t = time.perf_counter()
-    train_images, _, train_labels = data.load_arrays(train, size)
-    classifier = quality.train_classifier(train_images, train_labels, seed=seed)
-    real_accuracy = float((quality.classify(classifier, test_images) == test_labels).mean())
-    log.info("class-fidelity classifier: %.3f on held-out real demo images (%.0f s)", real_accuracy,
-             time.perf_counter() - t)
-
-    samples, labels = sample_base(pipe, samples_per_class, steps, guidance, seed)
-    fidelity = quality.class_fidelity(classifier, samples, labels)
-    per_class = {CLASSES[i].code: round(v, 3) for i, v in fidelity.items()}
-    log.info("base class fidelity: mean %.3f %s", np.mean(list(fidelity.values())), per_class)
-    return {
-        "vae_psnr_db": round(recon["psnr_db"], 2), "vae_mask_dice": round(recon["mask_dice"], 4),
-        "classifier_real_accuracy": round(real_accuracy, 4),
-        "base_class_fidelity": per_class, "base_class_fidelity_mean": round(float(np.mean(list(fidelity.values()))), 3),
-        "fidelity_samples_per_class": samples_per_class, "sample_steps": steps, "guidance": guidance,
-    }
-
-
-@torch.no_grad()
-def sample_base(pipe, per_class: int, steps: int, guidance: float, seed: int, batch: int = 56):
-    """Image-only samples of the base pipeline, `per_class` of every class: (uint8 images, class indices)."""
-    prompts, labels, seeds = [], [], []
-    for cls in CLASSES:
-        for i in range(per_class):
-            prompts.append(build_prompt(cls.code))
-            labels.append(cls.index)
-            seeds.append(row_seed(seed, cls.index * 100_000 + i))
-    images = []
-    for i in range(0, len(prompts), batch):
-        generators = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, output_type="np").images
-        images.append((out * 255).round().astype(np.uint8))
-    return np.concatenate(images), np.asarray(labels)
 
 
 # --------------------------------------------------------------------------- the whole chain (jobs/demo.py)
@@ -245,7 +115,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     rows = data.read_training_table(str(table))
     if cfg.real_fraction < 1:
         suffix = f"-real{cfg.real_fraction:g}"
-        table, rows = out / f"training_table{suffix}.parquet", low_data_table(rows, cfg.real_fraction)
+        table, rows = out / f"training_table{suffix}.parquet", data.low_data_table(rows, cfg.real_fraction)
         data.write_training_table(rows, str(table))
     counts = _train_counts(rows)
     done(name, t, f"{sum(counts.values())} train pairs ({_per_class(counts)}), test set "
@@ -291,12 +161,6 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                **pairs, **key_figures(metrics)}
     (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def low_data_table(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
-    """The training table with its train split cut to a seeded `fraction` of each class (val and test kept)."""
-    train = np.asarray(table.column("split")) == "train"
-    return pa.concat_tables([fraction_per_class(table.filter(train), fraction, seed), table.filter(~train)])
 
 
 def _train_counts(table: pa.Table) -> dict[str, int]:

@@ -4,8 +4,8 @@
 same columns, images split over two folders, Tschandl-style masks), so the real
 reader (`skindual.data`) is what reads it.  The seven classes differ in their
 coarse look as much as in detail -- mean colour, size, shape, border, texture --
-so that a tiny model can learn to tell them apart in minutes (DESIGN.md,
-"Offline demo world"):
+so that a tiny model can learn to tell them apart (docs/architecture.md,
+"The demo world"):
 
 =======  =========================  ======  ==============================================
 class    colour                     size    shape, border, texture
@@ -34,7 +34,7 @@ from PIL import Image
 
 from skindual.prompts import CLASSES, LOCALIZATIONS
 
-# HAM10000's class counts (DESIGN.md): the demo keeps their proportions.
+# HAM10000's class counts: the demo keeps their proportions.
 HAM10000_COUNTS = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
 DEMO_IMAGE_SIZE = (96, 72)  # width, height: HAM10000's 4:3 at a size 2 cores can afford
 MASKS_DIR = "HAM10000_segmentations_lesion_tschandl"

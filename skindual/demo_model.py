@@ -4,16 +4,15 @@ It has SD-2's parts and conventions -- a CLIP text encoder (frozen) with a BPE
 tokenizer built here from the prompt vocabulary, an `AutoencoderKL`, a
 `UNet2DConditionModel` with linear attention projections, v-prediction -- at
 about 1/300 of the size, and is pretrained on procedural lesions so that its
-samples mean something.  It is saved with `save_pretrained` and read back by
-the same `StableDiffusionPipeline.from_pretrained` call that loads a real SD-2
-id or folder.
+samples mean something.  This module is its pretraining recipe.
 
 Pretraining for class control takes longer than a fresh machine should wait,
-so the trained weights ship as `skindual/assets/demo_base.safetensors` (fp16, a
-few MB; its metadata holds the configs, the tokenizer and the recipe, so the
-file alone rebuilds the pipeline).  `python jobs/build_demo.py --rebuild`
-trains it again from scratch with the recipe's defaults.  A materialised
-pipeline is cached on disk under the sha256 of the file it came from.
+so the trained weights ship as `skindual/assets/demo_base.safetensors` (fp16;
+its metadata holds the configs, the tokenizer and the recipe, so the file alone
+rebuilds the pipeline: `skindual.base_models` reads it, and materialises it as a
+`from_pretrained` folder cached under the file's sha256).
+`python jobs/build_demo.py --rebuild` trains it again from scratch with the
+recipe's defaults and writes the artifact with `save_artifact`.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,20 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from skindual.base_models import REBUILD_COMMAND, assemble_pipeline, build_components
 from skindual.demo_data import render_batch
-from skindual.errors import UserError
-from skindual.quality import images_to_tensor
-from skindual.storage import file_sha256
+from skindual.finetune import lr_factor
+from skindual.model import mask_to_image
 from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
+from skindual.quality import images_to_tensor
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = Path(__file__).parent / "assets" / "demo_base.safetensors"
 DEMO_RESOLUTION = 64
-REBUILD_COMMAND = "python jobs/build_demo.py --rebuild"
-DEMO_BASE = "demo"  # --base-model value naming the demo base
 
 
 @dataclass
@@ -61,10 +56,6 @@ class PretrainRecipe:
     batch_size: int = 32
     uncond_prob: float = 0.1  # prompt dropped to "" this often, for classifier-free guidance
     ema_decay: float = 0.999
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SKINDUAL_CACHE", Path.home() / ".cache" / "skindual"))
 
 
 # --------------------------------------------------------------------------- components
@@ -125,29 +116,6 @@ def component_configs(vocab_size: int, bos: int, eos: int) -> dict[str, dict]:
     }
 
 
-def build_components(configs: dict[str, dict], seed: int = 0) -> dict:
-    """Fresh (randomly initialised) components from `component_configs`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    return {
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval(),
-        "vae": AutoencoderKL(**configs["vae"]),
-        "unet": UNet2DConditionModel(**configs["unet"]),
-        "scheduler": DDIMScheduler(**configs["scheduler"]),
-    }
-
-
-def assemble_pipeline(components: dict, tokenizer):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        **components,
-    )
-
-
 # --------------------------------------------------------------------------- artifact and cache
 
 
@@ -171,77 +139,13 @@ def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[
     os.replace(tmp, path)
 
 
-def pipeline_from_artifact(path: str | Path = ARTIFACT):
-    """The demo base pipeline (fp32) straight from its artifact file."""
-    from safetensors import safe_open
-    from transformers import CLIPTokenizer
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    configs = json.loads(metadata["configs"])
-    tok = json.loads(metadata["tokenizer"])
-    tokenizer = CLIPTokenizer(vocab=tok["vocab"], merges=[tuple(m) for m in tok["merges"]], model_max_length=77)
-    components = build_components(configs)
-    tensors = load_file(str(path))
-    for name in ("text_encoder", "vae", "unet"):
-        prefix = f"{name}."
-        state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-        components[name].load_state_dict(state, strict=True)
-    return assemble_pipeline(components, tokenizer)
-
-
-def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -> Path:
-    """A `from_pretrained`-loadable folder of the demo base, materialised once per artifact hash."""
-    if not Path(artifact).is_file():
-        raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
-                        f"or rebuild it with `{REBUILD_COMMAND}`")
-    digest = file_sha256(artifact)[:16]
-    target = (cache or cache_root()) / "demo_base" / digest
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
-    pipeline_from_artifact(artifact).save_pretrained(tmp, safe_serialization=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process materialised it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_base_model(model: str | Path) -> str:
-    """`demo` (the name jobs and adapters use for the demo base) → its cached folder; others as given."""
-    return str(demo_base_path()) if str(model) == DEMO_BASE else str(model)
-
-
-def load_pipeline(model: str | Path, torch_dtype=torch.float32):
-    """Load any SD-2-style pipeline -- `demo`, a local SD-2 folder, or a hub id."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(
-        resolve_base_model(model), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
-    )
-
-
 # --------------------------------------------------------------------------- pretraining
 
 
-def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Binary N×H×W masks → N×3×H×W in {-1, 1}: how the shared VAE sees a mask."""
-    m = torch.as_tensor(masks).float()
-    return (m * 2 - 1)[:, None].expand(-1, 3, -1, -1)
-
-
 def warmup_cosine(opt, steps: int, warmup_fraction: float = 0.03):
-    """Linear warm-up, then cosine decay to 0 over `steps` optimiser steps."""
+    """Linear warm-up over the first `warmup_fraction` of `steps`, then cosine decay to 0 (`lr_factor`)."""
     warmup = max(1, int(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, steps, "cosine"))
 
 
 def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRecipe) -> None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skindual.quality import LesionClassifier, images_to_tensor
+
 ARMS = ("real", "real+synthetic")
 CLASSIFIERS = ("resnet18", "small")
 SEGMENTERS = ("unet", "fcn_resnet50")
@@ -100,18 +102,12 @@ def build_model(kind: str, num_classes: int = 7) -> nn.Module:
 
         return resnet18(weights=None, num_classes=num_classes)
     if kind == "small":
-        from skindual.quality import LesionClassifier
-
         return LesionClassifier(num_classes)
     if kind == "unet":
         return SmallUNet()
     if kind == "fcn_resnet50":
         return _FCN()
     raise ValueError(f"unknown model {kind!r}")
-
-
-def _to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkSettings, seed: int,
@@ -123,7 +119,7 @@ def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkS
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     for _ in range(settings.steps):
         idx = torch.randint(len(data), (settings.batch_size,), generator=g).numpy()
-        x = _to_input(data.images[idx], device)
+        x = images_to_tensor(data.images[idx], device)
         y = (torch.from_numpy(data.labels[idx]) if task == "classifier"
              else torch.from_numpy(data.masks[idx]).float()[:, None]).to(device)
         for dim in (-1, -2):
@@ -141,7 +137,7 @@ def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkS
 
 @torch.no_grad()
 def _predict(model: nn.Module, images: np.ndarray, device: torch.device, batch: int = 128) -> torch.Tensor:
-    return torch.cat([model(_to_input(images[i:i + batch], device)).cpu() for i in range(0, len(images), batch)])
+    return torch.cat([model(images_to_tensor(images[i:i + batch], device)).cpu() for i in range(0, len(images), batch)])
 
 
 def classifier_metrics(predicted: np.ndarray, labels: np.ndarray, class_codes: Sequence[str]) -> dict[str, Any]:

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, report
 from skindual.cli import check_fields, option
@@ -125,35 +123,11 @@ def read_synthetic(url: str, s3_endpoint: str | None = None, max_per_class: int 
 
 
 def resize_pairs(pairs: PairSet, size: int) -> PairSet:
-    """Square pairs resized as `data.load_pair` does: image Lanczos, mask bilinear thresholded at 0.5."""
+    """Square pairs resized by `data.resize_pair` (image Lanczos, mask bilinear thresholded at 0.5)."""
     if pairs.images.shape[1] == size:
         return pairs
-    images = [np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.LANCZOS)) for i in pairs.images]
-    masks = [np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)) >= 0.5
-             for m in pairs.masks]
-    return PairSet(np.stack(images), np.stack(masks).astype(np.uint8), pairs.labels)
-
-
-def _rows(table: pa.Table, split: str, max_per_class: int = 0) -> pa.Table:
-    classed = table.filter(np.asarray(table.column("class_index")) >= 0)
-    if split != "all":
-        classed = classed.filter(np.asarray(classed.column("split")) == split)
-    if not max_per_class:
-        return classed
-    labels = np.asarray(classed.column("class_index"))
-    keep = np.concatenate([np.flatnonzero(labels == c)[:max_per_class] for c in range(len(CLASS_CODES))])
-    return classed.take(np.sort(keep))
-
-
-def fraction_per_class(rows: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """A seeded random `fraction` of each class's rows, rounded up (so at least one per class)."""
-    if fraction >= 1:
-        return rows
-    labels = np.asarray(rows.column("class_index"))
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(labels == c), math.ceil(fraction * (labels == c).sum()), replace=False)
-            for c in np.unique(labels)]
-    return rows.take(np.sort(np.concatenate(keep)))
+    resized = [data.resize_pair(i, m, size) for i, m in zip(pairs.images, pairs.masks)]
+    return PairSet(np.stack([r[0] for r in resized]), np.stack([r[1] for r in resized]), pairs.labels)
 
 
 def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
@@ -163,7 +137,7 @@ def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
     table = data.read_training_table(cfg.real)
     synthetic, _ = read_synthetic(cfg.synthetic, cfg.s3_endpoint or None, cfg.max_per_class)
     size = synthetic.images.shape[1]
-    rows = _rows(table, cfg.fid_split, cfg.max_per_class)
+    rows = data.classed_rows(table, cfg.fid_split, cfg.max_per_class)
     real_counts = np.bincount(np.asarray(rows.column("class_index"), np.int64), minlength=len(CLASS_CODES))
     missing = [CLASS_CODES[c] for c in np.unique(synthetic.labels) if real_counts[c] == 0]
     if missing:
@@ -173,8 +147,8 @@ def load_inputs(cfg: EvaluateConfig) -> EvalInputs:
     real = PairSet(*data.load_arrays(rows, size))
     train = test = None
     if cfg.downstream:
-        train_split = _rows(table, "train")
-        train_rows = fraction_per_class(train_split, cfg.real_fraction, cfg.seed)
+        train_split = data.classed_rows(table, "train")
+        train_rows = data.fraction_per_class(train_split, cfg.real_fraction, cfg.seed)
         test_rows = _test_rows(cfg, table, train_split)
         train, test = (PairSet(*data.load_arrays(t, cfg.size)) for t in (train_rows, test_rows))
         if not len(train):
@@ -189,12 +163,12 @@ def _test_rows(cfg: EvaluateConfig, table: pa.Table, train: pa.Table) -> pa.Tabl
     """The downstream test rows: the table's test split, or every classed row of --test-table, which
     must share no image and no lesion with `train`, the whole train split (before --real-fraction)."""
     if not cfg.test_table:
-        rows = _rows(table, "test")
+        rows = data.classed_rows(table, "test")
         if not len(rows):
             raise UserError(f"{cfg.real} has no classed rows in its test split, which the downstream benchmark "
                             "needs; rebuild the table, pass --test-table, or pass --no-downstream")
         return rows
-    rows = _rows(data.read_training_table(cfg.test_table), "all")
+    rows = data.classed_rows(data.read_training_table(cfg.test_table))
     if not len(rows):
         raise UserError(f"--test-table {cfg.test_table}: no rows with a class; the downstream test set needs "
                         "labelled images")
@@ -266,132 +240,23 @@ def run_evaluate(cfg: EvaluateConfig, inputs: EvalInputs | None = None) -> dict:
     metrics["versions"] = {"skindual": __version__, **{p: version(p) for p in ("torch", "torchvision", "clean-fid", "ray")}}
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     with tempfile.TemporaryDirectory(prefix="skindual-eval-") as tmp:
-        figures = write_figures(Path(tmp), cfg, inputs, metrics, tables)
+        figures = report.write_figures(Path(tmp), metrics, tables, grids=sample_grids(inputs, cfg.grid_per_class))
         for name in figures:
             storage.upload_file(Path(tmp) / name, name)
     storage.write_bytes("metrics.json", (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
-    storage.write_bytes("report.md", render_report(metrics, figures).encode())
+    storage.write_bytes("report.md", report.render_report(metrics, figures).encode())
     log.info("report written to %s", storage.join("report.md"))
     return metrics
 
 
-# --------------------------------------------------------------------------- figures and report
-
-
-def write_figures(folder: Path, cfg: EvaluateConfig, inputs: EvalInputs, metrics: dict, tables: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    if cfg.grid_per_class:
-        for name, pairs in (("samples_synthetic.png", inputs.synthetic), ("samples_real.png", inputs.real)):
-            rows = [[(pairs.images[i], pairs.masks[i]) for i in np.flatnonzero(pairs.labels == c)[:cfg.grid_per_class]]
-                    for c in np.unique(inputs.synthetic.labels)]
-            report.pair_grid([r for r in rows if r]).save(folder / name)
-            names.append(name)
-    fid = metrics["fidelity"]
-    codes = [c for c, v in fid["per_class"].items() if v[fid["fd_name"]] is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.bar(codes, [fid["per_class"][c][fid["fd_name"]] for c in codes], color="tab:blue")
-    ax.axhline(fid["overall"][fid["fd_name"]] or 0, color="k", linestyle="--", linewidth=1, label="all classes")
-    ax.set_ylabel(fid["fd_name"])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "fd_per_class.png")
-    names.append("fd_per_class.png")
-    fig, axes = plt.subplots(1, len(mask_stats.STATISTICS), figsize=(3 * len(mask_stats.STATISTICS), 2.8), dpi=100)
-    for ax, stat in zip(axes, mask_stats.STATISTICS):
-        values = [t[stat][np.isfinite(t[stat])] for t in (tables["real"], tables["synthetic"])]
-        bins = np.histogram_bin_edges(np.concatenate(values), bins=20)
-        for v, label in zip(values, ("real", "synthetic")):
-            ax.hist(v, bins=bins, density=True, alpha=0.5, label=label)
-        ax.set_title(stat, fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "mask_statistics.png")
-    names.append("mask_statistics.png")
-    plt.close("all")
-    if "downstream" in metrics:
-        names.append(_downstream_plot(folder, metrics["downstream"]["summary"], plt))
-    return names
-
-
-def _downstream_plot(folder: Path, summary: dict, plt) -> str:
-    bars = [(model, m) for model, names in downstream.METRICS.items() for m in names if m in summary.get(model, {})]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    x = np.arange(len(bars))
-    for k, arm in enumerate(downstream.ARMS):
-        means = [summary[model][m][arm]["mean"] for model, m in bars]
-        stds = [summary[model][m][arm]["std"] for model, m in bars]
-        ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, label=arm)
-    ax.set_xticks(x, [m for _, m in bars])
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "downstream.png")
-    plt.close(fig)
-    return "downstream.png"
-
-
-def _fmt(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def render_report(metrics: dict, figures: list[str]) -> str:
-    fid, cfg = metrics["fidelity"], metrics["config"]
-    fd, kd = fid["fd_name"], fid["kd_name"]
-    lines = ["# SkinDualGen evaluation", "",
-             f"Synthetic `{cfg['synthetic']}` vs real `{cfg['real']}` ({cfg['fid_split']} split), "
-             f"pairs at {metrics['image_size']}². Counts per class: real {metrics['counts']['real']}, "
-             f"synthetic {metrics['counts']['synthetic']}.", "", "## Fidelity", ""]
-    if fd != "FID":
-        lines += [f"Distances in the feature space of `{fid['extractor']}`, not Inception: {fd}/{kd} are not FID/KID "
-                  "and are not comparable with published FIDs.", ""]
-    lines += [f"Per class is the comparison to read: the synthetic set is class-balanced and the real one is not, so "
-              f"the all-class {fd} also measures the class mix. With fewer samples than feature dimensions "
-              f"({fd} on n < d) the values are biased upwards; {kd} is unbiased and may dip below 0.", "",
-              "Diversity: the mean distance between two images of a set in the same feature space, synthetic "
-              "over real (1: as varied as the real images; well below 1: the generator repeats itself).", "",
-              f"| class | n real | n synthetic | {fd} | {kd} | diversity (synthetic / real spread) |",
-              "|---|---|---|---|---|---|"]
-    for code, v in [("all", fid["overall"]), *fid["per_class"].items()]:
-        lines.append(f"| {code} | {v['n_real']} | {v['n_synthetic']} | {_fmt(v[fd], 2)} | {_fmt(v[kd], 4)} "
-                     f"| {_fmt(v.get('spread_ratio'), 2)} |")
-    lines += ["", "![FD per class](fd_per_class.png)", "", "## Mask statistics (all classes)", "",
-              "| statistic | real mean | synthetic mean | Wasserstein | KS |", "|---|---|---|---|---|"]
-    for stat, v in metrics["mask_statistics"]["overall"].items():
-        lines.append(f"| {stat} | {_fmt(v['real_mean'])} | {_fmt(v['synthetic_mean'])} | {_fmt(v['wasserstein'])} "
-                     f"| {_fmt(v['ks'])} |")
-    lines += ["", "Per class: `metrics.json` → `mask_statistics.per_class`.", "", "![mask statistics](mask_statistics.png)"]
-    if "downstream" in metrics:
-        d = metrics["downstream"]
-        s = d["settings"]
-        test = metrics["counts"]["real_test"]
-        tested_on = f"`{cfg['test_table']}`" if cfg.get("test_table") else "the real test split"
-        lines += ["", "## Downstream: real vs real + synthetic", "",
-                  f"{s['classifier']} classifier and {s['segmenter']} segmenter at {s['size']}², {s['steps']} steps of "
-                  f"batch {s['batch_size']} in both arms, tested on {tested_on} ({sum(test.values())} pairs: {test}); "
-                  f"mean ± std over "
-                  f"{len({r['seed'] for r in d['results']})} seeds.", "",
-                  "| model | metric | real | real + synthetic | gain |", "|---|---|---|---|---|"]
-        for model, entries in d["summary"].items():
-            for name, e in entries.items():
-                cells = [f"{_fmt(e[a]['mean'])} ± {_fmt(e[a]['std'])}" for a in downstream.ARMS]
-                lines.append(f"| {model} | {name} | {cells[0]} | {cells[1]} | {_fmt(e.get('gain'), 3)} |")
-        lines += ["", "![downstream](downstream.png)"]
-    lines += ["", "## Samples", "", "Each row one class: image | mask overlay.", ""]
-    lines += [f"![{n}]({n})" for n in figures if n.startswith("samples_")]
-    return "\n".join(lines) + "\n"
-
-
-def resolve_inputs(cfg: EvaluateConfig, demo_output: str = "skindual-demo") -> EvaluateConfig:
-    """Without --real, the demo world's training table and (without --test-table) its separate
-    balanced test set (built if missing)."""
-    if cfg.real:
-        return cfg
-    from skindual.demo import prepare_demo_world
-
-    world = prepare_demo_world(demo_output, measure=False)
-    return replace(cfg, real=str(world.training_table), test_table=cfg.test_table or str(world.test_table))
+def sample_grids(inputs: EvalInputs, per_class: int) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
+    """Up to `per_class` pairs of each synthetic class from each set, for the report's sample grids
+    (none when `per_class` is 0)."""
+    if not per_class:
+        return {}
+    grids = {}
+    for name, pairs in (("samples_synthetic.png", inputs.synthetic), ("samples_real.png", inputs.real)):
+        rows = [[(pairs.images[i], pairs.masks[i]) for i in np.flatnonzero(pairs.labels == c)[:per_class]]
+                for c in np.unique(inputs.synthetic.labels)]
+        grids[name] = [r for r in rows if r]
+    return grids

@@ -82,13 +82,11 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    if not size or image.shape[:2] == (size, size):
+    if not size:
         return image, mask
     if image.shape[0] != image.shape[1]:
         raise UserError(f"--size needs square synthetic pairs, got {image.shape[1]}x{image.shape[0]}")
-    img = Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)
-    soft = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img), (np.asarray(soft) >= 0.5).astype(np.uint8)
+    return data.resize_pair(image, mask, size)
 
 
 Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index or -1, image, mask, part)

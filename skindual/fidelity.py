@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from skindual.errors import UserError
-from skindual.storage import file_sha256
+from skindual.quality import LesionClassifier, images_to_tensor, train_classifier
+from skindual.storage import cache_root, file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -183,8 +184,7 @@ class CNNExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         feats = []
         for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).permute(0, 3, 1, 2)
-            x = x.float().div(127.5).sub(1).to(self.device)
+            x = images_to_tensor(images[i:i + self.batch_size], self.device)
             if x.shape[-2:] != (self.size, self.size):
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
             feats.append(self.model.features(x).mean((2, 3)).double().cpu().numpy())
@@ -211,8 +211,6 @@ def build_extractor(kind: str, *, size: int, device: str = "cpu", inception_weig
                     seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> FeatureExtractor:
     """An extractor of `EXTRACTORS`.  ``lesion-cnn`` trains on ``train()``'s (real images, class
     indices), or loads the weights cached for that content, `steps`, `seed` and `size`."""
-    from skindual.quality import LesionClassifier, train_classifier
-
     if kind == "inception":
         return InceptionExtractor(find_inception_weights(inception_weights), device)
     if kind == "random-cnn":
@@ -243,7 +241,7 @@ def feature_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The cache folder: `cache_dir`, else ``$SKINDUAL_CACHE/features`` (default ``~/.cache/skindual``)."""
     if cache_dir:
         return Path(cache_dir)
-    return Path(os.environ.get("SKINDUAL_CACHE", Path.home() / ".cache" / "skindual")) / "features"
+    return cache_root() / "features"
 
 
 def array_digest(array: np.ndarray) -> str:

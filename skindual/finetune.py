@@ -1,4 +1,4 @@
-"""Fine-tuning the joint image–mask model with Ray Train (DESIGN.md, "Joint image–mask model").
+"""Fine-tuning the joint image–mask model with Ray Train (docs/architecture.md, "The joint image–mask model").
 
 `run_finetune(config)` builds a Ray Data dataset from the training table, runs a
 `TorchTrainer` of `num_workers` DDP workers (gloo on CPU, NCCL on GPUs) over
@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from skindual import data, losses, model
+from skindual import data, losses, model, report
+from skindual.base_models import resolve_base_model
 from skindual.cli import check_fields, option
-from skindual.demo_model import load_pipeline
 from skindual.errors import UserError
+from skindual.quality import images_to_tensor
 from skindual.storage import is_remote, open_storage
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ CHECKPOINT_EMA = "ema.safetensors"
 
 @dataclass
 class FinetuneConfig:
-    training_table: str = option("", "training table parquet from the data stage; empty: the demo world's (built if missing)")
+    training_table: str = option("", "training table parquet from the data stage; empty (jobs/finetune.py): the "
+                                     "demo world's, built if missing")
     base_model: str = option("demo", "SD-2 id or folder (e.g. stabilityai/stable-diffusion-2-base); demo: the demo base")
     output: str = option("skindual-runs", "Ray Train storage_path: a folder or s3://bucket/prefix")
     name: str = option("finetune", "run name under --output; re-running the same name resumes it")
@@ -89,22 +91,10 @@ class FinetuneConfig:
 
 def training_rows(table: pa.Table, balance: bool, seed: int) -> pa.Table:
     """The classed training split, rare classes repeated (when `balance`) up to the largest class's count."""
-    codes = np.asarray(table.column("class_index"))
-    keep = (np.asarray(table.column("split")) == "train") & (codes >= 0)
-    table = table.filter(keep).select(["image_path", "mask_path", "prompt", "class_index"])
+    table = data.classed_rows(table, "train").select(["image_path", "mask_path", "prompt", "class_index"])
     if table.num_rows == 0:
         raise UserError("the training table has no classed rows in its train split; check the data stage")
-    if not balance:
-        return table
-    labels = np.asarray(table.column("class_index"))
-    counts = np.bincount(labels)
-    rng = np.random.default_rng(seed)
-    index = []
-    for c in np.flatnonzero(counts):
-        rows = np.flatnonzero(labels == c)
-        index.extend(rows)
-        index.extend(rng.choice(rows, counts.max() - len(rows), replace=True))
-    return table.take(np.sort(np.asarray(index)))
+    return data.balance_classes(table, seed) if balance else table
 
 
 def load_batch(batch: dict, size: int) -> dict:
@@ -117,7 +107,7 @@ def load_batch(batch: dict, size: int) -> dict:
 # --------------------------------------------------------------------------- the worker loop
 
 
-def _lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
     """Linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at `total`."""
     if step < warmup:
         return (step + 1) / warmup
@@ -133,7 +123,7 @@ class JointTrainer:
     def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed + seed_offset)
-        self.pipe = load_pipeline(cfg.base_model)
+        self.pipe = model.load_pipeline(cfg.base_model)
         self.vae = self.pipe.vae.to(device).eval().requires_grad_(False)
         self.text_encoder = self.pipe.text_encoder.to(device).eval().requires_grad_(False)
         self.unet = self.pipe.unet.to(device)
@@ -206,7 +196,7 @@ class JointTrainer:
     def train_step(self, batch: dict) -> dict | None:
         """One micro-batch (uint8 images, 0/1 masks, prompts); the metrics when an optimiser step was taken."""
         cfg, g, device = self.cfg, self.generator, self.device
-        images = torch.from_numpy(batch["image"]).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        images = images_to_tensor(batch["image"], device)
         masks = torch.from_numpy(batch["mask"]).to(device)
         flip = (torch.rand(len(images), generator=g) < 0.5).to(device)
         images[flip], masks[flip] = images[flip].flip(-1), masks[flip].flip(-1)
@@ -236,7 +226,7 @@ class JointTrainer:
         if self.micro % cfg.grad_accum:
             return None
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+            group["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.scaler.step(self.optimizer)
@@ -250,11 +240,11 @@ class JointTrainer:
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker; ``config["config"]`` is the run's `FinetuneConfig`."""
     import ray.train
     import ray.train.torch
 
-    cfg = FinetuneConfig(**config)
+    cfg: FinetuneConfig = config["config"]
     rank = ray.train.get_context().get_world_rank()
     trainer = JointTrainer(cfg, ray.train.torch.get_device(), seed_offset=rank)
     checkpoint = ray.train.get_checkpoint()
@@ -305,8 +295,6 @@ def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
 
 def _write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
     """Adapter folder, validation grid and loss curve under `{output}/{name}/` (rank 0 only)."""
-    from skindual import report
-
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     unet = trainer.unet.eval()
     with tempfile.TemporaryDirectory() as tmp, trainer.ema_weights():
@@ -355,7 +343,7 @@ def run_finetune(cfg: FinetuneConfig):
     open_storage(cfg.output, cfg.s3_endpoint or None).check()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=asdict(cfg) | {"resolution": size},
+        train_loop_config={"config": replace(cfg, resolution=size)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         datasets={"train": dataset},
@@ -371,21 +359,8 @@ def run_finetune(cfg: FinetuneConfig):
 def _base_resolution(base_model: str) -> int:
     from diffusers import UNet2DConditionModel
 
-    from skindual.demo_model import resolve_base_model
-
     base_model = resolve_base_model(base_model)
     unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
     vae_config = json.loads(Path(base_model, "vae", "config.json").read_text()) if Path(base_model).is_dir() else None
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
     return unet_config["sample_size"] * factor
-
-
-def resolve_inputs(cfg: FinetuneConfig, demo_output: str = "skindual-demo") -> FinetuneConfig:
-    """Fill the embedded default: without --training-table, the demo world's table (built if missing)."""
-    if cfg.training_table:
-        return cfg
-
-    from skindual.demo import prepare_demo_world
-
-    world = prepare_demo_world(demo_output, measure=False)
-    return replace(cfg, training_table=str(world.training_table))

@@ -17,10 +17,16 @@ interrupted (on the same kind of device and the same library versions; float res
 between GPU models).  The output's fingerprint covers every setting that changes bytes, batch
 size and CPU thread count included, but not --actors, --output or --classes order.
 
-Embedded default: with no --adapter, the adapter in `DEMO_ADAPTER` if that folder holds one, else
-the bare base model (a warning: its mask channel is untrained); with no --base-model, the
-adapter's base, else the shipped demo base.  Ray workers take S3 credentials from their own
-environment, and a local --output only works on one node or a shared file system.
+Model: with no --base-model, the adapter's base, else the shipped demo base; with no --adapter, the
+bare base model (a warning: its mask channel is untrained).  jobs/generate.py fills the embedded
+default first: with neither flag, the shipped demo adapter.  Ray workers take S3 credentials from
+their own environment, and a local --output only works on one node or a shared file system.
+
+Settings travel to the actors as the frozen `GenerateConfig` itself, with its automatic values
+(``--num-gpus-per-actor -1``, ``--dtype auto``) resolved by the driver, and the `ModelSpec`.
+Every field is declared once as fingerprinted (it changes the output's bytes), resolved (it enters
+the fingerprint through the resolved model, counts or device) or neither; `config_fingerprint_fields`
+builds the fingerprint from those declarations.
 
 Quality control and exact counts: a pair whose mask is empty, full-frame or fragmented
 (`quality.mask_check`, thresholds from the config) is drawn again with the row's next seed,
@@ -38,7 +44,7 @@ import logging
 import tempfile
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -48,8 +54,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skindual import __version__
+from skindual.base_models import DEMO_BASE, demo_base_id, is_demo_base
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
+from skindual.model import DualPipeline, load_adapter
 from skindual.prompts import parse_per_class, prompt_table, row_seed
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
 from skindual.shards import (Sample, check_output, committed_shards, encode_sample, write_run_files,
@@ -58,18 +66,16 @@ from skindual.storage import Storage, is_remote, open_storage
 
 log = logging.getLogger(__name__)
 
-DEMO_BASE = "demo"  # --base-model value for the shipped demo base (skindual.demo_model)
-DEMO_ADAPTER = Path(__file__).parent / "assets" / "demo_adapter"
-"""The embedded default adapter: used when no --adapter is given and this folder holds one."""
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _LIMITS = MaskLimits()
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig:
     per_class: str = option("100", "pairs per class (5000), or per class (df=5000,vasc=4000) to top up rare classes")
     classes: str = option("", "comma-separated class codes; empty: all seven")
-    adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty: the demo adapter if shipped, else none")
+    adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
+                              "no --base-model either): the shipped demo adapter")
     base_model: str = option("", "SD-2 id or folder; empty: the adapter's base model, else 'demo' (the shipped demo base)")
     output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
     samples_per_shard: int = option(1000, "pairs per WebDataset shard")
@@ -114,6 +120,24 @@ class GenerateConfig:
 
     def limits(self) -> MaskLimits:
         return MaskLimits(self.min_mask_area, self.max_mask_area, self.min_main_share)
+
+    @property
+    def device(self) -> str:
+        """"cuda" or "cpu", once `resolve_devices` has set ``num_gpus_per_actor``."""
+        return "cuda" if self.num_gpus_per_actor > 0 else "cpu"
+
+
+FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", "mask_smoothing", "dtype",
+                 "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share")
+"""Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
+RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor")
+"""Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
+(`ModelSpec`), the device, and on CPU the torch thread count."""
+NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
+"""Fields that never change the bytes of a shard."""
+_declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
+if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
+    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED or NOT_FINGERPRINTED")
 
 
 # --------------------------------------------------------------------------- quality control
@@ -196,38 +220,31 @@ def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
 
 def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter and layout of a run (the adapter's files verified by their sha256)."""
-    from skindual.demo_model import ARTIFACT
-    from skindual.storage import file_sha256
-    from skindual.model import ADAPTER_JSON, load_adapter
-
-    adapter = cfg.adapter or (str(DEMO_ADAPTER) if (DEMO_ADAPTER / ADAPTER_JSON).is_file() else None)
+    adapter = cfg.adapter or None
     sha, layout, base = None, "channels", cfg.base_model
     if adapter:
         with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
             info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
         sha, layout = info.sha256, info.layout
         # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
-        base = base or (DEMO_BASE if Path(info.base_model).parent.name == "demo_base" else info.base_model)
+        base = base or (DEMO_BASE if is_demo_base(info.base_model) else info.base_model)
     else:
-        log.warning("no --adapter (and no demo adapter in %s): sampling the bare base model, whose mask "
-                    "channel is untrained, so masks are not meaningful", DEMO_ADAPTER)
+        log.warning("no --adapter: sampling the bare base model, whose mask channel is untrained, so masks "
+                    "are not meaningful")
     base = base or DEMO_BASE
-    base_id = f"{DEMO_BASE}@{file_sha256(ARTIFACT)[:16]}" if base == DEMO_BASE else base
+    base_id = demo_base_id() if base == DEMO_BASE else base
     return ModelSpec(base, base_id, adapter, sha, layout)
 
 
-def load_generator(spec: ModelSpec, device: str, dtype: str, scheduler: str, s3_endpoint: str | None, tmp: str):
-    """The `DualPipeline` of `spec` on `device` (diffusers' default attention on torch 2 is SDPA)."""
+def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeline:
+    """The `DualPipeline` of `spec` on the config's device and dtype (diffusers' default attention on
+    torch 2 is SDPA)."""
     import torch
 
-    from skindual.demo_model import demo_base_path
-    from skindual.model import DualPipeline
-
-    adapter = fetch_adapter(spec.adapter, s3_endpoint, tmp) if spec.adapter else None
-    base = demo_base_path() if spec.base_model == DEMO_BASE else spec.base_model
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    pipe = DualPipeline.from_pretrained(base, adapter, device=device, dtype=torch_dtype, scheduler=scheduler,
-                                        layout=spec.layout)
+    adapter = fetch_adapter(spec.adapter, cfg.s3_endpoint or None, tmp) if spec.adapter else None
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
+    pipe = DualPipeline.from_pretrained(spec.base_model, adapter, device=cfg.device, dtype=torch_dtype,
+                                        scheduler=cfg.scheduler, layout=spec.layout)
     if pipe.adapter is not None and pipe.adapter.sha256 != spec.adapter_sha256:
         raise RuntimeError(f"adapter {spec.adapter} changed while the run started; rerun the job")
     return pipe
@@ -246,33 +263,32 @@ SAMPLE_STRUCT = pa.struct([
 
 class ShardGenerator:
     """Stage 1 (an actor): loads the pipeline once; per input row (a shard number) returns the
-    shard's encoded samples as one row ``{"shard", "samples"}``."""
+    shard's encoded samples as one row ``{"shard", "samples"}``.  `cfg` has its devices resolved
+    (`resolve_devices`)."""
 
-    def __init__(self, table: pa.Table, spec: ModelSpec, settings: dict):
+    def __init__(self, table: pa.Table, cfg: GenerateConfig, spec: ModelSpec):
         import torch
 
-        self.table, self.s = table, settings
-        device = "cuda" if settings["num_gpus"] > 0 else "cpu"
-        if device == "cuda":
+        self.table, self.cfg = table, cfg
+        if cfg.device == "cuda":
             torch.backends.cudnn.benchmark = False  # the same kernels every run: reproducible bytes
         else:
-            torch.set_num_threads(settings["cpu_threads"])
+            torch.set_num_threads(cpu_threads(cfg))
         self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
-        self.pipe = load_generator(spec, device, settings["dtype"], settings["scheduler"],
-                                   settings["s3_endpoint"], self._tmp.name)
+        self.pipe = load_generator(spec, cfg, self._tmp.name)
         self.encoder = ThreadPoolExecutor(2)
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        out = self.pipe(prompts, seeds, steps=self.s["steps"], guidance=self.s["guidance"],
-                        mask_smoothing=self.s["mask_smoothing"])
+        out = self.pipe(prompts, seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
+                        mask_smoothing=self.cfg.mask_smoothing)
         return out.images, out.masks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         (shard,) = batch.column("shard").to_pylist()
         rows = self.table.filter(pc.equal(self.table.column("shard"), shard)).to_pylist()
-        s = self.s
-        samples = generate_samples(rows, self._generate, s["seed"], s["batch_size"], s["max_attempts"],
-                                   MaskLimits(**s["limits"]), s["image_format"], self.encoder)
+        cfg = self.cfg
+        samples = generate_samples(rows, self._generate, cfg.seed, cfg.batch_size, cfg.max_attempts, cfg.limits(),
+                                   cfg.image_format, self.encoder)
         records = [{f: getattr(x, f) for f in SAMPLE_STRUCT.names} for x in samples]
         return pa.table({"shard": pa.array([shard], pa.int32()),
                          "samples": pa.array([records], pa.list_(SAMPLE_STRUCT))})
@@ -290,19 +306,33 @@ def write_shard_rows(batch: pa.Table, storage: Storage, run_info: dict) -> dict[
 
 # --------------------------------------------------------------------------- the driver
 
-def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, device: str, dtype: str) -> dict[str, Any]:
-    """Everything that changes the output's bytes, keyed like the flags (for `check_output`'s message)."""
-    config = {
-        "per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "seed": cfg.seed,
-        "samples_per_shard": cfg.samples_per_shard, "base_model": spec.base_id,
-        "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
-        "steps": cfg.steps, "guidance": float(cfg.guidance), "scheduler": cfg.scheduler, "device": device,
-        "mask_smoothing": float(cfg.mask_smoothing), "dtype": dtype, "image_format": cfg.image_format,
-        "batch_size": cfg.batch_size,
-        "max_attempts": cfg.max_attempts, "min_mask_area": float(cfg.min_mask_area),
-        "max_mask_area": float(cfg.max_mask_area), "min_main_share": float(cfg.min_main_share),
-    }
-    return config | ({"cpus_per_actor": float(cfg.cpus_per_actor)} if device == "cpu" else {})  # CPU: threads
+def cpu_threads(cfg: GenerateConfig) -> int:
+    """torch's thread count in a CPU actor: its reserved CPUs."""
+    return max(1, int(cfg.cpus_per_actor))
+
+
+def resolve_devices(cfg: GenerateConfig, cluster_gpus: float) -> GenerateConfig:
+    """`cfg` with ``--num-gpus-per-actor -1`` and ``--dtype auto`` resolved for a cluster of `cluster_gpus`."""
+    num_gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor >= 0 else float(cluster_gpus > 0)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if num_gpus > 0 else "fp32")
+    if num_gpus == 0 and dtype == "fp16":
+        raise UserError("--dtype fp16 needs a GPU (--num-gpus-per-actor); use fp32 or bf16 on CPU")
+    return replace(cfg, num_gpus_per_actor=float(num_gpus), dtype=dtype)
+
+
+def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
+    """Everything that changes the output's bytes, keyed like the flags (for `check_output`'s message):
+    the `FINGERPRINTED` fields as they are (numbers by their declared type), the `RESOLVED` ones
+    through the counts, the model and the device.  `cfg` has its devices resolved."""
+    types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
+    plain = {name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
+             for name in FINGERPRINTED}
+    resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
+                "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none",
+                "layout": spec.layout, "device": cfg.device}
+    if cfg.device == "cpu":  # torch's thread count changes float results on CPU
+        resolved["cpus_per_actor"] = float(cfg.cpus_per_actor)
+    return plain | resolved
 
 
 def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> dict[str, Any]:
@@ -312,27 +342,12 @@ def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> di
             "fingerprint": fingerprint, "image_format": cfg.image_format}
 
 
-def actor_settings(cfg: GenerateConfig, num_gpus: float, dtype: str) -> dict[str, Any]:
-    """What a `ShardGenerator` needs besides the prompt table and the model."""
-    return {"num_gpus": num_gpus, "cpu_threads": max(1, int(cfg.cpus_per_actor)), "dtype": dtype,
-            "scheduler": cfg.scheduler, "s3_endpoint": cfg.s3_endpoint or None, "steps": cfg.steps,
-            "guidance": cfg.guidance, "mask_smoothing": cfg.mask_smoothing, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "max_attempts": cfg.max_attempts, "limits": asdict(cfg.limits()),
-            "image_format": cfg.image_format}
-
-
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate the run's missing shards on the current Ray cluster; return the manifest."""
     import ray
 
     spec = resolve_model(cfg)
-    num_gpus = cfg.num_gpus_per_actor
-    if num_gpus < 0:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    device = "cuda" if num_gpus > 0 else "cpu"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
-    if device == "cpu" and dtype == "fp16":
-        raise UserError("--dtype fp16 needs a GPU (--num-gpus-per-actor); use fp32 or bf16 on CPU")
+    run = resolve_devices(cfg, ray.cluster_resources().get("GPU", 0))
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
     if not is_remote(storage.url) and sum(n["Alive"] for n in ray.nodes()) > 1:
@@ -340,27 +355,26 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
                     "node writes them unless it is a shared file system; use s3://", storage.url)
     counts = cfg.counts()
     table = prompt_table(counts, cfg.seed, cfg.samples_per_shard)
-    config = fingerprint_config(cfg, spec, device, dtype)
+    config = fingerprint_config(run, spec)
     fingerprint = check_output(storage, config, cfg.overwrite)
     shards = sorted(set(table.column("shard").to_pylist()))
     committed = set(committed_shards(storage))
     todo = [s for s in shards if s not in committed]
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
-             table.num_rows, len(shards), len(shards) - len(todo), len(todo), spec.base_id, cfg.actors, device)
-    run_info, settings = shard_run_info(cfg, spec, fingerprint), actor_settings(cfg, num_gpus, dtype)
+             table.num_rows, len(shards), len(shards) - len(todo), len(todo), spec.base_id, cfg.actors, run.device)
     if todo:
         dataset = (ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                                num_gpus=num_gpus, num_cpus=cfg.cpus_per_actor,
-                                fn_constructor_kwargs={"table": table, "spec": spec, "settings": settings})
+                                num_gpus=run.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+                                fn_constructor_kwargs={"table": table, "cfg": run, "spec": spec})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                                fn_kwargs={"storage": storage, "run_info": run_info}))
+                                fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
         _follow(dataset, table, todo, len(shards))
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
         "resolved": {**config, "base_model_path": spec.base_model, "adapter_url": spec.adapter,
-                     "num_gpus_per_actor": num_gpus},
+                     "num_gpus_per_actor": run.num_gpus_per_actor},
         "asked_per_class": counts, "fingerprint": fingerprint,
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })

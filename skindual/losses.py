@@ -3,8 +3,8 @@
 ``total = w_img·L(image latents) + w_mask·L(mask latents) + w_geo·(Dice + BCE)``, where the two
 denoising terms are MSE against the target the scheduler's ``prediction_type`` asks for
 (optionally min-SNR-γ weighted per sample), and the geometry term decodes the model's predicted
-x0 of the mask latents and compares it with the true binary mask (DESIGN.md, "Joint image–mask
-model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's timestep.
+x0 of the mask latents and compares it with the true binary mask (docs/architecture.md, "The joint
+image–mask model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's timestep.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The joint image–mask model: Stable Diffusion 2 adapted so that ONE sampling pass yields both.
 
-Layouts (DESIGN.md, "Joint image–mask model"): ``channels`` stacks image and mask latents to 8
+Layouts (docs/architecture.md, "The joint image–mask model"): ``channels`` stacks image and mask latents to 8
 channels (UNet ``conv_in``/``conv_out`` widened, mask inputs starting at zero so step 0 is the
 base model); ``side-by-side`` puts image | mask on one canvas of twice the width (stock UNet, so
 its LoRA file loads into any Stable Diffusion tool).  An adapter folder holds the diffusers LoRA
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from skindual.demo_model import load_pipeline, mask_to_image
-from skindual.storage import file_sha256
+from skindual.base_models import is_demo_base, resolve_base_model
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
 from skindual.quality import MASK_SMOOTHING, largest_component
+from skindual.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,22 @@ def check_train(train: str) -> str:
     return train
 
 
-# --------------------------------------------------------------------------- UNet and latents
+# --------------------------------------------------------------------------- base pipeline, UNet and latents
+
+
+def load_pipeline(model: str | Path, torch_dtype=torch.float32):
+    """Load any SD-2-style pipeline: a hub id, a local folder, or `demo` (the shipped demo base)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        resolve_base_model(model), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+    )
+
+
+def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Binary N×H×W masks → N×3×H×W in {-1, 1}: how the shared VAE sees a mask."""
+    m = torch.as_tensor(masks).float()
+    return (m * 2 - 1)[:, None].expand(-1, 3, -1, -1)
 
 
 def widen_unet(unet) -> None:
@@ -297,8 +312,8 @@ def smooth_mask_logits(logits: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing (σ in pixels) of N×H×W decoded mask logits, each image on its own.
 
     A VAE decoder fed a generated mask latent draws its edge with spikes and notches about a latent
-    cell wide; smoothing before the threshold removes them and keeps the shape (demo: compactness
-    0.57 -> 0.88 at σ = 3/4 cell, real masks 0.94; per class within 0.1 of the real ones)."""
+    cell wide; smoothing before the threshold removes them and keeps the shape (what it buys on the
+    demo: docs/demo-results.md)."""
     from scipy import ndimage
 
     if sigma <= 0:
@@ -338,7 +353,8 @@ class DualPipeline:
         if info is not None and layout is not None and layout != info.layout:
             raise UserError(f"adapter {adapter} has layout {info.layout!r}, not {layout!r}")
         layout = info.layout if info is not None else (layout or "channels")
-        if info is not None and info.base_model != str(base_model):
+        if info is not None and info.base_model != str(base_model) and not (is_demo_base(info.base_model)
+                                                                            and is_demo_base(base_model)):
             log.warning("adapter %s was trained on %s, loading it onto %s", adapter, info.base_model, base_model)
         pipe = load_pipeline(base_model, torch_dtype=dtype)
         if info is not None:

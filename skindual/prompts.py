@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from skindual.errors import UserError
 
-MAX_SAMPLES_PER_SHARD = 10_000  # sample keys are shard * 10**4 + index (DESIGN.md, "Shards")
+MAX_SAMPLES_PER_SHARD = 10_000  # sample keys are shard * 10**4 + index (docs/architecture.md, "Formats")
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ PROMPT_TABLE_SCHEMA = pa.schema(
 
 
 def sample_key(shard: int, index: int) -> str:
-    """The 9-digit WebDataset key of sample `index` in `shard` (DESIGN.md: shard * 10**4 + index)."""
+    """The 9-digit WebDataset key of sample `index` in `shard` (shard * 10**4 + index)."""
     if not 0 <= index < MAX_SAMPLES_PER_SHARD:
         raise ValueError(f"sample index {index} out of range 0..{MAX_SAMPLES_PER_SHARD - 1}")
     return f"{shard * MAX_SAMPLES_PER_SHARD + index:09d}"

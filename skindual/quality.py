@@ -124,9 +124,10 @@ class LesionClassifier(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+def images_to_tensor(images: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (on `device`: moved there as uint8, then converted)."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return (x.to(device) if device is not None else x).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def _soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

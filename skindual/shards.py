@@ -1,4 +1,4 @@
-"""WebDataset shards of generated (image, mask) pairs, img2dataset-compatible (DESIGN.md, "Shards").
+"""WebDataset shards of generated (image, mask) pairs, img2dataset-compatible (docs/architecture.md, "Formats").
 
 One shard is three files under the output root, uploaded through `skindual.storage` in this order:
 
@@ -417,9 +417,8 @@ def _cat(url: str, s3_endpoint: str | None) -> int:
     if not is_remote(url):
         print(f"skindual.shards cat: {url} is not an s3:// URL", file=sys.stderr)
         return 2
-    try:  # S3Storage's call wrapper turns a missing object or bad credentials into one line
-        body = storage._object_call("get_object", name)["Body"]  # type: ignore[attr-defined]
-        for chunk in body.iter_chunks(1 << 20):
+    try:  # the storage layer turns a missing object or bad credentials into one line
+        for chunk in storage.iter_bytes(name):
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
     except BrokenPipeError:  # the reader stopped early: exit quietly with the status of a

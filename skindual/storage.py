@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote
@@ -34,7 +34,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
 
 from skindual.errors import StorageError
 
-__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "is_remote", "open_storage"]
+__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "is_remote",
+           "open_storage"]
 
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
 """S3 multipart threshold and part size of `Storage.upload_file` (S3's minimum part is 5 MiB)."""
@@ -44,6 +45,12 @@ _DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
            "InvalidToken", "ExpiredToken"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _T = TypeVar("_T")
+
+
+def cache_root() -> Path:
+    """This node's cache folder: ``$SKINDUAL_CACHE``, else ``~/.cache/skindual`` (the materialised demo base,
+    cached features and extractor weights live under it)."""
+    return Path(os.environ.get("SKINDUAL_CACHE", Path.home() / ".cache" / "skindual"))
 
 
 def is_remote(url: str | os.PathLike[str]) -> bool:
@@ -109,6 +116,10 @@ class Storage(ABC):
         """The content of ``relpath``; `FileNotFoundError` when there is no such file."""
 
     @abstractmethod
+    def iter_bytes(self, relpath: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The content of ``relpath`` in chunks, streamed (`FileNotFoundError` when there is no such file)."""
+
+    @abstractmethod
     def exists(self, relpath: str) -> bool:
         """Whether the file ``relpath`` exists (on S3, False also when the bucket is missing)."""
 
@@ -169,6 +180,11 @@ class LocalStorage(Storage):
 
     def read_bytes(self, relpath: str) -> bytes:
         return self._path(relpath).read_bytes()
+
+    def iter_bytes(self, relpath: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        with self._path(relpath).open("rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
 
     def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
@@ -285,6 +301,10 @@ class S3Storage(Storage):
     def read_bytes(self, relpath: str) -> bytes:
         body = self._object_call("get_object", relpath)["Body"]
         return self._call(body.read, relpath)
+
+    def iter_bytes(self, relpath: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        body = self._object_call("get_object", relpath)["Body"]
+        yield from body.iter_chunks(chunk_size)
 
     def exists(self, relpath: str) -> bool:
         try:

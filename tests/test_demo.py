@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from skindual import data, demo_data, demo_model, quality
+from skindual import base_models, data, demo_data, demo_model, quality
+from skindual.model import load_pipeline
+from skindual.storage import file_sha256
 from skindual.prompts import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +26,7 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    return demo_model.demo_base_path(cache=tmp_path_factory.mktemp("cache"))
+    return base_models.demo_base_path(cache=tmp_path_factory.mktemp("cache"))
 
 
 def test_demo_counts_keep_ham10000_proportions():
@@ -47,7 +49,7 @@ def test_real_reader_reads_the_demo_folder(demo_root):
 
 
 def test_a_second_set_with_other_ids_and_the_low_data_table(demo_root, tmp_path):
-    from skindual.demo import low_data_table
+    from skindual.data import low_data_table
 
     other = demo_data.write_demo_dataset(tmp_path / "test", {c: 2 for c in SMALL}, seed=4, first_number=1_000_000)
     ids = [set(data.read_ham10000(str(root)).table.column(k).to_pylist()) for root in (demo_root, other)
@@ -120,15 +122,15 @@ def test_shipped_base_loads_through_from_pretrained(base_folder):
 
 
 def test_base_cache_is_keyed_by_artifact_hash(base_folder, tmp_path):
-    digest = demo_model.file_sha256(demo_model.ARTIFACT)[:16]
+    digest = file_sha256(base_models.ARTIFACT)[:16]
     assert base_folder.name == digest
     stamp = (base_folder / "model_index.json").stat().st_mtime_ns
-    assert demo_model.demo_base_path(cache=base_folder.parents[1]) == base_folder
+    assert base_models.demo_base_path(cache=base_folder.parents[1]) == base_folder
     assert (base_folder / "model_index.json").stat().st_mtime_ns == stamp
 
 
 def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
-    pipe = demo_model.load_pipeline(base_folder)
+    pipe = load_pipeline(base_folder)
     images, masks, _ = data.load_arrays(data.read_ham10000(str(demo_root)).table, 64)
     figures = demo_model.vae_reconstruction(pipe.vae, images, masks)
     assert figures["psnr_db"] >= 24.0, figures
@@ -140,8 +142,8 @@ def test_rebuild_recipe_still_runs_shortened(tmp_path):
     pipe, configs = demo_model.pretrain_demo_base(recipe)
     artifact = tmp_path / "base.safetensors"
     demo_model.save_artifact(pipe, recipe, artifact, configs)
-    folder = demo_model.demo_base_path(artifact, cache=tmp_path / "cache")
-    again = demo_model.load_pipeline(folder)
+    folder = base_models.demo_base_path(artifact, cache=tmp_path / "cache")
+    again = load_pipeline(folder)
     assert again.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
     for name in ("unet", "vae", "text_encoder"):
         for (k, a), b in zip(getattr(pipe, name).state_dict().items(), getattr(again, name).state_dict().values()):

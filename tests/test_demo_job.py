@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from skindual import model
-from skindual.demo import DEMO_FINETUNE, DEMO_TEST_PER_CLASS, STAGES
+from skindual.demo import DEMO_FINETUNE, STAGES
+from skindual.demo_world import DEMO_TEST_PER_CLASS
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
 

@@ -132,9 +132,9 @@ def test_bad_flags_name_the_flag(capsys):
 
 def test_real_fraction_keeps_a_share_of_every_class(eval_world):
     from skindual import data
-    from skindual.evaluate import _rows, fraction_per_class
+    from skindual.data import classed_rows, fraction_per_class
 
-    rows = _rows(data.read_training_table(eval_world["table"]), "train")
+    rows = classed_rows(data.read_training_table(eval_world["table"]), "train")
     counts = np.bincount(np.asarray(rows.column("class_index")), minlength=7)
     part = fraction_per_class(rows, 0.3, seed=0)
     part_counts = np.bincount(np.asarray(part.column("class_index")), minlength=7)
@@ -176,8 +176,8 @@ def test_a_separate_test_table_is_the_downstream_test_set(eval_world, tmp_path, 
 
 def test_the_embedded_default_is_the_demo_world_and_its_balanced_test_set(skindual_cache, tmp_path):
     from skindual import data
-    from skindual.demo import DEMO_TEST_PER_CLASS
-    from skindual.evaluate import resolve_inputs
+    from skindual.demo_world import DEMO_TEST_PER_CLASS
+    from skindual.demo_world import evaluate_defaults as resolve_inputs
 
     cfg = resolve_inputs(EvaluateConfig(), demo_output=str(tmp_path / "demo"))
     assert cfg.real == str(tmp_path / "demo" / "training_table.parquet")

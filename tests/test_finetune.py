@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from skindual import model
-from skindual.demo_model import demo_base_path, load_pipeline
+from skindual.base_models import demo_base_path
 from skindual.errors import UserError
 from skindual.finetune import (
     FinetuneConfig,
     JointTrainer,
-    _lr_factor,
     load_batch,
+    lr_factor,
     training_rows,
 )
 from skindual.storage import open_storage
@@ -104,7 +104,7 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_tab
 
     # the adapter holds the EMA of the trained weights, carried across the kill: compare it with the
     # last checkpoint's EMA loaded by hand
-    pipe = load_pipeline("demo")
+    pipe = model.load_pipeline("demo")
     model.prepare_unet(pipe.unet, "channels", lora_rank=4)
     pipe.unet.load_state_dict(load_file(final / "ema.safetensors"), strict=False)
     trained = model.DualPipeline(pipe.to(torch.float32), "channels")
@@ -159,11 +159,11 @@ def test_balanced_rows_even_out_classes(demo_table):
 
 
 def test_learning_rate_warms_up_then_holds_or_decays_to_zero():
-    assert [_lr_factor(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert _lr_factor(10, 4, 20, "constant") == 1.0
-    assert _lr_factor(4, 4, 20, "cosine") == 1.0
-    assert _lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
-    assert _lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+    assert [lr_factor(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(10, 4, 20, "constant") == 1.0
+    assert lr_factor(4, 4, 20, "cosine") == 1.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
 
 
 def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_table):

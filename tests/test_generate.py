@@ -117,7 +117,8 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     """The adapter path in one process: an adapter folder on S3 → resolve_model → the stage-1 actor
     class and the stage-2 writer called directly (the Ray job tests below use the bare base)."""
     from skindual import model
-    from skindual.demo_model import demo_base_path, load_pipeline
+    from skindual.base_models import demo_base_path
+    from skindual.model import load_pipeline
 
     base = demo_base_path()
     pipe = load_pipeline(base)
@@ -131,7 +132,7 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     spec = generate.resolve_model(cfg)
     assert (spec.base_model, spec.adapter_sha256, spec.layout) == ("demo", info.sha256, "channels")
     table = prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard)
-    actor = generate.ShardGenerator(table, spec, generate.actor_settings(cfg, 0, "fp32"))
+    actor = generate.ShardGenerator(table, generate.resolve_devices(cfg, 0), spec)
     assert actor.pipe.adapter.sha256 == info.sha256 and actor.pipe.unet.config.in_channels == 8
     out = LocalStorage(tmp_path / "out")
     stats = generate.write_shard_rows(actor(pa.table({"shard": [1]})), out,

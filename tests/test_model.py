@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from skindual import model
-from skindual.demo_model import assemble_pipeline, build_components, build_tokenizer, component_configs, load_pipeline
+from skindual.base_models import assemble_pipeline, build_components
+from skindual.demo_model import build_tokenizer, component_configs
 from skindual.errors import UserError
-from skindual.model import DualPipeline, load_adapter, pack_latents, prepare_unet, save_adapter, unpack_latents
+from skindual.model import (DualPipeline, load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
+                            unpack_latents)
 from skindual.quality import largest_component
 
 torch.set_num_threads(1)
@@ -270,8 +272,7 @@ def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
 
 SAVE_IN_A_FRESH_PROCESS = """
 import sys, torch
-from skindual.demo_model import load_pipeline
-from skindual.model import prepare_unet, save_adapter
+from skindual.model import load_pipeline, prepare_unet, save_adapter
 torch.manual_seed(0)
 pipe = load_pipeline(sys.argv[1])
 prepare_unet(pipe.unet, "channels", lora_rank=4)

@@ -1,0 +1,106 @@
+"""Base-model names that are not a hub id or a folder: the shipped demo base.
+
+``--base-model demo`` names the tiny SD-2-shaped pipeline shipped as one safetensors artifact
+(`ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata).  `resolve_base_model`
+turns the name into a folder that ``StableDiffusionPipeline.from_pretrained`` loads, materialising the
+artifact once per node into the cache (``$SKINDUAL_CACHE/demo_base/<sha256>``), lazily: each Ray
+worker does it on first use.  Any other name passes through unchanged.  How the demo base is
+pretrained lives with the demo world (`skindual.demo_model`); this module only reads the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from skindual.errors import UserError
+from skindual.storage import cache_root, file_sha256
+
+DEMO_BASE = "demo"
+"""The --base-model value (and an adapter's recorded base) naming the shipped demo base."""
+ARTIFACT = Path(__file__).parent / "assets" / "demo_base.safetensors"
+REBUILD_COMMAND = "python jobs/build_demo.py --rebuild"
+CACHE_FOLDER = "demo_base"  # under cache_root(): one folder per artifact hash
+
+
+def build_components(configs: dict[str, dict], seed: int = 0) -> dict:
+    """Freshly initialised SD-2-style components (CLIP text encoder, `AutoencoderKL`,
+    `UNet2DConditionModel`, DDIM scheduler) from their configs."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval(),
+        "vae": AutoencoderKL(**configs["vae"]),
+        "unet": UNet2DConditionModel(**configs["unet"]),
+        "scheduler": DDIMScheduler(**configs["scheduler"]),
+    }
+
+
+def assemble_pipeline(components: dict, tokenizer):
+    """A `StableDiffusionPipeline` of the given components, without a safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **components,
+    )
+
+
+def pipeline_from_artifact(path: str | Path = ARTIFACT):
+    """The demo base pipeline (fp32) straight from its artifact file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    configs = json.loads(metadata["configs"])
+    tok = json.loads(metadata["tokenizer"])
+    tokenizer = CLIPTokenizer(vocab=tok["vocab"], merges=[tuple(m) for m in tok["merges"]], model_max_length=77)
+    components = build_components(configs)
+    tensors = load_file(str(path))
+    for name in ("text_encoder", "vae", "unet"):
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        components[name].load_state_dict(state, strict=True)
+    return assemble_pipeline(components, tokenizer)
+
+
+def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -> Path:
+    """A `from_pretrained`-loadable folder of the demo base, materialised once per artifact hash."""
+    if not Path(artifact).is_file():
+        raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
+                        f"or rebuild it with `{REBUILD_COMMAND}`")
+    digest = file_sha256(artifact)[:16]
+    target = (cache or cache_root()) / CACHE_FOLDER / digest
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
+    pipeline_from_artifact(artifact).save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process materialised it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_demo_base(model: str | Path) -> bool:
+    """Whether `model` names the demo base: the alias, or a folder it was materialised into."""
+    return str(model) == DEMO_BASE or Path(str(model)).parent.name == CACHE_FOLDER
+
+
+def demo_base_id(artifact: str | Path = ARTIFACT) -> str:
+    """How outputs name the demo base: ``demo@<first 16 hex digits of the artifact's sha256>``."""
+    return f"{DEMO_BASE}@{file_sha256(artifact)[:16]}"
+
+
+def resolve_base_model(model: str | Path) -> str:
+    """`demo` → its cached folder; any other id or folder as given."""
+    return str(demo_base_path()) if str(model) == DEMO_BASE else str(model)

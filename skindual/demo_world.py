@@ -1,0 +1,180 @@
+"""The offline demo world in one call: procedural data, the demo base, the embedded defaults of the jobs.
+
+`prepare_demo_world` writes the procedural HAM10000-layout folder and its training table, the
+separate balanced test set, makes the demo base pipeline ready (from the shipped artifact, or
+pretrained from scratch), and, when asked, measures the base: VAE reconstruction of held-out demo
+images and masks, and class fidelity of its samples (a small classifier trained on real demo
+images, its accuracy on the base's samples of each class).
+
+The jobs' embedded defaults come from here, resolved by the job entry points (the stages never
+look at the demo world): `finetune_defaults`, `evaluate_defaults` and `generate_defaults` fill the
+flags a user left empty with the demo world's tables and the shipped demo adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skindual import data, demo_data, demo_model, quality
+from skindual.base_models import ARTIFACT, DEMO_BASE, demo_base_path
+from skindual.evaluate import EvaluateConfig
+from skindual.finetune import FinetuneConfig
+from skindual.generate import GenerateConfig
+from skindual.model import ADAPTER_JSON, load_pipeline
+from skindual.prompts import CLASSES, build_prompt, row_seed
+
+log = logging.getLogger(__name__)
+
+DEMO_OUTPUT = "skindual-demo"
+"""Where the jobs' embedded defaults build the demo world (the default --output of jobs/build_demo.py)."""
+DEMO_ADAPTER = Path(__file__).parent / "assets" / "demo_adapter"
+"""The shipped demo adapter: generation's embedded default (how it was trained: `skindual.demo.DEMO_FINETUNE`)."""
+DEMO_TEST_PER_CLASS = 40
+"""Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
+``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
+imbalance, so its own test split holds only 2 df and 2 vasc images, too few to measure a rare
+class's recall; like ISIC 2018's test set for HAM10000, this one is drawn apart (other seed, other
+ids) and balanced."""
+DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apart from the main data's
+
+
+@dataclass
+class DemoWorld:
+    data_root: Path
+    training_table: Path
+    base_model: Path  # a from_pretrained folder
+    report: dict
+    test_table: Path  # the separate balanced test set's table (`DEMO_TEST_PER_CLASS`)
+
+
+def prepare_demo_world(
+    output: str | Path,
+    *,
+    data_scale: float = 0.1,
+    seed: int = 0,
+    artifact: str | Path = ARTIFACT,
+    rebuild: demo_model.PretrainRecipe | None = None,
+    measure: bool = True,
+    samples_per_class: int = 24,
+    sample_steps: int = 25,
+    guidance: float = 4.0,
+) -> DemoWorld:
+    """Demo data under `output/data`, its table at `output/training_table.parquet`, the separate test set
+    under `output/data-test` (table `output/test_table.parquet`), the base ready, a report."""
+    output = Path(output)
+    started = time.perf_counter()
+    report: dict = {}
+    data_root = output / "data"
+    if not (data_root / demo_data.METADATA_CSV).exists():
+        demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed)
+    table_path = output / "training_table.parquet"
+    table = data.training_table(str(data_root), seed=seed).table
+    data.write_training_table(table, str(table_path))
+    test_root, test_table = output / "data-test", output / "test_table.parquet"
+    if not (test_root / demo_data.METADATA_CSV).exists():
+        demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
+                                     first_number=DEMO_TEST_FIRST_ID)
+    data.write_training_table(data.training_table(str(test_root), seed=seed).table, str(test_table))
+    report["data_seconds"] = round(time.perf_counter() - started, 1)
+    report["class_counts"] = {c.code: int(np.sum(np.asarray(table.column("class_index")) == c.index)) for c in CLASSES}
+    log.info("demo data: %d pairs at %s (%s)", table.num_rows, data_root, report["class_counts"])
+
+    if rebuild is not None:
+        t = time.perf_counter()
+        pipe, configs = demo_model.pretrain_demo_base(rebuild)
+        demo_model.save_artifact(pipe, rebuild, artifact, configs)
+        report["pretrain_seconds"] = round(time.perf_counter() - t, 1)
+        log.info("demo base pretrained in %.0f s, written to %s", report["pretrain_seconds"], artifact)
+    base = demo_base_path(artifact)
+    report["base_ready_seconds"] = round(time.perf_counter() - started, 1)
+    log.info("demo base ready at %s after %.1f s", base, report["base_ready_seconds"])
+
+    if measure:
+        report.update(measure_base(base, table, samples_per_class, sample_steps, guidance, seed))
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "demo_world.json").write_text(json.dumps(report, indent=2) + "\n")
+    return DemoWorld(data_root, table_path, base, report, test_table)
+
+
+def measure_base(base: Path, table, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
+    """VAE reconstruction on held-out demo pairs, and class fidelity of the base's samples."""
+    pipe = load_pipeline(base)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    train = table.filter(np.asarray(table.column("split")) == "train")
+    test = table.filter(np.asarray(table.column("split")) == "test")
+    test_images, test_masks, test_labels = data.load_arrays(test, size)
+    recon = demo_model.vae_reconstruction(pipe.vae, test_images, test_masks)
+    log.info("VAE on %d held-out demo pairs: PSNR %.1f dB, mask Dice %.3f", len(test_images),
+             recon["psnr_db"], recon["mask_dice"])
+
+    t = time.perf_counter()
+    train_images, _, train_labels = data.load_arrays(train, size)
+    classifier = quality.train_classifier(train_images, train_labels, seed=seed)
+    real_accuracy = float((quality.classify(classifier, test_images) == test_labels).mean())
+    log.info("class-fidelity classifier: %.3f on held-out real demo images (%.0f s)", real_accuracy,
+             time.perf_counter() - t)
+
+    samples, labels = sample_base(pipe, samples_per_class, steps, guidance, seed)
+    fidelity = quality.class_fidelity(classifier, samples, labels)
+    per_class = {CLASSES[i].code: round(v, 3) for i, v in fidelity.items()}
+    log.info("base class fidelity: mean %.3f %s", np.mean(list(fidelity.values())), per_class)
+    return {
+        "vae_psnr_db": round(recon["psnr_db"], 2), "vae_mask_dice": round(recon["mask_dice"], 4),
+        "classifier_real_accuracy": round(real_accuracy, 4),
+        "base_class_fidelity": per_class, "base_class_fidelity_mean": round(float(np.mean(list(fidelity.values()))), 3),
+        "fidelity_samples_per_class": samples_per_class, "sample_steps": steps, "guidance": guidance,
+    }
+
+
+@torch.no_grad()
+def sample_base(pipe, per_class: int, steps: int, guidance: float, seed: int, batch: int = 56):
+    """Image-only samples of the base pipeline, `per_class` of every class: (uint8 images, class indices)."""
+    prompts, labels, seeds = [], [], []
+    for cls in CLASSES:
+        for i in range(per_class):
+            prompts.append(build_prompt(cls.code))
+            labels.append(cls.index)
+            seeds.append(row_seed(seed, cls.index * 100_000 + i))
+    images = []
+    for i in range(0, len(prompts), batch):
+        generators = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=generators, output_type="np").images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images), np.asarray(labels)
+
+
+
+# --------------------------------------------------------------------------- the jobs' embedded defaults
+
+
+def finetune_defaults(cfg: FinetuneConfig, demo_output: str = DEMO_OUTPUT) -> FinetuneConfig:
+    """Without --training-table, the demo world's table (built if missing)."""
+    if cfg.training_table:
+        return cfg
+    world = prepare_demo_world(demo_output, measure=False)
+    return replace(cfg, training_table=str(world.training_table))
+
+
+def evaluate_defaults(cfg: EvaluateConfig, demo_output: str = DEMO_OUTPUT) -> EvaluateConfig:
+    """Without --real, the demo world's training table and (without --test-table) its separate
+    balanced test set (built if missing)."""
+    if cfg.real:
+        return cfg
+    world = prepare_demo_world(demo_output, measure=False)
+    return replace(cfg, real=str(world.training_table), test_table=cfg.test_table or str(world.test_table))
+
+
+def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:
+    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter."""
+    if cfg.adapter or cfg.base_model not in ("", DEMO_BASE) or not (DEMO_ADAPTER / ADAPTER_JSON).is_file():
+        return cfg
+    return replace(cfg, adapter=str(DEMO_ADAPTER))

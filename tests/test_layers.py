@@ -1,0 +1,152 @@
+"""Dependencies point one way: the import graph of `skindual/`, read from the source with `ast`.
+
+Every import counts, at the top of a module or inside a function.  The layers, ground up, are in
+`LAYERS` (docs/architecture.md draws them); a module may import its own layer or those below, and
+the graph has no cycle.  The stages and the model never import the demo world.  No module, job,
+bench script or test imports a ``_private`` name from another module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "skindual"
+
+LAYERS: dict[str, int] = {
+    "skindual": 1, "errors": 1, "cli": 1, "prompts": 1, "storage": 1,
+    "data": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
+    "base_models": 3, "model": 3,
+    "losses": 4, "shards": 4, "report": 4, "realdata": 4,
+    "finetune": 5, "generate": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
+    "demo_data": 6, "demo_model": 6, "demo_world": 6,
+    "demo": 7,
+}
+"""Module (under skindual/) → its layer: 1 errors, CLI, prompts, storage; 2 data and the pure measures;
+3 the model (and the small module that resolves the "demo" base alias); 4 losses, shards, report,
+the real-dataset reader; 5 the stages; 6 the demo world; 7 the demo chain."""
+NEVER_DEMO = {"model", "losses", "base_models", "finetune", "generate", "evaluate", "export", "prepare", "qc_model"}
+
+
+def module_name(path: Path) -> str:
+    return "skindual" if path.name == "__init__.py" else path.stem
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """(skindual module imported, line) for every import in the file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name.split(".")[1] if "." in a.name else "skindual", node.lineno)
+                      for a in node.names if a.name.split(".")[0] == "skindual"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] != "skindual":
+                continue
+            if len(parts) > 1:
+                found.append((parts[1], node.lineno))
+            else:  # from skindual import data, model: each name a module (or a package attribute)
+                found += [(a.name if (PACKAGE / f"{a.name}.py").exists() else "skindual", node.lineno)
+                          for a in node.names]
+    return found
+
+
+def graph() -> dict[str, dict[str, int]]:
+    """module → {imported module: first line}."""
+    edges: dict[str, dict[str, int]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        name = module_name(path)
+        edges[name] = {}
+        for target, line in imports_of(path):
+            if target != name:
+                edges[name].setdefault(target, line)
+    return edges
+
+
+def cycles(edges: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(graph()) - set(LAYERS)) == []
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = [f"skindual/{m}.py:{line} imports {t} (layer {LAYERS.get(t)} > {LAYERS[m]})"
+              for m, targets in graph().items() for t, line in targets.items()
+              if m in LAYERS and LAYERS.get(t, 0) > LAYERS[m]]
+    assert upward == []
+
+
+def test_the_import_graph_has_no_cycle():
+    assert cycles(graph()) == []
+
+
+def test_the_stages_and_the_model_never_import_the_demo():
+    reaching = [f"skindual/{m}.py:{line} imports {t}" for m, targets in graph().items() if m in NEVER_DEMO
+                for t, line in targets.items() if t.startswith("demo")]
+    assert reaching == []
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from skindual.x import _y`, and `x._y` on a module imported from skindual, in one file."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "skindual":
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{alias.name}")
+                if node.module == "skindual":
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("skindual")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_nothing_imports_a_private_name_from_another_module():
+    files = [p for folder in ("skindual", "jobs", "bench", "tests") for p in sorted((ROOT / folder).glob("*.py"))]
+    assert [line for path in files for line in private_imports(path)] == []
+
+
+def test_the_layer_test_sees_an_upward_import_inside_a_function(tmp_path):
+    source = tmp_path / "finetune.py"
+    source.write_text("def resolve():\n    from skindual.demo import prepare_demo_world\n")
+    assert imports_of(source) == [("demo", 2)]
+    assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
