@@ -21,8 +21,15 @@ guidance, QC thresholds off so every pair takes one draw), which must stay flat 
 streams shards.  ``driver_output_mb`` is what the whole output weighs: what a driver that held
 every result would add, for judging how meaningful flatness is at the demo's 64-pixel images.
 
+The tail: ``busy_share`` is the share of actor time that does work for the mission's run, 35,000
+pairs on 16 actors, with the default split of the pairs into shards (`auto_samples_per_shard`),
+against fixed 1,000-pair shards (``busy_share_1000_per_shard``), each shard's time ∝ its pairs.
+
     python bench/generate_throughput.py [--per-class 16] [--classes df,nv,vasc] [--steps 10]
         [--batch-size 8] [--samples-per-shard 8] [--driver-per-class 50 500] [--skip-driver]
+
+The last line is one JSON object: ``ratio`` (Ray with one actor ÷ the bare loop, steady pairs/s),
+``busy_share``, ``busy_share_1000_per_shard``, ``scaling_ray2_over_ray1``, ``same_bytes``, ``driver_rss_ratio``.
 """
 
 from __future__ import annotations
@@ -242,7 +249,25 @@ def main() -> None:
             small, large = (driver[str(n)]["driver_peak_rss_mb"] for n in args.driver_per_class)
             driver["ratio_large_over_small"] = round(large / small, 3)
             result["driver_memory"] = driver
+    result["tail"] = tail_figures()
     print(json.dumps(result, indent=2))
+    print(json.dumps({"ratio": result["ratio_ray1_over_bare"], "busy_share": result["tail"]["busy_share"],
+                      "busy_share_1000_per_shard": result["tail"]["busy_share_1000_per_shard"],
+                      "scaling_ray2_over_ray1": result["scaling_ray2_over_ray1"], "same_bytes": result["same_bytes"],
+                      "driver_rss_ratio": result.get("driver_memory", {}).get("ratio_large_over_small")}))
+
+
+def tail_figures(pairs: int = 35_000, actors: int = 16) -> dict:
+    """The share of busy actor time for the mission's run (`--per-class 5000`: 35,000 pairs on 16 actors):
+    the default split (`auto_samples_per_shard`) against fixed 1,000-pair shards, one shard a task."""
+    from skindual.generate import SHARD_PAIRS, auto_samples_per_shard, busy_share
+
+    size = auto_samples_per_shard(pairs, actors)
+    split = [size] * (pairs // size) + ([pairs % size] if pairs % size else [])
+    fixed = [SHARD_PAIRS] * (pairs // SHARD_PAIRS) + ([pairs % SHARD_PAIRS] if pairs % SHARD_PAIRS else [])
+    return {"pairs": pairs, "actors": actors, "samples_per_shard": size, "shards": len(split),
+            "busy_share": round(busy_share(split, actors), 4),
+            "busy_share_1000_per_shard": round(busy_share(fixed, actors), 4)}
 
 
 if __name__ == "__main__":

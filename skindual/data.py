@@ -1,7 +1,8 @@
 """Real training data: the HAM10000 and ISIC 2018 Task 1 readers, the training table, pair loading,
 and the row selections the stages share (classed rows of a split, class balancing, the low-data cut).
 
-Layouts (docs/architecture.md, "Inputs"):
+Layouts (docs/architecture.md, "Inputs"), each a local folder or an ``s3://`` prefix (read through
+`skindual.storage`; a row's ``image_path``/``mask_path`` is then the file's full location):
 
 - HAM10000 root: `HAM10000_metadata.csv` (`lesion_id,image_id,dx,dx_type,age,sex,localization`,
   optional `dataset`), images `ISIC_xxxxxxx.jpg` anywhere under the root (found by one recursive
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ from PIL import Image
 
 from skindual.errors import DataError, UserError
 from skindual.prompts import CLASS_BY_CODE, CLASS_CODES, build_prompt, lesion_class
+from skindual.storage import Storage, is_remote, open_storage
 
 HAM_CSV = "HAM10000_metadata.csv"
 HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -100,42 +104,44 @@ class _Skips:
 
 
 def read_ham10000(
-    root: str, *, skip_bad: bool = False, check_files: bool = True, require_classes: Sequence[str] | None = None
+    root: str, *, skip_bad: bool = False, check_files: bool = True, require_classes: Sequence[str] | None = None,
+    s3_endpoint: str | None = None,
 ) -> DataReport:
-    """Read a HAM10000 folder into a table (`SOURCE_SCHEMA`), rows sorted by image id."""
-    root = os.path.abspath(root)
-    csv_path, mask_dir = os.path.join(root, HAM_CSV), os.path.join(root, HAM_MASKS)
-    for path, what in ((csv_path, "metadata CSV"), (mask_dir, "mask folder")):
-        if not os.path.exists(path):
-            raise DataError(f"HAM10000 {what} {path} not found; unpack the HAM10000 download into {root}")
+    """Read a HAM10000 folder (or s3:// prefix) into a table (`SOURCE_SCHEMA`), rows sorted by image id."""
+    storage = open_storage(root if is_remote(root) else os.path.abspath(root), s3_endpoint)
+    names = storage.list()
+    csv_path, mask_dir = storage.join(HAM_CSV), storage.join(HAM_MASKS)
+    masks = {n[len(HAM_MASKS) + 1:] for n in names if n.startswith(HAM_MASKS + "/")}
+    for path, found, what in ((csv_path, HAM_CSV in names, "metadata CSV"), (mask_dir, bool(masks), "mask folder")):
+        if not found:
+            raise DataError(f"HAM10000 {what} {path} not found; unpack the HAM10000 download into {storage.url}")
     needed = [lesion_class(c).code for c in require_classes] if require_classes is not None else None
     skips = _Skips(skip_bad)
-    rows, present = _read_ham_csv(csv_path, skips)
+    rows, present = _read_ham_csv(storage.read_bytes(HAM_CSV).decode("utf-8-sig"), csv_path, skips)
     _check_one_class_per_lesion(rows, csv_path)
-    images = _index_images(root, exclude=mask_dir)
-    masks = set(os.listdir(mask_dir))
+    images = _index_images(storage, [n for n in names if not n.startswith(HAM_MASKS + "/")])
     pairs = []
     for row in rows:
         found, where = images.get(row["image_id"], []), row["where"]
-        mask_path = os.path.join(mask_dir, row["image_id"] + MASK_SUFFIX)
+        mask_path = storage.join(f"{HAM_MASKS}/{row['image_id']}{MASK_SUFFIX}")
         if len(found) > 1:
             raise DataError(f"image {row['image_id']} ({where}) is there twice: {' and '.join(found)}; delete one")
         if not found:
-            skips.bad("missing_image", where, f"image {row['image_id']}.jpg ({where}) not found under {root}; "
+            skips.bad("missing_image", where, f"image {row['image_id']}.jpg ({where}) not found under {storage.url}; "
                       f"add it or delete its row, {_SKIP_HINT}")
-        elif os.path.basename(mask_path) not in masks:
+        elif row["image_id"] + MASK_SUFFIX not in masks:
             skips.bad("missing_mask", mask_path, f"mask {mask_path} ({where}) not found; "
                       f"add it or delete its row, {_SKIP_HINT}")
         else:
             pairs.append(row | {"image_path": found[0], "mask_path": mask_path})
-    rows = _check_pairs(pairs, skips) if check_files else pairs
+    rows = _check_pairs(pairs, skips, s3_endpoint) if check_files else pairs
     kept = Counter(r["class_code"] for r in rows)
     empty = [c for c in (present if needed is None else needed) if not kept[c]]
     if empty:
         detail = "; ".join(f"{c}: {present[c]} row(s) in the CSV, all skipped" if present[c]
                            else f"{c}: no rows in the CSV" for c in empty)
-        raise DataError(f"{root}: no usable images for class {', '.join(empty)} ({detail}); fix or add those images, "
-                        "or pass require_classes listing only the classes you need")
+        raise DataError(f"{storage.url}: no usable images for class {', '.join(empty)} ({detail}); fix or add those "
+                        "images, or pass require_classes listing only the classes you need")
     if not rows:
         raise DataError(f"{csv_path} gives no usable image/mask pairs; check the CSV and the image folders")
     for row in rows:
@@ -143,37 +149,43 @@ def read_ham10000(
     return skips.report(rows)
 
 
-def read_isic2018(root: str, *, skip_bad: bool = False, check_files: bool = True) -> DataReport:
-    """Read an ISIC 2018 Task 1 training folder: masks only, no class (class_index -1), lesion = image."""
-    root = os.path.abspath(root)
-    image_dir, mask_dir = os.path.join(root, ISIC_IMAGES), os.path.join(root, ISIC_MASKS)
-    for path in (image_dir, mask_dir):
-        if not os.path.isdir(path):
-            raise DataError(f"ISIC 2018 folder {path} not found; unpack the ISIC 2018 Task 1 training data into {root}")
+def read_isic2018(root: str, *, skip_bad: bool = False, check_files: bool = True,
+                  s3_endpoint: str | None = None) -> DataReport:
+    """Read an ISIC 2018 Task 1 training folder (or s3:// prefix): masks only, no class (class_index -1),
+    lesion = image."""
+    storage = open_storage(root if is_remote(root) else os.path.abspath(root), s3_endpoint)
+    names = storage.list()
+    listed = {folder: sorted(n[len(folder) + 1:] for n in names if n.startswith(folder + "/"))
+              for folder in (ISIC_IMAGES, ISIC_MASKS)}
+    for folder, files in listed.items():
+        if not files:
+            raise DataError(f"ISIC 2018 folder {storage.join(folder)} not found; unpack the ISIC 2018 Task 1 "
+                            f"training data into {storage.url}")
     skips = _Skips(skip_bad)
-    masks = set(os.listdir(mask_dir))
+    masks = set(listed[ISIC_MASKS])
     pairs = []
-    for name in sorted(os.listdir(image_dir)):
+    for name in listed[ISIC_IMAGES]:
         image_id, ext = os.path.splitext(name)
-        if ext.lower() not in (".jpg", ".jpeg"):
+        if "/" in name or ext.lower() not in (".jpg", ".jpeg"):
             continue  # the folder also holds LICENSE and ATTRIBUTION files
-        image_path, mask_path = os.path.join(image_dir, name), os.path.join(mask_dir, image_id + MASK_SUFFIX)
+        image_path = storage.join(f"{ISIC_IMAGES}/{name}")
+        mask_path = storage.join(f"{ISIC_MASKS}/{image_id}{MASK_SUFFIX}")
         if image_id + MASK_SUFFIX not in masks:
             skips.bad("missing_mask", image_path, f"mask {mask_path} for image {image_path} not found; "
                       f"add it or remove the image, {_SKIP_HINT}")
             continue
         pairs.append({"image_id": image_id, "lesion_id": image_id, "source": "isic2018", "class_index": -1,
                       "image_path": image_path, "mask_path": mask_path})
-    rows = _check_pairs(pairs, skips) if check_files else pairs
+    rows = _check_pairs(pairs, skips, s3_endpoint) if check_files else pairs
     if not rows:
-        raise DataError(f"{image_dir} gives no usable image/mask pairs; check the folder")
+        raise DataError(f"{storage.join(ISIC_IMAGES)} gives no usable image/mask pairs; check the folder")
     return skips.report(rows)
 
 
 def training_table(
     ham10000: str | None = None, isic2018: str | None = None, *, val_fraction: float = 0.1,
     test_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False, check_files: bool = True,
-    require_classes: Sequence[str] | None = None,
+    require_classes: Sequence[str] | None = None, s3_endpoint: str | None = None,
 ) -> DataReport:
     """Both sources in one table (`TRAINING_TABLE_SCHEMA`) with a train/val/test split by lesion.
 
@@ -193,9 +205,9 @@ def training_table(
     reports = []
     if ham10000 is not None:
         reports.append(read_ham10000(ham10000, skip_bad=skip_bad, check_files=check_files,
-                                     require_classes=require_classes))
+                                     require_classes=require_classes, s3_endpoint=s3_endpoint))
     if isic2018 is not None:
-        reports.append(read_isic2018(isic2018, skip_bad=skip_bad, check_files=check_files))
+        reports.append(read_isic2018(isic2018, skip_bad=skip_bad, check_files=check_files, s3_endpoint=s3_endpoint))
     table = pa.concat_tables([r.table for r in reports])
     twice = sorted(i for i, n in Counter(table.column("image_id").to_pylist()).items() if n > 1)
     if twice:
@@ -228,18 +240,44 @@ def read_training_table(path: str) -> pa.Table:
     return table
 
 
-def load_pair(image_path: str, mask_path: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, mask) pair: uint8 RGB HxWx3 and uint8 HxW with values {0, 1}.
-
-    With `size`, the pair is resized by `resize_pair` (centre-cropped to a square first); with
-    `size=None` it comes back as stored.
-    """
-    with _reading(image_path, "image"), Image.open(image_path) as im:
-        image = im.convert("RGB")
-    mask = _load_mask(mask_path, image.size, image_path)
+def load_pair(image_path: str, mask_path: str, size: int | None = None,
+              s3_endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One (image, mask) pair from its files (local paths or s3:// URLs): uint8 RGB HxWx3 and uint8 HxW
+    with values {0, 1}.  With `size`, resized by `resize_pair` (centre-cropped to a square first);
+    with `size=None` as stored."""
+    image, mask = decode_pair(read_file(image_path, s3_endpoint, "image"), read_file(mask_path, s3_endpoint, "mask"),
+                              image_path, mask_path)
     if size is None:
         return np.array(image), mask.astype(np.uint8)
     return resize_pair(image, mask, size)
+
+
+def decode_pair(image_bytes: bytes, mask_bytes: bytes, image_path: str, mask_path: str) -> tuple[Image.Image, np.ndarray]:
+    """A pair's files decoded and checked: (RGB image, bool mask of the image's size).  A file that
+    cannot be used raises a `DataError` naming it (its skip reason in ``.reason``)."""
+    with _reading(image_path, "image"), Image.open(io.BytesIO(image_bytes)) as im:
+        image = im.convert("RGB")
+    return image, _load_mask(mask_bytes, mask_path, image.size, image_path)
+
+
+def read_file(location: str, s3_endpoint: str | None = None, kind: str = "file") -> bytes:
+    """The bytes of a local path or s3:// URL; a missing or unreadable file is a `DataError` naming it."""
+    parent, _, name = location.rpartition("/")
+    with _reading(location, kind):
+        return _storage_of(parent or ".", s3_endpoint).read_bytes(name)
+
+
+_STORAGES: dict[tuple[str, str | None], Storage] = {}
+_STORAGES_LOCK = threading.Lock()
+
+
+def _storage_of(folder: str, s3_endpoint: str | None) -> Storage:
+    """One `Storage` per folder and endpoint in this process (an S3 client is slow to make)."""
+    with _STORAGES_LOCK:
+        key = (folder, s3_endpoint)
+        if key not in _STORAGES:
+            _STORAGES[key] = open_storage(folder, s3_endpoint)
+        return _STORAGES[key]
 
 
 def resize_pair(image: np.ndarray | Image.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -326,9 +364,9 @@ def low_data_table(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _read_ham_csv(csv_path: str, skips: _Skips) -> tuple[list[dict], Counter[str]]:
+def _read_ham_csv(text: str, csv_path: str, skips: _Skips) -> tuple[list[dict], Counter[str]]:
     """The CSV's good rows as dicts (`where` is their `csv:line`), and how many rows name each known dx."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         for column in HAM_COLUMNS:
@@ -385,22 +423,20 @@ def _check_one_class_per_lesion(rows: Iterable[dict], where: str) -> None:
                             "one lesion must have one dx, fix its rows")
 
 
-def _index_images(root: str, exclude: str) -> dict[str, list[str]]:
-    """Every `*.jpg` under root (not under `exclude`) by image id, in path order."""
+def _index_images(storage: Storage, names: Iterable[str]) -> dict[str, list[str]]:
+    """Every `*.jpg` of `names` (relative to `storage`) by image id, as full locations in name order."""
     found: dict[str, list[str]] = {}
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != exclude)
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in (".jpg", ".jpeg"):
-                found.setdefault(stem, []).append(os.path.join(folder, name))
+    for name in sorted(names):
+        stem, ext = os.path.splitext(name.rpartition("/")[2])
+        if ext.lower() in (".jpg", ".jpeg"):
+            found.setdefault(stem, []).append(storage.join(name))
     return found
 
 
-def _check_pairs(pairs: list[dict], skips: _Skips) -> list[dict]:
+def _check_pairs(pairs: list[dict], skips: _Skips, s3_endpoint: str | None = None) -> list[dict]:
     """The pairs whose image decodes and whose mask fits it; the others raise or are skipped, in order."""
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        problems = list(pool.map(_check_pair, pairs))
+    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(lambda pair: _check_pair(pair, s3_endpoint), pairs))
     kept = []
     for pair, problem in zip(pairs, problems):
         if problem is None:
@@ -411,10 +447,11 @@ def _check_pairs(pairs: list[dict], skips: _Skips) -> list[dict]:
     return kept
 
 
-def _check_pair(pair: dict) -> _FileError | None:
+def _check_pair(pair: dict, s3_endpoint: str | None) -> _FileError | None:
     """The problem with one pair's files, if any."""
     try:
-        _load_mask(pair["mask_path"], _image_size(pair["image_path"]), pair["image_path"])
+        size = _image_size(read_file(pair["image_path"], s3_endpoint, "image"), pair["image_path"])
+        _load_mask(read_file(pair["mask_path"], s3_endpoint, "mask"), pair["mask_path"], size, pair["image_path"])
     except _FileError as e:
         return e
     return None
@@ -425,6 +462,8 @@ def _reading(path: str, kind: str) -> Iterator[None]:
     """Turn a failure to read `path` (an image or a mask) into a `_FileError` naming it."""
     try:
         yield
+    except _FileError:
+        raise
     except FileNotFoundError:
         raise _FileError(f"missing_{kind}", path, f"{kind} {path} not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -432,18 +471,18 @@ def _reading(path: str, kind: str) -> Iterator[None]:
                          "replace it with an intact copy") from None
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def _image_size(data: bytes, path: str) -> tuple[int, int]:
     """The image's size, after a quick decode (JPEG at 1/8 scale) that still reads every byte."""
-    with _reading(path, "image"), Image.open(path) as im:
+    with _reading(path, "image"), Image.open(io.BytesIO(data)) as im:
         size = im.size
         im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         im.load()
     return size
 
 
-def _load_mask(path: str, image_size: tuple[int, int], image_path: str) -> np.ndarray:
+def _load_mask(data: bytes, path: str, image_size: tuple[int, int], image_path: str) -> np.ndarray:
     """The mask as a bool array, checked to be binary and of its image's size."""
-    with _reading(path, "mask"), Image.open(path) as im:
+    with _reading(path, "mask"), Image.open(io.BytesIO(data)) as im:
         im.load()
         mask = np.asarray(im if im.mode in ("1", "L") else im.convert("L"))
     if (mask.shape[1], mask.shape[0]) != image_size:

@@ -13,6 +13,7 @@ the same final step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -59,7 +60,11 @@ class FinetuneConfig:
     lr_schedule: str = option("cosine", "learning rate after the warm-up", choices=["constant", "cosine"])
     warmup_steps: int = option(20, "learning-rate warm-up steps")
     ema_decay: float = option(0.995, "EMA of the trained weights, which the adapter holds (0: off, the last weights)")
-    mixed_precision: str = option("no", "autocast dtype on GPU", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = option("no", "compute dtype: autocast, and the frozen weights kept in it (bf16 on CPU or "
+                                        "GPU; fp16 on GPU only, with a gradient scaler); trained weights stay fp32",
+                                  choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass: less "
+                                                 "memory per sample, about a third more compute")
     num_workers: int = option(1, "Ray Train workers (one GPU each with --use-gpu)")
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker (leave some for data loading)")
     use_gpu: bool = option(False, "train on GPUs (NCCL); otherwise CPU workers (gloo)")
@@ -68,6 +73,8 @@ class FinetuneConfig:
     w_img: float = option(1.0, "weight of the image-latent denoising term")
     w_mask: float = option(1.0, "weight of the mask-latent denoising term")
     w_geo: float = option(0.1, "weight of the mask-geometry term (Dice+BCE on the decoded predicted mask)")
+    geo_crop: int = option(32, "the geometry term decodes a window of this many latent cells a side of each predicted "
+                               "mask, at a random place (32: 256 px of SD-2's 512²; 0 or the latent size: all of it)")
     w_prior: float = option(0.0, "weight of the prior-preservation term: the image prediction vs the frozen base model's")
     snr_gamma: float = option(0.0, "min-SNR-gamma weighting (0: off; 5 is usual)")
     uncond_prob: float = option(0.1, "share of prompts dropped to '' for classifier-free guidance")
@@ -76,10 +83,17 @@ class FinetuneConfig:
     seed: int = option(0, "seed of noise, timesteps, shuffling and validation samples")
     validation_per_class: int = option(2, "validation-grid samples per class")
     validation_steps: int = option(25, "sampling steps for the validation grid")
+    validation_batch: int = option(4, "prompts sampled (and pairs decoded) at once for the validation grid")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        check_fields(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank"))
+        check_fields(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank",
+                            "validation_batch"))
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise UserError("--mixed-precision fp16 needs GPUs (--use-gpu): CPUs compute fp16 without a gradient "
+                            "scaler's guard; use bf16 on CPU")
+        if self.geo_crop < 0 or self.resolution < 0:
+            raise UserError(f"--geo-crop {self.geo_crop} / --resolution {self.resolution}: must be 0 or more")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
         if not 0 <= self.uncond_prob < 1:
@@ -118,33 +132,73 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") ->
 
 
 class JointTrainer:
-    """The model, optimiser and one training step: plain PyTorch, no Ray (the bench's baseline too)."""
+    """The model, optimiser and one training step: plain PyTorch, no Ray (the bench's baseline too).
+
+    Memory: with ``mixed_precision`` the frozen weights (text encoder, VAE, the UNet under its LoRA)
+    are held in the compute dtype and only the trained ones in fp32; the prior term's base prediction
+    comes from the same UNet with its LoRA switched off and its original 4-channel convs (a copy of
+    the base UNet only when the whole UNet is trained); the geometry term decodes a `geo_crop`
+    window of each mask with the VAE decoder's activations recomputed in the backward pass.
+    """
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed + seed_offset)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        frozen_dtype = self.amp_dtype or torch.float32
         self.pipe = model.load_pipeline(cfg.base_model)
-        self.vae = self.pipe.vae.to(device).eval().requires_grad_(False)
-        self.text_encoder = self.pipe.text_encoder.to(device).eval().requires_grad_(False)
-        self.unet = self.pipe.unet.to(device)
-        self.teacher = None
-        if cfg.w_prior:  # a frozen copy of the base UNet: the image branch is pulled towards what it predicts
-            import copy
-
-            self.teacher = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.vae = self.pipe.vae.to(device, frozen_dtype).eval().requires_grad_(False)
+        self.text_encoder = self.pipe.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
+        self.unet = self.pipe.unet.to(device, frozen_dtype if cfg.train == "lora" else torch.float32)
+        if cfg.w_geo:
+            self.vae.enable_gradient_checkpointing()  # only the geometry decode runs with gradients
+        self.teacher, self.base_convs = None, None
+        if cfg.w_prior and cfg.train == "full":  # nothing to switch off: keep a frozen copy of the base UNet
+            self.teacher = copy.deepcopy(self.unet).to(frozen_dtype).eval().requires_grad_(False)
+        elif cfg.w_prior and cfg.layout == "channels":  # the base's 4-channel convs, for the prior's forward
+            self.base_convs = (copy.deepcopy(self.unet.conv_in), copy.deepcopy(self.unet.conv_out))
         self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
+        for p in self.params:  # trained weights in fp32 whatever the compute dtype (LoRA, widened convs)
+            p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=1e-2)
         self.model = self.unet  # what runs forward: the DDP wrapper under Ray Train
         self.alphas = torch.as_tensor(self.pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         self.scaler = torch.amp.GradScaler(enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + seed_offset)
         self.step, self.micro, self.history = 0, 0, []
         self.ema = None  # float32 copies of the trainable weights, on their device
         if cfg.ema_decay:
             self.ema = {k: v.detach().float().clone() for k, v in self.unet.named_parameters() if v.requires_grad}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    @contextlib.contextmanager
+    def base_unet(self):
+        """Within the block the UNet computes the base model's prediction for 4-channel image latents:
+        its LoRA switched off and (channels layout) its original convs in place; or the base's copy
+        when the whole UNet is trained."""
+        if self.teacher is not None:
+            yield self.teacher
+            return
+        unet, widened = self.unet, (self.unet.conv_in, self.unet.conv_out)
+        if self.base_convs is not None:
+            unet.conv_in, unet.conv_out = self.base_convs
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+            unet.conv_in, unet.conv_out = widened
+
+    def decode_mask(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled mask latents → decoded N×3×H×W (the geometry term's `decode_mask`), in the compute dtype."""
+        with self.autocast():
+            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.unet.named_parameters() if v.requires_grad}
@@ -206,21 +260,26 @@ class JointTrainer:
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(device)
             cond = self.text_encoder(ids)[0]
-            x0 = model.encode_pair(self.vae, images, masks, cfg.layout)
+            x0 = model.encode_pair(self.vae, images.to(self.vae.dtype), masks, cfg.layout).float()
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, self.num_timesteps, (len(x0),), generator=g).to(device)
         noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+        offsets = None
+        if cfg.w_geo and cfg.geo_crop:  # where each sample's geometry window lies (latent cells)
+            side = model.unpack_latents(x0, cfg.layout)[1].shape[-1]
+            offsets = torch.randint(0, max(1, side - cfg.geo_crop + 1), (len(x0), 2), generator=g)
+        with self.autocast():
             prior_pred = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    prior_pred = self.teacher(model.unpack_latents(noisy, cfg.layout)[0], t,
-                                              encoder_hidden_states=cond).sample.float()
+            if cfg.w_prior:  # first: switching the LoRA off and on again must not happen inside the graph
+                with torch.no_grad(), self.base_unet() as base:
+                    prior_pred = base(model.unpack_latents(noisy, cfg.layout)[0], t,
+                                      encoder_hidden_states=cond).sample.float()
+            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
         terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
-                                  true_masks=masks, decode_mask=model.vae_decoder(self.vae), w_img=cfg.w_img,
+                                  true_masks=masks, decode_mask=self.decode_mask, w_img=cfg.w_img,
                                   w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
-                                  noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior)
+                                  noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
+                                  geo_crop=cfg.geo_crop, geo_offsets=offsets)
         self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
         if self.micro % cfg.grad_accum:
@@ -278,7 +337,7 @@ def train_loop(config: dict) -> None:
             if step >= cfg.steps:
                 break
     if rank == 0:
-        _write_outputs(cfg, trainer)
+        write_outputs(cfg, trainer)
 
 
 def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
@@ -293,22 +352,38 @@ def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
-    """Adapter folder, validation grid and loss curve under `{output}/{name}/` (rank 0 only)."""
+def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
+    """The adapter folder under `{output}/{name}/adapter/`, then the validation grid and the loss curve
+    beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
+    a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter."""
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     unet = trainer.unet.eval()
-    with tempfile.TemporaryDirectory() as tmp, trainer.ema_weights():
+    with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
-        info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train)
-        dual = model.DualPipeline(trainer.pipe, cfg.layout)
-        report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed,
-                               Path(tmp) / "validation_grid.png")
-        report.loss_curve(trainer.history, Path(tmp) / "loss_curve.png")
+        with trainer.ema_weights():
+            info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train)
+        storage.delete(f"{cfg.name}/adapter/{model.ADAPTER_JSON}")  # the json last: a folder with one is complete
         for name in sorted(info.files) + [model.ADAPTER_JSON]:
             storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
-        for name in ("validation_grid.png", "loss_curve.png"):
-            storage.upload_file(str(Path(tmp) / name), f"{cfg.name}/{name}")
-    log.info("adapter written to %s", storage.join(f"{cfg.name}/adapter"))
+        log.info("adapter written to %s", storage.join(f"{cfg.name}/adapter"))
+
+        def grid(path: Path) -> None:
+            dual = model.DualPipeline(trainer.pipe, cfg.layout, resolution=cfg.resolution or None,
+                                      decode_batch=cfg.validation_batch)
+            with trainer.ema_weights(), trainer.autocast():
+                report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed, path,
+                                       batch=cfg.validation_batch)
+
+        for name, draw in (("validation_grid.png", grid),
+                           ("loss_curve.png", lambda path: report.loss_curve(trainer.history, path))):
+            try:
+                draw(Path(tmp) / name)
+                storage.upload_file(str(Path(tmp) / name), f"{cfg.name}/{name}")
+            except Exception as exc:  # noqa: BLE001 - a picture must never cost the trained adapter
+                log.warning("%s not written (%s: %s); the adapter at %s is complete", name, type(exc).__name__,
+                            exc, storage.join(f"{cfg.name}/adapter"))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- the driver
@@ -336,7 +411,11 @@ def run_finetune(cfg: FinetuneConfig):
 
     table = data.read_training_table(cfg.training_table)
     rows = training_rows(table, cfg.balance, cfg.seed)
-    size = cfg.resolution or _base_resolution(cfg.base_model)
+    native, step = base_geometry(cfg.base_model)
+    size = cfg.resolution or native
+    if size % step:
+        raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
+                        f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
     dataset = ray.data.from_arrow(rows).map_batches(load_batch, fn_kwargs={"size": size}, batch_size=32,
                                                     batch_format="numpy")
     storage_path, filesystem = ray_storage(cfg.output, cfg.s3_endpoint or None)
@@ -356,11 +435,13 @@ def run_finetune(cfg: FinetuneConfig):
     return trainer.fit()
 
 
-def _base_resolution(base_model: str) -> int:
+def base_geometry(base_model: str) -> tuple[int, int]:
+    """(native resolution, the step every training resolution must be a multiple of) of a base model,
+    from its UNet and VAE configs."""
     from diffusers import UNet2DConditionModel
 
     base_model = resolve_base_model(base_model)
     unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
     vae_config = json.loads(Path(base_model, "vae", "config.json").read_text()) if Path(base_model).is_dir() else None
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-    return unet_config["sample_size"] * factor
+    return unet_config["sample_size"] * factor, factor * 2 ** (len(unet_config["block_out_channels"]) - 1)

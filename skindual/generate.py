@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -57,11 +58,11 @@ from skindual import __version__
 from skindual.base_models import DEMO_BASE, demo_base_id, is_demo_base
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
-from skindual.model import DualPipeline, load_adapter
-from skindual.prompts import parse_per_class, prompt_table, row_seed
+from skindual.model import DualPipeline, adapter_misfit, load_adapter
+from skindual.prompts import MAX_SAMPLES_PER_SHARD, parse_per_class, prompt_table, row_seed
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
-from skindual.shards import (Sample, check_output, committed_shards, encode_sample, write_run_files,
-                             write_shard)
+from skindual.shards import (Sample, check_output, committed_shards, encode_sample, read_run_config,
+                             write_run_files, write_shard)
 from skindual.storage import Storage, is_remote, open_storage
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ class GenerateConfig:
                               "no --base-model either): the shipped demo adapter")
     base_model: str = option("", "SD-2 id or folder; empty: the adapter's base model, else 'demo' (the shipped demo base)")
     output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
-    samples_per_shard: int = option(1000, "pairs per WebDataset shard")
+    samples_per_shard: int = option(0, "pairs per WebDataset shard; 0: the fewest shards of at most 1,000 pairs "
+                                       "that come in whole waves of --actors, so no actor idles at the end "
+                                       "(chosen on the first run, kept by reruns)")
     actors: int = option(1, "generator actors")
     num_gpus_per_actor: float = option(-1.0, "GPUs per actor (fractions share one); -1: 1 if the cluster has GPUs, else 0 (CPU)")
     cpus_per_actor: float = option(1.0, "CPUs per actor (also torch's thread count on CPU)")
@@ -101,7 +104,10 @@ class GenerateConfig:
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
-        check_fields(self, ("samples_per_shard", "actors", "batch_size", "steps", "max_attempts"))
+        check_fields(self, ("actors", "batch_size", "steps", "max_attempts"))
+        if not 0 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
+            raise UserError(f"--samples-per-shard {self.samples_per_shard}: must be between 1 and "
+                            f"{MAX_SAMPLES_PER_SHARD} (or 0: chosen from the pair count and --actors)")
         if self.guidance < 0:
             raise UserError(f"--guidance {self.guidance}: must not be negative")
         if not 0 <= self.mask_smoothing <= 4:
@@ -203,6 +209,7 @@ class ModelSpec:
     adapter: str | None  # folder or s3:// prefix
     adapter_sha256: str | None
     layout: str
+    resolution: int | None = None  # the adapter's trained resolution (None: the base model's)
 
 
 def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
@@ -219,21 +226,27 @@ def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
 
 
 def resolve_model(cfg: GenerateConfig) -> ModelSpec:
-    """The base model, adapter and layout of a run (the adapter's files verified by their sha256)."""
-    adapter = cfg.adapter or None
-    sha, layout, base = None, "channels", cfg.base_model
-    if adapter:
-        with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
-            info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
-        sha, layout = info.sha256, info.layout
-        # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
-        base = base or (DEMO_BASE if is_demo_base(info.base_model) else info.base_model)
-    else:
+    """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
+    sha256, its tensors checked against the base model's UNet)."""
+    adapter, base = cfg.adapter or None, cfg.base_model
+    if adapter is None:
+        if base and not is_demo_base(base):
+            raise UserError(f"--base-model {base} without --adapter: a base model alone has no trained mask "
+                            "channel; pass --adapter with the adapter folder the finetune job trained on it")
         log.warning("no --adapter: sampling the bare base model, whose mask channel is untrained, so masks "
                     "are not meaningful")
-    base = base or DEMO_BASE
-    base_id = demo_base_id() if base == DEMO_BASE else base
-    return ModelSpec(base, base_id, adapter, sha, layout)
+        base = base or DEMO_BASE
+        return ModelSpec(base, demo_base_id() if base == DEMO_BASE else base, None, None, "channels")
+    with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
+        info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
+        # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
+        base = base or (DEMO_BASE if is_demo_base(info.base_model) else info.base_model)
+        misfit = adapter_misfit(info, base)
+    if misfit:
+        raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "
+                        f"{base}: {misfit}; pass the base model it was trained on")
+    return ModelSpec(base, demo_base_id() if base == DEMO_BASE else base, adapter, info.sha256, info.layout,
+                     info.resolution)
 
 
 def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeline:
@@ -244,7 +257,7 @@ def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeli
     adapter = fetch_adapter(spec.adapter, cfg.s3_endpoint or None, tmp) if spec.adapter else None
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     pipe = DualPipeline.from_pretrained(spec.base_model, adapter, device=cfg.device, dtype=torch_dtype,
-                                        scheduler=cfg.scheduler, layout=spec.layout)
+                                        scheduler=cfg.scheduler, layout=spec.layout, resolution=spec.resolution)
     if pipe.adapter is not None and pipe.adapter.sha256 != spec.adapter_sha256:
         raise RuntimeError(f"adapter {spec.adapter} changed while the run started; rerun the job")
     return pipe
@@ -306,6 +319,38 @@ def write_shard_rows(batch: pa.Table, storage: Storage, run_info: dict) -> dict[
 
 # --------------------------------------------------------------------------- the driver
 
+SHARD_PAIRS = 1000
+"""The most pairs `auto_samples_per_shard` puts in a shard (about 100 MB of tar at 512²)."""
+
+
+def auto_samples_per_shard(pairs: int, actors: int, most: int = SHARD_PAIRS) -> int:
+    """Pairs per shard for `pairs` on `actors`: the fewest shards of at most `most` pairs that is a
+    multiple of `actors`, filled evenly, so that the last wave keeps every actor busy (a shard is the
+    unit of work, and 35 shards on 16 actors would leave 13 of them idle through the third wave)."""
+    shards = math.ceil(math.ceil(pairs / most) / actors) * actors
+    return max(1, math.ceil(pairs / shards))
+
+
+def busy_share(shard_sizes: Sequence[int], actors: int) -> float:
+    """The share of actor time that does work when `actors` take shards in order as they free up (each
+    shard's time ∝ its pairs, as Ray Data's actor pool with one task in flight per actor runs them)."""
+    free = [0.0] * actors
+    for size in shard_sizes:
+        free[free.index(min(free))] += size
+    return sum(shard_sizes) / (actors * max(free)) if shard_sizes else 1.0
+
+
+def resolve_shard_size(cfg: GenerateConfig, storage: Storage) -> int:
+    """--samples-per-shard, or for 0 the size a previous run of this output chose (so a rerun with
+    other --actors resumes), else `auto_samples_per_shard`."""
+    if cfg.samples_per_shard:
+        return cfg.samples_per_shard
+    previous = read_run_config(storage)
+    if not cfg.overwrite and previous.get("samples_per_shard"):
+        return int(previous["samples_per_shard"])
+    return auto_samples_per_shard(sum(cfg.counts().values()), cfg.actors)
+
+
 def cpu_threads(cfg: GenerateConfig) -> int:
     """torch's thread count in a CPU actor: its reserved CPUs."""
     return max(1, int(cfg.cpus_per_actor))
@@ -354,7 +399,8 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         log.warning("--output %s is a local path on a cluster of several nodes: shards land on whichever "
                     "node writes them unless it is a shared file system; use s3://", storage.url)
     counts = cfg.counts()
-    table = prompt_table(counts, cfg.seed, cfg.samples_per_shard)
+    run = replace(run, samples_per_shard=resolve_shard_size(cfg, storage))
+    table = prompt_table(counts, cfg.seed, run.samples_per_shard)
     config = fingerprint_config(run, spec)
     fingerprint = check_output(storage, config, cfg.overwrite)
     shards = sorted(set(table.column("shard").to_pylist()))
@@ -365,7 +411,8 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     if todo:
         dataset = (ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                                # one shard at a time per actor: the next goes to whichever actor frees first
+                                compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                                 num_gpus=run.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor,
                                 fn_constructor_kwargs={"table": table, "cfg": run, "spec": spec})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
@@ -374,7 +421,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
         "resolved": {**config, "base_model_path": spec.base_model, "adapter_url": spec.adapter,
-                     "num_gpus_per_actor": run.num_gpus_per_actor},
+                     "num_gpus_per_actor": run.num_gpus_per_actor, "resolution": spec.resolution},
         "asked_per_class": counts, "fingerprint": fingerprint,
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })

@@ -91,6 +91,17 @@ def mask_geometry_loss(decoded: torch.Tensor, truth: torch.Tensor, k: float = MA
     return soft_dice_loss(torch.sigmoid(logits), truth) + F.binary_cross_entropy_with_logits(logits, truth)
 
 
+def crop_pairs(mask_latents: torch.Tensor, true_masks: torch.Tensor, offsets: torch.Tensor,
+               size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the `size`×`size` latent window at `offsets` (N×2: top, left, in latent cells) of
+    N×C×h×w mask latents, and the matching window of the N×H×W true masks (H/h pixels a cell)."""
+    scale = true_masks.shape[-2] // mask_latents.shape[-2]
+    latents = torch.stack([m[:, t:t + size, x:x + size] for m, (t, x) in zip(mask_latents, offsets.tolist())])
+    masks = torch.stack([m[t * scale:(t + size) * scale, x * scale:(x + size) * scale]
+                         for m, (t, x) in zip(true_masks, offsets.tolist())])
+    return latents, masks
+
+
 def _mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     per_sample = F.mse_loss(pred.float(), tgt.float(), reduction="none").flatten(1).mean(1)
     return (per_sample * weights).mean() if weights is not None else per_sample.mean()
@@ -114,6 +125,8 @@ def joint_loss(
     mask_sharpness: float = MASK_SHARPNESS,
     prior_pred: torch.Tensor | None = None,
     w_prior: float = 0.0,
+    geo_crop: int = 0,
+    geo_offsets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch of joint latents, each term returned separately for logging.
 
@@ -121,7 +134,11 @@ def joint_loss(
     shape of `layout`; `noisy_latents` defaults to sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε (the scheduler's
     `add_noise`).  The geometry term needs `true_masks` (N×H×W, 0/1) and `decode_mask` (scaled
     latents → decoded N×3×H×W image, e.g. `skindual.model.vae_decoder(vae)`); it is skipped —
-    0, nothing decoded — when ``w_geo == 0``.  Returns ``total``, ``img``, ``mask``, ``geo``.
+    0, nothing decoded — when ``w_geo == 0``.  With `geo_crop` > 0 it decodes only a `geo_crop`×`geo_crop`
+    window of each predicted mask latent, at `geo_offsets` (N×2 latent cells, `crop_pairs`), and
+    compares it with the same window of the true mask: the decoder's memory and compute shrink with
+    the window's area (a window as large as the latent is the whole mask).
+    Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``.
     """
     abar = alpha_bar(alphas_cumprod, timesteps)
     tgt = target(latents_x0, noise, abar, prediction_type)
@@ -136,6 +153,10 @@ def joint_loss(
         x_t = noisy_latents if noisy_latents is not None else noisy(latents_x0, noise, abar)
         _, x_t_mask = unpack_latents(x_t, layout)
         x0_mask = predicted_x0(pred_mask, x_t_mask, abar, prediction_type)
+        if geo_crop and geo_crop < min(x0_mask.shape[-2:]):
+            if geo_offsets is None:
+                raise ValueError("a geometry crop (geo_crop > 0) needs geo_offsets")
+            x0_mask, true_masks = crop_pairs(x0_mask, true_masks, geo_offsets, geo_crop)
         geo = mask_geometry_loss(decode_mask(x0_mask), true_masks, mask_sharpness)
     else:
         geo = model_pred.new_zeros((), dtype=torch.float32)

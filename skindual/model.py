@@ -280,6 +280,29 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     )
 
 
+def adapter_misfit(info: AdapterInfo, base_model: str | Path) -> str | None:
+    """Why the adapter's tensors cannot load into `base_model`'s UNet (its first-level width or its
+    cross-attention width differ), or None when they fit.  Reads configs and tensor headers only."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    config = UNet2DConditionModel.load_config(resolve_base_model(base_model), subfolder="unet")
+    width, cross = config["block_out_channels"][0], config["cross_attention_dim"]
+    shapes: dict[str, list[int]] = {}
+    for name in (CONVS_FILE, LORA_FILE, UNET_FILE):
+        if name in info.files:
+            with safe_open(str(info.folder / name), "pt") as f:
+                shapes |= {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for key, shape in shapes.items():
+        if key.endswith("conv_in.weight") and shape[0] != width:
+            return f"its conv_in has {shape[0]} output channels, the base UNet's first level {width}"
+        if "attn2.to_k" in key and ("lora.down" in key or "lora_A" in key) and shape[1] != cross:
+            return f"its LoRA expects cross-attention width {shape[1]}, the base UNet has {cross}"
+        if key.endswith("attn2.to_k.weight") and shape[1] != cross:
+            return f"its UNet has cross-attention width {shape[1]}, the base UNet {cross}"
+    return None
+
+
 def apply_adapter(pipe, info: AdapterInfo, fuse: bool = True) -> None:
     """Load an adapter (already verified by `load_adapter`) into a base pipeline, in place."""
     if info.layout == "channels":
@@ -332,23 +355,31 @@ class DualPipeline:
     """One denoising loop over joint image–mask latents, with classifier-free guidance.
 
     Wraps a `StableDiffusionPipeline` whose UNet is already adapted (by `prepare_unet` in a
-    training job, or by `from_pretrained` with an adapter folder).
+    training job, or by `from_pretrained` with an adapter folder).  `resolution` is the side of one
+    square image (and its mask) in pixels, by default the base model's.
     """
 
     def __init__(self, pipe, layout: str = "channels", scheduler: str = "ddim",
-                 adapter: AdapterInfo | None = None):
+                 adapter: AdapterInfo | None = None, resolution: int | None = None, decode_batch: int = 4):
         self.pipe, self.layout, self.adapter = pipe, check_layout(layout), adapter
         if layout == "channels" and pipe.unet.config.in_channels != 8:
             raise ValueError("layout 'channels' needs a widened UNet: call prepare_unet or widen_unet first")
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        if self.resolution % step:
+            raise UserError(f"resolution {self.resolution}: this base model needs a multiple of {step}")
+        self.decode_batch = max(1, decode_batch)
 
     @classmethod
     def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
                         dtype: torch.dtype = torch.float32, scheduler: str = "ddim",
-                        layout: str | None = None, fuse: bool = True) -> "DualPipeline":
+                        layout: str | None = None, fuse: bool = True, resolution: int | None = None,
+                        decode_batch: int = 4) -> "DualPipeline":
         """The base model (an SD-2 id or folder) with an adapter folder applied, or the bare base
-        (``layout`` then picks the layout; ``channels`` starts as the base model, mask untrained)."""
+        (``layout`` then picks the layout; ``channels`` starts as the base model, mask untrained).
+        Samples come at `resolution`, else the adapter's trained one, else the base model's."""
         info = load_adapter(adapter) if adapter is not None else None
         if info is not None and layout is not None and layout != info.layout:
             raise UserError(f"adapter {adapter} has layout {info.layout!r}, not {layout!r}")
@@ -363,7 +394,7 @@ class DualPipeline:
             widen_unet(pipe.unet)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, layout, scheduler, info)
+        return cls(pipe, layout, scheduler, info, resolution or (info.resolution if info else None), decode_batch)
 
     unet = property(lambda self: self.pipe.unet)
     vae = property(lambda self: self.pipe.vae)
@@ -372,23 +403,22 @@ class DualPipeline:
     device = property(lambda self: self.pipe.unet.device)
     dtype = property(lambda self: self.pipe.unet.dtype)
 
-    @property
-    def resolution(self) -> int:
-        """Side of one square image (and its mask) in pixels."""
-        return self.unet.config.sample_size * self.pipe.vae_scale_factor
-
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """Per-sample noise, each from its own CPU generator: a sample depends on its seed only."""
-        channels, side = self.unet.config.in_channels, self.unet.config.sample_size
+        channels, side = self.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor
         shape = (channels, side, 2 * side if self.layout == "side-by-side" else side)
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels)."""
+        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels),
+        decoded `decode_batch` latents at a time (the VAE decoder's memory grows with its batch)."""
         image_latents, mask_latents = unpack_latents(latents, self.layout)
-        decoded = vae_decoder(self.vae)(torch.cat([image_latents, mask_latents]).to(self.dtype)).float()
+        both = torch.cat([image_latents, mask_latents]).to(self.dtype)
+        decode = vae_decoder(self.vae)
+        decoded = torch.cat([decode(both[i:i + self.decode_batch]).float()
+                             for i in range(0, len(both), self.decode_batch)])
         images, masks = decoded.chunk(2)
         return images.clamp(-1, 1), masks.mean(1)
 

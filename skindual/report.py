@@ -49,14 +49,17 @@ def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2) -
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
-def validation_grid(dual, per_class: int, steps: int, seed: int, path: str | Path, guidance: float = 4.0) -> None:
-    """Sample `per_class` pairs of every class with a `DualPipeline` and save the grid PNG."""
+def validation_grid(dual, per_class: int, steps: int, seed: int, path: str | Path, guidance: float = 4.0,
+                    batch: int = 4) -> None:
+    """Sample `per_class` pairs of every class with a `DualPipeline`, `batch` prompts at a time (memory
+    stays that of one batch), and save the grid PNG."""
     prompts = [build_prompt(c.code) for c in CLASSES for _ in range(per_class)]
     seeds = [row_seed(seed, 10**9 + i) for i in range(len(prompts))]
-    sample = dual(prompts, seeds, steps=steps, guidance=guidance)
-    rows = [[(sample.images[c * per_class + k], sample.masks[c * per_class + k]) for k in range(per_class)]
-            for c in range(len(CLASSES))]
-    pair_grid(rows).save(path)
+    pairs = []
+    for start in range(0, len(prompts), batch):
+        sample = dual(prompts[start:start + batch], seeds[start:start + batch], steps=steps, guidance=guidance)
+        pairs += list(zip(sample.images, sample.masks))
+    pair_grid([pairs[c * per_class:(c + 1) * per_class] for c in range(len(CLASSES))]).save(path)
 
 
 def loss_curve(history: list[dict], path: str | Path) -> None:

@@ -128,7 +128,7 @@ class ShardStats:
     shard: int
     count: int
     successes: int
-    failed_to_generate: int
+    failed_to_generate: int  # samples in the parquet but not in the tar (rejected)
     rejections: dict[str, int]  # reason -> samples
     per_class: dict[str, dict[str, int]]  # class code -> {"ok": n, "rejected": m}
     tar_sha256: str
@@ -137,6 +137,7 @@ class ShardStats:
     parquet_bytes: int
     fingerprint: str
     image_format: str = "jpg"
+    per_split: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class code -> ok samples (real data)
 
 
 def _validate(shard: int, samples: Sequence[Sample], image_format: str = "jpg") -> list[Sample]:
@@ -200,29 +201,12 @@ def _row(s: Sample) -> dict[str, Any]:
             "rejections": list(s.rejections)}
 
 
-def _write_tar(path: Path, samples: Sequence[Sample], run_info: Mapping[str, Any], image_format: str) -> None:
-    from webdataset import TarWriter
-
-    # TarWriter is byte-reproducible given mtime, owner and mode: uid/gid stay tarfile's 0, the
-    # format is USTAR (no pax headers with times), members of a sample are written sorted by name.
-    meta = {name: run_info[name] for name in SAMPLE_META_FIELDS}
-    with path.open("wb") as f, TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE,
-                                         mtime=TAR_MTIME, encoder=False) as tar:
-        for s in samples:
-            if s.image_bytes is None or s.mask_bytes is None:
-                s = encode_sample(s, image_format)
-            tar.write({"__key__": s.key, image_format: s.image_bytes, "seg.png": s.mask_bytes,
-                       "cls": str(s.class_index).encode(),
-                       "txt": s.prompt.encode(), "json": canonical_json({**meta, **_row(s)})})
-
-
 def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_info: Mapping[str, Any]) -> ShardStats:
-    """Write one shard's tar, parquet and (last, as commit marker) stats; return the stats.
+    """Write one shard of generated samples: tar, parquet and (last, as commit marker) stats.
 
     ``run_info`` holds the `SAMPLE_META_FIELDS`, ``fingerprint`` (`config_fingerprint` of the run)
     and optionally ``image_format`` ("jpg", the default, or "png").  Rejected samples go only into
-    the parquet.  Files are built in a local temp dir, then uploaded (multipart on S3).  Any old
-    stats file is deleted first, so a crash never leaves old stats beside new data.
+    the parquet.  See `commit_shard` for how the files reach storage.
     """
     missing = [name for name in (*SAMPLE_META_FIELDS, "fingerprint") if name not in run_info]
     if missing:
@@ -231,24 +215,58 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', not {image_format!r}")
     ordered = _validate(shard, samples, image_format)
-    accepted = [s for s in ordered if s.status == "ok"]
+    meta = {name: run_info[name] for name in SAMPLE_META_FIELDS}
+    members = []
+    for s in ordered:
+        if s.status != "ok":
+            continue
+        if s.image_bytes is None or s.mask_bytes is None:
+            s = encode_sample(s, image_format)
+        members.append({"__key__": s.key, image_format: s.image_bytes, "seg.png": s.mask_bytes,
+                        "cls": str(s.class_index).encode(), "txt": s.prompt.encode(),
+                        "json": canonical_json({**meta, **_row(s)})})
+    table = pa.Table.from_pylist([_row(s) for s in ordered], schema=PARQUET_SCHEMA)
+    return commit_shard(storage, shard, members, table, str(run_info["fingerprint"]), image_format)
+
+
+def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, Any]], table: pa.Table,
+                 fingerprint: str, image_format: str = "jpg") -> ShardStats:
+    """Write a shard from its tar `members` (webdataset samples: ``__key__`` and encoded bytes by
+    extension, in key order) and its parquet `table` (every sample, with ``class_code``, ``status``
+    "ok" or "rejected" and ``reason``; a ``split`` column is counted per split too).
+
+    The tar is byte-reproducible (webdataset's `TarWriter` with a fixed mtime, owner and mode, USTAR,
+    members of a sample sorted by name).  Files are built in a local temp dir, then uploaded
+    (multipart on S3) in the order tar, parquet, stats; any old stats file is deleted first, so a
+    crash never leaves old stats beside new data.
+    """
+    from webdataset import TarWriter
+
+    rows = table.to_pylist()
+    per_class: dict[str, dict[str, int]] = {}
+    per_split: dict[str, dict[str, int]] = {}
+    for row in rows:
+        code = str(row["class_code"])
+        counts = per_class.setdefault(code, {"ok": 0, "rejected": 0})
+        counts[row["status"]] += 1
+        if "split" in row and row["status"] == "ok":
+            split = per_split.setdefault(str(row["split"]), {})
+            split[code] = split.get(code, 0) + 1
     tar_name, parquet_name, stats_name = shard_names(shard)
     with tempfile.TemporaryDirectory(prefix="skindual-shard-") as tmp:
         tar_path, parquet_path, stats_path = (Path(tmp, n) for n in shard_names(shard))
-        _write_tar(tar_path, accepted, run_info, image_format)
-        table = pa.Table.from_pylist([_row(s) for s in ordered], schema=PARQUET_SCHEMA)
+        with tar_path.open("wb") as f, TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE,
+                                                 mtime=TAR_MTIME, encoder=False) as tar:
+            for member in members:
+                tar.write(dict(member))
         pq.write_table(table, parquet_path, compression="zstd", use_dictionary=True, write_statistics=True)
-        per_class: dict[str, dict[str, int]] = {}
-        for s in ordered:
-            counts = per_class.setdefault(s.class_code, {"ok": 0, "rejected": 0})
-            counts[s.status] += 1
+        successes = sum(r["status"] == "ok" for r in rows)
         stats = ShardStats(
-            shard=shard, count=len(ordered), successes=len(accepted),
-            failed_to_generate=len(ordered) - len(accepted),
-            rejections=dict(Counter(str(s.reason) for s in ordered if s.status != "ok")),
+            shard=shard, count=len(rows), successes=successes, failed_to_generate=len(rows) - successes,
+            rejections=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")),
             per_class=per_class, tar_sha256=file_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
             parquet_sha256=file_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
-            fingerprint=str(run_info["fingerprint"]), image_format=image_format)
+            fingerprint=fingerprint, image_format=image_format, per_split=per_split)
         stats_path.write_bytes(canonical_json(asdict(stats)))
         storage.delete(stats_name)  # un-commit a previous attempt before replacing its data
         storage.upload_file(tar_path, tar_name)
@@ -296,14 +314,19 @@ def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, 
         raise UserError(f"{storage.url}: shards {wrong} were written with other settings; rerun with --overwrite")
     rejections: Counter[str] = Counter()
     per_class: dict[str, Counter[str]] = {}
+    per_split: dict[str, Counter[str]] = {}
     for s in stats_list:
         rejections.update(s.rejections)
         for code, counts in s.per_class.items():
             per_class.setdefault(code, Counter()).update(counts)
+        for split, counts in s.per_split.items():
+            per_split.setdefault(split, Counter()).update(counts)
     totals = {"shards": len(stats_list), "count": sum(s.count for s in stats_list),
               "successes": sum(s.successes for s in stats_list),
               "failed_to_generate": sum(s.failed_to_generate for s in stats_list),
               "rejections": dict(rejections), "per_class": {c: dict(n) for c, n in per_class.items()}}
+    if per_split:
+        totals["per_split"] = {split: dict(sorted(n.items())) for split, n in sorted(per_split.items())}
     sizes = {shard_names(s.shard)[0]: s.successes for s in stats_list}
     result = {**manifest, "totals": totals}
     storage.write_bytes(SIZES_FILE, json.dumps(sizes, sort_keys=True, indent=1).encode())
@@ -314,6 +337,14 @@ def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, 
 def _flag(name: str, value: Any) -> str:
     shown = "(unset)" if value is None else value if isinstance(value, (str, int, float)) else json.dumps(value)
     return f"--{name.replace('_', '-')} {shown}"
+
+
+def read_run_config(storage: Storage) -> dict[str, Any]:
+    """The settings (``config``) recorded in an output's ``run.json``; empty when it has none."""
+    try:
+        return json.loads(storage.read_bytes(RUN_FILE)).get("config", {})
+    except FileNotFoundError:
+        return {}
 
 
 def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False) -> str:

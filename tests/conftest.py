@@ -200,3 +200,30 @@ def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pairs = [(code, 10_000 + 100 * i + k) for i, code in enumerate(CLASS_CODES) for k in range(4)]
     write_test_shards(root / "synthetic", pairs)
     return {"root": root, "table": str(table), "synthetic": str(root / "synthetic"), "pairs": pairs}
+
+
+# --------------------------------------------------------------------------- appended: fine-tuning and real-size tests
+
+
+@pytest.fixture(scope="session")
+def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training table of a small demo world (2% of the demo counts: 10-134 images a class)."""
+    from skindual import data, demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    demo_data.write_demo_dataset(root / "data", demo_data.demo_counts(0.02), seed=1)
+    path = root / "training_table.parquet"
+    data.write_training_table(data.training_table(str(root / "data")), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd2_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SD-2's architecture at 1/8 width, random weights, built in code and saved as `from_pretrained`
+    folders: "base" (stable-diffusion-2-base: epsilon prediction, PNDM, 512²) and "v"
+    (stable-diffusion-2: v-prediction, DDIM, 768²)."""
+    from skindual.sd2 import save_sd2_pipeline
+
+    root = tmp_path_factory.mktemp("sd2")
+    return {variant: save_sd2_pipeline(root / variant, variant, width=8, seed=i)
+            for i, variant in enumerate(("base", "v"))}

@@ -30,17 +30,6 @@ TINY = ["--steps", "4", "--checkpoint-every", "2", "--batch-size", "4", "--valid
         "--validation-steps", "2", "--lora-rank", "4", "--cpus-per-worker", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def demo_table(tmp_path_factory):
-    from skindual import data, demo_data
-
-    root = tmp_path_factory.mktemp("demo")
-    demo_data.write_demo_dataset(root / "data", demo_data.demo_counts(0.02), seed=1)
-    path = root / "training_table.parquet"
-    data.write_training_table(data.training_table(str(root / "data")), str(path))
-    return path
-
-
 def start_job(args, ray_cluster, env_extra=None):
     env = dict(os.environ, RAY_ADDRESS=ray_cluster, **(env_extra or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "finetune.py"), *args], cwd=ROOT, env=env,

@@ -45,10 +45,22 @@ def test_config_errors_name_the_flag():
     for kwargs, flag in [({"per_class": "df=x"}, "--per-class"), ({"per_class": "mel=2", "classes": "df"}, "--classes"),
                          ({"batch_size": 0}, "--batch-size"), ({"max_attempts": 0}, "--max-attempts"),
                          ({"min_mask_area": 0.5, "max_mask_area": 0.4}, "--max-mask-area"),
-                         ({"samples_per_shard": 0}, "--samples-per-shard"), ({"mask_smoothing": -1}, "--mask-smoothing")]:
+                         ({"samples_per_shard": -1}, "--samples-per-shard"), ({"mask_smoothing": -1}, "--mask-smoothing")]:
         with pytest.raises(UserError, match=flag):
             GenerateConfig(**kwargs)
     assert GenerateConfig(per_class="df=5,vasc=4").counts() == {"df": 5, "vasc": 4}
+
+
+def test_the_default_split_keeps_every_actor_busy_to_the_end():
+    # the mission's run: 35,000 pairs on 16 actors; 1,000-pair shards would be 3 waves, the last with 3 busy actors
+    size = generate.auto_samples_per_shard(35_000, 16)
+    sizes = [len(s) for s in np.array_split(np.arange(35_000), -(-35_000 // size))]
+    assert size <= generate.SHARD_PAIRS and len(sizes) % 16 == 0 and sum(sizes) == 35_000
+    assert generate.busy_share([size] * (35_000 // size) + [35_000 % size], 16) >= 0.95
+    assert generate.busy_share([1000] * 35, 16) == pytest.approx(35 / 48)
+    assert generate.auto_samples_per_shard(700, 1) == 700 and generate.auto_samples_per_shard(5, 16) == 1
+    table = prompt_table({"df": 17_500, "nv": 17_500}, seed=0, samples_per_shard=size)
+    assert table.num_rows == 35_000 and max(table.column("shard").to_pylist()) + 1 == len(sizes)
 
 
 def disc(size: int, radius: int) -> np.ndarray:

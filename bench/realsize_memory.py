@@ -1,0 +1,137 @@
+"""Peak memory of one fine-tuning step of SD-2-base at its exact size, 512², per setting.
+
+SD-2-base's architecture is built in code with random weights (`skindual.sd2`: 866 M UNet, 84 M VAE,
+23-layer text encoder), saved once, and each setting runs in a fresh process: `JointTrainer` (LoRA
+rank 16, channels layout), one optimiser step on a batch of demo-like pairs at 512².  What is
+measured: on a GPU `torch.cuda.max_memory_allocated` over the step (after the model is loaded and
+the peak reset); on the CPU the process's peak resident set (VmHWM) over the step, the peak reset
+once the model is loaded (``/proc/self/clear_refs``), less the resident set of the same process
+before it loaded anything (Python, torch, diffusers: not on a GPU).  The baseline of the ratio is
+measured in the same run: fp32, the geometry term decoding the whole mask (the old default).
+
+    python bench/realsize_memory.py [--quick] [--no-batch4] [--width 1]
+
+The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
+``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``max_batch_24gb`` (the largest batch of that
+setting under 24 GB: batch 1 + whole extra samples), ``device``, ``ratio`` (bf16 default ÷ the fp32
+full-geometry baseline) and the figure of every setting (GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1024**3
+
+# name → (FinetuneConfig settings, batch size); the default loss terms are w_img, w_mask and w_geo (0.1)
+SETTINGS = {
+    "bf16_b1": ({"mixed_precision": "bf16"}, 1),
+    "bf16_b2": ({"mixed_precision": "bf16"}, 2),
+    "fp32_b1": ({}, 1),
+    "fp32_b1_full_geometry": ({"geo_crop": 0}, 1),  # the baseline
+    "bf16_b1_no_geometry": ({"mixed_precision": "bf16", "w_geo": 0.0}, 1),
+    "bf16_b1_full_geometry": ({"mixed_precision": "bf16", "geo_crop": 0}, 1),
+    "bf16_b1_prior": ({"mixed_precision": "bf16", "w_prior": 1.0}, 1),
+    "bf16_b1_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 1),
+    "bf16_b2_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 2),
+    "bf16_b4": ({"mixed_precision": "bf16"}, 4),
+}
+QUICK = ("bf16_b1", "bf16_b2", "fp32_b1", "fp32_b1_full_geometry")
+
+
+def _rss_gb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / GB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(base: str, name: str, report: str) -> None:
+    """One setting in this process: load, reset the peak, one optimiser step, report the peak."""
+    import numpy as np
+    import torch
+
+    from skindual.finetune import FinetuneConfig, JointTrainer
+
+    empty = _rss_gb()
+    settings, batch_size = SETTINGS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = FinetuneConfig(base_model=base, batch_size=batch_size, resolution=512, lora_rank=16,
+                         use_gpu=device.type == "cuda", **settings)
+    trainer = JointTrainer(cfg, device)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:512, :512]
+    mask = (((yy - 256) ** 2 + (xx - 240) ** 2) < 150**2).astype(np.uint8)
+    batch = {"image": rng.integers(0, 256, (batch_size, 512, 512, 3), dtype=np.uint8),
+             "mask": np.stack([mask] * batch_size), "prompt": np.array(["a dermoscopy image of melanoma"] * batch_size)}
+    loaded = _rss_gb()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+    started = time.perf_counter()
+    metrics = trainer.train_step(batch)
+    seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / GB
+    else:
+        peak = _rss_gb("VmHWM") - empty
+    Path(report).write_text(json.dumps({"peak_gb": round(peak, 2), "loaded_gb": round(loaded - empty, 2),
+                                        "step_seconds": round(seconds, 1), "loss": metrics["total"]}))
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    return f"cpu ({model}, {os.cpu_count()} cores; resident set, not GPU memory)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--no-batch4", action="store_true", help="skip the direct bf16 batch-4 measurement")
+    parser.add_argument("--width", type=int, default=1, help="1: SD-2's size (other widths: a quick check)")
+    args = parser.parse_args()
+    names = [n for n in (QUICK if args.quick else SETTINGS) if not (args.no_batch4 and n == "bf16_b4")]
+    from skindual.sd2 import save_sd2_pipeline
+
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="skindual-sd2-") as tmp:
+        base = str(save_sd2_pipeline(Path(tmp) / "sd2-base", "base", width=args.width))
+        for name in names:
+            report = Path(tmp) / f"{name}.json"
+            subprocess.run([sys.executable, __file__, "--child", base, name, str(report)], check=True, cwd=ROOT)
+            figures[name] = json.loads(report.read_text())
+            print(f"{name:<24} peak {figures[name]['peak_gb']:6.2f} GB (weights and state after loading "
+                  f"{figures[name]['loaded_gb']:.2f} GB), step {figures[name]['step_seconds']:.0f} s", flush=True)
+    b1, b2 = figures["bf16_b1"]["peak_gb"], figures["bf16_b2"]["peak_gb"]
+    per_sample = max(b2 - b1, 1e-6)
+    summary = {"device": device_name(), "width": args.width, "resolution": 512,
+               "peak_gb_batch1": b1, "gb_per_extra_sample": round(per_sample, 2),
+               "max_batch_24gb": 1 + int((24 - b1) // per_sample) if b1 <= 24 else 0,
+               "predicted_gb_batch4": round(b1 + 3 * per_sample, 2),
+               "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),
+               "baseline": "fp32_b1_full_geometry", "peak_gb": {n: f["peak_gb"] for n, f in figures.items()},
+               "step_seconds": {n: f["step_seconds"] for n, f in figures.items()}}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(*sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,31 @@
+"""The bench scripts that a CI machine can run at small size: each ends with one JSON line of its figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def last_json_line(args: list[str], timeout: int = 600) -> dict:
+    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
+    figures = last_json_line(["bench/gpu_throughput.py", "--width", "16", "--resolution", "128", "--steps", "2",
+                              "--batches", "1", "2", "--dtypes", "bf16", "--repeats", "1", "--peak-tflops", "1"])
+    assert figures["device"] == "cpu" and figures["attention"] == ["AttnProcessor2_0"]  # SDPA
+    assert [(r["dtype"], r["batch"]) for r in figures["results"]] == [("bf16", 1), ("bf16", 2)]
+    for entry in figures["results"]:
+        assert entry["pairs_per_s"] > 0 and entry["image_only_per_s"] > 0 and 0 < entry["ratio"] < 2
+        assert 0 < entry["floor_fraction"] < 1
+    # 2 steps × 2 (guidance) UNet evaluations and 2 decodes per pair, counted on the model itself
+    assert figures["gflop_per_pair"] == pytest.approx(4 * figures["unet_gflop"] + 2 * figures["vae_decode_gflop"],
+                                                      rel=1e-3)
