@@ -16,8 +16,9 @@ import argparse
 import numpy as np
 import torch
 
-from skindual import data, fidelity, quality
+from skindual import fidelity, quality
 from skindual.base_models import demo_base_path
+from skindual.demo_world import split_pairs
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt
 
@@ -33,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = data.classed_rows(data.read_training_table(f"{args.run}/training_table.parquet"), "train")
-    real_images, _, real_labels = data.load_arrays(rows, 64)
+    real = split_pairs(f"{args.run}/real", "train", 64)
+    real_images, real_labels = real["image"], real["class_index"]
     extractor = fidelity.build_extractor("lesion-cnn", size=64, train=lambda: (real_images, real_labels), steps=300,
                                          seed=0)
     real = extractor(real_images)

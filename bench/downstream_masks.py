@@ -1,7 +1,8 @@
 """Why does real+synthetic not beat real on segmentation Dice? The segmenter arm with other synthetic masks.
 
 On a finished demo run (``python jobs/demo.py --output RUN``), trains the evaluation's segmenter
-(`skindual.downstream.run_task`, same settings as the demo's evaluation) on
+(`skindual.downstream.train_model`, same settings as the demo's evaluation, here on pools held in
+memory with uniform batches) on
 
 - ``real``: the real train split alone (the baseline);
 - ``real+synthetic`` with the synthetic masks as generated;
@@ -22,11 +23,21 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
-from skindual import data, quality
-from skindual.downstream import BenchmarkSettings, PairSet, run_task
-from skindual.evaluate import read_synthetic, resize_pairs
+from skindual import quality
+from skindual.demo_world import split_pairs
+from skindual.downstream import (
+    BenchmarkSettings,
+    PairSet,
+    build_model,
+    test_model,
+    train_model,
+    uniform_batches,
+)
+from skindual.finetune import training_rows
+from skindual.pairs import load_pairs, read_index, selection_of
 from skindual.prompts import CLASS_CODES
 
 
@@ -50,11 +61,15 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
     suffix = "" if args.real_fraction >= 1 else f"-real{args.real_fraction:g}"
-    table = data.read_training_table(str(run / f"training_table{suffix}.parquet"))
-    train = PairSet(*data.load_arrays(data.classed_rows(table, "train"), args.size))
-    test = PairSet(*data.load_arrays(data.classed_rows(data.read_training_table(str(run / "test_table.parquet"))),
-                                     args.size))
-    synthetic = resize_pairs(read_synthetic(str(run / f"synthetic{suffix}"))[0], args.size)
+    rows = training_rows(read_index(str(run / "real")), args.real_fraction)
+    loaded = load_pairs(str(run / "real"), selection_of(rows), args.size)
+    train = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    loaded = split_pairs(run / "real-test", "all", args.size)
+    test = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    index = read_index(str(run / f"synthetic{suffix}"))
+    loaded = load_pairs(str(run / f"synthetic{suffix}"), selection_of(index.filter(pc.equal(index.column("status"), "ok"))),
+                        args.size)
+    synthetic = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
     print(f"{len(train)} real train pairs, {len(synthetic)} synthetic, {len(test)} test")
     own = [quality.dice(quality.segment_lesion(i), m) for i, m in zip(test.images, test.masks)]
     print(f"segment_lesion on the real test pairs: Dice {np.mean(own):.3f}")
@@ -68,10 +83,14 @@ def main() -> None:
     }
     settings = BenchmarkSettings("small", "unet", args.steps, 32, 1e-3)
     torch.set_num_threads(args.threads)
-    for name, pairs in variants.items():
-        arm = "real" if pairs is None else "real+synthetic"
-        dice = [run_task(arm, "segmenter", seed, train, pairs, test, settings, CLASS_CODES, args.threads)["dice"]
-                for seed in range(args.seeds)]
+    device = torch.device("cpu")
+    for name, extra in variants.items():
+        pool = train if extra is None else PairSet.concat([train, extra])
+        dice = []
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            model = train_model(build_model("unet"), uniform_batches(pool, 32, seed), "segmenter", settings, seed, device)
+            dice.append(test_model(model, test, "segmenter", CLASS_CODES, device)["dice"])
         print(f"{name:40s} Dice {np.mean(dice):.4f} ± {np.std(dice, ddof=1) if len(dice) > 1 else 0:.4f}",
               flush=True)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from skindual import data
 from skindual.cli import init_ray
 from skindual.demo_world import prepare_demo_world
-from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, run_finetune, training_rows
+from skindual.finetune import (FinetuneConfig, JointTrainer, local_batches, run_finetune, training_rows,
+                               training_selection)
+from skindual.pairs import read_index
 
 
 def steady_rate(history: list[dict], warmup: int) -> float:
@@ -28,15 +29,14 @@ def steady_rate(history: list[dict], warmup: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def plain_loop(cfg: FinetuneConfig, rows, size: int, steps: int, warmup: int) -> float:
+def plain_loop(cfg: FinetuneConfig, selection, size: int, steps: int, warmup: int) -> float:
     torch.set_num_threads(1)  # what a Ray worker with 1 CPU gets (OMP_NUM_THREADS=1)
     trainer = JointTrainer(cfg, torch.device("cpu"))
-    start = 0
-    while trainer.step < steps:  # the same rows, read and decoded in-line as a plain loop does
-        if start + cfg.batch_size > rows.num_rows:
-            start = 0
-        trainer.train_step(load_batch(rows.slice(start, cfg.batch_size).to_pydict(), size))
-        start += cfg.batch_size
+    while trainer.step < steps:  # the same pairs, read and decoded in-line as a plain loop does
+        for batch in local_batches(cfg.training_data, selection, size, cfg.batch_size, cfg.seed):
+            trainer.train_step(batch)
+            if trainer.step >= steps:
+                break
     return steady_rate(trainer.history, warmup)
 
 
@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     world = prepare_demo_world("skindual-demo", measure=False)
     with tempfile.TemporaryDirectory() as out:
-        cfg = FinetuneConfig(training_table=str(world.training_table), output=out, name="bench", steps=args.steps,
+        cfg = FinetuneConfig(training_data=str(world.real), output=out, name="bench", steps=args.steps,
                              batch_size=args.batch_size, checkpoint_every=args.steps, validation_per_class=1,
                              validation_steps=1)
-        rows = training_rows(data.read_training_table(cfg.training_table), cfg.balance, cfg.seed)
-        plain = plain_loop(cfg, rows, 64, args.steps, args.warmup)
+        rows = training_rows(read_index(cfg.training_data))
+        plain = plain_loop(cfg, training_selection(rows, cfg.balance, cfg.seed), 64, args.steps, args.warmup)
         init_ray(min_cpus=2)
         started = time.time()
         result = run_finetune(cfg)

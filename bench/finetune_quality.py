@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from skindual import data, quality
+from skindual import quality
 from skindual.cli import init_ray
-from skindual.demo_world import prepare_demo_world
+from skindual.demo_world import prepare_demo_world, split_pairs
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt, row_seed
@@ -71,16 +71,14 @@ def main() -> None:
 
     extra = parse_fields(args.set)
     world = prepare_demo_world("skindual-demo", measure=False)
-    table = data.read_training_table(str(world.training_table))
-    split = np.asarray(table.column("split"))
-    train_images, train_masks, train_labels = data.load_arrays(table.filter(split == "train"), 64)
-    classifier = quality.train_classifier(train_images, train_labels)
-    results = {"real_train_pairs": quality.pair_quality(train_images, train_masks, train_labels, classifier)}
+    train = split_pairs(world.real, "train", 64)
+    classifier = quality.train_classifier(train["image"], train["class_index"])
+    results = {"real_train_pairs": quality.pair_quality(train["image"], train["mask"], train["class_index"], classifier)}
     init_ray(min_cpus=3)  # the worker's 2 CPUs (torch threads) + 1 for Ray Data's loading tasks
     out = args.output or tempfile.mkdtemp()
     for variant in args.variants:
         layout, train, *rank = variant.split(":")
-        cfg = FinetuneConfig(training_table=str(world.training_table), output=out, name=variant.replace(":", "_"),
+        cfg = FinetuneConfig(training_data=str(world.real), output=out, name=variant.replace(":", "_"),
                              layout=layout, train=train, lora_rank=int(rank[0]) if rank else 16, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.steps, **extra,
                              validation_per_class=1, validation_steps=2, cpus_per_worker=2)

@@ -17,13 +17,13 @@ import json
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 from finetune_quality import parse_fields, sample_pairs
 
-from skindual import data, quality
-from skindual.demo_world import prepare_demo_world
-from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, training_rows
+from skindual import quality
+from skindual.demo_world import prepare_demo_world, split_pairs
+from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, training_rows, training_selection
+from skindual.pairs import read_index
 from skindual.model import DualPipeline
 
 
@@ -40,18 +40,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     world = prepare_demo_world("skindual-demo", measure=False)
-    table = data.read_training_table(str(world.training_table))
-    split = np.asarray(table.column("split"))
-    images, _, labels = data.load_arrays(table.filter(split == "train"), 64)
-    classifier = quality.train_classifier(images, labels)
-    cfg = FinetuneConfig(training_table=str(world.training_table), layout="channels", train="lora", lora_rank=32,
+    train = split_pairs(world.real, "train", 64)
+    classifier = quality.train_classifier(train["image"], train["class_index"])
+    cfg = FinetuneConfig(training_data=str(world.real), layout="channels", train="lora", lora_rank=32,
                          steps=args.steps, batch_size=16, lr=5e-4)
     cfg = replace(cfg, **parse_fields(args.set))
     print(json.dumps({"config": {k: getattr(cfg, k) for k in ("layout", "train", "lora_rank", "lr", "lr_schedule",
                                                                 "ema_decay", "w_img", "w_mask", "w_geo", "w_prior",
                                                                 "balance", "batch_size")}}), flush=True)
     trainer = JointTrainer(cfg, torch.device("cpu"))
-    rows = training_rows(table, cfg.balance, cfg.seed)
+    selection = training_selection(training_rows(read_index(cfg.training_data)), cfg.balance, cfg.seed)
 
     def measure() -> None:
         started = time.perf_counter()
@@ -66,12 +64,11 @@ def main() -> None:
 
     if args.step0:
         measure()
-    rng = np.random.default_rng(cfg.seed)
-    started = time.perf_counter()
+    started, epoch = time.perf_counter(), 0
     while trainer.step < cfg.steps:
-        order = rng.permutation(rows.num_rows)
-        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            metrics = trainer.train_step(load_batch(rows.take(order[i:i + cfg.batch_size]).to_pydict(), 64))
+        epoch += 1
+        for batch in local_batches(cfg.training_data, selection, 64, cfg.batch_size, cfg.seed + epoch):
+            metrics = trainer.train_step(batch)
             if metrics is None:
                 continue
             if trainer.step % 20 == 0:

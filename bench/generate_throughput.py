@@ -80,9 +80,8 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
 
     from skindual.cli import parse_config
     from skindual.demo_world import generate_defaults
-    from skindual.generate import (GenerateConfig, fingerprint_config, generate_samples, load_generator,
-                                   resolve_devices, resolve_model, shard_run_info)
-    from skindual.prompts import prompt_table
+    from skindual.generate import (GenerateConfig, fingerprint_config, generate_samples, generation_prompts,
+                                   load_generator, resolve_devices, resolve_model, shard_run_info)
     from skindual.shards import check_output, write_shard
     from skindual.storage import open_storage
 
@@ -92,7 +91,7 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
         pipe = load_generator(spec, cfg, tmp)
     loaded = time.time()
     storage = open_storage(cfg.output)
-    table = prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard)
+    table = generation_prompts(cfg, spec)
     fingerprint = check_output(storage, fingerprint_config(cfg, spec), overwrite=True)
     run_info = shard_run_info(cfg, spec, fingerprint)
 

@@ -128,8 +128,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(json.dumps({"device": device_name, "width": args.width, "resolution": args.resolution, "steps": args.steps,
                       "guidance": args.guidance, "attention": sorted(processors), "compile": args.compile,
-                      "channels_last": args.channels_last, "unet_gflop": round(unet_flops / 1e9, 3),
-                      "vae_decode_gflop": round(vae_flops / 1e9, 3), "gflop_per_pair": round(per_pair / 1e9, 2),
+                      "channels_last": args.channels_last, "unet_gflop": round(unet_flops / 1e9, 4),
+                      "vae_decode_gflop": round(vae_flops / 1e9, 4), "gflop_per_pair": round(per_pair / 1e9, 3),
                       "tflop_per_pair": round(per_pair / 1e12, 3),
                       "peak_tflops": args.peak_tflops, "results": results,
                       "best": max(results, key=lambda r: r["pairs_per_s"])}))

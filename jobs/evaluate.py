@@ -1,28 +1,31 @@
 r"""Evaluate synthetic (image, mask) pairs against the real data: fidelity, mask statistics, downstream benefit.
 
-    python jobs/evaluate.py --feature-extractor lesion-cnn          # demo table, ./skindual-synthetic, local Ray
-    ray job submit -- python jobs/evaluate.py --real s3://bucket/table.parquet --synthetic s3://bucket/synthetic \
-        --inception-weights /models/inception-2015-12-05.pt --seeds 5 --output s3://bucket/eval
+    python jobs/evaluate.py --feature-extractor lesion-cnn          # the demo world's data, ./skindual-synthetic, local Ray
+    ray job submit -- python jobs/evaluate.py --real s3://bucket/real --synthetic s3://bucket/synthetic \
+        --inception-weights s3://bucket/models/inception-2015-12-05.pt --actors 8 --seeds 5 --output s3://bucket/eval
 
-Writes report.md, metrics.json and PNGs to --output.  FID/KID need clean-fid's Inception weights
-(--inception-weights, or clean-fid's cache); --feature-extractor lesion-cnn measures offline, reported as FD_lesioncnn.
+Streams every pair from storage: features and mask statistics in an actor pool, the downstream
+models in Ray tasks that read their own pairs.  Writes report.md, metrics.json, PNGs and
+features/*.parquet (every pair's features and figures) to --output.  FID/KID need clean-fid's
+Inception weights (--inception-weights, or clean-fid's cache); --feature-extractor lesion-cnn
+measures offline, reported as FD_lesioncnn.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 from skindual.cli import init_ray, run_job
 from skindual.demo_world import evaluate_defaults
-from skindual.evaluate import EvaluateConfig, load_inputs, run_evaluate
+from skindual.evaluate import EvaluateConfig, plan_evaluation, run_evaluate
 
 
 def main(cfg: EvaluateConfig) -> None:
     cfg = evaluate_defaults(cfg)  # the embedded default: the demo world
-    inputs = load_inputs(cfg)  # bad input fails here, before any cluster work
-    if cfg.downstream:
-        init_ray(min_cpus=2)
-    metrics = run_evaluate(cfg, inputs)
+    plan = plan_evaluation(cfg)  # bad input fails here, before any cluster work
+    init_ray(min_cpus=max(2, math.ceil(cfg.actors * cfg.cpus_per_actor) + 1))
+    metrics = run_evaluate(cfg, plan)
     fid = metrics["fidelity"]
     value = fid["overall"][fid["fd_name"]]
     line = f"{fid['fd_name']} {'n/a' if value is None else f'{value:.2f}'}"

@@ -41,7 +41,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from skindual.errors import DataError, UserError
@@ -221,25 +220,6 @@ def training_table(
     return DataReport(table, dict(sorted(skipped.items())), [f for r in reports for f in r.skipped_files])
 
 
-def write_training_table(table: DataReport | pa.Table, path: str) -> None:
-    """Write a training table (or a report's table) as parquet."""
-    table = table.table if isinstance(table, DataReport) else table
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
-
-
-def read_training_table(path: str) -> pa.Table:
-    """Read a training table written by `write_training_table`, checking its columns."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"training table {path} cannot be read ({e}); rebuild it with the data stage") from None
-    missing = [n for n in TRAINING_TABLE_SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise DataError(f"training table {path} lacks column(s) {', '.join(missing)}; rebuild it with the data stage")
-    return table
-
-
 def load_pair(image_path: str, mask_path: str, size: int | None = None,
               s3_endpoint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One (image, mask) pair from its files (local paths or s3:// URLs): uint8 RGB HxWx3 and uint8 HxW
@@ -301,16 +281,6 @@ def resize_pair(image: np.ndarray | Image.Image, mask: np.ndarray, size: int) ->
     soft = Image.fromarray(np.asarray(mask).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR,
                                                                         box=box)
     return np.array(resized), (np.asarray(soft) >= 0.5).astype(np.uint8)
-
-
-def load_arrays(table: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of a (small) table in memory: images N×size×size×3, masks N×size×size, class indices N."""
-    pairs = [load_pair(i, m, size) for i, m in zip(table.column("image_path").to_pylist(),
-                                                   table.column("mask_path").to_pylist())]
-    labels = np.asarray(table.column("class_index").to_pylist(), np.int64)
-    if not pairs:
-        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8), labels
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), labels
 
 
 # --- row selections -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The whole chain on the demo world: data → fine-tune → generate → evaluate (jobs/demo.py).
 
 `run_demo` (jobs/demo.py) runs the four stages on the current Ray cluster into one local folder
-(``data/``, ``runs/``, ``synthetic/``, ``eval/``), each through its own job's library call, with
+(``data/`` and ``real/``, the procedural data and its prepared dataset, ``runs/``, ``synthetic/``,
+``eval/``), each through its own job's library call, with
 the fine-tuning settings of `DEMO_FINETUNE`.  Re-running into the same folder reuses what the
 stages already reuse: the demo data, the fine-tuning run (resumed by its name; a finished one only
 writes its adapter, grid and curve again) and the committed shards (while the adapter's sha256 is
@@ -20,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from skindual import data, fidelity, quality
+from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
 from skindual.demo_world import DEMO_TEST_PER_CLASS, prepare_demo_world
 from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
-from skindual.evaluate import EvalInputs, EvaluateConfig, load_inputs, resize_pairs, run_evaluate
+from skindual.evaluate import EvaluateConfig, run_evaluate
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.generate import GenerateConfig, run_generate
 from skindual.prompts import CLASSES
@@ -109,20 +109,16 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         seconds[name] = round(time.perf_counter() - t, 1)
         progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: done in {seconds[name]:.0f} s ({what})")
 
-    name, t = stage(1, f"procedural HAM10000-layout data and the demo base, into {out / 'data'}")
+    name, t = stage(1, f"procedural HAM10000-layout data, prepared, and the demo base, into {out / 'real'}")
     world = prepare_demo_world(out, measure=False)
-    table, suffix = world.training_table, ""
-    rows = data.read_training_table(str(table))
-    if cfg.real_fraction < 1:
-        suffix = f"-real{cfg.real_fraction:g}"
-        table, rows = out / f"training_table{suffix}.parquet", data.low_data_table(rows, cfg.real_fraction)
-        data.write_training_table(rows, str(table))
-    counts = _train_counts(rows)
+    suffix = f"-real{cfg.real_fraction:g}" if cfg.real_fraction < 1 else ""
+    rows = finetune.training_rows(pairs.read_index(str(world.real)), cfg.real_fraction)
+    counts = {c.code: int(n) for c, n in zip(CLASSES, np.bincount(np.asarray(rows.column("class_index")), minlength=7))}
     done(name, t, f"{sum(counts.values())} train pairs ({_per_class(counts)}), test set "
                   f"{DEMO_TEST_PER_CLASS} per class")
 
-    ft = FinetuneConfig(training_table=str(table), output=str(out / "runs"), name=f"demo{suffix}",
-                        **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
+    ft = FinetuneConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, output=str(out / "runs"),
+                        name=f"demo{suffix}", **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
                        f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
     with _stage_errors(name):
@@ -141,32 +137,27 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
 
-    ev = EvaluateConfig(real=str(table), test_table=str(world.test_table), synthetic=gen.output,
+    ev = EvaluateConfig(real=str(world.real), test_data=str(world.test_data), synthetic=gen.output,
                         output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
                         inception_weights=cfg.inception_weights, extractor_steps=cfg.extractor_steps,
-                        steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier)
-    name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, downstream {cfg.eval_steps} steps x "
-                       f"{cfg.seeds} seed(s), pair quality, into {ev.output}")
+                        steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier,
+                        real_fraction=cfg.real_fraction, actors=cfg.actors)
+    name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
+                       f"{cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
-        inputs = load_inputs(ev)
-        metrics = run_evaluate(ev, inputs)
-        pairs = pair_figures(ev, inputs)
+        metrics = run_evaluate(ev)
     done(name, t, f"report at {Path(ev.output) / 'report.md'}")
 
+    quality = metrics["pair_quality"]
     summary = {"output": str(out), "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
                "finetune": {k: getattr(ft, k) for k in DEMO_FINETUNE}, "adapter": str(adapter),
                "synthetic": gen.output, "synthetic_per_class": {c: n["ok"] for c, n in totals["per_class"].items()},
-               "real_fraction": cfg.real_fraction, "training_table": str(table), "test_table": str(world.test_table),
+               "real_fraction": cfg.real_fraction, "real": str(world.real), "test_data": str(world.test_data),
                "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
-               **pairs, **key_figures(metrics)}
+               "pair_quality": quality["synthetic"], "real_test_pair_quality": quality["real_test"],
+               **key_figures(metrics)}
     (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _train_counts(table: pa.Table) -> dict[str, int]:
-    """Train-split images per class of a training table."""
-    labels = np.asarray(table.column("class_index"))[np.asarray(table.column("split")) == "train"]
-    return {c.code: int((labels == c.index).sum()) for c in CLASSES}
 
 
 def _per_class(counts: dict) -> str:
@@ -180,25 +171,6 @@ def _stage_errors(name: str):
         yield
     except UserError as err:
         raise UserError(f"{name}: {err}") from None
-
-
-def pair_figures(ev: EvaluateConfig, inputs: EvalInputs) -> dict:
-    """Image–mask consistency, sane-mask share and class fidelity (`quality.pair_quality`, as
-    bench/finetune_quality.py measures them) of the synthetic pairs, and of the real test split
-    as the reference.  The classifier is the evaluation's lesion-cnn (a `quality.LesionClassifier`
-    trained on the real ``--fid-split`` images), loaded from the cache the evaluation filled when
-    that was its feature extractor, else trained here."""
-    real = resize_pairs(inputs.real, ev.size)
-    classifier = fidelity.build_extractor("lesion-cnn", size=ev.size, train=lambda: (real.images, real.labels),
-                                          steps=ev.extractor_steps, seed=ev.seed, cache_dir=ev.cache_dir or None).model
-    synthetic = resize_pairs(inputs.synthetic, ev.size)
-    figures = quality.pair_quality(synthetic.images, synthetic.masks, synthetic.labels, classifier)
-    reference = quality.pair_quality(inputs.test.images, inputs.test.masks, inputs.test.labels, classifier)
-    reference["classifier_accuracy"] = round(float((quality.classify(classifier, inputs.test.images)
-                                                    == inputs.test.labels).mean()), 4)
-    for q in (figures, reference):
-        q["class_fidelity"] = {CLASSES[i].code: v for i, v in q["class_fidelity"].items()}
-    return {"pair_quality": figures, "real_test_pair_quality": reference}
 
 
 def key_figures(metrics: dict) -> dict:

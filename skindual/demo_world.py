@@ -1,7 +1,7 @@
 """The offline demo world in one call: procedural data, the demo base, the embedded defaults of the jobs.
 
-`prepare_demo_world` writes the procedural HAM10000-layout folder and its training table, the
-separate balanced test set, makes the demo base pipeline ready (from the shipped artifact, or
+`prepare_demo_world` writes the procedural HAM10000-layout folder and the separate balanced test
+set, prepares both through the prepare job's code (`skindual.prepare`), makes the demo base pipeline ready (from the shipped artifact, or
 pretrained from scratch), and, when asked, measures the base: VAE reconstruction of held-out demo
 images and masks, and class fidelity of its samples (a small classifier trained on real demo
 images, its accuracy on the base's samples of each class).
@@ -20,14 +20,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
-from skindual import data, demo_data, demo_model, quality
+from skindual import data, demo_data, demo_model, pairs, quality
 from skindual.base_models import ARTIFACT, DEMO_BASE, demo_base_path
 from skindual.evaluate import EvaluateConfig
 from skindual.finetune import FinetuneConfig
 from skindual.generate import GenerateConfig
 from skindual.model import ADAPTER_JSON, load_pipeline
+from skindual.prepare import PrepareConfig, run_prepare
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,22 @@ ids) and balanced."""
 DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apart from the main data's
 
 
+DEMO_PAIRS_PER_SHARD = 250  # the demo's real datasets come in several shards, as a real one does
+
+
 @dataclass
 class DemoWorld:
-    data_root: Path
-    training_table: Path
+    data_root: Path  # the procedural HAM10000-layout folder
+    real: Path  # its prepared real dataset (jobs/prepare.py's layout)
     base_model: Path  # a from_pretrained folder
     report: dict
-    test_table: Path  # the separate balanced test set's table (`DEMO_TEST_PER_CLASS`)
+    test_data: Path  # the prepared separate balanced test set (`DEMO_TEST_PER_CLASS`)
+
+
+def _prepared(folder: Path, output: Path, seed: int) -> dict:
+    """`folder` through the prepare job's code, in this process (a rerun skips what is committed)."""
+    return run_prepare(PrepareConfig(ham10000=str(folder), output=str(output), seed=seed,
+                                     samples_per_shard=DEMO_PAIRS_PER_SHARD), distributed=False)
 
 
 def prepare_demo_world(
@@ -66,25 +77,22 @@ def prepare_demo_world(
     sample_steps: int = 25,
     guidance: float = 4.0,
 ) -> DemoWorld:
-    """Demo data under `output/data`, its table at `output/training_table.parquet`, the separate test set
-    under `output/data-test` (table `output/test_table.parquet`), the base ready, a report."""
+    """Demo data under `output/data` prepared into `output/real`, the separate test set under
+    `output/data-test` prepared into `output/real-test`, the base ready, a report."""
     output = Path(output)
     started = time.perf_counter()
     report: dict = {}
-    data_root = output / "data"
+    data_root, test_root = output / "data", output / "data-test"
     if not (data_root / demo_data.METADATA_CSV).exists():
         demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed)
-    table_path = output / "training_table.parquet"
-    table = data.training_table(str(data_root), seed=seed).table
-    data.write_training_table(table, str(table_path))
-    test_root, test_table = output / "data-test", output / "test_table.parquet"
     if not (test_root / demo_data.METADATA_CSV).exists():
         demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
                                      first_number=DEMO_TEST_FIRST_ID)
-    data.write_training_table(data.training_table(str(test_root), seed=seed).table, str(test_table))
+    manifest = _prepared(data_root, output / "real", seed)
+    _prepared(test_root, output / "real-test", seed)
     report["data_seconds"] = round(time.perf_counter() - started, 1)
-    report["class_counts"] = {c.code: int(np.sum(np.asarray(table.column("class_index")) == c.index)) for c in CLASSES}
-    log.info("demo data: %d pairs at %s (%s)", table.num_rows, data_root, report["class_counts"])
+    report["class_counts"] = {c: n["ok"] for c, n in manifest["totals"]["per_class"].items()}
+    log.info("demo data: %d pairs at %s (%s)", manifest["totals"]["successes"], output / "real", report["class_counts"])
 
     if rebuild is not None:
         t = time.perf_counter()
@@ -97,28 +105,33 @@ def prepare_demo_world(
     log.info("demo base ready at %s after %.1f s", base, report["base_ready_seconds"])
 
     if measure:
-        report.update(measure_base(base, table, samples_per_class, sample_steps, guidance, seed))
+        report.update(measure_base(base, output / "real", samples_per_class, sample_steps, guidance, seed))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     output.mkdir(parents=True, exist_ok=True)
     (output / "demo_world.json").write_text(json.dumps(report, indent=2) + "\n")
-    return DemoWorld(data_root, table_path, base, report, test_table)
+    return DemoWorld(data_root, output / "real", base, report, output / "real-test")
 
 
-def measure_base(base: Path, table, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
+def split_pairs(real: str | Path, split: str, size: int) -> dict[str, np.ndarray]:
+    """The classed pairs of one split of a prepared dataset, in memory at `size` (the demo's small data)."""
+    index = pairs.read_index(str(real))
+    rows = data.classed_rows(index.filter(pc.equal(index.column("status"), "ok")), split)
+    return pairs.load_pairs(str(real), pairs.selection_of(rows), size)
+
+
+def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
     """VAE reconstruction on held-out demo pairs, and class fidelity of the base's samples."""
     pipe = load_pipeline(base)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    train = table.filter(np.asarray(table.column("split")) == "train")
-    test = table.filter(np.asarray(table.column("split")) == "test")
-    test_images, test_masks, test_labels = data.load_arrays(test, size)
-    recon = demo_model.vae_reconstruction(pipe.vae, test_images, test_masks)
-    log.info("VAE on %d held-out demo pairs: PSNR %.1f dB, mask Dice %.3f", len(test_images),
+    test = split_pairs(real, "test", size)
+    recon = demo_model.vae_reconstruction(pipe.vae, test["image"], test["mask"])
+    log.info("VAE on %d held-out demo pairs: PSNR %.1f dB, mask Dice %.3f", len(test["image"]),
              recon["psnr_db"], recon["mask_dice"])
 
     t = time.perf_counter()
-    train_images, _, train_labels = data.load_arrays(train, size)
-    classifier = quality.train_classifier(train_images, train_labels, seed=seed)
-    real_accuracy = float((quality.classify(classifier, test_images) == test_labels).mean())
+    train = split_pairs(real, "train", size)
+    classifier = quality.train_classifier(train["image"], train["class_index"], seed=seed)
+    real_accuracy = float((quality.classify(classifier, test["image"]) == test["class_index"]).mean())
     log.info("class-fidelity classifier: %.3f on held-out real demo images (%.0f s)", real_accuracy,
              time.perf_counter() - t)
 
@@ -157,20 +170,20 @@ def sample_base(pipe, per_class: int, steps: int, guidance: float, seed: int, ba
 
 
 def finetune_defaults(cfg: FinetuneConfig, demo_output: str = DEMO_OUTPUT) -> FinetuneConfig:
-    """Without --training-table, the demo world's table (built if missing)."""
-    if cfg.training_table:
+    """Without --training-data, the demo world's prepared real dataset (built if missing)."""
+    if cfg.training_data:
         return cfg
     world = prepare_demo_world(demo_output, measure=False)
-    return replace(cfg, training_table=str(world.training_table))
+    return replace(cfg, training_data=str(world.real))
 
 
 def evaluate_defaults(cfg: EvaluateConfig, demo_output: str = DEMO_OUTPUT) -> EvaluateConfig:
-    """Without --real, the demo world's training table and (without --test-table) its separate
+    """Without --real, the demo world's prepared real dataset and (without --test-data) its separate
     balanced test set (built if missing)."""
     if cfg.real:
         return cfg
     world = prepare_demo_world(demo_output, measure=False)
-    return replace(cfg, real=str(world.training_table), test_table=cfg.test_table or str(world.test_table))
+    return replace(cfg, real=str(world.real), test_data=cfg.test_data or str(world.test_data))
 
 
 def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:

@@ -1,11 +1,10 @@
-"""The downstream benchmark: do synthetic pairs help a classifier and a segmenter trained on real data?
+"""The downstream benchmark's models and measures: do synthetic pairs help a classifier and a segmenter?
 
 Two arms, ``real`` and ``real+synthetic``, train the same model from the same seeded
-initialisation with the same step budget and batch size; batches are drawn uniformly (with
-replacement) from the arm's pool, so in ``real+synthetic`` the synthetic share of a batch is its
-share of the pool.  Both are tested on the same held-out real split (the training table's
-``test`` split, which is split by lesion_id).  One Ray task per (arm, model, seed) (`run_benchmark`),
-one CPU each, a GPU each when asked; `summarise` gives mean ± std over seeds and the gain.
+initialisation with the same step budget and batch size, each step on the next batch of the arm's
+pairs (the evaluation streams them from storage through a shuffle buffer, so in ``real+synthetic``
+the synthetic share of a batch is its share of the pool); both are tested on the same held-out
+real pairs.  `summarise` gives mean ± std over seeds and the gain.
 
 Models: ``resnet18`` (torchvision, ``weights=None``) or ``small`` (`skindual.quality.LesionClassifier`)
 for the classifier — accuracy, macro-F1 (over the classes present in the test split) and per-class
@@ -15,7 +14,7 @@ recall; ``unet`` (`SmallUNet`, below) or ``fcn_resnet50`` (torchvision,
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -110,18 +109,18 @@ def build_model(kind: str, num_classes: int = 7) -> nn.Module:
     raise ValueError(f"unknown model {kind!r}")
 
 
-def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkSettings, seed: int,
-                device: torch.device) -> nn.Module:
-    """`settings.steps` AdamW steps (cosine decay) on uniform batches with random flips."""
+def train_model(model: nn.Module, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], task: str,
+                settings: BenchmarkSettings, seed: int, device: torch.device) -> nn.Module:
+    """`settings.steps` AdamW steps (cosine decay), each on the next of `batches` (uint8 images, 0/1
+    masks, class indices) with random flips."""
     g = torch.Generator().manual_seed(seed)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     for _ in range(settings.steps):
-        idx = torch.randint(len(data), (settings.batch_size,), generator=g).numpy()
-        x = images_to_tensor(data.images[idx], device)
-        y = (torch.from_numpy(data.labels[idx]) if task == "classifier"
-             else torch.from_numpy(data.masks[idx]).float()[:, None]).to(device)
+        images, masks, labels = next(batches)
+        x = images_to_tensor(images, device)
+        y = (torch.from_numpy(labels) if task == "classifier" else torch.from_numpy(masks).float()[:, None]).to(device)
         for dim in (-1, -2):
             if torch.rand((), generator=g) < 0.5:
                 x = x.flip(dim)
@@ -133,6 +132,14 @@ def train_model(model: nn.Module, data: PairSet, task: str, settings: BenchmarkS
         opt.step()
         sched.step()
     return model.eval()
+
+
+def uniform_batches(pool: PairSet, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Endless batches drawn uniformly with replacement from a pool held in memory."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(len(pool), (batch_size,), generator=g).numpy()
+        yield pool.images[idx], pool.masks[idx], pool.labels[idx]
 
 
 @torch.no_grad()
@@ -166,34 +173,13 @@ def segmenter_metrics(predicted: np.ndarray, masks: np.ndarray) -> dict[str, flo
     return {"dice": float(dice.mean()), "iou": float(iou.mean())}
 
 
-def run_task(arm: str, task: str, seed: int, real: PairSet, synthetic: PairSet | None, test: PairSet,
-             settings: BenchmarkSettings, class_codes: Sequence[str], threads: int = 1) -> dict[str, Any]:
-    """Train one model of one arm with one seed and test it: a row of the results table."""
-    started = time.perf_counter()
-    torch.set_num_threads(max(1, threads))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pool = real if arm == "real" else PairSet.concat([real, synthetic])
-    torch.manual_seed(seed)  # the same initialisation in both arms
-    kind = settings.classifier if task == "classifier" else settings.segmenter
-    model = train_model(build_model(kind, settings.num_classes), pool, task, settings, seed, device)
+def test_model(model: nn.Module, test: PairSet, task: str, class_codes: Sequence[str],
+               device: torch.device) -> dict[str, Any]:
+    """The trained model's figures on the test set (`classifier_metrics` or `segmenter_metrics`)."""
     out = _predict(model, test.images, device)
-    metrics = (classifier_metrics(out.argmax(1).numpy(), test.labels, class_codes) if task == "classifier"
-               else segmenter_metrics((out[:, 0] > 0).numpy(), test.masks))
-    return {"arm": arm, "model": task, "architecture": kind, "seed": seed, "train_pairs": len(pool),
-            "test_pairs": len(test), "seconds": round(time.perf_counter() - started, 1), **metrics}
-
-
-def run_benchmark(real: PairSet, synthetic: PairSet, test: PairSet, settings: BenchmarkSettings,
-                  class_codes: Sequence[str], seeds: Sequence[int], num_cpus: float = 1,
-                  num_gpus: float = 0) -> list[dict[str, Any]]:
-    """Every (arm, model, seed) as one Ray task on the current cluster; results in that order."""
-    import ray
-
-    refs = [ray.put(x) for x in (real, synthetic, test)]
-    remote = ray.remote(run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
-    futures = [remote.remote(arm, task, seed, *refs, settings, list(class_codes), max(1, int(num_cpus)))
-               for task in ("classifier", "segmenter") for arm in ARMS for seed in seeds]
-    return ray.get(futures)
+    if task == "classifier":
+        return classifier_metrics(out.argmax(1).numpy(), test.labels, class_codes)
+    return segmenter_metrics((out[:, 0] > 0).numpy(), test.masks)
 
 
 METRICS = {"classifier": ("accuracy", "macro_f1"), "segmenter": ("dice", "iou")}

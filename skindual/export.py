@@ -49,7 +49,8 @@ class ExportConfig:
     synthetic: str = option("skindual-synthetic", "shard folder or s3:// prefix written by the generate job")
     output: str = option("skindual-export", "folder or s3://bucket/prefix to write the dataset under")
     format: str = option("nnunet", "dataset layout", choices=list(FORMATS))
-    with_real: str = option("", "training table parquet: merge its real pairs (see --real-splits)")
+    with_real: str = option("", "the prepared real dataset (jobs/prepare.py), a folder or s3:// prefix: merge its "
+                                "pairs (see --real-splits)")
     real_splits: str = option("train", "comma-separated splits of --with-real that join the training set")
     dataset_id: int = option(501, "nnU-Net dataset id (1-999)")
     dataset_name: str = option("SkinDualGen", "nnU-Net dataset name (letters, digits, - and _)")
@@ -99,13 +100,15 @@ def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
         yield f"syn_{sample['key']}", int(sample["class_index"]), image, mask, "train"
     if not cfg.with_real:
         return
-    table = data.read_training_table(cfg.with_real)
-    for row in table.to_pylist():
-        part = "train" if row["split"] in cfg.splits() else "test" if row["split"] == "test" else None
+    for sample in read_shards(cfg.with_real, cfg.s3_endpoint or None):
+        split = sample["meta"].get("split")
+        part = "train" if split in cfg.splits() else "test" if split == "test" else None
         if part is None:
             continue
-        image, mask = data.load_pair(row["image_path"], row["mask_path"], cfg.size or None)
-        yield f"real_{row['image_id']}", int(row["class_index"]), image, mask, part
+        image, mask = sample["image"], sample["mask"]
+        if cfg.size:
+            image, mask = data.resize_pair(image, mask, cfg.size)
+        yield f"real_{sample['meta']['image_id']}", int(sample["class_index"]), image, mask, part
 
 
 def _prepare(storage: Storage, cfg: ExportConfig) -> None:

@@ -26,6 +26,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from skindual.errors import UserError
 from skindual.quality import LesionClassifier, images_to_tensor, train_classifier
-from skindual.storage import cache_root, file_sha256
+from skindual.storage import cache_root, file_sha256, open_storage
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -68,6 +69,41 @@ def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
     with warnings.catch_warnings():  # fewer samples than dimensions: singular covariances, expected
         warnings.simplefilter("ignore", LinAlgWarning)
         return max(0.0, float(fid_from_feats(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64))))
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of a feature set for the Fréchet distance, in float64: they add up, so a
+    set's can be summed from any split of it (per shard, per class, per worker) in any order."""
+
+    count: int
+    total: np.ndarray  # Σ x, shape D
+    outer: np.ndarray  # Σ x xᵀ, shape D×D
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> Moments:
+        f = np.asarray(features, np.float64)
+        return cls(len(f), f.sum(0), f.T @ f)
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and the unbiased covariance (ddof 1, as `np.cov` and clean-fid)."""
+        mean = self.total / self.count
+        return mean, (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+
+def frechet_from_moments(a: Moments, b: Moments) -> float:
+    """`frechet_distance` of two feature sets given by their `Moments` (clean-fid's `frechet_distance`)."""
+    from cleanfid.fid import frechet_distance as clean_frechet_distance
+    from scipy.linalg import LinAlgWarning
+
+    if min(a.count, b.count) < 2:
+        raise ValueError(f"a distance needs at least 2 samples per set, got {[a.count, b.count]}")
+    with warnings.catch_warnings():  # fewer samples than dimensions: singular covariances, expected
+        warnings.simplefilter("ignore", LinAlgWarning)
+        return max(0.0, float(clean_frechet_distance(*a.mean_and_covariance(), *b.mean_and_covariance())))
 
 
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100,
@@ -107,32 +143,84 @@ def feature_spread(features: np.ndarray, max_rows: int = 1000, seed: int = 0) ->
     return float(pdist(f).mean())
 
 
-def fidelity_metrics(name: str, real: np.ndarray, real_labels: np.ndarray, synthetic: np.ndarray,
-                     synthetic_labels: np.ndarray, class_codes: Sequence[str], *, num_subsets: int = 100,
-                     max_subset_size: int = 1000, seed: int = 0) -> dict:
-    """Fréchet and kernel distances, overall and per class, under the names of `metric_names(name)`,
-    and the diversity of each side: `feature_spread` of the real and the synthetic features and
-    ``spread_ratio`` = synthetic / real (1: as varied as the real images; well below 1: the generator
-    repeats itself, which FD alone can hide when the repeated samples are typical ones).
+def sample_ranks(keys: Sequence[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-random rank (uint64) per sample key: a set's seeded sample of at most k is its k
+    smallest ranks, whichever order or split the samples come in (a bottom-k sketch)."""
+    return np.asarray([int.from_bytes(hashlib.blake2b(f"{seed}/{k}".encode(), digest_size=8).digest(), "little")
+                       for k in keys], np.uint64)
 
-    A class with fewer than 2 samples on either side gets None values (and its counts).
+
+@dataclass
+class FeatureSummary:
+    """What the fidelity measures need of one (set, class): the `Moments` of all its features and a
+    seeded sample of at most k of them (`sample_ranks`), which KID and the diversity are computed from."""
+
+    moments: Moments
+    sample: np.ndarray  # n_sample × D
+    ranks: np.ndarray  # the sample's ranks, ascending
+
+    @classmethod
+    def of(cls, features: np.ndarray, keys: Sequence[str], seed: int, k: int) -> FeatureSummary:
+        ranks = sample_ranks(keys, seed)
+        keep = np.argsort(ranks, kind="stable")[:k]
+        return cls(Moments.of(features), np.asarray(features, np.float64)[keep], ranks[keep])
+
+    def __add__(self, other: FeatureSummary) -> FeatureSummary:
+        ranks = np.concatenate([self.ranks, other.ranks])
+        keep = np.argsort(ranks, kind="stable")[:max(len(self.ranks), len(other.ranks))]
+        return FeatureSummary(self.moments + other.moments, np.concatenate([self.sample, other.sample])[keep],
+                              ranks[keep])
+
+    def cut(self, k: int) -> FeatureSummary:
+        return FeatureSummary(self.moments, self.sample[:k], self.ranks[:k])
+
+
+def fidelity_from_summaries(name: str, real: dict[int, FeatureSummary], synthetic: dict[int, FeatureSummary],
+                            class_codes: Sequence[str], *, num_subsets: int = 100, max_subset_size: int = 1000,
+                            seed: int = 0) -> dict:
+    """Fréchet and kernel distances, overall and per class (classes of `synthetic`), under the names of
+    `metric_names(name)`, and the diversity of each side: `feature_spread` of the real and of the
+    synthetic sample and ``spread_ratio`` = synthetic / real (1: as varied as the real images; well below
+    1: the generator repeats itself, which FD alone can hide when the repeated samples are typical).
+
+    FD comes from the summed `Moments` (all samples); KD and the spreads from the seeded samples (each
+    at most `max_subset_size`; all classes together: the sample of the whole set).  A class with fewer
+    than 2 samples on either side gets None values (and its counts).
     """
     fd, kd = metric_names(name)
 
-    def pair(a: np.ndarray, b: np.ndarray) -> dict:
-        out: dict = {"n_real": int(len(a)), "n_synthetic": int(len(b)), fd: None, kd: None,
+    def pair(a: FeatureSummary | None, b: FeatureSummary | None) -> dict:
+        n_a, n_b = (x.moments.count if x is not None else 0 for x in (a, b))
+        out: dict = {"n_real": n_a, "n_synthetic": n_b, fd: None, kd: None,
                      "spread_real": None, "spread_synthetic": None, "spread_ratio": None}
-        if len(a) >= 2 and len(b) >= 2:
-            out[fd] = frechet_distance(a, b)
-            out[kd] = kernel_distance(a, b, num_subsets, max_subset_size, seed)
-            out["spread_real"], out["spread_synthetic"] = feature_spread(a, seed=seed), feature_spread(b, seed=seed)
+        if n_a >= 2 and n_b >= 2:
+            out[fd] = frechet_from_moments(a.moments, b.moments)
+            out[kd] = kernel_distance(a.sample, b.sample, num_subsets, max_subset_size, seed)
+            out["spread_real"], out["spread_synthetic"] = (feature_spread(x.sample, max_subset_size, seed) for x in (a, b))
             out["spread_ratio"] = out["spread_synthetic"] / out["spread_real"] if out["spread_real"] else None
         return out
 
-    per_class = {code: pair(real[real_labels == i], synthetic[synthetic_labels == i])
-                 for i, code in enumerate(class_codes) if np.any(synthetic_labels == i)}
-    return {"extractor": name, "fd_name": fd, "kd_name": kd, "overall": pair(real, synthetic),
+    def whole(summaries: dict[int, FeatureSummary]) -> FeatureSummary | None:
+        parts = list(summaries.values())
+        return sum(parts[1:], parts[0]).cut(max_subset_size) if parts else None
+
+    per_class = {class_codes[c]: pair(real.get(c), synthetic[c]) for c in sorted(synthetic)}
+    return {"extractor": name, "fd_name": fd, "kd_name": kd, "overall": pair(whole(real), whole(synthetic)),
             "per_class": per_class}
+
+
+def fidelity_metrics(name: str, real: np.ndarray, real_labels: np.ndarray, synthetic: np.ndarray,
+                     synthetic_labels: np.ndarray, class_codes: Sequence[str], *, num_subsets: int = 100,
+                     max_subset_size: int = 1000, seed: int = 0) -> dict:
+    """`fidelity_from_summaries` of two feature sets held in memory (rows keyed by their index)."""
+
+    def summaries(features: np.ndarray, labels: np.ndarray, prefix: str) -> dict[int, FeatureSummary]:
+        keys = np.asarray([f"{prefix}{i}" for i in range(len(features))])
+        return {int(c): FeatureSummary.of(features[labels == c], keys[labels == c], seed, max_subset_size)
+                for c in np.unique(labels)}
+
+    return fidelity_from_summaries(name, summaries(real, real_labels, "r"), summaries(synthetic, synthetic_labels, "s"),
+                                   class_codes, num_subsets=num_subsets, max_subset_size=max_subset_size, seed=seed)
 
 
 # --------------------------------------------------------------------------- extractors
@@ -190,9 +278,24 @@ class CNNExtractor:
             feats.append(self.model.features(x).mean((2, 3)).double().cpu().numpy())
         return np.concatenate(feats) if feats else np.zeros((0, 0))
 
+    @torch.no_grad()
+    def classify_features(self, features: np.ndarray) -> np.ndarray:
+        """The class a `LesionClassifier` extractor predicts from features it gave (its head)."""
+        if not len(features):
+            return np.zeros(0, np.int64)
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=self.device)
+        return self.model.head(x).argmax(1).cpu().numpy()
 
-def find_inception_weights(path: str = "") -> Path:
-    """The Inception weights file: `path`, else clean-fid's cached copy; a `UserError` saying how to get it."""
+
+def find_inception_weights(path: str = "", s3_endpoint: str | None = None) -> Path | str:
+    """The Inception weights: `path` (a local file, or an s3:// URL the workers fetch), else clean-fid's
+    cached copy; a `UserError` saying how to get them."""
+    if path and path.startswith("s3://"):
+        parent, _, name = path.rpartition("/")
+        if not open_storage(parent, s3_endpoint).exists(name):
+            raise UserError(f"--inception-weights {path}: no such object; upload clean-fid's {INCEPTION_FILE} "
+                            f"(download: {INCEPTION_URL}) there")
+        return path
     if path:
         if not Path(path).is_file():
             raise UserError(f"--inception-weights {path}: no such file; give the path of clean-fid's "

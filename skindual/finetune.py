@@ -20,18 +20,20 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from skindual import data, losses, model, report
+from skindual import data, losses, model, pairs, prompts, report
 from skindual.base_models import resolve_base_model
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
+from skindual.shards import MANIFEST_FILE
 from skindual.storage import is_remote, open_storage
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,10 @@ CHECKPOINT_EMA = "ema.safetensors"
 
 @dataclass
 class FinetuneConfig:
-    training_table: str = option("", "training table parquet from the data stage; empty (jobs/finetune.py): the "
-                                     "demo world's, built if missing")
+    training_data: str = option("", "the prepared real dataset (jobs/prepare.py): a folder or s3:// prefix; its "
+                                    "train split is trained on; empty (jobs/finetune.py): the demo world's")
+    real_fraction: float = option(1.0, "train on a seeded share of each class of the train split (at least one "
+                                       "pair a class): below 1, the low-data regime")
     base_model: str = option("demo", "SD-2 id or folder (e.g. stabilityai/stable-diffusion-2-base); demo: the demo base")
     output: str = option("skindual-runs", "Ray Train storage_path: a folder or s3://bucket/prefix")
     name: str = option("finetune", "run name under --output; re-running the same name resumes it")
@@ -92,6 +96,8 @@ class FinetuneConfig:
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise UserError("--mixed-precision fp16 needs GPUs (--use-gpu): CPUs compute fp16 without a gradient "
                             "scaler's guard; use bf16 on CPU")
+        if not 0 < self.real_fraction <= 1:
+            raise UserError(f"--real-fraction {self.real_fraction}: must be in (0, 1]")
         if self.geo_crop < 0 or self.resolution < 0:
             raise UserError(f"--geo-crop {self.geo_crop} / --resolution {self.resolution}: must be 0 or more")
         if not 0 <= self.ema_decay < 1:
@@ -103,19 +109,31 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------- data
 
 
-def training_rows(table: pa.Table, balance: bool, seed: int) -> pa.Table:
-    """The classed training split, rare classes repeated (when `balance`) up to the largest class's count."""
-    table = data.classed_rows(table, "train").select(["image_path", "mask_path", "prompt", "class_index"])
-    if table.num_rows == 0:
-        raise UserError("the training table has no classed rows in its train split; check the data stage")
-    return data.balance_classes(table, seed) if balance else table
+def training_rows(index: pa.Table, real_fraction: float = 1.0, seed: int = 0) -> pa.Table:
+    """The index rows fine-tuning learns from: the usable, classed pairs of the train split (a seeded
+    `real_fraction` of each class)."""
+    if "split" not in index.column_names:
+        raise UserError("--training-data holds no train split: give the real dataset jobs/prepare.py wrote")
+    rows = data.classed_rows(index.filter(pc.equal(index.column("status"), "ok")), "train")
+    if rows.num_rows == 0:
+        raise UserError("--training-data has no classed pairs in its train split; check the prepare job's manifest")
+    return data.fraction_per_class(rows, real_fraction, seed)
 
 
-def load_batch(batch: dict, size: int) -> dict:
-    """A Ray Data batch of paths → uint8 images B×S×S×3, masks B×S×S, prompts."""
-    pairs = [data.load_pair(i, m, size) for i, m in zip(batch["image_path"], batch["mask_path"])]
-    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs]),
-            "prompt": np.asarray(batch["prompt"], dtype=object)}
+def training_selection(rows: pa.Table, balance: bool, seed: int) -> dict[int, dict[str, int]]:
+    """shard → {key: how often an epoch shows it}: each row once, or with `balance` the rare classes
+    repeated up to the largest class's count (`data.balance_classes`)."""
+    picked = data.balance_classes(rows, seed) if balance else rows
+    return pairs.selection_of(rows, Counter(picked.column("key").to_pylist()))
+
+
+def local_batches(url: str, selection: dict[int, dict[str, int]], size: int, batch_size: int, seed: int = 0,
+                  s3_endpoint: str | None = None):
+    """The selected pairs as training batches read in this process (no Ray): a plain loop's data."""
+    for shard in sorted(selection):
+        for chunk in pairs.load_selected(url, shard, selection[shard], size, seed, s3_endpoint, chunk=batch_size):
+            if len(chunk["prompt"]) == batch_size:
+                yield chunk
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -304,6 +322,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg: FinetuneConfig = config["config"]
+    prompting: dict = config.get("prompting", {})
     rank = ray.train.get_context().get_world_rank()
     trainer = JointTrainer(cfg, ray.train.torch.get_device(), seed_offset=rank)
     checkpoint = ray.train.get_checkpoint()
@@ -337,7 +356,7 @@ def train_loop(config: dict) -> None:
             if step >= cfg.steps:
                 break
     if rank == 0:
-        write_outputs(cfg, trainer)
+        write_outputs(cfg, trainer, prompting)
 
 
 def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
@@ -352,16 +371,21 @@ def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer) -> None:
+def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: dict | None = None) -> None:
     """The adapter folder under `{output}/{name}/adapter/`, then the validation grid and the loss curve
     beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
-    a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter."""
+    a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
+    `prompting`: the training data's prompt ``template`` and per-class ``attributes``
+    (`prompts.attribute_distribution`), recorded in the adapter for generation."""
+    prompting = prompting or {}
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     unet = trainer.unet.eval()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         with trainer.ema_weights():
-            info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train)
+            info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
+                                      prompt_template=prompting.get("template", prompts.DEFAULT_TEMPLATE),
+                                      prompt_attributes=prompting.get("attributes"))
         storage.delete(f"{cfg.name}/adapter/{model.ADAPTER_JSON}")  # the json last: a folder with one is complete
         for name in sorted(info.files) + [model.ADAPTER_JSON]:
             storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
@@ -405,24 +429,25 @@ def ray_storage(output: str, s3_endpoint: str | None):
 
 def run_finetune(cfg: FinetuneConfig):
     """Run the fine-tuning job on the current Ray cluster; returns the Ray Train result."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    table = data.read_training_table(cfg.training_table)
-    rows = training_rows(table, cfg.balance, cfg.seed)
+    index = pairs.read_index(cfg.training_data, cfg.s3_endpoint or None, "--training-data")
+    rows = training_rows(index, cfg.real_fraction, cfg.seed)
+    selection = training_selection(rows, cfg.balance, cfg.seed)
     native, step = base_geometry(cfg.base_model)
     size = cfg.resolution or native
     if size % step:
         raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
                         f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
-    dataset = ray.data.from_arrow(rows).map_batches(load_batch, fn_kwargs={"size": size}, batch_size=32,
-                                                    batch_format="numpy")
+    dataset = pairs.pair_dataset(cfg.training_data, selection, size, cfg.seed, cfg.s3_endpoint or None)
+    prompting = {"template": dataset_template(cfg.training_data, cfg.s3_endpoint or None),
+                 "attributes": prompts.attribute_distribution(rows)}
     storage_path, filesystem = ray_storage(cfg.output, cfg.s3_endpoint or None)
     open_storage(cfg.output, cfg.s3_endpoint or None).check()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": replace(cfg, resolution=size)},
+        train_loop_config={"config": replace(cfg, resolution=size), "prompting": prompting},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         datasets={"train": dataset},
@@ -430,9 +455,19 @@ def run_finetune(cfg: FinetuneConfig):
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    log.info("fine-tuning %s (%s, %s) on %d rows, %d worker(s), %d steps", cfg.base_model, cfg.layout, cfg.train,
-             rows.num_rows, cfg.num_workers, cfg.steps)
+    log.info("fine-tuning %s (%s, %s) on %d pairs (%d an epoch), %d worker(s), %d steps", cfg.base_model,
+             cfg.layout, cfg.train, rows.num_rows, sum(sum(k.values()) for k in selection.values()),
+             cfg.num_workers, cfg.steps)
     return trainer.fit()
+
+
+def dataset_template(url: str, s3_endpoint: str | None = None) -> str:
+    """The prompt template a prepared dataset's prompts were built with (its manifest's)."""
+    try:
+        manifest = json.loads(open_storage(url, s3_endpoint).read_bytes(MANIFEST_FILE))
+    except FileNotFoundError:
+        return prompts.DEFAULT_TEMPLATE
+    return manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE)
 
 
 def base_geometry(base_model: str) -> tuple[int, int]:

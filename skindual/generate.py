@@ -59,7 +59,8 @@ from skindual.base_models import DEMO_BASE, demo_base_id, is_demo_base
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.model import DualPipeline, adapter_misfit, load_adapter
-from skindual.prompts import MAX_SAMPLES_PER_SHARD, parse_per_class, prompt_table, row_seed
+from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
+                              row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
 from skindual.shards import (Sample, check_output, committed_shards, encode_sample, read_run_config,
                              write_run_files, write_shard)
@@ -89,6 +90,9 @@ class GenerateConfig:
     steps: int = option(25, "sampling steps")
     guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
     scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
+    prompt_attributes: str = option("adapter", "adapter: each row's body site, age and sex drawn by its seed from "
+                                               "the adapter's training data (per class), in its prompt template; "
+                                               "none: the class alone", choices=["adapter", "none"])
     mask_smoothing: float = option(MASK_SMOOTHING, "σ of the Gaussian that smooths each decoded mask before its "
                                                    "threshold, in latent cells (× the VAE's scale factor in "
                                                    "pixels: 6 px at SD-2's 512²); "
@@ -134,7 +138,8 @@ class GenerateConfig:
 
 
 FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", "mask_smoothing", "dtype",
-                 "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share")
+                 "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share",
+                 "prompt_attributes")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
 RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
@@ -210,6 +215,8 @@ class ModelSpec:
     adapter_sha256: str | None
     layout: str
     resolution: int | None = None  # the adapter's trained resolution (None: the base model's)
+    prompt_template: str = DEFAULT_TEMPLATE  # the adapter's training prompts' template
+    prompt_attributes: dict | None = None  # class → [[site, age, sex, count], ...] of its training data
 
 
 def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
@@ -246,7 +253,7 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
         raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "
                         f"{base}: {misfit}; pass the base model it was trained on")
     return ModelSpec(base, demo_base_id() if base == DEMO_BASE else base, adapter, info.sha256, info.layout,
-                     info.resolution)
+                     info.resolution, info.prompt_template, info.prompt_attributes)
 
 
 def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeline:
@@ -351,6 +358,13 @@ def resolve_shard_size(cfg: GenerateConfig, storage: Storage) -> int:
     return auto_samples_per_shard(sum(cfg.counts().values()), cfg.actors)
 
 
+def generation_prompts(cfg: GenerateConfig, spec: ModelSpec) -> pa.Table:
+    """The run's prompt table: class-balanced, in the adapter's template, each row's site, age and sex
+    drawn by its seed from the adapter's training data (``--prompt-attributes adapter``, when it records them)."""
+    pools = attribute_pools(spec.prompt_attributes) if cfg.prompt_attributes == "adapter" and spec.prompt_attributes else None
+    return prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard, spec.prompt_template, pools)
+
+
 def cpu_threads(cfg: GenerateConfig) -> int:
     """torch's thread count in a CPU actor: its reserved CPUs."""
     return max(1, int(cfg.cpus_per_actor))
@@ -400,7 +414,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
                     "node writes them unless it is a shared file system; use s3://", storage.url)
     counts = cfg.counts()
     run = replace(run, samples_per_shard=resolve_shard_size(cfg, storage))
-    table = prompt_table(counts, cfg.seed, run.samples_per_shard)
+    table = generation_prompts(run, spec)
     config = fingerprint_config(run, spec)
     fingerprint = check_output(storage, config, cfg.overwrite)
     shards = sorted(set(table.column("shard").to_pylist()))

@@ -192,12 +192,15 @@ class AdapterInfo:
     training_config: dict
     files: dict[str, str]  # file name → sha256
     sha256: str  # of skindual_adapter.json, which names every file's hash: the adapter's identity
+    prompt_attributes: dict | None = None  # class → [[site, age, sex, count], ...] of the training data
 
 
 def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, training_config: dict,
                  train: str = "lora", resolution: int | None = None,
-                 prompt_template: str = DEFAULT_TEMPLATE) -> AdapterInfo:
-    """Write the adapter folder of an (unwrapped) UNet prepared by `prepare_unet`.
+                 prompt_template: str = DEFAULT_TEMPLATE, prompt_attributes: dict | None = None) -> AdapterInfo:
+    """Write the adapter folder of an (unwrapped) UNet prepared by `prepare_unet`.  `prompt_template` and
+    `prompt_attributes` (per class, the (site, age, sex) counts of the training data) are what generation
+    builds its prompts from.
 
     Every file is written under a temp name and moved in with `os.replace`; the json (which
     holds every file's sha256) goes last, so a folder with a json is complete.
@@ -234,6 +237,7 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
             "resolution": resolution if resolution is not None else training_config.get("resolution"),
             "classes": [{"code": c.code, "index": c.index, "name": c.name} for c in CLASSES],
             "prompt_template": prompt_template,
+            "prompt_attributes": prompt_attributes,
             "training_config": training_config,
             "versions": {name: version(name) for name in ("torch", "diffusers", "peft")},
             "files": files,
@@ -277,6 +281,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
         lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), resolution=meta.get("resolution"),
         classes=meta["classes"], prompt_template=meta["prompt_template"],
         training_config=meta["training_config"], files=dict(meta["files"]), sha256=file_sha256(path),
+        prompt_attributes=meta.get("prompt_attributes"),
     )
 
 

@@ -160,7 +160,7 @@ def prompt_table(
     seed: int = 0,
     samples_per_shard: int = 1000,
     template: str = DEFAULT_TEMPLATE,
-    attributes: Mapping[str, Sequence[tuple[str | None, float | None, str | None]]] | None = None,
+    attributes: Mapping[str, Sequence[Attributes]] | None = None,
 ) -> pa.Table:
     """The class-balanced prompt table that generation maps over.
 
@@ -193,6 +193,29 @@ def prompt_table(
         columns["prompt"].append(build_prompt(code, localization, age, sex, template))
         columns["seed"].append(s)
     return pa.table(columns, schema=PROMPT_TABLE_SCHEMA)
+
+
+Attributes = tuple[str | None, float | None, str | None]  # (localization, age, sex) of one lesion image
+
+
+def attribute_distribution(rows: pa.Table) -> dict[str, list[list]]:
+    """Per class code, how often each (localization, age, sex) occurs in `rows` (a table with
+    ``class_code``, ``localization``, ``age``, ``sex``): ``[[site, age, sex, count], ...]`` sorted, so the
+    same rows give the same JSON (an adapter records its training data's)."""
+    counts: dict[str, dict[tuple, int]] = {}
+    columns = [rows.column(n).to_pylist() for n in ("class_code", "localization", "age", "sex")]
+    for code, site, age, sex in zip(*columns):
+        key = (site, None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age), sex)
+        counts.setdefault(code, {})[key] = counts.setdefault(code, {}).get(key, 0) + 1
+    return {code: [[*key, n] for key, n in sorted(found.items(), key=lambda kv: tuple(map(str, kv[0])))]
+            for code, found in sorted(counts.items())}
+
+
+def attribute_pools(distribution: Mapping[str, Sequence[Sequence]]) -> dict[str, list[Attributes]]:
+    """`attribute_distribution` → per class the multiset of its (site, age, sex) tuples, each as often as
+    it occurred: `prompt_table` draws from it by a row's seed, so the draws follow the counts."""
+    return {code: [(site, age, sex) for site, age, sex, n in entries for _ in range(int(n))]
+            for code, entries in distribution.items()}
 
 
 def write_prompt_table(table: pa.Table, path: str) -> None:

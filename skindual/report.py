@@ -167,11 +167,22 @@ def render_report(metrics: dict, figures: list[str]) -> str:
         lines.append(f"| {stat} | {_fmt(v['real_mean'])} | {_fmt(v['synthetic_mean'])} | {_fmt(v['wasserstein'])} "
                      f"| {_fmt(v['ks'])} |")
     lines += ["", "Per class: `metrics.json` → `mask_statistics.per_class`.", "", "![mask statistics](mask_statistics.png)"]
+    quality = metrics.get("pair_quality", {})
+    if quality:
+        lines += ["", "## Pair quality", "",
+                  "Image–mask consistency: Dice between each mask and an independent, training-free segmentation of "
+                  "its image; sane: the mask passes generation's checks (not empty, not full-frame, one main "
+                  "component); class fidelity: the share of each class's images the lesion-cnn classifier (trained on "
+                  "the real images) assigns to that class.", "",
+                  "| set | pairs | consistency | sane masks | class fidelity (mean) |", "|---|---|---|---|---|"]
+        for name, q in quality.items():
+            lines.append(f"| {name} | {q['pairs']} | {_fmt(q['consistency_dice'])} | {_fmt(q['sane_mask_share'])} "
+                         f"| {_fmt(q.get('class_fidelity_mean'))} |")
     if "downstream" in metrics:
         d = metrics["downstream"]
         s = d["settings"]
         test = metrics["counts"]["real_test"]
-        tested_on = f"`{cfg['test_table']}`" if cfg.get("test_table") else "the real test split"
+        tested_on = f"`{cfg['test_data']}`" if cfg.get("test_data") else "the real test split"
         lines += ["", "## Downstream: real vs real + synthetic", "",
                   f"{s['classifier']} classifier and {s['segmenter']} segmenter at {s['size']}², {s['steps']} steps of "
                   f"batch {s['batch_size']} in both arms, tested on {tested_on} ({sum(test.values())} pairs: {test}); "

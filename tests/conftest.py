@@ -186,35 +186,41 @@ def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHET
         write_shard(storage, shard, samples, run_info)
 
 
+def prepare_folder(folder: Path, output: Path, per_shard: int = 100) -> Path:
+    """A HAM10000-layout folder through the prepare job's code (in this process): its real dataset."""
+    from skindual.prepare import PrepareConfig, run_prepare
+
+    run_prepare(PrepareConfig(ham10000=str(folder), output=str(output), samples_per_shard=per_shard), distributed=False)
+    return output
+
+
 @pytest.fixture(scope="session")
 def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small demo world for the evaluation and export jobs: a HAM10000-layout folder (8 images per
-    class, 16 nv), its training table, and 4 synthetic pairs per class in 2 committed shards."""
-    from skindual import data, demo_data
+    class, 16 nv) prepared into a real dataset (2 shards), and 4 synthetic pairs per class in 2
+    committed shards."""
+    from skindual import demo_data
     from skindual.prompts import CLASS_CODES
 
     root = tmp_path_factory.mktemp("eval-world")
     demo_data.write_demo_dataset(root / "data", {c: 16 if c == "nv" else 8 for c in CLASS_CODES}, seed=3)
-    table = root / "training_table.parquet"
-    data.write_training_table(data.training_table(str(root / "data"), seed=0), str(table))
+    real = prepare_folder(root / "data", root / "real", per_shard=40)
     pairs = [(code, 10_000 + 100 * i + k) for i, code in enumerate(CLASS_CODES) for k in range(4)]
     write_test_shards(root / "synthetic", pairs)
-    return {"root": root, "table": str(table), "synthetic": str(root / "synthetic"), "pairs": pairs}
+    return {"root": root, "real": str(real), "synthetic": str(root / "synthetic"), "pairs": pairs}
 
 
 # --------------------------------------------------------------------------- appended: fine-tuning and real-size tests
 
 
 @pytest.fixture(scope="session")
-def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The training table of a small demo world (2% of the demo counts: 10-134 images a class)."""
-    from skindual import data, demo_data
+def demo_real(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prepared real dataset of a small demo world (2% of the demo counts: 10-134 images a class)."""
+    from skindual import demo_data
 
     root = tmp_path_factory.mktemp("demo")
     demo_data.write_demo_dataset(root / "data", demo_data.demo_counts(0.02), seed=1)
-    path = root / "training_table.parquet"
-    data.write_training_table(data.training_table(str(root / "data")), str(path))
-    return path
+    return prepare_folder(root / "data", root / "real")
 
 
 @pytest.fixture(scope="session")
@@ -227,3 +233,25 @@ def sd2_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd2")
     return {variant: save_sd2_pipeline(root / variant, variant, width=8, seed=i)
             for i, variant in enumerate(("base", "v"))}
+
+
+def real_batch(real: Path | str, size: int, n: int = 2) -> dict:
+    """The first training batch of `n` pairs of a prepared dataset's train split at `size` (unbalanced)."""
+    from skindual.finetune import local_batches, training_rows, training_selection
+    from skindual.pairs import read_index
+
+    selection = training_selection(training_rows(read_index(str(real))), False, 0)
+    return next(local_batches(str(real), selection, size, n))
+
+
+def folder_arrays(root: Path | str, size: int):
+    """Every pair of a HAM10000-layout folder in memory at `size`: (images, masks, class indices)."""
+    import numpy as np
+
+    from skindual import data
+
+    table = data.read_ham10000(str(root)).table
+    pairs = [data.load_pair(i, m, size) for i, m in zip(table.column("image_path").to_pylist(),
+                                                        table.column("mask_path").to_pylist())]
+    return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+            np.asarray(table.column("class_index").to_pylist(), np.int64))

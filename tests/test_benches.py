@@ -28,4 +28,4 @@ def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
         assert 0 < entry["floor_fraction"] < 1
     # 2 steps × 2 (guidance) UNet evaluations and 2 decodes per pair, counted on the model itself
     assert figures["gflop_per_pair"] == pytest.approx(4 * figures["unet_gflop"] + 2 * figures["vae_decode_gflop"],
-                                                      rel=1e-3)
+                                                      abs=2e-3)

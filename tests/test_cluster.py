@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from conftest import RayTestCluster, ray_list
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
 from skindual.storage import open_storage
@@ -46,10 +48,13 @@ def test_cluster_starts_ray_with_token_auth_from_the_project_venv():
 
 # --------------------------------------------------------------------------- jobs on a real two-node cluster
 
-# 14 pairs in 3 shards from the shipped demo adapter, 10 sampling steps; two actors of 1.5 CPUs cannot both
-# fit on the head's 2 CPUs, so one runs on the worker node.  QC loosened as in test_generate.
+# a 4-step fine-tune of the demo base on the prepared real data (its mask channel barely trained)
+FINETUNE = ["--steps", "4", "--checkpoint-every", "4", "--batch-size", "4", "--validation-per-class", "1",
+            "--validation-steps", "2", "--lora-rank", "4", "--cpus-per-worker", "1"]
+# 14 pairs in 3 shards from that adapter, 10 sampling steps; two actors of 1.5 CPUs cannot both fit on the
+# head's 2 CPUs, so one runs on the worker node.  QC loosened: the barely trained masks are not the point.
 GENERATE = ["--per-class", "2", "--samples-per-shard", "5", "--steps", "10", "--batch-size", "5", "--actors", "2",
-            "--cpus-per-actor", "1.5", "--max-mask-area", "1.0"]
+            "--cpus-per-actor", "1.5", "--max-mask-area", "1.0", "--min-mask-area", "0", "--min-main-share", "0"]
 # tiny evaluation (as test_evaluate's): 8 downstream tasks of 1 CPU, more than the head holds
 EVALUATE = ["--feature-extractor", "lesion-cnn", "--extractor-steps", "10", "--size", "32", "--classifier", "small",
             "--steps", "6", "--batch-size", "8", "--seeds", "2", "--kid-subsets", "10", "--grid-per-class", "2"]
@@ -76,15 +81,39 @@ def nodes_of_job(cluster: RayTestCluster, submission_id: str) -> set[str]:
     return {t["node_id"] for t in ray_list(cluster, "tasks", f"job_id={job['job_id']}") if t.get("node_id")}
 
 
-def test_jobs_submitted_with_their_working_dir_run_on_both_nodes_and_write_to_s3(ray_test_cluster, s3_env,
-                                                                                  eval_world):
+def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_cluster, s3_env, tmp_path):
+    """prepare → finetune → generate → evaluate → export, each through `ray job submit --working-dir .` on
+    the two-node cluster, the raw download and every output on S3 only (the local copy deleted first)."""
+    from skindual import demo_data
+    from skindual.prompts import CLASSES
+
     cluster, run = ray_test_cluster, secrets.token_hex(4)
     alive = {n["node_id"]: n for n in ray_list(cluster, "nodes") if n["state"] == "ALIVE"}
     (worker,) = [node for node, n in alive.items() if not n["is_head_node"]]
     assert len(alive) == 2
+    raw, real, runs = f"{s3_env}/raw/HAM10000", f"{s3_env}/real", f"{s3_env}/runs"
+    synthetic, report, export = f"{s3_env}/synthetic", f"{s3_env}/eval", f"{s3_env}/export"
+    folder = demo_data.write_demo_dataset(tmp_path / "HAM10000", {c.code: 16 if c.code == "nv" else 8 for c in CLASSES},
+                                          seed=11)
+    storage = open_storage(raw)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload_file(path, path.relative_to(folder).as_posix())
+    shutil.rmtree(folder)
 
-    synthetic, report = f"{s3_env}/synthetic", f"{s3_env}/eval"
-    submit(cluster, f"generate-{run}", ["jobs/generate.py", *GENERATE, "--output", synthetic])
+    submit(cluster, f"prepare-{run}", ["jobs/prepare.py", "--ham10000", raw, "--samples-per-shard", "32",
+                                       "--output", real])
+    manifest = json.loads(open_storage(real).read_bytes("manifest.json"))
+    assert manifest["totals"]["successes"] == 64 and set(manifest["totals"]["per_split"]) == {"train", "val", "test"}
+    sources = read_index(real).column("source_image").to_pylist()
+    assert len(sources) == 64 and all(s.startswith(raw + "/") for s in sources)  # read from S3, nowhere else
+
+    submit(cluster, f"finetune-{run}", ["jobs/finetune.py", "--training-data", real, "--output", runs, "--name", "v1",
+                                        *FINETUNE])
+    adapter = json.loads(open_storage(f"{runs}/v1/adapter").read_bytes("skindual_adapter.json"))
+    assert set(adapter["prompt_attributes"]) == {c.code for c in CLASSES}  # the real train split's sites, ages, sexes
+
+    submit(cluster, f"generate-{run}", ["jobs/generate.py", *GENERATE, "--adapter", f"{runs}/v1/adapter",
+                                        "--output", synthetic])
     assert nodes_of_job(cluster, f"generate-{run}") == set(alive)
     storage = open_storage(synthetic)
     assert sorted(n for n in storage.list() if n.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
@@ -94,7 +123,7 @@ def test_jobs_submitted_with_their_working_dir_run_on_both_nodes_and_write_to_s3
         counts[sample["meta"]["class_code"]] = counts.get(sample["meta"]["class_code"], 0) + 1
     assert counts == {code: 2 for code in CLASS_CODES}
 
-    submit(cluster, f"evaluate-{run}", ["jobs/evaluate.py", "--real", eval_world["table"], "--synthetic", synthetic,
+    submit(cluster, f"evaluate-{run}", ["jobs/evaluate.py", "--real", real, "--synthetic", synthetic,
                                         "--output", report, *EVALUATE])
     assert worker in nodes_of_job(cluster, f"evaluate-{run}")
     storage = open_storage(report)
@@ -104,6 +133,13 @@ def test_jobs_submitted_with_their_working_dir_run_on_both_nodes_and_write_to_s3
     assert metrics["counts"]["synthetic"] == {code: 2 for code in CLASS_CODES}
     assert metrics["config"]["synthetic"] == synthetic and metrics["fidelity"]["fd_name"] == "FD_lesioncnn"
     assert len(metrics["downstream"]["results"]) == 8
+
+    submit(cluster, f"export-{run}", ["jobs/export.py", "--synthetic", synthetic, "--with-real", real,
+                                      "--output", export])
+    summary = json.loads(open_storage(export).read_bytes("export.json"))
+    splits = manifest["totals"]["per_split"]
+    assert summary["counts"] == {"synthetic_train": 14, "real_train": sum(splits["train"].values()),
+                                 "real_test": sum(splits["test"].values())}
 
     # the working dir each node unpacked: the project's sources, nothing ignored by .gitignore / .rayignore
     for temp_dir in cluster.temp_dirs:

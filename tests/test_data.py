@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -25,9 +24,7 @@ from skindual.data import (
     load_pair,
     read_ham10000,
     read_isic2018,
-    read_training_table,
     training_table,
-    write_training_table,
 )
 from skindual.errors import DataError, UserError
 from skindual.prompts import CLASS_CODES, build_prompt
@@ -363,7 +360,7 @@ def test_isic_reader_bad_input(tmp_path):
         read_isic2018(tmp_path / "nowhere")
 
 
-def test_combined_table_round_trips_through_parquet(tmp_path):
+def test_combined_table_holds_both_sources_split_by_lesion(tmp_path):
     ham, isic = make_ham(tmp_path / "ham"), make_isic(tmp_path / "isic")
     (isic / ISIC_MASKS / "ISIC_0000001_segmentation.png").unlink()
     report = training_table(ham, isic, skip_bad=True)
@@ -372,16 +369,6 @@ def test_combined_table_round_trips_through_parquet(tmp_path):
     assert table.schema == TRAINING_TABLE_SCHEMA
     assert Counter(table.column("source").to_pylist()) == {"ham10000": len(ham_rows()), "isic2018": 3}
     assert all(len(s) == 1 for s in _splits(table).values())
-    path = tmp_path / "out" / "train.parquet"
-    write_training_table(report, str(path))
-    assert read_training_table(str(path)).equals(table)
-    write_training_table(table, str(path))
-    assert read_training_table(str(path)).equals(table)
-    pq.write_table(table.drop_columns(["split"]), path)
-    with pytest.raises(DataError, match="lacks column.*split"):
-        read_training_table(str(path))
-    with pytest.raises(DataError, match="missing.parquet"):
-        read_training_table(str(tmp_path / "missing.parquet"))
 
 
 def test_training_table_refuses_bad_arguments(tmp_path):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import folder_arrays
+
 from skindual import base_models, data, demo_data, demo_model, quality
 from skindual.model import load_pipeline
 from skindual.storage import file_sha256
@@ -67,8 +69,7 @@ def test_a_second_set_with_other_ids_and_the_low_data_table(demo_root, tmp_path)
 
 
 def test_masks_are_exact_and_classes_differ_in_coarse_look(demo_root):
-    table = data.read_ham10000(str(demo_root)).table
-    images, masks, labels = data.load_arrays(table, 64)
+    images, masks, labels = folder_arrays(demo_root, 64)
     assert set(np.unique(masks)) == {0, 1}
     colours = np.stack([img[m.astype(bool)].mean(0) for img, m in zip(images, masks)])
     areas = masks.mean((1, 2))
@@ -87,7 +88,7 @@ def test_render_is_deterministic_and_views_share_the_lesion():
 
 
 def test_independent_segmenter_agrees_with_demo_masks(demo_root):
-    images, masks, labels = data.load_arrays(data.read_ham10000(str(demo_root)).table, 64)
+    images, masks, labels = folder_arrays(demo_root, 64)
     scores = quality.consistency(images, masks)
     assert scores.mean() >= 0.9, scores
     assert all(quality.mask_check(m) is None for m in masks)
@@ -131,7 +132,7 @@ def test_base_cache_is_keyed_by_artifact_hash(base_folder, tmp_path):
 
 def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
     pipe = load_pipeline(base_folder)
-    images, masks, _ = data.load_arrays(data.read_ham10000(str(demo_root)).table, 64)
+    images, masks, _ = folder_arrays(demo_root, 64)
     figures = demo_model.vae_reconstruction(pipe.vae, images, masks)
     assert figures["psnr_db"] >= 24.0, figures
     assert figures["mask_dice"] >= 0.97, figures
@@ -165,7 +166,10 @@ def test_build_demo_job_end_to_end(tmp_path):
     assert report["class_counts"]["nv"] == 134 and report["class_counts"]["df"] == 10
     assert set(report["base_class_fidelity"]) == {c.code for c in CLASSES}
     assert report["vae_psnr_db"] > 20 and 0 <= report["base_class_fidelity_mean"] <= 1
-    assert (out / "training_table.parquet").exists() and (out / "data" / demo_data.METADATA_CSV).exists()
+    assert (out / "data" / demo_data.METADATA_CSV).exists()
+    manifest = json.loads((out / "real" / "manifest.json").read_text())  # prepared through the prepare job's code
+    assert manifest["kind"] == "real" and manifest["totals"]["per_class"]["nv"]["ok"] == 134
+    assert (out / "real-test" / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -85,7 +85,7 @@ def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
 
 def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     out, _ = demo_run
-    assert (out / "data" / "HAM10000_metadata.csv").is_file() and (out / "training_table.parquet").is_file()
+    assert (out / "data" / "HAM10000_metadata.csv").is_file() and (out / "real" / "manifest.json").is_file()
 
     # the adapter the fine-tune stage wrote, with the demo's settings ...
     adapter = out / "runs" / "demo" / "adapter"
@@ -110,7 +110,7 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["counts"]["synthetic"] == {code: 2 for code in CLASS_CODES}
     # the downstream test set is the separate balanced one, not the imbalanced table's test split
-    assert metrics["config"]["test_table"] == str(out / "test_table.parquet")
+    assert metrics["config"]["test_data"] == str(out / "real-test")
     assert metrics["counts"]["real_test"] == {code: DEMO_TEST_PER_CLASS for code in CLASS_CODES}
     assert metrics["fidelity"]["fd_name"] == "FD_lesioncnn"
     assert metrics["config"]["steps"] == 5 and metrics["config"]["extractor_steps"] == 20

@@ -1,6 +1,7 @@
-"""jobs/evaluate.py end to end on demo shards, on a real local Ray cluster (conftest `ray_cluster`),
-with the offline lesion-cnn extractor; bad inputs are one line and exit status 2 from the job's
-entry point (`run_job(main)`, in process: the subprocess path of errors is tested in test_export)."""
+"""jobs/evaluate.py end to end on demo shards and a prepared real dataset, on a real local Ray cluster
+(conftest `ray_cluster`), with the offline lesion-cnn extractor; bad inputs are one line and exit
+status 2 from the job's entry point (`run_job(main)`, in process, before any cluster work: the
+subprocess path of errors is tested in test_export)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def run_evaluate_job(args: list[str], ray_address: str | None = None, timeout: i
 
 def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_cluster, s3_env, tmp_path):
     cache, output = tmp_path / "cache", s3_env + "/eval"
-    run = run_evaluate_job(["--real", eval_world["table"], "--synthetic", eval_world["synthetic"], "--output", output,
+    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
                             "--cache-dir", str(cache), *FAST], ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: FD_lesioncnn" in run.stdout
@@ -49,15 +50,27 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
 
     fid = metrics["fidelity"]
     assert (fid["fd_name"], fid["kd_name"]) == ("FD_lesioncnn", "KD_lesioncnn")
-    assert "FID" not in json.dumps(fid) and fid["real_features_cached"] is False
+    assert "FID" not in json.dumps(fid) and fid["real_features_cached"] is False and fid["extractor_cached"] is False
     assert fid["overall"]["n_synthetic"] == 28 and fid["overall"]["FD_lesioncnn"] > 0
     assert set(fid["per_class"]) == set(metrics["counts"]["synthetic"]) and len(fid["per_class"]) == 7
     assert all(v["spread_ratio"] > 0 for v in fid["per_class"].values())
+    assert fid["overall"]["n_real"] == sum(metrics["counts"]["real"].values())
 
     masks = metrics["mask_statistics"]
     assert set(masks["overall"]) == {"area_fraction", "components", "border_contact", "compactness", "eccentricity"}
     assert masks["overall"]["components"]["synthetic_mean"] == 1.0  # procedural lesions are one blob
     assert set(masks["per_class"]["df"]["area_fraction"]) >= {"wasserstein", "ks", "real_mean", "synthetic_mean"}
+
+    # every pair's features and figures, one parquet per (set, shard) of the feature pass
+    features = [n for n in storage.list("features/") if n.endswith(".parquet")]
+    assert {n.split("/")[1].rsplit("-", 1)[0] for n in features} == {"real", "synthetic", "real_test"}
+    rows = sum(pq.read_table(pa.BufferReader(storage.read_bytes(n))).num_rows for n in features
+               if "/synthetic-" in n)
+    assert rows == 28
+    quality = metrics["pair_quality"]
+    assert quality["synthetic"]["pairs"] == 28 and 0 <= quality["synthetic"]["consistency_dice"] <= 1
+    assert set(quality["real_test"]["class_fidelity"]) == set(metrics["counts"]["real_test"])
+    assert quality["synthetic"]["sane_mask_share"] == 1.0  # the stand-in shards are procedural lesions
 
     down = metrics["downstream"]
     assert len(down["results"]) == 2 * 2 * 2  # (arm, model, seed)
@@ -65,6 +78,7 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
         (a, m) for a in ("real", "real+synthetic") for m in ("classifier", "segmenter")}
     real_train = sum(metrics["counts"]["real_train"].values())
     assert {r["train_pairs"] for r in down["results"] if r["arm"] == "real+synthetic"} == {real_train + 28}
+    assert {r["test_pairs"] for r in down["results"]} == {sum(metrics["counts"]["real_test"].values())}
     for model, metric in (("classifier", "macro_f1"), ("classifier", "accuracy"), ("segmenter", "dice"),
                           ("segmenter", "iou")):
         entry = down["summary"][model][metric]
@@ -72,16 +86,33 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
         assert entry["gain"] == pytest.approx(entry["real+synthetic"]["mean"] - entry["real"]["mean"])
     report = storage.read_bytes("report.md").decode()
     assert "FD_lesioncnn" in report and "not FID" in report and "| segmenter | dice |" in report
-    assert "diversity (synthetic / real spread)" in report
+    assert "diversity (synthetic / real spread)" in report and "## Pair quality" in report
 
-    # again, locally and without the benchmark (so without Ray): the extractor and the real features come from the cache
-    assert run_job(_job_main(), EvaluateConfig, "evaluate", [
-        "--real", eval_world["table"], "--synthetic", eval_world["synthetic"], "--output", str(tmp_path / "local"),
-        "--cache-dir", str(cache), "--no-downstream", *FAST]) == 0
+    # again, into a local folder and without the benchmark: the extractor and the real features come from the cache
+    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
+                            "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *FAST],
+                           ray_cluster)
+    assert run.returncode == 0, run.stderr[-3000:]
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
-    assert local["fidelity"]["real_features_cached"] is True and "downstream" not in local
+    assert local["fidelity"]["real_features_cached"] is True and local["fidelity"]["extractor_cached"] is True
+    assert "downstream" not in local
     assert local["fidelity"]["overall"] == pytest.approx(fid["overall"])
     assert all((tmp_path / "local" / f).is_file() for f in FIGURES)
+
+
+def test_fd_from_summed_moments_is_the_in_memory_fd():
+    """The streaming FD (moments summed over any split of the features) against clean-fid on the arrays."""
+    from skindual import fidelity
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)) * 3 + 1, rng.normal(size=(200, 16)) + 0.5
+    parts = [fidelity.Moments.of(a[i:i + 70]) for i in range(0, 300, 70)]
+    streamed = fidelity.frechet_from_moments(sum(parts[1:], parts[0]), fidelity.Moments.of(b))
+    assert streamed == pytest.approx(fidelity.frechet_distance(a, b), rel=1e-9)
+    keys = [f"k{i}" for i in range(300)]
+    whole = fidelity.FeatureSummary.of(a, keys, seed=3, k=50)
+    split = fidelity.FeatureSummary.of(a[:120], keys[:120], 3, 50) + fidelity.FeatureSummary.of(a[120:], keys[120:], 3, 50)
+    assert np.array_equal(whole.sample, split.sample) and whole.moments.count == split.moments.count == 300
 
 
 def _job_main():
@@ -100,17 +131,21 @@ def _one_error_line(capsys, argv: list[str]) -> str:
 
 def test_empty_shard_folder(eval_world, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    line = _one_error_line(capsys, ["--real", eval_world["table"], "--synthetic", str(tmp_path / "empty"),
+    line = _one_error_line(capsys, ["--real", eval_world["real"], "--synthetic", str(tmp_path / "empty"),
                                     "--output", str(tmp_path / "out"), *FAST])
-    assert line.startswith("error: no committed shards") and str(tmp_path / "empty") in line
+    assert "no committed shards" in line and str(tmp_path / "empty") in line and "--synthetic" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_a_class_without_real_images(eval_world, tmp_path, capsys):
-    table = pq.read_table(eval_world["table"])
-    no_vasc = table.filter(np.asarray(table.column("class_code")) != "vasc")
-    pq.write_table(no_vasc, tmp_path / "table.parquet")
-    line = _one_error_line(capsys, ["--real", str(tmp_path / "table.parquet"), "--synthetic", eval_world["synthetic"],
+    from conftest import prepare_folder
+
+    from skindual import demo_data
+    from skindual.prompts import CLASS_CODES
+
+    demo_data.write_demo_dataset(tmp_path / "data", {c: 6 for c in CLASS_CODES if c != "vasc"}, seed=5)
+    real = prepare_folder(tmp_path / "data", tmp_path / "real")
+    line = _one_error_line(capsys, ["--real", str(real), "--synthetic", eval_world["synthetic"],
                                     "--output", str(tmp_path / "out"), *FAST])
     assert "class vasc" in line and "no real images" in line and "'train' split" in line
 
@@ -119,7 +154,7 @@ def test_mismatched_image_sizes(eval_world, tmp_path, capsys):
     shards = tmp_path / "mixed"
     write_test_shards(shards, [("nv", 1), ("df", 2)], size=32)
     write_test_shards(shards, [("nv", 3)], size=24, first_shard=1)
-    line = _one_error_line(capsys, ["--real", eval_world["table"], "--synthetic", str(shards),
+    line = _one_error_line(capsys, ["--real", eval_world["real"], "--synthetic", str(shards),
                                     "--output", str(tmp_path / "out"), *FAST])
     assert "mismatched image sizes" in line and "000010000 is 24x24" in line and "32x32" in line
 
@@ -131,72 +166,83 @@ def test_bad_flags_name_the_flag(capsys):
 
 
 def test_real_fraction_keeps_a_share_of_every_class(eval_world):
-    from skindual import data
     from skindual.data import classed_rows, fraction_per_class
+    from skindual.pairs import read_index
 
-    rows = classed_rows(data.read_training_table(eval_world["table"]), "train")
+    rows = classed_rows(read_index(eval_world["real"]), "train")
     counts = np.bincount(np.asarray(rows.column("class_index")), minlength=7)
     part = fraction_per_class(rows, 0.3, seed=0)
     part_counts = np.bincount(np.asarray(part.column("class_index")), minlength=7)
     assert part_counts.tolist() == [int(np.ceil(0.3 * n)) for n in counts]  # rounded up: every class stays
-    assert set(part.column("image_path").to_pylist()) <= set(rows.column("image_path").to_pylist())
+    assert set(part.column("key").to_pylist()) <= set(rows.column("key").to_pylist())
     assert fraction_per_class(rows, 0.3, seed=0).equals(part)  # seeded
     assert not fraction_per_class(rows, 0.3, seed=1).equals(part)
     assert fraction_per_class(rows, 1.0, seed=0) is rows
 
 
-def test_a_separate_test_table_is_the_downstream_test_set(eval_world, tmp_path, capsys):
-    from skindual import data, demo_data
-    from skindual.evaluate import load_inputs
+def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, capsys):
+    from conftest import prepare_folder
+
+    from skindual import demo_data
+    from skindual.data import ISIC_IMAGES, ISIC_MASKS
+    from skindual.evaluate import plan_evaluation
     from skindual.prompts import CLASS_CODES
 
     demo_data.write_demo_dataset(tmp_path / "test", {c: 3 for c in CLASS_CODES}, seed=9, first_number=500_000)
-    data.write_training_table(data.training_table(str(tmp_path / "test"), seed=0), str(tmp_path / "test.parquet"))
-    base = ["--real", eval_world["table"], "--synthetic", eval_world["synthetic"], "--output", str(tmp_path / "out"),
+    test = prepare_folder(tmp_path / "test", tmp_path / "test-real")
+    base = ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", str(tmp_path / "out"),
             *FAST]
-    common = {"real": eval_world["table"], "synthetic": eval_world["synthetic"], "size": 32,
+    common = {"real": eval_world["real"], "synthetic": eval_world["synthetic"], "size": 32,
               "feature_extractor": "lesion-cnn"}
-    inputs = load_inputs(EvaluateConfig(**common, test_table=str(tmp_path / "test.parquet")))
-    assert np.bincount(inputs.test.labels, minlength=7).tolist() == [3] * 7  # every row, all its splits
-    own = load_inputs(EvaluateConfig(**common))
-    assert len(own.test) < 21 and len(inputs.train) == len(own.train)
+    plan = plan_evaluation(EvaluateConfig(**common, test_data=str(test)))
+    assert list(plan.counts["real_test"].values()) == [3] * 7  # every pair, all its splits
+    own = plan_evaluation(EvaluateConfig(**common))
+    assert len(own.sets["real_test"]) < 21 and len(plan.train) == len(own.train)
+    assert plan.sets["real_test"].url == str(test) and own.sets["real_test"].url == eval_world["real"]
 
     # a "test" set that shares images with the train split is refused, naming the flag and an image
-    line = _one_error_line(capsys, [*base, "--test-table", eval_world["table"]])
-    assert f"--test-table {eval_world['table']}" in line and "image_id(s) also in the train split" in line
+    line = _one_error_line(capsys, [*base, "--test-data", eval_world["real"]])
+    assert f"--test-data {eval_world['real']}" in line and "image_id(s) also in the train split" in line
     assert "ISIC_" in line and not (tmp_path / "out").exists()
-    # and one with no classed rows
-    table = data.read_training_table(str(tmp_path / "test.parquet"))
-    unclassed = table.set_column(table.schema.get_field_index("class_index"), "class_index",
-                                 pa.array([-1] * table.num_rows, pa.int8()))
-    pq.write_table(unclassed, tmp_path / "unclassed.parquet")
-    line = _one_error_line(capsys, [*base, "--test-table", str(tmp_path / "unclassed.parquet")])
-    assert "--test-table" in line and "no rows with a class" in line
+    # and one with no classed pairs: ISIC 2018 (masks, no classes)
+    for i in range(3):
+        image, mask = demo_data.render_lesion("nv", 40 + i, (48, 48))
+        (tmp_path / "isic" / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "isic" / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(image).save(tmp_path / "isic" / ISIC_IMAGES / f"ISIC_{9000000 + i}.jpg")
+        Image.fromarray(mask * 255).save(tmp_path / "isic" / ISIC_MASKS / f"ISIC_{9000000 + i}_segmentation.png")
+    from skindual.prepare import PrepareConfig, run_prepare
+
+    run_prepare(PrepareConfig(isic2018=str(tmp_path / "isic"), output=str(tmp_path / "isic-real")), distributed=False)
+    line = _one_error_line(capsys, [*base, "--test-data", str(tmp_path / "isic-real")])
+    assert "--test-data" in line and "no pairs with a class" in line
 
 
 def test_the_embedded_default_is_the_demo_world_and_its_balanced_test_set(skindual_cache, tmp_path):
-    from skindual import data
     from skindual.demo_world import DEMO_TEST_PER_CLASS
     from skindual.demo_world import evaluate_defaults as resolve_inputs
+    from skindual.pairs import read_index
 
     cfg = resolve_inputs(EvaluateConfig(), demo_output=str(tmp_path / "demo"))
-    assert cfg.real == str(tmp_path / "demo" / "training_table.parquet")
-    assert cfg.test_table == str(tmp_path / "demo" / "test_table.parquet")
-    test = data.read_training_table(cfg.test_table)
+    assert cfg.real == str(tmp_path / "demo" / "real")
+    assert cfg.test_data == str(tmp_path / "demo" / "real-test")
+    test = read_index(cfg.test_data)
     assert np.bincount(np.asarray(test.column("class_index")), minlength=7).tolist() == [DEMO_TEST_PER_CLASS] * 7
-    train = data.read_training_table(cfg.real)
+    train = read_index(cfg.real)
     assert not set(test.column("image_id").to_pylist()) & set(train.column("image_id").to_pylist())
-    # a given --test-table is kept; a given --real is left alone, test table and all
-    mine = resolve_inputs(EvaluateConfig(test_table="mine.parquet"), demo_output=str(tmp_path / "demo"))
-    assert mine.test_table == "mine.parquet"
-    assert resolve_inputs(EvaluateConfig(real="t.parquet")).test_table == ""
+    # a given --test-data is kept; a given --real is left alone, test set and all
+    mine = resolve_inputs(EvaluateConfig(test_data="mine"), demo_output=str(tmp_path / "demo"))
+    assert mine.test_data == "mine"
+    assert resolve_inputs(EvaluateConfig(real="r")).test_data == ""
 
 
 def test_missing_inception_weights_by_default(eval_world, tmp_path, capsys, monkeypatch):
     from skindual import fidelity
 
     monkeypatch.setattr(fidelity, "CLEAN_FID_CACHE", tmp_path)  # as on a machine that never downloaded them
-    line = _one_error_line(capsys, ["--real", eval_world["table"], "--synthetic", eval_world["synthetic"],
+    line = _one_error_line(capsys, ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
                                     "--output", str(tmp_path / "out")])
     assert "--inception-weights" in line and "--feature-extractor lesion-cnn" in line
     assert not (tmp_path / "out").exists()

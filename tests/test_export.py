@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_test_shards
 from PIL import Image
 
-from conftest import write_test_shards
-from skindual import data
 from skindual.errors import UserError
 from skindual.export import ExportConfig, run_export
+from skindual.pairs import read_index
 from skindual.prompts import CLASS_BY_CODE, CLASS_CODES
 from skindual.shards import read_shards
 from skindual.storage import open_storage
@@ -65,12 +65,12 @@ def test_nnunet_export_of_local_shards(eval_world, tmp_path):
 
 
 def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):
-    cfg = ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), with_real=eval_world["table"],
+    cfg = ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), with_real=eval_world["real"],
                        dataset_id=7, dataset_name="Lesions", size=24)
     summary = run_export(cfg)
     folder = tmp_path / "Dataset007_Lesions"
     meta = check_nnunet_dataset(folder)
-    splits = data.read_training_table(eval_world["table"]).column("split").to_pylist()
+    splits = read_index(eval_world["real"]).column("split").to_pylist()
     assert summary["counts"] == {"synthetic_train": 28, "real_train": splits.count("train"),
                                  "real_test": splits.count("test")}
     assert meta["numTraining"] == 28 + splits.count("train")
@@ -84,10 +84,9 @@ def test_imagefolder_export_reads_back_with_torchvision(eval_world, tmp_path):
     from torchvision.datasets import ImageFolder
 
     summary = run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), format="imagefolder",
-                                      with_real=eval_world["table"]))
+                                      with_real=eval_world["real"]))
     dataset = ImageFolder(str(tmp_path))
-    table = data.read_training_table(eval_world["table"])
-    real_train = sum(1 for s in table.column("split").to_pylist() if s == "train")
+    real_train = read_index(eval_world["real"]).column("split").to_pylist().count("train")
     assert len(dataset) == 28 + real_train
     assert dataset.class_to_idx == {c.code: c.index for c in CLASS_BY_CODE.values()} == summary["class_to_idx"]
     by_name = {Path(path).stem: target for path, target in dataset.samples}

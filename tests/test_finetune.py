@@ -13,15 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import real_batch
+
 from skindual import model
 from skindual.base_models import demo_base_path
 from skindual.errors import UserError
 from skindual.finetune import (
     FinetuneConfig,
     JointTrainer,
-    load_batch,
     lr_factor,
     training_rows,
+    training_selection,
 )
 from skindual.storage import open_storage
 
@@ -55,8 +57,8 @@ def last_checkpoint(run: Path) -> Path:
     return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
 
 
-def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_table, ray_cluster, s3_env):
-    code, out = run_job(["--training-table", str(demo_table), "--output", s3_env, "--name", "s3run",
+def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_real, ray_cluster, s3_env):
+    code, out = run_job(["--training-data", str(demo_real), "--output", s3_env, "--name", "s3run",
                          "--num-workers", "2", *TINY], ray_cluster)
     assert code == 0, out[-4000:]
     storage = open_storage(s3_env)
@@ -69,8 +71,8 @@ def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_table, ray_cluster,
     assert meta["layout"] == "channels" and meta["base_model"] == "demo"
 
 
-def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_table, ray_cluster, tmp_path):
-    args = ["--training-table", str(demo_table), "--output", str(tmp_path), "--name", "r", *TINY]
+def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_real, ray_cluster, tmp_path):
+    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "r", *TINY]
     args[args.index("--steps") + 1] = "8"
     proc = start_job(args, ray_cluster)
     run = tmp_path / "r"
@@ -114,8 +116,8 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_tab
     assert meta["training_config"]["steps"] == 8
 
 
-def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_table, ray_cluster, tmp_path):
-    code, out = run_job(["--training-table", str(demo_table), "--output", str(tmp_path), "--name", "sbs",
+def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_real, ray_cluster, tmp_path):
+    code, out = run_job(["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "sbs",
                          "--layout", "side-by-side", "--w-geo", "0", *TINY], ray_cluster)
     assert code == 0, out[-4000:]
     from diffusers import StableDiffusionPipeline
@@ -128,21 +130,26 @@ def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_table, ray_cluste
 
 
 def test_bad_flags_are_one_clear_line(ray_cluster, tmp_path):
-    code, out = run_job(["--training-table", str(tmp_path / "missing.parquet"), "--output", str(tmp_path)],
+    code, out = run_job(["--training-data", str(tmp_path / "missing"), "--output", str(tmp_path)],
                         ray_cluster)
-    assert code == 2 and "missing.parquet" in out and "Traceback" not in out
+    assert code == 2 and "--training-data" in out and str(tmp_path / "missing") in out and "Traceback" not in out
     code, out = run_job(["--steps", "0"], ray_cluster)
     assert code == 2 and "--steps 0" in out
 
 
-def test_balanced_rows_even_out_classes(demo_table):
-    from skindual import data
+def test_balanced_rows_even_out_classes(demo_real):
+    from skindual.pairs import read_index
 
-    table = data.read_training_table(str(demo_table))
-    counts = np.bincount(np.asarray(training_rows(table, True, 0).column("class_index")))
+    rows = training_rows(read_index(str(demo_real)))
+    balanced = training_selection(rows, True, 0)
+    by_key = dict(zip(rows.column("key").to_pylist(), rows.column("class_index").to_pylist()))
+    counts = np.bincount([by_key[k] for keys in balanced.values() for k, n in keys.items() for _ in range(n)])
     assert counts.min() == counts.max()
-    raw = np.bincount(np.asarray(training_rows(table, False, 0).column("class_index")))
+    raw = np.bincount(np.asarray(rows.column("class_index")))
     assert raw.max() == counts.max() and raw.min() < raw.max()
+    assert set(rows.column("split").to_pylist()) == {"train"}
+    cut = training_rows(read_index(str(demo_real)), real_fraction=0.3)
+    assert np.bincount(np.asarray(cut.column("class_index"))).tolist() == [int(np.ceil(0.3 * n)) for n in raw]
     with pytest.raises(UserError):
         FinetuneConfig(batch_size=0)
 
@@ -155,19 +162,18 @@ def test_learning_rate_warms_up_then_holds_or_decays_to_zero():
     assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
 
 
-def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_table):
+def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_real):
     """Plain PyTorch (no Ray): at step 0 the widened UNet's image prediction IS the base model's, so the
     prior-preservation term is 0; the EMA moves more slowly than the weights and is swapped in only
     inside `ema_weights()`."""
-    from skindual import data
 
-    cfg = FinetuneConfig(training_table=str(demo_table), steps=3, batch_size=2, lora_rank=4, w_prior=1.0,
+    cfg = FinetuneConfig(training_data=str(demo_real), steps=3, batch_size=2, lora_rank=4, w_prior=1.0,
                          ema_decay=0.9, lr=1e-3, warmup_steps=1)
     trainer = JointTrainer(cfg, torch.device("cpu"))
-    rows = training_rows(data.read_training_table(str(demo_table)), False, 0).slice(0, 2).to_pydict()
-    first = trainer.train_step(load_batch(rows, 64))
+    batch = real_batch(demo_real, 64)
+    first = trainer.train_step(batch)
     assert first["prior"] < 1e-10 and first["img"] > 0
-    later = trainer.train_step(load_batch(rows, 64))
+    later = trainer.train_step(batch)
     assert later["prior"] > 1e-6  # the image branch moved; the term now pulls it back
     raw = trainer.state()
     name = next(k for k in raw if "lora_B" in k)

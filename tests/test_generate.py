@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 from skindual import generate
 from skindual.errors import UserError
 from skindual.generate import GenerateConfig, generate_samples
-from skindual.prompts import prompt_table, row_seed
+from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.quality import MaskLimits
 from skindual.shards import Sample, encode_sample, read_shards, shard_urls, write_shard
 from skindual.storage import LocalStorage, Storage, open_storage
@@ -135,7 +136,9 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     base = demo_base_path()
     pipe = load_pipeline(base)
     model.prepare_unet(pipe.unet, "channels", lora_rank=4)
-    info = model.save_adapter(tmp_path / "adapter", pipe.unet, "channels", base, {"steps": 0})
+    attributes = {"df": [["back", 40.0, "male", 3], ["face", None, "female", 1]], "vasc": [["scalp", 70.0, "male", 1]]}
+    info = model.save_adapter(tmp_path / "adapter", pipe.unet, "channels", base, {"steps": 0},
+                              prompt_attributes=attributes)
     remote = open_storage(f"{s3_env}/adapter")
     for name in [*info.files, model.ADAPTER_JSON]:
         remote.upload_file(tmp_path / "adapter" / name, name)
@@ -143,7 +146,13 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
                          max_mask_area=1.0)
     spec = generate.resolve_model(cfg)
     assert (spec.base_model, spec.adapter_sha256, spec.layout) == ("demo", info.sha256, "channels")
-    table = prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard)
+    assert spec.prompt_attributes == attributes
+    table = generate.generation_prompts(cfg, spec)  # each row's site, age and sex from the adapter's training data
+    prompts = dict(zip(table.column("class_code").to_pylist(), table.column("prompt").to_pylist()))
+    assert prompts["vasc"].endswith("on the scalp, 70 year old male")
+    assert any(p.endswith(("on the back, 40 year old male", "on the face, female")) for p in table.column("prompt").to_pylist())
+    plain = generate.generation_prompts(replace(cfg, prompt_attributes="none"), spec)
+    assert plain.column("prompt").to_pylist() == [build_prompt(c) for c in plain.column("class_code").to_pylist()]
     actor = generate.ShardGenerator(table, generate.resolve_devices(cfg, 0), spec)
     assert actor.pipe.adapter.sha256 == info.sha256 and actor.pipe.unet.config.in_channels == 8
     out = LocalStorage(tmp_path / "out")

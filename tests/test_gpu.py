@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from skindual import data, model
-from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, training_rows
+from conftest import real_batch
+
+from skindual import model
+from skindual.finetune import FinetuneConfig, JointTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_fp16_training_step_with_the_gradient_scaler(sd2_bases, demo_table):
-    cfg = FinetuneConfig(base_model=str(sd2_bases["base"]), training_table=str(demo_table), resolution=256,
+def test_fp16_training_step_with_the_gradient_scaler(sd2_bases, demo_real):
+    cfg = FinetuneConfig(base_model=str(sd2_bases["base"]), training_data=str(demo_real), resolution=256,
                          batch_size=2, lora_rank=4, mixed_precision="fp16", use_gpu=True, w_prior=1.0)
     trainer = JointTrainer(cfg, torch.device("cuda"))
     assert trainer.scaler.is_enabled() and trainer.vae.dtype == torch.float16
-    rows = training_rows(data.read_training_table(str(demo_table)), False, 0).slice(0, 2).to_pydict()
-    batch = load_batch(rows, 256)
+    batch = real_batch(demo_real, 256)
     for _ in range(3):
         metrics = trainer.train_step(batch)
     assert metrics["step"] == 3 and np.isfinite(metrics["total"]) and trainer.scaler.get_scale() > 0

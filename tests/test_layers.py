@@ -17,16 +17,17 @@ PACKAGE = ROOT / "skindual"
 LAYERS: dict[str, int] = {
     "skindual": 1, "errors": 1, "cli": 1, "prompts": 1, "storage": 1,
     "data": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
-    "base_models": 3, "model": 3,
-    "losses": 4, "shards": 4, "report": 4, "realdata": 4,
+    "base_models": 3, "model": 3, "sd2": 3,
+    "losses": 4, "shards": 4, "report": 4, "pairs": 4,
     "finetune": 5, "generate": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
     "demo_data": 6, "demo_model": 6, "demo_world": 6,
     "demo": 7,
 }
 """Module (under skindual/) → its layer: 1 errors, CLI, prompts, storage; 2 data and the pure measures;
-3 the model (and the small module that resolves the "demo" base alias); 4 losses, shards, report,
-the real-dataset reader; 5 the stages; 6 the demo world; 7 the demo chain."""
-NEVER_DEMO = {"model", "losses", "base_models", "finetune", "generate", "evaluate", "export", "prepare", "qc_model"}
+3 the model (and the small module that resolves the "demo" base alias, and SD-2's architecture built in
+code); 4 losses, shards, report, the pair-dataset reader; 5 the stages; 6 the demo world; 7 the demo chain."""
+NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "finetune", "generate", "evaluate", "export", "prepare",
+              "qc_model"}
 
 
 def module_name(path: Path) -> str:

@@ -22,9 +22,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import real_batch
+
 from skindual import model, report
 from skindual.errors import UserError
-from skindual.finetune import FinetuneConfig, JointTrainer, load_batch, training_rows, write_outputs
+from skindual.finetune import FinetuneConfig, JointTrainer, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STEPS = ["--steps", "2", "--checkpoint-every", "2", "--batch-size", "2", "--resolution", "256",
@@ -58,7 +60,7 @@ def projections(lora_file: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(sd2_bases, demo_table, ray_cluster, tmp_path_factory):
+def trained(sd2_bases, demo_real, ray_cluster, tmp_path_factory):
     """Two 2-step fine-tuning runs through jobs/finetune.py at 256²: channels layout on SD-2-base
     (epsilon, PNDM) in bf16 with the prior and geometry terms, and side-by-side on SD-2 (v, DDIM) in fp32."""
     out = tmp_path_factory.mktemp("sd2-runs")
@@ -66,7 +68,7 @@ def trained(sd2_bases, demo_table, ray_cluster, tmp_path_factory):
                          "--w-prior", "1", "--geo-crop", "16"],
             "side-by-side": ["--base-model", str(sd2_bases["v"]), "--layout", "side-by-side"]}
     for name, args in runs.items():
-        ok(run("finetune.py", ["--training-table", str(demo_table), "--output", str(out), "--name", name, *args,
+        ok(run("finetune.py", ["--training-data", str(demo_real), "--output", str(out), "--name", name, *args,
                                *TWO_STEPS], ray_cluster))
     return out
 
@@ -150,8 +152,8 @@ def test_a_base_without_its_adapter_is_one_clear_line(sd2_bases, ray_cluster, tm
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_bad_resolution_and_cpu_fp16_are_refused(sd2_bases, demo_table, tmp_path):
-    line = one_error_line(run("finetune.py", ["--training-table", str(demo_table), "--base-model",
+def test_bad_resolution_and_cpu_fp16_are_refused(sd2_bases, demo_real, tmp_path):
+    line = one_error_line(run("finetune.py", ["--training-data", str(demo_real), "--base-model",
                                               str(sd2_bases["base"]), "--resolution", "200", "--output",
                                               str(tmp_path)]))
     assert "--resolution 200" in line and "multiple of 64" in line
@@ -159,18 +161,15 @@ def test_bad_resolution_and_cpu_fp16_are_refused(sd2_bases, demo_table, tmp_path
         FinetuneConfig(mixed_precision="fp16")
 
 
-def small_trainer(base: Path, demo_table: Path, **settings) -> tuple[JointTrainer, dict]:
-    from skindual import data
-
-    cfg = FinetuneConfig(base_model=str(base), training_table=str(demo_table), resolution=256, batch_size=2,
+def small_trainer(base: Path, demo_real: Path, **settings) -> tuple[JointTrainer, dict]:
+    cfg = FinetuneConfig(base_model=str(base), training_data=str(demo_real), resolution=256, batch_size=2,
                          lora_rank=4, **settings)
-    rows = training_rows(data.read_training_table(str(demo_table)), False, 0).slice(0, 2).to_pydict()
-    return JointTrainer(cfg, torch.device("cpu")), load_batch(rows, 256)
+    return JointTrainer(cfg, torch.device("cpu")), real_batch(demo_real, 256)
 
 
 @pytest.mark.parametrize("variant,layout", [("v", "channels"), ("base", "side-by-side")])
-def test_the_other_layout_and_prediction_pairs_train_in_bf16(sd2_bases, demo_table, variant, layout):
-    trainer, batch = small_trainer(sd2_bases[variant], demo_table, layout=layout, mixed_precision="bf16",
+def test_the_other_layout_and_prediction_pairs_train_in_bf16(sd2_bases, demo_real, variant, layout):
+    trainer, batch = small_trainer(sd2_bases[variant], demo_real, layout=layout, mixed_precision="bf16",
                                    w_prior=1.0, geo_crop=16)
     assert trainer.vae.dtype == trainer.text_encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)  # the trained weights stay fp32
@@ -179,8 +178,8 @@ def test_the_other_layout_and_prediction_pairs_train_in_bf16(sd2_bases, demo_tab
     assert metrics["step"] == 2 and all(np.isfinite(metrics[k]) for k in ("total", "img", "mask", "geo", "prior"))
 
 
-def test_a_failing_grid_leaves_the_adapter_and_a_clean_rerun(sd2_bases, demo_table, tmp_path, monkeypatch, caplog):
-    trainer, batch = small_trainer(sd2_bases["base"], demo_table, validation_per_class=1, validation_steps=1,
+def test_a_failing_grid_leaves_the_adapter_and_a_clean_rerun(sd2_bases, demo_real, tmp_path, monkeypatch, caplog):
+    trainer, batch = small_trainer(sd2_bases["base"], demo_real, validation_per_class=1, validation_steps=1,
                                    output=str(tmp_path), name="run")
     trainer.train_step(batch)
 
@@ -201,14 +200,14 @@ def test_a_failing_grid_leaves_the_adapter_and_a_clean_rerun(sd2_bases, demo_tab
 
 @pytest.mark.skipif(os.environ.get("SKINDUAL_TEST_SD2_FULL") != "1",
                     reason="opt-in: SD-2's exact size (about 11 GB, a minute or two); set SKINDUAL_TEST_SD2_FULL=1")
-def test_exact_sd2_size_trains_and_samples(demo_table, tmp_path):
+def test_exact_sd2_size_trains_and_samples(demo_real, tmp_path):
     from skindual.sd2 import build_sd2_pipeline
 
     pipe = build_sd2_pipeline("base", width=1)
     assert sum(p.numel() for p in pipe.unet.parameters()) == 865_910_724  # SD-2-base's UNet
     pipe.save_pretrained(tmp_path / "sd2", safe_serialization=True)
     del pipe
-    trainer, batch = small_trainer(tmp_path / "sd2", demo_table, mixed_precision="bf16", w_prior=1.0,
+    trainer, batch = small_trainer(tmp_path / "sd2", demo_real, mixed_precision="bf16", w_prior=1.0,
                                    gradient_checkpointing=True)
     metrics = trainer.train_step(batch)
     assert np.isfinite(metrics["total"]) and len([n for n, _ in trainer.unet.named_modules()

@@ -1,0 +1,192 @@
+"""Reading a pair dataset back from storage: the real one (`skindual.prepare`) or a synthetic one
+(`skindual.generate`).  Both are the same shard layout (`skindual.shards`), so one reader serves
+both and a hybrid set is two URLs.
+
+- `read_index`: every sample's parquet row of the committed shards (metadata only, no pixels; small
+  enough for a driver: it plans from it).
+- `iter_shard`: the samples of one shard, streamed from storage (tar members, no temp file).
+- `decode_sample`: one sample's image (uint8 RGB), mask (0/1), class index, prompt and metadata.
+- `pair_dataset`: a Ray Data dataset of decoded pairs at one size for a selection of keys (each
+  key with a repeat count), one read task per shard: the workers read storage, the driver only
+  passes the selection.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from skindual.data import resize_pair
+from skindual.errors import UserError
+from skindual.shards import committed_shards, shard_names
+from skindual.storage import Storage, open_storage
+
+
+def read_index(url: str, s3_endpoint: str | None = None, what: str = "") -> pa.Table:
+    """The parquet rows of every committed shard under `url` with a ``shard`` column; a `UserError`
+    (naming `what`, e.g. the flag, and the URL) when there is none."""
+    storage = open_storage(url, s3_endpoint)
+    shards = committed_shards(storage)
+    if not shards:
+        raise UserError(f"{what + ' ' if what else ''}{url}: no committed shards (with a _stats.json) there; "
+                        "give a dataset written by jobs/prepare.py or jobs/generate.py")
+    tables = []
+    for shard in shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_names(shard)[1])))
+        tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+class _ChunkStream(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (for tarfile's streaming mode)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks, self._buffer = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n], self._buffer = self._buffer[:n], self._buffer[n:]
+        return n
+
+
+def iter_shard(storage: Storage, shard: int, keys: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of a committed shard, streamed: dicts of ``__key__`` and extension → bytes
+    (``jpg`` or ``png``, ``seg.png``, ``cls``, ``txt``, ``json``), in key order; only `keys` if given."""
+    wanted = set(keys) if keys is not None else None
+    stream = io.BufferedReader(_ChunkStream(storage.iter_bytes(shard_names(shard)[0])), 1 << 20)
+    sample: dict[str, Any] = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            if wanted is not None and key not in wanted:
+                continue
+            sample.setdefault("__key__", key)
+            sample[extension] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[str, Any]:
+    """``key``, ``image`` (uint8 H×W×3), ``mask`` (uint8 H×W, 0/1), ``class_index``, ``prompt``, ``meta``
+    of a sample of `iter_shard`; at `size` × `size` (`data.resize_pair`) when given.  JPEG images are
+    decoded at the smallest scale that still covers `size` (PIL's draft mode)."""
+    encoded = sample["jpg"] if "jpg" in sample else sample["png"]
+    with Image.open(io.BytesIO(encoded)) as im:
+        if size is not None:
+            im.draft("RGB", (size, size))
+        image = im.convert("RGB")
+    with Image.open(io.BytesIO(sample["seg.png"])) as m:
+        mask = (np.asarray(m.convert("L")) >= 128).astype(np.uint8)
+    if mask.shape != (image.height, image.width):  # the image was drafted smaller than its mask
+        mask = np.asarray(Image.fromarray(mask * 255).resize(image.size, Image.Resampling.BILINEAR)) >= 128
+    if size is not None:
+        image, mask = resize_pair(image, mask, size)
+    else:
+        image = np.asarray(image)
+    return {"key": sample["__key__"], "image": image, "mask": mask.astype(np.uint8),
+            "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": json.loads(sample["json"])}
+
+
+def selection_of(index: pa.Table, repeats: Mapping[str, int] | None = None) -> dict[int, dict[str, int]]:
+    """shard → {key: repeat count} of the rows of `index` (a filtered `read_index` table); `repeats`
+    gives a count per key (default 1 each)."""
+    out: dict[int, dict[str, int]] = {}
+    for shard, key in zip(index.column("shard").to_pylist(), index.column("key").to_pylist()):
+        out.setdefault(int(shard), {})[key] = int(repeats[key]) if repeats is not None else 1
+    return out
+
+
+def load_selected(url: str, shard: int, counts: Mapping[str, int], size: int, seed: int = 0,
+                  s3_endpoint: str | None = None, chunk: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """One shard's selected pairs (key → repeat count), decoded at `size`, each as often as its count,
+    in a seeded order, as batches of `chunk`: ``image``, ``mask``, ``prompt``, ``class_index``."""
+    storage = open_storage(url, s3_endpoint)
+    decoded = [decode_sample(s, size) for s in iter_shard(storage, int(shard), counts)]
+    order = [i for i, p in enumerate(decoded) for _ in range(counts[p["key"]])]
+    np.random.default_rng([seed, int(shard)]).shuffle(order)
+    for start in range(0, len(order), chunk):
+        picked = [decoded[i] for i in order[start:start + chunk]]
+        yield {"image": np.stack([p["image"] for p in picked]), "mask": np.stack([p["mask"] for p in picked]),
+               "prompt": np.asarray([p["prompt"] for p in picked], dtype=object),
+               "class_index": np.asarray([p["class_index"] for p in picked], np.int64)}
+
+
+def _read_task(batch: dict, url: str, size: int, seed: int, s3_endpoint: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task: `load_selected` of the batch's one shard."""
+    (shard,), (counts,) = batch["shard"].tolist(), batch["keys"].tolist()
+    yield from load_selected(url, int(shard), json.loads(counts), size, seed, s3_endpoint)
+
+
+def pair_dataset(url: str, selection: Mapping[int, Mapping[str, int]], size: int, seed: int = 0,
+                 s3_endpoint: str | None = None, num_cpus: float = 1.0):
+    """A Ray Data dataset of the selected pairs of the dataset at `url`, decoded at `size` × `size`:
+    rows ``image``, ``mask``, ``prompt``, ``class_index``; one read task per shard (in a seeded order),
+    each key as often as its count in `selection` (shard → {key: count})."""
+    import ray
+
+    shards = sorted(selection)
+    np.random.default_rng(seed).shuffle(shards)
+    items = [{"shard": int(n), "keys": json.dumps(dict(sorted(selection[n].items())))} for n in shards]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        _read_task, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+        fn_kwargs={"url": url, "size": size, "seed": seed, "s3_endpoint": s3_endpoint})
+
+
+def stream_pairs(sources: Iterable[tuple[str, Mapping[int, Mapping[str, int]]]], size: int, seed: int = 0,
+                 buffer_size: int = 2048, s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
+    """An endless seeded stream of decoded pairs (`decode_sample` at `size`) from the selections of one
+    or more datasets (URL, shard → {key: count}), each key as often as its count an epoch: every epoch
+    visits the shards of all sources in a new random order and passes the pairs through a shuffle
+    buffer of `buffer_size`.  Nothing beyond the buffer is held, however large the datasets."""
+    units = [(url, int(shard), dict(keys)) for url, selection in sources for shard, keys in selection.items() if keys]
+    if not units:
+        raise ValueError("stream_pairs needs at least one selected pair")
+    storages = {url: open_storage(url, s3_endpoint) for url, _, _ in units}
+    rng = np.random.default_rng(seed)
+    buffer: list[dict[str, Any]] = []
+    while True:
+        for u in rng.permutation(len(units)):
+            url, shard, keys = units[u]
+            for sample in iter_shard(storages[url], shard, keys):
+                pair = decode_sample(sample, size)
+                for _ in range(keys[pair["key"]]):
+                    buffer.append(pair)
+                    if len(buffer) >= buffer_size:
+                        i = int(rng.integers(len(buffer)))
+                        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                        yield buffer.pop()
+
+
+def load_pairs(url: str, selection: Mapping[int, Mapping[str, int]], size: int,
+               s3_endpoint: str | None = None) -> dict[str, np.ndarray]:
+    """The selected pairs (each once) decoded at `size`, in memory, in shard and key order: ``key``,
+    ``image``, ``mask``, ``class_index``, ``prompt`` arrays.  For small sets only (a test split, a grid)."""
+    storage = open_storage(url, s3_endpoint)
+    decoded = [decode_sample(s, size) for shard in sorted(selection) for s in iter_shard(storage, shard, selection[shard])]
+    if not decoded:
+        return {"key": np.zeros(0, object), "image": np.zeros((0, size, size, 3), np.uint8),
+                "mask": np.zeros((0, size, size), np.uint8), "class_index": np.zeros(0, np.int64),
+                "prompt": np.zeros(0, object)}
+    return {"key": np.asarray([d["key"] for d in decoded], dtype=object),
+            "image": np.stack([d["image"] for d in decoded]), "mask": np.stack([d["mask"] for d in decoded]),
+            "class_index": np.asarray([d["class_index"] for d in decoded], np.int64),
+            "prompt": np.asarray([d["prompt"] for d in decoded], dtype=object)}

@@ -1,0 +1,183 @@
+"""jobs/prepare.py: a HAM10000-layout download (and ISIC 2018) → the real dataset in the shard layout, on
+the shared local Ray cluster; bad files, reruns, --max-side.  Off one machine (S3 only): test_cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from skindual import demo_data
+from skindual.data import HAM_MASKS, ISIC_IMAGES, ISIC_MASKS
+from skindual.pairs import read_index
+from skindual.prompts import CLASS_CODES, attribute_distribution, attribute_pools, prompt_table
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS = {c: 12 if c == "nv" else 6 for c in CLASS_CODES}  # 48 images, some lesions with two
+
+
+def run_prepare_job(args: list[str], ray_cluster: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": ray_cluster} if ray_cluster else {})
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.name.endswith((".tar", ".parquet", "_stats.json"))}
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory) -> Path:
+    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("raw") / "HAM10000", COUNTS, seed=21)
+
+
+@pytest.fixture(scope="module")
+def prepared(download, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "real"
+    result = ok(run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
+                                ray_cluster))
+    return out, result
+
+
+def test_the_real_dataset_has_the_shard_layout_with_the_bytes_inside(prepared, download):
+    out, result = prepared
+    assert "done: 48 pairs in 3 shards" in result.stdout and "shard 00002 written" in result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert {"sizes.json", "manifest.json", "run.json"} <= set(names)
+    metadata = {row.split(",")[1]: row.split(",") for row in (download / demo_data.METADATA_CSV).read_text().splitlines()[1:]}
+    lesions, keys = {}, []
+    for tar in sorted(out.glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):  # stock webdataset
+            keys.append(sample["__key__"])
+            assert {k for k in sample if not k.startswith("__")} == {"jpg", "seg.png", "cls", "txt", "json"}
+            meta = json.loads(sample["json"])
+            source = next(download.rglob(f"{meta['image_id']}.jpg"))
+            assert sample["jpg"] == source.read_bytes()  # the downloaded JPEG as it is
+            mask = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
+            truth = np.asarray(Image.open(download / HAM_MASKS / f"{meta['image_id']}_segmentation.png")) > 0
+            assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and np.array_equal(mask > 0, truth)
+            row = metadata[meta["image_id"]]
+            assert (meta["lesion_id"], meta["class_code"], meta["localization"], meta["sex"]) == (row[0], row[2], row[6], row[5])
+            assert int(sample["cls"]) == CLASS_CODES.index(meta["class_code"]) == meta["class_index"]
+            assert sample["txt"].decode().startswith("a dermoscopy image of")
+            lesions.setdefault(meta["lesion_id"], set()).add(meta["split"])
+    assert len(keys) == len(set(keys)) == 48
+    assert all(len(splits) == 1 for splits in lesions.values())  # a lesion never in two splits
+    manifest = json.loads((out / "manifest.json").read_text())
+    per_split = manifest["totals"]["per_split"]
+    assert set(per_split) == {"train", "val", "test"}
+    assert Counter({c: sum(s.get(c, 0) for s in per_split.values()) for c in CLASS_CODES}) == Counter(COUNTS)
+    assert manifest["skipped"] == {} and manifest["prompt_template"]
+    index = read_index(str(out))
+    assert index.num_rows == 48 and set(index.column("status").to_pylist()) == {"ok"}
+    assert all(s.startswith(str(download)) for s in index.column("source_image").to_pylist())
+
+
+def test_a_rerun_skips_what_is_committed_and_other_settings_are_refused(prepared, download, ray_cluster, tmp_path):
+    out, _ = prepared
+    before = snapshot(out)
+    result = ok(run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
+                                ray_cluster))
+    assert "3 committed, 0 to do" in result.stderr and snapshot(out) == before
+    result = run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "20", "--output", str(out)])
+    assert result.returncode == 2 and "--samples-per-shard 16, now --samples-per-shard 20" in result.stderr
+    assert "Traceback" not in result.stderr and snapshot(out) == before
+
+
+def test_a_bad_file_stops_the_job_naming_it_and_skip_bad_counts_and_lists_it(download, ray_cluster, tmp_path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(download, raw)
+    bad = sorted(raw.rglob("ISIC_*.jpg"))[-1]  # in the last shard
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "real"
+    result = run_prepare_job(["--ham10000", str(raw), "--samples-per-shard", "16", "--output", str(out)], ray_cluster)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert str(bad) in errors[0] and "cannot be decoded" in errors[0] and "--skip-bad" in errors[0]
+    assert not (out / "00002_stats.json").exists()  # its shard is not committed
+    result = ok(run_prepare_job(["--ham10000", str(raw), "--samples-per-shard", "16", "--skip-bad", "--output", str(out)],
+                                ray_cluster))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"unreadable_image": 1} and manifest["skipped_files"] == [[str(bad), "unreadable_image"]]
+    assert manifest["totals"]["successes"] == 47 and "1 skipped" in result.stdout
+    rows = pq.read_table(out / "00002.parquet").to_pylist()
+    (rejected,) = [r for r in rows if r["status"] == "rejected"]
+    assert rejected["source_image"] == str(bad) and rejected["reason"] == "unreadable_image"
+
+
+def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_path):
+    from skindual.prepare import PrepareConfig, run_prepare
+
+    isic = tmp_path / "isic"
+    for i in range(3):
+        image, mask = demo_data.render_lesion("mel", 70 + i, (120, 90))
+        (isic / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
+        (isic / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(isic / ISIC_IMAGES / f"ISIC_{8000000 + i}.jpg")
+        Image.fromarray(mask * 255).save(isic / ISIC_MASKS / f"ISIC_{8000000 + i}_segmentation.png")
+    manifest = run_prepare(PrepareConfig(ham10000=str(download), isic2018=str(isic), max_side=48,
+                                         output=str(tmp_path / "real")), distributed=False)
+    assert manifest["totals"]["per_class"]["unclassed"]["ok"] == 3 and manifest["totals"]["successes"] == 51
+    for sample in wds.WebDataset(str(tmp_path / "real" / "00000.tar"), shardshuffle=False).decode("rgb8"):
+        meta = sample["json"]
+        assert max(meta["width"], meta["height"]) == 48 and sample["jpg"].shape[:2] == (meta["height"], meta["width"])
+        assert sample["seg.png"].shape[:2] == sample["jpg"].shape[:2]
+        if meta["source"] == "isic2018":
+            assert meta["class_index"] == int(sample["cls"]) == -1 and meta["lesion_id"] == meta["image_id"]
+
+
+def test_no_source_is_one_clear_line(tmp_path):
+    result = run_prepare_job(["--output", str(tmp_path / "x")])
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: no data: give --ham10000 DIR, --isic2018 DIR, or both (a folder or an s3:// prefix)")
+
+
+def test_prompts_follow_the_training_datas_sites_ages_and_sexes(prepared):
+    """The adapter records each class's (site, age, sex) counts of its training data; generation draws each
+    row's from them by its seed: at 2,000 rows a class the frequencies match within sampling error."""
+    out, _ = prepared
+    index = read_index(str(out))
+    train = index.filter(np.asarray(index.column("split")) == "train")
+    distribution = attribute_distribution(train)
+    assert json.loads(json.dumps(distribution)) == distribution  # recordable in the adapter json as is
+    table = prompt_table({c: 2000 for c in CLASS_CODES}, seed=4, samples_per_shard=1000,
+                         attributes=attribute_pools(distribution))
+    for code, entries in distribution.items():
+        total = sum(n for *_, n in entries)
+        prompts = [p for p, c in zip(table.column("prompt").to_pylist(), table.column("class_code").to_pylist())
+                   if c == code]
+        def site_of(prompt: str) -> str | None:  # the prompt names a known site as ", on the SITE"
+            return prompt.split(", on the ")[1].split(",")[0] if ", on the " in prompt else None
+
+        def sex_of(prompt: str) -> str | None:
+            return "female" if prompt.endswith(" female") else "male" if prompt.endswith(" male") else None
+
+        for which, of, position in (("site", site_of, 0), ("sex", sex_of, 2)):
+            drawn = Counter(of(q) for q in prompts)
+            for value in {e[position] if e[position] not in (None, "unknown") else None for e in entries}:
+                p = sum(e[3] for e in entries if (e[position] if e[position] != "unknown" else None) == value) / total
+                share = drawn[value] / len(prompts)
+                assert abs(share - p) <= 4 * np.sqrt(p * (1 - p) / len(prompts)) + 1e-9, (code, which, value, share, p)
+    again = prompt_table({c: 2000 for c in CLASS_CODES}, seed=4, samples_per_shard=1000,
+                         attributes=attribute_pools(distribution))
+    assert again.equals(table)  # by the row's seed: reproducible
