@@ -396,9 +396,9 @@ def feature_pass(cfg: EvaluateConfig, plan: EvalPlan, spec: ExtractorSpec) -> di
     return groups
 
 
-def _summary(group: dict) -> fidelity.FeatureSummary:
+def _summary(group: dict, k: int) -> fidelity.FeatureSummary:
     moments = fidelity.Moments(int(group["count"]), group["total"], group["outer"])
-    return fidelity.FeatureSummary(moments, group["sample"], group["ranks"])
+    return fidelity.FeatureSummary(moments, group["sample"], group["ranks"], k)
 
 
 def combine(groups: dict[tuple[str, int], dict], spec_name: str, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -406,7 +406,8 @@ def combine(groups: dict[tuple[str, int], dict], spec_name: str, cfg: EvaluateCo
     by_set = {name: {c: g for (s, c), g in groups.items() if s == name} for name in SETS}
     classes = sorted(by_set["synthetic"])
     out_fidelity = fidelity.fidelity_from_summaries(
-        spec_name, {c: _summary(g) for c, g in by_set["real"].items()}, {c: _summary(g) for c, g in by_set["synthetic"].items()},
+        spec_name, {c: _summary(g, cfg.kid_subset_size) for c, g in by_set["real"].items()},
+        {c: _summary(g, cfg.kid_subset_size) for c, g in by_set["synthetic"].items()},
         CLASS_CODES, num_subsets=cfg.kid_subsets, max_subset_size=cfg.kid_subset_size, seed=cfg.seed)
 
     def stats(name: str, only: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -517,10 +518,14 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
     plan = plan or plan_evaluation(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
+    stages: dict[str, float] = {}
+    clock = time.perf_counter()
     spec, extractor_cached = extractor_spec(cfg, plan)
+    stages["extractor"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     groups = feature_pass(cfg, plan, spec)
     name = "inception" if spec.kind == "inception" else spec.kind.replace("-", "")
     measured = combine(groups, name, cfg)
+    stages["features"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     fid = measured["fidelity"]
     fd, kd = (fid["overall"][fid[k]] for k in ("fd_name", "kd_name"))
     log.info("%s %s, %s %s (real features %s)", fid["fd_name"], fd, fid["kd_name"], kd,
@@ -530,6 +535,8 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
                      "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"]}
     if cfg.downstream:
         metrics["downstream"] = run_benchmark(cfg, plan)
+        stages["downstream"] = round(time.perf_counter() - clock, 2)
+    metrics["stage_seconds"] = stages
     metrics["versions"] = {"skindual": __version__, **{p: version(p) for p in ("torch", "torchvision", "clean-fid", "ray")}}
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     with tempfile.TemporaryDirectory(prefix="skindual-eval-") as tmp:

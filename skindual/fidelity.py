@@ -156,23 +156,23 @@ class FeatureSummary:
     seeded sample of at most k of them (`sample_ranks`), which KID and the diversity are computed from."""
 
     moments: Moments
-    sample: np.ndarray  # n_sample × D
+    sample: np.ndarray  # min(k, count) × D
     ranks: np.ndarray  # the sample's ranks, ascending
+    k: int  # the most the sample holds
 
     @classmethod
     def of(cls, features: np.ndarray, keys: Sequence[str], seed: int, k: int) -> FeatureSummary:
         ranks = sample_ranks(keys, seed)
         keep = np.argsort(ranks, kind="stable")[:k]
-        return cls(Moments.of(features), np.asarray(features, np.float64)[keep], ranks[keep])
+        return cls(Moments.of(features), np.asarray(features, np.float64)[keep], ranks[keep], k)
 
     def __add__(self, other: FeatureSummary) -> FeatureSummary:
+        """The summary of both sets: moments summed, and the k smallest ranks of both samples (the same
+        sample in whatever order the parts are added)."""
         ranks = np.concatenate([self.ranks, other.ranks])
-        keep = np.argsort(ranks, kind="stable")[:max(len(self.ranks), len(other.ranks))]
+        keep = np.argsort(ranks, kind="stable")[:min(self.k, other.k)]
         return FeatureSummary(self.moments + other.moments, np.concatenate([self.sample, other.sample])[keep],
-                              ranks[keep])
-
-    def cut(self, k: int) -> FeatureSummary:
-        return FeatureSummary(self.moments, self.sample[:k], self.ranks[:k])
+                              ranks[keep], min(self.k, other.k))
 
 
 def fidelity_from_summaries(name: str, real: dict[int, FeatureSummary], synthetic: dict[int, FeatureSummary],
@@ -201,8 +201,8 @@ def fidelity_from_summaries(name: str, real: dict[int, FeatureSummary], syntheti
         return out
 
     def whole(summaries: dict[int, FeatureSummary]) -> FeatureSummary | None:
-        parts = list(summaries.values())
-        return sum(parts[1:], parts[0]).cut(max_subset_size) if parts else None
+        parts = [summaries[c] for c in sorted(summaries)]
+        return sum(parts[1:], parts[0]) if parts else None
 
     per_class = {class_codes[c]: pair(real.get(c), synthetic[c]) for c in sorted(synthetic)}
     return {"extractor": name, "fd_name": fd, "kd_name": kd, "overall": pair(whole(real), whole(synthetic)),

@@ -113,6 +113,11 @@ def test_fd_from_summed_moments_is_the_in_memory_fd():
     whole = fidelity.FeatureSummary.of(a, keys, seed=3, k=50)
     split = fidelity.FeatureSummary.of(a[:120], keys[:120], 3, 50) + fidelity.FeatureSummary.of(a[120:], keys[120:], 3, 50)
     assert np.array_equal(whole.sample, split.sample) and whole.moments.count == split.moments.count == 300
+    small = [fidelity.FeatureSummary.of(a[i:i + 20], keys[i:i + 20], 3, 50) for i in range(0, 100, 20)]
+    merged = sum(small[1:], small[0])  # parts smaller than k: the sample of the whole is all 100, up to k = 50
+    reverse = sum(small[-2::-1], small[-1])
+    assert len(merged.sample) == 50 and np.array_equal(merged.sample, reverse.sample)
+    assert np.array_equal(merged.sample, fidelity.FeatureSummary.of(a[:100], keys[:100], 3, 50).sample)
 
 
 def _job_main():
