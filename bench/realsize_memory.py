@@ -14,7 +14,8 @@ measured in the same run: fp32, the geometry term decoding the whole mask (the o
 The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
 ``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``device``, ``ratio`` (bf16 default ÷ the fp32
-full-geometry baseline) and the figure of every setting (GB).
+full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
+call's peak in bf16 at 512² (guidance on, decoded 4 latents at a time).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ SETTINGS = {
     "bf16_b1_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 1),
     "bf16_b2_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 2),
     "bf16_b4": ({"mixed_precision": "bf16"}, 4),
+    "generate_bf16_b1": ({"generate": True}, 1),  # sampling (guidance: a UNet batch of 2) and decoding
+    "generate_bf16_b8": ({"generate": True}, 8),
 }
 QUICK = ("bf16_b1", "bf16_b2", "fp32_b1", "fp32_b1_full_geometry")
 
@@ -64,6 +67,8 @@ def child(base: str, name: str, report: str) -> None:
     empty = _rss_gb()
     settings, batch_size = SETTINGS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.get("generate"):
+        return generation_peak(base, batch_size, device, empty, report)
     cfg = FinetuneConfig(base_model=base, batch_size=batch_size, resolution=512, lora_rank=16,
                          use_gpu=device.type == "cuda", **settings)
     trainer = JointTrainer(cfg, device)
@@ -90,6 +95,28 @@ def child(base: str, name: str, report: str) -> None:
                                         "step_seconds": round(seconds, 1), "loss": metrics["total"]}))
 
 
+def generation_peak(base: str, batch_size: int, device, empty: float, report: str) -> None:
+    """The peak of one generation call (2 steps: the peak does not grow with steps) of the widened base in
+    bf16 at 512², `batch_size` pairs, decoded 4 latents at a time (`DualPipeline`'s default)."""
+    import torch
+
+    from skindual.model import DualPipeline
+
+    pipe = DualPipeline.from_pretrained(base, device=str(device), dtype=torch.bfloat16, resolution=512)
+    loaded = _rss_gb()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    started = time.perf_counter()
+    pipe(["a dermoscopy image of melanoma"] * batch_size, list(range(batch_size)), steps=2, guidance=4.0)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else _rss_gb("VmHWM") - empty
+    Path(report).write_text(json.dumps({"peak_gb": round(peak, 2), "loaded_gb": round(loaded - empty, 2),
+                                        "step_seconds": round(seconds, 1), "loss": None}))
+
+
 def device_name() -> str:
     import torch
 
@@ -105,8 +132,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--no-batch4", action="store_true", help="skip the direct bf16 batch-4 measurement")
     parser.add_argument("--width", type=int, default=1, help="1: SD-2's size (other widths: a quick check)")
+    parser.add_argument("--only", nargs="*", default=[], choices=list(SETTINGS), metavar="SETTING",
+                        help="measure only these settings (bf16_b1 and bf16_b2 are always measured)")
     args = parser.parse_args()
     names = [n for n in (QUICK if args.quick else SETTINGS) if not (args.no_batch4 and n == "bf16_b4")]
+    if args.only:
+        names = [n for n in SETTINGS if n in {"bf16_b1", "bf16_b2", "fp32_b1_full_geometry", *args.only}]
     from skindual.sd2 import save_sd2_pipeline
 
     figures = {}
@@ -116,8 +147,8 @@ def main() -> None:
             report = Path(tmp) / f"{name}.json"
             subprocess.run([sys.executable, __file__, "--child", base, name, str(report)], check=True, cwd=ROOT)
             figures[name] = json.loads(report.read_text())
-            print(f"{name:<24} peak {figures[name]['peak_gb']:6.2f} GB (weights and state after loading "
-                  f"{figures[name]['loaded_gb']:.2f} GB), step {figures[name]['step_seconds']:.0f} s", flush=True)
+            print(f"{name:<24} peak {figures[name]['peak_gb']:6.2f} GB (resident after loading "
+                  f"{figures[name]['loaded_gb']:.2f} GB), {figures[name]['step_seconds']:.0f} s", flush=True)
     b1, b2 = figures["bf16_b1"]["peak_gb"], figures["bf16_b2"]["peak_gb"]
     per_sample = max(b2 - b1, 1e-6)
     summary = {"device": device_name(), "width": args.width, "resolution": 512,

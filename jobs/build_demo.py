@@ -2,6 +2,7 @@
 
     python jobs/build_demo.py                      # data + base from the shipped artifact + measurements
     python jobs/build_demo.py --rebuild            # pretrain the demo base from scratch (time: README)
+    python jobs/build_demo.py --difficulty hard --rebuild --output skindual-demo-hard   # the hard world's base
 
 The base is cached under ~/.cache/skindual (SKINDUAL_CACHE) by the artifact's sha256.
 """
@@ -13,10 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from skindual.base_models import ARTIFACT
-from skindual.cli import option, run_job
+from skindual.base_models import DEMO_BASES
+from skindual.demo_data import DIFFICULTIES
+from skindual.cli import check_fields, option, run_job
 from skindual.demo_model import PretrainRecipe
-from skindual.demo_world import DEMO_OUTPUT, prepare_demo_world
+from skindual.demo_world import DEMO_OUTPUT, prepare_demo_world, world_base
 from skindual.errors import UserError
 
 _RECIPE = PretrainRecipe()
@@ -27,7 +29,10 @@ class BuildDemoConfig:
     output: str = option(DEMO_OUTPUT, "folder for the demo data, its training table and demo_world.json")
     data_scale: float = option(0.1, "demo images per class as a fraction of HAM10000's counts")
     seed: int = option(0, "seed of the demo data, its split and the measurements")
-    artifact: str = option(str(ARTIFACT), "the demo base's safetensors artifact (read, or written by --rebuild)")
+    difficulty: str = option("easy", "the demo world: easy, or hard (hair, low contrast, fuzzy borders, uneven "
+                                     "light, lesions at the frame)", choices=list(DIFFICULTIES))
+    artifact: str = option("", "the demo base's safetensors artifact, read or written by --rebuild (default: the "
+                               "shipped one of --difficulty)")
     rebuild: bool = option(False, "pretrain the demo base from scratch and write --artifact")
     vae_steps: int = option(_RECIPE.vae_steps, "with --rebuild: VAE pretraining steps")
     unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
@@ -42,7 +47,8 @@ class BuildDemoConfig:
         for flag in ("vae_steps", "unet_steps", "pretrain_per_class", "samples_per_class", "sample_steps"):
             if getattr(self, flag) < 1:
                 raise UserError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: must be at least 1")
-        if not self.rebuild and not Path(self.artifact).is_file():
+        check_fields(self)
+        if not self.rebuild and self.artifact and not Path(self.artifact).is_file():
             raise UserError(f"--artifact {self.artifact}: no such file; give the demo base artifact "
                             "or pass --rebuild to pretrain one")
 
@@ -51,9 +57,10 @@ def main(cfg: BuildDemoConfig) -> None:
     recipe = None
     if cfg.rebuild:
         recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class,
-                                vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps)
-    world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=cfg.artifact,
-                               rebuild=recipe, measure=cfg.measure, samples_per_class=cfg.samples_per_class,
+                                vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps, difficulty=cfg.difficulty)
+    artifact = cfg.artifact or str(DEMO_BASES[world_base(cfg.difficulty)])
+    world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=artifact,
+                               rebuild=recipe, difficulty=cfg.difficulty, measure=cfg.measure, samples_per_class=cfg.samples_per_class,
                                sample_steps=cfg.sample_steps)
     print(json.dumps({"data_root": str(world.data_root), "base_model": str(world.base_model), **world.report},
                      indent=2))

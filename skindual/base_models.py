@@ -1,7 +1,8 @@
-"""Base-model names that are not a hub id or a folder: the shipped demo base.
+"""Base-model names that are not a hub id or a folder: the shipped demo bases.
 
 ``--base-model demo`` names the tiny SD-2-shaped pipeline shipped as one safetensors artifact
-(`ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata).  `resolve_base_model`
+(`ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata); ``demo-hard`` the
+same architecture pretrained on the hard demo world (`HARD_ARTIFACT`).  `resolve_base_model`
 turns the name into a folder that ``StableDiffusionPipeline.from_pretrained`` loads, materialising the
 artifact once per node into the cache (``$SKINDUAL_CACHE/demo_base/<sha256>``), lazily: each Ray
 worker does it on first use.  Any other name passes through unchanged.  How the demo base is
@@ -22,6 +23,9 @@ from skindual.storage import cache_root, file_sha256
 DEMO_BASE = "demo"
 """The --base-model value (and an adapter's recorded base) naming the shipped demo base."""
 ARTIFACT = Path(__file__).parent / "assets" / "demo_base.safetensors"
+HARD_ARTIFACT = Path(__file__).parent / "assets" / "demo_base_hard.safetensors"
+DEMO_BASES = {DEMO_BASE: ARTIFACT, "demo-hard": HARD_ARTIFACT}
+"""Each demo base's name and artifact (the hard one: pretrained on the hard demo world)."""
 REBUILD_COMMAND = "python jobs/build_demo.py --rebuild"
 CACHE_FOLDER = "demo_base"  # under cache_root(): one folder per artifact hash
 
@@ -101,16 +105,33 @@ def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -
     return target
 
 
+def demo_alias(model: str | Path) -> str | None:
+    """The demo base `model` names, the alias or a cache folder an artifact was materialised into; else None."""
+    if str(model) in DEMO_BASES:
+        return str(model)
+    if Path(str(model)).parent.name == CACHE_FOLDER:
+        digest = Path(str(model)).name
+        named = [n for n, a in DEMO_BASES.items() if a.is_file() and file_sha256(a)[:16] == digest]
+        return named[0] if named else DEMO_BASE
+    return None
+
+
 def is_demo_base(model: str | Path) -> bool:
-    """Whether `model` names the demo base: the alias, or a folder it was materialised into."""
-    return str(model) == DEMO_BASE or Path(str(model)).parent.name == CACHE_FOLDER
+    """Whether `model` names a demo base: an alias, or a folder one was materialised into."""
+    return demo_alias(model) is not None
 
 
-def demo_base_id(artifact: str | Path = ARTIFACT) -> str:
-    """How outputs name the demo base: ``demo@<first 16 hex digits of the artifact's sha256>``."""
-    return f"{DEMO_BASE}@{file_sha256(artifact)[:16]}"
+def demo_base_id(name: str = DEMO_BASE) -> str:
+    """How outputs name a demo base: ``demo@<first 16 hex digits of the artifact's sha256>``."""
+    return f"{name}@{file_sha256(DEMO_BASES[name])[:16]}"
 
 
 def resolve_base_model(model: str | Path) -> str:
-    """`demo` → its cached folder; any other id or folder as given."""
-    return str(demo_base_path()) if str(model) == DEMO_BASE else str(model)
+    """A demo base's name → its cached folder; any other id or folder as given."""
+    name = str(model)
+    if name not in DEMO_BASES:
+        return name
+    if name != DEMO_BASE and not DEMO_BASES[name].is_file():
+        raise UserError(f"--base-model {name}: its artifact {DEMO_BASES[name]} is not there; build it with "
+                        f"`{REBUILD_COMMAND} --difficulty hard --artifact {DEMO_BASES[name]}`")
+    return str(demo_base_path(DEMO_BASES[name]))

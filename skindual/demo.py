@@ -15,22 +15,26 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
-from skindual.demo_world import DEMO_TEST_PER_CLASS, prepare_demo_world
+from skindual.demo_data import DIFFICULTIES
+from skindual.demo_world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
 from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig, run_evaluate
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.generate import GenerateConfig, run_generate
 from skindual.prompts import CLASSES
+from skindual.qc_model import QCModelConfig, run_qc_model
 from skindual.storage import is_remote
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,10 @@ DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, 
 
 # --------------------------------------------------------------------------- the whole chain (jobs/demo.py)
 
-STAGES = ("demo data", "fine-tune", "generate", "evaluate")
+STAGES = ("demo data", "fine-tune", "qc segmenter", "generate", "evaluate")
+DEMO_MIN_CONSISTENCY = 0.85
+"""The demo's --min-consistency: a generated pair whose mask agrees less than this (Dice) with the QC
+segmenter's mask of its image is drawn again."""
 
 
 @dataclass
@@ -74,9 +81,20 @@ class DemoConfig:
                                   "generation QC: a larger mask (share of the image) is 'full-frame' and drawn again")
     overwrite: bool = option(False, "replace synthetic shards written with other settings (e.g. another "
                                     "--finetune-steps or --per-class)")
+    difficulty: str = option("easy", "the demo world: easy, or hard (hair, low contrast, fuzzy borders, uneven "
+                                     "light, lesions at the frame; its own demo base, demo-hard)",
+                             choices=list(DIFFICULTIES))
+    qc: bool = option(True, "train the consistency-QC segmenter on the real train pairs and redraw generated pairs "
+                            "it disagrees with (--no-qc: without; its shards and report get their own folders)")
+    min_consistency: float = option(DEMO_MIN_CONSISTENCY, "with --qc: the least Dice between a generated mask and "
+                                                          "the segmenter's mask of its image")
+    qc_steps: int = option(QCModelConfig.steps, "training steps of the QC segmenter")
 
     def __post_init__(self) -> None:
-        check_fields(self, ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps"))
+        check_fields(self, ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps",
+                            "qc_steps"))
+        if not 0 <= self.min_consistency <= 1:
+            raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1]")
         if is_remote(self.output):
             raise UserError(f"--output {self.output}: the demo writes a local folder; run the stage jobs "
                             "(jobs/finetune.py, generate.py, evaluate.py) for s3:// outputs")
@@ -109,8 +127,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         seconds[name] = round(time.perf_counter() - t, 1)
         progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: done in {seconds[name]:.0f} s ({what})")
 
-    name, t = stage(1, f"procedural HAM10000-layout data, prepared, and the demo base, into {out / 'real'}")
-    world = prepare_demo_world(out, measure=False)
+    name, t = stage(1, f"procedural HAM10000-layout data ({cfg.difficulty}), prepared, and the demo base, "
+                       f"into {out / 'real'}")
+    with _stage_errors(name):
+        world = prepare_demo_world(out, measure=False, difficulty=cfg.difficulty)
     suffix = f"-real{cfg.real_fraction:g}" if cfg.real_fraction < 1 else ""
     rows = finetune.training_rows(pairs.read_index(str(world.real)), cfg.real_fraction)
     counts = {c.code: int(n) for c, n in zip(CLASSES, np.bincount(np.asarray(rows.column("class_index")), minlength=7))}
@@ -118,7 +138,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                   f"{DEMO_TEST_PER_CLASS} per class")
 
     ft = FinetuneConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, output=str(out / "runs"),
-                        name=f"demo{suffix}", **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
+                        name=f"demo{suffix}", base_model=world_base(cfg.difficulty),
+                        **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
                        f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
     with _stage_errors(name):
@@ -127,22 +148,37 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     step = (result.metrics or {}).get("step")
     done(name, t, f"{f'step {step}, ' if step else ''}adapter at {adapter}")
 
+    qc = QCModelConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, steps=cfg.qc_steps,
+                       output=str(out / f"qc{suffix}"), cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
+    name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}" if cfg.qc else "off (--no-qc)")
+    card = None
+    if cfg.qc:
+        with _stage_errors(name):
+            card = run_qc_model(qc)
+    done(name, t, f"val Dice {card['val_dice']:.3f} on {card['val_pairs']} real pairs" if card else "skipped")
+
+    suffix += "" if cfg.qc else "-noqc"
     gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter), output=str(out / f"synthetic{suffix}"),
                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
-                         max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite)
-    name, t = stage(3, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
+                         max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite,
+                         qc_segmenter=qc.output if cfg.qc else "", min_consistency=cfg.min_consistency if cfg.qc else 0)
+    name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter"
+                       f"{f', min consistency {gen.min_consistency:g}' if cfg.qc else ''} into {gen.output}")
     with _stage_errors(name):
         manifest = run_generate(gen)
     totals = manifest["totals"]
+    redraws = sum(totals["rejections"].values()) if "rejections" in totals else 0
     done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
+    generation = {"seconds": seconds[name], "pairs_per_s": round(totals["successes"] / max(seconds[name], 1e-9), 3),
+                  "draws": _draws(out / f"synthetic{suffix}"), "rejected_rows": redraws}
 
     ev = EvaluateConfig(real=str(world.real), test_data=str(world.test_data), synthetic=gen.output,
                         output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
                         inception_weights=cfg.inception_weights, extractor_steps=cfg.extractor_steps,
                         steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier,
                         real_fraction=cfg.real_fraction, actors=cfg.actors)
-    name, t = stage(4, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
+    name, t = stage(5, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
                        f"{cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
         metrics = run_evaluate(ev)
@@ -155,9 +191,22 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                "real_fraction": cfg.real_fraction, "real": str(world.real), "test_data": str(world.test_data),
                "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
                "pair_quality": quality["synthetic"], "real_test_pair_quality": quality["real_test"],
-               **key_figures(metrics)}
+               "difficulty": cfg.difficulty, "qc": card | {"min_consistency": cfg.min_consistency} if card else None,
+               "generation": generation, **key_figures(metrics)}
     (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _draws(shards: Path) -> dict:
+    """Draws of a generation output (its parquets): pairs kept, draws made, the redraws' reasons, and the
+    kept pairs' QC scores."""
+    index = pairs.read_index(str(shards))
+    rejections = [r for rs in index.column("rejections").to_pylist() for r in rs]
+    kept = index.filter(pc.equal(index.column("status"), "ok"))
+    scores = [v for v in kept.column("consistency").to_pylist() if v is not None] if "consistency" in kept.column_names else []
+    return {"kept": kept.num_rows, "draws": index.num_rows + len(rejections),
+            "redraw_rate": round(len(rejections) / max(1, index.num_rows + len(rejections)), 4),
+            "reasons": dict(Counter(rejections)), "kept_qc_consistency": round(float(np.mean(scores)), 4) if scores else None}
 
 
 def _per_class(counts: dict) -> str:
@@ -193,6 +242,14 @@ def format_summary(summary: dict) -> str:
     q, r = summary["pair_quality"], summary["real_test_pair_quality"]
     lines.append(f"  image-mask consistency (Dice vs an independent segmentation) {q['consistency_dice']:.3f} "
                  f"(real test pairs {r['consistency_dice']:.3f}), sane masks {q['sane_mask_share']:.3f}")
+    g = summary.get("generation")
+    if g:
+        qc = summary.get("qc")
+        kept = g["draws"]["kept_qc_consistency"]
+        lines.append(f"  generation {g['pairs_per_s']:.2f} pairs/s, redraw rate {g['draws']['redraw_rate']:.3f} "
+                     f"{g['draws']['reasons'] or ''}".rstrip()
+                     + (f"; QC segmenter (val Dice {qc['val_dice']:.3f}) score of the kept pairs {kept:.3f}, "
+                        f"min {qc['min_consistency']:g}" if qc and kept is not None else ""))
     lines.append(f"  class fidelity (classifier trained on real demo images, mean over classes) "
                  f"{q['class_fidelity_mean']:.3f} (its accuracy on real test images {r['classifier_accuracy']:.3f})")
     fd = summary["fd"]

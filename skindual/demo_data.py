@@ -37,6 +37,7 @@ from skindual.prompts import CLASSES, LOCALIZATIONS
 # HAM10000's class counts: the demo keeps their proportions.
 HAM10000_COUNTS = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
 DEMO_IMAGE_SIZE = (96, 72)  # width, height: HAM10000's 4:3 at a size 2 cores can afford
+DIFFICULTIES = ("easy", "hard")  # "hard": hair, low contrast, fuzzy borders, uneven light, frame contact
 MASKS_DIR = "HAM10000_segmentations_lesion_tschandl"
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_CSV = "HAM10000_metadata.csv"
@@ -79,12 +80,14 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return (g00 * (1 - fy) * (1 - fx) + g01 * (1 - fy) * fx + g10 * fy * (1 - fx) + g11 * fy * fx)
 
 
-def _lesion_shape(code: str, rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(signed distance to the border in pixels, >0 inside; normalised radius 0 at centre, 1 at border)."""
+def _lesion_shape(code: str, rng: np.random.Generator, h: int, w: int,
+                  offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """(signed distance to the border in pixels, >0 inside; normalised radius 0 at centre, 1 at border);
+    `offset` (pixels) moves the lesion off the centre."""
     look = LOOKS[code]
     short = min(h, w)
-    cy = h / 2 + rng.uniform(-0.06, 0.06) * short
-    cx = w / 2 + rng.uniform(-0.06, 0.06) * short
+    cy = h / 2 + rng.uniform(-0.06, 0.06) * short + offset[0]
+    cx = w / 2 + rng.uniform(-0.06, 0.06) * short + offset[1]
     radius = look.radius * short * rng.uniform(0.85, 1.15)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if code == "vasc":  # a cluster of lobules: the union of a few discs
@@ -112,8 +115,10 @@ def _lesion_shape(code: str, rng: np.random.Generator, h: int, w: int) -> tuple[
     return border - rho, np.clip(rho / border, 0, 1)
 
 
-def _paint(code: str, rng: np.random.Generator, skin: np.ndarray, dist: np.ndarray, rnorm: np.ndarray) -> np.ndarray:
-    """Paint the lesion of class `code` over the skin image (float RGB 0..255)."""
+def _paint(code: str, rng: np.random.Generator, skin: np.ndarray, dist: np.ndarray, rnorm: np.ndarray,
+           softness: float = 1.0) -> np.ndarray:
+    """Paint the lesion of class `code` over the skin image (float RGB 0..255); `softness` widens the fade
+    at its border."""
     look = LOOKS[code]
     h, w = dist.shape
     colour = np.array(look.colour, np.float32) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
@@ -148,7 +153,7 @@ def _paint(code: str, rng: np.random.Generator, skin: np.ndarray, dist: np.ndarr
         lesion *= (1 + 0.15 * (rnorm[..., None] - 0.5))
     elif code == "vasc":  # darker lobule centres
         lesion *= (0.8 + 0.2 * rnorm[..., None])
-    alpha = np.clip(dist / look.softness + 0.5, 0, 1)[..., None]
+    alpha = np.clip(dist / (look.softness * softness) + 0.5, 0, 1)[..., None]
     return skin * (1 - alpha) + lesion * alpha
 
 
@@ -164,30 +169,81 @@ def _skin(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return skin * (1 - 0.85 * vignette)
 
 
-def render_lesion(code: str, seed: int, size: tuple[int, int] = DEMO_IMAGE_SIZE, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_lesion(code: str, seed: int, size: tuple[int, int] = DEMO_IMAGE_SIZE, view: int = 0,
+                  difficulty: str = "easy") -> tuple[np.ndarray, np.ndarray]:
     """One lesion of class `code`: (RGB uint8 image H×W×3, mask uint8 H×W with values 0/1).
 
     `seed` fixes the lesion; `view` > 0 gives another photograph of the same
     lesion (same shape and colour, new skin noise and lighting), as HAM10000
-    holds several images of some lesions.
+    holds several images of some lesions.  ``difficulty="hard"`` adds what makes
+    real dermoscopy hard to segment (`_hard_view`); the mask stays the lesion's shape.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     w, h = size
     shape_rng = np.random.default_rng([seed, 0])
-    dist, rnorm = _lesion_shape(code, shape_rng, h, w)
+    offset, softness, contrast = (0.0, 0.0), 1.0, 1.0
+    if difficulty == "hard":  # the lesion's own hard traits, from a stream of their own (easy lesions unchanged)
+        traits = np.random.default_rng([seed, 3])
+        if traits.random() < 0.3:  # off centre, crossing the frame
+            angle, d = traits.uniform(0, 2 * math.pi), traits.uniform(0.3, 0.45) * min(h, w)
+            offset = (d * math.sin(angle), d * math.cos(angle))
+        softness, contrast = traits.uniform(3.5, 7.0), traits.uniform(0.3, 0.6)
+    dist, rnorm = _lesion_shape(code, shape_rng, h, w, offset)
     view_rng = np.random.default_rng([seed, 1 + view])
-    image = _paint(code, np.random.default_rng([seed, 0, 1]), _skin(view_rng, h, w), dist, rnorm)
+    skin = _skin(view_rng, h, w)
+    image = _paint(code, np.random.default_rng([seed, 0, 1]), skin, dist, rnorm, softness)
+    if difficulty == "hard":
+        image = _hard_view(skin + contrast * (image - skin), np.random.default_rng([seed, 4 + view]))
     image *= view_rng.uniform(0.94, 1.06)
     mask = (dist > 0).astype(np.uint8)
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def _hard_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One photograph's hard conditions over a painted image (float RGB): uneven illumination and a
+    stronger, off-centre vignette; hair strands across lesion and skin; sometimes air bubbles or the
+    ruler marks of a dermoscope's scale."""
+    h, w, _ = image.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t, a = rng.uniform(0, 2 * math.pi), rng.uniform(0.15, 0.35)
+    light = 1 + a * 2 * ((xx / w - 0.5) * math.cos(t) + (yy / h - 0.5) * math.sin(t))
+    light += 0.1 * _smooth_noise(rng, h, w, 3)
+    cy, cx = h / 2 * (1 + rng.uniform(-0.2, 0.2)), w / 2 * (1 + rng.uniform(-0.2, 0.2))
+    r = np.hypot((yy - cy) / (h / 2), (xx - cx) / (w / 2))
+    light *= 1 - 0.7 * np.clip((r - rng.uniform(0.75, 0.95)) / 0.3, 0, 1)
+    image = image * light[..., None]
+    for _ in range(int(rng.integers(3, 11))):  # hair: dark quadratic curves, about a pixel wide
+        p0, p2 = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0, 1, 2) * (w, h)
+        p1 = (p0 + p2) / 2 + rng.normal(0, 0.25, 2) * (w, h)
+        s = np.linspace(0, 1, 4 * max(h, w))[:, None]
+        curve = (1 - s) ** 2 * p0 + 2 * (1 - s) * s * p1 + s ** 2 * p2
+        d = np.min(np.hypot(xx[..., None] - curve[:, 0], yy[..., None] - curve[:, 1]), axis=-1)
+        alpha = np.clip(1 - d / rng.uniform(0.6, 1.2), 0, 1)[..., None] * rng.uniform(0.6, 0.95)
+        image = image * (1 - alpha) + np.array((38, 27, 22), np.float32) * rng.uniform(0.7, 1.3) * alpha
+    if rng.random() < 0.4:  # air bubbles: bright discs with a dark rim
+        for _ in range(int(rng.integers(1, 4))):
+            by, bx, br = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, 5)
+            d = np.hypot(yy - by, xx - bx)
+            image = image + (30 * np.clip(1 - (d / br) ** 2, 0, 1))[..., None]
+            image = image * (1 - 0.5 * np.clip(1 - np.abs(d - br) / 0.8, 0, 1))[..., None]
+    if rng.random() < 0.3:  # ruler marks along the bottom edge
+        spacing, x0 = int(rng.integers(4, 7)), int(rng.integers(0, 4))
+        for i, x in enumerate(range(x0, w, spacing)):
+            length = 6 if i % 5 == 0 else 3
+            image[h - 2 - length:h - 2, x] *= 0.35
+    return image
+
+
 def write_demo_dataset(root: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
-                       size: tuple[int, int] = DEMO_IMAGE_SIZE, first_number: int = 0) -> Path:
+                       size: tuple[int, int] = DEMO_IMAGE_SIZE, first_number: int = 0,
+                       difficulty: str = "easy") -> Path:
     """Write a HAM10000-layout folder of procedural lesions; returns `root`.
 
     `counts` is images per class (default `demo_counts()`); about a fifth of the
     lesions get a second image, as in HAM10000 (lesion_id shared).  Image and lesion ids
-    count from `first_number` (a second set with other ids: a separate test set).
+    count from `first_number` (a second set with other ids: a separate test set).  `difficulty`:
+    `render_lesion`'s.
     """
     counts = counts or demo_counts()
     root = Path(root)
@@ -207,7 +263,7 @@ def write_demo_dataset(root: str | Path, counts: dict[str, int] | None = None, s
             lesion_id = f"HAM_{lesion_number:07d}"
             lesion_number += 1
             for view in range(views):
-                image, mask = render_lesion(cls.code, lesion_seed, size, view)
+                image, mask = render_lesion(cls.code, lesion_seed, size, view, difficulty)
                 image_id = f"ISIC_{image_number:07d}"
                 folder = IMAGE_DIRS[image_number % 2]
                 image_number += 1
@@ -223,7 +279,8 @@ def write_demo_dataset(root: str | Path, counts: dict[str, int] | None = None, s
     return root
 
 
-def render_batch(per_class: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_batch(per_class: int, seed: int, size: int = 64,
+                 difficulty: str = "easy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`per_class` square lesions of every class, in memory: (images N×S×S×3, masks N×S×S, class indices N).
 
     The demo base model is pretrained on such a class-balanced set, drawn from
@@ -233,7 +290,8 @@ def render_batch(per_class: int, seed: int, size: int = 64) -> tuple[np.ndarray,
     images, masks, labels = [], [], []
     for cls in CLASSES:
         for i in range(per_class):
-            image, mask = render_lesion(cls.code, seed * 1_000_003 + cls.index * 100_003 + i, (size, size))
+            image, mask = render_lesion(cls.code, seed * 1_000_003 + cls.index * 100_003 + i, (size, size),
+                                        difficulty=difficulty)
             images.append(image)
             masks.append(mask)
             labels.append(cls.index)

@@ -56,6 +56,7 @@ class PretrainRecipe:
     batch_size: int = 32
     uncond_prob: float = 0.1  # prompt dropped to "" this often, for classifier-free guidance
     ema_decay: float = 0.999
+    difficulty: str = "easy"  # the demo world it is pretrained on (skindual.demo_data.DIFFICULTIES)
 
 
 # --------------------------------------------------------------------------- components
@@ -237,7 +238,8 @@ def pretrain_demo_base(recipe: PretrainRecipe):
     pipe = assemble_pipeline(build_components(configs, recipe.seed), tokenizer)
     pipe.text_encoder.requires_grad_(False)
 
-    images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION)
+    images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION,
+                                               difficulty=recipe.difficulty)
     images, masks = images_to_tensor(images_np), mask_to_image(masks_np)
     train_vae(pipe.vae, images, masks, recipe)
     latents = encode_latents(pipe.vae, images)

@@ -7,8 +7,8 @@ images and masks, and class fidelity of its samples (a small classifier trained 
 images, its accuracy on the base's samples of each class).
 
 The jobs' embedded defaults come from here, resolved by the job entry points (the stages never
-look at the demo world): `finetune_defaults`, `evaluate_defaults` and `generate_defaults` fill the
-flags a user left empty with the demo world's tables and the shipped demo adapter.
+look at the demo world): `finetune_defaults`, `evaluate_defaults`, `qc_defaults` and `generate_defaults` fill the
+flags a user left empty with the demo world's datasets and the shipped demo adapter.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import pyarrow.compute as pc
 import torch
 
 from skindual import data, demo_data, demo_model, pairs, quality
-from skindual.base_models import ARTIFACT, DEMO_BASE, demo_base_path
+from skindual.base_models import DEMO_BASE, DEMO_BASES, demo_base_path
+from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig
 from skindual.finetune import FinetuneConfig
 from skindual.generate import GenerateConfig
 from skindual.model import ADAPTER_JSON, load_pipeline
 from skindual.prepare import PrepareConfig, run_prepare
+from skindual.qc_model import QCModelConfig
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apar
 
 
 DEMO_PAIRS_PER_SHARD = 250  # the demo's real datasets come in several shards, as a real one does
+
+
+def world_base(difficulty: str) -> str:
+    """The demo base a demo world of `difficulty` is generated with: ``demo`` or ``demo-hard``."""
+    return DEMO_BASE if difficulty == "easy" else f"{DEMO_BASE}-{difficulty}"
 
 
 @dataclass
@@ -70,24 +77,31 @@ def prepare_demo_world(
     *,
     data_scale: float = 0.1,
     seed: int = 0,
-    artifact: str | Path = ARTIFACT,
+    artifact: str | Path | None = None,
     rebuild: demo_model.PretrainRecipe | None = None,
+    difficulty: str = "easy",
     measure: bool = True,
     samples_per_class: int = 24,
     sample_steps: int = 25,
     guidance: float = 4.0,
 ) -> DemoWorld:
     """Demo data under `output/data` prepared into `output/real`, the separate test set under
-    `output/data-test` prepared into `output/real-test`, the base ready, a report."""
+    `output/data-test` prepared into `output/real-test`, the base ready, a report.  `difficulty` "hard":
+    the hard demo world (`demo_data.render_lesion`), its base the ``demo-hard`` artifact by default."""
     output = Path(output)
     started = time.perf_counter()
-    report: dict = {}
+    report: dict = {"difficulty": difficulty}
+    artifact = artifact or DEMO_BASES[world_base(difficulty)]
+    previous = output / "demo_world.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("difficulty", "easy") != difficulty:
+        raise UserError(f"{output} holds a demo world of another difficulty than {difficulty!r}; choose another "
+                        "--output")
     data_root, test_root = output / "data", output / "data-test"
     if not (data_root / demo_data.METADATA_CSV).exists():
-        demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed)
+        demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed, difficulty=difficulty)
     if not (test_root / demo_data.METADATA_CSV).exists():
         demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
-                                     first_number=DEMO_TEST_FIRST_ID)
+                                     first_number=DEMO_TEST_FIRST_ID, difficulty=difficulty)
     manifest = _prepared(data_root, output / "real", seed)
     _prepared(test_root, output / "real-test", seed)
     report["data_seconds"] = round(time.perf_counter() - started, 1)
@@ -184,6 +198,13 @@ def evaluate_defaults(cfg: EvaluateConfig, demo_output: str = DEMO_OUTPUT) -> Ev
         return cfg
     world = prepare_demo_world(demo_output, measure=False)
     return replace(cfg, real=str(world.real), test_data=cfg.test_data or str(world.test_data))
+
+
+def qc_defaults(cfg: QCModelConfig, demo_output: str = DEMO_OUTPUT) -> QCModelConfig:
+    """Without --training-data, the demo world's prepared real dataset (built if missing)."""
+    if cfg.training_data:
+        return cfg
+    return replace(cfg, training_data=str(prepare_demo_world(demo_output, measure=False).real))
 
 
 def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:

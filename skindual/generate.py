@@ -30,7 +30,10 @@ builds the fingerprint from those declarations.
 
 Quality control and exact counts: a pair whose mask is empty, full-frame or fragmented
 (`quality.mask_check`, thresholds from the config) is drawn again with the row's next seed,
-``row_seed(seed, row_id, attempt)``, up to ``--max-attempts`` draws in all.  Every failed draw's
+``row_seed(seed, row_id, attempt)``, up to ``--max-attempts`` draws in all; with ``--qc-segmenter``
+each pair is also scored by the Dice between its mask and a segmenter's mask of its image
+(`qc_model.QCSegmenter`), recorded in its json and the parquet, and below ``--min-consistency`` it
+is drawn again (reason ``inconsistent``).  Every failed draw's
 reason is kept in the shard parquet (``rejections``); a row that fails every draw is stored as
 ``rejected`` (parquet only, not in the tar).  The classes must come out with exactly the asked
 counts, so such a row is never silently dropped nor replaced by an extra row: the run ends with
@@ -55,10 +58,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skindual import __version__
-from skindual.base_models import DEMO_BASE, demo_base_id, is_demo_base
+from skindual.base_models import DEMO_BASE, demo_alias, demo_base_id, is_demo_base
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.model import DualPipeline, adapter_misfit, load_adapter
+from skindual.qc_model import QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
@@ -90,6 +94,11 @@ class GenerateConfig:
     steps: int = option(25, "sampling steps")
     guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
     scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
+    qc_segmenter: str = option("", "consistency QC: the segmenter jobs/qc_model.py trained on the real data (folder "
+                                   "or s3:// prefix); each pair is scored by the Dice between its mask and the "
+                                   "segmenter's mask of its image")
+    min_consistency: float = option(0.0, "with --qc-segmenter: draw a pair again (reason 'inconsistent') when its "
+                                         "score is below this; 0: score and record only")
     prompt_attributes: str = option("adapter", "adapter: each row's body site, age and sex drawn by its seed from "
                                                "the adapter's training data (per class), in its prompt template; "
                                                "none: the class alone", choices=["adapter", "none"])
@@ -121,6 +130,9 @@ class GenerateConfig:
         if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
             raise UserError(f"--min-mask-area {self.min_mask_area} / --max-mask-area {self.max_mask_area} / "
                             f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
+        if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
+            raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
+                            "--qc-segmenter")
         self.counts()  # --per-class / --classes errors name the flag
 
     def counts(self) -> dict[str, int]:
@@ -139,11 +151,11 @@ class GenerateConfig:
 
 FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", "mask_smoothing", "dtype",
                  "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share",
-                 "prompt_attributes")
+                 "prompt_attributes", "min_consistency")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
-RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor")
+RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`), the device, and on CPU the torch thread count."""
+(`ModelSpec`, the QC segmenter's identity too), the device, and on CPU the torch thread count."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
@@ -157,18 +169,25 @@ GenerateFn = Callable[[list[str], list[int]], tuple[np.ndarray, np.ndarray]]
 """(prompts, seeds) → (uint8 images N×H×W×3, uint8 masks N×H×W 0/1)."""
 
 
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(uint8 images N×H×W×3, masks N×H×W) → each pair's image–mask consistency (Dice, 0..1)."""
+
+
 def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, batch_size: int,
                      max_attempts: int, limits: MaskLimits, image_format: str = "jpg",
-                     encoder: Executor | None = None) -> list[Sample]:
+                     encoder: Executor | None = None, score: ScoreFn | None = None,
+                     min_consistency: float = 0.0) -> list[Sample]:
     """The samples of one shard's prompt rows, quality-controlled and encoded, in row order.
 
-    Draw 0 uses each row's table seed; rows whose mask fails `mask_check` are drawn again with
+    Draw 0 uses each row's table seed; rows whose mask fails `mask_check`, or (with `score`) whose
+    consistency is below `min_consistency` (reason ``inconsistent``), are drawn again with
     ``row_seed(run_seed, row_id, attempt)``, in mini-batches of the failed rows in row order, up to
-    `max_attempts` draws.  Accepted pairs are encoded on `encoder` while the next mini-batch runs.
+    `max_attempts` draws.  A kept pair records its score.  Accepted pairs are encoded on `encoder`
+    while the next mini-batch runs.
     """
     done: dict[int, Future | Sample] = {}
     failures: dict[int, list[str]] = {r["row_id"]: [] for r in rows}
-    last: dict[int, tuple[int, int, int, float]] = {}  # row id → (seed, height, width, mask area)
+    last: dict[int, tuple[int, int, int, float, float | None]] = {}  # row id → (seed, h, w, area, score)
     pending, pool = list(rows), encoder or ThreadPoolExecutor(2)
     try:
         for attempt in range(max_attempts):
@@ -177,22 +196,28 @@ def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, 
                 chunk = pending[start:start + batch_size]
                 seeds = [r["seed"] if attempt == 0 else row_seed(run_seed, r["row_id"], attempt) for r in chunk]
                 images, masks = generate([r["prompt"] for r in chunk], seeds)
-                for row, seed, image, mask in zip(chunk, seeds, images, masks):
+                scores = score(images, masks) if score is not None else [None] * len(chunk)
+                for row, seed, image, mask, consistency in zip(chunk, seeds, images, masks, scores):
                     reason, rid = mask_check(mask, limits), row["row_id"]
+                    consistency = None if consistency is None else round(float(consistency), 6)
+                    if reason is None and consistency is not None and consistency < min_consistency:
+                        reason = "inconsistent"
                     if reason is None:
-                        sample = _sample(row, seed, attempt + 1, failures[rid], image=image, mask=mask)
+                        sample = _sample(row, seed, attempt + 1, failures[rid], image=image, mask=mask,
+                                         consistency=consistency)
                         done[rid] = pool.submit(encode_sample, sample, image_format)
                     else:
                         failures[rid].append(reason)
-                        last[rid] = (seed, *mask.shape[:2], float(mask.mean()))
+                        last[rid] = (seed, *mask.shape[:2], float(mask.mean()), consistency)
                         failed.append(row)
             pending = failed
             if not pending:
                 break
         for row in pending:
-            seed, height, width, area = last[row["row_id"]]
+            seed, height, width, area, consistency = last[row["row_id"]]
             done[row["row_id"]] = _sample(row, seed, max_attempts, failures[row["row_id"]], status="rejected",
-                                          reason=failures[row["row_id"]][-1], height=height, width=width, area=area)
+                                          reason=failures[row["row_id"]][-1], height=height, width=width, area=area,
+                                          consistency=consistency)
         return [s.result() if isinstance(s, Future) else s for s in (done[r["row_id"]] for r in rows)]
     finally:
         if encoder is None:
@@ -209,14 +234,15 @@ def _sample(row: dict, seed: int, attempts: int, rejections: list[str], **kwargs
 
 @dataclass(frozen=True)
 class ModelSpec:
-    base_model: str  # what from_pretrained loads: an id, a folder, or DEMO_BASE
-    base_id: str  # how the output names it: DEMO_BASE@<artifact hash> for the demo base
+    base_model: str  # what from_pretrained loads: an id, a folder, or a demo base's name
+    base_id: str  # how the output names it: name@<artifact hash> for a demo base
     adapter: str | None  # folder or s3:// prefix
     adapter_sha256: str | None
     layout: str
     resolution: int | None = None  # the adapter's trained resolution (None: the base model's)
     prompt_template: str = DEFAULT_TEMPLATE  # the adapter's training prompts' template
     prompt_attributes: dict | None = None  # class → [[site, age, sex, count], ...] of its training data
+    qc_sha256: str | None = None  # the QC segmenter's card (`qc_model.card_digest`), when there is one
 
 
 def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
@@ -243,17 +269,18 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
         log.warning("no --adapter: sampling the bare base model, whose mask channel is untrained, so masks "
                     "are not meaningful")
         base = base or DEMO_BASE
-        return ModelSpec(base, demo_base_id() if base == DEMO_BASE else base, None, None, "channels")
+        return ModelSpec(base, demo_base_id(demo_alias(base)) if is_demo_base(base) else base, None, None, "channels")
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
         info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
         # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
-        base = base or (DEMO_BASE if is_demo_base(info.base_model) else info.base_model)
+        base = base or demo_alias(info.base_model) or info.base_model
         misfit = adapter_misfit(info, base)
     if misfit:
         raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "
                         f"{base}: {misfit}; pass the base model it was trained on")
-    return ModelSpec(base, demo_base_id() if base == DEMO_BASE else base, adapter, info.sha256, info.layout,
-                     info.resolution, info.prompt_template, info.prompt_attributes)
+    qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None) if cfg.qc_segmenter else None  # checked up front
+    return ModelSpec(base, demo_base_id(demo_alias(base)) if is_demo_base(base) else base, adapter, info.sha256, info.layout,
+                     info.resolution, info.prompt_template, info.prompt_attributes, qc.sha256 if qc else None)
 
 
 def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeline:
@@ -277,7 +304,7 @@ SAMPLE_STRUCT = pa.struct([
     ("prompt", pa.string()), ("seed", pa.int64()), ("attempts", pa.int32()), ("status", pa.string()),
     ("reason", pa.string()), ("rejections", pa.list_(pa.string())), ("image_bytes", pa.large_binary()),
     ("mask_bytes", pa.large_binary()), ("encoded_format", pa.string()), ("height", pa.int32()),
-    ("width", pa.int32()), ("area", pa.float64()),
+    ("width", pa.int32()), ("area", pa.float64()), ("consistency", pa.float64()),
 ])
 
 
@@ -297,6 +324,11 @@ class ShardGenerator:
         self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
         self.pipe = load_generator(spec, cfg, self._tmp.name)
         self.encoder = ThreadPoolExecutor(2)
+        self.qc = None
+        if cfg.qc_segmenter:
+            self.qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None, cfg.device)
+            if self.qc.sha256 != spec.qc_sha256:
+                raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         out = self.pipe(prompts, seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
@@ -308,7 +340,8 @@ class ShardGenerator:
         rows = self.table.filter(pc.equal(self.table.column("shard"), shard)).to_pylist()
         cfg = self.cfg
         samples = generate_samples(rows, self._generate, cfg.seed, cfg.batch_size, cfg.max_attempts, cfg.limits(),
-                                   cfg.image_format, self.encoder)
+                                   cfg.image_format, self.encoder, self.qc.score if self.qc else None,
+                                   cfg.min_consistency)
         records = [{f: getattr(x, f) for f in SAMPLE_STRUCT.names} for x in samples]
         return pa.table({"shard": pa.array([shard], pa.int32()),
                          "samples": pa.array([records], pa.list_(SAMPLE_STRUCT))})
@@ -388,7 +421,8 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
              for name in FINGERPRINTED}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none",
-                "layout": spec.layout, "device": cfg.device}
+                "layout": spec.layout, "device": cfg.device,
+                "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none"}
     if cfg.device == "cpu":  # torch's thread count changes float results on CPU
         resolved["cpus_per_actor"] = float(cfg.cpus_per_actor)
     return plain | resolved
@@ -465,5 +499,5 @@ def _check_counts(manifest: dict, counts: dict[str, int], cfg: GenerateConfig, s
         raise UserError(f"quality control rejected pairs after --max-attempts {cfg.max_attempts} draws, so the "
                         f"output is short ({what}; the reasons are in the shard parquets and manifest.json); "
                         "rerun with a higher --max-attempts or looser --min-mask-area / --max-mask-area / "
-                        "--min-main-share, and --overwrite" + ("" if spec.adapter else
+                        "--min-main-share / --min-consistency, and --overwrite" + ("" if spec.adapter else
                         " (no --adapter was given: the bare base model's mask channel is untrained)"))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from skindual.base_models import is_demo_base, resolve_base_model
+from skindual.base_models import demo_alias, resolve_base_model
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
 from skindual.quality import MASK_SMOOTHING, largest_component
@@ -389,8 +389,8 @@ class DualPipeline:
         if info is not None and layout is not None and layout != info.layout:
             raise UserError(f"adapter {adapter} has layout {info.layout!r}, not {layout!r}")
         layout = info.layout if info is not None else (layout or "channels")
-        if info is not None and info.base_model != str(base_model) and not (is_demo_base(info.base_model)
-                                                                            and is_demo_base(base_model)):
+        if info is not None and info.base_model != str(base_model) and (
+                demo_alias(info.base_model) is None or demo_alias(info.base_model) != demo_alias(base_model)):
             log.warning("adapter %s was trained on %s, loading it onto %s", adapter, info.base_model, base_model)
         pipe = load_pipeline(base_model, torch_dtype=dtype)
         if info is not None:

@@ -58,6 +58,7 @@ PARQUET_SCHEMA = pa.schema([
     ("attempts", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("mask_area", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
     ("rejections", pa.list_(pa.string())),  # the quality-control reason of every failed attempt
+    ("consistency", pa.float64()),  # the QC segmenter's score of the kept draw (of the last, for a rejected row)
 ])
 RUN_FILE, SIZES_FILE, MANIFEST_FILE = "run.json", "sizes.json", "manifest.json"
 _SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
@@ -108,6 +109,7 @@ class Sample:
     height: int | None = None  # size and mask area of the encoded arrays
     width: int | None = None
     area: float | None = None
+    consistency: float | None = None  # the QC segmenter's image–mask Dice, when generation scored it
 
     @property
     def mask_area(self) -> float | None:
@@ -198,7 +200,7 @@ def _row(s: Sample) -> dict[str, Any]:
     return {"key": s.key, "row_id": s.row_id, "class_code": s.class_code, "class_index": s.class_index,
             "prompt": s.prompt, "seed": s.seed, "attempts": s.attempts, "status": s.status,
             "reason": s.reason, "mask_area": s.mask_area, "width": width, "height": height,
-            "rejections": list(s.rejections)}
+            "rejections": list(s.rejections), "consistency": s.consistency}
 
 
 def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_info: Mapping[str, Any]) -> ShardStats:

@@ -60,7 +60,7 @@ EVALUATE = ["--feature-extractor", "lesion-cnn", "--extractor-steps", "10", "--s
             "--steps", "6", "--batch-size", "8", "--seeds", "2", "--kid-subsets", "10", "--grid-per-class", "2"]
 # what must never travel with --working-dir: the virtual environment, git history, the jobs' default outputs
 NOT_UPLOADED = (".venv", ".git", "skindual-demo", "skindual-demo-run", "skindual-runs", "skindual-synthetic",
-                "skindual-eval", "skindual-export")
+                "skindual-eval", "skindual-export", "skindual-real", "skindual-qc", "skindual-demo-hard")
 
 
 def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -161,10 +161,13 @@ def test_gitignore_covers_every_jobs_default_output():
     from skindual.export import ExportConfig
     from skindual.finetune import FinetuneConfig
     from skindual.generate import GenerateConfig
+    from skindual.prepare import PrepareConfig
+    from skindual.qc_model import QCModelConfig
 
     ignored = set((ROOT / ".gitignore").read_text().split())
-    defaults = {c().output for c in (DemoConfig, EvaluateConfig, ExportConfig, FinetuneConfig, GenerateConfig)}
-    assert defaults | {"skindual-demo"} <= set(NOT_UPLOADED)  # jobs/build_demo.py's default too
+    defaults = {c().output for c in (DemoConfig, EvaluateConfig, ExportConfig, FinetuneConfig, GenerateConfig,
+                                     QCModelConfig)} | {PrepareConfig(ham10000="x").output}
+    assert defaults | {"skindual-demo", "skindual-demo-hard"} <= set(NOT_UPLOADED)  # jobs/build_demo.py's outputs too
     assert {f"/{name}/" for name in NOT_UPLOADED if name not in (".venv", ".git")} <= ignored
     assert ".venv/" in ignored and ".git/" in (ROOT / ".rayignore").read_text().split()
 

@@ -21,9 +21,10 @@ from skindual.shards import read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 fine-tuning steps leave the mask channel untrained (near full-frame masks), so QC keeps those
-# (--max-mask-area 1.0); one actor for one shard of 14 pairs; a 20-step lesion-cnn, 5-step downstream models
+# (--max-mask-area 1.0) and the 5-step QC segmenter only scores (--min-consistency 0); one actor for one
+# shard of 14 pairs; a 20-step lesion-cnn, 5-step downstream models
 TINY = ["--finetune-steps", "3", "--per-class", "2", "--actors", "1", "--extractor-steps", "20", "--eval-steps", "5",
-        "--seeds", "1", "--max-mask-area", "1.0"]
+        "--seeds", "1", "--max-mask-area", "1.0", "--qc-steps", "5", "--min-consistency", "0"]
 
 
 def run_demo_job(args: list[str], cache: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -55,13 +56,14 @@ def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
     # one line as each stage starts and one as it ends, in stage order
     positions = []
     for number, name in enumerate(STAGES, 1):
-        start = [i for i, line in enumerate(lines) if re.fullmatch(rf"\[{number}/4\] {name}: .+ \.\.\.", line)]
-        end = [i for i, line in enumerate(lines) if re.fullmatch(rf"\[{number}/4\] {name}: done in \d+ s \(.+\)", line)]
+        start = [i for i, line in enumerate(lines) if re.fullmatch(rf"\[{number}/5\] {name}: .+ \.\.\.", line)]
+        end = [i for i, line in enumerate(lines) if re.fullmatch(rf"\[{number}/5\] {name}: done in \d+ s \(.+\)", line)]
         assert len(start) == len(end) == 1, (name, run.stdout)
         positions += [start[0], end[0]]
     assert positions == sorted(positions)
-    assert "[2/4] fine-tune: 3 steps (channels layout, lora rank 32, batch 16, lr 0.0005, prior weight 10)" in run.stdout
-    assert "[3/4] generate: done in" in run.stdout and "14 pairs in 1 shards" in run.stdout
+    assert "[2/5] fine-tune: 3 steps (channels layout, lora rank 32, batch 16, lr 0.0005, prior weight 10)" in run.stdout
+    assert "[3/5] qc segmenter: 5 steps of a U-Net on the real train pairs" in run.stdout
+    assert "[4/5] generate: done in" in run.stdout and "14 pairs in 1 shards" in run.stdout
 
     # the summary: stage times, total, key figures, the report's path
     summary = run.stdout[run.stdout.index("demo finished in"):]
@@ -81,6 +83,8 @@ def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
     assert saved["total_seconds"] >= sum(saved["stage_seconds"].values()) - 0.05 * len(STAGES)
     assert saved["finetune"] == {**DEMO_FINETUNE, "steps": 3}
     assert saved["pair_quality"]["pairs"] == 14 and set(saved["pair_quality"]["class_fidelity"]) == set(CLASS_CODES)
+    assert saved["qc"]["format"] == "skindual-qc-segmenter/1" and saved["qc"]["min_consistency"] == 0
+    assert saved["generation"]["draws"]["kept"] == 14 and 0 <= saved["generation"]["draws"]["kept_qc_consistency"] <= 1
 
 
 def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
@@ -104,6 +108,10 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert sorted(p.name for p in (out / "synthetic").glob("*.tar")) == ["00000.tar"]
     manifest = json.loads((out / "synthetic" / "manifest.json").read_text())
     assert manifest["resolved"]["adapter"] == f"sha256:{sha}"
+    # every kept pair scored by the QC segmenter the chain trained, in its json and the parquet
+    qc_card = json.loads((out / "qc" / "segmenter.json").read_text())
+    assert manifest["resolved"]["qc_segmenter"].startswith("sha256:") and qc_card["train_pairs"] > 0
+    assert all(0 <= s["meta"]["consistency"] <= 1 for s in read_shards(str(out / "synthetic")))
 
     # the evaluation of those shards against the demo table
     assert (out / "eval" / "report.md").read_text().startswith("# SkinDualGen evaluation")

@@ -126,6 +126,26 @@ def test_quality_control_redraws_with_the_next_seeds_and_records_every_rejection
         write_shard(a, 0, [encode_sample(raw[0], "png")], {**run_info, "image_format": "jpg"})
 
 
+def test_consistency_qc_redraws_below_the_threshold_and_records_the_score():
+    rows = prompt_table({"nv": 4}, seed=2, samples_per_shard=4).to_pylist()
+    ids = [r["row_id"] for r in rows]
+    fake = FakeGenerator(rows, 2, {})
+    scores = {(ids[1], 0): 0.4, (ids[1], 1): 0.95, **{(ids[3], a): 0.1 for a in range(3)}}
+
+    def score(images, masks):  # the draw's (row, attempt) is read back from the fake's last call
+        return np.asarray([scores.get(drawn, 0.9) for drawn in fake.calls[-1]])
+
+    samples = generate_samples(rows, fake, 2, batch_size=4, max_attempts=3, limits=MaskLimits(), score=score,
+                               min_consistency=0.8)
+    by_row = {s.row_id: s for s in samples}
+    assert (by_row[ids[1]].status, by_row[ids[1]].rejections, by_row[ids[1]].consistency) == ("ok", ["inconsistent"], 0.95)
+    assert by_row[ids[0]].consistency == 0.9 and by_row[ids[0]].attempts == 1
+    assert (by_row[ids[3]].status, by_row[ids[3]].reason, by_row[ids[3]].consistency) == ("rejected", "inconsistent", 0.1)
+    assert fake.calls[1:] == [[(ids[1], 1), (ids[3], 1)], [(ids[3], 2)]]
+    with pytest.raises(UserError, match="--min-consistency 0.8"):
+        GenerateConfig(min_consistency=0.8)  # needs --qc-segmenter
+
+
 def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_path):
     """The adapter path in one process: an adapter folder on S3 → resolve_model → the stage-1 actor
     class and the stage-2 writer called directly (the Ray job tests below use the bare base)."""

@@ -1,0 +1,31 @@
+r"""Train the consistency-QC segmenter on the real data: generation's --qc-segmenter.
+
+    python jobs/qc_model.py                                              # the demo world's real data, ./skindual-qc
+    ray job submit --working-dir . -- python jobs/qc_model.py --training-data s3://bucket/real \
+        --size 128 --steps 3000 --use-gpu --output s3://bucket/qc/v1
+    ray job submit --working-dir . -- python jobs/generate.py ... --qc-segmenter s3://bucket/qc/v1 --min-consistency 0.85
+
+A small U-Net (Ray Train, one worker) on the usable pairs of the train split; writes
+segmenter.safetensors and segmenter.json (settings, Dice on the val split, the weights' sha256).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from skindual.cli import init_ray, run_job
+from skindual.demo_world import qc_defaults
+from skindual.qc_model import QCModelConfig, run_qc_model
+
+
+def main(cfg: QCModelConfig) -> None:
+    cfg = qc_defaults(cfg)  # the embedded default: the demo world
+    init_ray(min_cpus=int(cfg.cpus_per_worker) + 1)
+    card = run_qc_model(cfg)
+    dice = card["val_dice"]
+    print(f"done: QC segmenter at {cfg.output.rstrip('/')} ({card['train_pairs']} train pairs, val Dice "
+          f"{'n/a' if dice is None else f'{dice:.3f}'} on {card['val_pairs']} pairs)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, QCModelConfig, __doc__))

@@ -1,0 +1,199 @@
+"""The consistency-QC segmenter: a small U-Net trained on the prepared real pairs, that generation uses to
+check that each generated mask matches its image.
+
+`run_qc_model(config)` trains `downstream.SmallUNet` with Ray Train (one worker, CPU or GPU) on the
+usable pairs of the real dataset's train split (ISIC 2018's unclassed pairs too: masks are what it
+learns), read from storage by Ray Data at ``--size``, and writes ``segmenter.safetensors`` and
+``segmenter.json`` (its settings, the training data, its Dice on the val split, the weights' sha256;
+written last) to ``--output``, a folder or s3:// prefix.
+
+`QCSegmenter.load(url)` reads it back (the sha256 checked) and `score(images, masks)` gives, per pair,
+the Dice between the mask and the segmenter's mask of the image (at the image's size): generation's
+``--qc-segmenter URL --min-consistency D`` redraws a pair that scores below D.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from skindual import data, downstream, pairs
+from skindual.cli import check_fields, option
+from skindual.errors import UserError
+from skindual.quality import images_to_tensor
+from skindual.storage import file_sha256, open_storage
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, CARD = "segmenter.safetensors", "segmenter.json"
+FORMAT = "skindual-qc-segmenter/1"
+
+
+@dataclass(frozen=True)
+class QCModelConfig:
+    training_data: str = option("", "the prepared real dataset (jobs/prepare.py): a folder or s3:// prefix; empty "
+                                    "(jobs/qc_model.py): the demo world's")
+    output: str = option("skindual-qc", "where the segmenter goes: a folder or s3://bucket/prefix")
+    size: int = option(64, "the segmenter's input side (images and masks are resized to it)")
+    width: int = option(16, "channels of the U-Net's first level")
+    steps: int = option(600, "optimiser steps")
+    batch_size: int = option(32, "pairs per step")
+    lr: float = option(1e-3, "learning rate (AdamW, cosine decay)")
+    real_fraction: float = option(1.0, "train on a seeded share of each class of the train split (the low-data "
+                                       "regime: the same cut as the fine-tuning run's)")
+    use_gpu: bool = option(False, "train on a GPU")
+    cpus_per_worker: float = option(1.0, "CPUs of the training worker (its torch threads on CPU)")
+    seed: int = option(0, "seed of the initialisation, the batches and the real-fraction cut")
+    s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, ("size", "width", "steps", "batch_size"))
+        if self.size < 16 or self.size % 8:
+            raise UserError(f"--size {self.size}: must be a multiple of 8, at least 16")
+        if not 0 < self.real_fraction <= 1:
+            raise UserError(f"--real-fraction {self.real_fraction}: must be in (0, 1]")
+
+
+def _split_rows(training_data: str, split: str, s3_endpoint: str | None):
+    index = pairs.read_index(training_data, s3_endpoint, "--training-data")
+    if "split" not in index.column_names:
+        raise UserError(f"--training-data {training_data}: not a prepared real dataset (no split column); run "
+                        "jobs/prepare.py on the real data")
+    ok = index.filter(pc.equal(index.column("status"), "ok"))
+    return ok.filter(pc.equal(ok.column("split"), split))
+
+
+def _loop(config: dict) -> None:
+    """The Ray Train worker: train, score the val split, write the segmenter."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: QCModelConfig = config["config"]
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches():
+        epoch = 0
+        while True:
+            for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                            local_shuffle_buffer_size=4 * cfg.batch_size,
+                                            local_shuffle_seed=cfg.seed + epoch):
+                yield batch["image"], batch["mask"], batch["class_index"]
+            epoch += 1
+
+    settings = downstream.BenchmarkSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
+    model = downstream.train_model(downstream.SmallUNet(cfg.width), batches(), "segmenter", settings, cfg.seed, device)
+    val = config["val"]
+    figures = {"val_pairs": 0, "val_dice": None}
+    if val:
+        loaded = pairs.load_pairs(cfg.training_data, val, cfg.size, cfg.s3_endpoint or None)
+        test = downstream.PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+        figures = {"val_pairs": len(test), "val_dice": downstream.test_model(model, test, "segmenter", [], device)["dice"]}
+    write_segmenter(cfg, model.cpu(), figures | {"train_pairs": config["train_pairs"]})
+    ray.train.report(figures)
+
+
+def write_segmenter(cfg: QCModelConfig, model: torch.nn.Module, figures: dict) -> None:
+    """`WEIGHTS`, then `CARD` (the weights' sha256 in it) under ``cfg.output``."""
+    from safetensors.torch import save_file
+
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        card = {"format": FORMAT, "size": cfg.size, "width": cfg.width, "depth": 3, "config": asdict(cfg),
+                "sha256": file_sha256(path), **figures}
+        storage.delete(CARD)
+        storage.upload_file(path, WEIGHTS)
+        storage.write_bytes(CARD, (json.dumps(card, indent=1, sort_keys=True) + "\n").encode())
+    log.info("QC segmenter written to %s (val Dice %s)", storage.join(CARD), figures.get("val_dice"))
+
+
+def run_qc_model(cfg: QCModelConfig) -> dict:
+    """Train the QC segmenter on the current Ray cluster; returns its card (``segmenter.json``)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    endpoint = cfg.s3_endpoint or None
+    train = data.fraction_per_class(_split_rows(cfg.training_data, "train", endpoint), cfg.real_fraction, cfg.seed)
+    if not train.num_rows:
+        raise UserError(f"--training-data {cfg.training_data} has no usable pairs in its train split")
+    val = _split_rows(cfg.training_data, "val", endpoint)
+    open_storage(cfg.output, endpoint).check()
+    dataset = pairs.pair_dataset(cfg.training_data, pairs.selection_of(train), cfg.size, cfg.seed, endpoint)
+    with tempfile.TemporaryDirectory(prefix="skindual-qc-") as runs:
+        TorchTrainer(_loop, train_loop_config={"config": cfg, "val": pairs.selection_of(val),
+                                               "train_pairs": train.num_rows},
+                     scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,
+                                                  resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                     datasets={"train": dataset}, run_config=RunConfig(name="qc", storage_path=runs)).fit()
+    return json.loads(open_storage(cfg.output, endpoint).read_bytes(CARD))
+
+
+class QCSegmenter:
+    """A trained QC segmenter: `score` gives each generated pair's image–mask Dice."""
+
+    def __init__(self, model: torch.nn.Module, size: int, sha256: str, device: str = "cpu"):
+        self.model, self.size, self.sha256 = model.to(device).eval(), size, sha256
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, url: str, s3_endpoint: str | None = None, device: str = "cpu") -> QCSegmenter:
+        """Read ``segmenter.json`` and ``segmenter.safetensors`` from `url` (folder or s3://), checking
+        the weights' sha256; one clear `UserError` when it is not a segmenter of this tool."""
+        from safetensors.torch import load_file
+
+        storage = open_storage(url, s3_endpoint)
+        redo = "give the output folder of jobs/qc_model.py, or train it again"
+        try:
+            card = json.loads(storage.read_bytes(CARD))
+        except FileNotFoundError:
+            raise UserError(f"--qc-segmenter {url}: no {CARD} there; {redo}") from None
+        if card.get("format") != FORMAT:
+            raise UserError(f"--qc-segmenter {url}: {CARD} is not a skindual QC segmenter; {redo}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / WEIGHTS
+            try:
+                path.write_bytes(storage.read_bytes(WEIGHTS))
+            except FileNotFoundError:
+                raise UserError(f"--qc-segmenter {url}: {WEIGHTS} is missing; {redo}") from None
+            if file_sha256(path) != card["sha256"]:
+                raise UserError(f"--qc-segmenter {url}: {WEIGHTS} does not match the sha256 in {CARD}; {redo}")
+            model = downstream.SmallUNet(card["width"], card["depth"])
+            model.load_state_dict(load_file(str(path)))
+        return cls(model, card["size"], card["sha256"], device)
+
+    @torch.no_grad()
+    def masks(self, images: np.ndarray) -> np.ndarray:
+        """The segmenter's 0/1 masks of uint8 N×H×W×3 images, at the images' size."""
+        x = images_to_tensor(images, self.device)
+        side = x.shape[-2:]
+        if tuple(side) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        logits = self.model(x)
+        if tuple(side) != (self.size, self.size):
+            logits = F.interpolate(logits, size=tuple(side), mode="bilinear", align_corners=False)
+        return (logits[:, 0] > 0).cpu().numpy().astype(np.uint8)
+
+    def score(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """Per pair, Dice between its mask and the segmenter's mask of its image (1 when both are empty)."""
+        predicted = self.masks(images).astype(bool).reshape(len(masks), -1)
+        given = np.asarray(masks).astype(bool).reshape(len(masks), -1)
+        total = predicted.sum(1) + given.sum(1)
+        return np.where(total > 0, 2 * (predicted & given).sum(1) / np.maximum(total, 1), 1.0)
+
+
+def card_digest(url: str, s3_endpoint: str | None = None) -> str:
+    """The identity of a QC segmenter for a run's fingerprint: sha256 of its card."""
+    return hashlib.sha256(open_storage(url, s3_endpoint).read_bytes(CARD)).hexdigest()

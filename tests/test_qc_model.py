@@ -1,0 +1,73 @@
+"""jobs/qc_model.py trains the consistency-QC segmenter on a prepared real dataset (Ray Train, on the shared
+local cluster); jobs/generate.py with --qc-segmenter scores every pair and redraws the inconsistent ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from skindual.demo_world import split_pairs
+from skindual.errors import UserError
+from skindual.qc_model import CARD, QCSegmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, args: list[str], ray_cluster: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def segmenter(demo_real, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qc") / "segmenter"
+    result = run("qc_model.py", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
+                                 "--cpus-per-worker", "1", "--output", str(out)], ray_cluster)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "done: QC segmenter at" in result.stdout
+    return out
+
+
+def test_the_segmenter_learns_the_real_masks(segmenter, demo_real):
+    card = json.loads((segmenter / CARD).read_text())
+    assert card["size"] == 32 and card["train_pairs"] > 0 and card["val_pairs"] > 0
+    qc = QCSegmenter.load(str(segmenter))
+    test = split_pairs(demo_real, "test", 64)  # scored at the pairs' own size
+    scores = qc.score(test["image"], test["mask"])
+    assert scores.shape == (len(test["image"]),) and scores.mean() > 0.8  # the real masks agree with it
+    shuffled = qc.score(test["image"], np.roll(test["mask"], 1, axis=0))  # masks of other images: far less
+    assert shuffled.mean() < scores.mean() - 0.1
+
+
+def test_a_segmenter_that_is_not_one_is_one_clear_error(segmenter, tmp_path):
+    with pytest.raises(UserError, match="no segmenter.json there"):
+        QCSegmenter.load(str(tmp_path))
+    (tmp_path / CARD).write_text((segmenter / CARD).read_text())
+    (tmp_path / "segmenter.safetensors").write_bytes(b"x" * 10)
+    with pytest.raises(UserError, match="does not match the sha256"):
+        QCSegmenter.load(str(tmp_path))
+
+
+def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ray_cluster, tmp_path):
+    common = ["--per-class", "2", "--classes", "df,nv", "--steps", "10", "--batch-size", "4", "--max-attempts", "2",
+              "--qc-segmenter", str(segmenter)]
+    result = run("generate.py", [*common, "--min-consistency", "1.0", "--output", str(tmp_path / "strict")],
+                 ray_cluster)  # no generated mask is a perfect match: every pair is drawn twice, then rejected
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "--min-consistency" in errors[0]
+    rows = pq.read_table(tmp_path / "strict" / "00000.parquet").to_pylist()
+    assert {r["reason"] for r in rows} == {"inconsistent"} and all(r["rejections"] == ["inconsistent"] * 2 for r in rows)
+    assert all(0 <= r["consistency"] < 1 for r in rows)
+    result = run("generate.py", [*common, "--min-consistency", "0", "--output", str(tmp_path / "scored")], ray_cluster)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = pq.read_table(tmp_path / "scored" / "00000.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 4 and all(0 <= r["consistency"] <= 1 for r in rows)
+    assert json.loads((tmp_path / "scored" / "manifest.json").read_text())["resolved"]["min_consistency"] == 0.0
