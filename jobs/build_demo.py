@@ -33,7 +33,9 @@ class BuildDemoConfig:
                                      "light, lesions at the frame)", choices=list(DIFFICULTIES))
     artifact: str = option("", "the demo base's safetensors artifact, read or written by --rebuild (default: the "
                                "shipped one of --difficulty)")
-    rebuild: bool = option(False, "pretrain the demo base from scratch and write --artifact")
+    rebuild: bool = option(False, "pretrain the demo base and write --artifact")
+    start_from: str = option("", "with --rebuild: an artifact pretraining continues from (default: for --difficulty "
+                                 "hard the shipped easy base, for easy a random initialisation)")
     vae_steps: int = option(_RECIPE.vae_steps, "with --rebuild: VAE pretraining steps")
     unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
     pretrain_per_class: int = option(_RECIPE.per_class, "with --rebuild: class-balanced pretraining lesions per class")
@@ -57,7 +59,8 @@ def main(cfg: BuildDemoConfig) -> None:
     recipe = None
     if cfg.rebuild:
         recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class,
-                                vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps, difficulty=cfg.difficulty)
+                                vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps, difficulty=cfg.difficulty,
+                                start_from=cfg.start_from or (str(DEMO_BASES["demo"]) if cfg.difficulty == "hard" else ""))
     artifact = cfg.artifact or str(DEMO_BASES[world_base(cfg.difficulty)])
     world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=artifact,
                                rebuild=recipe, difficulty=cfg.difficulty, measure=cfg.measure, samples_per_class=cfg.samples_per_class,

@@ -56,7 +56,7 @@ def assemble_pipeline(components: dict, tokenizer):
     )
 
 
-def _artifact_metadata(path: str | Path) -> dict[str, str]:
+def artifact_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -67,7 +67,7 @@ def artifact_tokenizer(path: str | Path = ARTIFACT):
     """The CLIP BPE tokenizer stored in an artifact's metadata (the demo base's: every prompt word one token)."""
     from transformers import CLIPTokenizer
 
-    tok = json.loads(_artifact_metadata(path)["tokenizer"])
+    tok = json.loads(artifact_metadata(path)["tokenizer"])
     return CLIPTokenizer(vocab=tok["vocab"], merges=[tuple(m) for m in tok["merges"]], model_max_length=77)
 
 
@@ -75,7 +75,7 @@ def pipeline_from_artifact(path: str | Path = ARTIFACT):
     """The demo base pipeline (fp32) straight from its artifact file."""
     from safetensors.torch import load_file
 
-    configs = json.loads(_artifact_metadata(path)["configs"])
+    configs = json.loads(artifact_metadata(path)["configs"])
     tokenizer = artifact_tokenizer(path)
     components = build_components(configs)
     tensors = load_file(str(path))

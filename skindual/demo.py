@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,15 @@ DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, 
 # --------------------------------------------------------------------------- the whole chain (jobs/demo.py)
 
 STAGES = ("demo data", "fine-tune", "qc segmenter", "generate", "evaluate")
-DEMO_MIN_CONSISTENCY = 0.85
-"""The demo's --min-consistency: a generated pair whose mask agrees less than this (Dice) with the QC
-segmenter's mask of its image is drawn again."""
+DEMO_CONSISTENCY_SHARE = 0.9
+"""The demo's automatic --min-consistency is at most this share of the QC segmenter's own Dice on the real val
+pairs: a generated pair must agree with it nearly as well as a real pair does, or it is drawn again."""
+DEMO_QC_ATTEMPTS = 16  # draws per pair with the QC on (generation's default is 8)
+DEMO_PILOT_PER_CLASS = 12  # pairs per class of the scored pilot draw that sets the automatic threshold
+DEMO_PILOT_QUANTILE = 0.3
+"""...and at most this quantile of the pilot's scores in its weakest class: every class's draws then pass
+about 70% of the time, so 16 draws fail a row about once in 10^8 (a threshold the generator cannot meet
+would leave classes short, which generation refuses)."""
 
 
 @dataclass
@@ -84,17 +90,22 @@ class DemoConfig:
     difficulty: str = option("easy", "the demo world: easy, or hard (hair, low contrast, fuzzy borders, uneven "
                                      "light, lesions at the frame; its own demo base, demo-hard)",
                              choices=list(DIFFICULTIES))
-    qc: bool = option(True, "train the consistency-QC segmenter on the real train pairs and redraw generated pairs "
-                            "it disagrees with (--no-qc: without; its shards and report get their own folders)")
-    min_consistency: float = option(DEMO_MIN_CONSISTENCY, "with --qc: the least Dice between a generated mask and "
-                                                          "the segmenter's mask of its image")
+    qc: bool = option(True, "redraw generated pairs the consistency-QC segmenter (trained on the real train pairs) "
+                            "disagrees with; --no-qc: only score them (its shards and report get their own folders)")
+    min_consistency: float = option(-1.0, "with --qc: the least Dice between a generated mask and the segmenter's "
+                                          f"mask of its image; -1: the lower of {DEMO_CONSISTENCY_SHARE:g} × the "
+                                          "segmenter's Dice on the real val pairs and the weakest class's "
+                                          f"{DEMO_PILOT_QUANTILE:g} quantile in a scored pilot draw "
+                                          f"({DEMO_PILOT_PER_CLASS} pairs a class)")
     qc_steps: int = option(QCModelConfig.steps, "training steps of the QC segmenter")
+    prompt_attributes: str = option("adapter", "generation's --prompt-attributes (none: its shards and report get "
+                                               "their own folders)", choices=["adapter", "none"])
 
     def __post_init__(self) -> None:
         check_fields(self, ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps",
                             "qc_steps"))
-        if not 0 <= self.min_consistency <= 1:
-            raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1]")
+        if not (0 <= self.min_consistency <= 1 or self.min_consistency == -1):
+            raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1] (or -1: automatic)")
         if is_remote(self.output):
             raise UserError(f"--output {self.output}: the demo writes a local folder; run the stage jobs "
                             "(jobs/finetune.py, generate.py, evaluate.py) for s3:// outputs")
@@ -150,34 +161,41 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     qc = QCModelConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, steps=cfg.qc_steps,
                        output=str(out / f"qc{suffix}"), cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
-    name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}" if cfg.qc else "off (--no-qc)")
-    card = None
-    if cfg.qc:
-        with _stage_errors(name):
-            card = run_qc_model(qc)
-    done(name, t, f"val Dice {card['val_dice']:.3f} on {card['val_pairs']} real pairs" if card else "skipped")
-
-    suffix += "" if cfg.qc else "-noqc"
-    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter), output=str(out / f"synthetic{suffix}"),
-                         samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
-                         max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite,
-                         qc_segmenter=qc.output if cfg.qc else "", min_consistency=cfg.min_consistency if cfg.qc else 0)
-    name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter"
-                       f"{f', min consistency {gen.min_consistency:g}' if cfg.qc else ''} into {gen.output}")
+    name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}")
     with _stage_errors(name):
+        card = run_qc_model(qc)
+    done(name, t, f"val Dice {card['val_dice']:.3f} on {card['val_pairs']} real pairs")
+
+    suffix += "" if cfg.prompt_attributes == "adapter" else "-noattributes"
+    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter),
+                         output=str(out / f"synthetic{suffix}{'' if cfg.qc else '-noqc'}"),
+                         samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
+                         max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite, qc_segmenter=qc.output,
+                         max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes)
+    name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
+    with _stage_errors(name):
+        threshold, pilot = _min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")
+        if pilot is not None:
+            progress(f"[4/5] {name}: min consistency {threshold:g} (segmenter val Dice × {DEMO_CONSISTENCY_SHARE:g}: "
+                     f"{pilot['from_val_dice']:g}; pilot's weakest class {pilot['weakest_class']}: "
+                     f"{pilot['weakest_quantile']:g})")
+        gen, generate_started = replace(gen, min_consistency=threshold), time.perf_counter()
         manifest = run_generate(gen)
+        generate_seconds = time.perf_counter() - generate_started
+    suffix += "" if cfg.qc else "-noqc"
     totals = manifest["totals"]
     redraws = sum(totals["rejections"].values()) if "rejections" in totals else 0
     done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
-    generation = {"seconds": seconds[name], "pairs_per_s": round(totals["successes"] / max(seconds[name], 1e-9), 3),
-                  "draws": _draws(out / f"synthetic{suffix}"), "rejected_rows": redraws}
+    generation = {"seconds": round(generate_seconds, 1),  # without the pilot
+                  "pairs_per_s": round(totals["successes"] / max(generate_seconds, 1e-9), 3),
+                  "draws": _draws(Path(gen.output)), "rejected_rows": redraws}
 
     ev = EvaluateConfig(real=str(world.real), test_data=str(world.test_data), synthetic=gen.output,
                         output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
                         inception_weights=cfg.inception_weights, extractor_steps=cfg.extractor_steps,
                         steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier,
-                        real_fraction=cfg.real_fraction, actors=cfg.actors)
+                        real_fraction=cfg.real_fraction, actors=cfg.actors, qc_segmenter=qc.output)
     name, t = stage(5, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
                        f"{cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
@@ -191,10 +209,37 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                "real_fraction": cfg.real_fraction, "real": str(world.real), "test_data": str(world.test_data),
                "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
                "pair_quality": quality["synthetic"], "real_test_pair_quality": quality["real_test"],
-               "difficulty": cfg.difficulty, "qc": card | {"min_consistency": cfg.min_consistency} if card else None,
+               "difficulty": cfg.difficulty, "qc": card | {"min_consistency": gen.min_consistency, "pilot": pilot},
                "generation": generation, **key_figures(metrics)}
     (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_output: Path) -> tuple[float, dict | None]:
+    """Generation's --min-consistency: 0 without the QC, the given one, or the automatic one (and how it was
+    set): a pilot draw of `DEMO_PILOT_PER_CLASS` scored pairs a class (its own shards, `pilot_output`)."""
+    if not cfg.qc:
+        return 0.0, None
+    if cfg.min_consistency >= 0:
+        return cfg.min_consistency, None
+    run_generate(replace(gen, per_class=str(DEMO_PILOT_PER_CLASS), output=str(pilot_output), min_consistency=0.0))
+    index = pairs.read_index(str(pilot_output))
+    scores: dict[str, list[float]] = {}
+    for code, score in zip(index.column("class_code").to_pylist(), index.column("consistency").to_pylist()):
+        if score is not None:  # a pair every draw of which failed a mask check has none
+            scores.setdefault(code, []).append(score)
+    return pilot_threshold(scores, card["val_dice"] or 0.0)
+
+
+def pilot_threshold(scores: dict[str, list[float]], val_dice: float) -> tuple[float, dict]:
+    """The automatic --min-consistency from a pilot's QC scores per class and the segmenter's val Dice: the
+    lower of `DEMO_CONSISTENCY_SHARE` × val Dice and the weakest class's `DEMO_PILOT_QUANTILE` quantile."""
+    quantiles = {code: float(np.quantile(s, DEMO_PILOT_QUANTILE)) for code, s in scores.items()}
+    weakest = min(quantiles, key=quantiles.get)
+    cap = DEMO_CONSISTENCY_SHARE * val_dice
+    return round(min(cap, quantiles[weakest]), 3), {"from_val_dice": round(cap, 3), "weakest_class": weakest,
+                                                    "weakest_quantile": round(quantiles[weakest], 3),
+                                                    "quantiles": {c: round(q, 3) for c, q in sorted(quantiles.items())}}
 
 
 def _draws(shards: Path) -> dict:
@@ -249,7 +294,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  generation {g['pairs_per_s']:.2f} pairs/s, redraw rate {g['draws']['redraw_rate']:.3f} "
                      f"{g['draws']['reasons'] or ''}".rstrip()
                      + (f"; QC segmenter (val Dice {qc['val_dice']:.3f}) score of the kept pairs {kept:.3f}, "
-                        f"min {qc['min_consistency']:g}" if qc and kept is not None else ""))
+                        f"min {qc['min_consistency']:g}" if kept is not None else ""))
     lines.append(f"  class fidelity (classifier trained on real demo images, mean over classes) "
                  f"{q['class_fidelity_mean']:.3f} (its accuracy on real test images {r['classifier_accuracy']:.3f})")
     fd = summary["fd"]

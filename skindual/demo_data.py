@@ -188,7 +188,7 @@ def render_lesion(code: str, seed: int, size: tuple[int, int] = DEMO_IMAGE_SIZE,
         if traits.random() < 0.3:  # off centre, crossing the frame
             angle, d = traits.uniform(0, 2 * math.pi), traits.uniform(0.3, 0.45) * min(h, w)
             offset = (d * math.sin(angle), d * math.cos(angle))
-        softness, contrast = traits.uniform(3.5, 7.0), traits.uniform(0.3, 0.6)
+        softness, contrast = traits.uniform(5.0, 9.0), traits.uniform(0.4, 0.7)
     dist, rnorm = _lesion_shape(code, shape_rng, h, w, offset)
     view_rng = np.random.default_rng([seed, 1 + view])
     skin = _skin(view_rng, h, w)

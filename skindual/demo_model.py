@@ -30,12 +30,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from skindual.base_models import REBUILD_COMMAND, assemble_pipeline, build_components
+from skindual.base_models import (REBUILD_COMMAND, artifact_metadata, assemble_pipeline, build_components,
+                                  pipeline_from_artifact)
 from skindual.demo_data import render_batch
 from skindual.finetune import lr_factor
 from skindual.model import mask_to_image
 from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
 from skindual.quality import images_to_tensor
+from skindual.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class PretrainRecipe:
     uncond_prob: float = 0.1  # prompt dropped to "" this often, for classifier-free guidance
     ema_decay: float = 0.999
     difficulty: str = "easy"  # the demo world it is pretrained on (skindual.demo_data.DIFFICULTIES)
+    start_from: str = ""  # an artifact whose weights pretraining continues from ("": random initialisation)
 
 
 # --------------------------------------------------------------------------- components
@@ -120,6 +123,15 @@ def component_configs(vocab_size: int, bos: int, eos: int) -> dict[str, dict]:
 # --------------------------------------------------------------------------- artifact and cache
 
 
+def recorded_recipe(recipe: PretrainRecipe) -> dict:
+    """The recipe as an artifact records it: the artifact it started from by file name and sha256, not by a
+    path that only the building machine has."""
+    fields = asdict(recipe)
+    if recipe.start_from:
+        fields["start_from"] = {"file": Path(recipe.start_from).name, "sha256": file_sha256(recipe.start_from)}
+    return fields
+
+
 def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[str, dict]) -> None:
     """Weights in fp16 plus everything needed to rebuild the pipeline, in one safetensors file."""
     tensors = {}
@@ -131,8 +143,8 @@ def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[
     metadata = {
         "configs": json.dumps(configs, sort_keys=True),
         "tokenizer": json.dumps({"vocab": tok_model["vocab"], "merges": tok_model["merges"]}, sort_keys=True),
-        "recipe": json.dumps(asdict(recipe), sort_keys=True),
-        "rebuild_command": REBUILD_COMMAND,
+        "recipe": json.dumps(recorded_recipe(recipe), sort_keys=True),
+        "rebuild_command": REBUILD_COMMAND + ("" if recipe.difficulty == "easy" else f" --difficulty {recipe.difficulty}"),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
@@ -231,11 +243,17 @@ def train_unet(pipe, latents: torch.Tensor, prompt_embeds: torch.Tensor, uncond:
 
 
 def pretrain_demo_base(recipe: PretrainRecipe):
-    """Pretrain the demo base from scratch: VAE reconstruction, then text-to-image (text encoder frozen)."""
+    """Pretrain the demo base: VAE reconstruction, then text-to-image (text encoder frozen); from a random
+    initialisation, or (``recipe.start_from``) from another demo base's weights, as the hard world's base
+    continues from the easy one's: a base that already knows the classes learns hair and light on top."""
     torch.manual_seed(recipe.seed)
-    tokenizer = build_tokenizer()
-    configs = component_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    pipe = assemble_pipeline(build_components(configs, recipe.seed), tokenizer)
+    if recipe.start_from:
+        pipe = pipeline_from_artifact(recipe.start_from)
+        tokenizer, configs = pipe.tokenizer, json.loads(artifact_metadata(recipe.start_from)["configs"])
+    else:
+        tokenizer = build_tokenizer()
+        configs = component_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        pipe = assemble_pipeline(build_components(configs, recipe.seed), tokenizer)
     pipe.text_encoder.requires_grad_(False)
 
     images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION,

@@ -44,6 +44,7 @@ from skindual.cli import check_fields, option
 from skindual.downstream import ARMS, CLASSIFIERS, SEGMENTERS, PairSet
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
+from skindual.qc_model import QCSegmenter
 from skindual.shards import read_stats
 from skindual.storage import cache_root, is_remote, open_storage
 
@@ -86,6 +87,8 @@ class EvaluateConfig:
     cpus_per_actor: float = option(1.0, "CPUs per feature-pass actor (also its torch threads on CPU)")
     cpus_per_task: float = option(1.0, "CPUs per downstream Ray task (also its torch threads)")
     num_gpus_per_task: float = option(-1.0, "GPUs per downstream task; -1: 1 if the cluster has GPUs, else 0")
+    qc_segmenter: str = option("", "a QC segmenter (jobs/qc_model.py): pair quality also scores each pair by the Dice "
+                                   "between its mask and the segmenter's mask of its image")
     grid_per_class: int = option(4, "pairs per class in the sample grids")
     seed: int = option(0, "seed of the extractor training and the KID samples (downstream seeds are seed..seed+seeds-1)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
@@ -151,6 +154,8 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
     if cfg.feature_extractor == "inception":
         fidelity.find_inception_weights(cfg.inception_weights, cfg.s3_endpoint or None)
     endpoint = cfg.s3_endpoint or None
+    if cfg.qc_segmenter:
+        QCSegmenter.load(cfg.qc_segmenter, endpoint)  # a bad one is one line, before any work
     synthetic = _usable(pairs.read_index(cfg.synthetic, endpoint, "--synthetic"), "--synthetic", cfg.synthetic)
     if not synthetic.num_rows:
         raise UserError(f"{cfg.synthetic}: the committed shards hold no pairs")
@@ -303,7 +308,7 @@ class FeatureActor:
     returned as rows.  A real unit's features are cached on the node by extractor and content."""
 
     def __init__(self, spec: ExtractorSpec, image_size: int, output: str, num_gpus: float, cpus: float,
-                 s3_endpoint: str | None, cache_dir: str | None):
+                 s3_endpoint: str | None, cache_dir: str | None, qc_segmenter: str = ""):
         import torch
 
         device = "cuda" if num_gpus > 0 else "cpu"
@@ -312,6 +317,7 @@ class FeatureActor:
         self.extractor, self.spec = spec.build(device, s3_endpoint), spec
         self.image_size, self.s3_endpoint, self.cache_dir = image_size, s3_endpoint, cache_dir
         self.output = open_storage(output, s3_endpoint)
+        self.qc = QCSegmenter.load(qc_segmenter, s3_endpoint, device) if qc_segmenter else None
 
     def _compute(self, url: str, shard: int, keys: dict[str, int]) -> pa.Table:
         chosen = pairs.load_pairs(url, {shard: keys}, self.image_size, self.s3_endpoint)
@@ -321,6 +327,8 @@ class FeatureActor:
                    "features": list(features) if len(features) else [],
                    "consistency": quality.consistency(chosen["image"], chosen["mask"]),
                    "sane": np.asarray([quality.mask_check(m) is None for m in chosen["mask"]], bool),
+                   "qc_consistency": (self.qc.score(chosen["image"], chosen["mask"]) if self.qc is not None
+                                      else np.full(len(chosen["key"]), np.nan)),
                    **{name: stats[name] for name in mask_stats.STATISTICS}}
         columns["predicted"] = (self.extractor.classify_features(features) if self.spec.kind == "lesion-cnn"
                                 else np.full(len(chosen["key"]), -1))
@@ -333,7 +341,7 @@ class FeatureActor:
         if name != "synthetic":  # real features: cached by extractor, pixels' content and selection
             stats = read_stats(open_storage(url, self.s3_endpoint), int(shard))
             digest = hashlib.sha256(f"{self.extractor.fingerprint}:{self.image_size}:{stats.tar_sha256}:"
-                                    f"{json.dumps(sorted(keys))}".encode()).hexdigest()[:32]
+                                    f"{self.qc.sha256 if self.qc else ''}:{json.dumps(sorted(keys))}".encode()).hexdigest()[:32]
             cache = fidelity.feature_cache(self.cache_dir) / f"pairs-{digest}.parquet"
         cached = cache is not None and cache.is_file()
         if cached:
@@ -364,7 +372,7 @@ def summarise_group(batch: dict, seed: int, k: int) -> dict[str, np.ndarray]:
     arrays = {"count": np.asarray(summary.moments.count), "total": summary.moments.total,
               "outer": summary.moments.outer, "sample": summary.sample, "ranks": summary.ranks,
               **{name: np.asarray(batch[name]) for name in (*mask_stats.STATISTICS, "consistency", "sane",
-                                                            "predicted", "cached")}}
+                                                            "qc_consistency", "predicted", "cached")}}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return {"set": np.asarray([batch["set"][0]], dtype=object), "class_index": np.asarray([batch["class_index"][0]]),
@@ -385,7 +393,8 @@ def feature_pass(cfg: EvaluateConfig, plan: EvalPlan, spec: ExtractorSpec) -> di
                             fn_constructor_kwargs={"spec": spec, "image_size": plan.image_size, "output": cfg.output,
                                                    "num_gpus": gpus, "cpus": cfg.cpus_per_actor,
                                                    "s3_endpoint": cfg.s3_endpoint or None,
-                                                   "cache_dir": cfg.cache_dir or None})
+                                                   "cache_dir": cfg.cache_dir or None,
+                                                   "qc_segmenter": cfg.qc_segmenter})
                .groupby(["set", "class_index"], num_partitions=min(8, len(units)))
                .map_groups(summarise_group, batch_format="numpy",
                            fn_kwargs={"seed": cfg.seed, "k": cfg.kid_subset_size}))
@@ -426,6 +435,9 @@ def combine(groups: dict[tuple[str, int], dict], spec_name: str, cfg: EvaluateCo
         sane = np.concatenate([g["sane"] for g in parts.values()])
         figures = {"pairs": int(len(consistency)), "consistency_dice": round(float(consistency.mean()), 4),
                    "sane_mask_share": round(float(sane.mean()), 4)}
+        scored = np.concatenate([g["qc_consistency"] for g in parts.values()])
+        if not np.isnan(scored).any():
+            figures["qc_consistency_dice"] = round(float(scored.mean()), 4)
         if all((g["predicted"] >= 0).all() for g in parts.values()):
             per_class = {CLASS_CODES[c]: round(float((g["predicted"] == c).mean()), 3) for c, g in sorted(parts.items())}
             figures["class_fidelity"] = per_class

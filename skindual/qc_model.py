@@ -126,6 +126,11 @@ def run_qc_model(cfg: QCModelConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     endpoint = cfg.s3_endpoint or None
+    trained = trained_with(cfg)
+    if trained is not None:
+        log.info("QC segmenter at %s already trained with these settings (val Dice %s): reusing it", cfg.output,
+                 trained.get("val_dice"))
+        return trained
     train = data.fraction_per_class(_split_rows(cfg.training_data, "train", endpoint), cfg.real_fraction, cfg.seed)
     if not train.num_rows:
         raise UserError(f"--training-data {cfg.training_data} has no usable pairs in its train split")
@@ -139,6 +144,21 @@ def run_qc_model(cfg: QCModelConfig) -> dict:
                                                   resources_per_worker={"CPU": cfg.cpus_per_worker}),
                      datasets={"train": dataset}, run_config=RunConfig(name="qc", storage_path=runs)).fit()
     return json.loads(open_storage(cfg.output, endpoint).read_bytes(CARD))
+
+
+REUSE_IGNORES = ("use_gpu", "cpus_per_worker", "s3_endpoint")  # settings that do not change what is trained
+
+
+def trained_with(cfg: QCModelConfig) -> dict | None:
+    """The card at ``cfg.output`` if a segmenter trained with `cfg`'s settings is there (a rerun reuses it)."""
+    try:
+        card = json.loads(open_storage(cfg.output, cfg.s3_endpoint or None).read_bytes(CARD))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    recorded, asked = dict(card.get("config", {})), asdict(cfg)
+    for name in REUSE_IGNORES:
+        recorded.pop(name, None), asked.pop(name, None)
+    return card if recorded == asked else None
 
 
 class QCSegmenter:

@@ -173,11 +173,13 @@ def render_report(metrics: dict, figures: list[str]) -> str:
                   "Image–mask consistency: Dice between each mask and an independent, training-free segmentation of "
                   "its image; sane: the mask passes generation's checks (not empty, not full-frame, one main "
                   "component); class fidelity: the share of each class's images the lesion-cnn classifier (trained on "
-                  "the real images) assigns to that class.", "",
-                  "| set | pairs | consistency | sane masks | class fidelity (mean) |", "|---|---|---|---|---|"]
+                  "the real images) assigns to that class; QC consistency (with --qc-segmenter): Dice between the "
+                  "mask and the QC segmenter's mask of the image.", "",
+                  "| set | pairs | consistency | QC consistency | sane masks | class fidelity (mean) |",
+                  "|---|---|---|---|---|---|"]
         for name, q in quality.items():
-            lines.append(f"| {name} | {q['pairs']} | {_fmt(q['consistency_dice'])} | {_fmt(q['sane_mask_share'])} "
-                         f"| {_fmt(q.get('class_fidelity_mean'))} |")
+            lines.append(f"| {name} | {q['pairs']} | {_fmt(q['consistency_dice'])} | {_fmt(q.get('qc_consistency_dice'))} "
+                         f"| {_fmt(q['sane_mask_share'])} | {_fmt(q.get('class_fidelity_mean'))} |")
     if "downstream" in metrics:
         d = metrics["downstream"]
         s = d["settings"]

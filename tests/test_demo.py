@@ -180,3 +180,56 @@ def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
     result = _run_job("--output", str(tmp_path / "w"), "--no-measure", *args)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_hard_world_keeps_the_lesion_and_adds_what_makes_segmentation_hard():
+    easy, easy_mask = demo_data.render_lesion("nv", 5, view=1)
+    hard, hard_mask = demo_data.render_lesion("nv", 5, view=1, difficulty="hard")
+    again = demo_data.render_lesion("nv", 5, view=1, difficulty="hard")
+    assert np.array_equal(hard, again[0]) and np.array_equal(hard_mask, again[1])  # deterministic
+    assert np.array_equal(easy, demo_data.render_lesion("nv", 5, view=1)[0])  # the easy world is unchanged
+    # the mask is the lesion's shape (moved off centre for some lesions), the image much further from it:
+    # a training-free segmentation agrees far less with the hard masks
+    touching, agreement = {}, {}
+    for difficulty in ("easy", "hard"):
+        pairs = [demo_data.render_lesion("nv", seed, (64, 64), difficulty=difficulty) for seed in range(40)]
+        masks = np.stack([m for _, m in pairs])
+        touching[difficulty] = np.mean([m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() for m in masks])
+        agreement[difficulty] = quality.consistency(np.stack([i for i, _ in pairs]), masks).mean()
+    assert touching["hard"] >= touching["easy"] + 0.15  # lesions cross the frame
+    assert agreement["easy"] > 0.9 and agreement["hard"] < 0.75
+    with pytest.raises(ValueError, match="difficulty"):
+        demo_data.render_lesion("nv", 1, difficulty="impossible")
+
+
+def test_a_demo_world_of_another_difficulty_is_refused(tmp_path, skindual_cache):
+    from skindual.demo_world import prepare_demo_world
+    from skindual.errors import UserError
+
+    (tmp_path / "demo_world.json").write_text(json.dumps({"difficulty": "hard"}))
+    with pytest.raises(UserError, match="another difficulty than 'easy'"):
+        prepare_demo_world(tmp_path, measure=False)
+
+
+def test_the_hard_worlds_base_is_shipped_and_loads_by_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKINDUAL_CACHE", str(tmp_path))
+    assert base_models.HARD_ARTIFACT.is_file() and base_models.DEMO_BASES["demo-hard"] == base_models.HARD_ARTIFACT
+    pipe = load_pipeline("demo-hard")
+    assert base_models.demo_alias(base_models.resolve_base_model("demo-hard")) == "demo-hard"
+    assert base_models.demo_base_id("demo-hard").startswith("demo-hard@")
+    out = pipe(["a dermoscopy image of melanoma"], num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_the_automatic_qc_threshold_is_one_every_class_can_meet():
+    from skindual.demo import DEMO_CONSISTENCY_SHARE, pilot_threshold
+
+    rng = np.random.default_rng(0)
+    scores = {"nv": list(rng.uniform(0.85, 0.99, 12)), "df": list(rng.uniform(0.5, 0.9, 12))}
+    threshold, how = pilot_threshold(scores, val_dice=0.97)
+    assert how["weakest_class"] == "df" and threshold == round(np.quantile(scores["df"], 0.3), 3)
+    assert np.mean(np.asarray(scores["df"]) >= threshold) >= 0.6  # the weakest class's draws mostly pass
+    # a generator better than the cap: the segmenter's own agreement on real pairs bounds it
+    threshold, how = pilot_threshold({"nv": [0.99] * 12, "df": [0.98] * 12}, val_dice=0.9)
+    assert threshold == round(DEMO_CONSISTENCY_SHARE * 0.9, 3) and how["from_val_dice"] == threshold

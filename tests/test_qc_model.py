@@ -71,3 +71,18 @@ def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ra
     rows = pq.read_table(tmp_path / "scored" / "00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 4 and all(0 <= r["consistency"] <= 1 for r in rows)
     assert json.loads((tmp_path / "scored" / "manifest.json").read_text())["resolved"]["min_consistency"] == 0.0
+
+
+def test_a_rerun_with_the_same_settings_reuses_the_segmenter(segmenter, demo_real, ray_cluster):
+    from dataclasses import replace
+
+    from skindual.qc_model import QCModelConfig, trained_with
+
+    before = (segmenter / "segmenter.safetensors").stat().st_mtime_ns
+    result = run("qc_model.py", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
+                                 "--cpus-per-worker", "2", "--output", str(segmenter)], ray_cluster)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "reusing it" in result.stdout + result.stderr
+    assert (segmenter / "segmenter.safetensors").stat().st_mtime_ns == before
+    cfg = QCModelConfig(training_data=str(demo_real), steps=150, size=32, output=str(segmenter))
+    assert trained_with(cfg) is not None and trained_with(replace(cfg, steps=151)) is None
