@@ -233,3 +233,11 @@ def test_the_automatic_qc_threshold_is_one_every_class_can_meet():
     # a generator better than the cap: the segmenter's own agreement on real pairs bounds it
     threshold, how = pilot_threshold({"nv": [0.99] * 12, "df": [0.98] * 12}, val_dice=0.9)
     assert threshold == round(DEMO_CONSISTENCY_SHARE * 0.9, 3) and how["from_val_dice"] == threshold
+
+
+def test_the_hard_base_records_how_to_rebuild_it_without_a_local_path():
+    metadata = base_models.artifact_metadata(base_models.HARD_ARTIFACT)
+    recipe = json.loads(metadata["recipe"])
+    assert recipe["difficulty"] == "hard" and metadata["rebuild_command"].endswith("--difficulty hard")
+    # the artifact it continued from, by name and content: the easy base as shipped
+    assert recipe["start_from"] == {"file": base_models.ARTIFACT.name, "sha256": file_sha256(base_models.ARTIFACT)}
