@@ -23,7 +23,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from skindual import quality
@@ -37,7 +36,7 @@ from skindual.downstream import (
     uniform_batches,
 )
 from skindual.finetune import training_rows
-from skindual.pairs import load_pairs, read_index, selection_of
+from skindual.pairs import load_pairs, read_index, selection_of, usable_rows
 from skindual.prompts import CLASS_CODES
 
 
@@ -67,7 +66,7 @@ def main() -> None:
     loaded = split_pairs(run / "real-test", "all", args.size)
     test = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
     index = read_index(str(run / f"synthetic{suffix}"))
-    loaded = load_pairs(str(run / f"synthetic{suffix}"), selection_of(index.filter(pc.equal(index.column("status"), "ok"))),
+    loaded = load_pairs(str(run / f"synthetic{suffix}"), selection_of(usable_rows(index)),
                         args.size)
     synthetic = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
     print(f"{len(train)} real train pairs, {len(synthetic)} synthetic, {len(test)} test")

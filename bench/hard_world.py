@@ -21,7 +21,6 @@ import argparse
 import json
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from skindual import data, downstream, pairs, quality
@@ -33,12 +32,12 @@ from skindual.prompts import CLASS_CODES, CLASSES
 
 def headroom(world: str, fraction: float, seeds: int) -> dict:
     index = pairs.read_index(f"{world}/real")
-    ok = index.filter(pc.equal(index.column("status"), "ok"))
+    ok = pairs.usable_rows(index)
     rows = data.fraction_per_class(data.classed_rows(ok, "train"), fraction, 0)
     train = pairs.load_pairs(f"{world}/real", pairs.selection_of(rows), 64)
     test_index = pairs.read_index(f"{world}/real-test")  # the demo's balanced test set: all of it
     test = pairs.load_pairs(f"{world}/real-test",
-                            pairs.selection_of(test_index.filter(pc.equal(test_index.column("status"), "ok"))), 64)
+                            pairs.selection_of(pairs.usable_rows(test_index)), 64)
     train_set = downstream.PairSet(train["image"], train["mask"], train["class_index"])
     test_set = downstream.PairSet(test["image"], test["mask"], test["class_index"])
     settings = downstream.BenchmarkSettings("small", "unet", 150, 32, 1e-3)

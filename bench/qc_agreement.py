@@ -18,7 +18,6 @@ import argparse
 import json
 
 import numpy as np
-import pyarrow.compute as pc
 
 from skindual import pairs, quality
 from skindual.qc_model import QCSegmenter
@@ -26,7 +25,7 @@ from skindual.qc_model import QCSegmenter
 
 def agreement(url: str, segmenter: QCSegmenter, size: int) -> dict:
     index = pairs.read_index(url)
-    chosen = pairs.load_pairs(url, pairs.selection_of(index.filter(pc.equal(index.column("status"), "ok"))), size)
+    chosen = pairs.load_pairs(url, pairs.selection_of(pairs.usable_rows(index)), size)
     images, masks = chosen["image"], chosen["mask"]
     free = np.stack([quality.segment_lesion(image) for image in images])
     return {"pairs": len(images), "mask_vs_qc": float(segmenter.score(images, masks).mean()),

@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
@@ -247,7 +246,7 @@ def _draws(shards: Path) -> dict:
     kept pairs' QC scores."""
     index = pairs.read_index(str(shards))
     rejections = [r for rs in index.column("rejections").to_pylist() for r in rs]
-    kept = index.filter(pc.equal(index.column("status"), "ok"))
+    kept = pairs.usable_rows(index)
     scores = [v for v in kept.column("consistency").to_pylist() if v is not None] if "consistency" in kept.column_names else []
     return {"kept": kept.num_rows, "draws": index.num_rows + len(rejections),
             "redraw_rate": round(len(rejections) / max(1, index.num_rows + len(rejections)), 4),

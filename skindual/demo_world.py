@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from skindual import data, demo_data, demo_model, pairs, quality
@@ -129,7 +128,7 @@ def prepare_demo_world(
 def split_pairs(real: str | Path, split: str, size: int) -> dict[str, np.ndarray]:
     """The classed pairs of one split of a prepared dataset, in memory at `size` (the demo's small data)."""
     index = pairs.read_index(str(real))
-    rows = data.classed_rows(index.filter(pc.equal(index.column("status"), "ok")), split)
+    rows = data.classed_rows(pairs.usable_rows(index), split)
     return pairs.load_pairs(str(real), pairs.selection_of(rows), size)
 
 

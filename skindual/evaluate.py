@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, pairs, quality, report
@@ -130,7 +129,7 @@ class EvalPlan:
 def _usable(index: pa.Table, what: str, url: str) -> pa.Table:
     if "status" not in index.column_names:
         raise UserError(f"{what} {url}: not a dataset of this tool (its parquets have no status column)")
-    return index.filter(pc.equal(index.column("status"), "ok"))
+    return pairs.usable_rows(index)
 
 
 def _real_rows(index: pa.Table, split: str, what: str, url: str) -> pa.Table:

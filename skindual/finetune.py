@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from skindual import data, losses, model, pairs, prompts, report
@@ -114,7 +113,7 @@ def training_rows(index: pa.Table, real_fraction: float = 1.0, seed: int = 0) ->
     `real_fraction` of each class)."""
     if "split" not in index.column_names:
         raise UserError("--training-data holds no train split: give the real dataset jobs/prepare.py wrote")
-    rows = data.classed_rows(index.filter(pc.equal(index.column("status"), "ok")), "train")
+    rows = data.classed_rows(pairs.usable_rows(index), "train")
     if rows.num_rows == 0:
         raise UserError("--training-data has no classed pairs in its train split; check the prepare job's manifest")
     return data.fraction_per_class(rows, real_fraction, seed)

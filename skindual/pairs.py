@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -104,6 +105,11 @@ def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[st
         image = np.asarray(image)
     return {"key": sample["__key__"], "image": image, "mask": mask.astype(np.uint8),
             "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": json.loads(sample["json"])}
+
+
+def usable_rows(index: pa.Table) -> pa.Table:
+    """The rows of a `read_index` table whose pairs are in the shards (status ``ok``: not rejected, not bad)."""
+    return index.filter(pc.equal(index.column("status"), "ok"))
 
 
 def selection_of(index: pa.Table, repeats: Mapping[str, int] | None = None) -> dict[int, dict[str, int]]:

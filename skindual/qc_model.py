@@ -68,7 +68,7 @@ def _split_rows(training_data: str, split: str, s3_endpoint: str | None):
     if "split" not in index.column_names:
         raise UserError(f"--training-data {training_data}: not a prepared real dataset (no split column); run "
                         "jobs/prepare.py on the real data")
-    ok = index.filter(pc.equal(index.column("status"), "ok"))
+    ok = pairs.usable_rows(index)
     return ok.filter(pc.equal(ok.column("split"), split))
 
 
