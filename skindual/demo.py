@@ -183,12 +183,11 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         generate_seconds = time.perf_counter() - generate_started
     suffix += "" if cfg.qc else "-noqc"
     totals = manifest["totals"]
-    redraws = sum(totals["rejections"].values()) if "rejections" in totals else 0
     done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
     generation = {"seconds": round(generate_seconds, 1),  # without the pilot
                   "pairs_per_s": round(totals["successes"] / max(generate_seconds, 1e-9), 3),
-                  "draws": _draws(Path(gen.output)), "rejected_rows": redraws}
+                  "draws": _draws(Path(gen.output))}
 
     ev = EvaluateConfig(real=str(world.real), test_data=str(world.test_data), synthetic=gen.output,
                         output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
