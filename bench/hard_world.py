@@ -25,6 +25,7 @@ import torch
 
 from skindual import data, downstream, pairs, quality
 from skindual.base_models import resolve_base_model
+from skindual.demo_model import vae_round_trip
 from skindual.demo_world import sample_base, split_pairs
 from skindual.model import load_pipeline
 from skindual.prompts import CLASS_CODES, CLASSES
@@ -62,16 +63,16 @@ def base_losses(world: str, base: str) -> dict:
     def accuracy(images: np.ndarray) -> float:
         return float((quality.classify(classifier, images) == test["class_index"]).mean())
 
-    with torch.no_grad():
-        x = quality.images_to_tensor(test["image"])
-        decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        round_trip = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        samples, labels = sample_base(pipe, 24, 25, 4.0, 0)
+    round_trip = vae_round_trip(pipe.vae, test["image"])
+    recall = quality.class_fidelity(classifier, round_trip, test["class_index"])
+    samples, labels = sample_base(pipe, 24, 25, 4.0, 0)
     predicted = quality.classify(classifier, samples)
     confusion = np.zeros((len(CLASSES), len(CLASSES)), int)
     np.add.at(confusion, (labels, predicted), 1)
     real, trip = accuracy(test["image"]), accuracy(round_trip)
     return {"real_accuracy": real, "vae_round_trip_accuracy": trip, "ratio_round_trip_over_real": trip / real,
+            "vae_round_trip_class_recall": {CLASSES[i].code: v for i, v in recall.items()},
+            "vae_round_trip_class_recall_mean": float(np.mean(list(recall.values()))),
             "base_fidelity": {c.code: float(confusion[c.index, c.index] / confusion[c.index].sum()) for c in CLASSES},
             "base_confusion_rows_prompted_cols_predicted": confusion.tolist()}
 
@@ -91,7 +92,7 @@ def main() -> None:
     print(json.dumps(figures, indent=1))
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()
                       if k in ("difficulty", "segmenter_dice", "macro_f1", "real_accuracy", "vae_round_trip_accuracy",
-                               "ratio_round_trip_over_real", "base_fidelity")}))
+                               "ratio_round_trip_over_real", "vae_round_trip_class_recall_mean", "base_fidelity")}))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,14 @@ def pretrain_demo_base(recipe: PretrainRecipe):
 
 
 @torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """uint8 images after encode (posterior mean) and decode."""
+    x = images_to_tensor(images)
+    decoded = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(batch)]).clamp(-1, 1)
+    return ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
 def vae_reconstruction(vae, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """PSNR (dB) of images and Dice of masks (thresholded at 0) after encode/decode."""
     x, m = images_to_tensor(images), mask_to_image(masks)

@@ -166,6 +166,9 @@ def test_build_demo_job_end_to_end(tmp_path):
     assert report["class_counts"]["nv"] == 134 and report["class_counts"]["df"] == 10
     assert set(report["base_class_fidelity"]) == {c.code for c in CLASSES}
     assert report["vae_psnr_db"] > 20 and 0 <= report["base_class_fidelity_mean"] <= 1
+    # the classifier's recall after a VAE round trip: how much of the classes the VAE keeps
+    assert set(report["vae_round_trip_class_recall"]) <= {c.code for c in CLASSES}
+    assert 0 < report["vae_round_trip_class_recall_mean"] <= 1
     assert (out / "data" / demo_data.METADATA_CSV).exists()
     manifest = json.loads((out / "real" / "manifest.json").read_text())  # prepared through the prepare job's code
     assert manifest["kind"] == "real" and manifest["totals"]["per_class"]["nv"]["ok"] == 134

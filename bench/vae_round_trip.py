@@ -1,0 +1,119 @@
+"""How much of a demo world's classes its demo base's VAE keeps, and whether more VAE training keeps more.
+
+A lesion-cnn classifier is trained on the world's real train split (as the class-fidelity figure's); its
+mean per-class recall on the world's balanced test set (``WORLD/real-test``) is measured on the real
+images (the baseline), after a round trip through the base's VAE, and after the same round trip once the
+VAE is trained further on the base's pretraining images (``jobs/build_demo.py``'s recipe: lesions of
+``--difficulty``, 300 a class, images and masks alike, L1 + MSE), in two arms from the same start:
+
+- ``plain``: the recipe's loss, ``--steps`` more steps;
+- ``colour``: the same plus ``--colour-weight`` × L1 between the images average-pooled ``--pool`` ×
+  ``--pool`` (their low frequencies: the lesion's colour, which tells the classes apart, rather than the
+  hair, which dominates a pixel loss).
+
+    python bench/vae_round_trip.py --world WORLD [--base demo-hard] [--steps 1500] [--colour-weight 4] [--pool 4]
+
+Progress lines every ``--every`` steps; the last line is one JSON object: the recall on real images, the
+shipped VAE's, each arm's after its steps (and its best on the way), each over the real images' recall
+(``ratio_*``), and the seconds per VAE step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skindual import pairs, quality
+from skindual.base_models import resolve_base_model
+from skindual.demo_data import render_batch
+from skindual.demo_model import DEMO_RESOLUTION, PretrainRecipe, vae_round_trip, warmup_cosine
+from skindual.demo_world import split_pairs
+from skindual.model import load_pipeline, mask_to_image
+
+
+def recall(classifier, images: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(list(quality.class_fidelity(classifier, images, labels).values())))
+
+
+def train_arm(base: str, data: torch.Tensor, args, colour_weight: float, evaluate) -> dict:
+    """`--steps` more VAE steps from the base's VAE (the recipe's optimiser, batch and schedule)."""
+    recipe = PretrainRecipe()
+    vae = load_pipeline(resolve_base_model(base)).vae
+    g = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, args.steps)
+    curve, start = [], time.perf_counter()
+    vae.train()
+    for step in range(1, args.steps + 1):
+        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=g)]
+        if torch.rand((), generator=g) < 0.5:
+            batch = batch.flip(-1)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        if colour_weight:
+            loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(recon, args.pool), F.avg_pool2d(batch, args.pool))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % args.every == 0 or step == args.steps:
+            vae.eval()
+            curve.append((step, round(evaluate(vae), 4)))
+            vae.train()
+            print(f"colour weight {colour_weight:g}: step {step}/{args.steps} loss {loss.item():.4f} "
+                  f"round-trip recall {curve[-1][1]:.3f}", flush=True)
+    return {"final": curve[-1][1], "best": max(r for _, r in curve), "curve": curve,
+            "s_per_step": (time.perf_counter() - start) / args.steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", required=True, help="a folder written by jobs/build_demo.py")
+    parser.add_argument("--base", default="", help="demo base alias (default: the world's: demo or demo-hard)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--colour-weight", type=float, default=4.0)
+    parser.add_argument("--pool", type=int, default=4)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--per-class", type=int, default=PretrainRecipe.per_class,
+                        help="pretraining lesions a class to train on (the recipe's by default)")
+    args = parser.parse_args()
+    world = json.loads(open(f"{args.world}/demo_world.json").read())
+    difficulty = world.get("difficulty", "easy")
+    base = args.base or ("demo-hard" if difficulty == "hard" else "demo")
+
+    train = split_pairs(f"{args.world}/real", "train", DEMO_RESOLUTION)
+    classifier = quality.train_classifier(train["image"], train["class_index"], seed=0)
+    index = pairs.read_index(f"{args.world}/real-test")
+    test = pairs.load_pairs(f"{args.world}/real-test", pairs.selection_of(pairs.usable_rows(index)), DEMO_RESOLUTION)
+    labels = test["class_index"]
+
+    def evaluate(vae) -> float:
+        with torch.no_grad():
+            return recall(classifier, vae_round_trip(vae, test["image"]), labels)
+
+    real = recall(classifier, test["image"], labels)
+    shipped = evaluate(load_pipeline(resolve_base_model(base)).vae)
+    print(f"recall on real test images {real:.3f}, after the shipped VAE's round trip {shipped:.3f}", flush=True)
+    images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
+    data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
+    arms = {"plain": train_arm(base, data, args, 0.0, evaluate),
+            "colour": train_arm(base, data, args, args.colour_weight, evaluate)}
+    figures = {"difficulty": difficulty, "base": base, "test_pairs": len(labels), "steps": args.steps,
+               "colour_weight": args.colour_weight, "pool": args.pool, "real_recall": round(real, 4),
+               "shipped_round_trip_recall": round(shipped, 4), "ratio_shipped": round(shipped / real, 4)}
+    for name, arm in arms.items():
+        figures |= {f"{name}_round_trip_recall": arm["final"], f"{name}_best": arm["best"],
+                    f"ratio_{name}": round(arm["final"] / real, 4), f"{name}_curve": arm["curve"]}
+    figures["s_per_vae_step"] = round(float(np.mean([a["s_per_step"] for a in arms.values()])), 3)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
