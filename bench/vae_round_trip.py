@@ -9,13 +9,16 @@ VAE is trained further on the base's pretraining images (``jobs/build_demo.py``'
 - ``plain``: the recipe's loss, ``--steps`` more steps;
 - ``colour``: the same plus ``--colour-weight`` × L1 between the images average-pooled ``--pool`` ×
   ``--pool`` (their low frequencies: the lesion's colour, which tells the classes apart, rather than the
-  hair, which dominates a pixel loss).
+  hair, which dominates a pixel loss);
+- ``wide`` (with ``--arms``): a VAE of the base's config with wider blocks (``--wide-channels``), freshly
+  initialised, trained as ``colour`` with ``--wide-lr``: what more capacity buys.
 
     python bench/vae_round_trip.py --world WORLD [--base demo-hard] [--steps 1500] [--colour-weight 4] [--pool 4]
+    python bench/vae_round_trip.py --world WORLD --arms wide --wide-channels 64,64,128
 
 Progress lines every ``--every`` steps; the last line is one JSON object: the recall on real images, the
 shipped VAE's, each arm's after its steps (and its best on the way), each over the real images' recall
-(``ratio_*``), and the seconds per VAE step.
+(``ratio_*``), the seconds per VAE step and the VAE's parameters.
 """
 
 from __future__ import annotations
@@ -40,12 +43,20 @@ def recall(classifier, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(list(quality.class_fidelity(classifier, images, labels).values())))
 
 
-def train_arm(base: str, data: torch.Tensor, args, colour_weight: float, evaluate) -> dict:
-    """`--steps` more VAE steps from the base's VAE (the recipe's optimiser, batch and schedule)."""
+def wide_vae(base: str, channels: list[int]):
+    """A freshly initialised VAE of the base's config with other block widths."""
+    from diffusers import AutoencoderKL
+
+    config = load_pipeline(resolve_base_model(base)).vae.config
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config({**config, "block_out_channels": channels})
+
+
+def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, evaluate) -> dict:
+    """`--steps` VAE steps (the recipe's optimiser, batch and schedule)."""
     recipe = PretrainRecipe()
-    vae = load_pipeline(resolve_base_model(base)).vae
     g = torch.Generator().manual_seed(recipe.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, args.steps)
     curve, start = [], time.perf_counter()
     vae.train()
@@ -69,7 +80,8 @@ def train_arm(base: str, data: torch.Tensor, args, colour_weight: float, evaluat
             print(f"colour weight {colour_weight:g}: step {step}/{args.steps} loss {loss.item():.4f} "
                   f"round-trip recall {curve[-1][1]:.3f}", flush=True)
     return {"final": curve[-1][1], "best": max(r for _, r in curve), "curve": curve,
-            "s_per_step": (time.perf_counter() - start) / args.steps}
+            "s_per_step": (time.perf_counter() - start) / args.steps,
+            "parameters": sum(p.numel() for p in vae.parameters())}
 
 
 def main() -> None:
@@ -81,9 +93,15 @@ def main() -> None:
     parser.add_argument("--colour-weight", type=float, default=4.0)
     parser.add_argument("--pool", type=int, default=4)
     parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide")
+    parser.add_argument("--wide-channels", default="64,64,128", help="the wide arm's block widths")
+    parser.add_argument("--wide-lr", type=float, default=1e-3)
     parser.add_argument("--per-class", type=int, default=PretrainRecipe.per_class,
                         help="pretraining lesions a class to train on (the recipe's by default)")
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    if not arms or set(arms) - {"plain", "colour", "wide"}:
+        parser.error(f"--arms {args.arms}: give a comma-separated list of plain, colour, wide")
     world = json.loads(open(f"{args.world}/demo_world.json").read())
     difficulty = world.get("difficulty", "easy")
     base = args.base or ("demo-hard" if difficulty == "hard" else "demo")
@@ -103,15 +121,20 @@ def main() -> None:
     print(f"recall on real test images {real:.3f}, after the shipped VAE's round trip {shipped:.3f}", flush=True)
     images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
     data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
-    arms = {"plain": train_arm(base, data, args, 0.0, evaluate),
-            "colour": train_arm(base, data, args, args.colour_weight, evaluate)}
+    def start(name: str):
+        if name == "wide":
+            return wide_vae(base, [int(c) for c in args.wide_channels.split(",")])
+        return load_pipeline(resolve_base_model(base)).vae
+
+    results = {name: train_arm(start(name), data, args, 0.0 if name == "plain" else args.colour_weight,
+                               args.wide_lr if name == "wide" else args.lr, evaluate) for name in arms}
     figures = {"difficulty": difficulty, "base": base, "test_pairs": len(labels), "steps": args.steps,
                "colour_weight": args.colour_weight, "pool": args.pool, "real_recall": round(real, 4),
                "shipped_round_trip_recall": round(shipped, 4), "ratio_shipped": round(shipped / real, 4)}
-    for name, arm in arms.items():
+    for name, arm in results.items():
         figures |= {f"{name}_round_trip_recall": arm["final"], f"{name}_best": arm["best"],
-                    f"ratio_{name}": round(arm["final"] / real, 4), f"{name}_curve": arm["curve"]}
-    figures["s_per_vae_step"] = round(float(np.mean([a["s_per_step"] for a in arms.values()])), 3)
+                    f"ratio_{name}": round(arm["final"] / real, 4), f"{name}_curve": arm["curve"],
+                    f"{name}_s_per_step": round(arm["s_per_step"], 3), f"{name}_parameters": arm["parameters"]}
     print(json.dumps(figures))
 
 
