@@ -29,12 +29,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from skindual import pairs, quality
 from skindual.base_models import resolve_base_model
 from skindual.demo_data import render_batch
-from skindual.demo_model import DEMO_RESOLUTION, PretrainRecipe, vae_round_trip, warmup_cosine
+from skindual.demo_model import DEMO_RESOLUTION, PretrainRecipe, vae_batch_loss, vae_round_trip, warmup_cosine
 from skindual.demo_world import split_pairs
 from skindual.model import load_pipeline, mask_to_image
 
@@ -61,14 +60,7 @@ def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, ev
     curve, start = [], time.perf_counter()
     vae.train()
     for step in range(1, args.steps + 1):
-        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=g)]
-        if torch.rand((), generator=g) < 0.5:
-            batch = batch.flip(-1)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
-        if colour_weight:
-            loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(recon, args.pool), F.avg_pool2d(batch, args.pool))
+        loss = vae_batch_loss(vae, data, recipe.vae_batch_size, g, colour_weight, args.pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -161,8 +161,24 @@ def warmup_cosine(opt, steps: int, warmup_fraction: float = 0.03):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, steps, "cosine"))
 
 
+def vae_batch_loss(vae, data: torch.Tensor, batch_size: int, g: torch.Generator, colour_weight: float = 0.0,
+                   pool: int = 4) -> torch.Tensor:
+    """One VAE training batch drawn from `data` (flipped half the time) and its loss: reconstruction (L1 + MSE)
+    with a small KL term, plus, with `colour_weight`, that weight × L1 between the `pool` × `pool`
+    average-pooled images (their low frequencies, where a lesion's colour is)."""
+    batch = data[torch.randint(len(data), (batch_size,), generator=g)]
+    if torch.rand((), generator=g) < 0.5:
+        batch = batch.flip(-1)
+    posterior = vae.encode(batch).latent_dist
+    recon = vae.decode(posterior.sample(generator=g)).sample
+    loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+    if colour_weight:
+        loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(recon, pool), F.avg_pool2d(batch, pool))
+    return loss
+
+
 def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRecipe) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term, on lesion images and masks alike."""
+    """Reconstruction (L1 + MSE) with a small KL term, on lesion images and masks alike (`vae_batch_loss`)."""
     data = torch.cat([images, masks])
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
@@ -170,12 +186,7 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRe
     vae.train()
     start = time.time()
     for step in range(recipe.vae_steps):
-        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=g)]
-        if torch.rand((), generator=g) < 0.5:
-            batch = batch.flip(-1)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        loss = vae_batch_loss(vae, data, recipe.vae_batch_size, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -138,6 +138,22 @@ def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
     assert figures["mask_dice"] >= 0.97, figures
 
 
+def test_the_vae_loss_adds_the_colour_term_linearly_and_the_round_trip_keeps_the_shape(base_folder, demo_root):
+    vae = load_pipeline(base_folder).vae
+    images, masks, _ = folder_arrays(demo_root, 64)
+    data_ = quality.images_to_tensor(images)
+
+    def loss(weight: float) -> float:  # the same draw each time: the generator fixes batch, flip and sample
+        with torch.no_grad():
+            return demo_model.vae_batch_loss(vae, data_, 4, torch.Generator().manual_seed(5), weight).item()
+
+    plain, four, eight = loss(0.0), loss(4.0), loss(8.0)
+    assert four > plain and eight - plain == pytest.approx(2 * (four - plain), rel=1e-4)
+    trip = demo_model.vae_round_trip(vae, images[:6])
+    assert trip.dtype == np.uint8 and trip.shape == images[:6].shape
+    assert np.abs(trip.astype(float) - images[:6]).mean() < 20  # a reconstruction, not noise
+
+
 def test_rebuild_recipe_still_runs_shortened(tmp_path):
     recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4)
     pipe, configs = demo_model.pretrain_demo_base(recipe)
