@@ -2,7 +2,8 @@
 
 `run_generate(config)` builds the class-balanced prompt table, guards the output
 (`shards.check_output`: same settings resume, other settings refuse unless ``--overwrite``), and
-maps a Ray Dataset with ONE ROW PER SHARD still to do through two stages:
+maps a Ray Dataset with ONE ROW PER SHARD still to do (the shard's number and its prompt rows,
+`shard_items`) through two stages:
 
 1. `ShardGenerator`, a pool of ``--actors`` actors (``--num-gpus-per-actor`` each) that load the
    `DualPipeline` once and, per shard, sample its rows in mini-batches of ``--batch-size`` in row
@@ -43,6 +44,7 @@ a `UserError` giving the short classes and how to fix it (more attempts or loose
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import tempfile
@@ -55,7 +57,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from skindual import __version__
 from skindual.base_models import DEMO_BASE, demo_alias, demo_base_id, is_demo_base
@@ -308,15 +309,26 @@ SAMPLE_STRUCT = pa.struct([
 ])
 
 
-class ShardGenerator:
-    """Stage 1 (an actor): loads the pipeline once; per input row (a shard number) returns the
-    shard's encoded samples as one row ``{"shard", "samples"}``.  `cfg` has its devices resolved
-    (`resolve_devices`)."""
+def shard_items(table: pa.Table, shards: list[int]) -> list[dict]:
+    """The generation dataset's rows: per shard its number and its prompt rows (JSON).  The rows travel
+    with the shard they belong to, so an actor holds the rows of the shard it samples, not the whole
+    table (35,000 rows at ``--per-class 5000``), and a shard retried elsewhere brings its rows along."""
+    rows: dict[int, list[dict]] = {s: [] for s in shards}
+    for row in table.to_pylist():
+        if row["shard"] in rows:
+            rows[row["shard"]].append(row)
+    return [{"shard": s, "rows": json.dumps(rows[s])} for s in shards]
 
-    def __init__(self, table: pa.Table, cfg: GenerateConfig, spec: ModelSpec):
+
+class ShardGenerator:
+    """Stage 1 (an actor): loads the pipeline once; per input row (`shard_items`: a shard's number and
+    prompt rows) returns the shard's encoded samples as one row ``{"shard", "samples"}``.  `cfg` has its
+    devices resolved (`resolve_devices`)."""
+
+    def __init__(self, cfg: GenerateConfig, spec: ModelSpec):
         import torch
 
-        self.table, self.cfg = table, cfg
+        self.cfg = cfg
         if cfg.device == "cuda":
             torch.backends.cudnn.benchmark = False  # the same kernels every run: reproducible bytes
         else:
@@ -337,7 +349,7 @@ class ShardGenerator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         (shard,) = batch.column("shard").to_pylist()
-        rows = self.table.filter(pc.equal(self.table.column("shard"), shard)).to_pylist()
+        (rows,) = [json.loads(r) for r in batch.column("rows").to_pylist()]
         cfg = self.cfg
         samples = generate_samples(rows, self._generate, cfg.seed, cfg.batch_size, cfg.max_attempts, cfg.limits(),
                                    cfg.image_format, self.encoder, self.qc.score if self.qc else None,
@@ -457,12 +469,12 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
              table.num_rows, len(shards), len(shards) - len(todo), len(todo), spec.base_id, cfg.actors, run.device)
     if todo:
-        dataset = (ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+        dataset = (ray.data.from_items(shard_items(table, todo), override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
                                 # one shard at a time per actor: the next goes to whichever actor frees first
                                 compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                                 num_gpus=run.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor,
-                                fn_constructor_kwargs={"table": table, "cfg": run, "spec": spec})
+                                fn_constructor_kwargs={"cfg": run, "spec": spec})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
         _follow(dataset, table, todo, len(shards))

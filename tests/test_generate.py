@@ -173,10 +173,14 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     assert any(p.endswith(("on the back, 40 year old male", "on the face, female")) for p in table.column("prompt").to_pylist())
     plain = generate.generation_prompts(replace(cfg, prompt_attributes="none"), spec)
     assert plain.column("prompt").to_pylist() == [build_prompt(c) for c in plain.column("class_code").to_pylist()]
-    actor = generate.ShardGenerator(table, generate.resolve_devices(cfg, 0), spec)
+    actor = generate.ShardGenerator(generate.resolve_devices(cfg, 0), spec)
     assert actor.pipe.adapter.sha256 == info.sha256 and actor.pipe.unet.config.in_channels == 8
     out = LocalStorage(tmp_path / "out")
-    stats = generate.write_shard_rows(actor(pa.table({"shard": [1]})), out,
+    (item,) = generate.shard_items(table, [1])  # shard 1's rows travel with it, not in the actor
+    shards = table.column("shard").to_pylist()
+    assert [r["row_id"] for r in json.loads(item["rows"])] == [
+        r for r, s in zip(table.column("row_id").to_pylist(), shards) if s == 1]
+    stats = generate.write_shard_rows(actor(pa.table({"shard": [1], "rows": [item["rows"]]})), out,
                                       generate.shard_run_info(cfg, spec, "fp"))
     assert stats["shard"].tolist() == [1] and stats["successes"].tolist() == [1]
     (sample,) = list(wds.WebDataset(out.join("00001.tar"), shardshuffle=False))
