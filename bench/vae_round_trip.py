@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from skindual import pairs, quality
+from skindual import quality
 from skindual.base_models import resolve_base_model
 from skindual.demo_data import render_batch
 from skindual.demo_model import DEMO_RESOLUTION, PretrainRecipe, vae_batch_loss, vae_round_trip, warmup_cosine
@@ -100,8 +100,7 @@ def main() -> None:
 
     train = split_pairs(f"{args.world}/real", "train", DEMO_RESOLUTION)
     classifier = quality.train_classifier(train["image"], train["class_index"], seed=0)
-    index = pairs.read_index(f"{args.world}/real-test")
-    test = pairs.load_pairs(f"{args.world}/real-test", pairs.selection_of(pairs.usable_rows(index)), DEMO_RESOLUTION)
+    test = split_pairs(f"{args.world}/real-test", "all", DEMO_RESOLUTION)
     labels = test["class_index"]
 
     def evaluate(vae) -> float:
