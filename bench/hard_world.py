@@ -36,9 +36,7 @@ def headroom(world: str, fraction: float, seeds: int) -> dict:
     ok = pairs.usable_rows(index)
     rows = data.fraction_per_class(data.classed_rows(ok, "train"), fraction, 0)
     train = pairs.load_pairs(f"{world}/real", pairs.selection_of(rows), 64)
-    test_index = pairs.read_index(f"{world}/real-test")  # the demo's balanced test set: all of it
-    test = pairs.load_pairs(f"{world}/real-test",
-                            pairs.selection_of(pairs.usable_rows(test_index)), 64)
+    test = split_pairs(f"{world}/real-test", "all", 64)  # the demo's balanced test set: all of it
     train_set = downstream.PairSet(train["image"], train["mask"], train["class_index"])
     test_set = downstream.PairSet(test["image"], test["mask"], test["class_index"])
     settings = downstream.BenchmarkSettings("small", "unet", 150, 32, 1e-3)
