@@ -16,6 +16,12 @@ VAE is trained further on the base's pretraining images (``jobs/build_demo.py``'
     python bench/vae_round_trip.py --world WORLD [--base demo-hard] [--steps 1500] [--colour-weight 4] [--pool 4]
     python bench/vae_round_trip.py --world WORLD --arms wide --wide-channels 64,64,128
 
+Before any training it also measures where the class information sits, against the same classifier:
+the real images average-pooled to the latent's grid (``--pool``, the VAE's downsampling) and scaled back
+(``pooled_recall``: what a latent that kept only each cell's mean colour could give), and the shipped
+VAE's round trip with its low frequencies (the same pooling, bilinear back) swapped for the real image's
+(``swap_low_recall``) and the other way round (``swap_high_recall``): which band the round trip loses.
+
 Progress lines every ``--every`` steps; the last line is one JSON object: the recall on real images, the
 shipped VAE's, each arm's after its steps (and its best on the way), each over the real images' recall
 (``ratio_*``), the seconds per VAE step and the VAE's parameters.
@@ -40,6 +46,25 @@ from skindual.model import load_pipeline, mask_to_image
 
 def recall(classifier, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(list(quality.class_fidelity(classifier, images, labels).values())))
+
+
+def band_swaps(real: np.ndarray, round_trip: np.ndarray, pool: int) -> dict[str, np.ndarray]:
+    """uint8 images: `real` pooled `pool` × `pool` and scaled back (nearest); `round_trip` with the low band
+    (pooled, bilinear back) of `real`; `real` with the low band of `round_trip`."""
+    import torch.nn.functional as F
+
+    def tensor(images):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+
+    def uint8(x):
+        return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    def low(x):
+        return F.interpolate(F.avg_pool2d(x, pool), scale_factor=pool, mode="bilinear")
+
+    x, r = tensor(real), tensor(round_trip)
+    return {"pooled": uint8(F.interpolate(F.avg_pool2d(x, pool), scale_factor=pool, mode="nearest")),
+            "swap_low": uint8(r - low(r) + low(x)), "swap_high": uint8(x - low(x) + low(r))}
 
 
 def wide_vae(base: str, channels: list[int]):
@@ -85,15 +110,15 @@ def main() -> None:
     parser.add_argument("--colour-weight", type=float, default=4.0)
     parser.add_argument("--pool", type=int, default=4)
     parser.add_argument("--every", type=int, default=250)
-    parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide")
+    parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide; '' for the measurements before training only")
     parser.add_argument("--wide-channels", default="64,64,128", help="the wide arm's block widths")
     parser.add_argument("--wide-lr", type=float, default=1e-3)
     parser.add_argument("--per-class", type=int, default=PretrainRecipe.per_class,
                         help="pretraining lesions a class to train on (the recipe's by default)")
     args = parser.parse_args()
-    arms = args.arms.split(",")
-    if not arms or set(arms) - {"plain", "colour", "wide"}:
-        parser.error(f"--arms {args.arms}: give a comma-separated list of plain, colour, wide")
+    arms = [name for name in args.arms.split(",") if name]
+    if set(arms) - {"plain", "colour", "wide"}:
+        parser.error(f"--arms {args.arms}: give a comma-separated list of plain, colour, wide (or '' for none)")
     world = json.loads(open(f"{args.world}/demo_world.json").read())
     difficulty = world.get("difficulty", "easy")
     base = args.base or ("demo-hard" if difficulty == "hard" else "demo")
@@ -108,10 +133,17 @@ def main() -> None:
             return recall(classifier, vae_round_trip(vae, test["image"]), labels)
 
     real = recall(classifier, test["image"], labels)
-    shipped = evaluate(load_pipeline(resolve_base_model(base)).vae)
-    print(f"recall on real test images {real:.3f}, after the shipped VAE's round trip {shipped:.3f}", flush=True)
-    images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
-    data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
+    with torch.no_grad():
+        shipped_trip = vae_round_trip(load_pipeline(resolve_base_model(base)).vae, test["image"])
+    shipped = recall(classifier, shipped_trip, labels)
+    bands = {f"{name}_recall": round(recall(classifier, images, labels), 4)
+             for name, images in band_swaps(test["image"], shipped_trip, args.pool).items()}
+    print(f"recall on real test images {real:.3f}, after the shipped VAE's round trip {shipped:.3f}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in bands.items()), flush=True)
+    if arms:
+        images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
+        data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
+
     def start(name: str):
         if name == "wide":
             return wide_vae(base, [int(c) for c in args.wide_channels.split(",")])
@@ -121,7 +153,7 @@ def main() -> None:
                                args.wide_lr if name == "wide" else args.lr, evaluate) for name in arms}
     figures = {"difficulty": difficulty, "base": base, "test_pairs": len(labels), "steps": args.steps,
                "colour_weight": args.colour_weight, "pool": args.pool, "real_recall": round(real, 4),
-               "shipped_round_trip_recall": round(shipped, 4), "ratio_shipped": round(shipped / real, 4)}
+               "shipped_round_trip_recall": round(shipped, 4), "ratio_shipped": round(shipped / real, 4), **bands}
     for name, arm in results.items():
         figures |= {f"{name}_round_trip_recall": arm["final"], f"{name}_best": arm["best"],
                     f"ratio_{name}": round(arm["final"] / real, 4), f"{name}_curve": arm["curve"],
