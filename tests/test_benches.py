@@ -29,3 +29,30 @@ def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
     # 2 steps × 2 (guidance) UNet evaluations and 2 decodes per pair, counted on the model itself
     assert figures["gflop_per_pair"] == pytest.approx(4 * figures["unet_gflop"] + 2 * figures["vae_decode_gflop"],
                                                       abs=2e-3)
+
+
+def test_the_vae_bench_swaps_the_bands_it_names():
+    """bench/vae_round_trip.py's band measurements: pooling keeps each cell's mean; each swap takes one band
+    from each image, so swapping a pair's bands both ways gives back the images (up to uint8 rounding)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("vae_round_trip", ROOT / "bench" / "vae_round_trip.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    blocky = cells.repeat(4, 1).repeat(4, 2)  # constant on each 4 × 4 cell
+    other = rng.integers(0, 256, blocky.shape).astype(np.uint8)
+    bands = bench.band_swaps(blocky, other, pool=4)
+    assert np.array_equal(bands["pooled"], blocky)
+    same = bench.band_swaps(other, other, pool=4)
+    assert np.abs(same["swap_low"].astype(int) - other).max() <= 1
+    assert np.abs(same["swap_high"].astype(int) - other).max() <= 1
+    # against a flat grey round trip: swap_low is the real image's low band alone, swap_high its high band
+    # on grey, so the two add up to the image plus grey (values kept off 0 and 255: nothing clips)
+    mid = rng.integers(96, 160, blocky.shape).astype(np.uint8)
+    flat = bench.band_swaps(mid, np.full_like(mid, 128), pool=4)
+    total = flat["swap_low"].astype(int) + flat["swap_high"] - 128
+    assert np.abs(total - mid).max() <= 1 and np.abs(flat["swap_low"].astype(int) - mid).mean() > 5
