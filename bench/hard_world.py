@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from skindual import data, downstream, pairs, quality
+from skindual import data, downstream, pairs
 from skindual.base_models import resolve_base_model
-from skindual.demo_model import vae_round_trip
-from skindual.demo_world import sample_base, split_pairs
-from skindual.model import load_pipeline
-from skindual.prompts import CLASS_CODES, CLASSES
+from skindual.demo_world import measure_base, split_pairs
+from skindual.prompts import CLASS_CODES
 
 
 def headroom(world: str, fraction: float, seeds: int) -> dict:
@@ -54,25 +53,14 @@ def headroom(world: str, fraction: float, seeds: int) -> dict:
 
 
 def base_losses(world: str, base: str) -> dict:
-    pipe = load_pipeline(resolve_base_model(base))
-    train, test = split_pairs(f"{world}/real", "train", 64), split_pairs(f"{world}/real", "test", 64)
-    classifier = quality.train_classifier(train["image"], train["class_index"], seed=0)
-
-    def accuracy(images: np.ndarray) -> float:
-        return float((quality.classify(classifier, images) == test["class_index"]).mean())
-
-    round_trip = vae_round_trip(pipe.vae, test["image"])
-    recall = quality.class_fidelity(classifier, round_trip, test["class_index"])
-    samples, labels = sample_base(pipe, 24, 25, 4.0, 0)
-    predicted = quality.classify(classifier, samples)
-    confusion = np.zeros((len(CLASSES), len(CLASSES)), int)
-    np.add.at(confusion, (labels, predicted), 1)
-    real, trip = accuracy(test["image"]), accuracy(round_trip)
-    return {"real_accuracy": real, "vae_round_trip_accuracy": trip, "ratio_round_trip_over_real": trip / real,
-            "vae_round_trip_class_recall": {CLASSES[i].code: v for i, v in recall.items()},
-            "vae_round_trip_class_recall_mean": float(np.mean(list(recall.values()))),
-            "base_fidelity": {c.code: float(confusion[c.index, c.index] / confusion[c.index].sum()) for c in CLASSES},
-            "base_confusion_rows_prompted_cols_predicted": confusion.tolist()}
+    """The demo base's figures as `jobs/build_demo.py` measures them (`demo_world.measure_base`: 24 samples a
+    class, 25 steps, guidance 4), under this bench's names."""
+    m = measure_base(resolve_base_model(base), Path(world, "real"), 24, 25, 4.0, 0)
+    return {"real_accuracy": m["classifier_real_accuracy"], "vae_round_trip_accuracy": m["vae_round_trip_accuracy"],
+            "ratio_round_trip_over_real": m["vae_round_trip_accuracy"] / m["classifier_real_accuracy"],
+            **{k: m[k] for k in ("vae_round_trip_class_recall", "vae_round_trip_class_recall_mean",
+                                 "base_confusion_rows_prompted_cols_predicted")},
+            "base_fidelity": m["base_class_fidelity"]}
 
 
 def main() -> None:

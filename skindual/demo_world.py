@@ -149,22 +149,26 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
              time.perf_counter() - t)
     # how much of the classes the VAE keeps: the same classifier on those images after a VAE round trip, as a
     # mean of per-class recalls (the measure class fidelity is); the base's samples rarely do better
-    round_trip = quality.class_fidelity(classifier, demo_model.vae_round_trip(pipe.vae, test["image"]),
-                                        test["class_index"])
+    round_trip_images = demo_model.vae_round_trip(pipe.vae, test["image"])
+    round_trip_accuracy = float((quality.classify(classifier, round_trip_images) == test["class_index"]).mean())
+    round_trip = quality.class_fidelity(classifier, round_trip_images, test["class_index"])
     round_trip_mean = float(np.mean(list(round_trip.values())))
     log.info("class recall after a VAE round trip: mean %.3f %s", round_trip_mean,
              {CLASSES[i].code: round(v, 3) for i, v in round_trip.items()})
 
     samples, labels = sample_base(pipe, samples_per_class, steps, guidance, seed)
     fidelity = quality.class_fidelity(classifier, samples, labels)
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), int)  # rows: the prompt's class, columns: the classifier's
+    np.add.at(confusion, (labels, quality.classify(classifier, samples)), 1)
     per_class = {CLASSES[i].code: round(v, 3) for i, v in fidelity.items()}
     log.info("base class fidelity: mean %.3f %s", np.mean(list(fidelity.values())), per_class)
     return {
         "vae_psnr_db": round(recon["psnr_db"], 2), "vae_mask_dice": round(recon["mask_dice"], 4),
-        "classifier_real_accuracy": round(real_accuracy, 4),
+        "classifier_real_accuracy": round(real_accuracy, 4), "vae_round_trip_accuracy": round(round_trip_accuracy, 4),
         "vae_round_trip_class_recall": {CLASSES[i].code: round(v, 3) for i, v in round_trip.items()},
         "vae_round_trip_class_recall_mean": round(round_trip_mean, 3),
         "base_class_fidelity": per_class, "base_class_fidelity_mean": round(float(np.mean(list(fidelity.values()))), 3),
+        "base_confusion_rows_prompted_cols_predicted": confusion.tolist(),
         "fidelity_samples_per_class": samples_per_class, "sample_steps": steps, "guidance": guidance,
     }
 

@@ -184,7 +184,12 @@ def test_build_demo_job_end_to_end(tmp_path):
     assert report["vae_psnr_db"] > 20 and 0 <= report["base_class_fidelity_mean"] <= 1
     # the classifier's recall after a VAE round trip: how much of the classes the VAE keeps
     assert set(report["vae_round_trip_class_recall"]) <= {c.code for c in CLASSES}
-    assert 0 < report["vae_round_trip_class_recall_mean"] <= 1
+    assert 0 < report["vae_round_trip_class_recall_mean"] <= 1 and 0 <= report["vae_round_trip_accuracy"] <= 1
+    # the base's samples: one row per prompted class, as many as were sampled
+    confusion = report["base_confusion_rows_prompted_cols_predicted"]
+    assert [sum(row) for row in confusion] == [report["fidelity_samples_per_class"]] * len(CLASSES)
+    assert all(abs(confusion[c.index][c.index] / sum(confusion[c.index]) - report["base_class_fidelity"][c.code]) < 1e-3
+               for c in CLASSES)
     assert (out / "data" / demo_data.METADATA_CSV).exists()
     manifest = json.loads((out / "real" / "manifest.json").read_text())  # prepared through the prepare job's code
     assert manifest["kind"] == "real" and manifest["totals"]["per_class"]["nv"]["ok"] == 134
