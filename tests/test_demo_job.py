@@ -27,7 +27,7 @@ TINY = ["--finetune-steps", "3", "--per-class", "2", "--actors", "1", "--extract
         "--seeds", "1", "--max-mask-area", "1.0", "--qc-steps", "5", "--min-consistency", "0"]
 
 
-def run_demo_job(args: list[str], cache: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def run_demo_job(args: list[str], cache: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the embedded cluster, not a test cluster
     env.update(SKINDUAL_CACHE=cache, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), *args], cwd=ROOT, env=env,
