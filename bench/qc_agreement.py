@@ -90,14 +90,15 @@ def main() -> None:
     if args.adapt:
         card = json.loads(open_storage(args.qc_segmenter).read_bytes(CARD))
         judges["adapted"] = train_adapted(card, args.adapt, vae, args.size)
+    if vae is not None:  # the real pairs with their images round-tripped: consistent by construction, decoded
+        real = split_pairs(args.real, "all", args.size)
+        round_trip_pairs = vae_round_trip(vae, real["image"]), real["mask"]
     out = {}
     for judge, seg in judges.items():
         figures = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in agreement(url, seg, args.size).items()}
                    for name, url in (("synthetic", args.synthetic), ("real", args.real))}
         if vae is not None:
-            real = split_pairs(args.real, "all", args.size)
-            figures["real_round_trip_mask_vs_qc"] = round(float(seg.score(vae_round_trip(vae, real["image"]),
-                                                                          real["mask"]).mean()), 4)
+            figures["real_round_trip_mask_vs_qc"] = round(float(seg.score(*round_trip_pairs).mean()), 4)
         for name, f in figures.items():
             if isinstance(f, dict):
                 print(f"{judge} on {name}: Dice(mask, QC) {f['mask_vs_qc']:.3f}, Dice(mask, training-free) "

@@ -149,17 +149,18 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
              time.perf_counter() - t)
     # how much of the classes the VAE keeps: the same classifier on those images after a VAE round trip, as a
     # mean of per-class recalls (the measure class fidelity is); the base's samples rarely do better
-    round_trip_images = demo_model.vae_round_trip(pipe.vae, test["image"])
-    round_trip_accuracy = float((quality.classify(classifier, round_trip_images) == test["class_index"]).mean())
-    round_trip = quality.class_fidelity(classifier, round_trip_images, test["class_index"])
+    round_trip_predicted = quality.classify(classifier, demo_model.vae_round_trip(pipe.vae, test["image"]))
+    round_trip_accuracy = float((round_trip_predicted == test["class_index"]).mean())
+    round_trip = quality.recall_by_class(round_trip_predicted, test["class_index"])
     round_trip_mean = float(np.mean(list(round_trip.values())))
     log.info("class recall after a VAE round trip: mean %.3f %s", round_trip_mean,
              {CLASSES[i].code: round(v, 3) for i, v in round_trip.items()})
 
     samples, labels = sample_base(pipe, samples_per_class, steps, guidance, seed)
-    fidelity = quality.class_fidelity(classifier, samples, labels)
+    predicted = quality.classify(classifier, samples)
+    fidelity = quality.recall_by_class(predicted, labels)
     confusion = np.zeros((len(CLASSES), len(CLASSES)), int)  # rows: the prompt's class, columns: the classifier's
-    np.add.at(confusion, (labels, quality.classify(classifier, samples)), 1)
+    np.add.at(confusion, (labels, predicted), 1)
     per_class = {CLASSES[i].code: round(v, 3) for i, v in fidelity.items()}
     log.info("base class fidelity: mean %.3f %s", np.mean(list(fidelity.values())), per_class)
     return {

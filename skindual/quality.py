@@ -173,8 +173,12 @@ def classify(model: LesionClassifier, images: np.ndarray, batch_size: int = 256)
 
 def class_fidelity(model: LesionClassifier, images: np.ndarray, labels: np.ndarray) -> dict[int, float]:
     """Per class index, the share of images the classifier assigns to the class they were made for."""
-    predicted = classify(model, images)
-    labels = np.asarray(labels)
+    return recall_by_class(classify(model, images), labels)
+
+
+def recall_by_class(predicted: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per class index in `labels`, the share of its items `predicted` as that class."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
     return {int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)}
 
 

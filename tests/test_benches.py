@@ -32,8 +32,8 @@ def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
 
 
 def test_the_vae_bench_swaps_the_bands_it_names():
-    """bench/vae_round_trip.py's band measurements: pooling keeps each cell's mean; each swap takes one band
-    from each image, so swapping a pair's bands both ways gives back the images (up to uint8 rounding)."""
+    """bench/vae_round_trip.py's band measurements: pooling keeps an image that is constant on each cell; a
+    swap between an image and itself gives it back; each swap takes one band from each image."""
     import importlib.util
 
     import numpy as np
