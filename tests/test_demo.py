@@ -167,6 +167,26 @@ def test_rebuild_recipe_still_runs_shortened(tmp_path):
             torch.testing.assert_close(a.half().float(), b, msg=f"{name}.{k}")
 
 
+def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(tmp_path):
+    """The hard recipe's shape: text encoder and UNet from the easy base, a fresh VAE of other widths
+    trained with the colour term, recorded in the artifact's configs and recipe."""
+    recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
+                                       difficulty="hard", start_from=str(base_models.ARTIFACT),
+                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0)
+    pipe, configs = demo_model.pretrain_demo_base(recipe)
+    assert list(pipe.vae.config.block_out_channels) == [16, 32, 32] == configs["vae"]["block_out_channels"]
+    easy = load_pipeline("demo")
+    for name in ("text_encoder",):  # frozen: exactly the easy base's
+        for a, b in zip(getattr(pipe, name).state_dict().values(), getattr(easy, name).state_dict().values()):
+            torch.testing.assert_close(a, b)
+    artifact = tmp_path / "hard.safetensors"
+    demo_model.save_artifact(pipe, recipe, artifact, configs)
+    again = load_pipeline(base_models.demo_base_path(artifact, cache=tmp_path / "cache"))
+    assert list(again.vae.config.block_out_channels) == [16, 32, 32]
+    recorded = json.loads(base_models.artifact_metadata(artifact)["recipe"])
+    assert recorded["vae_channels"] == [16, 32, 32] and recorded["vae_colour_weight"] == 4.0
+
+
 def _run_job(*args, env_extra=None):
     env = dict(os.environ, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "build_demo.py"), *args], capture_output=True,
@@ -199,6 +219,9 @@ def test_build_demo_job_end_to_end(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--data-scale", "2"], "--data-scale 2.0"),
     (["--artifact", "/nonexistent/base.safetensors"], "/nonexistent/base.safetensors"),
+    (["--rebuild", "--vae-channels", "64,x"], "--vae-channels 64,x"),
+    (["--rebuild", "--vae-channels", "64,60"], "multiple of 16"),
+    (["--rebuild", "--vae-colour-weight", "-1"], "--vae-colour-weight -1"),
 ])
 def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
     result = _run_job("--output", str(tmp_path / "w"), "--no-measure", *args)
