@@ -17,7 +17,7 @@ from pathlib import Path
 from skindual.base_models import DEMO_BASES
 from skindual.demo_data import DIFFICULTIES
 from skindual.cli import check_fields, option, run_job
-from skindual.demo_model import HARD_RECIPE, PretrainRecipe
+from skindual.demo_model import PretrainRecipe
 from skindual.demo_world import DEMO_OUTPUT, prepare_demo_world, world_base
 from skindual.errors import UserError
 
@@ -36,14 +36,11 @@ class BuildDemoConfig:
     rebuild: bool = option(False, "pretrain the demo base and write --artifact")
     start_from: str = option("", "with --rebuild: an artifact pretraining continues from (default: for --difficulty "
                                  "hard the shipped easy base, for easy a random initialisation)")
-    vae_steps: int | None = option(None, f"with --rebuild: VAE pretraining steps (default: {_RECIPE.vae_steps}; "
-                                         f"for --difficulty hard {HARD_RECIPE['vae_steps']})")
-    vae_channels: str = option("", "with --rebuild: the VAE's block widths, comma-separated, a fresh VAE where they "
-                                   "differ from --start-from's (default: --start-from's; for --difficulty hard "
-                                   + ",".join(map(str, HARD_RECIPE["vae_channels"])) + ")")
-    vae_colour_weight: float | None = option(None, "with --rebuild: weight of the VAE's low-frequency colour term "
-                                                   f"(default: {_RECIPE.vae_colour_weight:g}; for --difficulty "
-                                                   f"hard {HARD_RECIPE['vae_colour_weight']:g})")
+    vae_steps: int = option(_RECIPE.vae_steps, "with --rebuild: VAE pretraining steps")
+    vae_channels: str = option("", "with --rebuild: the VAE's block widths, comma-separated (e.g. 64,64,128): a fresh "
+                                   "VAE where they differ from --start-from's (default: --start-from's, or 32,32,64)")
+    vae_colour_weight: float = option(_RECIPE.vae_colour_weight, "with --rebuild: weight of the VAE's low-frequency "
+                                                                 "colour term (4 × 4-pooled L1; 0: none)")
     unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
     pretrain_per_class: int = option(_RECIPE.per_class, "with --rebuild: class-balanced pretraining lesions per class")
     measure: bool = option(True, "measure VAE reconstruction and the base's class fidelity")
@@ -53,7 +50,7 @@ class BuildDemoConfig:
     def __post_init__(self) -> None:
         if not 0 < self.data_scale <= 1:
             raise UserError(f"--data-scale {self.data_scale}: must be in (0, 1]")
-        if self.vae_colour_weight is not None and self.vae_colour_weight < 0:
+        if self.vae_colour_weight < 0:
             raise UserError(f"--vae-colour-weight {self.vae_colour_weight}: must be 0 or more")
         try:
             channels = [int(c) for c in self.vae_channels.split(",")] if self.vae_channels else [16]
@@ -63,7 +60,7 @@ class BuildDemoConfig:
             raise UserError(f"--vae-channels {self.vae_channels}: give comma-separated block widths, each a multiple "
                             "of 16 (the VAE's norm groups), e.g. 64,64,128")
         for flag in ("vae_steps", "unet_steps", "pretrain_per_class", "samples_per_class", "sample_steps"):
-            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+            if getattr(self, flag) < 1:
                 raise UserError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: must be at least 1")
         check_fields(self)
         if not self.rebuild and self.artifact and not Path(self.artifact).is_file():
@@ -74,13 +71,11 @@ class BuildDemoConfig:
 def main(cfg: BuildDemoConfig) -> None:
     recipe = None
     if cfg.rebuild:
-        defaults = HARD_RECIPE if cfg.difficulty == "hard" else {}
-        given = dict(vae_steps=cfg.vae_steps, vae_colour_weight=cfg.vae_colour_weight,
-                     vae_channels=tuple(int(c) for c in cfg.vae_channels.split(",")) if cfg.vae_channels else None)
-        recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class, unet_steps=cfg.unet_steps,
-                                difficulty=cfg.difficulty,
-                                start_from=cfg.start_from or (str(DEMO_BASES["demo"]) if cfg.difficulty == "hard" else ""),
-                                **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+        recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class, vae_steps=cfg.vae_steps,
+                                unet_steps=cfg.unet_steps, difficulty=cfg.difficulty,
+                                vae_channels=tuple(int(c) for c in cfg.vae_channels.split(",") if c),
+                                vae_colour_weight=cfg.vae_colour_weight,
+                                start_from=cfg.start_from or (str(DEMO_BASES["demo"]) if cfg.difficulty == "hard" else ""))
     artifact = cfg.artifact or str(DEMO_BASES[world_base(cfg.difficulty)])
     world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=artifact,
                                rebuild=recipe, difficulty=cfg.difficulty, measure=cfg.measure, samples_per_class=cfg.samples_per_class,

@@ -64,12 +64,6 @@ class PretrainRecipe:
     vae_colour_weight: float = 0.0  # weight of the VAE's low-frequency colour term (vae_batch_loss)
 
 
-# The hard world's recipe, where it differs from PretrainRecipe's defaults: a VAE of four times the
-# parameters (fresh; the text encoder and the UNet continue from the easy base) and a colour term, because
-# the shipped-size VAE pulls the hard lesions' colours to one brown and the classes with them
-# (bench/vae_round_trip.py).
-HARD_RECIPE = dict(vae_channels=(64, 64, 128), vae_colour_weight=4.0, vae_steps=3000)
-
 
 # --------------------------------------------------------------------------- components
 
