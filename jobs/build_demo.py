@@ -52,11 +52,8 @@ class BuildDemoConfig:
             raise UserError(f"--data-scale {self.data_scale}: must be in (0, 1]")
         if self.vae_colour_weight < 0:
             raise UserError(f"--vae-colour-weight {self.vae_colour_weight}: must be 0 or more")
-        try:
-            channels = [int(c) for c in self.vae_channels.split(",")] if self.vae_channels else [16]
-        except ValueError:
-            channels = [0]
-        if min(channels) < 1 or any(c % 16 for c in channels):
+        widths = self.vae_channels.split(",") if self.vae_channels else []
+        if not all(w.strip().isdigit() and int(w) > 0 and int(w) % 16 == 0 for w in widths):
             raise UserError(f"--vae-channels {self.vae_channels}: give comma-separated block widths, each a multiple "
                             "of 16 (the VAE's norm groups), e.g. 64,64,128")
         for flag in ("vae_steps", "unet_steps", "pretrain_per_class", "samples_per_class", "sample_steps"):

@@ -64,7 +64,6 @@ class PretrainRecipe:
     vae_colour_weight: float = 0.0  # weight of the VAE's low-frequency colour term (vae_batch_loss)
 
 
-
 # --------------------------------------------------------------------------- components
 
 
