@@ -39,7 +39,8 @@ import torch
 from skindual import quality
 from skindual.base_models import resolve_base_model
 from skindual.demo_data import render_batch
-from skindual.demo_model import DEMO_RESOLUTION, PretrainRecipe, vae_batch_loss, vae_round_trip, warmup_cosine
+from skindual.demo_model import (DEMO_RESOLUTION, PretrainRecipe, fresh_vae, vae_batch_loss, vae_round_trip,
+                                 warmup_cosine)
 from skindual.demo_world import split_pairs
 from skindual.model import load_pipeline, mask_to_image
 
@@ -68,12 +69,8 @@ def band_swaps(real: np.ndarray, round_trip: np.ndarray, pool: int) -> dict[str,
 
 
 def wide_vae(base: str, channels: list[int]):
-    """A freshly initialised VAE of the base's config with other block widths."""
-    from diffusers import AutoencoderKL
-
-    config = load_pipeline(resolve_base_model(base)).vae.config
-    torch.manual_seed(0)
-    return AutoencoderKL.from_config({**config, "block_out_channels": channels})
+    """A freshly initialised VAE of the base's config with other block widths (the rebuild's `fresh_vae`)."""
+    return fresh_vae({"vae": dict(load_pipeline(resolve_base_model(base)).vae.config)}, channels, seed=0)[0]
 
 
 def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, evaluate) -> dict:

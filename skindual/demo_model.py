@@ -259,10 +259,10 @@ def fresh_vae(configs: dict[str, dict], channels, seed: int):
     """A freshly initialised VAE of `configs`' VAE with other block widths, and the configs that record it."""
     from diffusers import AutoencoderKL
 
-    vae_config = {k: v for k, v in configs["vae"].items() if k != "scaling_factor"}
+    vae_config = {k: v for k, v in configs["vae"].items() if k != "scaling_factor" and not k.startswith("_")}
     vae_config["block_out_channels"] = [int(c) for c in channels]
     torch.manual_seed(seed)
-    return AutoencoderKL(**vae_config), dict(configs, vae=vae_config)
+    return AutoencoderKL.from_config(vae_config), dict(configs, vae=vae_config)
 
 
 def pretrain_demo_base(recipe: PretrainRecipe):
