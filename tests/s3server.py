@@ -28,7 +28,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 45.0  # per attempt; a start that is not serving by then is killed and retried
+MAX_VOLUMES = 1000  # every bucket is a collection with volumes of its own: one per bucket, see _start
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,11 @@ def weed_command(workdir: Path, config: Path, ports: list[int]) -> list[str]:
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=0", "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+        # A fixed volume count, not 0 ("free disk / volume size", computed after the first heartbeat:
+        # a CI run once saw no capacity registered within a minute); volumes are created on demand
+        # and stay sparse, so the count costs no disk.  Read-only only below 256 MiB free, not 1 %.
+        f"-volume.max={MAX_VOLUMES}", "-volume.minFreeSpace=256MiB",
+        "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={workdir / 'filer.sock'}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
@@ -99,21 +104,30 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes], log: Path) -> N
     """Poll until a bucket can be created and written to, or fail with the log's tail."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last: Exception | None = None
+    bucket, created = f"ready-{secrets.token_hex(4)}", False  # one probe bucket, not one per try
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         try:
-            client = server.client(read_timeout=2)
-            bucket = f"ready-{secrets.token_hex(4)}"
-            client.create_bucket(Bucket=bucket)
+            client = server.client(read_timeout=5)
+            if not created:
+                client.create_bucket(Bucket=bucket)
+                created = True
             client.put_object(Bucket=bucket, Key="ready", Body=b"ok")
             return
         except Exception as exc:  # not up yet: connection refused, 5xx while the filer starts
+            created = created or "BucketAlreadyOwnedByYou" in repr(exc)
             last = exc
             time.sleep(0.3)
-    tail = log.read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"SeaweedFS did not become ready (exit code {proc.poll()}, last error "
-                       f"{last!r}); log tail:\n{tail}")
+    text = log.read_text(errors="replace").splitlines()
+    # the volume server's and the disk's lines first: they say why no capacity was registered
+    volume = [line for line in text if any(word in line for word in ("volume.go", "store.go", "disk", "Disk",
+                                                                     "Heartbeat", "added volume server"))]
+    free = shutil.disk_usage(log.parent)
+    raise RuntimeError(f"SeaweedFS did not become ready in {STARTUP_TIMEOUT_S:.0f} s (exit code {proc.poll()}, "
+                       f"last error {last!r}; {free.free / 2**30:.1f} GiB free under {log.parent}); "
+                       f"volume server lines:\n" + "\n".join(volume[:40]) +
+                       "\nlog tail:\n" + "\n".join(text[-25:]))
 
 
 def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
@@ -131,9 +145,12 @@ def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
 
 def _start(workdir: Path, attempts: int = 3) -> tuple[subprocess.Popen[bytes], S3Server, list[int]]:
     """Start weed in ``workdir`` on free ports; if it dies while starting (say, another process
-    took one of its ports in between), try again on new ports."""
-    # No AWS_*/WEED_* settings or user config leak in; weed's own log files go to TMPDIR.
+    took one of its ports in between) or is not serving within STARTUP_TIMEOUT_S, kill it and try
+    again on new ports in a new data folder."""
+    # No AWS_*/WEED_* settings or user config leak in; weed's own log files go to TMPDIR.  A new
+    # collection (bucket) grows 1 volume at first, not master.toml's default 7.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
+    env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
     attempt = 0
     while True:
         attempt += 1
@@ -157,11 +174,13 @@ def _start(workdir: Path, attempts: int = 3) -> tuple[subprocess.Popen[bytes], S
         try:
             _wait_ready(server, proc, log)
             return proc, server, ports
-        except BaseException:
-            died = proc.poll() is not None
+        except Exception:
             _stop(proc, ports)
-            if not died or attempt == attempts:
+            if attempt == attempts:
                 raise
+        except BaseException:  # KeyboardInterrupt: stop, no retry
+            _stop(proc, ports)
+            raise
 
 
 @contextmanager
