@@ -101,15 +101,16 @@ def weed_command(workdir: Path, config: Path, ports: list[int]) -> list[str]:
 
 
 def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll until a bucket can be created and written to, or fail with the log's tail."""
+    """Poll until a bucket can be created and written to, or fail naming the free disk, the volume
+    server's log lines and the log's tail."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last: Exception | None = None
+    client = server.client(read_timeout=5)  # connects on each call, not here: one client for every try
     bucket, created = f"ready-{secrets.token_hex(4)}", False  # one probe bucket, not one per try
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         try:
-            client = server.client(read_timeout=5)
             if not created:
                 client.create_bucket(Bucket=bucket)
                 created = True
