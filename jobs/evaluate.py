@@ -6,7 +6,8 @@ r"""Evaluate synthetic (image, mask) pairs against the real data: fidelity, mask
 
 Streams every pair from storage: features and mask statistics in an actor pool, the downstream
 models in Ray tasks that read their own pairs.  Writes report.md, metrics.json, PNGs and
-features/*.parquet (every pair's features and figures) to --output.  FID/KID need clean-fid's
+features/*.parquet (every pair's features and figures) to --output; a rerun of the same inputs and
+settings into it keeps them (--recompute evaluates again).  FID/KID need clean-fid's
 Inception weights (--inception-weights, or clean-fid's cache); --feature-extractor lesion-cnn
 measures offline, reported as FD_lesioncnn.
 """
@@ -18,14 +19,16 @@ import sys
 
 from skindual.cli import init_ray, run_job
 from skindual.demo_world import evaluate_defaults
-from skindual.evaluate import EvaluateConfig, plan_evaluation, run_evaluate
+from skindual.evaluate import EvaluateConfig, finished_evaluation, plan_evaluation, run_evaluate
 
 
 def main(cfg: EvaluateConfig) -> None:
     cfg = evaluate_defaults(cfg)  # the embedded default: the demo world
     plan = plan_evaluation(cfg)  # bad input fails here, before any cluster work
-    init_ray(min_cpus=max(2, math.ceil(cfg.actors * cfg.cpus_per_actor) + 1))
-    metrics = run_evaluate(cfg, plan)
+    metrics = finished_evaluation(cfg, plan)  # a rerun of the same inputs and settings keeps the report
+    if metrics is None:
+        init_ray(min_cpus=max(2, math.ceil(cfg.actors * cfg.cpus_per_actor) + 1))
+        metrics = run_evaluate(cfg, plan)
     fid = metrics["fidelity"]
     value = fid["overall"][fid["fd_name"]]
     line = f"{fid['fd_name']} {'n/a' if value is None else f'{value:.2f}'}"

@@ -6,7 +6,8 @@
 the fine-tuning settings of `DEMO_FINETUNE`.  Re-running into the same folder reuses what the
 stages already reuse: the demo data, the fine-tuning run (resumed by its name; a finished one only
 writes its adapter, grid and curve again) and the committed shards (while the adapter's sha256 is
-the same); the evaluation runs again.
+the same) and the evaluation (while its inputs and settings are the same: `finished_evaluation`;
+delete ``eval/`` to run it again).
 """
 
 from __future__ import annotations

@@ -91,6 +91,8 @@ class EvaluateConfig:
     grid_per_class: int = option(4, "pairs per class in the sample grids")
     seed: int = option(0, "seed of the extractor training and the KID samples (downstream seeds are seed..seed+seeds-1)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    recompute: bool = option(False, "evaluate again even when --output holds the report of the same inputs and "
+                                    "settings (a rerun otherwise keeps it)")
 
     def __post_init__(self) -> None:
         check_fields(self, ("extractor_steps", "kid_subsets", "kid_subset_size", "steps", "batch_size", "seeds",
@@ -523,12 +525,56 @@ def sample_grids(cfg: EvaluateConfig, plan: EvalPlan) -> dict[str, list[list[tup
     return grids
 
 
+# settings that change where and on how many workers the evaluation runs, not its figures
+NOT_FINGERPRINTED = ("output", "actors", "num_gpus_per_actor", "cpus_per_actor", "cpus_per_task", "num_gpus_per_task",
+                     "cache_dir", "s3_endpoint", "recompute")
+
+
+def _versions() -> dict[str, str]:
+    return {"skindual": __version__, **{p: version(p) for p in ("torch", "torchvision", "clean-fid", "ray")}}
+
+
+def evaluation_fingerprint(cfg: EvaluateConfig, plan: EvalPlan) -> str:
+    """What the figures depend on: the settings (not those in `NOT_FINGERPRINTED`), every selection with
+    its shards' tar sha256 (`_selection_digest`), the QC segmenter's weights and the library versions."""
+    endpoint = cfg.s3_endpoint or None
+    sources = {**plan.sets, "train": plan.train}
+    key = {"settings": {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED},
+           "inputs": {name: _selection_digest(s, endpoint) for name, s in sorted(sources.items()) if s is not None},
+           "qc_segmenter": QCSegmenter.load(cfg.qc_segmenter, endpoint).sha256 if cfg.qc_segmenter else "",
+           "versions": _versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def finished_evaluation(cfg: EvaluateConfig, plan: EvalPlan) -> dict | None:
+    """The metrics already in ``--output`` when they are of these inputs and settings (their
+    ``fingerprint``), else None (also with ``--recompute``).  ``metrics.json`` is written last, so
+    one that matches has its report and figures beside it."""
+    if cfg.recompute:
+        return None
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    try:
+        metrics = json.loads(storage.read_bytes("metrics.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("fingerprint") != evaluation_fingerprint(cfg, plan):
+        return None
+    log.info("%s already holds the evaluation of these inputs and settings (metrics.json); kept "
+             "(--recompute evaluates again)", cfg.output)
+    return metrics
+
+
 def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
-    """Measure everything and write the report; returns the metrics (also in ``metrics.json``)."""
+    """Measure everything and write the report; returns the metrics (also in ``metrics.json``).  A rerun
+    of the same inputs and settings into the same output returns the metrics there (`finished_evaluation`)."""
     started = time.perf_counter()
     plan = plan or plan_evaluation(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
+    finished = finished_evaluation(cfg, plan)
+    if finished is not None:
+        return finished
+    fingerprint = evaluation_fingerprint(cfg, plan)
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     spec, extractor_cached = extractor_spec(cfg, plan)
@@ -548,13 +594,14 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
         metrics["downstream"] = run_benchmark(cfg, plan)
         stages["downstream"] = round(time.perf_counter() - clock, 2)
     metrics["stage_seconds"] = stages
-    metrics["versions"] = {"skindual": __version__, **{p: version(p) for p in ("torch", "torchvision", "clean-fid", "ray")}}
+    metrics["versions"], metrics["fingerprint"] = _versions(), fingerprint
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     with tempfile.TemporaryDirectory(prefix="skindual-eval-") as tmp:
         figures = report.write_figures(Path(tmp), metrics, measured["mask_tables"], grids=sample_grids(cfg, plan))
         for file in figures:
             storage.upload_file(Path(tmp) / file, file)
-    storage.write_bytes("metrics.json", (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     storage.write_bytes("report.md", report.render_report(metrics, figures).encode())
+    # last: a metrics.json of these inputs marks the evaluation finished (`finished_evaluation`)
+    storage.write_bytes("metrics.json", (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     log.info("report written to %s", storage.join("report.md"))
     return metrics

@@ -128,14 +128,17 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert saved["fd"] == metrics["fidelity"]["overall"]["FD_lesioncnn"]
 
 
-def test_rerun_finishes_the_fine_tune_and_skips_the_committed_shards(demo_run, skindual_cache):
+def test_rerun_finishes_the_fine_tune_and_keeps_the_shards_and_the_evaluation(demo_run, skindual_cache):
     out, _ = demo_run
-    before = shard_bytes(out / "synthetic")
+    before, metrics = shard_bytes(out / "synthetic"), (out / "eval" / "metrics.json").read_bytes()
     run = run_demo_job([*TINY, "--output", str(out)], skindual_cache)
     assert "resumed from step 3" in run.stderr, run.stderr[-5000:]
     ok(run)
     assert "0 shards to do" in run.stderr and "demo finished in" in run.stdout
     assert shard_bytes(out / "synthetic") == before
+    # the same shards and settings: the evaluation is kept, not run again
+    assert "already holds the evaluation of these inputs and settings" in run.stderr
+    assert (out / "eval" / "metrics.json").read_bytes() == metrics
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(skindual_cache, tmp_path):

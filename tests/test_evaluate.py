@@ -88,6 +88,13 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     assert "FD_lesioncnn" in report and "not FID" in report and "| segmenter | dice |" in report
     assert "diversity (synthetic / real spread)" in report and "## Pair quality" in report
 
+    # a rerun of the same inputs and settings keeps the report (no cluster work: the same bytes, its timings too)
+    before = {name: storage.read_bytes(name) for name in ("metrics.json", "report.md")}
+    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
+                            "--cache-dir", str(cache), "--actors", "1", *FAST], ray_cluster)
+    assert run.returncode == 0 and "already holds the evaluation of these inputs and settings" in run.stderr, run.stderr
+    assert {name: storage.read_bytes(name) for name in before} == before and "done: FD_lesioncnn" in run.stdout
+
     # again, into a local folder and without the benchmark: the extractor and the real features come from the cache
     run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
                             "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *FAST],
@@ -98,6 +105,42 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     assert "downstream" not in local
     assert local["fidelity"]["overall"] == pytest.approx(fid["overall"])
     assert all((tmp_path / "local" / f).is_file() for f in FIGURES)
+
+
+def test_the_fingerprint_follows_the_inputs_and_settings_not_the_workers(eval_world, tmp_path):
+    """What decides whether a rerun keeps a finished evaluation (`finished_evaluation`)."""
+    import shutil
+    from dataclasses import replace
+
+    from skindual.evaluate import evaluation_fingerprint, finished_evaluation, plan_evaluation
+
+    cfg = EvaluateConfig(real=eval_world["real"], synthetic=eval_world["synthetic"], output=str(tmp_path / "out"),
+                         feature_extractor="lesion-cnn")
+    plan = plan_evaluation(cfg)
+    base = evaluation_fingerprint(cfg, plan)
+    same = replace(cfg, actors=5, cpus_per_task=2, output=str(tmp_path / "elsewhere"))
+    assert evaluation_fingerprint(same, plan_evaluation(same)) == base
+    for other in (replace(cfg, steps=7), replace(cfg, seeds=1), replace(cfg, real_fraction=0.5)):
+        assert evaluation_fingerprint(other, plan_evaluation(other)) != base
+    # one shard of the synthetic set drawn again (other seeds): other content, another fingerprint
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(eval_world["synthetic"], synthetic)
+    write_test_shards(synthetic, [(code, seed + 1) for code, seed in eval_world["pairs"][:16]])
+    moved = replace(cfg, synthetic=str(synthetic))
+    redrawn = evaluation_fingerprint(moved, plan_evaluation(moved))
+    shutil.copytree(eval_world["synthetic"], synthetic, dirs_exist_ok=True)  # the original bytes back
+    assert redrawn != evaluation_fingerprint(moved, plan_evaluation(moved))
+
+    # a metrics.json of that fingerprint is kept, unless --recompute; another one or none is not
+    out = Path(cfg.output)
+    out.mkdir()
+    assert finished_evaluation(cfg, plan) is None
+    (out / "metrics.json").write_text(json.dumps({"fingerprint": base, "seconds": 1.0}))
+    assert finished_evaluation(cfg, plan) == {"fingerprint": base, "seconds": 1.0}
+    assert finished_evaluation(replace(cfg, recompute=True), plan) is None
+    assert finished_evaluation(replace(cfg, steps=7), plan_evaluation(replace(cfg, steps=7))) is None
+    (out / "metrics.json").write_text("[1, 2]")
+    assert finished_evaluation(cfg, plan) is None
 
 
 def test_fd_from_summed_moments_is_the_in_memory_fd():
