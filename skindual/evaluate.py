@@ -575,6 +575,9 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
     if finished is not None:
         return finished
     fingerprint = evaluation_fingerprint(cfg, plan)
+    # the old marker goes first: its features and figures are about to be replaced, so an interrupted
+    # run must not leave it standing beside them
+    storage.delete("metrics.json")
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     spec, extractor_cached = extractor_spec(cfg, plan)
