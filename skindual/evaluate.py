@@ -546,10 +546,10 @@ def evaluation_fingerprint(cfg: EvaluateConfig, plan: EvalPlan) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def finished_evaluation(cfg: EvaluateConfig, plan: EvalPlan) -> dict | None:
-    """The metrics already in ``--output`` when they are of these inputs and settings (their
-    ``fingerprint``), else None (also with ``--recompute``).  ``metrics.json`` is written last, so
-    one that matches has its report and figures beside it."""
+def finished_evaluation(cfg: EvaluateConfig, fingerprint: str) -> dict | None:
+    """The metrics already in ``--output`` when they carry `fingerprint` (`evaluation_fingerprint`:
+    the same inputs and settings), else None (also with ``--recompute``).  ``metrics.json`` is written
+    last, so one that matches has its report and figures beside it."""
     if cfg.recompute:
         return None
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
@@ -557,24 +557,25 @@ def finished_evaluation(cfg: EvaluateConfig, plan: EvalPlan) -> dict | None:
         metrics = json.loads(storage.read_bytes("metrics.json"))
     except (FileNotFoundError, ValueError):
         return None
-    if not isinstance(metrics, dict) or metrics.get("fingerprint") != evaluation_fingerprint(cfg, plan):
+    if not isinstance(metrics, dict) or metrics.get("fingerprint") != fingerprint:
         return None
     log.info("%s already holds the evaluation of these inputs and settings (metrics.json); kept "
              "(--recompute evaluates again)", cfg.output)
     return metrics
 
 
-def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None) -> dict:
+def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint: str = "") -> dict:
     """Measure everything and write the report; returns the metrics (also in ``metrics.json``).  A rerun
-    of the same inputs and settings into the same output returns the metrics there (`finished_evaluation`)."""
+    of the same inputs and settings into the same output returns the metrics there (`finished_evaluation`).
+    `fingerprint`: the plan's `evaluation_fingerprint` when the caller has it (it reads every shard's stats)."""
     started = time.perf_counter()
     plan = plan or plan_evaluation(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
-    finished = finished_evaluation(cfg, plan)
+    fingerprint = fingerprint or evaluation_fingerprint(cfg, plan)
+    finished = finished_evaluation(cfg, fingerprint)
     if finished is not None:
         return finished
-    fingerprint = evaluation_fingerprint(cfg, plan)
     # the old marker goes first: its features and figures are about to be replaced, so an interrupted
     # run must not leave it standing beside them
     storage.delete("metrics.json")

@@ -134,13 +134,14 @@ def test_the_fingerprint_follows_the_inputs_and_settings_not_the_workers(eval_wo
     # a metrics.json of that fingerprint is kept, unless --recompute; another one or none is not
     out = Path(cfg.output)
     out.mkdir()
-    assert finished_evaluation(cfg, plan) is None
+    assert finished_evaluation(cfg, base) is None
     (out / "metrics.json").write_text(json.dumps({"fingerprint": base, "seconds": 1.0}))
-    assert finished_evaluation(cfg, plan) == {"fingerprint": base, "seconds": 1.0}
-    assert finished_evaluation(replace(cfg, recompute=True), plan) is None
-    assert finished_evaluation(replace(cfg, steps=7), plan_evaluation(replace(cfg, steps=7))) is None
+    assert finished_evaluation(cfg, base) == {"fingerprint": base, "seconds": 1.0}
+    assert finished_evaluation(replace(cfg, recompute=True), base) is None
+    seven = replace(cfg, steps=7)
+    assert finished_evaluation(seven, evaluation_fingerprint(seven, plan_evaluation(seven))) is None
     (out / "metrics.json").write_text("[1, 2]")
-    assert finished_evaluation(cfg, plan) is None
+    assert finished_evaluation(cfg, base) is None
 
 
 def test_fd_from_summed_moments_is_the_in_memory_fd():
