@@ -11,10 +11,15 @@ VAE is trained further on the base's pretraining images (``jobs/build_demo.py``'
   ``--pool`` (their low frequencies: the lesion's colour, which tells the classes apart, rather than the
   hair, which dominates a pixel loss);
 - ``wide`` (with ``--arms``): a VAE of the base's config with wider blocks (``--wide-channels``), freshly
-  initialised, trained as ``colour`` with ``--wide-lr``: what more capacity buys.
+  initialised (with ``--wide-groups``, another GroupNorm group count), trained as ``colour`` with
+  ``--wide-lr``: what more capacity buys;
+- ``lesion`` (with ``--arms``): the same fresh VAE trained as ``wide`` plus ``--lesion-weight`` × the colour
+  term restricted to the lesion (``lesion_colour_loss``): whether a loss that weighs the lesion's colour
+  rather than the whole image's keeps the classes.
 
     python bench/vae_round_trip.py --world WORLD [--base demo-hard] [--steps 1500] [--colour-weight 4] [--pool 4]
     python bench/vae_round_trip.py --world WORLD --arms wide --wide-channels 64,64,128
+    python bench/vae_round_trip.py --world WORLD --arms lesion --wide-channels 32,32,64 --lesion-weight 8
 
 Before any training it also measures where the class information sits, against the same classifier:
 the real images average-pooled to the latent's grid (``--pool``, the VAE's downsampling) and scaled back
@@ -39,8 +44,8 @@ import torch
 from skindual import quality
 from skindual.base_models import resolve_base_model
 from skindual.demo_data import render_batch
-from skindual.demo_model import (DEMO_RESOLUTION, PretrainRecipe, fresh_vae, vae_batch_loss, vae_round_trip,
-                                 warmup_cosine)
+from skindual.demo_model import (DEMO_RESOLUTION, PretrainRecipe, fresh_vae, lesion_colour_loss, vae_batch_loss,
+                                 vae_round_trip, warmup_cosine)
 from skindual.demo_world import split_pairs
 from skindual.model import load_pipeline, mask_to_image
 
@@ -68,13 +73,19 @@ def band_swaps(real: np.ndarray, round_trip: np.ndarray, pool: int) -> dict[str,
             "swap_low": uint8(r - low(r) + low(x)), "swap_high": uint8(x - low(x) + low(r))}
 
 
-def wide_vae(base: str, channels: list[int]):
-    """A freshly initialised VAE of the base's config with other block widths (the rebuild's `fresh_vae`)."""
-    return fresh_vae({"vae": dict(load_pipeline(resolve_base_model(base)).vae.config)}, channels, seed=0)[0]
+def wide_vae(base: str, channels: list[int], groups: int = 0):
+    """A freshly initialised VAE of the base's config with other block widths and, with `groups`, another
+    GroupNorm group count (the rebuild's `fresh_vae`)."""
+    config = dict(load_pipeline(resolve_base_model(base)).vae.config)
+    if groups:
+        config["norm_num_groups"] = groups
+    return fresh_vae({"vae": config}, channels, seed=0)[0]
 
 
-def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, evaluate) -> dict:
-    """`--steps` VAE steps (the recipe's optimiser, batch and schedule)."""
+def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, evaluate,
+              lesion: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """`--steps` VAE steps (the recipe's optimiser, batch and schedule); with `lesion` (images, masks), each
+    step adds `--lesion-weight` × `lesion_colour_loss` on a second batch of those images."""
     recipe = PretrainRecipe()
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -83,6 +94,8 @@ def train_arm(vae, data: torch.Tensor, args, colour_weight: float, lr: float, ev
     vae.train()
     for step in range(1, args.steps + 1):
         loss = vae_batch_loss(vae, data, recipe.vae_batch_size, g, colour_weight, args.pool)
+        if lesion is not None:
+            loss = loss + args.lesion_weight * lesion_colour_loss(vae, *lesion, recipe.vae_batch_size, g, args.pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,12 +123,16 @@ def main() -> None:
     parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide; '' for the measurements before training only")
     parser.add_argument("--wide-channels", default="64,64,128", help="the wide arm's block widths")
     parser.add_argument("--wide-lr", type=float, default=1e-3)
+    parser.add_argument("--lesion-weight", type=float, default=8.0,
+                        help="the lesion arm's weight of the lesion-masked colour term (lesion_colour_loss)")
+    parser.add_argument("--wide-groups", type=int, default=0,
+                        help="the wide arm's GroupNorm groups (0: the base's; fewer groups normalise over more channels)")
     parser.add_argument("--per-class", type=int, default=PretrainRecipe.per_class,
                         help="pretraining lesions a class to train on (the recipe's by default)")
     args = parser.parse_args()
     arms = [name for name in args.arms.split(",") if name]
-    if set(arms) - {"plain", "colour", "wide"}:
-        parser.error(f"--arms {args.arms}: give a comma-separated list of plain, colour, wide (or '' for none)")
+    if set(arms) - {"plain", "colour", "wide", "lesion"}:
+        parser.error(f"--arms {args.arms}: give a comma-separated list of plain, colour, wide, lesion (or '' for none)")
     world = json.loads(open(f"{args.world}/demo_world.json").read())
     difficulty = world.get("difficulty", "easy")
     base = args.base or ("demo-hard" if difficulty == "hard" else "demo")
@@ -140,14 +157,16 @@ def main() -> None:
     if arms:
         images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
         data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
+        lesion = (quality.images_to_tensor(images), torch.from_numpy(masks))
 
     def start(name: str):
-        if name == "wide":
-            return wide_vae(base, [int(c) for c in args.wide_channels.split(",")])
+        if name in ("wide", "lesion"):
+            return wide_vae(base, [int(c) for c in args.wide_channels.split(",")], args.wide_groups)
         return load_pipeline(resolve_base_model(base)).vae
 
     results = {name: train_arm(start(name), data, args, 0.0 if name == "plain" else args.colour_weight,
-                               args.wide_lr if name == "wide" else args.lr, evaluate) for name in arms}
+                               args.wide_lr if name in ("wide", "lesion") else args.lr, evaluate,
+                               lesion if name == "lesion" else None) for name in arms}
     figures = {"difficulty": difficulty, "base": base, "test_pairs": len(labels), "steps": args.steps,
                "colour_weight": args.colour_weight, "pool": args.pool, "real_recall": round(real, 4),
                "shipped_round_trip_recall": round(shipped, 4), "ratio_shipped": round(shipped / real, 4), **bands}

@@ -41,6 +41,9 @@ class BuildDemoConfig:
                                    "VAE where they differ from --start-from's (default: --start-from's, or 32,32,64)")
     vae_colour_weight: float = option(_RECIPE.vae_colour_weight, "with --rebuild: weight of the VAE's low-frequency "
                                                                  "colour term (4 × 4-pooled L1; 0: none)")
+    vae_lesion_weight: float = option(_RECIPE.vae_lesion_weight, "with --rebuild: weight of the VAE's colour term on "
+                                                                 "the lesion alone (4 × 4-pooled L1 inside the mask; "
+                                                                 "0: none)")
     unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
     pretrain_per_class: int = option(_RECIPE.per_class, "with --rebuild: class-balanced pretraining lesions per class")
     measure: bool = option(True, "measure VAE reconstruction and the base's class fidelity")
@@ -50,8 +53,9 @@ class BuildDemoConfig:
     def __post_init__(self) -> None:
         if not 0 < self.data_scale <= 1:
             raise UserError(f"--data-scale {self.data_scale}: must be in (0, 1]")
-        if self.vae_colour_weight < 0:
-            raise UserError(f"--vae-colour-weight {self.vae_colour_weight}: must be 0 or more")
+        for flag in ("vae_colour_weight", "vae_lesion_weight"):
+            if getattr(self, flag) < 0:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: must be 0 or more")
         widths = self.vae_channels.split(",") if self.vae_channels else []
         if not all(w.strip().isdigit() and int(w) > 0 and int(w) % 16 == 0 for w in widths):
             raise UserError(f"--vae-channels {self.vae_channels}: give comma-separated block widths, each a multiple "
@@ -71,7 +75,7 @@ def main(cfg: BuildDemoConfig) -> None:
         recipe = PretrainRecipe(seed=cfg.seed, per_class=cfg.pretrain_per_class, vae_steps=cfg.vae_steps,
                                 unet_steps=cfg.unet_steps, difficulty=cfg.difficulty,
                                 vae_channels=tuple(int(c) for c in cfg.vae_channels.split(",") if c),
-                                vae_colour_weight=cfg.vae_colour_weight,
+                                vae_colour_weight=cfg.vae_colour_weight, vae_lesion_weight=cfg.vae_lesion_weight,
                                 start_from=cfg.start_from or (str(DEMO_BASES["demo"]) if cfg.difficulty == "hard" else ""))
     artifact = cfg.artifact or str(DEMO_BASES[world_base(cfg.difficulty)])
     world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=artifact,

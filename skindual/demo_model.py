@@ -62,6 +62,7 @@ class PretrainRecipe:
     start_from: str = ""  # an artifact whose weights pretraining continues from ("": random initialisation)
     vae_channels: tuple[int, ...] = ()  # the VAE's block widths (): the component config's or start_from's
     vae_colour_weight: float = 0.0  # weight of the VAE's low-frequency colour term (vae_batch_loss)
+    vae_lesion_weight: float = 0.0  # weight of the VAE's colour term on the lesion alone (lesion_colour_loss)
 
 
 # --------------------------------------------------------------------------- components
@@ -179,9 +180,25 @@ def vae_batch_loss(vae, data: torch.Tensor, batch_size: int, g: torch.Generator,
     return loss
 
 
+def lesion_colour_loss(vae, images: torch.Tensor, lesions: torch.Tensor, batch_size: int, g: torch.Generator,
+                       pool: int = 4) -> torch.Tensor:
+    """A batch of `images` (N×3×H×W in [-1, 1]) and their binary lesion masks (N×H×W): L1 between the
+    `pool` × `pool`-pooled images and their round trip, weighted by each cell's lesion share (the pooled
+    mask) and averaged over the lesion's cells.  Where a lesion differs from the skin by a faint tint, a
+    loss over the whole image is dominated by the skin and the hair; this one weighs the lesion's own
+    colour, which is what tells the classes apart."""
+    pick = torch.randint(len(images), (batch_size,), generator=g)
+    batch, weight = images[pick], F.avg_pool2d(lesions[pick][:, None].float(), pool)
+    recon = vae.decode(vae.encode(batch).latent_dist.sample(generator=g)).sample
+    error = (F.avg_pool2d(recon, pool) - F.avg_pool2d(batch, pool)).abs().mean(1, keepdim=True)
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRecipe) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term, on lesion images and masks alike (`vae_batch_loss`)."""
+    """Reconstruction (L1 + MSE) with a small KL term, on lesion images and masks alike (`vae_batch_loss`),
+    and with `recipe.vae_lesion_weight` that weight × `lesion_colour_loss` on a second batch of images."""
     data = torch.cat([images, masks])
+    lesions = masks[:, 0] > 0  # masks as the VAE sees them: {-1, 1} on 3 channels
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     sched = warmup_cosine(opt, recipe.vae_steps)
@@ -189,6 +206,8 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRe
     start = time.time()
     for step in range(recipe.vae_steps):
         loss = vae_batch_loss(vae, data, recipe.vae_batch_size, g, recipe.vae_colour_weight)
+        if recipe.vae_lesion_weight:
+            loss = loss + recipe.vae_lesion_weight * lesion_colour_loss(vae, images, lesions, recipe.vae_batch_size, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

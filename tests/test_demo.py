@@ -172,7 +172,7 @@ def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(
     trained with the colour term, recorded in the artifact's configs and recipe."""
     recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
                                        difficulty="hard", start_from=str(base_models.ARTIFACT),
-                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0)
+                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0, vae_lesion_weight=8.0)
     pipe, configs = demo_model.pretrain_demo_base(recipe)
     assert list(pipe.vae.config.block_out_channels) == [16, 32, 32] == configs["vae"]["block_out_channels"]
     easy = load_pipeline("demo")
@@ -184,6 +184,34 @@ def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(
     assert list(again.vae.config.block_out_channels) == [16, 32, 32]
     recorded = json.loads(base_models.artifact_metadata(artifact)["recipe"])
     assert recorded["vae_channels"] == [16, 32, 32] and recorded["vae_colour_weight"] == 4.0
+    assert recorded["vae_lesion_weight"] == 8.0
+
+
+def test_the_lesion_colour_term_weighs_the_lesions_cells_only():
+    """`lesion_colour_loss`: 0 where no mask has a lesion; with masks covering the whole image, the plain
+    mean L1 of the pooled round trip; with the lesion in one quadrant, that quadrant's error alone."""
+    import torch.nn.functional as F
+
+    vae = load_pipeline("demo").vae
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    quadrant = torch.zeros(4, 64, 64, dtype=torch.bool)
+    quadrant[:, :32, :32] = True
+
+    def loss(lesions):
+        return demo_model.lesion_colour_loss(vae, images, lesions, 4, torch.Generator().manual_seed(1))
+
+    def pooled_error():  # the same draw as `loss`: batch indices, then the posterior sample
+        g = torch.Generator().manual_seed(1)
+        batch = images[torch.randint(4, (4,), generator=g)]
+        recon = vae.decode(vae.encode(batch).latent_dist.sample(generator=g)).sample
+        return (F.avg_pool2d(recon, 4) - F.avg_pool2d(batch, 4)).abs().mean(1)
+
+    with torch.no_grad():
+        assert loss(torch.zeros(4, 64, 64, dtype=torch.bool)).item() == 0.0
+        error = pooled_error()
+        torch.testing.assert_close(loss(torch.ones(4, 64, 64, dtype=torch.bool)), error.mean())
+        torch.testing.assert_close(loss(quadrant), error[:, :8, :8].mean())
+        assert not torch.isclose(error[:, :8, :8].mean(), error.mean())
 
 
 def _run_job(*args, env_extra=None):
@@ -221,6 +249,7 @@ def test_build_demo_job_end_to_end(tmp_path):
     (["--rebuild", "--vae-channels", "64,x"], "--vae-channels 64,x"),
     (["--rebuild", "--vae-channels", "64,60"], "multiple of 16"),
     (["--rebuild", "--vae-colour-weight", "-1"], "--vae-colour-weight -1"),
+    (["--rebuild", "--vae-lesion-weight", "-0.5"], "--vae-lesion-weight -0.5"),
 ])
 def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
     result = _run_job("--output", str(tmp_path / "w"), "--no-measure", *args)
