@@ -135,6 +135,25 @@ def recorded_recipe(recipe: PretrainRecipe) -> dict:
     return fields
 
 
+# recipe fields that jobs/build_demo.py sets from a flag of the same name (per_class: --pretrain-per-class)
+_RECIPE_FLAGS = {"difficulty": "--difficulty", "seed": "--seed", "per_class": "--pretrain-per-class",
+                 "vae_steps": "--vae-steps", "vae_channels": "--vae-channels", "vae_colour_weight": "--vae-colour-weight",
+                 "vae_lesion_weight": "--vae-lesion-weight", "unet_steps": "--unet-steps"}
+
+
+def rebuild_command(recipe: PretrainRecipe) -> str:
+    """The jobs/build_demo.py command that rebuilds an artifact of `recipe`: its flags where the recipe
+    differs from the defaults (``--start-from`` not: the recipe records that artifact by name and sha256)."""
+    default, parts = PretrainRecipe(), [REBUILD_COMMAND]
+    for field, flag in _RECIPE_FLAGS.items():
+        value = getattr(recipe, field)
+        if value != getattr(default, field):
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) \
+                else str(value)
+            parts.append(f"{flag} {text}")
+    return " ".join(parts)
+
+
 def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[str, dict]) -> None:
     """Weights in fp16 plus everything needed to rebuild the pipeline, in one safetensors file."""
     tensors = {}
@@ -147,7 +166,7 @@ def save_artifact(pipe, recipe: PretrainRecipe, path: str | Path, configs: dict[
         "configs": json.dumps(configs, sort_keys=True),
         "tokenizer": json.dumps({"vocab": tok_model["vocab"], "merges": tok_model["merges"]}, sort_keys=True),
         "recipe": json.dumps(recorded_recipe(recipe), sort_keys=True),
-        "rebuild_command": REBUILD_COMMAND + ("" if recipe.difficulty == "easy" else f" --difficulty {recipe.difficulty}"),
+        "rebuild_command": rebuild_command(recipe),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"

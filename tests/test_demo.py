@@ -185,6 +185,10 @@ def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(
     recorded = json.loads(base_models.artifact_metadata(artifact)["recipe"])
     assert recorded["vae_channels"] == [16, 32, 32] and recorded["vae_colour_weight"] == 4.0
     assert recorded["vae_lesion_weight"] == 8.0
+    # the command that rebuilds it names every flag the recipe differs in (not --start-from: recorded by sha256)
+    assert base_models.artifact_metadata(artifact)["rebuild_command"] == (
+        "python jobs/build_demo.py --rebuild --difficulty hard --pretrain-per-class 2 --vae-steps 2 "
+        "--vae-channels 16,32,32 --vae-colour-weight 4 --vae-lesion-weight 8 --unet-steps 2")
 
 
 def test_the_lesion_colour_term_weighs_the_lesions_cells_only():
