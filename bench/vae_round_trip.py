@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--colour-weight", type=float, default=4.0)
     parser.add_argument("--pool", type=int, default=4)
     parser.add_argument("--every", type=int, default=250)
-    parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide; '' for the measurements before training only")
+    parser.add_argument("--arms", default="plain,colour", help="comma-separated: plain, colour, wide, lesion; '' for the measurements before training only")
     parser.add_argument("--wide-channels", default="64,64,128", help="the wide arm's block widths")
     parser.add_argument("--wide-lr", type=float, default=1e-3)
     parser.add_argument("--lesion-weight", type=float, default=8.0,
@@ -156,8 +156,9 @@ def main() -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in bands.items()), flush=True)
     if arms:
         images, masks, _ = render_batch(args.per_class, seed=10_000, size=DEMO_RESOLUTION, difficulty=difficulty)
-        data = torch.cat([quality.images_to_tensor(images), mask_to_image(masks)])
-        lesion = (quality.images_to_tensor(images), torch.from_numpy(masks))
+        image_tensor = quality.images_to_tensor(images)
+        data = torch.cat([image_tensor, mask_to_image(masks)])
+        lesion = (image_tensor, torch.from_numpy(masks))
 
     def start(name: str):
         if name in ("wide", "lesion"):
