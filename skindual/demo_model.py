@@ -148,8 +148,12 @@ def rebuild_command(recipe: PretrainRecipe) -> str:
     for field, flag in _RECIPE_FLAGS.items():
         value = getattr(recipe, field)
         if value != getattr(default, field):
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) \
-                else str(value)
+            if isinstance(value, tuple):
+                text = ",".join(map(str, value))
+            elif isinstance(value, float):
+                text = f"{value:g}"
+            else:
+                text = str(value)
             parts.append(f"{flag} {text}")
     return " ".join(parts)
 
