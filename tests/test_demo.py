@@ -317,6 +317,11 @@ def test_the_automatic_qc_threshold_is_one_every_class_can_meet():
 def test_the_hard_base_records_how_to_rebuild_it_without_a_local_path():
     metadata = base_models.artifact_metadata(base_models.HARD_ARTIFACT)
     recipe = json.loads(metadata["recipe"])
-    assert recipe["difficulty"] == "hard" and metadata["rebuild_command"].endswith("--difficulty hard")
+    # the command names the recipe's flags: the shipped hard base weighs the lesion's colour in its VAE loss
+    assert recipe["difficulty"] == "hard" and recipe["vae_lesion_weight"] > 0
+    command = metadata["rebuild_command"]
+    assert command.startswith(base_models.REBUILD_COMMAND) and "--difficulty hard" in command
+    assert f"--vae-lesion-weight {recipe['vae_lesion_weight']:g}" in command
+    assert f"--vae-steps {recipe['vae_steps']}" in command
     # the artifact it continued from, by name and content: the easy base as shipped
     assert recipe["start_from"] == {"file": base_models.ARTIFACT.name, "sha256": file_sha256(base_models.ARTIFACT)}
