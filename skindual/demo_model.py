@@ -203,17 +203,32 @@ def vae_batch_loss(vae, data: torch.Tensor, batch_size: int, g: torch.Generator,
     return loss
 
 
+def low_band(x: torch.Tensor, pool: int, smooth: bool = False) -> torch.Tensor:
+    """The low frequencies of N×C×H×W `x`: `pool` × `pool` average pooling (the cells of the latent's grid),
+    or with `smooth` a Gaussian blur of σ = `pool` / 2 at full resolution, which has no cell borders for a
+    decoder to fit cell-wide colour offsets to."""
+    if not smooth:
+        return F.avg_pool2d(x, pool)
+    sigma, radius = pool / 2, pool
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    taps = (taps / taps.sum()).view(1, 1, -1)
+    for _ in range(2):  # separable: along the rows, then (transposed) along the columns
+        x = F.conv1d(F.pad(x.flatten(0, 2)[:, None], (radius, radius), mode="reflect"), taps).view_as(x)
+        x = x.transpose(-1, -2)
+    return x
+
+
 def lesion_colour_loss(vae, images: torch.Tensor, lesions: torch.Tensor, batch_size: int, g: torch.Generator,
-                       pool: int = 4) -> torch.Tensor:
+                       pool: int = 4, smooth: bool = False) -> torch.Tensor:
     """A batch of `images` (N×3×H×W in [-1, 1]) and their binary lesion masks (N×H×W): L1 between the
-    `pool` × `pool`-pooled images and their round trip, weighted by each cell's lesion share (the pooled
-    mask) and averaged over the lesion's cells.  Where a lesion differs from the skin by a faint tint, a
-    loss over the whole image is dominated by the skin and the hair; this one weighs the lesion's own
-    colour, which is what tells the classes apart."""
+    low bands (`low_band`) of the images and of their round trip, weighted by the mask's low band (each
+    cell's lesion share) and averaged over the lesion.  Where a lesion differs from the skin by a faint
+    tint, a loss over the whole image is dominated by the skin and the hair; this one weighs the lesion's
+    own colour, which is what tells the classes apart."""
     pick = torch.randint(len(images), (batch_size,), generator=g)
-    batch, weight = images[pick], F.avg_pool2d(lesions[pick][:, None].float(), pool)
+    batch, weight = images[pick], low_band(lesions[pick][:, None].float(), pool, smooth)
     recon = vae.decode(vae.encode(batch).latent_dist.sample(generator=g)).sample
-    error = (F.avg_pool2d(recon, pool) - F.avg_pool2d(batch, pool)).abs().mean(1, keepdim=True)
+    error = (low_band(recon, pool, smooth) - low_band(batch, pool, smooth)).abs().mean(1, keepdim=True)
     return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
 

@@ -218,6 +218,22 @@ def test_the_lesion_colour_term_weighs_the_lesions_cells_only():
         assert not torch.isclose(error[:, :8, :8].mean(), error.mean())
 
 
+def test_the_smooth_low_band_has_no_cell_grid():
+    """`low_band(smooth=True)`: a normalised Gaussian blur at full resolution, so a constant image stays
+    constant and a one-pixel shift of the input shifts the output by one pixel (the 4 × 4 pooling cannot:
+    its cells are fixed), which leaves a decoder no cell borders to fit colour offsets to."""
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(demo_model.low_band(torch.full_like(x, 0.3), 4, smooth=True), torch.full_like(x, 0.3))
+    shifted = demo_model.low_band(torch.roll(x, 1, dims=-1), 4, smooth=True)
+    torch.testing.assert_close(shifted[..., 8:-8], demo_model.low_band(x, 4, smooth=True)[..., 7:-9])
+    assert demo_model.low_band(x, 4).shape == (2, 3, 8, 12)  # the default: the pooled cells
+    # the lesion term on it still weighs nothing where no lesion is
+    vae = load_pipeline("demo").vae
+    with torch.no_grad():
+        none = torch.zeros(2, 32, 48, dtype=torch.bool)
+        assert demo_model.lesion_colour_loss(vae, x * 2 - 1, none, 2, torch.Generator().manual_seed(0),
+                                             smooth=True).item() == 0.0
+
 def _run_job(*args, env_extra=None):
     env = dict(os.environ, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "build_demo.py"), *args], capture_output=True,
