@@ -29,7 +29,7 @@ VAE's round trip with its low frequencies (the same pooling, bilinear back) swap
 (``swap_low_recall``) and the other way round (``swap_high_recall``): which band the round trip loses.
 
 What a round trip costs the rest of the image is measured too, for the shipped VAE and each arm
-(``image_quality``): the energy of the high band (image minus its Gaussian low band: hair, marks,
+(``image_quality``): PSNR, the energy of the high band (image minus its Gaussian low band: hair, marks,
 borders) over the real images' (``high_band_energy``, 1: as sharp) and its correlation with theirs
 (``high_band_corr``), and ``blockiness``, the mean jump between neighbouring pixels across the latent
 cells' borders over the same inside the cells (real images: 1.0; above 1: a grid shows).
@@ -96,7 +96,8 @@ def image_quality(real: np.ndarray, round_trip: np.ndarray, pool: int) -> dict[s
 
     x, r = tensor(real), tensor(round_trip)
     hx, hr = high(x), high(r)
-    return {"high_band_energy": round(float(hr.pow(2).mean() / hx.pow(2).mean()), 4),
+    return {"psnr_db": round(float(-10 * torch.log10((x - r).pow(2).mean())), 2),
+            "high_band_energy": round(float(hr.pow(2).mean() / hx.pow(2).mean()), 4),
             "high_band_corr": round(float((hx * hr).sum() / (hx.norm() * hr.norm())), 4),
             "blockiness": round((blockiness(r) + blockiness(r.transpose(-1, -2))) / 2, 4)}
 
