@@ -44,6 +44,8 @@ class BuildDemoConfig:
     vae_lesion_weight: float = option(_RECIPE.vae_lesion_weight, "with --rebuild: weight of the VAE's colour term on "
                                                                  "the lesion alone (4 × 4-pooled L1 inside the mask; "
                                                                  "0: none)")
+    vae_lesion_smooth: bool = option(_RECIPE.vae_lesion_smooth, "with --rebuild: that term on a Gaussian low band "
+                                                                "(σ 2 px) instead of the latent's 4 × 4 cells")
     unet_steps: int = option(_RECIPE.unet_steps, "with --rebuild: UNet pretraining steps")
     pretrain_per_class: int = option(_RECIPE.per_class, "with --rebuild: class-balanced pretraining lesions per class")
     measure: bool = option(True, "measure VAE reconstruction and the base's class fidelity")
@@ -76,6 +78,7 @@ def main(cfg: BuildDemoConfig) -> None:
                                 unet_steps=cfg.unet_steps, difficulty=cfg.difficulty,
                                 vae_channels=tuple(int(c) for c in cfg.vae_channels.split(",") if c),
                                 vae_colour_weight=cfg.vae_colour_weight, vae_lesion_weight=cfg.vae_lesion_weight,
+                                vae_lesion_smooth=cfg.vae_lesion_smooth,
                                 start_from=cfg.start_from or (str(DEMO_BASES["demo"]) if cfg.difficulty == "hard" else ""))
     artifact = cfg.artifact or str(DEMO_BASES[world_base(cfg.difficulty)])
     world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=artifact,

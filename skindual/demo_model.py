@@ -63,6 +63,7 @@ class PretrainRecipe:
     vae_channels: tuple[int, ...] = ()  # the VAE's block widths (): the component config's or start_from's
     vae_colour_weight: float = 0.0  # weight of the VAE's low-frequency colour term (vae_batch_loss)
     vae_lesion_weight: float = 0.0  # weight of the VAE's colour term on the lesion alone (lesion_colour_loss)
+    vae_lesion_smooth: bool = False  # that term on a Gaussian low band, not the latent's 4 × 4 cells (low_band)
 
 
 # --------------------------------------------------------------------------- components
@@ -138,7 +139,8 @@ def recorded_recipe(recipe: PretrainRecipe) -> dict:
 # recipe fields that jobs/build_demo.py sets from a flag of the same name (per_class: --pretrain-per-class)
 _RECIPE_FLAGS = {"difficulty": "--difficulty", "seed": "--seed", "per_class": "--pretrain-per-class",
                  "vae_steps": "--vae-steps", "vae_channels": "--vae-channels", "vae_colour_weight": "--vae-colour-weight",
-                 "vae_lesion_weight": "--vae-lesion-weight", "unet_steps": "--unet-steps"}
+                 "vae_lesion_weight": "--vae-lesion-weight", "vae_lesion_smooth": "--vae-lesion-smooth",
+                 "unet_steps": "--unet-steps"}
 
 
 def rebuild_command(recipe: PretrainRecipe) -> str:
@@ -148,6 +150,9 @@ def rebuild_command(recipe: PretrainRecipe) -> str:
     for field, flag in _RECIPE_FLAGS.items():
         value = getattr(recipe, field)
         if value != getattr(default, field):
+            if isinstance(value, bool):  # a switch: its flag alone
+                parts.append(flag)
+                continue
             if isinstance(value, tuple):
                 text = ",".join(map(str, value))
             elif isinstance(value, float):
@@ -245,7 +250,8 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRe
     for step in range(recipe.vae_steps):
         loss = vae_batch_loss(vae, data, recipe.vae_batch_size, g, recipe.vae_colour_weight)
         if recipe.vae_lesion_weight:
-            loss = loss + recipe.vae_lesion_weight * lesion_colour_loss(vae, images, lesions, recipe.vae_batch_size, g)
+            loss = loss + recipe.vae_lesion_weight * lesion_colour_loss(vae, images, lesions, recipe.vae_batch_size, g,
+                                                                        smooth=recipe.vae_lesion_smooth)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -172,7 +172,8 @@ def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(
     trained with the colour term, recorded in the artifact's configs and recipe."""
     recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
                                        difficulty="hard", start_from=str(base_models.ARTIFACT),
-                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0, vae_lesion_weight=8.0)
+                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0, vae_lesion_weight=8.0,
+                                       vae_lesion_smooth=True)
     pipe, configs = demo_model.pretrain_demo_base(recipe)
     assert list(pipe.vae.config.block_out_channels) == [16, 32, 32] == configs["vae"]["block_out_channels"]
     easy = load_pipeline("demo")
@@ -184,11 +185,11 @@ def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(
     assert list(again.vae.config.block_out_channels) == [16, 32, 32]
     recorded = json.loads(base_models.artifact_metadata(artifact)["recipe"])
     assert recorded["vae_channels"] == [16, 32, 32] and recorded["vae_colour_weight"] == 4.0
-    assert recorded["vae_lesion_weight"] == 8.0
+    assert recorded["vae_lesion_weight"] == 8.0 and recorded["vae_lesion_smooth"] is True
     # the command that rebuilds it names every flag the recipe differs in (not --start-from: recorded by sha256)
     assert base_models.artifact_metadata(artifact)["rebuild_command"] == (
         "python jobs/build_demo.py --rebuild --difficulty hard --pretrain-per-class 2 --vae-steps 2 "
-        "--vae-channels 16,32,32 --vae-colour-weight 4 --vae-lesion-weight 8 --unet-steps 2")
+        "--vae-channels 16,32,32 --vae-colour-weight 4 --vae-lesion-weight 8 --vae-lesion-smooth --unet-steps 2")
 
 
 def test_the_lesion_colour_term_weighs_the_lesions_cells_only():
