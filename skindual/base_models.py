@@ -132,6 +132,8 @@ def resolve_base_model(model: str | Path) -> str:
     if name not in DEMO_BASES:
         return name
     if name != DEMO_BASE and not DEMO_BASES[name].is_file():
-        raise UserError(f"--base-model {name}: its artifact {DEMO_BASES[name]} is not there; build it with "
-                        f"`{REBUILD_COMMAND} --difficulty hard --artifact {DEMO_BASES[name]}`")
+        raise UserError(f"--base-model {name}: its artifact {DEMO_BASES[name]} is not there; restore it (git "
+                        f"checkout skindual/assets) or rebuild it with `{REBUILD_COMMAND} --difficulty hard --vae-steps "
+                        f"2000 --vae-colour-weight 4 --vae-lesion-weight 8 --artifact {DEMO_BASES[name]}` (the shipped "
+                        "one's recipe)")
     return str(demo_base_path(DEMO_BASES[name]))

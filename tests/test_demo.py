@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from conftest import folder_arrays
 
 from skindual import base_models, data, demo_data, demo_model, quality
+from skindual.errors import UserError
 from skindual.model import load_pipeline
 from skindual.storage import file_sha256
 from skindual.prompts import CLASSES
@@ -340,5 +342,10 @@ def test_the_hard_base_records_how_to_rebuild_it_without_a_local_path():
     assert command.startswith(base_models.REBUILD_COMMAND) and "--difficulty hard" in command
     assert f"--vae-lesion-weight {recipe['vae_lesion_weight']:g}" in command
     assert f"--vae-steps {recipe['vae_steps']}" in command
+    # and a missing artifact's error names that same command, for a user to rebuild it
+    missing = dict(base_models.DEMO_BASES, **{"demo-hard": Path("/nonexistent/demo_base_hard.safetensors")})
+    with mock.patch.object(base_models, "DEMO_BASES", missing), pytest.raises(UserError) as raised:
+        base_models.resolve_base_model("demo-hard")
+    assert f"{command} --artifact /nonexistent/demo_base_hard.safetensors" in str(raised.value)
     # the artifact it continued from, by name and content: the easy base as shipped
     assert recipe["start_from"] == {"file": base_models.ARTIFACT.name, "sha256": file_sha256(base_models.ARTIFACT)}
