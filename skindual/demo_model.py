@@ -192,22 +192,6 @@ def warmup_cosine(opt, steps: int, warmup_fraction: float = 0.03):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, steps, "cosine"))
 
 
-def vae_batch_loss(vae, data: torch.Tensor, batch_size: int, g: torch.Generator, colour_weight: float = 0.0,
-                   pool: int = 4) -> torch.Tensor:
-    """One VAE training batch drawn from `data` (flipped half the time) and its loss: reconstruction (L1 + MSE)
-    with a small KL term, plus, with `colour_weight`, that weight × L1 between the `pool` × `pool`
-    average-pooled images (their low frequencies, where a lesion's colour is)."""
-    batch = data[torch.randint(len(data), (batch_size,), generator=g)]
-    if torch.rand((), generator=g) < 0.5:
-        batch = batch.flip(-1)
-    posterior = vae.encode(batch).latent_dist
-    recon = vae.decode(posterior.sample(generator=g)).sample
-    loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
-    if colour_weight:
-        loss = loss + colour_weight * F.l1_loss(F.avg_pool2d(recon, pool), F.avg_pool2d(batch, pool))
-    return loss
-
-
 def low_band(x: torch.Tensor, pool: int, smooth: bool = False) -> torch.Tensor:
     """The low frequencies of N×C×H×W `x`: `pool` × `pool` average pooling (the cells of the latent's grid),
     or with `smooth` a Gaussian blur of σ = `pool` / 2 at full resolution, which has no cell borders for a
@@ -221,6 +205,22 @@ def low_band(x: torch.Tensor, pool: int, smooth: bool = False) -> torch.Tensor:
         x = F.conv1d(F.pad(x.flatten(0, 2)[:, None], (radius, radius), mode="reflect"), taps).view_as(x)
         x = x.transpose(-1, -2)
     return x
+
+
+def vae_batch_loss(vae, data: torch.Tensor, batch_size: int, g: torch.Generator, colour_weight: float = 0.0,
+                   pool: int = 4) -> torch.Tensor:
+    """One VAE training batch drawn from `data` (flipped half the time) and its loss: reconstruction (L1 + MSE)
+    with a small KL term, plus, with `colour_weight`, that weight × L1 between the `pool` × `pool`
+    average-pooled images (their low frequencies, where a lesion's colour is)."""
+    batch = data[torch.randint(len(data), (batch_size,), generator=g)]
+    if torch.rand((), generator=g) < 0.5:
+        batch = batch.flip(-1)
+    posterior = vae.encode(batch).latent_dist
+    recon = vae.decode(posterior.sample(generator=g)).sample
+    loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+    if colour_weight:
+        loss = loss + colour_weight * F.l1_loss(low_band(recon, pool), low_band(batch, pool))
+    return loss
 
 
 def lesion_colour_loss(vae, images: torch.Tensor, lesions: torch.Tensor, batch_size: int, g: torch.Generator,

@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -236,6 +236,7 @@ def test_the_smooth_low_band_has_no_cell_grid():
         none = torch.zeros(2, 32, 48, dtype=torch.bool)
         assert demo_model.lesion_colour_loss(vae, x * 2 - 1, none, 2, torch.Generator().manual_seed(0),
                                              smooth=True).item() == 0.0
+
 
 def _run_job(*args, env_extra=None):
     env = dict(os.environ, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
