@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from skindual.cli import init_ray
+from skindual.cluster import init_ray
 from skindual.demo_world import prepare_demo_world
 from skindual.finetune import (FinetuneConfig, JointTrainer, local_batches, run_finetune, training_rows,
                                training_selection)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from skindual import quality
-from skindual.cli import init_ray
+from skindual.cluster import init_ray
 from skindual.demo_world import prepare_demo_world, split_pairs
 from skindual.finetune import FinetuneConfig, run_finetune
 from skindual.model import DualPipeline

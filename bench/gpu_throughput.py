@@ -9,9 +9,12 @@ PyTorch's scaled-dot-product attention (diffusers' default processor on torch 2)
 wraps the UNet in `torch.compile`, ``--channels-last`` sets its memory format.
 
 The FLOP floor: one pair costs 2 × steps UNet evaluations (guidance) plus 2 VAE decodes, counted by
-`torch.utils.flop_counter` on this very model (SD-2-base at 512²: about 678 GFLOP a UNet evaluation,
-2,480 GFLOP a decode, 38.9 TFLOP a pair at 25 steps); ``floor_fraction`` is pairs/s × FLOP per pair
-over ``--peak-tflops`` (dense bf16/fp16: about 790 TFLOP/s measured on H100/H200).
+`torch.utils.flop_counter` on this very architecture built on the meta device (no weights, no compute;
+attention decomposes into counted matmuls there, whereas on the CPU torch's counter gives fused SDPA 0):
+SD-2-base at 512² is about 804 GFLOP a UNet evaluation, 2,515 GFLOP a decode, 45.2 TFLOP a pair at 25
+steps.  ``floor_fraction`` is pairs/s × FLOP per pair over ``--peak-tflops`` (dense bf16/fp16: about 790
+TFLOP/s measured on H100/H200).  ``peak_gb`` is the joint model's own peak (the image-only pipeline is
+off the GPU while the joint one runs).
 
     python bench/gpu_throughput.py                              # on a GPU: SD-2-base size, 512², 25 steps
     python bench/gpu_throughput.py --compile --channels-last
@@ -39,6 +42,22 @@ def flops_of(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def meta_flops(width: int, resolution: int) -> tuple[int, int]:
+    """(FLOP of one UNet evaluation, FLOP of one VAE decode) of SD-2-base's architecture at `width` and
+    `resolution`, counted on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from skindual.sd2 import sd2_configs
+
+    configs, side = sd2_configs("base", width), resolution // 8
+    with torch.device("meta"), torch.no_grad():
+        unet, vae = UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"])
+        latents = torch.randn(1, 4, side, side)
+        unet_flops = flops_of(lambda: unet(latents, torch.tensor([500]), torch.randn(1, 77, 1024)))
+        vae_flops = flops_of(lambda: vae.decode(latents))
+    return unet_flops, vae_flops
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -85,42 +104,46 @@ def main() -> None:
     joint.set_progress_bar_config(disable=True)
     processors = {type(p).__name__ for p in image_only.unet.attn_processors.values()}
 
-    side = args.resolution // 8
-    with torch.no_grad():
-        unet_flops = flops_of(lambda: image_only.unet(torch.randn(1, 4, side, side), torch.tensor([500]),
-                                                      torch.randn(1, 77, 1024)))
-        vae_flops = flops_of(lambda: image_only.vae.decode(torch.randn(1, 4, side, side)))
+    unet_flops, vae_flops = meta_flops(args.width, args.resolution)
     per_pair = 2 * args.steps * unet_flops + 2 * vae_flops
+
+    def on(pipe, dtype):
+        """`pipe` alone on the device: the other pipeline back on the CPU, its memory freed."""
+        for other in (image_only, joint):
+            if other is not pipe:
+                other.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        pipe.to(device, dtype)
+        if args.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        return pipe
 
     results = []
     for name in args.dtypes:
         dtype = dtypes[name]
-        for pipe in (image_only, joint):
-            pipe.to(device, dtype)
-            if args.channels_last:
-                pipe.unet.to(memory_format=torch.channels_last)
-        dual = DualPipeline(joint, "channels", resolution=args.resolution)
         if args.compile:
-            dual.pipe.unet = torch.compile(dual.pipe.unet)
-            image_only.unet = torch.compile(image_only.unet)
+            joint.unet, image_only.unet = torch.compile(joint.unet), torch.compile(image_only.unet)
         for batch in args.batches:
             prompts, seeds = [PROMPT] * batch, list(range(batch))
-
-            def sample_joint():
-                dual(prompts, seeds, steps=args.steps, guidance=args.guidance)
 
             def sample_image_only():
                 image_only(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                            height=args.resolution, width=args.resolution, output_type="np",
                            generator=torch.Generator(device).manual_seed(0))
 
-            joint_s, image_s = timed(sample_joint, args.repeats, device), timed(sample_image_only, args.repeats, device)
+            on(image_only, dtype)
+            image_s = timed(sample_image_only, args.repeats, device)
+            dual = DualPipeline(on(joint, dtype), "channels", resolution=args.resolution)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            joint_s = timed(lambda: dual(prompts, seeds, steps=args.steps, guidance=args.guidance), args.repeats,
+                            device)
             entry = {"dtype": name, "batch": batch, "pairs_per_s": round(batch / joint_s, 4),
                      "image_only_per_s": round(batch / image_s, 4), "ratio": round(image_s / joint_s, 3),
                      "floor_fraction": round(batch / joint_s * per_pair / (args.peak_tflops * 1e12), 4)}
             if device.type == "cuda":
                 entry["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
-                torch.cuda.reset_peak_memory_stats()
             results.append(entry)
             print(f"{name} batch {batch:>2}: {entry['pairs_per_s']:.3f} pairs/s, image-only "
                   f"{entry['image_only_per_s']:.3f} images/s (ratio {entry['ratio']:.2f}), "

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from skindual.cli import init_ray, run_job
+from skindual.cli import run_job
+from skindual.cluster import init_ray
 from skindual.demo import DemoConfig, format_summary, run_demo
 
 

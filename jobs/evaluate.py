@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import sys
 
-from skindual.cli import init_ray, run_job
+from skindual.cli import run_job
+from skindual.cluster import init_ray
 from skindual.demo_world import evaluate_defaults
 from skindual.evaluate import EvaluateConfig, evaluation_fingerprint, finished_evaluation, plan_evaluation, run_evaluate
 

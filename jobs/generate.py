@@ -2,12 +2,13 @@ r"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset
 
     python jobs/generate.py --per-class 20                 # demo base (+ demo adapter if shipped), local Ray
     ray job submit -- python jobs/generate.py --per-class 5000 --adapter s3://bucket/runs/finetune/adapter \
-        --base-model stabilityai/stable-diffusion-2-base --actors 8 --num-gpus-per-actor 1 \
-        --output s3://bucket/synthetic
+        --actors 8 --num-gpus-per-actor 1 --accelerator-type A10G --output s3://bucket/synthetic
     python jobs/generate.py --per-class df=5000,vasc=4000 ...  # top up only the rare classes
 
 Re-running into the same --output skips the committed shards; other settings need --overwrite.
-Ray workers read S3 credentials from their own environment (instance role or AWS_* variables).
+Ray workers read S3 credentials from their own environment (instance role or AWS_* variables); on a
+cluster of several nodes the outputs go to s3://.  The adapter names its base model (stage it once with
+jobs/stage_base.py); --num-gpus-per-actor -1 resolves from the GPU nodes the autoscaler can launch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 import math
 import sys
 
-from skindual.cli import init_ray, run_job
+from skindual.cli import run_job
+from skindual.cluster import init_ray
 from skindual.demo_world import generate_defaults
-from skindual.generate import GenerateConfig, run_generate
+from skindual.generate import GenerateConfig, resolve_model, run_generate
 
 
 def main(cfg: GenerateConfig) -> None:
     cfg = generate_defaults(cfg)  # the embedded default: the shipped demo adapter
+    spec = resolve_model(cfg)  # the adapter, its base model and the QC segmenter checked before Ray starts
     init_ray(min_cpus=math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
-    manifest = run_generate(cfg)
+    manifest = run_generate(cfg, spec=spec)
     totals = manifest["totals"]
     per_class = ", ".join(f"{c}={n['ok']}" for c, n in sorted(totals["per_class"].items()))
     print(f"done: {totals['successes']} pairs in {totals['shards']} shards ({per_class}) "

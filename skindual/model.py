@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from skindual.base_models import demo_alias, resolve_base_model
+from skindual.base_models import base_config, demo_alias, hub_error, is_hub_id, resolve_base_model
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
 from skindual.quality import MASK_SMOOTHING, largest_component
@@ -56,13 +56,19 @@ def check_train(train: str) -> str:
 # --------------------------------------------------------------------------- base pipeline, UNet and latents
 
 
-def load_pipeline(model: str | Path, torch_dtype=torch.float32):
-    """Load any SD-2-style pipeline: a hub id, a local folder, or `demo` (the shipped demo base)."""
+def load_pipeline(model: str | Path, torch_dtype=torch.float32, s3_endpoint: str | None = None):
+    """Load any SD-2-style pipeline: a hub id, a local folder, a base staged on s3:// (this node's cached
+    copy), or `demo` (the shipped demo base).  A hub id that cannot be loaded is one `UserError`."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(
-        resolve_base_model(model), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
-    )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            resolve_base_model(model, s3_endpoint), dtype=torch_dtype, safety_checker=None,
+            requires_safety_checker=False)
+    except OSError as exc:
+        if is_hub_id(model):
+            raise hub_error(model, exc) from None
+        raise
 
 
 def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -285,13 +291,12 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     )
 
 
-def adapter_misfit(info: AdapterInfo, base_model: str | Path) -> str | None:
+def adapter_misfit(info: AdapterInfo, base_model: str | Path, s3_endpoint: str | None = None) -> str | None:
     """Why the adapter's tensors cannot load into `base_model`'s UNet (its first-level width or its
     cross-attention width differ), or None when they fit.  Reads configs and tensor headers only."""
-    from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
-    config = UNet2DConditionModel.load_config(resolve_base_model(base_model), subfolder="unet")
+    config = base_config(base_model, "unet", s3_endpoint)
     width, cross = config["block_out_channels"][0], config["cross_attention_dim"]
     shapes: dict[str, list[int]] = {}
     for name in (CONVS_FILE, LORA_FILE, UNET_FILE):
@@ -381,7 +386,7 @@ class DualPipeline:
     def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
                         dtype: torch.dtype = torch.float32, scheduler: str = "ddim",
                         layout: str | None = None, fuse: bool = True, resolution: int | None = None,
-                        decode_batch: int = 4) -> "DualPipeline":
+                        decode_batch: int = 4, s3_endpoint: str | None = None) -> "DualPipeline":
         """The base model (an SD-2 id or folder) with an adapter folder applied, or the bare base
         (``layout`` then picks the layout; ``channels`` starts as the base model, mask untrained).
         Samples come at `resolution`, else the adapter's trained one, else the base model's."""
@@ -392,7 +397,7 @@ class DualPipeline:
         if info is not None and info.base_model != str(base_model) and (
                 demo_alias(info.base_model) is None or demo_alias(info.base_model) != demo_alias(base_model)):
             log.warning("adapter %s was trained on %s, loading it onto %s", adapter, info.base_model, base_model)
-        pipe = load_pipeline(base_model, torch_dtype=dtype)
+        pipe = load_pipeline(base_model, torch_dtype=dtype, s3_endpoint=s3_endpoint)
         if info is not None:
             apply_adapter(pipe, info, fuse=fuse)
         elif layout == "channels":

@@ -164,6 +164,11 @@ def _prepare_shard_batch(batch: dict, cfg: PrepareConfig, fingerprint: str) -> d
 def run_prepare(cfg: PrepareConfig, distributed: bool = True) -> dict[str, Any]:
     """Write the real dataset's missing shards (Ray tasks on the current cluster, or here when not
     `distributed`); return the manifest."""
+    if distributed:
+        from skindual.cluster import check_shared_paths, cluster_shape
+
+        check_shared_paths({"--output": cfg.output, "--ham10000": cfg.ham10000, "--isic2018": cfg.isic2018},
+                           cluster_shape())
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
     rows, skipped, skipped_files = source_rows(cfg)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from skindual import data, downstream, pairs
 from skindual.cli import check_fields, option
+from skindual.cluster import ClusterShape, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
 from skindual.storage import file_sha256, open_storage
@@ -120,11 +121,18 @@ def write_segmenter(cfg: QCModelConfig, model: torch.nn.Module, figures: dict) -
     log.info("QC segmenter written to %s (val Dice %s)", storage.join(CARD), figures.get("val_dice"))
 
 
-def run_qc_model(cfg: QCModelConfig) -> dict:
-    """Train the QC segmenter on the current Ray cluster; returns its card (``segmenter.json``)."""
+def run_qc_model(cfg: QCModelConfig, shape: ClusterShape | None = None) -> dict:
+    """Train the QC segmenter on the current Ray cluster (`shape`: what it has and can launch, read from it
+    when not given); returns its card (``segmenter.json``)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from skindual.cluster import cluster_shape
+
+    shape = shape or cluster_shape()
+    check_shared_paths({"--output": cfg.output, "--training-data": cfg.training_data}, shape)
+    if cfg.use_gpu and shape.most("GPU") < 1 and shape.autoscaler != "unknown":
+        raise UserError("--use-gpu: no node of this cluster has or can launch a GPU; train on a CPU without it")
     endpoint = cfg.s3_endpoint or None
     trained = trained_with(cfg)
     if trained is not None:

