@@ -227,7 +227,6 @@ class JointTrainer:
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
         self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed + seed_offset)
         precision = resolve_precision(cfg.mixed_precision, device.type == "cuda")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} computes no bf16; "
@@ -245,6 +244,9 @@ class JointTrainer:
             self.teacher = copy.deepcopy(self.unet).to(frozen_dtype).eval().requires_grad_(False)
         elif cfg.w_prior and cfg.layout == "channels":  # the base's 4-channel convs, for the prior's forward
             self.base_convs = (copy.deepcopy(self.unet.conv_in), copy.deepcopy(self.unet.conv_out))
+        # seeded right before the LoRA's random initialisation: whatever this process ran before (a Ray worker
+        # is reused) and whatever loading the pipeline drew, the same seed gives the same start
+        torch.manual_seed(cfg.seed + seed_offset)
         self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
         for p in self.params:  # trained weights in fp32 whatever the compute dtype (LoRA, widened convs)
             p.data = p.data.float()
@@ -367,7 +369,7 @@ class JointTrainer:
         """One micro-batch (uint8 images, 0/1 masks, prompts); the metrics when an optimiser step was taken."""
         cfg, g, device = self.cfg, self.generator, self.device
         images = images_to_tensor(batch["image"], device)
-        masks = torch.from_numpy(batch["mask"]).to(device)
+        masks = torch.from_numpy(batch["mask"]).to(device, copy=True)  # flipped in place below: not the caller's
         flip = (torch.rand(len(images), generator=g) < 0.5).to(device)
         images[flip], masks[flip] = images[flip].flip(-1), masks[flip].flip(-1)
         prompts = [p if torch.rand((), generator=g) >= cfg.uncond_prob else "" for p in batch["prompt"]]
@@ -429,9 +431,12 @@ def train_loop(config: dict) -> None:
     cfg: FinetuneConfig = config["config"]
     prompting: dict = config.get("prompting", {})
     rank = ray.train.get_context().get_world_rank()
-    trainer = JointTrainer(cfg, ray.train.torch.get_device(), seed_offset=rank)
-    log.info("worker %d of %d on %s, pid %d", rank, ray.train.get_context().get_world_size(),
-             device_name(trainer.device), os.getpid())
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # its reserved CPUs, whatever this (reused) worker process had: the same sums every run
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    trainer = JointTrainer(cfg, device, seed_offset=rank)
+    log.info("worker %d of %d on %s, pid %d, %d torch threads", rank, ray.train.get_context().get_world_size(),
+             device_name(trainer.device), os.getpid(), torch.get_num_threads())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:

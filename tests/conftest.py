@@ -65,6 +65,7 @@ class RayTestCluster:
     address: str  # the GCS address "127.0.0.1:<port>": RAY_ADDRESS of a job's driver
     dashboard: str  # "http://127.0.0.1:<port>": `ray job submit --address`, `ray list --address`
     temp_dirs: tuple[str, str]  # the head's and the worker node's --temp-dir
+    caches: tuple[str, str]  # the head's and the worker node's SKINDUAL_CACHE (each node has its own)
 
 
 def ray_list(cluster: RayTestCluster, resource: str, *filters: str) -> list[dict]:
@@ -83,8 +84,9 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
     --address=<head>`, 2 logical CPUs; through tests/ray_join.py), both bound to 127.0.0.1 only.
 
     Every port is chosen free (no clash with other clusters on the machine), each node's temp dir
-    is its own, and the nodes get the demo-base cache and `s3_server`'s credentials in their
-    environment, as nodes of a real cluster would have theirs (an instance role, say).
+    and cache (SKINDUAL_CACHE: the head's is the session's `skindual_cache`) are its own, and the nodes
+    get `s3_server`'s credentials in their environment, as nodes of a real cluster would have theirs
+    (an instance role, say).
     """
     from s3server import _free_ports
 
@@ -127,10 +129,12 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
     worker = [sys.executable, str(Path(__file__).parent / "ray_join.py"), "start", f"--address=127.0.0.1:{gcs}",
               "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dirs[1]}",
               *node_ports(*_free_ports(6))]
-    cluster = RayTestCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dirs)
+    caches = (skindual_cache, tempfile.mkdtemp(prefix="skindual-cache-node2-"))
+    cluster = RayTestCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dirs, caches)
     try:
-        for command in (head, worker):
-            started = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+        for command, cache in ((head, caches[0]), (worker, caches[1])):
+            started = subprocess.run(command, env={**env, "SKINDUAL_CACHE": cache},
+                                     cwd=Path(__file__).resolve().parents[1], capture_output=True,
                                      text=True, timeout=180)  # cwd: where `ray job submit` entrypoints run
             assert started.returncode == 0, f"{command[:4]}: {started.stdout[-2000:]}{started.stderr[-3000:]}"
         # Every job a test starts inherits these: the token, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
@@ -155,7 +159,7 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
                 except (OSError, ValueError):
                     pass
             time.sleep(0.5)
-        for temp_dir in temp_dirs:
+        for temp_dir in (*temp_dirs, caches[1]):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -201,3 +202,65 @@ def test_the_test_cluster_has_two_nodes_listening_on_127_0_0_1_only(ray_test_clu
     assert sorted(n["is_head_node"] for n in nodes) == [False, True]
     assert {n["node_ip"] for n in nodes} == {"127.0.0.1"}
     assert listening_addresses(ray_test_cluster) == {"127.0.0.1"}
+
+
+def test_a_staged_base_is_fetched_once_per_node_by_finetune_and_generate(ray_test_cluster, s3_env, demo_real,
+                                                                         tmp_path):
+    """SD-2's architecture (1/16 width) staged once on S3; a fine-tune on it and generation from its adapter on two
+    actors (one per node): each node fetches the base once into its own cache, whatever runs there."""
+    from skindual.base_models import FETCH_RECORD, STAGED_CACHE, stage_base
+    from skindual.sd2 import save_sd2_pipeline
+
+    cluster, run = ray_test_cluster, secrets.token_hex(4)
+    base = f"{s3_env}/models/sd2-base"
+    stage_base(str(save_sd2_pipeline(tmp_path / "sd2", "base", width=16)), base, dtype="fp16")
+    shutil.rmtree(tmp_path / "sd2")
+    submit(cluster, f"staged-finetune-{run}", [
+        "jobs/finetune.py", "--training-data", str(demo_real), "--base-model", base, "--resolution", "64",
+        "--output", f"{s3_env}/runs", "--name", "staged", *FINETUNE])
+    adapter = json.loads(open_storage(f"{s3_env}/runs/staged/adapter").read_bytes("skindual_adapter.json"))
+    assert adapter["base_model"] == base and adapter["resolution"] == 64
+    generate_started = time.time()
+    submit(cluster, f"staged-generate-{run}", [
+        "jobs/generate.py", *GENERATE, "--adapter", f"{s3_env}/runs/staged/adapter", "--steps", "2",
+        "--output", f"{s3_env}/staged-synthetic"])
+    alive = {n["node_id"] for n in ray_list(cluster, "nodes") if n["state"] == "ALIVE"}
+    assert nodes_of_job(cluster, f"staged-generate-{run}") == alive  # both nodes sampled from the staged base
+    manifest = json.loads(open_storage(f"{s3_env}/staged-synthetic").read_bytes("manifest.json"))
+    assert manifest["resolved"]["base_model"].startswith(base + "@")  # named by its content
+    copies = [p for cache in cluster.caches for p in Path(cache, STAGED_CACHE).glob("*") if p.is_dir()]
+    assert len(copies) == 2 and len({p.name for p in copies}) == 1  # one copy per node, the same content
+    records = [json.loads((p / FETCH_RECORD).read_text()) for p in copies]
+    assert all(r["url"] == base for r in records)
+    # the fine-tune worker's node fetched it during the fine-tune, and that node's generator actor used its copy;
+    # the other node fetched it once, for its actor
+    assert sorted(r["time"] < generate_started for r in records) == [False, True]
+
+
+def test_node_local_outputs_are_refused_on_the_two_node_cluster(ray_test_cluster, demo_real, eval_world, tmp_path):
+    """Without a shared file system (SKINDUAL_SHARED_FS unset), every job refuses a local --output in one line
+    before any work: on a real cluster of several nodes it would exist on one of them only."""
+    env = {k: v for k, v in os.environ.items() if k != "SKINDUAL_SHARED_FS"} | {"RAY_ADDRESS": ray_test_cluster.address}
+    out = str(tmp_path / "out")
+    jobs = {"finetune": ["--training-data", str(demo_real)], "qc_model": ["--training-data", str(demo_real)],
+            "generate": ["--per-class", "1"], "prepare": ["--ham10000", str(eval_world["root"] / "data")],
+            "evaluate": ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
+                         "--feature-extractor", "lesion-cnn"]}
+    for job, args in jobs.items():
+        run = subprocess.run([sys.executable, f"jobs/{job}.py", *args, "--output", out], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2, (job, run.stderr[-3000:])
+        assert run.stderr.strip().splitlines()[-1] == (
+            f"error: --output {out}: a local path, on a cluster of 2 nodes, so it exists on one node only; use "
+            "s3://BUCKET/... (or, if every node mounts it, list its folder in SKINDUAL_SHARED_FS)"), job
+        assert not Path(out).exists(), job  # refused before anything was written
+
+
+def test_a_relative_output_in_rays_copy_of_the_working_dir_is_refused(ray_test_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    run = subprocess.run([RAY, "job", "submit", "--address", ray_test_cluster.dashboard, "--working-dir", ".", "--",
+                          "python", "jobs/generate.py", "--per-class", "1", "--output", "relative-out"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "error: --output relative-out: a relative path, and this job runs in Ray's copy of the working dir" in (
+        run.stdout), run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode != 0

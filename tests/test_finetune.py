@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,11 @@ from skindual.errors import UserError
 from skindual.finetune import (
     FinetuneConfig,
     JointTrainer,
+    check_memory,
     lr_factor,
+    ray_storage,
+    resolve_precision,
+    step_memory_gb,
     training_rows,
     training_selection,
 )
@@ -71,7 +78,25 @@ def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_real, ray_cluster, 
     assert meta["layout"] == "channels" and meta["base_model"] == "demo"
 
 
-def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_real, ray_cluster, tmp_path):
+def adapter_digests(folder: Path) -> dict[str, str]:
+    """sha256 of the adapter's tensor files (its json also holds the run's name, which differs)."""
+    files = json.loads((folder / model.ADAPTER_JSON).read_text())["files"]
+    return {name: digest for name, digest in files.items() if name.endswith(".safetensors")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_real, ray_cluster, tmp_path_factory) -> Path:
+    """The adapter of an 8-step run nothing interrupted: what a killed and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    args = ["--training-data", str(demo_real), "--output", str(out), "--name", "u", *TINY]
+    args[args.index("--steps") + 1] = "8"
+    code, log = run_job(args, ray_cluster)
+    assert code == 0, log[-4000:]
+    return out / "u" / "adapter"
+
+
+def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_real, ray_cluster, tmp_path,
+                                                                        uninterrupted):
     args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "r", *TINY]
     args[args.index("--steps") + 1] = "8"
     proc = start_job(args, ray_cluster)
@@ -89,6 +114,9 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
     code, out = run_job(args, ray_cluster)
     assert code == 0, out[-4000:]
     assert f"resumed from step {first}" in out
+    # the RNG streams, the data order and the EMA came back with the checkpoint: the same bytes as a run
+    # nothing interrupted
+    assert adapter_digests(run / "adapter") == adapter_digests(uninterrupted)
     final = last_checkpoint(run)
     progress = json.loads((final / "progress.json").read_text())
     assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
@@ -114,6 +142,30 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
     assert "is at step 8, past --steps 5" in out and "step 6/" not in out
     meta = json.loads((run / "adapter" / model.ADAPTER_JSON).read_text())
     assert meta["training_config"]["steps"] == 8
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(demo_real, ray_cluster, tmp_path,
+                                                                             uninterrupted):
+    """A preempted spot node takes its training worker with it: Ray Train (--max-failures, 3 by default)
+    starts a new worker from the last checkpoint and the run ends as an uninterrupted one."""
+    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "w", *TINY]
+    args[args.index("--steps") + 1] = "8"
+    proc = start_job(args, ray_cluster)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    run, deadline, pid = tmp_path / "w", time.time() + 400, None
+    while (pid is None or not registered_steps(run)) and time.time() < deadline:
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        found = [re.search(r"worker 0 of 1 on cpu, pid (\d+)", line) for line in list(lines)]
+        pid = next((int(m.group(1)) for m in found if m), None)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-4000:]
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert re.search(r"resumed from step [1-7]\b", out), out[-4000:]
+    assert adapter_digests(run / "adapter") == adapter_digests(uninterrupted)
 
 
 def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_real, ray_cluster, tmp_path):
@@ -192,3 +244,56 @@ def test_config_built_in_code_is_checked_like_flags():
         FinetuneConfig(lr_schedule="linear")
     with pytest.raises(UserError, match=r"^--grad-accum 0: must be at least 1$"):
         FinetuneConfig(grad_accum=0)
+
+
+def test_gradient_accumulation_all_reduces_on_the_last_micro_batch_only(demo_real, tmp_path):
+    """DDP's all-reduce (here a counting comm hook on a one-process gloo group) runs once per optimiser step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = FinetuneConfig(training_data=str(demo_real), steps=2, batch_size=2, lora_rank=4, grad_accum=3,
+                             ema_decay=0)
+        trainer = JointTrainer(cfg, torch.device("cpu"))
+        reduced_at: list[int] = []
+
+        def count(state, bucket):
+            reduced_at.append(trainer.micro)
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        trainer.model = DistributedDataParallel(trainer.unet)
+        trainer.model.register_comm_hook(None, count)
+        batch = real_batch(demo_real, 64)
+        taken = [trainer.train_step(batch) is not None for _ in range(6)]
+        assert taken == [False, False, True, False, False, True]
+        assert sorted(set(reduced_at)) == [2, 5]  # during the backward of micro-batches 3 and 6 only
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoints_on_aws_s3_use_the_buckets_region(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    asked: list[str] = []
+    path, filesystem = ray_storage("s3://my-bucket/runs", None, region_of=lambda b: asked.append(b) or "eu-west-2")
+    assert path == "my-bucket/runs" and asked == ["my-bucket"] and filesystem.region == "eu-west-2"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-1")
+    _, on_endpoint = ray_storage("s3://b/runs", "http://127.0.0.1:9000")
+    assert on_endpoint.region == "us-west-1"
+
+
+def test_the_defaults_fit_a_24_gb_gpu_and_settings_that_do_not_are_refused():
+    sd2, cfg = [320, 640, 1280, 1280], FinetuneConfig(use_gpu=True)
+    assert resolve_precision(cfg.mixed_precision, True) == "bf16" and resolve_precision("auto", False) == "no"
+    assert step_memory_gb(cfg, sd2, 512) <= 24 and cfg.max_failures > 0
+    check_memory(cfg, sd2, 512, "A10G")
+    fp32 = replace(cfg, mixed_precision="no")
+    with pytest.raises(UserError, match=r"^--batch-size 8 --mixed-precision no at 512²: one training step needs "
+                                        r"about [\d.]+ GB, more than the 24 GB of an A10G; use --mixed-precision bf16 "
+                                        r"or --batch-size \d or --gradient-checkpointing \(README"):
+        check_memory(fp32, sd2, 512, "A10G")
+    check_memory(fp32, sd2, 512, "H100")  # 80 GB
+    check_memory(fp32, sd2, 512, "")  # a GPU of unknown memory: not refused here
+    assert step_memory_gb(cfg, [32, 64], 64) is None  # other bases (the demo's): no estimate

