@@ -13,7 +13,8 @@ measured in the same run: fp32, the geometry term decoding the whole mask (the o
 
 The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
 ``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``max_batch_24gb`` (the largest batch of that
-setting under 24 GB: batch 1 + whole extra samples), ``device``, ``ratio`` (bf16 default ÷ the fp32
+setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
+`skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
 call's peak in bf16 at 512² (guidance on, decoded 4 latents at a time).
 """
@@ -36,8 +37,9 @@ GB = 1024**3
 SETTINGS = {
     "bf16_b1": ({"mixed_precision": "bf16"}, 1),
     "bf16_b2": ({"mixed_precision": "bf16"}, 2),
-    "fp32_b1": ({}, 1),
-    "fp32_b1_full_geometry": ({"geo_crop": 0}, 1),  # the baseline
+    "fp32_b1": ({"mixed_precision": "no"}, 1),
+    "fp32_b2": ({"mixed_precision": "no"}, 2),
+    "fp32_b1_full_geometry": ({"mixed_precision": "no", "geo_crop": 0}, 1),  # the baseline
     "bf16_b1_no_geometry": ({"mixed_precision": "bf16", "w_geo": 0.0}, 1),
     "bf16_b1_full_geometry": ({"mixed_precision": "bf16", "geo_crop": 0}, 1),
     "bf16_b1_prior": ({"mixed_precision": "bf16", "w_prior": 1.0}, 1),
@@ -47,7 +49,7 @@ SETTINGS = {
     "generate_bf16_b1": ({"generate": True}, 1),  # sampling (guidance: a UNet batch of 2) and decoding
     "generate_bf16_b8": ({"generate": True}, 8),
 }
-QUICK = ("bf16_b1", "bf16_b2", "fp32_b1", "fp32_b1_full_geometry")
+QUICK = ("bf16_b1", "bf16_b2", "fp32_b1", "fp32_b2", "fp32_b1_full_geometry")
 
 
 def _rss_gb(field: str = "VmRSS") -> float:
@@ -155,6 +157,8 @@ def main() -> None:
                "peak_gb_batch1": b1, "gb_per_extra_sample": round(per_sample, 2),
                "max_batch_24gb": 1 + int((24 - b1) // per_sample) if b1 <= 24 else 0,
                "predicted_gb_batch4": round(b1 + 3 * per_sample, 2),
+               **({"gb_per_extra_sample_fp32": round(figures["fp32_b2"]["peak_gb"] - figures["fp32_b1"]["peak_gb"], 2)}
+                  if {"fp32_b1", "fp32_b2"} <= set(figures) else {}),
                "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),
                "baseline": "fp32_b1_full_geometry", "peak_gb": {n: f["peak_gb"] for n, f in figures.items()},
                "step_seconds": {n: f["step_seconds"] for n, f in figures.items()}}

@@ -134,14 +134,26 @@ def _head_autoscaler(gcs_address: str) -> dict:
             config = yaml.safe_load(Path(os.path.expanduser(config_path)).read_text())
         except (OSError, yaml.YAMLError):
             return {"kind": "unknown"}
-        default_max = int(config.get("max_workers", -1))
-        types = {name: {"resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
-                        "max_count": (0 if name == config.get("head_node_type") else
-                                      int(t.get("max_workers", default_max))),
-                        "min_count": int(t.get("min_workers", 0))}
-                 for name, t in (config.get("available_node_types") or {}).items()}
-        return {"kind": "known", "types": types}
+        return {"kind": "known", "types": node_types(config)}
     return {"kind": "unknown"}
+
+
+def node_types(config: dict) -> dict[str, dict]:
+    """An autoscaling config's (cluster.yaml's) node types: per name its resources and worker counts (the head
+    type adds none)."""
+    default_max = int(config.get("max_workers", -1))
+    return {name: {"resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
+                   "max_count": 0 if name == config.get("head_node_type") else int(t.get("max_workers", default_max)),
+                   "min_count": int(t.get("min_workers", 0))}
+            for name, t in (config.get("available_node_types") or {}).items()}
+
+
+def shape_of(running: tuple[NodeShape, ...], types: dict[str, dict]) -> ClusterShape:
+    """The `ClusterShape` of `running` nodes and an autoscaler of `node_types`; a type whose resources the
+    config leaves to the cloud provider to fill in makes the shape unknown."""
+    launchable = tuple(NodeShape(name, t["resources"], t["max_count"], t["min_count"]) for name, t in types.items())
+    unknown = any(not s.resources and s.max_count != 0 for s in launchable)
+    return ClusterShape(running, launchable, "unknown" if unknown else "known")
 
 
 def cluster_shape() -> ClusterShape:
@@ -171,11 +183,7 @@ def cluster_shape() -> ClusterShape:
         found = {"kind": "unknown"}
     if found["kind"] != "known":
         return ClusterShape(running, (), found["kind"])
-    launchable = tuple(NodeShape(name, t["resources"], t["max_count"], t["min_count"])
-                       for name, t in found["types"].items())
-    # a type whose resources the config leaves to the cloud provider to fill in is of unknown shape
-    unknown = any(not s.resources and s.max_count != 0 for s in launchable)
-    return ClusterShape(running, launchable, "unknown" if unknown else "known")
+    return shape_of(running, found["types"])
 
 
 def resolve_gpus(asked: float, flag: str, shape: ClusterShape) -> float:

@@ -123,7 +123,7 @@ def resolve_precision(asked: str, use_gpu: bool) -> str:
 
 # --------------------------------------------------------------------------- memory at real size
 
-STEP_MEMORY_GB = {"bf16": (4.4, 1.4), "fp16": (4.4, 1.4), "no": (8.3, 2.8), "checkpointing": (3.6, 0.55)}
+STEP_MEMORY_GB = {"bf16": (4.43, 1.61), "fp16": (4.43, 1.61), "no": (8.30, 2.82), "checkpointing": (3.6, 0.55)}
 """One fine-tuning step of SD-2-base at 512² (LoRA r16, channels layout, default loss terms): peak GB at
 batch 1 and per extra sample, by compute dtype (``checkpointing``: bf16 with --gradient-checkpointing),
 measured by ``python bench/realsize_memory.py`` (README, "Real size")."""

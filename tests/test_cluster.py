@@ -264,3 +264,72 @@ def test_a_relative_output_in_rays_copy_of_the_working_dir_is_refused(ray_test_c
     assert "error: --output relative-out: a relative path, and this job runs in Ray's copy of the working dir" in (
         run.stdout), run.stdout[-3000:] + run.stderr[-2000:]
     assert run.returncode != 0
+
+
+def pinned_versions() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            assert pinned, f"constraints.txt: {line!r} is not pinned with =="
+            pins[canonicalize_name(name)] = pinned.strip()
+    return pins
+
+
+def test_the_readme_ci_and_cluster_yaml_install_the_one_pinned_set_that_is_tested():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = pinned_versions()
+    assert {"torch", "torchvision", "ray", "diffusers", "transformers", "peft", "webdataset"} <= set(pins)
+    # this very environment is the pinned set (the README's test command installed it)
+    wrong = {}
+    for name, pinned in pins.items():
+        try:
+            if version(name) != pinned:
+                wrong[name] = (version(name), pinned)
+        except PackageNotFoundError:
+            wrong[name] = (None, pinned)
+    assert not wrong, wrong
+    # the README's two commands and CI install with it
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2 and all("pip install -c constraints.txt" in c for c in commands)
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    # cluster.yaml: the file travels to every node, and every package install is constrained by it
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["file_mounts"]["~/skindual-constraints.txt"] == "./constraints.txt"
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "-U" not in c.split("pip install")[1][:4]]
+    assert installs and all("-c ~/skindual-constraints.txt" in c for c in installs)
+    installed = set()
+    for command in installs:
+        for word in command.split("pip install", 1)[1].split():
+            if not word.startswith("-") and word != "~/skindual-constraints.txt":
+                name = canonicalize_name(Requirement(word.strip('"')).name)
+                assert name in pins, f"cluster.yaml installs {name}, which constraints.txt does not pin"
+                installed.add(name)
+    import tomllib
+
+    needed = {canonicalize_name(Requirement(d).name)
+              for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert needed <= installed, f"cluster.yaml does not install {needed - installed}"
+    assert any("python3.11-venv" in c for c in config["setup_commands"])  # Ubuntu's image lacks venv
+
+
+def test_the_readme_recipe_fits_cluster_yaml_before_any_gpu_node_runs():
+    """cluster.yaml as the autoscaler reads it, with only its CPU head running: "auto" asks for a GPU, generation
+    needs --accelerator-type (three GPU models), and the README's fine-tune fits the smallest of them."""
+    from skindual.cluster import NodeShape, check_accelerator, node_types, resolve_gpus, shape_of
+    from skindual.finetune import FinetuneConfig, check_memory, step_memory_gb
+
+    shape = shape_of((NodeShape("running:head", {"CPU": 8.0}, 1),), node_types(yaml.safe_load(CONFIG.read_text())))
+    assert shape.autoscaler == "known" and shape.multi_node and shape.accelerator_types() == ["A10G", "H100", "L4"]
+    assert resolve_gpus(-1, "--num-gpus-per-actor", shape) == 1.0
+    assert check_accelerator("A10G", 1, shape, require_one=True) == "A10G"
+    readme = FinetuneConfig(use_gpu=True, batch_size=4, num_workers=8, accelerator_type="A10G")
+    check_memory(readme, [320, 640, 1280, 1280], 512, "A10G")
+    assert step_memory_gb(FinetuneConfig(use_gpu=True), [320, 640, 1280, 1280], 512) < 24  # the defaults too
