@@ -49,7 +49,7 @@ def child(report: str, argv: list[str]) -> int:
 
 def synthetic_set(root: Path, per_class: int, size: int, per_shard: int = 250) -> None:
     """`per_class` procedural lesions of every class at size², committed as generation-layout shards."""
-    from skindual.demo_data import render_lesion
+    from skindual.demo.render import render_lesion
     from skindual.prompts import CLASSES, build_prompt, sample_key
     from skindual.shards import Sample, write_shard
     from skindual.storage import open_storage
@@ -97,16 +97,16 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args()
 
-    from skindual import demo_data
-    from skindual.prepare import PrepareConfig, run_prepare
+    from skindual.demo import render
+    from skindual.prepare import PrepareConfig, prepare_here
     from skindual.prompts import CLASS_CODES
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp_dir:
         tmp = Path(tmp_dir)
-        demo_data.write_demo_dataset(tmp / "data", {c: args.real_per_class for c in CLASS_CODES}, seed=2)
-        run_prepare(PrepareConfig(ham10000=str(tmp / "data"), output=str(tmp / "real"), samples_per_shard=100),
+        render.write_demo_dataset(tmp / "data", {c: args.real_per_class for c in CLASS_CODES}, seed=2)
+        prepare_here(PrepareConfig(ham10000=str(tmp / "data"), output=str(tmp / "real"), samples_per_shard=100),
                     distributed=False)
         for name, per_class in (("small", args.small), ("large", args.large)):
             synthetic_set(tmp / f"synthetic-{name}", per_class, args.size)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from skindual.cluster import init_ray
-from skindual.demo_world import prepare_demo_world
-from skindual.finetune import (FinetuneConfig, JointTrainer, local_batches, run_finetune, training_rows,
-                               training_selection)
+from skindual.demo.world import prepare_demo_world
+from skindual.finetune import (FinetuneConfig, JointTrainer, local_batches, plan_finetune, run_finetune,
+                               training_rows, training_selection)
 from skindual.pairs import read_index
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         plain = plain_loop(cfg, training_selection(rows, cfg.balance, cfg.seed), 64, args.steps, args.warmup)
         init_ray(min_cpus=2)
         started = time.time()
-        result = run_finetune(cfg)
+        result = run_finetune(plan_finetune(cfg))
         with result.checkpoint.as_directory() as folder:
             history = json.loads(Path(folder, "progress.json").read_text())["history"]
     ray_rate = steady_rate(history, args.warmup)

@@ -78,21 +78,24 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
 
     import pyarrow.compute as pc
 
-    from skindual.cli import parse_config
-    from skindual.demo_world import generate_defaults
-    from skindual.generate import (GenerateConfig, fingerprint_config, generate_samples, generation_prompts,
-                                   load_generator, resolve_devices, resolve_model, shard_run_info)
-    from skindual.shards import check_output, write_shard
-    from skindual.storage import open_storage
+    from dataclasses import replace
 
-    cfg = resolve_devices(generate_defaults(parse_config(GenerateConfig, [*job_args, "--output", output], "")), 0)
-    spec = resolve_model(cfg)
+    from skindual.cli import parse_config
+    from skindual.cluster import this_machine
+    from skindual.demo.world import generate_defaults
+    from skindual.generate import (GenerateConfig, device_record, generate_samples, generation_prompts,
+                                   load_generator, plan_generate, resolve_devices, shard_run_info)
+    from skindual.shards import check_output, write_shard
+
+    # the job's own plan (shard size, model, fingerprint), its devices resolved for this machine alone
+    plan = plan_generate(replace(generate_defaults(parse_config(GenerateConfig, [*job_args, "--output", output], "")),
+                                 overwrite=True))
+    cfg, spec, storage = resolve_devices(plan.config, this_machine()), plan.model, plan.storage
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
         pipe = load_generator(spec, cfg, tmp)
     loaded = time.time()
-    storage = open_storage(cfg.output)
     table = generation_prompts(cfg, spec)
-    fingerprint = check_output(storage, fingerprint_config(cfg, spec), overwrite=True)
+    fingerprint = check_output(storage, plan.settings, overwrite=True, device=device_record(cfg))
     run_info = shard_run_info(cfg, spec, fingerprint)
 
     def generate(prompts, seeds):

@@ -1,23 +1,23 @@
-r"""The whole chain on one machine: demo data → fine-tune → generate → evaluate, with embedded defaults.
+r"""The whole chain on one machine: demo data → fine-tune → QC segmenter → generate → evaluate, with embedded defaults.
 
     python jobs/demo.py                                    # local Ray, demo data and base, ./skindual-demo-run
     python jobs/demo.py --finetune-steps 50 --per-class 10 --eval-steps 50 --seeds 1 --output /tmp/quick
 
-Everything goes under --output: data/ (and training_table.parquet), data-test/ (a separate balanced
-test set, test_table.parquet), runs/demo/ (checkpoints, adapter/), synthetic/ (shards), eval/
+Everything goes under --output: data/ and real/ (the procedural data and its prepared dataset), data-test/
+and real-test/ (a separate balanced test set), runs/demo/ (checkpoints, adapter/), qc/ (the QC segmenter),
+qc-pilot/ (the scored pilot draw that sets the automatic --min-consistency), synthetic/ (shards), eval/
 (report.md, metrics.json), demo_summary.json; with --real-fraction F below 1, the chain's own
-training_table-realF.parquet, runs/demo-realF/, synthetic-realF/, eval-realF/, demo_summary-realF.json.
-The fine-tuning settings are skindual.demo.DEMO_FINETUNE.  Re-running into the same --output reuses the data, resumes (or just
-finishes) the fine-tuning run and skips committed shards; the evaluation runs again.
+runs/demo-realF/, qc-realF/, synthetic-realF/, eval-realF/, demo_summary-realF.json.  The fine-tuning
+settings are skindual.demo.chain.DEMO_FINETUNE.  Re-running into the same --output keeps what each stage
+finished with the same settings and inputs, and resumes an unfinished fine-tune and unfinished shards.
 """
-
 from __future__ import annotations
 
 import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.demo import DemoConfig, format_summary, run_demo
+from skindual.demo.chain import DemoConfig, format_summary, run_demo
 
 
 def main(cfg: DemoConfig) -> None:

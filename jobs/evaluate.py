@@ -19,18 +19,17 @@ import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.demo_world import evaluate_defaults
-from skindual.evaluate import EvaluateConfig, evaluation_fingerprint, finished_evaluation, plan_evaluation, run_evaluate
+from skindual.demo.world import evaluate_defaults
+from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
 
 
 def main(cfg: EvaluateConfig) -> None:
     cfg = evaluate_defaults(cfg)  # the embedded default: the demo world
-    plan = plan_evaluation(cfg)  # bad input fails here, before any cluster work
-    fingerprint = evaluation_fingerprint(cfg, plan)
-    metrics = finished_evaluation(cfg, fingerprint)  # a rerun of the same inputs and settings keeps the report
+    plan = plan_evaluate(cfg)  # bad input fails here, before any cluster work
+    metrics = plan.done  # a rerun of the same inputs and settings keeps the report
     if metrics is None:
         init_ray(min_cpus=max(2, math.ceil(cfg.actors * cfg.cpus_per_actor) + 1))
-        metrics = run_evaluate(cfg, plan, fingerprint)
+        metrics = run_evaluate(plan)
     fid = metrics["fidelity"]
     value = fid["overall"][fid["fd_name"]]
     line = f"{fid['fd_name']} {'n/a' if value is None else f'{value:.2f}'}"

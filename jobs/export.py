@@ -1,7 +1,8 @@
 """Export synthetic shards (optionally merged with the real pairs) as an nnU-Net v2 raw dataset or an ImageFolder tree.
 
     python jobs/export.py --synthetic skindual-synthetic --output nnUNet_raw                # Dataset501_SkinDualGen
-    python jobs/export.py --format imagefolder --with-real table.parquet --output s3://bucket/imagefolder
+    python jobs/export.py --format imagefolder --with-real s3://bucket/real --synthetic s3://bucket/synthetic \
+        --output s3://bucket/imagefolder
 
 Plain I/O, no cluster needed: shards are streamed through skindual.shards.read_shards (local or s3://).
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import sys
 
 from skindual.cli import run_job
-from skindual.export import ExportConfig, run_export
+from skindual.export import ExportConfig, plan_export, run_export
 
 
 def main(cfg: ExportConfig) -> None:
-    summary = run_export(cfg)
+    plan = plan_export(cfg)
+    summary = plan.done or run_export(plan)
     where = summary.get("dataset", cfg.output.rstrip("/"))
     print(f"done: {summary['format']} export of {summary['counts']} at {where}")
 

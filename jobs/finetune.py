@@ -14,16 +14,20 @@ import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.demo_world import finetune_defaults
-from skindual.finetune import FinetuneConfig, base_geometry, run_finetune
+from skindual.demo.world import finetune_defaults
+from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
 
 
 def main(cfg: FinetuneConfig) -> None:
     cfg = finetune_defaults(cfg)  # the embedded default: the demo world
-    base_geometry(cfg.base_model, cfg.s3_endpoint or None)  # a base model that is not there: one line, before Ray
+    plan = plan_finetune(cfg)  # the data, the base model, the output and the run's settings checked before Ray
+    adapter = f"{cfg.output.rstrip('/')}/{cfg.name}/adapter"
+    if plan.done is not None:
+        print(f"already done: step {plan.done['training_config']['steps']}, adapter at {adapter}")
+        return
     init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 1)
-    result = run_finetune(cfg)
-    print(f"done: step {result.metrics.get('step')}, adapter at {cfg.output.rstrip('/')}/{cfg.name}/adapter")
+    result = run_finetune(plan)
+    print(f"done: step {result.metrics.get('step')}, adapter at {adapter}")
 
 
 if __name__ == "__main__":

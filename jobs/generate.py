@@ -18,19 +18,21 @@ import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.demo_world import generate_defaults
-from skindual.generate import GenerateConfig, resolve_model, run_generate
+from skindual.demo.world import generate_defaults
+from skindual.generate import GenerateConfig, plan_generate, run_generate
 
 
 def main(cfg: GenerateConfig) -> None:
     cfg = generate_defaults(cfg)  # the embedded default: the shipped demo adapter
-    spec = resolve_model(cfg)  # the adapter, its base model and the QC segmenter checked before Ray starts
-    init_ray(min_cpus=math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
-    manifest = run_generate(cfg, spec=spec)
+    plan = plan_generate(cfg)  # the model, the adapter, the QC segmenter and the output checked before Ray starts
+    manifest = plan.done
+    if manifest is None:
+        init_ray(min_cpus=math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
+        manifest = run_generate(plan)
     totals = manifest["totals"]
     per_class = ", ".join(f"{c}={n['ok']}" for c, n in sorted(totals["per_class"].items()))
-    print(f"done: {totals['successes']} pairs in {totals['shards']} shards ({per_class}) "
-          f"at {cfg.output.rstrip('/')}")
+    print(f"{'done' if plan.done is None else 'already done'}: {totals['successes']} pairs in {totals['shards']} "
+          f"shards ({per_class}) at {cfg.output.rstrip('/')}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,15 @@ import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.prepare import PrepareConfig, run_prepare
+from skindual.prepare import PrepareConfig, plan_prepare, run_prepare
 
 
 def main(cfg: PrepareConfig) -> None:
-    init_ray(min_cpus=2)
-    manifest = run_prepare(cfg)
+    plan = plan_prepare(cfg)  # the output, earlier runs' settings and the source's metadata checked before Ray
+    manifest = plan.done
+    if manifest is None:
+        init_ray(min_cpus=2)
+        manifest = run_prepare(plan)
     totals = manifest["totals"]
     splits = ", ".join(f"{split} {sum(n.values())}" for split, n in totals.get("per_split", {}).items())
     skipped = f", {sum(manifest['skipped'].values())} skipped" if manifest["skipped"] else ""

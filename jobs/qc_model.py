@@ -15,17 +15,21 @@ import sys
 
 from skindual.cli import run_job
 from skindual.cluster import init_ray
-from skindual.demo_world import qc_defaults
-from skindual.qc_model import QCModelConfig, run_qc_model
+from skindual.demo.world import qc_defaults
+from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
 
 
 def main(cfg: QCModelConfig) -> None:
     cfg = qc_defaults(cfg)  # the embedded default: the demo world
-    init_ray(min_cpus=int(cfg.cpus_per_worker) + 1)
-    card = run_qc_model(cfg)
+    plan = plan_qc_model(cfg)  # the training data and the output checked before Ray starts
+    card = plan.done
+    if card is None:
+        init_ray(min_cpus=int(cfg.cpus_per_worker) + 1)
+        card = run_qc_model(plan)
     dice = card["val_dice"]
-    print(f"done: QC segmenter at {cfg.output.rstrip('/')} ({card['train_pairs']} train pairs, val Dice "
-          f"{'n/a' if dice is None else f'{dice:.3f}'} on {card['val_pairs']} pairs)")
+    print(f"{'done' if plan.done is None else 'already done'}: QC segmenter at {cfg.output.rstrip('/')} "
+          f"({card['train_pairs']} train pairs, val Dice {'n/a' if dice is None else f'{dice:.3f}'} on "
+          f"{card['val_pairs']} pairs)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 - ``demo`` / ``demo-hard``: the tiny SD-2-shaped pipelines shipped as one safetensors artifact each
   (`ARTIFACT`, `HARD_ARTIFACT`: fp16 weights, with the configs and the tokenizer in its metadata),
   materialised once per node into ``$SKINDUAL_CACHE/demo_base/<sha256>``.  How they were pretrained
-  lives with the demo world (`skindual.demo_model`); this module only reads the artifacts.
+  lives outside the package (lab/demo_base.py); this module only reads the artifacts.
 - ``s3://bucket/prefix`` (or a folder) holding a base staged by `stage_base` (jobs/stage_base.py):
   a diffusers pipeline and `STAGED_FILE`, which lists every file's size and sha256.  Each node
   fetches it once into ``$SKINDUAL_CACHE/bases/<digest>`` (the digest of that list, so the cache is
@@ -42,7 +42,10 @@ ARTIFACT = Path(__file__).parent / "assets" / "demo_base.safetensors"
 HARD_ARTIFACT = Path(__file__).parent / "assets" / "demo_base_hard.safetensors"
 DEMO_BASES = {DEMO_BASE: ARTIFACT, "demo-hard": HARD_ARTIFACT}
 """Each demo base's name and artifact (the hard one: pretrained on the hard demo world)."""
-REBUILD_COMMAND = "python jobs/build_demo.py --rebuild"
+REBUILD_COMMAND = "python lab/build_demo_base.py"
+"""How a demo base is pretrained again (lab/, not part of the package; the bases are fixed test beds)."""
+HARD_RECIPE_FLAGS = "--difficulty hard --vae-steps 2000 --vae-colour-weight 4 --vae-lesion-weight 8"
+"""The shipped hard base's recipe as flags of `REBUILD_COMMAND` (the artifact records the same)."""
 CACHE_FOLDER = "demo_base"  # under cache_root(): one folder per artifact hash
 
 
@@ -106,7 +109,7 @@ def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -
     """A `from_pretrained`-loadable folder of the demo base, materialised once per artifact hash."""
     if not Path(artifact).is_file():
         raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
-                        f"or rebuild it with `{REBUILD_COMMAND}`")
+                        f"or rebuild it with `{REBUILD_COMMAND} --artifact {artifact}`")
     digest = file_sha256(artifact)[:16]
     target = (cache or cache_root()) / CACHE_FOLDER / digest
     if (target / "model_index.json").exists():
@@ -154,9 +157,8 @@ def resolve_base_model(model: str | Path, s3_endpoint: str | None = None) -> str
         return name
     if name != DEMO_BASE and not DEMO_BASES[name].is_file():
         raise UserError(f"--base-model {name}: its artifact {DEMO_BASES[name]} is not there; restore it (git "
-                        f"checkout skindual/assets) or rebuild it with `{REBUILD_COMMAND} --difficulty hard --vae-steps "
-                        f"2000 --vae-colour-weight 4 --vae-lesion-weight 8 --artifact {DEMO_BASES[name]}` (the shipped "
-                        "one's recipe)")
+                        f"checkout skindual/assets) or rebuild it with `{REBUILD_COMMAND} {HARD_RECIPE_FLAGS} --artifact "
+                        f"{DEMO_BASES[name]}` (the shipped one's recipe)")
     return str(demo_base_path(DEMO_BASES[name]))
 
 

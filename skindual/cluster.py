@@ -186,6 +186,14 @@ def cluster_shape() -> ClusterShape:
     return shape_of(running, found["types"])
 
 
+def this_machine() -> ClusterShape:
+    """The shape of this machine alone, for work done in this process without Ray (a bench's baseline loop)."""
+    import torch
+
+    resources = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return ClusterShape((NodeShape("running:this machine", resources, 1),), (), "none")
+
+
 def resolve_gpus(asked: float, flag: str, shape: ClusterShape) -> float:
     """A GPU count per worker: `asked` when it is 0 or more (refused if no node can ever have that
     many), else ("auto", -1) 1 when the cluster has or can launch GPU nodes and 0 when it cannot."""

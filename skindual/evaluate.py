@@ -1,9 +1,9 @@
 """The evaluation job: are the synthetic pairs like the real ones, and do they help?
 
 Everything streams from storage; the driver plans from the datasets' indexes (their parquets, no
-pixels) and combines small statistics.  `plan_evaluation(config)` reads and checks the inputs first
-(bad input is one `UserError` before any cluster work); `run_evaluate(config)` then, on the current
-Ray cluster:
+pixels) and combines small statistics.  `plan_evaluate(config)` reads and checks the inputs first
+(bad input is one `UserError` before any cluster work) and knows whether the output already holds this
+evaluation; `run_evaluate(plan)` then, on the current Ray cluster:
 
 1. trains the lesion-cnn feature extractor in one Ray task from the real train images at ``--size``
    (cached by the content of its training set; Inception needs no training);
@@ -29,7 +29,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -46,10 +46,11 @@ from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCSegmenter
 from skindual.shards import read_stats
-from skindual.storage import cache_root, is_remote, open_storage
+from skindual.storage import cache_root, finished, is_remote, open_storage
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "all")
+METRICS = "metrics.json"  # written last: the evaluation's marker (`storage.finished`)
 SETS = ("real", "synthetic", "real_test")  # the feature pass's sets: the --fid-split, the synthetic set, the test set
 
 
@@ -124,11 +125,17 @@ class Source:
 
 
 @dataclass(frozen=True)
-class EvalPlan:
+class EvaluatePlan:
+    """An evaluation, resolved before any cluster work: its inputs read and checked, the fingerprint of what its
+    figures depend on, and whether its output already holds them (the finished evaluation's metrics)."""
+
+    config: EvaluateConfig
     sets: dict[str, Source]  # "real" (the --fid-split), "synthetic", "real_test" (downstream test, pair-quality reference)
     train: Source | None  # the downstream real arm's pairs (--real-fraction of the train split)
     counts: dict[str, dict[str, int]]  # set → class code → pairs
     image_size: int  # the synthetic pairs' side: every set is measured at it
+    fingerprint: str = ""
+    done: dict | None = None
 
 
 def _usable(index: pa.Table, what: str, url: str) -> pa.Table:
@@ -153,8 +160,21 @@ def _class_counts(rows: pa.Table) -> dict[str, int]:
     return {CLASS_CODES[c]: int(n) for c, n in enumerate(counts) if n}
 
 
-def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
-    """Read the three datasets' indexes and check them (every problem one `UserError`, before any work)."""
+def plan_evaluate(cfg: EvaluateConfig) -> EvaluatePlan:
+    """Read the three datasets' indexes and check them, check the output, and fingerprint the evaluation
+    (every problem one `UserError`, before any cluster work)."""
+    plan = _inputs(cfg)  # the inputs first: a bad one leaves no output folder behind
+    open_storage(cfg.output, cfg.s3_endpoint or None).check()
+    fingerprint = evaluation_fingerprint(plan)
+    done = None if cfg.recompute else finished(open_storage(cfg.output, cfg.s3_endpoint or None), METRICS, fingerprint)
+    if done is not None:
+        log.info("%s already holds the evaluation of these inputs and settings (metrics.json); kept "
+                 "(--recompute evaluates again)", cfg.output)
+    return replace(plan, fingerprint=fingerprint, done=done)
+
+
+def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
+    """The plan's inputs: the datasets' indexes read and checked."""
     if cfg.feature_extractor == "inception":
         fidelity.find_inception_weights(cfg.inception_weights, cfg.s3_endpoint or None)
     endpoint = cfg.s3_endpoint or None
@@ -218,7 +238,8 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
     log.info("%d synthetic pairs at %dx%d, %d real (%s split), %d real test%s", synthetic.num_rows, first[0], first[0],
              real.num_rows, cfg.fid_split, test.num_rows,
              f", downstream {train.num_rows} real train pairs" if train is not None else "")
-    return EvalPlan(sets, Source(cfg.real, pairs.selection_of(train)) if train is not None else None, counts, first[0])
+    return EvaluatePlan(cfg, sets, Source(cfg.real, pairs.selection_of(train)) if train is not None else None, counts,
+                        first[0])
 
 
 # --------------------------------------------------------------------------- the feature extractor
@@ -276,7 +297,7 @@ class ExtractorSpec:
         return fidelity.CNNExtractor("lesioncnn" if self.kind == "lesion-cnn" else "randomcnn", model, self.size, device)
 
 
-def extractor_spec(cfg: EvaluateConfig, plan: EvalPlan) -> tuple[ExtractorSpec, bool]:
+def extractor_spec(cfg: EvaluateConfig, plan: EvaluatePlan) -> tuple[ExtractorSpec, bool]:
     """The extractor of the run, and whether the lesion-cnn's weights came from the cache."""
     if cfg.feature_extractor == "inception":
         return ExtractorSpec("inception", cfg.size, inception=str(fidelity.find_inception_weights(
@@ -383,7 +404,7 @@ def summarise_group(batch: dict, seed: int, k: int) -> dict[str, np.ndarray]:
             "summary": np.asarray([buffer.getvalue()], dtype=object)}
 
 
-def feature_pass(cfg: EvaluateConfig, plan: EvalPlan, spec: ExtractorSpec, gpus: float = 0.0) -> dict[tuple[str, int], dict]:
+def feature_pass(cfg: EvaluateConfig, plan: EvaluatePlan, spec: ExtractorSpec, gpus: float = 0.0) -> dict[tuple[str, int], dict]:
     """(set, class index) → the group's arrays (see `summarise_group`), from the actor pool's pass (`gpus` per actor)."""
     import ray
 
@@ -485,7 +506,7 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
             "test_pairs": len(loaded["key"]), "seconds": round(time.perf_counter() - started, 1), **metrics}
 
 
-def run_benchmark(cfg: EvaluateConfig, plan: EvalPlan, gpus: float = 0.0) -> dict[str, Any]:
+def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) -> dict[str, Any]:
     """Every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster; results in that order, and
     their summary."""
     import ray
@@ -506,7 +527,7 @@ def run_benchmark(cfg: EvaluateConfig, plan: EvalPlan, gpus: float = 0.0) -> dic
 # --------------------------------------------------------------------------- the job
 
 
-def sample_grids(cfg: EvaluateConfig, plan: EvalPlan) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
+def sample_grids(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
     """Up to ``--grid-per-class`` pairs of each synthetic class from the synthetic and the real set (read
     from the first shards that hold them), for the report's sample grids."""
     if not cfg.grid_per_class:
@@ -536,9 +557,10 @@ def _versions() -> dict[str, str]:
     return {"skindual": __version__, **{p: version(p) for p in ("torch", "torchvision", "clean-fid", "ray")}}
 
 
-def evaluation_fingerprint(cfg: EvaluateConfig, plan: EvalPlan) -> str:
+def evaluation_fingerprint(plan: EvaluatePlan) -> str:
     """What the figures depend on: the settings (not those in `NOT_FINGERPRINTED`), every selection with
     its shards' tar sha256 (`_selection_digest`), the QC segmenter's weights and the library versions."""
+    cfg = plan.config
     endpoint = cfg.s3_endpoint or None
     sources = {**plan.sets, "train": plan.train}
     key = {"settings": {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED},
@@ -548,48 +570,23 @@ def evaluation_fingerprint(cfg: EvaluateConfig, plan: EvalPlan) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def finished_evaluation(cfg: EvaluateConfig, fingerprint: str) -> dict | None:
-    """The metrics already in ``--output`` when they carry `fingerprint` (`evaluation_fingerprint`:
-    the same inputs and settings), else None (also with ``--recompute``).  ``metrics.json`` is written
-    last, so one that matches has its report and figures beside it."""
-    if cfg.recompute:
-        return None
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    try:
-        metrics = json.loads(storage.read_bytes("metrics.json"))
-    except (FileNotFoundError, ValueError):
-        return None
-    if not isinstance(metrics, dict) or metrics.get("fingerprint") != fingerprint:
-        return None
-    log.info("%s already holds the evaluation of these inputs and settings (metrics.json); kept "
-             "(--recompute evaluates again)", cfg.output)
-    return metrics
-
-
-def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint: str = "",
-                 shape: ClusterShape | None = None) -> dict:
-    """Measure everything and write the report; returns the metrics (also in ``metrics.json``).  A rerun
-    of the same inputs and settings into the same output returns the metrics there (`finished_evaluation`).
-    `fingerprint`: the plan's `evaluation_fingerprint` when the caller has it (it reads every shard's stats);
-    `shape`: what the cluster has and can launch (read from it when not given)."""
+def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
+    """Measure everything and write the report on the current Ray cluster (`shape`: what it has and can launch,
+    read from it when not given); returns the metrics (also in ``metrics.json``, written last)."""
     from skindual.cluster import cluster_shape
 
+    cfg = plan.config
     started = time.perf_counter()
     shape = shape or cluster_shape()
     check_shared_paths({"--output": cfg.output, "--real": cfg.real, "--synthetic": cfg.synthetic,
                         "--test-data": cfg.test_data, "--qc-segmenter": cfg.qc_segmenter}, shape)
     actor_gpus = resolve_gpus(cfg.num_gpus_per_actor, "--num-gpus-per-actor", shape)
     task_gpus = resolve_gpus(cfg.num_gpus_per_task, "--num-gpus-per-task", shape) if cfg.downstream else 0.0
-    plan = plan or plan_evaluation(cfg)
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
-    fingerprint = fingerprint or evaluation_fingerprint(cfg, plan)
-    finished = finished_evaluation(cfg, fingerprint)
-    if finished is not None:
-        return finished
+    fingerprint = plan.fingerprint
     # the old marker goes first: its features and figures are about to be replaced, so an interrupted
     # run must not leave it standing beside them
-    storage.delete("metrics.json")
+    storage.delete(METRICS)
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     spec, extractor_cached = extractor_spec(cfg, plan)
@@ -616,7 +613,7 @@ def run_evaluate(cfg: EvaluateConfig, plan: EvalPlan | None = None, fingerprint:
         for file in figures:
             storage.upload_file(Path(tmp) / file, file)
     storage.write_bytes("report.md", report.render_report(metrics, figures).encode())
-    # last: a metrics.json of these inputs marks the evaluation finished (`finished_evaluation`)
-    storage.write_bytes("metrics.json", (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
+    # last: a metrics.json of these inputs marks the evaluation finished (`storage.finished`)
+    storage.write_bytes(METRICS, (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     log.info("report written to %s", storage.join("report.md"))
     return metrics

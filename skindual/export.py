@@ -18,6 +18,7 @@ An output that already holds such a dataset is refused unless ``--overwrite`` (w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -34,8 +35,8 @@ from skindual import data
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
-from skindual.shards import read_shards
-from skindual.storage import Storage, open_storage
+from skindual.shards import MANIFEST_FILE, read_shards
+from skindual.storage import Storage, finished, open_storage
 
 log = logging.getLogger(__name__)
 FORMATS = ("nnunet", "imagefolder")
@@ -111,25 +112,53 @@ def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
         yield f"real_{sample['meta']['image_id']}", int(sample["class_index"]), image, mask, part
 
 
-def _prepare(storage: Storage, cfg: ExportConfig) -> None:
-    """Refuse (or, with --overwrite, delete) an earlier export at the output."""
+def _ours(storage: Storage, cfg: ExportConfig) -> list[str]:
+    """The files of an earlier export at the output."""
     if cfg.format == "nnunet":
         ours = storage.list(cfg.dataset_folder() + "/")
     else:
         ours = [n for n in storage.list() if "/" in n and n.split("/")[0] in CLASS_CODES]
-    ours += [EXPORT_FILE] if storage.exists(EXPORT_FILE) else []
-    if ours and not cfg.overwrite:
-        raise UserError(f"{storage.url} already holds an export ({len(ours)} files); "
-                        "pass --overwrite to replace it, or choose another --output")
-    for name in ours:
-        storage.delete(name)
+    return ours + ([EXPORT_FILE] if storage.exists(EXPORT_FILE) else [])
 
 
-def run_export(cfg: ExportConfig) -> dict:
-    """Write the dataset; returns the summary also written to ``export.json``."""
+@dataclass(frozen=True)
+class ExportPlan:
+    """An export, checked before it writes: the output, the fingerprint of its settings and inputs (the
+    datasets' manifests), and whether the output already holds it (its export.json)."""
+
+    config: ExportConfig
+    storage: Storage
+    fingerprint: str
+    done: dict | None
+
+
+def plan_export(cfg: ExportConfig) -> ExportPlan:
+    """Check the output (an earlier export of other settings or inputs is refused unless --overwrite)."""
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     storage.check()
-    _prepare(storage, cfg)
+    inputs = {}
+    for flag, url in (("synthetic", cfg.synthetic), ("with_real", cfg.with_real)):
+        if url:
+            try:
+                inputs[flag] = json.loads(open_storage(url, cfg.s3_endpoint or None).read_bytes(MANIFEST_FILE)).get(
+                    "fingerprint", "")
+            except FileNotFoundError:
+                inputs[flag] = ""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "s3_endpoint")} | inputs
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    done = None if cfg.overwrite else finished(storage, EXPORT_FILE, fingerprint)
+    if done is None and not cfg.overwrite and _ours(storage, cfg):
+        raise UserError(f"{storage.url} already holds an export ({len(_ours(storage, cfg))} files); "
+                        "pass --overwrite to replace it, or choose another --output")
+    return ExportPlan(cfg, storage, fingerprint, done)
+
+
+def run_export(plan: ExportPlan) -> dict:
+    """Write the dataset (an earlier export at the output deleted first); returns the summary, also written to
+    ``export.json`` last."""
+    cfg, storage = plan.config, plan.storage
+    for name in _ours(storage, cfg):
+        storage.delete(name)
     root = cfg.dataset_folder() + "/" if cfg.format == "nnunet" else ""
     counts: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
@@ -157,7 +186,8 @@ def run_export(cfg: ExportConfig) -> dict:
     trained = counts["synthetic_train"] + counts["real_train"]
     if not trained:
         raise UserError(f"{cfg.synthetic}: nothing to export")
-    summary = {"config": asdict(cfg), "format": cfg.format, "counts": dict(counts), "train_per_class": dict(per_class)}
+    summary = {"config": asdict(cfg), "format": cfg.format, "counts": dict(counts), "train_per_class": dict(per_class),
+               "fingerprint": plan.fingerprint}
     if cfg.format == "nnunet":
         dataset = {"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "numTraining": trained,
                    "file_ending": ".png", "overwrite_image_reader_writer": "NaturalImage2DIO",

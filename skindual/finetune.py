@@ -28,13 +28,13 @@ import pyarrow as pa
 import torch
 
 from skindual import data, losses, model, pairs, prompts, report
-from skindual.base_models import base_config
+from skindual.base_models import base_config, base_id
 from skindual.cli import check_fields, option
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
-from skindual.shards import MANIFEST_FILE
-from skindual.storage import is_remote, open_storage
+from skindual.shards import MANIFEST_FILE, config_fingerprint
+from skindual.storage import Storage, finished, is_remote, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -424,12 +424,12 @@ class JointTrainer:
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config["config"]`` is the run's `FinetuneConfig`."""
+    """Runs on every Ray Train worker; ``config["plan"]`` is the run's `FinetunePlan`."""
     import ray.train
     import ray.train.torch
 
-    cfg: FinetuneConfig = config["config"]
-    prompting: dict = config.get("prompting", {})
+    plan: FinetunePlan = config["plan"]
+    cfg, prompting = plan.config, plan.prompting
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # its reserved CPUs, whatever this (reused) worker process had: the same sums every run
@@ -479,7 +479,7 @@ def train_loop(config: dict) -> None:
         log.warning("the fp16 gradient scaler skipped %d of %d optimiser steps (inf/NaN gradients)",
                     trainer.skipped_steps, trainer.step)
     if rank == 0:
-        write_outputs(cfg, trainer, prompting)
+        write_outputs(cfg, trainer, prompting, plan.fingerprint)
 
 
 def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
@@ -494,21 +494,21 @@ def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: dict | None = None) -> None:
+def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompting | None = None,
+                  fingerprint: str = "") -> None:
     """The adapter folder under `{output}/{name}/adapter/`, then the validation grid and the loss curve
     beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
     a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
-    `prompting`: the training data's prompt ``template`` and per-class ``attributes``
-    (`prompts.attribute_distribution`), recorded in the adapter for generation."""
-    prompting = prompting or {}
+    `prompting` is recorded in the adapter for generation; `fingerprint` (the plan's) marks the run done."""
+    prompting = prompting or Prompting()
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
     unet = trainer.unet.eval()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         with trainer.ema_weights():
             info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
-                                      prompt_template=prompting.get("template", prompts.DEFAULT_TEMPLATE),
-                                      prompt_attributes=prompting.get("attributes"))
+                                      prompt_template=prompting.template, prompt_attributes=prompting.attributes,
+                                      fingerprint=fingerprint)
         storage.delete(f"{cfg.name}/adapter/{model.ADAPTER_JSON}")  # the json last: a folder with one is complete
         for name in sorted(info.files) + [model.ADAPTER_JSON]:
             storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
@@ -561,6 +561,93 @@ def ray_storage(output: str, s3_endpoint: str | None, region_of=None):
     return output.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
 
 
+@dataclass(frozen=True)
+class Prompting:
+    """What the adapter records for generation's prompts: the training data's prompt template and, per class,
+    the (site, age, sex) counts of its rows (`prompts.attribute_distribution`)."""
+
+    template: str = prompts.DEFAULT_TEMPLATE
+    attributes: dict | None = None
+
+
+RUN_FILE = "run.json"  # in the run folder: the fingerprint and the settings the run was started with
+NOT_FINGERPRINTED = ("output", "name", "steps", "checkpoint_every", "max_failures", "cpus_per_worker", "accelerator_type",
+                     "validation_per_class", "validation_steps", "validation_batch", "s3_endpoint")
+"""Settings that do not shape the trained weights: where the run goes and how it is watched, the hardware it is
+given, and ``--steps`` (a rerun with more steps continues the run, with fewer keeps it as trained)."""
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """A fine-tuning run, resolved before any cluster work: the config (resolution and precision resolved), the
+    pairs an epoch shows, the prompting the adapter records, the base UNet's widths, the fingerprint of the
+    settings that shape the weights, and whether the run is done (its adapter's json)."""
+
+    config: FinetuneConfig
+    rows: int
+    selection: dict[int, dict[str, int]]
+    prompting: Prompting
+    unet_widths: tuple[int, ...]
+    settings: dict
+    fingerprint: str
+    done: dict | None
+
+
+def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
+    """The settings that shape the weights (`NOT_FINGERPRINTED` left out), the base model by its identity and the
+    training data by its manifest's fingerprint."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    return settings | {"base_model": base_id(cfg.base_model, cfg.s3_endpoint or None), "training_data_fingerprint":
+                       data_fingerprint}
+
+
+def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
+    """Resolve and check a fine-tuning run: the training data, the base model (configs only), the resolution,
+    the output and the run's earlier settings (a rerun with other ones is refused), reading storage only;
+    every problem is one `UserError`."""
+    endpoint = cfg.s3_endpoint or None
+    native, step, widths = base_geometry(cfg.base_model, endpoint)
+    index = pairs.read_index(cfg.training_data, endpoint, "--training-data")
+    rows = training_rows(index, cfg.real_fraction, cfg.seed)
+    selection = training_selection(rows, cfg.balance, cfg.seed)
+    storage = open_storage(cfg.output, endpoint)  # the inputs first: a bad one leaves no output folder behind
+    storage.check()
+    size = cfg.resolution or native
+    if size % step:
+        raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
+                        f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
+    cfg = replace(cfg, resolution=size, mixed_precision=resolve_precision(cfg.mixed_precision, cfg.use_gpu))
+    manifest = dataset_manifest(cfg.training_data, endpoint)
+    settings = finetune_settings(cfg, manifest.get("fingerprint", ""))
+    fingerprint = config_fingerprint(settings)
+    _check_run(storage, cfg, settings, fingerprint)
+    prompting = Prompting(manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE),
+                          prompts.attribute_distribution(rows))
+    done = finished(storage, f"{cfg.name}/adapter/{model.ADAPTER_JSON}", fingerprint)
+    if done is not None and done["training_config"]["steps"] < cfg.steps:
+        done = None  # more steps asked: the run continues from its last checkpoint
+    if done is not None and done["training_config"]["steps"] > cfg.steps:
+        log.warning("run %s is at step %d, past --steps %d: its adapter, trained %d steps, is kept; use a new "
+                    "--name to train a shorter run", cfg.name, done["training_config"]["steps"], cfg.steps,
+                    done["training_config"]["steps"])
+    return FinetunePlan(cfg, rows.num_rows, selection, prompting, tuple(widths), settings, fingerprint, done)
+
+
+def _check_run(storage: Storage, cfg: FinetuneConfig, settings: dict, fingerprint: str) -> None:
+    """Refuse to resume a run (`--name` under `--output`) that was started with other settings."""
+    try:
+        previous = json.loads(storage.read_bytes(f"{cfg.name}/{RUN_FILE}"))
+    except FileNotFoundError:
+        return
+    if previous.get("fingerprint") == fingerprint:
+        return
+    old = previous.get("settings", {})
+    diffs = [f"--{k.replace('_', '-')} {old.get(k)}, now {settings.get(k)}" for k in sorted(set(old) | set(settings))
+             if old.get(k) != settings.get(k)]
+    raise UserError(f"run {cfg.name} at {storage.url} was started with {'; '.join(diffs) or 'other settings'}; a rerun "
+                    "with the same --name resumes it with its own settings: give the same ones, or another --name")
+
+
 def check_cluster(cfg: FinetuneConfig, shape: ClusterShape) -> str:
     """The checks of a run against its cluster (`cluster.cluster_shape`): outputs and inputs every worker
     can reach, GPUs it has or can launch; returns the GPU model the workers run on (``--accelerator-type``),
@@ -577,33 +664,26 @@ def check_cluster(cfg: FinetuneConfig, shape: ClusterShape) -> str:
     return accelerator or min(known, key=GPU_MEMORY_GB.__getitem__, default="")
 
 
-def run_finetune(cfg: FinetuneConfig, shape: ClusterShape | None = None):
-    """Run the fine-tuning job on the current Ray cluster; returns the Ray Train result."""
+def run_finetune(plan: FinetunePlan, shape: ClusterShape | None = None):
+    """Run the fine-tuning job on the current Ray cluster (`shape`: what it has and can launch, read from it when
+    not given); returns the Ray Train result."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from skindual.cluster import cluster_shape
 
+    cfg = plan.config
     accelerator = check_cluster(cfg, shape or cluster_shape())
-    index = pairs.read_index(cfg.training_data, cfg.s3_endpoint or None, "--training-data")
-    rows = training_rows(index, cfg.real_fraction, cfg.seed)
-    selection = training_selection(rows, cfg.balance, cfg.seed)
-    native, step, widths = base_geometry(cfg.base_model, cfg.s3_endpoint or None)
-    size = cfg.resolution or native
-    if size % step:
-        raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
-                        f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
-    cfg = replace(cfg, resolution=size, mixed_precision=resolve_precision(cfg.mixed_precision, cfg.use_gpu))
-    check_memory(cfg, widths, size, accelerator)
-    dataset = pairs.pair_dataset(cfg.training_data, selection, size, cfg.seed, cfg.s3_endpoint or None)
-    prompting = {"template": dataset_template(cfg.training_data, cfg.s3_endpoint or None),
-                 "attributes": prompts.attribute_distribution(rows)}
+    check_memory(cfg, list(plan.unet_widths), cfg.resolution, accelerator)
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    storage.write_bytes(f"{cfg.name}/{RUN_FILE}", json.dumps({"fingerprint": plan.fingerprint, "settings": plan.settings},
+                                                             sort_keys=True, indent=1, default=str).encode())
+    dataset = pairs.pair_dataset(cfg.training_data, plan.selection, cfg.resolution, cfg.seed, cfg.s3_endpoint or None)
     storage_path, filesystem = ray_storage(cfg.output, cfg.s3_endpoint or None)
-    open_storage(cfg.output, cfg.s3_endpoint or None).check()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg, "prompting": prompting},
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      accelerator_type=cfg.accelerator_type or None),
@@ -615,18 +695,17 @@ def run_finetune(cfg: FinetuneConfig, shape: ClusterShape | None = None):
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     log.info("fine-tuning %s (%s, %s, %s) on %d pairs (%d an epoch), %d worker(s)%s, %d steps", cfg.base_model,
-             cfg.layout, cfg.train, cfg.mixed_precision, rows.num_rows, sum(sum(k.values()) for k in selection.values()),
+             cfg.layout, cfg.train, cfg.mixed_precision, plan.rows, sum(sum(k.values()) for k in plan.selection.values()),
              cfg.num_workers, f" on {accelerator}" if accelerator else "", cfg.steps)
     return trainer.fit()
 
 
-def dataset_template(url: str, s3_endpoint: str | None = None) -> str:
-    """The prompt template a prepared dataset's prompts were built with (its manifest's)."""
+def dataset_manifest(url: str, s3_endpoint: str | None = None) -> dict:
+    """A prepared dataset's manifest (its prompt template, its fingerprint), or {} when it has none."""
     try:
-        manifest = json.loads(open_storage(url, s3_endpoint).read_bytes(MANIFEST_FILE))
+        return json.loads(open_storage(url, s3_endpoint).read_bytes(MANIFEST_FILE))
     except FileNotFoundError:
-        return prompts.DEFAULT_TEMPLATE
-    return manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE)
+        return {}
 
 
 def base_geometry(base_model: str, s3_endpoint: str | None = None) -> tuple[int, int, list[int]]:

@@ -1,7 +1,8 @@
 """Generation: the prompt table → Ray Data → a pool of generator actors → WebDataset shards.
 
-`run_generate(config)` builds the class-balanced prompt table, guards the output
-(`shards.check_output`: same settings resume, other settings refuse unless ``--overwrite``), and
+`plan_generate(config)` resolves and checks the run before any cluster work (the model, the output:
+`shards.guard_output`, same settings resume, other settings refuse unless ``--overwrite``; the shards
+still to do; whether the run is done).  `run_generate(plan)` resolves the devices from the cluster and
 maps a Ray Dataset with ONE ROW PER SHARD still to do (the shard's number and its prompt rows,
 `shard_items`) through two stages:
 
@@ -68,9 +69,9 @@ from skindual.qc_model import QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
-from skindual.shards import (Sample, check_output, committed_shards, encode_sample, read_run_config, read_stats,
-                             write_run_files, write_shard)
-from skindual.storage import Storage, is_remote, open_storage
+from skindual.shards import (MANIFEST_FILE, Sample, check_output, committed_shards, encode_sample, guard_output,
+                             read_run_config, read_stats, write_run_files, write_shard)
+from skindual.storage import Storage, finished, is_remote, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -451,19 +452,26 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
 
 
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
-    """Everything that changes the output's bytes, keyed like the flags (for `check_output`'s message):
-    the `FINGERPRINTED` fields as they are (numbers by their declared type), the `RESOLVED` ones
-    through the counts, the model and the device.  `cfg` has its devices resolved."""
+    """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
+    `FINGERPRINTED` fields as they are (numbers by their declared type), the `RESOLVED` ones through the counts
+    and the model.  What samples them (the device model, on CPU the thread count) is known only once the
+    cluster is, and is checked apart (`device_record`)."""
     types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
     plain = {name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
              for name in FINGERPRINTED}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
-                "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none",
-                "layout": spec.layout, "device": cfg.device + (f":{cfg.accelerator_type}" if cfg.accelerator_type else ""),
+                "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none"}
-    if cfg.device == "cpu":  # torch's thread count changes float results on CPU
-        resolved["cpus_per_actor"] = float(cfg.cpus_per_actor)
     return plain | resolved
+
+
+def device_record(cfg: GenerateConfig) -> str:
+    """What samples a run's shards, as its output records it: ``cuda:<GPU model>`` (``cuda`` when the cluster
+    does not say which), or the CPU with torch's thread count, which changes float results.  `cfg` has its
+    devices resolved."""
+    if cfg.device == "cuda":
+        return f"cuda:{cfg.accelerator_type}" if cfg.accelerator_type else "cuda"
+    return f"cpu:{cpu_threads(cfg)} threads"
 
 
 def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> dict[str, Any]:
@@ -473,31 +481,59 @@ def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> di
             "fingerprint": fingerprint, "image_format": cfg.image_format}
 
 
-def run_generate(cfg: GenerateConfig, shape: ClusterShape | None = None, spec: ModelSpec | None = None) -> dict[str, Any]:
-    """Generate the run's missing shards on the current Ray cluster (`shape`: what it has and can launch, read
-    from it when not given; `spec`: `resolve_model` of `cfg` when the caller has it); return the manifest."""
+@dataclass(frozen=True)
+class GeneratePlan:
+    """A generation run, resolved before any cluster work: the config (its shard size chosen), the model,
+    the output, the fingerprint of the settings, the shards still to do, and whether the run is done (the
+    finished run's manifest)."""
+
+    config: GenerateConfig
+    model: ModelSpec
+    storage: Storage
+    settings: dict[str, Any]
+    fingerprint: str
+    pairs: int
+    shards: tuple[int, ...]
+    todo: tuple[int, ...]
+    done: dict | None
+
+
+def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
+    """Resolve and check a generation run (the model, the adapter, the QC segmenter, the output and its earlier
+    runs' settings), reading storage only; every problem is one `UserError`."""
+    spec = resolve_model(cfg)  # the inputs first: a bad one leaves no output folder behind
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    storage.check()
+    run = replace(cfg, samples_per_shard=resolve_shard_size(cfg, storage))
+    settings = fingerprint_config(run, spec)
+    fingerprint = guard_output(storage, settings, cfg.overwrite)
+    pairs = sum(run.counts().values())
+    shards = tuple(range(math.ceil(pairs / run.samples_per_shard)))
+    committed = set() if cfg.overwrite else set(committed_shards(storage))
+    done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
+    return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards,
+                        tuple(s for s in shards if s not in committed), done)
+
+
+def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[str, Any]:
+    """Generate the plan's missing shards on the current Ray cluster (`shape`: what it has and can launch, read
+    from it when not given); return the manifest."""
     import ray
 
     from skindual.cluster import cluster_shape
 
+    cfg, spec, storage = plan.config, plan.model, plan.storage
     shape = shape or cluster_shape()
     check_shared_paths({"--output": cfg.output, "--adapter": cfg.adapter, "--qc-segmenter": cfg.qc_segmenter,
                         **({"--base-model": cfg.base_model} if Path(cfg.base_model).is_dir() else {})}, shape)
     run = resolve_devices(cfg, shape)
-    spec = spec or resolve_model(cfg)
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
-    counts = cfg.counts()
-    run = replace(run, samples_per_shard=resolve_shard_size(cfg, storage))
-    table = generation_prompts(run, spec)
-    config = fingerprint_config(run, spec)
-    fingerprint = check_output(storage, config, cfg.overwrite)
-    shards = sorted(set(table.column("shard").to_pylist()))
-    committed = set(committed_shards(storage))
-    todo = [s for s in shards if s not in committed]
+    fingerprint = check_output(storage, plan.settings, cfg.overwrite, device=device_record(run))
+    todo = list(plan.todo) if not cfg.overwrite else list(plan.shards)
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
-             table.num_rows, len(shards), len(shards) - len(todo), len(todo), spec.base_id, cfg.actors, run.device)
+             plan.pairs, len(plan.shards), len(plan.shards) - len(todo), len(todo), spec.base_id, cfg.actors,
+             device_record(run))
     if todo:
+        table = generation_prompts(run, spec)
         dataset = (ray.data.from_items(shard_items(table, todo), override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
                                 # one shard at a time per actor: the next goes to whichever actor frees first
@@ -507,16 +543,21 @@ def run_generate(cfg: GenerateConfig, shape: ClusterShape | None = None, spec: M
                                 fn_constructor_kwargs={"cfg": run, "spec": spec})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
-        _follow(dataset, table, todo, len(shards))
+        _follow(dataset, table, todo, len(plan.shards))
+    counts = cfg.counts()
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
-        "resolved": {**config, "base_model_path": spec.base_model, "adapter_url": spec.adapter,
+        "resolved": {**plan.settings, "device": run.device, "device_model": device_record(run),
+                     "base_model_path": spec.base_model, "adapter_url": spec.adapter,
                      "num_gpus_per_actor": run.num_gpus_per_actor, "resolution": spec.resolution},
-        "asked_per_class": counts, "fingerprint": fingerprint,
+        "asked_per_class": counts, "fingerprint": fingerprint, "complete": False,
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })
     _check_counts(manifest, counts, cfg, spec)
     _check_devices(storage, manifest)
+    # last: the marker that the run is done (`storage.finished`), once its counts and devices are right
+    manifest["complete"] = True
+    storage.write_bytes(MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
     return manifest
 
 

@@ -203,10 +203,11 @@ class AdapterInfo:
 
 def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, training_config: dict,
                  train: str = "lora", resolution: int | None = None,
-                 prompt_template: str = DEFAULT_TEMPLATE, prompt_attributes: dict | None = None) -> AdapterInfo:
+                 prompt_template: str = DEFAULT_TEMPLATE, prompt_attributes: dict | None = None,
+                 fingerprint: str = "") -> AdapterInfo:
     """Write the adapter folder of an (unwrapped) UNet prepared by `prepare_unet`.  `prompt_template` and
     `prompt_attributes` (per class, the (site, age, sex) counts of the training data) are what generation
-    builds its prompts from.
+    builds its prompts from; `fingerprint` (the fine-tuning run's) marks the run that wrote it as done.
 
     Every file is written under a temp name and moved in with `os.replace`; the json (which
     holds every file's sha256) goes last, so a folder with a json is complete.
@@ -245,6 +246,7 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
             "prompt_template": prompt_template,
             "prompt_attributes": prompt_attributes,
             "training_config": training_config,
+            "fingerprint": fingerprint,  # of the settings that shaped the weights: a finished run's marker
             "versions": {name: version(name) for name in ("torch", "diffusers", "peft")},
             "files": files,
         }
@@ -346,7 +348,7 @@ def smooth_mask_logits(logits: np.ndarray, sigma: float) -> np.ndarray:
 
     A VAE decoder fed a generated mask latent draws its edge with spikes and notches about a latent
     cell wide; smoothing before the threshold removes them and keeps the shape (what it buys on the
-    demo: docs/demo-results.md)."""
+    demo: lab/notes/demo-results.md)."""
     from scipy import ndimage
 
     if sigma <= 0:

@@ -9,13 +9,14 @@ prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, 
 split and every skipped file.  Every later stage reads it through `skindual.pairs`, so a cluster
 needs no shared file system.
 
-`run_prepare(config)`: the driver reads the metadata (the CSV and the file listings, from a folder
+`plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
 or an s3:// prefix) with `data.training_table` and splits by lesion; `shards.check_output` guards
 the output (same settings: a rerun skips committed shards; other settings are refused unless
 ``--overwrite``); then one Ray task per shard still to do reads its pairs from the source, decodes
 and checks every image and mask, and commits the shard.  A bad file is one `UserError` naming it
 (the shards already committed stay), or with ``--skip-bad`` a rejected row with its reason.
-``distributed=False`` runs the same per-shard function in this process (the demo world's small data).
+``distributed=False`` (`prepare_here`) runs the same per-shard function in this process (the demo world's
+small data).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
-from skindual.shards import (JPEG_QUALITY, canonical_json, check_output, commit_shard, committed_shards, encode_mask,
-                             write_run_files)
-from skindual.storage import open_storage
+from skindual.shards import (JPEG_QUALITY, MANIFEST_FILE, canonical_json, check_output, commit_shard, committed_shards,
+                             encode_mask, guard_output, write_run_files)
+from skindual.storage import Storage, finished, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -161,25 +162,54 @@ def _prepare_shard_batch(batch: dict, cfg: PrepareConfig, fingerprint: str) -> d
             "error": np.asarray([o["error"] for o in out], dtype=object)}
 
 
-def run_prepare(cfg: PrepareConfig, distributed: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreparePlan:
+    """A preparation, resolved before any cluster work: the output checked, the source's rows (metadata and
+    file locations, split by lesion) grouped by shard, the shards still to do, and whether it is done."""
+
+    config: PrepareConfig
+    storage: Storage
+    settings: dict[str, Any]
+    fingerprint: str
+    by_shard: dict[int, list[dict]]
+    skipped: dict[str, int]
+    skipped_files: list[tuple[str, str]]
+    todo: tuple[int, ...]
+    done: dict | None
+
+
+def plan_prepare(cfg: PrepareConfig) -> PreparePlan:
+    """Check the output against earlier runs' settings and read the source's metadata (driver: the CSV and the
+    file listings only); every problem one `UserError`.  A finished dataset of these settings is not read."""
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    storage.check()
+    settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
+    fingerprint = guard_output(storage, settings, cfg.overwrite)
+    done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
+    if done is not None:
+        return PreparePlan(cfg, storage, settings, fingerprint, {}, {}, [], (), done)
+    rows, skipped, skipped_files = source_rows(cfg)
+    by_shard: dict[int, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(int(row["key"]) // 10_000, []).append(row)
+    committed = set() if cfg.overwrite else set(committed_shards(storage))
+    return PreparePlan(cfg, storage, settings, fingerprint, by_shard, skipped, skipped_files,
+                       tuple(s for s in sorted(by_shard) if s not in committed), None)
+
+
+def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
     """Write the real dataset's missing shards (Ray tasks on the current cluster, or here when not
-    `distributed`); return the manifest."""
+    `distributed`); return the manifest (written last)."""
+    cfg, storage, by_shard = plan.config, plan.storage, plan.by_shard
     if distributed:
         from skindual.cluster import check_shared_paths, cluster_shape
 
         check_shared_paths({"--output": cfg.output, "--ham10000": cfg.ham10000, "--isic2018": cfg.isic2018},
                            cluster_shape())
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
-    rows, skipped, skipped_files = source_rows(cfg)
-    fingerprint = check_output(storage, {name: getattr(cfg, name) for name in FINGERPRINTED}, cfg.overwrite)
-    by_shard: dict[int, list[dict]] = {}
-    for row in rows:
-        by_shard.setdefault(int(row["key"]) // 10_000, []).append(row)
-    done = set(committed_shards(storage))
-    todo = [s for s in sorted(by_shard) if s not in done]
-    log.info("%s: %d pairs in %d shards, %d committed, %d to do", storage.url, len(rows), len(by_shard),
-             len(by_shard) - len(todo), len(todo))
+    fingerprint = check_output(storage, plan.settings, cfg.overwrite)
+    todo = list(plan.todo)
+    log.info("%s: %d pairs in %d shards, %d committed, %d to do", storage.url, sum(map(len, by_shard.values())),
+             len(by_shard), len(by_shard) - len(todo), len(todo))
     started, written, pairs = time.monotonic(), 0, 0
     if distributed and todo:
         import ray
@@ -201,11 +231,19 @@ def run_prepare(cfg: PrepareConfig, distributed: bool = True) -> dict[str, Any]:
     bad_files = [[f, r] for f, r in zip(rejected.column("source_image").to_pylist(), rejected.column("reason").to_pylist())]
     manifest = write_run_files(storage, {
         "config": asdict(cfg), "fingerprint": fingerprint, "kind": "real", "prompt_template": DEFAULT_TEMPLATE,
-        "skipped": dict(sorted((Counter(skipped) + Counter(r for _, r in bad_files)).items())),
-        "skipped_files": [list(f) for f in skipped_files] + bad_files,
+        "skipped": dict(sorted((Counter(plan.skipped) + Counter(r for _, r in bad_files)).items())),
+        "skipped_files": [list(f) for f in plan.skipped_files] + bad_files, "complete": False,
         "versions": {"skindual": __version__, "pillow": version("pillow")}})
-    _check_classes(manifest, rows, cfg)
+    _check_classes(manifest, [r for rows in by_shard.values() for r in rows], cfg)
+    manifest["complete"] = True  # last: the dataset is done (`storage.finished`)
+    storage.write_bytes(MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
     return manifest
+
+
+def prepare_here(cfg: PrepareConfig) -> dict[str, Any]:
+    """Plan and prepare in this process, without Ray (small data: the demo world, tests); the manifest."""
+    plan = plan_prepare(cfg)
+    return plan.done if plan.done is not None else run_prepare(plan, distributed=False)
 
 
 def _check_classes(manifest: dict, rows: list[dict], cfg: PrepareConfig) -> None:

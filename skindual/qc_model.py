@@ -1,7 +1,8 @@
 """The consistency-QC segmenter: a small U-Net trained on the prepared real pairs, that generation uses to
 check that each generated mask matches its image.
 
-`run_qc_model(config)` trains `downstream.SmallUNet` with Ray Train (one worker, CPU or GPU) on the
+`plan_qc_model(config)` reads the training data's index and knows whether ``--output`` already holds the
+segmenter of these settings; `run_qc_model(plan)` trains `downstream.SmallUNet` with Ray Train (one worker, CPU or GPU) on the
 usable pairs of the real dataset's train split (ISIC 2018's unclassed pairs too: masks are what it
 learns), read from storage by Ray Data at ``--size``, and writes ``segmenter.safetensors`` and
 ``segmenter.json`` (its settings, the training data, its Dice on the val split, the weights' sha256;
@@ -31,7 +32,7 @@ from skindual.cli import check_fields, option
 from skindual.cluster import ClusterShape, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
-from skindual.storage import file_sha256, open_storage
+from skindual.storage import file_sha256, finished, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def _loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg: QCModelConfig = config["config"]
+    plan: QCPlan = config["plan"]
+    cfg = plan.config
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
@@ -95,13 +97,13 @@ def _loop(config: dict) -> None:
 
     settings = downstream.BenchmarkSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
     model = downstream.train_model(downstream.SmallUNet(cfg.width), batches(), "segmenter", settings, cfg.seed, device)
-    val = config["val"]
+    val = plan.val
     figures = {"val_pairs": 0, "val_dice": None}
     if val:
         loaded = pairs.load_pairs(cfg.training_data, val, cfg.size, cfg.s3_endpoint or None)
         test = downstream.PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
         figures = {"val_pairs": len(test), "val_dice": downstream.test_model(model, test, "segmenter", [], device)["dice"]}
-    write_segmenter(cfg, model.cpu(), figures | {"train_pairs": config["train_pairs"]})
+    write_segmenter(cfg, model.cpu(), figures | {"train_pairs": plan.train_pairs, "fingerprint": plan.fingerprint})
     ray.train.report(figures)
 
 
@@ -121,52 +123,66 @@ def write_segmenter(cfg: QCModelConfig, model: torch.nn.Module, figures: dict) -
     log.info("QC segmenter written to %s (val Dice %s)", storage.join(CARD), figures.get("val_dice"))
 
 
-def run_qc_model(cfg: QCModelConfig, shape: ClusterShape | None = None) -> dict:
-    """Train the QC segmenter on the current Ray cluster (`shape`: what it has and can launch, read from it
-    when not given); returns its card (``segmenter.json``)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+REUSE_IGNORES = ("use_gpu", "cpus_per_worker", "s3_endpoint")  # settings that do not change what is trained
 
-    from skindual.cluster import cluster_shape
 
-    shape = shape or cluster_shape()
-    check_shared_paths({"--output": cfg.output, "--training-data": cfg.training_data}, shape)
-    if cfg.use_gpu and shape.most("GPU") < 1 and shape.autoscaler != "unknown":
-        raise UserError("--use-gpu: no node of this cluster has or can launch a GPU; train on a CPU without it")
+@dataclass(frozen=True)
+class QCPlan:
+    """A QC segmenter's training, resolved before any cluster work: its train and val pairs, the fingerprint of
+    the settings that shape it, and whether ``--output`` already holds it (its card)."""
+
+    config: QCModelConfig
+    train: dict[int, dict[str, int]]  # shard → {key: count} of the train pairs
+    val: dict[int, dict[str, int]]
+    train_pairs: int
+    fingerprint: str
+    done: dict | None
+
+
+def qc_fingerprint(cfg: QCModelConfig) -> str:
+    """sha256 of the settings that change what is trained (not `REUSE_IGNORES`)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in REUSE_IGNORES}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def plan_qc_model(cfg: QCModelConfig) -> QCPlan:
+    """Read the training data's index and check it and the output (every problem one `UserError`)."""
     endpoint = cfg.s3_endpoint or None
-    trained = trained_with(cfg)
-    if trained is not None:
+    fingerprint = qc_fingerprint(cfg)
+    done = finished(open_storage(cfg.output, endpoint), CARD, fingerprint)
+    if done is not None:
         log.info("QC segmenter at %s already trained with these settings (val Dice %s): reusing it", cfg.output,
-                 trained.get("val_dice"))
-        return trained
+                 done.get("val_dice"))
+        return QCPlan(cfg, {}, {}, done.get("train_pairs", 0), fingerprint, done)
     train = data.fraction_per_class(_split_rows(cfg.training_data, "train", endpoint), cfg.real_fraction, cfg.seed)
     if not train.num_rows:
         raise UserError(f"--training-data {cfg.training_data} has no usable pairs in its train split")
     val = _split_rows(cfg.training_data, "val", endpoint)
     open_storage(cfg.output, endpoint).check()
-    dataset = pairs.pair_dataset(cfg.training_data, pairs.selection_of(train), cfg.size, cfg.seed, endpoint)
+    return QCPlan(cfg, pairs.selection_of(train), pairs.selection_of(val), train.num_rows, fingerprint, None)
+
+
+def run_qc_model(plan: QCPlan, shape: ClusterShape | None = None) -> dict:
+    """Train the QC segmenter on the current Ray cluster (`shape`: what it has and can launch, read from it
+    when not given); returns its card (``segmenter.json``, written last)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from skindual.cluster import cluster_shape
+
+    cfg = plan.config
+    shape = shape or cluster_shape()
+    check_shared_paths({"--output": cfg.output, "--training-data": cfg.training_data}, shape)
+    if cfg.use_gpu and shape.most("GPU") < 1 and shape.autoscaler != "unknown":
+        raise UserError("--use-gpu: no node of this cluster has or can launch a GPU; train on a CPU without it")
+    endpoint = cfg.s3_endpoint or None
+    dataset = pairs.pair_dataset(cfg.training_data, plan.train, cfg.size, cfg.seed, endpoint)
     with tempfile.TemporaryDirectory(prefix="skindual-qc-") as runs:
-        TorchTrainer(_loop, train_loop_config={"config": cfg, "val": pairs.selection_of(val),
-                                               "train_pairs": train.num_rows},
+        TorchTrainer(_loop, train_loop_config={"plan": plan},
                      scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,
                                                   resources_per_worker={"CPU": cfg.cpus_per_worker}),
                      datasets={"train": dataset}, run_config=RunConfig(name="qc", storage_path=runs)).fit()
     return json.loads(open_storage(cfg.output, endpoint).read_bytes(CARD))
-
-
-REUSE_IGNORES = ("use_gpu", "cpus_per_worker", "s3_endpoint")  # settings that do not change what is trained
-
-
-def trained_with(cfg: QCModelConfig) -> dict | None:
-    """The card at ``cfg.output`` if a segmenter trained with `cfg`'s settings is there (a rerun reuses it)."""
-    try:
-        card = json.loads(open_storage(cfg.output, cfg.s3_endpoint or None).read_bytes(CARD))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    recorded, asked = dict(card.get("config", {})), asdict(cfg)
-    for name in REUSE_IGNORES:
-        recorded.pop(name, None), asked.pop(name, None)
-    return card if recorded == asked else None
 
 
 class QCSegmenter:

@@ -10,7 +10,8 @@ One shard is three files under the output root, uploaded through `skindual.stora
 - ``{shard:05d}_stats.json``: counts and checksums; written LAST, it is the commit marker.  A crash
   mid-shard leaves no (or the previous run's deleted) stats, so the shard counts as not done.
 
-`check_output` guards a rerun (same settings: resume; others: refuse unless overwrite),
+`guard_output` checks a rerun before it starts (same settings: resume; others: refuse unless overwrite) and
+`check_output` takes the output over,
 `write_run_files` writes ``sizes.json`` and ``manifest.json`` at the end, and `read_shards` reads
 committed shards back, locally or from S3 (``pipe:`` URLs that run ``python -m skindual.shards cat``).
 """
@@ -351,20 +352,21 @@ def read_run_config(storage: Storage) -> dict[str, Any]:
         return {}
 
 
-def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False) -> str:
-    """Guard a run's output against mixing settings; return the config's fingerprint.
+def guard_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False) -> str:
+    """The fingerprint of `config` for a run into `storage`, after checking that the run may write there
+    (reads only; `check_output` then takes the output over).
 
-    ``overwrite``: start afresh, deleting the old shard and run files (only those: other files
-    under the root stay).  Otherwise: no ``run.json`` is a fresh output (refused if it holds
-    shards anyway); the same fingerprint is a resume (committed shards are kept); another one is
-    a `UserError` naming the differing settings.  ``run.json`` is written at the end.
-    """
+    Without ``overwrite``: no ``run.json`` is a fresh output (refused if it holds shards anyway); the
+    same fingerprint is a resume (committed shards are kept); another one is a `UserError` naming the
+    differing settings."""
     fingerprint = config_fingerprint(config)
+    if overwrite:
+        return fingerprint
     try:
         previous = json.loads(storage.read_bytes(RUN_FILE))
     except FileNotFoundError:
         previous = None
-    if not overwrite and previous is not None:
+    if previous is not None:
         if previous.get("fingerprint") == fingerprint:
             return fingerprint
         old = previous.get("config", {})
@@ -373,15 +375,37 @@ def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
         what = "; ".join(diffs) or f"other settings (fingerprint {previous.get('fingerprint')})"
         raise UserError(f"{storage.url} was written with {what}; pass --overwrite to replace it, "
                         "or choose another --output")
-    ours = [n for n in storage.list() if _SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE)]
-    if not overwrite and ours:
+    if any(_SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE) for n in storage.list()):
         raise UserError(f"{storage.url} holds shards but no {RUN_FILE}, so not from a run of this "
                         "tool; pass --overwrite to replace them, or choose another --output")
+    return fingerprint
+
+
+def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False, device: str = "") -> str:
+    """Take an output over for a run of `config` (`guard_output` first); return the fingerprint.
+
+    ``overwrite``: start afresh, deleting the old shard and run files (only those: other files under the
+    root stay).  `device` (what samples the shards: its model, or the CPU and its thread count) is recorded
+    in ``run.json``: a resume on another device model is refused, as its bytes would differ from the
+    committed shards'.  ``run.json`` is written when the output is fresh."""
+    fingerprint = guard_output(storage, config, overwrite)
+    try:
+        previous = None if overwrite else json.loads(storage.read_bytes(RUN_FILE))
+    except FileNotFoundError:
+        previous = None
+    if previous is not None:
+        recorded = previous.get("device", "")
+        if device and recorded and recorded != device and committed_shards(storage):
+            raise UserError(f"{storage.url} was sampled on {recorded} and this run would sample on {device}, which "
+                            "gives other bytes; run it where the first run ran (--accelerator-type, "
+                            "--cpus-per-actor), or pass --overwrite")
+        return fingerprint
+    ours = [n for n in storage.list() if _SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE)]
     # stats (commit markers) first, so an interrupted delete leaves no committed shard behind
     for name in sorted(ours, key=lambda n: (not n.endswith("_stats.json"), n)):
         storage.delete(name)
-    storage.write_bytes(RUN_FILE, json.dumps({"fingerprint": fingerprint, "config": dict(config)},
-                                             sort_keys=True, indent=1).encode())
+    record = {"fingerprint": fingerprint, "config": dict(config), **({"device": device} if device else {})}
+    storage.write_bytes(RUN_FILE, json.dumps(record, sort_keys=True, indent=1).encode())
     return fingerprint
 
 

@@ -15,6 +15,7 @@ without its boto3 client (Ray ships it to actors) and makes a new one on first u
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,8 +35,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
 
 from skindual.errors import StorageError
 
-__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "is_remote",
-           "open_storage"]
+__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "finished",
+           "is_remote", "open_storage"]
 
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
 """S3 multipart threshold and part size of `Storage.upload_file` (S3's minimum part is 5 MiB)."""
@@ -65,6 +66,19 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def finished(storage: Storage, marker: str, fingerprint: str) -> dict | None:
+    """Whether a stage's work at `storage` is already done: the JSON `marker` it writes LAST, once its outputs
+    are complete, when that records `fingerprint` (the settings and inputs that shape them) and does not
+    say ``"complete": false``; else None.  Every stage decides "already done" this one way."""
+    try:
+        record = json.loads(storage.read_bytes(marker))
+    except (FileNotFoundError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("fingerprint") == fingerprint and record.get("complete", True):
+        return record
+    return None
 
 
 def open_storage(url: str | os.PathLike[str], s3_endpoint: str | None = None, *,

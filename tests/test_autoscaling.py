@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import job_runs as jobs
 from skindual.cluster import (SHARED_FS_ENV, ClusterShape, NodeShape, check_accelerator, check_shared_paths,
                               resolve_gpus)
 from skindual.errors import UserError, user_error_in
@@ -92,8 +93,8 @@ def run_python(code: str, env: dict[str, str], timeout: int = 180) -> subprocess
 
 
 def run_job(job: str, args: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"jobs/{job}.py", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    """A job connected to the autoscaling cluster (`env`: its address and token, and any other variables)."""
+    return jobs.run_job(job, args, env.get("RAY_ADDRESS"), timeout=timeout, **env)
 
 
 def test_the_shape_of_a_cluster_that_autoscales_from_zero_gpu_nodes(autoscaling_cluster):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import RayTestCluster, ray_list
+from fixture_servers import RayTestCluster, ray_list
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from skindual.pairs import read_index
@@ -85,7 +85,7 @@ def nodes_of_job(cluster: RayTestCluster, submission_id: str) -> set[str]:
 def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_cluster, s3_env, tmp_path):
     """prepare → finetune → generate → evaluate → export, each through `ray job submit --working-dir .` on
     the two-node cluster, the raw download and every output on S3 only (the local copy deleted first)."""
-    from skindual import demo_data
+    from skindual.demo import render
     from skindual.prompts import CLASSES
 
     cluster, run = ray_test_cluster, secrets.token_hex(4)
@@ -94,7 +94,7 @@ def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_c
     assert len(alive) == 2
     raw, real, runs = f"{s3_env}/raw/HAM10000", f"{s3_env}/real", f"{s3_env}/runs"
     synthetic, report, export = f"{s3_env}/synthetic", f"{s3_env}/eval", f"{s3_env}/export"
-    folder = demo_data.write_demo_dataset(tmp_path / "HAM10000", {c.code: 16 if c.code == "nv" else 8 for c in CLASSES},
+    folder = render.write_demo_dataset(tmp_path / "HAM10000", {c.code: 16 if c.code == "nv" else 8 for c in CLASSES},
                                           seed=11)
     storage = open_storage(raw)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -157,7 +157,7 @@ def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_c
 
 
 def test_gitignore_covers_every_jobs_default_output():
-    from skindual.demo import DemoConfig
+    from skindual.demo.chain import DemoConfig
     from skindual.evaluate import EvaluateConfig
     from skindual.export import ExportConfig
     from skindual.finetune import FinetuneConfig

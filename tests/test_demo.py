@@ -1,9 +1,6 @@
 """The offline demo world: procedural data read by the real reader, the demo base model, the build job."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -11,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import folder_arrays
+from fixture_data import folder_arrays
+from job_runs import run_job
 
-from skindual import base_models, data, demo_data, demo_model, quality
+from skindual import base_models, data, quality
+from skindual.demo import render
+from skindual.demo.world import vae_reconstruction
 from skindual.errors import UserError
 from skindual.model import load_pipeline
 from skindual.storage import file_sha256
@@ -25,7 +25,7 @@ SMALL = {"akiec": 6, "bcc": 6, "bkl": 8, "df": 5, "mel": 8, "nv": 20, "vasc": 5}
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("ham") / "HAM10000", SMALL, seed=3)
+    return render.write_demo_dataset(tmp_path_factory.mktemp("ham") / "HAM10000", SMALL, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def base_folder(tmp_path_factory):
 
 
 def test_demo_counts_keep_ham10000_proportions():
-    counts = demo_data.demo_counts(0.1)
+    counts = render.demo_counts(0.1)
     assert counts["nv"] == 670 and counts["mel"] == 111 and counts["df"] == 12
     assert max(counts, key=counts.get) == "nv" and min(counts, key=counts.get) == "df"
 
@@ -46,7 +46,7 @@ def test_real_reader_reads_the_demo_folder(demo_root):
     codes = table.column("class_code").to_pylist()
     assert {c: codes.count(c) for c in SMALL} == SMALL
     folders = {Path(p).parent.name for p in table.column("image_path").to_pylist()}
-    assert folders == set(demo_data.IMAGE_DIRS)
+    assert folders == set(render.IMAGE_DIRS)
     lesions = table.column("lesion_id").to_pylist()
     assert len(set(lesions)) < len(lesions)  # some lesions have two images, as in HAM10000
     assert set(table.column("dataset").to_pylist()) == {"demo"}
@@ -55,7 +55,7 @@ def test_real_reader_reads_the_demo_folder(demo_root):
 def test_a_second_set_with_other_ids_and_the_low_data_table(demo_root, tmp_path):
     from skindual.data import low_data_table
 
-    other = demo_data.write_demo_dataset(tmp_path / "test", {c: 2 for c in SMALL}, seed=4, first_number=1_000_000)
+    other = render.write_demo_dataset(tmp_path / "test", {c: 2 for c in SMALL}, seed=4, first_number=1_000_000)
     ids = [set(data.read_ham10000(str(root)).table.column(k).to_pylist()) for root in (demo_root, other)
            for k in ("image_id", "lesion_id")]
     assert not ids[0] & ids[2] and not ids[1] & ids[3] and "ISIC_1000000" in ids[2]
@@ -82,9 +82,9 @@ def test_masks_are_exact_and_classes_differ_in_coarse_look(demo_root):
 
 
 def test_render_is_deterministic_and_views_share_the_lesion():
-    a_img, a_mask = demo_data.render_lesion("mel", 11)
-    b_img, b_mask = demo_data.render_lesion("mel", 11)
-    c_img, c_mask = demo_data.render_lesion("mel", 11, view=1)
+    a_img, a_mask = render.render_lesion("mel", 11)
+    b_img, b_mask = render.render_lesion("mel", 11)
+    c_img, c_mask = render.render_lesion("mel", 11, view=1)
     assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
     assert np.array_equal(a_mask, c_mask) and not np.array_equal(a_img, c_img)
 
@@ -135,115 +135,16 @@ def test_base_cache_is_keyed_by_artifact_hash(base_folder, tmp_path):
 def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
     pipe = load_pipeline(base_folder)
     images, masks, _ = folder_arrays(demo_root, 64)
-    figures = demo_model.vae_reconstruction(pipe.vae, images, masks)
+    figures = vae_reconstruction(pipe.vae, images, masks)
     assert figures["psnr_db"] >= 24.0, figures
     assert figures["mask_dice"] >= 0.97, figures
 
 
-def test_the_vae_loss_adds_the_colour_term_linearly_and_the_round_trip_keeps_the_shape(base_folder, demo_root):
-    vae = load_pipeline(base_folder).vae
-    images, masks, _ = folder_arrays(demo_root, 64)
-    data_ = quality.images_to_tensor(images)
-
-    def loss(weight: float) -> float:  # the same draw each time: the generator fixes batch, flip and sample
-        with torch.no_grad():
-            return demo_model.vae_batch_loss(vae, data_, 4, torch.Generator().manual_seed(5), weight).item()
-
-    plain, four, eight = loss(0.0), loss(4.0), loss(8.0)
-    assert four > plain and eight - plain == pytest.approx(2 * (four - plain), rel=1e-4)
-    trip = demo_model.vae_round_trip(vae, images[:6])
-    assert trip.dtype == np.uint8 and trip.shape == images[:6].shape
-    assert np.abs(trip.astype(float) - images[:6]).mean() < 20  # a reconstruction, not noise
-
-
-def test_rebuild_recipe_still_runs_shortened(tmp_path):
-    recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4)
-    pipe, configs = demo_model.pretrain_demo_base(recipe)
-    artifact = tmp_path / "base.safetensors"
-    demo_model.save_artifact(pipe, recipe, artifact, configs)
-    folder = base_models.demo_base_path(artifact, cache=tmp_path / "cache")
-    again = load_pipeline(folder)
-    assert again.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
-    for name in ("unet", "vae", "text_encoder"):
-        for (k, a), b in zip(getattr(pipe, name).state_dict().items(), getattr(again, name).state_dict().values()):
-            torch.testing.assert_close(a.half().float(), b, msg=f"{name}.{k}")
-
-
-def test_a_rebuild_with_other_vae_widths_continues_from_a_base_with_a_fresh_vae(tmp_path):
-    """The hard recipe's shape: text encoder and UNet from the easy base, a fresh VAE of other widths
-    trained with the colour term, recorded in the artifact's configs and recipe."""
-    recipe = demo_model.PretrainRecipe(per_class=2, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
-                                       difficulty="hard", start_from=str(base_models.ARTIFACT),
-                                       vae_channels=(16, 32, 32), vae_colour_weight=4.0, vae_lesion_weight=8.0,
-                                       vae_lesion_smooth=True)
-    pipe, configs = demo_model.pretrain_demo_base(recipe)
-    assert list(pipe.vae.config.block_out_channels) == [16, 32, 32] == configs["vae"]["block_out_channels"]
-    easy = load_pipeline("demo")
-    for a, b in zip(pipe.text_encoder.state_dict().values(), easy.text_encoder.state_dict().values()):
-        torch.testing.assert_close(a, b)  # frozen: exactly the easy base's
-    artifact = tmp_path / "hard.safetensors"
-    demo_model.save_artifact(pipe, recipe, artifact, configs)
-    again = load_pipeline(base_models.demo_base_path(artifact, cache=tmp_path / "cache"))
-    assert list(again.vae.config.block_out_channels) == [16, 32, 32]
-    recorded = json.loads(base_models.artifact_metadata(artifact)["recipe"])
-    assert recorded["vae_channels"] == [16, 32, 32] and recorded["vae_colour_weight"] == 4.0
-    assert recorded["vae_lesion_weight"] == 8.0 and recorded["vae_lesion_smooth"] is True
-    # the command that rebuilds it names every flag the recipe differs in (not --start-from: recorded by sha256)
-    assert base_models.artifact_metadata(artifact)["rebuild_command"] == (
-        "python jobs/build_demo.py --rebuild --difficulty hard --pretrain-per-class 2 --vae-steps 2 "
-        "--vae-channels 16,32,32 --vae-colour-weight 4 --vae-lesion-weight 8 --vae-lesion-smooth --unet-steps 2")
-
-
-def test_the_lesion_colour_term_weighs_the_lesions_cells_only():
-    """`lesion_colour_loss`: 0 where no mask has a lesion; with masks covering the whole image, the plain
-    mean L1 of the pooled round trip; with the lesion in one quadrant, that quadrant's error alone."""
-    import torch.nn.functional as F
-
-    vae = load_pipeline("demo").vae
-    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    quadrant = torch.zeros(4, 64, 64, dtype=torch.bool)
-    quadrant[:, :32, :32] = True
-
-    def loss(lesions):
-        return demo_model.lesion_colour_loss(vae, images, lesions, 4, torch.Generator().manual_seed(1))
-
-    def pooled_error():  # the same draw as `loss`: batch indices, then the posterior sample
-        g = torch.Generator().manual_seed(1)
-        batch = images[torch.randint(4, (4,), generator=g)]
-        recon = vae.decode(vae.encode(batch).latent_dist.sample(generator=g)).sample
-        return (F.avg_pool2d(recon, 4) - F.avg_pool2d(batch, 4)).abs().mean(1)
-
-    with torch.no_grad():
-        assert loss(torch.zeros(4, 64, 64, dtype=torch.bool)).item() == 0.0
-        error = pooled_error()
-        torch.testing.assert_close(loss(torch.ones(4, 64, 64, dtype=torch.bool)), error.mean())
-        torch.testing.assert_close(loss(quadrant), error[:, :8, :8].mean())
-        assert not torch.isclose(error[:, :8, :8].mean(), error.mean())
-
-
-def test_the_smooth_low_band_has_no_cell_grid():
-    """`low_band(smooth=True)`: a normalised Gaussian blur at full resolution, so a constant image stays
-    constant and a one-pixel shift of the input shifts the output by one pixel (the 4 × 4 pooling cannot:
-    its cells are fixed), which leaves a decoder no cell borders to fit colour offsets to."""
-    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(demo_model.low_band(torch.full_like(x, 0.3), 4, smooth=True), torch.full_like(x, 0.3))
-    shifted = demo_model.low_band(torch.roll(x, 1, dims=-1), 4, smooth=True)
-    torch.testing.assert_close(shifted[..., 8:-8], demo_model.low_band(x, 4, smooth=True)[..., 7:-9])
-    assert demo_model.low_band(x, 4).shape == (2, 3, 8, 12)  # the default: the pooled cells
-    # the lesion term on it still weighs nothing where no lesion is
-    vae = load_pipeline("demo").vae
-    with torch.no_grad():
-        none = torch.zeros(2, 32, 48, dtype=torch.bool)
-        assert demo_model.lesion_colour_loss(vae, x * 2 - 1, none, 2, torch.Generator().manual_seed(0),
-                                             smooth=True).item() == 0.0
-
-
 def _run_job(*args, env_extra=None):
-    env = dict(os.environ, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "build_demo.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
+    return run_job("build_demo", list(args), timeout=600, SKINDUAL_LOG_LEVEL="WARNING", **(env_extra or {}))
 
 
+@pytest.mark.slow
 def test_build_demo_job_end_to_end(tmp_path):
     out = tmp_path / "world"
     result = _run_job("--output", str(out), "--data-scale", "0.02", "--samples-per-class", "2",
@@ -261,7 +162,7 @@ def test_build_demo_job_end_to_end(tmp_path):
     assert [sum(row) for row in confusion] == [report["fidelity_samples_per_class"]] * len(CLASSES)
     assert all(abs(confusion[c.index][c.index] / sum(confusion[c.index]) - report["base_class_fidelity"][c.code]) < 1e-3
                for c in CLASSES)
-    assert (out / "data" / demo_data.METADATA_CSV).exists()
+    assert (out / "data" / render.METADATA_CSV).exists()
     manifest = json.loads((out / "real" / "manifest.json").read_text())  # prepared through the prepare job's code
     assert manifest["kind"] == "real" and manifest["totals"]["per_class"]["nv"]["ok"] == 134
     assert (out / "real-test" / "manifest.json").is_file()
@@ -270,10 +171,6 @@ def test_build_demo_job_end_to_end(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--data-scale", "2"], "--data-scale 2.0"),
     (["--artifact", "/nonexistent/base.safetensors"], "/nonexistent/base.safetensors"),
-    (["--rebuild", "--vae-channels", "64,x"], "--vae-channels 64,x"),
-    (["--rebuild", "--vae-channels", "64,60"], "multiple of 16"),
-    (["--rebuild", "--vae-colour-weight", "-1"], "--vae-colour-weight -1"),
-    (["--rebuild", "--vae-lesion-weight", "-0.5"], "--vae-lesion-weight -0.5"),
 ])
 def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
     result = _run_job("--output", str(tmp_path / "w"), "--no-measure", *args)
@@ -282,27 +179,27 @@ def test_build_demo_job_bad_input_is_one_clear_line(tmp_path, args, needle):
 
 
 def test_the_hard_world_keeps_the_lesion_and_adds_what_makes_segmentation_hard():
-    easy, easy_mask = demo_data.render_lesion("nv", 5, view=1)
-    hard, hard_mask = demo_data.render_lesion("nv", 5, view=1, difficulty="hard")
-    again = demo_data.render_lesion("nv", 5, view=1, difficulty="hard")
+    easy, easy_mask = render.render_lesion("nv", 5, view=1)
+    hard, hard_mask = render.render_lesion("nv", 5, view=1, difficulty="hard")
+    again = render.render_lesion("nv", 5, view=1, difficulty="hard")
     assert np.array_equal(hard, again[0]) and np.array_equal(hard_mask, again[1])  # deterministic
-    assert np.array_equal(easy, demo_data.render_lesion("nv", 5, view=1)[0])  # the easy world is unchanged
+    assert np.array_equal(easy, render.render_lesion("nv", 5, view=1)[0])  # the easy world is unchanged
     # the mask is the lesion's shape (moved off centre for some lesions), the image much further from it:
     # a training-free segmentation agrees far less with the hard masks
     touching, agreement = {}, {}
     for difficulty in ("easy", "hard"):
-        pairs = [demo_data.render_lesion("nv", seed, (64, 64), difficulty=difficulty) for seed in range(40)]
+        pairs = [render.render_lesion("nv", seed, (64, 64), difficulty=difficulty) for seed in range(40)]
         masks = np.stack([m for _, m in pairs])
         touching[difficulty] = np.mean([m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() for m in masks])
         agreement[difficulty] = quality.consistency(np.stack([i for i, _ in pairs]), masks).mean()
     assert touching["hard"] >= touching["easy"] + 0.15  # lesions cross the frame
     assert agreement["easy"] > 0.9 and agreement["hard"] < 0.75
     with pytest.raises(ValueError, match="difficulty"):
-        demo_data.render_lesion("nv", 1, difficulty="impossible")
+        render.render_lesion("nv", 1, difficulty="impossible")
 
 
 def test_a_demo_world_of_another_difficulty_is_refused(tmp_path, skindual_cache):
-    from skindual.demo_world import prepare_demo_world
+    from skindual.demo.world import prepare_demo_world
     from skindual.errors import UserError
 
     (tmp_path / "demo_world.json").write_text(json.dumps({"difficulty": "hard"}))
@@ -322,7 +219,7 @@ def test_the_hard_worlds_base_is_shipped_and_loads_by_its_name(tmp_path, monkeyp
 
 
 def test_the_automatic_qc_threshold_is_one_every_class_can_meet():
-    from skindual.demo import DEMO_CONSISTENCY_SHARE, pilot_threshold
+    from skindual.demo.chain import DEMO_CONSISTENCY_SHARE, pilot_threshold
 
     rng = np.random.default_rng(0)
     scores = {"nv": list(rng.uniform(0.85, 0.99, 12)), "df": list(rng.uniform(0.5, 0.9, 12))}
@@ -339,14 +236,15 @@ def test_the_hard_base_records_how_to_rebuild_it_without_a_local_path():
     recipe = json.loads(metadata["recipe"])
     # the command names the recipe's flags: the shipped hard base weighs the lesion's colour in its VAE loss
     assert recipe["difficulty"] == "hard" and recipe["vae_lesion_weight"] > 0
-    command = metadata["rebuild_command"]
-    assert command.startswith(base_models.REBUILD_COMMAND) and "--difficulty hard" in command
+    command = metadata["rebuild_command"]  # as recorded when it was built: jobs/build_demo.py --rebuild, since moved
+    assert command == f"python jobs/build_demo.py --rebuild {base_models.HARD_RECIPE_FLAGS}"
     assert f"--vae-lesion-weight {recipe['vae_lesion_weight']:g}" in command
     assert f"--vae-steps {recipe['vae_steps']}" in command
-    # and a missing artifact's error names that same command, for a user to rebuild it
+    # and a missing artifact's error names the command that rebuilds it now, with the same flags
     missing = dict(base_models.DEMO_BASES, **{"demo-hard": Path("/nonexistent/demo_base_hard.safetensors")})
     with mock.patch.object(base_models, "DEMO_BASES", missing), pytest.raises(UserError) as raised:
         base_models.resolve_base_model("demo-hard")
-    assert f"{command} --artifact /nonexistent/demo_base_hard.safetensors" in str(raised.value)
+    assert (f"python lab/build_demo_base.py {base_models.HARD_RECIPE_FLAGS} --artifact "
+            "/nonexistent/demo_base_hard.safetensors") in str(raised.value)
     # the artifact it continued from, by name and content: the easy base as shipped
     assert recipe["start_from"] == {"file": base_models.ARTIFACT.name, "sha256": file_sha256(base_models.ARTIFACT)}

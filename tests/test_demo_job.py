@@ -1,24 +1,24 @@
-"""jobs/demo.py end to end, tiny: the whole chain (demo data → fine-tune → generate → evaluate) on the
+"""jobs/demo.py end to end, tiny: the whole chain (demo data → fine-tune → QC → generate → evaluate) on the
 job's own embedded local Ray cluster (no RAY_ADDRESS), as the README's quick start runs it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from job_runs import ok, run_job
 from skindual import model
-from skindual.demo import DEMO_FINETUNE, STAGES
-from skindual.demo_world import DEMO_TEST_PER_CLASS
+from skindual.demo.chain import DEMO_FINETUNE, STAGES
+from skindual.demo.world import DEMO_TEST_PER_CLASS
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
 
+pytestmark = pytest.mark.slow  # whole chains
 ROOT = Path(__file__).resolve().parents[1]
 # 3 fine-tuning steps leave the mask channel untrained (near full-frame masks), so QC keeps those
 # (--max-mask-area 1.0) and the 5-step QC segmenter only scores (--min-consistency 0); one actor for one
@@ -28,15 +28,7 @@ TINY = ["--finetune-steps", "3", "--per-class", "2", "--actors", "1", "--extract
 
 
 def run_demo_job(args: list[str], cache: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the embedded cluster, not a test cluster
-    env.update(SKINDUAL_CACHE=cache, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return run
+    return run_job("demo", args, timeout=timeout, SKINDUAL_CACHE=cache)  # its own embedded cluster
 
 
 def shard_bytes(folder: Path) -> dict[str, str]:
@@ -50,7 +42,7 @@ def demo_run(skindual_cache, tmp_path_factory):
     return out, ok(run_demo_job([*TINY, "--output", str(out)], skindual_cache))
 
 
-def test_the_chain_runs_its_four_stages_and_summarises(demo_run):
+def test_the_chain_runs_its_five_stages_and_summarises(demo_run):
     out, run = demo_run
     lines = run.stdout.splitlines()
     # one line as each stage starts and one as it ends, in stage order
@@ -128,13 +120,16 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert saved["fd"] == metrics["fidelity"]["overall"]["FD_lesioncnn"]
 
 
-def test_rerun_finishes_the_fine_tune_and_keeps_the_shards_and_the_evaluation(demo_run, skindual_cache):
+def test_rerun_keeps_the_fine_tune_the_shards_and_the_evaluation(demo_run, skindual_cache):
     out, _ = demo_run
     before, metrics = shard_bytes(out / "synthetic"), (out / "eval" / "metrics.json").read_bytes()
-    run = run_demo_job([*TINY, "--output", str(out)], skindual_cache)
-    assert "resumed from step 3" in run.stderr, run.stderr[-5000:]
-    ok(run)
-    assert "0 shards to do" in run.stderr and "demo finished in" in run.stdout
+    adapter = (out / "runs" / "demo" / "adapter" / model.ADAPTER_JSON).read_bytes()
+    run = ok(run_demo_job([*TINY, "--output", str(out)], skindual_cache))
+    # every stage's plan finds its work done with these settings and inputs: nothing is trained or drawn again
+    for number, name in enumerate(STAGES[1:], 2):
+        assert re.search(rf"^\[{number}/5\] {name}: done in \d+ s \(already done: ", run.stdout, re.M), name
+    assert "demo finished in" in run.stdout and "fine-tuning" not in run.stderr and "shards to do" not in run.stderr
+    assert (out / "runs" / "demo" / "adapter" / model.ADAPTER_JSON).read_bytes() == adapter
     assert shard_bytes(out / "synthetic") == before
     # the same shards and settings: the evaluation is kept, not run again
     assert "already holds the evaluation of these inputs and settings" in run.stderr

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_test_shards
+import job_runs as jobs
+from fixture_data import write_test_shards
 from skindual.cli import run_job
 from skindual.evaluate import EvaluateConfig
 from skindual.storage import open_storage
@@ -30,17 +28,13 @@ FAST = ["--feature-extractor", "lesion-cnn", "--extractor-steps", "10", "--size"
 FIGURES = ("samples_synthetic.png", "samples_real.png", "fd_per_class.png", "mask_statistics.png")
 
 
-def run_evaluate_job(args: list[str], ray_address: str | None = None, timeout: int = 240):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
+def run_evaluate(args: list[str], ray_address: str | None = None, timeout: int = 240):
+    return jobs.run_job("evaluate", args, ray_address, timeout=timeout)
 
 
 def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_cluster, s3_env, tmp_path):
     cache, output = tmp_path / "cache", s3_env + "/eval"
-    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
+    run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
                             "--cache-dir", str(cache), *FAST], ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: FD_lesioncnn" in run.stdout
@@ -90,13 +84,13 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
 
     # a rerun of the same inputs and settings keeps the report (no cluster work: the same bytes, its timings too)
     before = {name: storage.read_bytes(name) for name in ("metrics.json", "report.md")}
-    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
+    run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
                             "--cache-dir", str(cache), "--actors", "1", *FAST], ray_cluster)
     assert run.returncode == 0 and "already holds the evaluation of these inputs and settings" in run.stderr, run.stderr
     assert {name: storage.read_bytes(name) for name in before} == before and "done: FD_lesioncnn" in run.stdout
 
     # again, into a local folder and without the benchmark: the extractor and the real features come from the cache
-    run = run_evaluate_job(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
+    run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
                             "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *FAST],
                            ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -108,40 +102,37 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
 
 
 def test_the_fingerprint_follows_the_inputs_and_settings_not_the_workers(eval_world, tmp_path):
-    """What decides whether a rerun keeps a finished evaluation (`finished_evaluation`)."""
+    """What decides whether a rerun keeps a finished evaluation (the plan's `done`)."""
     import shutil
     from dataclasses import replace
 
-    from skindual.evaluate import evaluation_fingerprint, finished_evaluation, plan_evaluation
+    from skindual.evaluate import plan_evaluate
 
     cfg = EvaluateConfig(real=eval_world["real"], synthetic=eval_world["synthetic"], output=str(tmp_path / "out"),
                          feature_extractor="lesion-cnn")
-    plan = plan_evaluation(cfg)
-    base = evaluation_fingerprint(cfg, plan)
+    base = plan_evaluate(cfg).fingerprint
     same = replace(cfg, actors=5, cpus_per_task=2, output=str(tmp_path / "elsewhere"))
-    assert evaluation_fingerprint(same, plan_evaluation(same)) == base
+    assert plan_evaluate(same).fingerprint == base
     for other in (replace(cfg, steps=7), replace(cfg, seeds=1), replace(cfg, real_fraction=0.5)):
-        assert evaluation_fingerprint(other, plan_evaluation(other)) != base
+        assert plan_evaluate(other).fingerprint != base
     # one shard of the synthetic set drawn again (other seeds): other content, another fingerprint
     synthetic = tmp_path / "synthetic"
     shutil.copytree(eval_world["synthetic"], synthetic)
     write_test_shards(synthetic, [(code, seed + 1) for code, seed in eval_world["pairs"][:16]])
     moved = replace(cfg, synthetic=str(synthetic))
-    redrawn = evaluation_fingerprint(moved, plan_evaluation(moved))
+    redrawn = plan_evaluate(moved).fingerprint
     shutil.copytree(eval_world["synthetic"], synthetic, dirs_exist_ok=True)  # the original bytes back
-    assert redrawn != evaluation_fingerprint(moved, plan_evaluation(moved))
+    assert redrawn != plan_evaluate(moved).fingerprint
 
     # a metrics.json of that fingerprint is kept, unless --recompute; another one or none is not
     out = Path(cfg.output)
-    out.mkdir()
-    assert finished_evaluation(cfg, base) is None
+    assert plan_evaluate(cfg).done is None
     (out / "metrics.json").write_text(json.dumps({"fingerprint": base, "seconds": 1.0}))
-    assert finished_evaluation(cfg, base) == {"fingerprint": base, "seconds": 1.0}
-    assert finished_evaluation(replace(cfg, recompute=True), base) is None
-    seven = replace(cfg, steps=7)
-    assert finished_evaluation(seven, evaluation_fingerprint(seven, plan_evaluation(seven))) is None
+    assert plan_evaluate(cfg).done == {"fingerprint": base, "seconds": 1.0}
+    assert plan_evaluate(replace(cfg, recompute=True)).done is None
+    assert plan_evaluate(replace(cfg, steps=7)).done is None
     (out / "metrics.json").write_text("[1, 2]")
-    assert finished_evaluation(cfg, base) is None
+    assert plan_evaluate(cfg).done is None
 
 
 def test_fd_from_summed_moments_is_the_in_memory_fd():
@@ -187,12 +178,12 @@ def test_empty_shard_folder(eval_world, tmp_path, capsys):
 
 
 def test_a_class_without_real_images(eval_world, tmp_path, capsys):
-    from conftest import prepare_folder
+    from fixture_data import prepare_folder
 
-    from skindual import demo_data
+    from skindual.demo import render
     from skindual.prompts import CLASS_CODES
 
-    demo_data.write_demo_dataset(tmp_path / "data", {c: 6 for c in CLASS_CODES if c != "vasc"}, seed=5)
+    render.write_demo_dataset(tmp_path / "data", {c: 6 for c in CLASS_CODES if c != "vasc"}, seed=5)
     real = prepare_folder(tmp_path / "data", tmp_path / "real")
     line = _one_error_line(capsys, ["--real", str(real), "--synthetic", eval_world["synthetic"],
                                     "--output", str(tmp_path / "out"), *FAST])
@@ -230,22 +221,22 @@ def test_real_fraction_keeps_a_share_of_every_class(eval_world):
 
 
 def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, capsys):
-    from conftest import prepare_folder
+    from fixture_data import prepare_folder
 
-    from skindual import demo_data
+    from skindual.demo import render
     from skindual.data import ISIC_IMAGES, ISIC_MASKS
-    from skindual.evaluate import plan_evaluation
+    from skindual.evaluate import plan_evaluate
     from skindual.prompts import CLASS_CODES
 
-    demo_data.write_demo_dataset(tmp_path / "test", {c: 3 for c in CLASS_CODES}, seed=9, first_number=500_000)
+    render.write_demo_dataset(tmp_path / "test", {c: 3 for c in CLASS_CODES}, seed=9, first_number=500_000)
     test = prepare_folder(tmp_path / "test", tmp_path / "test-real")
     base = ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", str(tmp_path / "out"),
             *FAST]
     common = {"real": eval_world["real"], "synthetic": eval_world["synthetic"], "size": 32,
               "feature_extractor": "lesion-cnn"}
-    plan = plan_evaluation(EvaluateConfig(**common, test_data=str(test)))
+    plan = plan_evaluate(EvaluateConfig(**common, test_data=str(test)))
     assert list(plan.counts["real_test"].values()) == [3] * 7  # every pair, all its splits
-    own = plan_evaluation(EvaluateConfig(**common))
+    own = plan_evaluate(EvaluateConfig(**common))
     assert len(own.sets["real_test"]) < 21 and len(plan.train) == len(own.train)
     assert plan.sets["real_test"].url == str(test) and own.sets["real_test"].url == eval_world["real"]
 
@@ -255,23 +246,23 @@ def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, cap
     assert "ISIC_" in line and not (tmp_path / "out").exists()
     # and one with no classed pairs: ISIC 2018 (masks, no classes)
     for i in range(3):
-        image, mask = demo_data.render_lesion("nv", 40 + i, (48, 48))
+        image, mask = render.render_lesion("nv", 40 + i, (48, 48))
         (tmp_path / "isic" / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
         (tmp_path / "isic" / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
         from PIL import Image
 
         Image.fromarray(image).save(tmp_path / "isic" / ISIC_IMAGES / f"ISIC_{9000000 + i}.jpg")
         Image.fromarray(mask * 255).save(tmp_path / "isic" / ISIC_MASKS / f"ISIC_{9000000 + i}_segmentation.png")
-    from skindual.prepare import PrepareConfig, run_prepare
+    from skindual.prepare import PrepareConfig, prepare_here
 
-    run_prepare(PrepareConfig(isic2018=str(tmp_path / "isic"), output=str(tmp_path / "isic-real")), distributed=False)
+    prepare_here(PrepareConfig(isic2018=str(tmp_path / "isic"), output=str(tmp_path / "isic-real")))
     line = _one_error_line(capsys, [*base, "--test-data", str(tmp_path / "isic-real")])
     assert "--test-data" in line and "no pairs with a class" in line
 
 
 def test_the_embedded_default_is_the_demo_world_and_its_balanced_test_set(skindual_cache, tmp_path):
-    from skindual.demo_world import DEMO_TEST_PER_CLASS
-    from skindual.demo_world import evaluate_defaults as resolve_inputs
+    from skindual.demo.world import DEMO_TEST_PER_CLASS
+    from skindual.demo.world import evaluate_defaults as resolve_inputs
     from skindual.pairs import read_index
 
     cfg = resolve_inputs(EvaluateConfig(), demo_output=str(tmp_path / "demo"))

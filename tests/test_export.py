@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_test_shards
+from fixture_data import write_test_shards
 from PIL import Image
 
 from skindual.errors import UserError
-from skindual.export import ExportConfig, run_export
+from skindual.export import ExportConfig, plan_export, run_export
 from skindual.pairs import read_index
 from skindual.prompts import CLASS_BY_CODE, CLASS_CODES
 from skindual.shards import read_shards
@@ -46,8 +46,13 @@ def check_nnunet_dataset(folder: Path) -> dict:
     return meta
 
 
+def export(cfg: ExportConfig) -> dict:
+    plan = plan_export(cfg)
+    return plan.done or run_export(plan)
+
+
 def test_nnunet_export_of_local_shards(eval_world, tmp_path):
-    summary = run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path)))
+    summary = export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path)))
     folder = tmp_path / "Dataset501_SkinDualGen"
     meta = check_nnunet_dataset(folder)
     pairs = shard_pairs(eval_world["synthetic"])
@@ -56,18 +61,20 @@ def test_nnunet_export_of_local_shards(eval_world, tmp_path):
     assert np.array_equal(np.asarray(Image.open(folder / "imagesTr" / f"syn_{key}_0000.png")), sample["image"])
     assert np.array_equal(np.asarray(Image.open(folder / "labelsTr" / f"syn_{key}.png")), sample["mask"])
     assert not (folder / "imagesTs").exists()
-    # a second export into the same place is refused, then replaced with --overwrite
+    # the same export again is already done; one of other settings into the same place is refused, then
+    # replaced with --overwrite
+    assert export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path))) == summary
     with pytest.raises(UserError, match="--overwrite"):
-        run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path)))
+        plan_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), size=16))
     (folder / "imagesTr" / "stale_0000.png").write_bytes(b"")
-    run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), overwrite=True))
+    export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), overwrite=True))
     assert not (folder / "imagesTr" / "stale_0000.png").exists()
 
 
 def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):
     cfg = ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), with_real=eval_world["real"],
                        dataset_id=7, dataset_name="Lesions", size=24)
-    summary = run_export(cfg)
+    summary = export(cfg)
     folder = tmp_path / "Dataset007_Lesions"
     meta = check_nnunet_dataset(folder)
     splits = read_index(eval_world["real"]).column("split").to_pylist()
@@ -83,7 +90,7 @@ def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):
 def test_imagefolder_export_reads_back_with_torchvision(eval_world, tmp_path):
     from torchvision.datasets import ImageFolder
 
-    summary = run_export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), format="imagefolder",
+    summary = export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), format="imagefolder",
                                       with_real=eval_world["real"]))
     dataset = ImageFolder(str(tmp_path))
     real_train = read_index(eval_world["real"]).column("split").to_pylist().count("train")
@@ -99,7 +106,7 @@ def test_imagefolder_export_reads_back_with_torchvision(eval_world, tmp_path):
 def test_export_from_and_to_s3(s3_env, tmp_path):
     source, target = s3_env + "/synthetic", s3_env + "/nnunet"
     write_test_shards(source, [("df", 1), ("vasc", 2), ("nv", 3)], per_shard=2)
-    run_export(ExportConfig(synthetic=source, output=target))
+    export(ExportConfig(synthetic=source, output=target))
     storage = open_storage(target)
     names = storage.list()
     assert "export.json" in names and "Dataset501_SkinDualGen/dataset.json" in names

@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -14,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import real_batch
+import job_runs as jobs
+from fixture_data import real_batch
 
 from skindual import model
-from skindual.base_models import demo_base_path
 from skindual.errors import UserError
 from skindual.finetune import (
     FinetuneConfig,
@@ -39,14 +36,13 @@ TINY = ["--steps", "4", "--checkpoint-every", "2", "--batch-size", "4", "--valid
         "--validation-steps", "2", "--lora-rank", "4", "--cpus-per-worker", "0.5"]
 
 
-def start_job(args, ray_cluster, env_extra=None):
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **(env_extra or {}))
-    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "finetune.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_job(args, ray_cluster):
+    return jobs.start_job("finetune", args, ray_cluster)
 
 
-def run_job(args, ray_cluster, env_extra=None, timeout=600):
-    proc = start_job(args, ray_cluster, env_extra)
+def run_job(args, ray_cluster, timeout=600) -> tuple[int, str]:
+    """The fine-tuning job to its end: (exit status, its stdout and stderr together)."""
+    proc = start_job(args, ray_cluster)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -121,18 +117,6 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
     progress = json.loads((final / "progress.json").read_text())
     assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
 
-    # the adapter holds the EMA of the trained weights, carried across the kill: compare it with the
-    # last checkpoint's EMA loaded by hand
-    pipe = model.load_pipeline("demo")
-    model.prepare_unet(pipe.unet, "channels", lora_rank=4)
-    pipe.unet.load_state_dict(load_file(final / "ema.safetensors"), strict=False)
-    trained = model.DualPipeline(pipe.to(torch.float32), "channels")
-    reloaded = model.DualPipeline.from_pretrained("demo", adapter=run / "adapter", fuse=False)
-    prompts, seeds = ["a dermoscopy image of melanoma"] * 2, [1, 2]
-    a, b = trained(prompts, seeds, steps=3), reloaded(prompts, seeds, steps=3)
-    torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(a.masks, b.masks)
-
     # a rerun asking for fewer steps than the run already has: no training, a warning, and the
     # adapter it writes again records the steps it was trained for, not the new --steps
     fewer = list(args)
@@ -166,19 +150,6 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(de
     out = "".join(lines)
     assert re.search(r"resumed from step [1-7]\b", out), out[-4000:]
     assert adapter_digests(run / "adapter") == adapter_digests(uninterrupted)
-
-
-def test_side_by_side_adapter_loads_into_a_stock_pipeline(demo_real, ray_cluster, tmp_path):
-    code, out = run_job(["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "sbs",
-                         "--layout", "side-by-side", "--w-geo", "0", *TINY], ray_cluster)
-    assert code == 0, out[-4000:]
-    from diffusers import StableDiffusionPipeline
-
-    stock = StableDiffusionPipeline.from_pretrained(str(demo_base_path()), safety_checker=None)
-    stock.load_lora_weights(str(tmp_path / "sbs" / "adapter"))
-    image = stock(["a dermoscopy image of melanoma"], num_inference_steps=2, height=64, width=128,
-                  output_type="np", generator=torch.Generator().manual_seed(0)).images
-    assert image.shape == (1, 64, 128, 3)
 
 
 def test_bad_flags_are_one_clear_line(ray_cluster, tmp_path):

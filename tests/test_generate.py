@@ -22,7 +22,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from job_runs import ok, run_job, start_job
 from skindual import generate
+from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate import GenerateConfig, generate_samples
 from skindual.prompts import build_prompt, prompt_table, row_seed
@@ -31,6 +33,7 @@ from skindual.shards import Sample, encode_sample, read_shards, shard_urls, writ
 from skindual.storage import LocalStorage, Storage, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
+
 # 9 pairs in 5 shards of 2 (the last holds 1): big enough to interrupt, small to run.  Without the
 # demo adapter (not shipped yet) the bare demo base's mask channel is untrained and its masks are
 # near full-frame, so QC is loosened here; the redraw logic is tested with a fake generator.
@@ -173,7 +176,7 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     assert any(p.endswith(("on the back, 40 year old male", "on the face, female")) for p in table.column("prompt").to_pylist())
     plain = generate.generation_prompts(replace(cfg, prompt_attributes="none"), spec)
     assert plain.column("prompt").to_pylist() == [build_prompt(c) for c in plain.column("class_code").to_pylist()]
-    actor = generate.ShardGenerator(generate.resolve_devices(cfg, 0), spec)
+    actor = generate.ShardGenerator(generate.resolve_devices(cfg, this_machine()), spec)
     assert actor.pipe.adapter.sha256 == info.sha256 and actor.pipe.unet.config.in_channels == 8
     out = LocalStorage(tmp_path / "out")
     (item,) = generate.shard_items(table, [1])  # shard 1's rows travel with it, not in the actor
@@ -191,20 +194,9 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
 # --------------------------------------------------------------------------- the real job
 
 
-def run_job(args: list[str], ray_address: str, wait: bool = True, log: Path | None = None):
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(ROOT / "jobs" / "generate.py"), *args]
-    if wait:
-        return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert log is not None
+def start_generate(ray_address: str, log: Path, args: list[str]):
     with log.open("w") as out:
-        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+        return start_job("generate", args, ray_address, log=out)
 
 
 def snapshot(storage: Storage) -> dict[str, str]:
@@ -217,7 +209,7 @@ def snapshot(storage: Storage) -> dict[str, str]:
 def local_run(ray_cluster, tmp_path_factory):
     """One uninterrupted run into a folder: (storage, the job's result)."""
     out = tmp_path_factory.mktemp("gen") / "synthetic"
-    return LocalStorage(out), ok(run_job([*JOB_ARGS, "--output", str(out)], ray_cluster))
+    return LocalStorage(out), ok(run_job("generate", [*JOB_ARGS, "--output", str(out)], ray_cluster))
 
 
 def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
@@ -250,14 +242,14 @@ def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
 def test_rerun_is_a_no_op(local_run, ray_cluster):
     storage, _ = local_run
     before = snapshot(storage)
-    result = ok(run_job([*JOB_ARGS, "--output", storage.url], ray_cluster))
+    result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url], ray_cluster))
     assert "0 shards to do" in result.stderr
     assert snapshot(storage) == before
 
 
 def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_env, tmp_path):
     storage = open_storage(s3_env)
-    proc = run_job([*JOB_ARGS, "--output", s3_env], ray_cluster, wait=False, log=tmp_path / "killed.log")
+    proc = start_generate(ray_cluster, tmp_path / "killed.log", [*JOB_ARGS, "--output", s3_env])
     deadline = time.monotonic() + 240
     try:
         while not any(n.endswith("_stats.json") for n in storage.list()):
@@ -273,7 +265,7 @@ def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_e
     first = committed[0].removesuffix("_stats.json")
     storage.delete(f"{first}_stats.json")
     storage.write_bytes(f"{first}.tar", b"half a tar")
-    result = ok(run_job([*JOB_ARGS, "--output", s3_env], ray_cluster))
+    result = ok(run_job("generate", [*JOB_ARGS, "--output", s3_env], ray_cluster))
     todo = int(re.search(r"(\d+) shards to do", result.stderr).group(1))
     assert 1 <= todo <= SHARDS - len(committed) + 1
     assert snapshot(storage) == snapshot(local_run[0])
@@ -286,7 +278,7 @@ def test_other_settings_are_refused_and_overwrite_replaces(local_run, ray_cluste
 
     out = tmp_path / "copy"
     shutil.copytree(local_run[0].url, out)
-    result = run_job([*JOB_ARGS, "--steps", "3", "--output", str(out)], ray_cluster)
+    result = run_job("generate", [*JOB_ARGS, "--steps", "3", "--output", str(out)], ray_cluster)
     assert result.returncode == 2 and "--steps 10, now --steps 3" in result.stderr
     assert "Traceback" not in result.stderr
     # as the issue runs it: through `ray job submit` (the entrypoint runs on the cluster)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_batch
+from fixture_data import real_batch
 
 from skindual import model
 from skindual.finetune import FinetuneConfig, JointTrainer
@@ -157,6 +157,7 @@ def test_the_qc_segmenter_and_the_feature_actor_on_cuda(cuda, eval_world, tmp_pa
     np.testing.assert_allclose(rows[0.0]["features"], rows[1.0]["features"], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_require_gpu_turns_a_missing_gpu_into_failures():
     """On a machine without CUDA, SKINDUAL_REQUIRE_GPU=1 fails these tests instead of skipping them."""
     if cuda_problem() is None:

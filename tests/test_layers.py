@@ -20,18 +20,30 @@ LAYERS: dict[str, int] = {
     "base_models": 3, "model": 3, "sd2": 3,
     "losses": 4, "shards": 4, "report": 4, "pairs": 4,
     "finetune": 5, "generate": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
-    "demo_data": 6, "demo_model": 6, "demo_world": 6,
-    "demo": 7,
+    "demo": 6, "demo.render": 6, "demo.world": 6,
+    "demo.chain": 7,
 }
-"""Module (under skindual/) → its layer: 1 errors, CLI, prompts, storage; 2 data and the pure measures;
-3 the model (and the small module that resolves the "demo" base alias, and SD-2's architecture built in
-code); 4 losses, shards, report, the pair-dataset reader; 5 the stages; 6 the demo world; 7 the demo chain."""
+"""Module (under skindual/, the demo subpackage's as ``demo.<name>``) → its layer: 1 errors, CLI, cluster,
+prompts, storage; 2 data and the pure measures; 3 the model (and the module that resolves what a --base-model
+names, and SD-2's architecture built in code); 4 losses, shards, report, the pair-dataset reader; 5 the
+stages; 6 the demo world (skindual/demo/); 7 the demo chain."""
 NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "finetune", "generate", "evaluate", "export", "prepare",
               "qc_model"}
 
 
 def module_name(path: Path) -> str:
-    return "skindual" if path.name == "__init__.py" else path.stem
+    relative = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p for p in relative.parts if p != "__init__"]
+    return ".".join(parts) or "skindual"
+
+
+def _target(parts: list[str]) -> str:
+    """The module a dotted import names, ``skindual`` and anything within a module stripped: demo.world, model."""
+    if len(parts) > 1 and (PACKAGE / parts[0]).is_dir():
+        return ".".join(parts[:2]) if (PACKAGE / parts[0] / f"{parts[1]}.py").exists() else parts[0]
+    if parts and ((PACKAGE / f"{parts[0]}.py").exists() or (PACKAGE / parts[0]).is_dir()):
+        return parts[0]
+    return "skindual"  # a name of the package itself (__version__)
 
 
 def imports_of(path: Path) -> list[tuple[str, int]]:
@@ -39,24 +51,21 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found += [(a.name.split(".")[1] if "." in a.name else "skindual", node.lineno)
+            found += [(_target(a.name.split(".")[1:]), node.lineno)
                       for a in node.names if a.name.split(".")[0] == "skindual"]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] != "skindual":
                 continue
-            if len(parts) > 1:
-                found.append((parts[1], node.lineno))
-            else:  # from skindual import data, model: each name a module (or a package attribute)
-                found += [(a.name if (PACKAGE / f"{a.name}.py").exists() else "skindual", node.lineno)
-                          for a in node.names]
+            for alias in node.names:  # from skindual.demo import render: the name may be a module
+                found.append((_target(parts[1:] + [alias.name]), node.lineno))
     return found
 
 
 def graph() -> dict[str, dict[str, int]]:
     """module → {imported module: first line}."""
     edges: dict[str, dict[str, int]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
         edges[name] = {}
         for target, line in imports_of(path):
@@ -105,7 +114,7 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_a_layer_above_it():
-    upward = [f"skindual/{m}.py:{line} imports {t} (layer {LAYERS.get(t)} > {LAYERS[m]})"
+    upward = [f"skindual/{m}:{line} imports {t} (layer {LAYERS.get(t)} > {LAYERS[m]})"
               for m, targets in graph().items() for t, line in targets.items()
               if m in LAYERS and LAYERS.get(t, 0) > LAYERS[m]]
     assert upward == []
@@ -116,7 +125,7 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_the_stages_and_the_model_never_import_the_demo():
-    reaching = [f"skindual/{m}.py:{line} imports {t}" for m, targets in graph().items() if m in NEVER_DEMO
+    reaching = [f"skindual/{m}:{line} imports {t}" for m, targets in graph().items() if m in NEVER_DEMO
                 for t, line in targets.items() if t.startswith("demo")]
     assert reaching == []
 
@@ -142,12 +151,12 @@ def private_imports(path: Path) -> list[str]:
 
 
 def test_nothing_imports_a_private_name_from_another_module():
-    files = [p for folder in ("skindual", "jobs", "bench", "tests") for p in sorted((ROOT / folder).glob("*.py"))]
+    files = [p for folder in ("skindual", "jobs", "bench", "lab", "tests") for p in sorted((ROOT / folder).rglob("*.py"))]
     assert [line for path in files for line in private_imports(path)] == []
 
 
 def test_the_layer_test_sees_an_upward_import_inside_a_function(tmp_path):
     source = tmp_path / "finetune.py"
-    source.write_text("def resolve():\n    from skindual.demo import prepare_demo_world\n")
-    assert imports_of(source) == [("demo", 2)]
+    source.write_text("def resolve():\n    from skindual.demo.world import prepare_demo_world\n")
+    assert imports_of(source) == [("demo.world", 2)]
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]

@@ -6,9 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,24 +15,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from skindual import demo_data
+from job_runs import ok, run_job
+from skindual.demo import render
 from skindual.data import HAM_MASKS, ISIC_IMAGES, ISIC_MASKS
 from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES, attribute_distribution, attribute_pools, prompt_table
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {c: 12 if c == "nv" else 6 for c in CLASS_CODES}  # 48 images, some lesions with two
-
-
-def run_prepare_job(args: list[str], ray_cluster: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": ray_cluster} if ray_cluster else {})
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -45,13 +32,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def download(tmp_path_factory) -> Path:
-    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("raw") / "HAM10000", COUNTS, seed=21)
+    return render.write_demo_dataset(tmp_path_factory.mktemp("raw") / "HAM10000", COUNTS, seed=21)
 
 
 @pytest.fixture(scope="module")
 def prepared(download, ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "real"
-    result = ok(run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
+    result = ok(run_job("prepare", ["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
                                 ray_cluster))
     return out, result
 
@@ -62,7 +49,7 @@ def test_the_real_dataset_has_the_shard_layout_with_the_bytes_inside(prepared, d
     names = sorted(p.name for p in out.iterdir())
     assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
     assert {"sizes.json", "manifest.json", "run.json"} <= set(names)
-    metadata = {row.split(",")[1]: row.split(",") for row in (download / demo_data.METADATA_CSV).read_text().splitlines()[1:]}
+    metadata = {row.split(",")[1]: row.split(",") for row in (download / render.METADATA_CSV).read_text().splitlines()[1:]}
     lesions, keys = {}, []
     for tar in sorted(out.glob("*.tar")):
         for sample in wds.WebDataset(str(tar), shardshuffle=False):  # stock webdataset
@@ -94,10 +81,10 @@ def test_the_real_dataset_has_the_shard_layout_with_the_bytes_inside(prepared, d
 def test_a_rerun_skips_what_is_committed_and_other_settings_are_refused(prepared, download, ray_cluster, tmp_path):
     out, _ = prepared
     before = snapshot(out)
-    result = ok(run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
+    result = ok(run_job("prepare", ["--ham10000", str(download), "--samples-per-shard", "16", "--output", str(out)],
                                 ray_cluster))
     assert "3 committed, 0 to do" in result.stderr and snapshot(out) == before
-    result = run_prepare_job(["--ham10000", str(download), "--samples-per-shard", "20", "--output", str(out)])
+    result = run_job("prepare", ["--ham10000", str(download), "--samples-per-shard", "20", "--output", str(out)])
     assert result.returncode == 2 and "--samples-per-shard 16, now --samples-per-shard 20" in result.stderr
     assert "Traceback" not in result.stderr and snapshot(out) == before
 
@@ -110,12 +97,12 @@ def test_a_bad_file_stops_the_job_naming_it_and_skip_bad_counts_and_lists_it(dow
     bad = sorted(raw.rglob("ISIC_*.jpg"))[-1]  # in the last shard
     bad.write_bytes(b"not a jpeg")
     out = tmp_path / "real"
-    result = run_prepare_job(["--ham10000", str(raw), "--samples-per-shard", "16", "--output", str(out)], ray_cluster)
+    result = run_job("prepare", ["--ham10000", str(raw), "--samples-per-shard", "16", "--output", str(out)], ray_cluster)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
     assert str(bad) in errors[0] and "cannot be decoded" in errors[0] and "--skip-bad" in errors[0]
     assert not (out / "00002_stats.json").exists()  # its shard is not committed
-    result = ok(run_prepare_job(["--ham10000", str(raw), "--samples-per-shard", "16", "--skip-bad", "--output", str(out)],
+    result = ok(run_job("prepare", ["--ham10000", str(raw), "--samples-per-shard", "16", "--skip-bad", "--output", str(out)],
                                 ray_cluster))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == {"unreadable_image": 1} and manifest["skipped_files"] == [[str(bad), "unreadable_image"]]
@@ -126,17 +113,17 @@ def test_a_bad_file_stops_the_job_naming_it_and_skip_bad_counts_and_lists_it(dow
 
 
 def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_path):
-    from skindual.prepare import PrepareConfig, run_prepare
+    from skindual.prepare import PrepareConfig, prepare_here
 
     isic = tmp_path / "isic"
     for i in range(3):
-        image, mask = demo_data.render_lesion("mel", 70 + i, (120, 90))
+        image, mask = render.render_lesion("mel", 70 + i, (120, 90))
         (isic / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
         (isic / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(isic / ISIC_IMAGES / f"ISIC_{8000000 + i}.jpg")
         Image.fromarray(mask * 255).save(isic / ISIC_MASKS / f"ISIC_{8000000 + i}_segmentation.png")
-    manifest = run_prepare(PrepareConfig(ham10000=str(download), isic2018=str(isic), max_side=48,
-                                         output=str(tmp_path / "real")), distributed=False)
+    manifest = prepare_here(PrepareConfig(ham10000=str(download), isic2018=str(isic), max_side=48,
+                                         output=str(tmp_path / "real")))
     assert manifest["totals"]["per_class"]["unclassed"]["ok"] == 3 and manifest["totals"]["successes"] == 51
     for sample in wds.WebDataset(str(tmp_path / "real" / "00000.tar"), shardshuffle=False).decode("rgb8"):
         meta = sample["json"]
@@ -147,7 +134,7 @@ def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_pa
 
 
 def test_no_source_is_one_clear_line(tmp_path):
-    result = run_prepare_job(["--output", str(tmp_path / "x")])
+    result = run_job("prepare", ["--output", str(tmp_path / "x")])
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: no data: give --ham10000 DIR, --isic2018 DIR, or both (a folder or an s3:// prefix)")
 

@@ -4,32 +4,24 @@ local cluster); jobs/generate.py with --qc-segmenter scores every pair and redra
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from skindual.demo_world import split_pairs
+from job_runs import run_job
+from skindual.demo.world import split_pairs
 from skindual.errors import UserError
 from skindual.qc_model import CARD, QCSegmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, args: list[str], ray_cluster: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def segmenter(demo_real, ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("qc") / "segmenter"
-    result = run("qc_model.py", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
+    result = run_job("qc_model", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
                                  "--cpus-per-worker", "1", "--output", str(out)], ray_cluster)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "done: QC segmenter at" in result.stdout
@@ -59,14 +51,14 @@ def test_a_segmenter_that_is_not_one_is_one_clear_error(segmenter, tmp_path):
 def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ray_cluster, tmp_path):
     common = ["--per-class", "2", "--classes", "df,nv", "--steps", "10", "--batch-size", "4", "--max-attempts", "2",
               "--qc-segmenter", str(segmenter)]
-    result = run("generate.py", [*common, "--min-consistency", "1.0", "--output", str(tmp_path / "strict")],
+    result = run_job("generate", [*common, "--min-consistency", "1.0", "--output", str(tmp_path / "strict")],
                  ray_cluster)  # no generated mask is a perfect match: every pair is drawn twice, then rejected
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "--min-consistency" in errors[0]
     rows = pq.read_table(tmp_path / "strict" / "00000.parquet").to_pylist()
     assert {r["reason"] for r in rows} == {"inconsistent"} and all(r["rejections"] == ["inconsistent"] * 2 for r in rows)
     assert all(0 <= r["consistency"] < 1 for r in rows)
-    result = run("generate.py", [*common, "--min-consistency", "0", "--output", str(tmp_path / "scored")], ray_cluster)
+    result = run_job("generate", [*common, "--min-consistency", "0", "--output", str(tmp_path / "scored")], ray_cluster)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = pq.read_table(tmp_path / "scored" / "00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 4 and all(0 <= r["consistency"] <= 1 for r in rows)
@@ -76,13 +68,13 @@ def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ra
 def test_a_rerun_with_the_same_settings_reuses_the_segmenter(segmenter, demo_real, ray_cluster):
     from dataclasses import replace
 
-    from skindual.qc_model import QCModelConfig, trained_with
+    from skindual.qc_model import QCModelConfig, plan_qc_model
 
     before = (segmenter / "segmenter.safetensors").stat().st_mtime_ns
-    result = run("qc_model.py", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
+    result = run_job("qc_model", ["--training-data", str(demo_real), "--steps", "150", "--size", "32",
                                  "--cpus-per-worker", "2", "--output", str(segmenter)], ray_cluster)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "reusing it" in result.stdout + result.stderr
     assert (segmenter / "segmenter.safetensors").stat().st_mtime_ns == before
     cfg = QCModelConfig(training_data=str(demo_real), steps=150, size=32, output=str(segmenter))
-    assert trained_with(cfg) is not None and trained_with(replace(cfg, steps=151)) is None
+    assert plan_qc_model(cfg).done is not None and plan_qc_model(replace(cfg, steps=151)).done is None

@@ -10,8 +10,6 @@ import copy
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import real_batch
+from fixture_data import real_batch
+from job_runs import error_line, ok, run_job
 
 from skindual import model, report
 from skindual.errors import UserError
@@ -32,25 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO_STEPS = ["--steps", "2", "--checkpoint-every", "2", "--batch-size", "2", "--resolution", "256",
              "--validation-per-class", "1", "--validation-steps", "2", "--lora-rank", "4", "--cpus-per-worker", "0.5"]
 PROMPTS = ["a dermoscopy image of melanoma", "a dermoscopy image of dermatofibroma"]
-
-
-def run(script: str, args: list[str], ray_cluster: str | None = None, timeout: int = 600):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if ray_cluster:
-        env["RAY_ADDRESS"] = ray_cluster
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    return line
 
 
 def projections(lora_file: Path) -> set[str]:
@@ -68,7 +47,7 @@ def trained(sd2_bases, demo_real, ray_cluster, tmp_path_factory):
                          "--w-prior", "1", "--geo-crop", "16"],
             "side-by-side": ["--base-model", str(sd2_bases["v"]), "--layout", "side-by-side"]}
     for name, args in runs.items():
-        ok(run("finetune.py", ["--training-data", str(demo_real), "--output", str(out), "--name", name, *args,
+        ok(run_job("finetune", ["--training-data", str(demo_real), "--output", str(out), "--name", name, *args,
                                *TWO_STEPS], ray_cluster))
     return out
 
@@ -82,31 +61,22 @@ def test_both_layouts_and_prediction_types_train_on_sd2s_architecture(trained, s
         # LoRA on every attention projection of SD-2's UNet: 16 transformer blocks × 2 attentions × q, k, v, out
         assert len(projections(info.folder / model.LORA_FILE)) == 128
         assert (trained / name / "validation_grid.png").is_file() and (trained / name / "loss_curve.png").is_file()
+        # loaded, it samples at its trained resolution, not the base's 512 (the round trip: test_model.py)
+        assert model.DualPipeline.from_pretrained(sd2_bases[base], info.folder, fuse=False).resolution == 256
     with Image.open(trained / "channels" / "validation_grid.png") as grid:  # 7 classes × (image | overlay) at 256²
         assert grid.size == (2 * (2 * 256 + 2), 2 * 7 * (256 + 2))
     history = json.loads(sorted((trained / "channels").glob("checkpoint_*/progress.json"))[-1].read_text())["history"]
     assert all(h["prior"] >= 0 and h["geo"] > 0 for h in history)
 
 
-def test_the_adapter_round_trips(trained, sd2_bases):
-    """Loaded with `DualPipeline.from_pretrained`, the adapter samples what the trained EMA weights sample."""
-    final = sorted(p for p in (trained / "channels").glob("checkpoint_*") if p.is_dir())[-1]
-    pipe = model.load_pipeline(sd2_bases["base"])
-    model.prepare_unet(pipe.unet, "channels", lora_rank=4)
-    pipe.unet.load_state_dict(load_file(final / "ema.safetensors"), strict=False)
-    trained_pipe = model.DualPipeline(pipe, "channels", resolution=256)
-    loaded = model.DualPipeline.from_pretrained(sd2_bases["base"], trained / "channels" / "adapter", fuse=False)
-    assert loaded.resolution == 256  # the adapter's trained resolution, not the base's 512
-    a, b = trained_pipe(PROMPTS, [1, 2], steps=2), loaded(PROMPTS, [1, 2], steps=2)
-    torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)
-    assert a.images.shape == (2, 256, 256, 3)
-
-
-@pytest.mark.parametrize("variant", ["base", "v"])
-def test_step_zero_is_the_base_model_exactly(sd2_bases, variant):
+@pytest.mark.parametrize("variant, train", [("base", "lora"), ("v", "lora"), ("base", "full")])
+def test_step_zero_is_the_base_model_exactly(sd2_bases, variant, train):
+    """The widened UNet, LoRA or fully trained, starts as the base: its image outputs are the base's, its
+    mask outputs copies of them, whatever the mask latents (their input weights are zero)."""
     pipe = model.load_pipeline(sd2_bases[variant])
     reference = copy.deepcopy(pipe.unet)
-    model.prepare_unet(pipe.unet, "channels", lora_rank=4)
+    model.prepare_unet(pipe.unet, "channels", lora_rank=4, train=train)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
     g = torch.Generator().manual_seed(0)
     x, emb = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 1024, generator=g)
     t = torch.tensor([999, 3])
@@ -129,7 +99,7 @@ def test_the_side_by_side_lora_loads_into_a_stock_pipeline(trained, sd2_bases):
 
 def test_generation_samples_at_the_adapters_resolution_in_bf16(trained, sd2_bases, ray_cluster, tmp_path):
     out = tmp_path / "synthetic"
-    ok(run("generate.py", ["--base-model", str(sd2_bases["base"]), "--adapter", str(trained / "channels" / "adapter"),
+    ok(run_job("generate", ["--base-model", str(sd2_bases["base"]), "--adapter", str(trained / "channels" / "adapter"),
                            "--per-class", "1", "--classes", "df,nv", "--steps", "2", "--batch-size", "2",
                            "--dtype", "bf16", "--max-mask-area", "1.0", "--min-mask-area", "0",
                            "--min-main-share", "0", "--output", str(out)], ray_cluster))
@@ -143,17 +113,17 @@ def test_generation_samples_at_the_adapters_resolution_in_bf16(trained, sd2_base
 
 def test_a_base_without_its_adapter_is_one_clear_line(sd2_bases, ray_cluster, tmp_path):
     base = str(sd2_bases["base"])
-    line = one_error_line(run("generate.py", ["--base-model", base, "--output", str(tmp_path / "a")], ray_cluster))
+    line = error_line(run_job("generate", ["--base-model", base, "--output", str(tmp_path / "a")], ray_cluster))
     assert f"--base-model {base} without --adapter" in line
     demo_adapter = str(ROOT / "skindual" / "assets" / "demo_adapter")
-    line = one_error_line(run("generate.py", ["--base-model", base, "--adapter", demo_adapter,
+    line = error_line(run_job("generate", ["--base-model", base, "--adapter", demo_adapter,
                                               "--output", str(tmp_path / "b")], ray_cluster))
     assert f"--adapter {demo_adapter} was trained on demo and does not fit --base-model {base}" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bad_resolution_and_cpu_fp16_are_refused(sd2_bases, demo_real, tmp_path):
-    line = one_error_line(run("finetune.py", ["--training-data", str(demo_real), "--base-model",
+    line = error_line(run_job("finetune", ["--training-data", str(demo_real), "--base-model",
                                               str(sd2_bases["base"]), "--resolution", "200", "--output",
                                               str(tmp_path)]))
     assert "--resolution 200" in line and "multiple of 64" in line
@@ -178,6 +148,7 @@ def test_the_other_layout_and_prediction_pairs_train_in_bf16(sd2_bases, demo_rea
     assert metrics["step"] == 2 and all(np.isfinite(metrics[k]) for k in ("total", "img", "mask", "geo", "prior"))
 
 
+@pytest.mark.slow
 def test_a_failing_grid_leaves_the_adapter_and_a_clean_rerun(sd2_bases, demo_real, tmp_path, monkeypatch, caplog):
     trainer, batch = small_trainer(sd2_bases["base"], demo_real, validation_per_class=1, validation_steps=1,
                                    output=str(tmp_path), name="run")

@@ -6,8 +6,8 @@ and measured with `skindual.quality.pair_quality`: Dice between each generated m
 independent segmentation of its image, the share of sane masks, and the accuracy of a classifier
 trained on real demo images on the samples of each class.
 
-    python bench/finetune_quality.py --steps 400 --variants channels:lora:32 channels:full
-    python bench/finetune_quality.py --steps 300 --lr 5e-4 --variants channels:lora:32 --set w_prior=10
+    python lab/finetune_quality.py --steps 400 --variants channels:lora:32 channels:full
+    python lab/finetune_quality.py --steps 300 --lr 5e-4 --variants channels:lora:32 --set w_prior=10
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 
 from skindual import quality
 from skindual.cluster import init_ray
-from skindual.demo_world import prepare_demo_world, split_pairs
-from skindual.finetune import FinetuneConfig, run_finetune
+from skindual.demo.world import prepare_demo_world, split_pairs
+from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
@@ -83,7 +83,7 @@ def main() -> None:
                              batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.steps, **extra,
                              validation_per_class=1, validation_steps=2, cpus_per_worker=2)
         started = time.time()
-        run_finetune(cfg)
+        run_finetune(plan_finetune(cfg))
         wall = time.time() - started
         dual = DualPipeline.from_pretrained("demo", adapter=Path(out, cfg.name, "adapter"))
         images, masks, labels = sample_pairs(dual, args.per_class, args.sample_steps, args.guidance, seed=1)

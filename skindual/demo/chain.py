@@ -1,13 +1,12 @@
-"""The whole chain on the demo world: data → fine-tune → generate → evaluate (jobs/demo.py).
+"""The whole chain on the demo world: data → fine-tune → QC segmenter → generate → evaluate (jobs/demo.py).
 
-`run_demo` (jobs/demo.py) runs the four stages on the current Ray cluster into one local folder
-(``data/`` and ``real/``, the procedural data and its prepared dataset, ``runs/``, ``synthetic/``,
-``eval/``), each through its own job's library call, with
-the fine-tuning settings of `DEMO_FINETUNE`.  Re-running into the same folder reuses what the
-stages already reuse: the demo data, the fine-tuning run (resumed by its name; a finished one only
-writes its adapter, grid and curve again) and the committed shards (while the adapter's sha256 is
-the same) and the evaluation (while its inputs and settings are the same: `finished_evaluation`;
-delete ``eval/`` to run it again).
+`run_demo` (jobs/demo.py) runs the five stages on the current Ray cluster into one local folder
+(``data/`` and ``real/``, the procedural data and its prepared dataset, ``runs/``, ``qc/``,
+``synthetic/``, ``eval/``), each through its own stage's plan and run, with the fine-tuning settings
+of `DEMO_FINETUNE`.  Re-running into the same folder keeps what each stage's plan finds done (its
+marker, `storage.finished`): the demo data, a finished fine-tuning run (an unfinished one resumes),
+the QC segmenter, the committed shards and the evaluation, while their settings and inputs are the
+same; delete a stage's folder to run it again.
 """
 
 from __future__ import annotations
@@ -26,15 +25,15 @@ import numpy as np
 
 from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
-from skindual.demo_data import DIFFICULTIES
-from skindual.demo_world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
+from skindual.demo.render import DIFFICULTIES
+from skindual.demo.world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
 from skindual.downstream import ARMS, CLASSIFIERS
 from skindual.errors import UserError
-from skindual.evaluate import EvaluateConfig, run_evaluate
-from skindual.finetune import FinetuneConfig, run_finetune
-from skindual.generate import GenerateConfig, run_generate
+from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
+from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.generate import GenerateConfig, plan_generate, run_generate
 from skindual.prompts import CLASSES
-from skindual.qc_model import QCModelConfig, run_qc_model
+from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
 from skindual.storage import is_remote
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ DEMO_FINETUNE = {"layout": "channels", "train": "lora", "lora_rank": 32, "steps"
 """The demo's fine-tuning settings (`skindual.finetune.FinetuneConfig` fields; the rest keep their
 defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  ``w_prior=10``
 pins the image branch to the demo base, which was pretrained on this very domain: without it the
-mask objective erodes class control (measured in docs/finetune-quality.md).
+mask objective erodes class control (measured in lab/notes/finetune-quality.md).
 Retune here; ``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
 DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
 
@@ -67,7 +66,7 @@ would leave classes short, which generation refuses)."""
 class DemoConfig:
     output: str = option("skindual-demo-run", "local folder for everything: data/, runs/, synthetic/, eval/")
     finetune_steps: int = option(DEMO_FINETUNE["steps"], "fine-tuning optimiser steps (the other demo settings: "
-                                                         "skindual.demo.DEMO_FINETUNE)")
+                                                         "skindual.demo.chain.DEMO_FINETUNE)")
     per_class: int = option(100, "synthetic pairs per class")
     actors: int = option(2, "generator actors (one CPU each)")
     eval_steps: int = option(150, "optimiser steps of every downstream model in the evaluation")
@@ -122,7 +121,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
-    """Run the four stages on the current Ray cluster, one `progress` line as each starts and ends;
+    """Run the five stages on the current Ray cluster, one `progress` line as each starts and ends;
     returns the summary (also written to ``{output}/demo_summary.json``; below ``--real-fraction`` 1,
     ``demo_summary-real{F}.json``, next to that run's own table, run, shards and report)."""
     out = Path(cfg.output).expanduser().resolve()
@@ -154,17 +153,19 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
                        f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
     with _stage_errors(name):
-        result = run_finetune(ft)
+        plan = plan_finetune(ft)
+        step = plan.done["training_config"]["steps"] if plan.done else (run_finetune(plan).metrics or {}).get("step")
     adapter = out / "runs" / ft.name / "adapter"
-    step = (result.metrics or {}).get("step")
-    done(name, t, f"{f'step {step}, ' if step else ''}adapter at {adapter}")
+    done(name, t, f"{f'step {step}, ' if step else ''}{'already done: ' if plan.done else ''}adapter at {adapter}")
 
     qc = QCModelConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, steps=cfg.qc_steps,
                        output=str(out / f"qc{suffix}"), cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
     name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}")
     with _stage_errors(name):
-        card = run_qc_model(qc)
-    done(name, t, f"val Dice {card['val_dice']:.3f} on {card['val_pairs']} real pairs")
+        qc_plan = plan_qc_model(qc)
+        card = qc_plan.done or run_qc_model(qc_plan)
+    done(name, t, f"{'already done: ' if qc_plan.done else ''}val Dice {card['val_dice']:.3f} on {card['val_pairs']} "
+                  "real pairs")
 
     suffix += "" if cfg.prompt_attributes == "adapter" else "-noattributes"
     gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter),
@@ -180,11 +181,12 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                      f"{pilot['from_val_dice']:g}; pilot's weakest class {pilot['weakest_class']}: "
                      f"{pilot['weakest_quantile']:g})")
         gen, generate_started = replace(gen, min_consistency=threshold), time.perf_counter()
-        manifest = run_generate(gen)
+        gen_plan = plan_generate(gen)
+        manifest = gen_plan.done or run_generate(gen_plan)
         generate_seconds = time.perf_counter() - generate_started
     suffix += "" if cfg.qc else "-noqc"
     totals = manifest["totals"]
-    done(name, t, f"{totals['successes']} pairs in {totals['shards']} shards, "
+    done(name, t, f"{'already done: ' if gen_plan.done else ''}{totals['successes']} pairs in {totals['shards']} shards, "
                   f"{_per_class({c: n['ok'] for c, n in totals['per_class'].items()})}")
     generation = {"seconds": round(generate_seconds, 1),  # without the pilot
                   "pairs_per_s": round(totals["successes"] / max(generate_seconds, 1e-9), 3),
@@ -198,8 +200,9 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     name, t = stage(5, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
                        f"{cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
-        metrics = run_evaluate(ev)
-    done(name, t, f"report at {Path(ev.output) / 'report.md'}")
+        ev_plan = plan_evaluate(ev)
+        metrics = ev_plan.done or run_evaluate(ev_plan)
+    done(name, t, f"{'already done: ' if ev_plan.done else ''}report at {Path(ev.output) / 'report.md'}")
 
     quality = metrics["pair_quality"]
     summary = {"output": str(out), "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
@@ -221,7 +224,9 @@ def _min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_out
         return 0.0, None
     if cfg.min_consistency >= 0:
         return cfg.min_consistency, None
-    run_generate(replace(gen, per_class=str(DEMO_PILOT_PER_CLASS), output=str(pilot_output), min_consistency=0.0))
+    pilot = plan_generate(replace(gen, per_class=str(DEMO_PILOT_PER_CLASS), output=str(pilot_output), min_consistency=0.0))
+    if pilot.done is None:
+        run_generate(pilot)
     index = pairs.read_index(str(pilot_output))
     scores: dict[str, list[float]] = {}
     for code, score in zip(index.column("class_code").to_pylist(), index.column("consistency").to_pylist()):

@@ -1,10 +1,11 @@
 """The offline demo world in one call: procedural data, the demo base, the embedded defaults of the jobs.
 
 `prepare_demo_world` writes the procedural HAM10000-layout folder and the separate balanced test
-set, prepares both through the prepare job's code (`skindual.prepare`), makes the demo base pipeline ready (from the shipped artifact, or
-pretrained from scratch), and, when asked, measures the base: VAE reconstruction of held-out demo
-images and masks, and class fidelity of its samples (a small classifier trained on real demo
-images, its accuracy on the base's samples of each class).
+set, prepares both through the prepare job's code (`skindual.prepare`), makes the demo base pipeline
+ready from its shipped artifact and, when asked, measures the base: VAE reconstruction of held-out
+demo images and masks, and class fidelity of its samples (a small classifier trained on real demo
+images, its accuracy on the base's samples of each class).  How the bases were pretrained lives
+outside the package, in lab/.
 
 The jobs' embedded defaults come from here, resolved by the job entry points (the stages never
 look at the demo world): `finetune_defaults`, `evaluate_defaults`, `qc_defaults` and `generate_defaults` fill the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skindual import data, demo_data, demo_model, pairs, quality
+from skindual import data, pairs, quality
 from skindual.base_models import DEMO_BASE, DEMO_BASES, demo_base_path
+from skindual.demo import render
 from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig
 from skindual.finetune import FinetuneConfig
 from skindual.generate import GenerateConfig
-from skindual.model import ADAPTER_JSON, load_pipeline
-from skindual.prepare import PrepareConfig, run_prepare
+from skindual.model import ADAPTER_JSON, load_pipeline, mask_to_image
+from skindual.prepare import PrepareConfig, prepare_here
 from skindual.qc_model import QCModelConfig
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
@@ -37,8 +40,8 @@ log = logging.getLogger(__name__)
 
 DEMO_OUTPUT = "skindual-demo"
 """Where the jobs' embedded defaults build the demo world (the default --output of jobs/build_demo.py)."""
-DEMO_ADAPTER = Path(__file__).parent / "assets" / "demo_adapter"
-"""The shipped demo adapter: generation's embedded default (how it was trained: `skindual.demo.DEMO_FINETUNE`)."""
+DEMO_ADAPTER = Path(__file__).parents[1] / "assets" / "demo_adapter"
+"""The shipped demo adapter: generation's embedded default (how it was trained: `skindual.demo.chain.DEMO_FINETUNE`)."""
 DEMO_TEST_PER_CLASS = 40
 """Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
 ``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
@@ -67,8 +70,8 @@ class DemoWorld:
 
 def _prepared(folder: Path, output: Path, seed: int) -> dict:
     """`folder` through the prepare job's code, in this process (a rerun skips what is committed)."""
-    return run_prepare(PrepareConfig(ham10000=str(folder), output=str(output), seed=seed,
-                                     samples_per_shard=DEMO_PAIRS_PER_SHARD), distributed=False)
+    return prepare_here(PrepareConfig(ham10000=str(folder), output=str(output), seed=seed,
+                                     samples_per_shard=DEMO_PAIRS_PER_SHARD))
 
 
 def prepare_demo_world(
@@ -77,7 +80,6 @@ def prepare_demo_world(
     data_scale: float = 0.1,
     seed: int = 0,
     artifact: str | Path | None = None,
-    rebuild: demo_model.PretrainRecipe | None = None,
     difficulty: str = "easy",
     measure: bool = True,
     samples_per_class: int = 24,
@@ -86,7 +88,7 @@ def prepare_demo_world(
 ) -> DemoWorld:
     """Demo data under `output/data` prepared into `output/real`, the separate test set under
     `output/data-test` prepared into `output/real-test`, the base ready, a report.  `difficulty` "hard":
-    the hard demo world (`demo_data.render_lesion`), its base the ``demo-hard`` artifact by default."""
+    the hard demo world (`render.render_lesion`), its base the ``demo-hard`` artifact by default."""
     output = Path(output)
     started = time.perf_counter()
     report: dict = {"difficulty": difficulty}
@@ -96,10 +98,10 @@ def prepare_demo_world(
         raise UserError(f"{output} holds a demo world of another difficulty than {difficulty!r}; choose another "
                         "--output")
     data_root, test_root = output / "data", output / "data-test"
-    if not (data_root / demo_data.METADATA_CSV).exists():
-        demo_data.write_demo_dataset(data_root, demo_data.demo_counts(data_scale), seed=seed, difficulty=difficulty)
-    if not (test_root / demo_data.METADATA_CSV).exists():
-        demo_data.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
+    if not (data_root / render.METADATA_CSV).exists():
+        render.write_demo_dataset(data_root, render.demo_counts(data_scale), seed=seed, difficulty=difficulty)
+    if not (test_root / render.METADATA_CSV).exists():
+        render.write_demo_dataset(test_root, {c.code: DEMO_TEST_PER_CLASS for c in CLASSES}, seed=seed + 1,
                                      first_number=DEMO_TEST_FIRST_ID, difficulty=difficulty)
     manifest = _prepared(data_root, output / "real", seed)
     _prepared(test_root, output / "real-test", seed)
@@ -107,12 +109,6 @@ def prepare_demo_world(
     report["class_counts"] = {c: n["ok"] for c, n in manifest["totals"]["per_class"].items()}
     log.info("demo data: %d pairs at %s (%s)", manifest["totals"]["successes"], output / "real", report["class_counts"])
 
-    if rebuild is not None:
-        t = time.perf_counter()
-        pipe, configs = demo_model.pretrain_demo_base(rebuild)
-        demo_model.save_artifact(pipe, rebuild, artifact, configs)
-        report["pretrain_seconds"] = round(time.perf_counter() - t, 1)
-        log.info("demo base pretrained in %.0f s, written to %s", report["pretrain_seconds"], artifact)
     base = demo_base_path(artifact)
     report["base_ready_seconds"] = round(time.perf_counter() - started, 1)
     log.info("demo base ready at %s after %.1f s", base, report["base_ready_seconds"])
@@ -137,7 +133,7 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
     pipe = load_pipeline(base)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     test = split_pairs(real, "test", size)
-    recon = demo_model.vae_reconstruction(pipe.vae, test["image"], test["mask"])
+    recon = vae_reconstruction(pipe.vae, test["image"], test["mask"])
     log.info("VAE on %d held-out demo pairs: PSNR %.1f dB, mask Dice %.3f", len(test["image"]),
              recon["psnr_db"], recon["mask_dice"])
 
@@ -149,7 +145,7 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
              time.perf_counter() - t)
     # how much of the classes the VAE keeps: the same classifier on those images after a VAE round trip, as a
     # mean of per-class recalls (the measure class fidelity is); the base's samples rarely do better
-    round_trip_predicted = quality.classify(classifier, demo_model.vae_round_trip(pipe.vae, test["image"]))
+    round_trip_predicted = quality.classify(classifier, vae_round_trip(pipe.vae, test["image"]))
     round_trip_accuracy = float((round_trip_predicted == test["class_index"]).mean())
     round_trip = quality.recall_by_class(round_trip_predicted, test["class_index"])
     round_trip_mean = float(np.mean(list(round_trip.values())))
@@ -225,3 +221,29 @@ def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.adapter or cfg.base_model not in ("", DEMO_BASE) or not (DEMO_ADAPTER / ADAPTER_JSON).is_file():
         return cfg
     return replace(cfg, adapter=str(DEMO_ADAPTER))
+
+
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Posterior means of `x` (N×3×H×W in [-1, 1]) in batches."""
+    return torch.cat([vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """uint8 images after encode (posterior mean) and decode."""
+    x = quality.images_to_tensor(images)
+    decoded = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(batch)]).clamp(-1, 1)
+    return ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def vae_reconstruction(vae, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """PSNR (dB) of images and Dice of masks (thresholded at 0) after encode/decode."""
+    x, m = quality.images_to_tensor(images), mask_to_image(masks)
+    rec_x = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(128)]).clamp(-1, 1)
+    rec_m = torch.cat([vae.decode(z).sample for z in encode_latents(vae, m).split(128)]).mean(1) > 0
+    mse = ((rec_x - x) / 2).pow(2).mean().item()
+    truth = torch.as_tensor(masks).bool()
+    dice = (2 * (rec_m & truth).sum() / (rec_m.sum() + truth.sum()).clamp(min=1)).item()
+    return {"psnr_db": 10 * math.log10(1 / max(mse, 1e-12)), "mask_dice": dice}

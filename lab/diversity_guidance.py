@@ -6,7 +6,7 @@ space the evaluation uses, trained on the run's real train split) and class fide
 default).
 
     python jobs/demo.py --output RUN
-    python bench/diversity_guidance.py --run RUN
+    python lab/diversity_guidance.py --run RUN
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from skindual import fidelity, quality
 from skindual.base_models import demo_base_path
-from skindual.demo_world import split_pairs
+from skindual.demo.world import split_pairs
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt
 

@@ -6,8 +6,8 @@ the pair's mask and a training-free segmentation (`quality.segment_lesion`), and
 segmenters.  If the QC segmenter and the training-free one agree on real images but not on synthetic
 ones, the QC segmenter does not transfer to the generator's images, and its score under-rates them.
 
-    python bench/qc_agreement.py --synthetic RUN/synthetic --real RUN/real-test --qc-segmenter RUN/qc
-    python bench/qc_agreement.py ... --base demo-hard [--adapt RUN/real]
+    python lab/qc_agreement.py --synthetic RUN/synthetic --real RUN/real-test --qc-segmenter RUN/qc
+    python lab/qc_agreement.py ... --base demo-hard [--adapt RUN/real]
 
 With ``--base`` it also scores the real pairs' images after a round trip through that base's VAE (its
 decoder draws every generated image) against their true masks: what a perfectly consistent pair scores
@@ -30,8 +30,8 @@ import numpy as np
 
 from skindual import data, downstream, pairs, quality
 from skindual.base_models import resolve_base_model
-from skindual.demo_model import vae_round_trip
-from skindual.demo_world import split_pairs
+from skindual.demo.world import vae_round_trip
+from skindual.demo.world import split_pairs
 from skindual.model import load_pipeline
 from skindual.qc_model import CARD, QCSegmenter
 from skindual.storage import open_storage

@@ -14,7 +14,7 @@ memory with uniform batches) on
 
 and tests each on the run's downstream test set, mean ± std over ``--seeds``.
 
-    python bench/downstream_masks.py --run skindual-demo-run --seeds 2
+    python lab/downstream_masks.py --run skindual-demo-run --seeds 2
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from skindual import quality
-from skindual.demo_world import split_pairs
+from skindual.demo.world import split_pairs
 from skindual.downstream import (
     BenchmarkSettings,
     PairSet,

@@ -11,15 +11,15 @@ so the trained weights ship as `skindual/assets/demo_base.safetensors` (fp16;
 its metadata holds the configs, the tokenizer and the recipe, so the file alone
 rebuilds the pipeline: `skindual.base_models` reads it, and materialises it as a
 `from_pretrained` folder cached under the file's sha256).
-`python jobs/build_demo.py --rebuild` trains it again from scratch with the
-recipe's defaults and writes the artifact with `save_artifact`.
+`python lab/build_demo_base.py` trains it again with the recipe's defaults and writes the
+artifact with `save_artifact`.  The demo bases are fixed test beds: this is kept so that they can
+be rebuilt exactly, not to be tuned.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +32,9 @@ from safetensors.torch import save_file
 
 from skindual.base_models import (REBUILD_COMMAND, artifact_metadata, assemble_pipeline, build_components,
                                   pipeline_from_artifact)
-from skindual.demo_data import render_batch
+from skindual.cli import option
+from skindual.demo.render import render_batch
+from skindual.demo.world import encode_latents
 from skindual.finetune import lr_factor
 from skindual.model import mask_to_image
 from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
@@ -46,24 +48,30 @@ DEMO_RESOLUTION = 64
 
 @dataclass
 class PretrainRecipe:
-    """How the demo base is pretrained (all defaults are what the shipped artifact used)."""
+    """How a demo base is pretrained; the defaults are what the shipped easy artifact used.  Each field is a
+    flag of lab/build_demo_base.py (`rebuild_command` names those a recipe changes)."""
 
-    seed: int = 0
-    per_class: int = 300  # class-balanced pretraining lesions per class
-    vae_steps: int = 800
-    vae_lr: float = 1e-3
-    vae_batch_size: int = 16
-    unet_steps: int = 3000
-    unet_lr: float = 5e-4
-    batch_size: int = 32
-    uncond_prob: float = 0.1  # prompt dropped to "" this often, for classifier-free guidance
-    ema_decay: float = 0.999
-    difficulty: str = "easy"  # the demo world it is pretrained on (skindual.demo_data.DIFFICULTIES)
-    start_from: str = ""  # an artifact whose weights pretraining continues from ("": random initialisation)
-    vae_channels: tuple[int, ...] = ()  # the VAE's block widths (): the component config's or start_from's
-    vae_colour_weight: float = 0.0  # weight of the VAE's low-frequency colour term (vae_batch_loss)
-    vae_lesion_weight: float = 0.0  # weight of the VAE's colour term on the lesion alone (lesion_colour_loss)
-    vae_lesion_smooth: bool = False  # that term on a Gaussian low band, not the latent's 4 × 4 cells (low_band)
+    seed: int = option(0, "seed of the pretraining data, the initialisation and the batches")
+    per_class: int = option(300, "class-balanced pretraining lesions per class")
+    vae_steps: int = option(800, "VAE pretraining steps")
+    vae_lr: float = option(1e-3, "VAE learning rate")
+    vae_batch_size: int = option(16, "VAE batch size")
+    unet_steps: int = option(3000, "UNet pretraining steps")
+    unet_lr: float = option(5e-4, "UNet learning rate")
+    batch_size: int = option(32, "UNet batch size")
+    uncond_prob: float = option(0.1, "share of prompts dropped to '' (classifier-free guidance)")
+    ema_decay: float = option(0.999, "EMA of the UNet's weights")
+    difficulty: str = option("easy", "the demo world it is pretrained on (skindual.demo.render.DIFFICULTIES)")
+    start_from: str = option("", "an artifact whose weights pretraining continues from (empty: random initialisation)")
+    vae_channels: str = option("", "the VAE's block widths, comma-separated multiples of 16 (e.g. 64,64,128): a fresh "
+                                   "VAE where they differ from --start-from's (empty: the start's, or 32,32,64)")
+    vae_colour_weight: float = option(0.0, "weight of the VAE's low-frequency colour term (4 × 4-pooled L1; 0: none)")
+    vae_lesion_weight: float = option(0.0, "weight of the VAE's colour term on the lesion alone (0: none)")
+    vae_lesion_smooth: bool = option(False, "that term on a Gaussian low band (σ 2 px) instead of the latent's 4 × 4 "
+                                            "cells")
+
+    def channels(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in str(self.vae_channels).split(",") if c.strip())
 
 
 # --------------------------------------------------------------------------- components
@@ -130,36 +138,27 @@ def component_configs(vocab_size: int, bos: int, eos: int) -> dict[str, dict]:
 def recorded_recipe(recipe: PretrainRecipe) -> dict:
     """The recipe as an artifact records it: the artifact it started from by file name and sha256, not by a
     path that only the building machine has."""
-    fields = asdict(recipe)
+    fields = asdict(recipe) | {"vae_channels": list(recipe.channels())}
     if recipe.start_from:
         fields["start_from"] = {"file": Path(recipe.start_from).name, "sha256": file_sha256(recipe.start_from)}
     return fields
 
 
-# recipe fields that jobs/build_demo.py sets from a flag of the same name (per_class: --pretrain-per-class)
-_RECIPE_FLAGS = {"difficulty": "--difficulty", "seed": "--seed", "per_class": "--pretrain-per-class",
-                 "vae_steps": "--vae-steps", "vae_channels": "--vae-channels", "vae_colour_weight": "--vae-colour-weight",
-                 "vae_lesion_weight": "--vae-lesion-weight", "vae_lesion_smooth": "--vae-lesion-smooth",
-                 "unet_steps": "--unet-steps"}
-
-
 def rebuild_command(recipe: PretrainRecipe) -> str:
-    """The jobs/build_demo.py command that rebuilds an artifact of `recipe`: its flags where the recipe
-    differs from the defaults (``--start-from`` not: the recipe records that artifact by name and sha256)."""
-    default, parts = PretrainRecipe(), [REBUILD_COMMAND]
-    for field, flag in _RECIPE_FLAGS.items():
-        value = getattr(recipe, field)
-        if value != getattr(default, field):
-            if isinstance(value, bool):  # a switch: its flag alone
-                parts.append(flag)
-                continue
-            if isinstance(value, tuple):
-                text = ",".join(map(str, value))
-            elif isinstance(value, float):
-                text = f"{value:g}"
-            else:
-                text = str(value)
-            parts.append(f"{flag} {text}")
+    """The lab/build_demo_base.py command that rebuilds an artifact of `recipe`: the flag of every field the
+    recipe changes (not ``--start-from``: the recipe records that artifact by name and sha256)."""
+    from dataclasses import fields
+
+    parts = [REBUILD_COMMAND]
+    for f in fields(PretrainRecipe):
+        value = getattr(recipe, f.name)
+        if f.name == "start_from" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):  # a switch: its flag alone
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
     return " ".join(parts)
 
 
@@ -263,12 +262,6 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, recipe: PretrainRe
 
 
 @torch.no_grad()
-def encode_latents(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Posterior means, unscaled."""
-    return torch.cat([vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -340,8 +333,8 @@ def pretrain_demo_base(recipe: PretrainRecipe):
         tokenizer = build_tokenizer()
         configs = component_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         pipe = assemble_pipeline(build_components(configs, recipe.seed), tokenizer)
-    if recipe.vae_channels and list(recipe.vae_channels) != list(configs["vae"]["block_out_channels"]):
-        pipe.vae, configs = fresh_vae(configs, recipe.vae_channels, recipe.seed)
+    if recipe.channels() and list(recipe.channels()) != list(configs["vae"]["block_out_channels"]):
+        pipe.vae, configs = fresh_vae(configs, recipe.channels(), recipe.seed)
     pipe.text_encoder.requires_grad_(False)
 
     images_np, masks_np, labels = render_batch(recipe.per_class, seed=10_000 + recipe.seed, size=DEMO_RESOLUTION,
@@ -365,23 +358,3 @@ def pretrain_demo_base(recipe: PretrainRecipe):
     uncond = encode_prompts(tokenizer, pipe.text_encoder, [""])[0]
     train_unet(pipe, latents, embeds, uncond, recipe)
     return pipe, configs
-
-
-@torch.no_grad()
-def vae_round_trip(vae, images: np.ndarray, batch: int = 128) -> np.ndarray:
-    """uint8 images after encode (posterior mean) and decode."""
-    x = images_to_tensor(images)
-    decoded = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(batch)]).clamp(-1, 1)
-    return ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-@torch.no_grad()
-def vae_reconstruction(vae, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) of images and Dice of masks (thresholded at 0) after encode/decode."""
-    x, m = images_to_tensor(images), mask_to_image(masks)
-    rec_x = torch.cat([vae.decode(z).sample for z in encode_latents(vae, x).split(128)]).clamp(-1, 1)
-    rec_m = torch.cat([vae.decode(z).sample for z in encode_latents(vae, m).split(128)]).mean(1) > 0
-    mse = ((rec_x - x) / 2).pow(2).mean().item()
-    truth = torch.as_tensor(masks).bool()
-    dice = (2 * (rec_m & truth).sum() / (rec_m.sum() + truth.sum()).clamp(min=1)).item()
-    return {"psnr_db": 10 * math.log10(1 / max(mse, 1e-12)), "mask_dice": dice}

@@ -3,11 +3,11 @@
 A plain single-process loop over `skindual.finetune.JointTrainer` (the same model, loss and
 optimiser step as the Ray Train job, without Ray's start-up), sampling `--per-class` pairs per
 class from the EMA weights every `--every` steps (and at step 0 with `--step0`).  It is how
-docs/finetune-quality.md found out where class fidelity is lost.
+lab/notes/finetune-quality.md found out where class fidelity is lost.
 
-    python bench/finetune_trajectory.py --steps 300 --every 100 --step0
-    python bench/finetune_trajectory.py --steps 300 --set w_prior=10
-    python bench/finetune_trajectory.py --steps 200 --set w_mask=0 w_geo=0    # the image branch alone
+    python lab/finetune_trajectory.py --steps 300 --every 100 --step0
+    python lab/finetune_trajectory.py --steps 300 --set w_prior=10
+    python lab/finetune_trajectory.py --steps 200 --set w_mask=0 w_geo=0    # the image branch alone
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from finetune_quality import parse_fields, sample_pairs
 
 from skindual import quality
-from skindual.demo_world import prepare_demo_world, split_pairs
+from skindual.demo.world import prepare_demo_world, split_pairs
 from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, training_rows, training_selection
 from skindual.pairs import read_index
 from skindual.model import DualPipeline

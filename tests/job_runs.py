@@ -1,0 +1,56 @@
+"""Running the real jobs as a user runs them, for the tests: one subprocess per job, its output captured.
+
+`run_job("generate", [...], ray_address)` is ``python jobs/generate.py ...`` from the repository root;
+without a `ray_address` the job starts its own embedded local Ray cluster (RAY_ADDRESS removed), with one
+it connects to that cluster.  `start_job` is the same, not waited for (its output merged into a pipe or a
+log file), for tests that kill it.  `ok` and `error_line` check how a job ended.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_env(ray_address: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env | {"PYTHONUNBUFFERED": "1"} | extra
+
+
+def command(job: str, args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / f"{job}.py"), *args]
+
+
+def run_job(job: str, args: list[str], ray_address: str | None = None, timeout: int = 600,
+            **env: str) -> subprocess.CompletedProcess:
+    """Run ``jobs/<job>.py args`` to its end; stdout and stderr apart."""
+    return subprocess.run(command(job, args), cwd=ROOT, env=job_env(ray_address, **env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_job(job: str, args: list[str], ray_address: str | None = None, log: IO[str] | None = None,
+              **env: str) -> subprocess.Popen:
+    """Start ``jobs/<job>.py args`` in its own session (a test can kill it and its children); its stdout and
+    stderr together into `log`, or a text pipe."""
+    return subprocess.Popen(command(job, args), cwd=ROOT, env=job_env(ray_address, **env),
+                            stdout=log if log is not None else subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a job that ended on a user mistake (exit status 2, no traceback)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line

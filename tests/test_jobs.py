@@ -1,0 +1,67 @@
+"""The jobs' help texts are true: every flag a job's docstring names in a usage line (``python jobs/<job>.py ...``,
+its own or another job's) is a flag of that job, and every flag its prose names is a flag of some job."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.py"))
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+JOB_CALL = re.compile(r"python jobs/(\w+)\.py")
+ANY_JOB = "any job"
+
+
+def job_flags(path: Path) -> set[str]:
+    """The flags of a job: those of its config class's parser, and argparse's own --help."""
+    from skindual.cli import build_parser
+
+    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    (config,) = {obj for obj in vars(module).values() if isinstance(obj, type) and obj.__name__.endswith("Config")
+                 and obj.__module__ in (module.__name__, *(m for m in sys.modules if m.startswith("skindual")))
+                 and f"run_job(main, {obj.__name__}" in path.read_text()}
+    parser = build_parser(config, "")
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def named_flags(path: Path) -> list[tuple[str, str]]:
+    """(job, flag) for every flag the docstring names: in a usage line of ``python jobs/<job>.py`` (continued
+    with a backslash), that job's; in prose, `ANY_JOB`'s."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    found, current = [], None
+    for line in doc.splitlines():
+        call = JOB_CALL.search(line)
+        if call:
+            current = call.group(1)
+            line = line[call.end():]
+        for flag in FLAG.findall(line.split("#")[0]):
+            found.append((current or ANY_JOB, flag))
+        if not line.rstrip().endswith("\\"):
+            current = None
+    return found
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_flag_a_jobs_docstring_names_exists(path):
+    flags = {p.stem: job_flags(p) for p in JOBS}
+    flags[ANY_JOB] = set().union(*flags.values())
+    missing = [f"{job}: {flag}" for job, flag in named_flags(path) if flag not in flags.get(job, set())]
+    assert not missing, f"{path.name} names flags its jobs do not have: {missing}"
+
+
+def test_the_check_sees_a_flag_that_does_not_exist(tmp_path):
+    job = tmp_path / "finetune.py"
+    job.write_text('"""Fine-tune.\n\n    python jobs/finetune.py --training-table x.parquet \\\n'
+                   '        --no-such-flag 1\n    python jobs/generate.py --per-class 3\n\nSee --lr.\n"""\n')
+    assert named_flags(job) == [("finetune", "--training-table"), ("finetune", "--no-such-flag"),
+                                ("generate", "--per-class"), (ANY_JOB, "--lr")]
+    assert "--training-table" not in job_flags(ROOT / "jobs" / "finetune.py")
