@@ -32,7 +32,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from skindual.errors import UserError
-from skindual.storage import cache_root, file_sha256, is_remote, open_storage
+from skindual.storage import cache_root, file_sha256, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,7 @@ def stage_base(source: str, output: str, dtype: str = "fp32", s3_endpoint: str |
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    storage = open_storage(output, s3_endpoint)
-    storage.check()
+    storage = output_storage(output, s3_endpoint)
     try:
         previous = json.loads(storage.read_bytes(STAGED_FILE))
     except FileNotFoundError:

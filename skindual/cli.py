@@ -75,19 +75,127 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+VERBOSE_ENV = "SKINDUAL_VERBOSE"
+"""Set (to 1) by a job's --verbose: Ray's and the model libraries' own logs and progress bars are shown."""
+
+
 def parse_config(config_cls: type[C], argv: list[str] | None, description: str) -> C:
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
+    parser = build_parser(config_cls, description)
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's and the model libraries' own logs "
+                                                                "and progress bars (SKINDUAL_VERBOSE=1)")
+    args = vars(parser.parse_args(argv))
+    if args.pop("verbose"):
+        os.environ[VERBOSE_ENV] = "1"
+    return config_cls(**args)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers', transformers' and the Hugging Face Hub's progress bars and advisories (weights loading,
+    shards written, the LoRA loader's notes) out of a job's output unless --verbose; called by the jobs and
+    by every Ray worker that loads a model, whose output Ray forwards to the job's."""
+    if verbose():
+        return
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(name, value)
+    for module in ("diffusers", "transformers"):
+        try:
+            library = __import__(f"{module}.utils.logging", fromlist=["logging"])
+        except ImportError:
+            continue
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+OUR_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ skindual"
+"""How a line logged by skindual's code starts, in a job and in its Ray workers (`worker_setup`): the job shows
+those of its workers' forwarded output and keeps the rest (Ray's own) in the logs, unless --verbose."""
+
+
+def worker_setup() -> None:
+    """In a Ray task, actor or training worker: the model libraries quiet (`quiet_libraries`), and skindual's
+    log lines in the jobs' own format, which the job forwards (`cluster.init_ray`)."""
+    quiet_libraries()
+    logger = logging.getLogger("skindual")
+    if not any(getattr(h, "skindual", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.skindual = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+
+
+class Progress:
+    """Line-based progress of `total` units of `what` (``pairs``, ``steps``): done of total, rate and ETA, a line
+    at least every `every` seconds while work goes on (a timer, `start`) and one at `close`; the same in a
+    terminal, under ``ray job submit`` and in a log file.  `count` reports how many are done (thread-safe)."""
+
+    def __init__(self, label: str, total: int, what: str, count: Callable[[], int], every: float = 30.0,
+                 emit: Callable[[str], None] | None = None):
+        import threading
+
+        self.label, self.total, self.what, self.count, self.every = label, total, what, count, every
+        self.emit = emit or logging.getLogger("skindual").info
+        self.started, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def line(self) -> str:
+        import time
+
+        done = min(self.count(), self.total)
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"ETA {_duration((self.total - done) / rate)}" if rate > 0 and done < self.total else (
+            "done" if done >= self.total else "ETA unknown")
+        share = 100 * done / self.total if self.total else 100.0
+        return (f"{self.label}: {done:,}/{self.total:,} {self.what} ({share:.0f}%), {rate:.2f} {self.what}/s, "
+                f"{eta}, {_duration(elapsed)} elapsed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.emit(self.line())
+
+    def start(self) -> Progress:
+        import time
+
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.emit(self.line())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else (
+        f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s")
 
 
 def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, argv: list[str] | None = None) -> int:
     """Parse the config, run `main(config)`; a `UserError` (also one raised on a Ray worker) becomes one line on
-    stderr and exit status 2."""
-    logging.basicConfig(level=os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr and exit status 2, Ctrl-C one line and exit status 130."""
+    logging.basicConfig(level=os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     try:
         config = parse_config(config_cls, argv, description)
+        quiet_libraries()
         main(config)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a user's mistake is one line, wherever it was raised; the rest re-raises
         err = user_error_in(exc)
         if err is None:

@@ -19,11 +19,12 @@ visible to every process there, so ``torch.cuda.is_available()`` says nothing ab
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from skindual.cli import OUR_LINE, verbose
 from skindual.errors import UserError
 
 SHARED_FS_ENV = "SKINDUAL_SHARED_FS"
@@ -40,25 +41,58 @@ def init_ray(min_cpus: int = 1) -> None:
 
     The embedded cluster binds 127.0.0.1 only (Ray 2.60 needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
     for that) and advertises at least `min_cpus` logical CPUs, so that training or generation actors
-    and the Ray Data tasks that feed them can all be scheduled on a small machine.  Progress bars go
-    off without a terminal.
+    and the Ray Data tasks that feed them can all be scheduled on a small machine.  Unless --verbose,
+    Ray's own start-up, plan and progress output stays in its log files.
     """
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
-    if not sys.stdout.isatty():
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    loud = verbose()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = loud  # the jobs report their own progress in lines (`cli.Progress`)
+    if not loud:  # Ray's plan, start-up and auth lines stay in its log files unless --verbose
+        context.print_on_execution_start = False
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
+    level = logging.INFO if loud else logging.ERROR
     address = os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("127.", "localhost")) or not address:
         # without it Ray 2.60 swaps 127.0.0.1 for the machine's address (and then cannot connect)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
-        ray.init()
+        ray.init(logging_level=level)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_level=level)
+    if not loud:
+        _forward_only_our_lines()
+
+
+def _forward_only_our_lines() -> None:
+    """Of the output Ray forwards from the job's workers, show skindual's log lines (`cli.worker_setup`) and the
+    raylet's notes (a task killed for memory, say); Ray's own actors' and libraries' lines (the train
+    controller, the placement-group cleaner, dataset coordinators, progress bars) stay in Ray's log files."""
+    import re
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if not printers:
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+    ours = re.compile(OUR_LINE)
+
+    def forward(data: dict) -> None:
+        if data.get("pid") != "raylet":
+            lines = [line for line in data.get("lines", []) if ours.match(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        printers[0](data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)
 
 
 # --------------------------------------------------------------------------- what the cluster can launch

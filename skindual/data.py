@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import math
 import os
 import threading
@@ -55,7 +56,7 @@ ISIC_MASKS = "ISIC2018_Task1_Training_GroundTruth"
 MASK_SUFFIX = "_segmentation.png"
 SKIP_REASONS = ("bad_row", "unknown_dx", "missing_image", "unreadable_image",
                 "missing_mask", "unreadable_mask", "mask_size", "nonbinary_mask")
-_SKIP_HINT = "or pass skip_bad=True (--skip-bad) to skip and count such rows"
+_SKIP_HINT = "or pass --skip-bad to skip and count such rows"
 
 SOURCE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("lesion_id", pa.string()), ("source", pa.string()),
@@ -437,7 +438,8 @@ def _reading(path: str, kind: str) -> Iterator[None]:
     except FileNotFoundError:
         raise _FileError(f"missing_{kind}", path, f"{kind} {path} not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise _FileError(f"unreadable_{kind}", path, f"{kind} {path} cannot be decoded ({e}); "
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
+        raise _FileError(f"unreadable_{kind}", path, f"{kind} {path} cannot be decoded ({why}); "
                          "replace it with an intact copy") from None
 
 

@@ -39,14 +39,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, pairs, quality, report
-from skindual.cli import check_fields, option
+from skindual.cli import check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths, reserved_device, resolve_gpus
 from skindual.downstream import ARMS, CLASSIFIERS, SEGMENTERS, PairSet
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCSegmenter
 from skindual.shards import read_stats
-from skindual.storage import cache_root, finished, is_remote, open_storage
+from skindual.storage import cache_root, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "all")
@@ -95,6 +95,8 @@ class EvaluateConfig:
     grid_per_class: int = option(4, "pairs per class in the sample grids")
     seed: int = option(0, "seed of the extractor training and the KID samples (downstream seeds are seed..seed+seeds-1)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    partial: bool = option(False, "use the committed shards of a dataset whose sizes.json names more (a run cut short); "
+                                  "without it such a dataset is refused, naming the shards it lacks")
     recompute: bool = option(False, "evaluate again even when --output holds the report of the same inputs and "
                                     "settings (a rerun otherwise keeps it)")
 
@@ -164,7 +166,7 @@ def plan_evaluate(cfg: EvaluateConfig) -> EvaluatePlan:
     """Read the three datasets' indexes and check them, check the output, and fingerprint the evaluation
     (every problem one `UserError`, before any cluster work)."""
     plan = _inputs(cfg)  # the inputs first: a bad one leaves no output folder behind
-    open_storage(cfg.output, cfg.s3_endpoint or None).check()
+    output_storage(cfg.output, cfg.s3_endpoint or None)
     fingerprint = evaluation_fingerprint(plan)
     done = None if cfg.recompute else finished(open_storage(cfg.output, cfg.s3_endpoint or None), METRICS, fingerprint)
     if done is not None:
@@ -175,12 +177,12 @@ def plan_evaluate(cfg: EvaluateConfig) -> EvaluatePlan:
 
 def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
     """The plan's inputs: the datasets' indexes read and checked."""
-    if cfg.feature_extractor == "inception":
-        fidelity.find_inception_weights(cfg.inception_weights, cfg.s3_endpoint or None)
     endpoint = cfg.s3_endpoint or None
-    if cfg.qc_segmenter:
-        QCSegmenter.load(cfg.qc_segmenter, endpoint)  # a bad one is one line, before any work
-    synthetic = _usable(pairs.read_index(cfg.synthetic, endpoint, "--synthetic"), "--synthetic", cfg.synthetic)
+    synthetic = _usable(pairs.read_index(cfg.synthetic, endpoint, "--synthetic", cfg.partial), "--synthetic",
+                        cfg.synthetic)
+    if "split" in synthetic.column_names:
+        raise UserError(f"--synthetic {cfg.synthetic}: a prepared real dataset (its pairs have splits), not the output "
+                        "of jobs/generate.py; did you swap --real and --synthetic?")
     if not synthetic.num_rows:
         raise UserError(f"{cfg.synthetic}: the committed shards hold no pairs")
     labels = np.asarray(synthetic.column("class_index"))
@@ -198,7 +200,10 @@ def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
                             f"{first[0]}x{first[1]}; evaluate one generation run at a time")
     if first[0] != first[1]:
         raise UserError(f"{cfg.synthetic}: sample {first[2]} is {first[0]}x{first[1]}; the evaluation needs square pairs")
-    real_index = _usable(pairs.read_index(cfg.real, endpoint, "--real"), "--real", cfg.real)
+    real_index = _usable(pairs.read_index(cfg.real, endpoint, "--real", cfg.partial), "--real", cfg.real)
+    if "split" not in real_index.column_names:
+        raise UserError(f"--real {cfg.real}: not a prepared real dataset (no split column) but, by its layout, "
+                        "generated pairs; did you swap --real and --synthetic? (the real data: jobs/prepare.py)")
     real = _capped(_real_rows(real_index, cfg.fid_split, "--real", cfg.real), cfg.max_per_class)
     present = _class_counts(real)
     missing = [CLASS_CODES[c] for c in np.unique(labels) if CLASS_CODES[c] not in present]
@@ -211,7 +216,7 @@ def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
     test_url, test = cfg.real, _real_rows(real_index, "test", "--real", cfg.real)
     if cfg.test_data:
         test_url = cfg.test_data
-        test = _real_rows(_usable(pairs.read_index(cfg.test_data, endpoint, "--test-data"), "--test-data",
+        test = _real_rows(_usable(pairs.read_index(cfg.test_data, endpoint, "--test-data", cfg.partial), "--test-data",
                                   cfg.test_data), "all", "--test-data", cfg.test_data)
         if not test.num_rows:
             raise UserError(f"--test-data {cfg.test_data}: no pairs with a class; the downstream test set needs "
@@ -230,6 +235,10 @@ def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
             raise UserError(f"{cfg.real} has no classed pairs in its test split, which the downstream benchmark "
                             "needs; prepare it again, pass --test-data, or pass --no-downstream")
         train = data.fraction_per_class(train_split, cfg.real_fraction, cfg.seed)
+    if cfg.qc_segmenter:
+        QCSegmenter.load(cfg.qc_segmenter, endpoint)  # a bad one is one line, before any work
+    if cfg.feature_extractor == "inception":  # after the inputs: a typo in a path is reported as such first
+        fidelity.find_inception_weights(cfg.inception_weights, endpoint)
     sets = {"real": Source(cfg.real, pairs.selection_of(real)), "synthetic": Source(cfg.synthetic, pairs.selection_of(synthetic)),
             "real_test": Source(test_url, pairs.selection_of(test))}
     counts = {"real": present, "synthetic": _class_counts(synthetic), "real_test": _class_counts(test)}
@@ -260,6 +269,7 @@ def train_extractor(url: str, selection: dict[int, dict[str, int]], size: int, s
                     s3_endpoint: str | None) -> dict[str, np.ndarray]:
     """Ray task: the lesion-cnn (`quality.train_classifier`) trained on the selected real pairs at `size`;
     its weights as numpy arrays."""
+    worker_setup()
     chosen = pairs.load_pairs(url, selection, size, s3_endpoint)
     model = quality.train_classifier(chosen["image"], chosen["class_index"], steps=steps, seed=seed,
                                      batch_size=min(64, max(8, len(chosen["image"]))))
@@ -336,6 +346,7 @@ class FeatureActor:
                  s3_endpoint: str | None, cache_dir: str | None, qc_segmenter: str = ""):
         import torch
 
+        worker_setup()
         device = "cuda" if num_gpus > 0 else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
@@ -485,6 +496,7 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
     import torch
 
     started = time.perf_counter()
+    worker_setup()
     torch.set_num_threads(max(1, threads))
     device = torch.device(reserved_device())  # a GPU node's CUDA is visible to tasks that reserved none
     stream = pairs.stream_pairs([(s.url, s.selection) for s in pool], size, seed, s3_endpoint=s3_endpoint)
@@ -550,7 +562,7 @@ def sample_grids(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, list[list
 
 # settings that change where and on how many workers the evaluation runs, not its figures
 NOT_FINGERPRINTED = ("output", "actors", "num_gpus_per_actor", "cpus_per_actor", "cpus_per_task", "num_gpus_per_task",
-                     "cache_dir", "s3_endpoint", "recompute")
+                     "cache_dir", "s3_endpoint", "recompute", "partial")
 
 
 def _versions() -> dict[str, str]:

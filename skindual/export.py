@@ -35,8 +35,8 @@ from skindual import data
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
-from skindual.shards import MANIFEST_FILE, read_shards
-from skindual.storage import Storage, finished, open_storage
+from skindual.shards import MANIFEST_FILE, committed_shards, damaged_shards, read_shards, readable_shards
+from skindual.storage import Storage, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 FORMATS = ("nnunet", "imagefolder")
@@ -57,6 +57,8 @@ class ExportConfig:
     dataset_name: str = option("SkinDualGen", "nnU-Net dataset name (letters, digits, - and _)")
     size: int = option(0, "resize every pair to size x size (real ones centre-cropped first); 0: as stored")
     overwrite: bool = option(False, "delete an existing export at --output first")
+    partial: bool = option(False, "export the committed shards of an output whose sizes.json names more (a run cut "
+                                  "short); without it such an output is refused, naming the shards it lacks")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
@@ -96,12 +98,12 @@ Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index o
 
 def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
     """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test"."""
-    for sample in read_shards(cfg.synthetic, cfg.s3_endpoint or None):
+    for sample in read_shards(cfg.synthetic, cfg.s3_endpoint or None, partial=cfg.partial):
         image, mask = _resize(sample["image"], sample["mask"], cfg.size)
         yield f"syn_{sample['key']}", int(sample["class_index"]), image, mask, "train"
     if not cfg.with_real:
         return
-    for sample in read_shards(cfg.with_real, cfg.s3_endpoint or None):
+    for sample in read_shards(cfg.with_real, cfg.s3_endpoint or None, partial=cfg.partial):
         split = sample["meta"].get("split")
         part = "train" if split in cfg.splits() else "test" if split == "test" else None
         if part is None:
@@ -134,16 +136,25 @@ class ExportPlan:
 
 def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Check the output (an earlier export of other settings or inputs is refused unless --overwrite)."""
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
     inputs = {}
     for flag, url in (("synthetic", cfg.synthetic), ("with_real", cfg.with_real)):
-        if url:
+        if url:  # checked before anything is written: every shard whole (its sha256) and all committed
+            source = open_storage(url, cfg.s3_endpoint or None)
+            if not committed_shards(source):
+                raise UserError(f"--{flag.replace('_', '-')} {url}: no committed shards (with a _stats.json) there; "
+                                "give a dataset written by jobs/prepare.py or jobs/generate.py")
+            readable_shards(source, f"--{flag.replace('_', '-')}", cfg.partial)
+            damaged = damaged_shards(source, verify=True)
+            if damaged:
+                shard, why = next(iter(damaged.items()))
+                raise UserError(f"--{flag.replace('_', '-')} {url}: shard {shard:05d} does not match its _stats.json "
+                                f"({why}); run the job that wrote it again")
             try:
                 inputs[flag] = json.loads(open_storage(url, cfg.s3_endpoint or None).read_bytes(MANIFEST_FILE)).get(
                     "fingerprint", "")
             except FileNotFoundError:
                 inputs[flag] = ""
+    storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "s3_endpoint")} | inputs
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     done = None if cfg.overwrite else finished(storage, EXPORT_FILE, fingerprint)

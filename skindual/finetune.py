@@ -29,12 +29,12 @@ import torch
 
 from skindual import data, losses, model, pairs, prompts, report
 from skindual.base_models import base_config, base_id
-from skindual.cli import check_fields, option
+from skindual.cli import check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
 from skindual.shards import MANIFEST_FILE, config_fingerprint
-from skindual.storage import Storage, finished, is_remote, open_storage
+from skindual.storage import Storage, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 CHECKPOINT_EMA = "ema.safetensors"
 CHECKPOINT_RNG = "rng.pt"
+PROGRESS_EVERY_S = 30.0  # the longest gap between two progress lines while training goes on
 
 
 @dataclass
@@ -428,6 +429,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    worker_setup()
     plan: FinetunePlan = config["plan"]
     cfg, prompting = plan.config, plan.prompting
     rank = ray.train.get_context().get_world_rank()
@@ -449,7 +451,7 @@ def train_loop(config: dict) -> None:
             cfg = replace(cfg, steps=trainer.step)
     trainer.model = ray.train.torch.prepare_model(trainer.unet)
     shard = ray.train.get_dataset_shard("train")
-    started, start_step = time.perf_counter(), trainer.step
+    started, start_step, last_line = time.perf_counter(), trainer.step, 0.0
     while trainer.step < cfg.steps:
         # each epoch's order is seeded by the step it starts at; a resumed epoch skips what it already gave
         skip, seen = trainer.epoch_batches, 0
@@ -465,10 +467,13 @@ def train_loop(config: dict) -> None:
                 continue
             step = trainer.step
             rate = (step - start_step) / (time.perf_counter() - started)
-            if rank == 0 and (step % 10 == 0 or step == cfg.steps):
-                log.info("step %d/%d loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f) %.2f steps/s ETA %.0f s",
-                         step, cfg.steps, metrics["total"], metrics["img"], metrics["mask"], metrics["geo"],
-                         metrics["prior"], rate, (cfg.steps - step) / max(rate, 1e-9))
+            now = time.perf_counter()
+            if rank == 0 and (now - last_line >= PROGRESS_EVERY_S or step == cfg.steps):
+                last_line = now  # a line at least every 30 s while steps come, and at the last
+                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f), "
+                         "%.2f steps/s, ETA %.0f s", step, cfg.steps, 100 * step / cfg.steps, metrics["total"],
+                         metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"], rate,
+                         (cfg.steps - step) / max(rate, 1e-9))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
             if step >= cfg.steps:
@@ -610,8 +615,7 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
     index = pairs.read_index(cfg.training_data, endpoint, "--training-data")
     rows = training_rows(index, cfg.real_fraction, cfg.seed)
     selection = training_selection(rows, cfg.balance, cfg.seed)
-    storage = open_storage(cfg.output, endpoint)  # the inputs first: a bad one leaves no output folder behind
-    storage.check()
+    storage = output_storage(cfg.output, endpoint)  # the inputs first: a bad one leaves no output folder behind
     size = cfg.resolution or native
     if size % step:
         raise UserError(f"--resolution {size}: {cfg.base_model} needs a multiple of {step} (its VAE and UNet "
@@ -694,8 +698,9 @@ def run_finetune(plan: FinetunePlan, shape: ClusterShape | None = None):
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    precision = "fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision
     log.info("fine-tuning %s (%s, %s, %s) on %d pairs (%d an epoch), %d worker(s)%s, %d steps", cfg.base_model,
-             cfg.layout, cfg.train, cfg.mixed_precision, plan.rows, sum(sum(k.values()) for k in plan.selection.values()),
+             cfg.layout, cfg.train, precision, plan.rows, sum(sum(k.values()) for k in plan.selection.values()),
              cfg.num_workers, f" on {accelerator}" if accelerator else "", cfg.steps)
     return trainer.fit()
 

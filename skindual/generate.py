@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import tempfile
-import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -61,7 +60,7 @@ import pyarrow as pa
 
 from skindual import __version__
 from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
-from skindual.cli import check_fields, option
+from skindual.cli import Progress, check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.model import DualPipeline, adapter_misfit, load_adapter
@@ -70,8 +69,8 @@ from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
 from skindual.shards import (MANIFEST_FILE, Sample, check_output, committed_shards, encode_sample, guard_output,
-                             read_run_config, read_stats, write_run_files, write_shard)
-from skindual.storage import Storage, finished, is_remote, open_storage
+                             intact_shards, read_run_config, read_stats, write_run_files, write_shard)
+from skindual.storage import Storage, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +334,11 @@ class ShardGenerator:
     prompt rows) returns the shard's encoded samples as one row ``{"shard", "samples"}``.  `cfg` has its
     devices resolved (`resolve_devices`)."""
 
-    def __init__(self, cfg: GenerateConfig, spec: ModelSpec):
+    def __init__(self, cfg: GenerateConfig, spec: ModelSpec, counter=None):
         import torch
 
-        self.cfg = cfg
+        worker_setup()
+        self.cfg, self.counter = cfg, counter
         if cfg.device == "cuda":
             if not torch.cuda.is_available():
                 raise UserError(f"a generator actor was given GPU(s) {ray_gpu_ids()} but CUDA is unusable there "
@@ -361,6 +361,8 @@ class ShardGenerator:
     def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         out = self.pipe(prompts, seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
                         mask_smoothing=self.cfg.mask_smoothing)
+        if self.counter is not None:  # draws made, for the driver's progress lines (fire and forget)
+            self.counter.add.remote(len(prompts))
         return out.images, out.masks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -374,6 +376,20 @@ class ShardGenerator:
         return pa.table({"shard": pa.array([shard], pa.int32()),
                          "samples": pa.array([records], pa.list_(SAMPLE_STRUCT)),
                          "device": pa.array([self.device_name])})
+
+
+class DrawCounter:
+    """A small Ray actor the generator actors tell how many pairs they drew: the driver's progress between shards.
+    A redraw counts again, so the count can pass the pairs asked for before the last shards are written."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+    def add(self, n: int) -> None:
+        self.drawn += n
+
+    def count(self) -> int:
+        return self.drawn
 
 
 def ray_gpu_ids() -> list:
@@ -502,17 +518,16 @@ def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     """Resolve and check a generation run (the model, the adapter, the QC segmenter, the output and its earlier
     runs' settings), reading storage only; every problem is one `UserError`."""
     spec = resolve_model(cfg)  # the inputs first: a bad one leaves no output folder behind
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
+    storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     run = replace(cfg, samples_per_shard=resolve_shard_size(cfg, storage))
     settings = fingerprint_config(run, spec)
     fingerprint = guard_output(storage, settings, cfg.overwrite)
     pairs = sum(run.counts().values())
     shards = tuple(range(math.ceil(pairs / run.samples_per_shard)))
-    committed = set() if cfg.overwrite else set(committed_shards(storage))
+    committed = set() if cfg.overwrite else intact_shards(storage)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
-    return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards,
-                        tuple(s for s in shards if s not in committed), done)
+    todo = tuple(s for s in shards if s not in committed)
+    return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards, todo, None if todo else done)
 
 
 def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[str, Any]:
@@ -534,16 +549,17 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
              device_record(run))
     if todo:
         table = generation_prompts(run, spec)
+        counter = ray.remote(DrawCounter).options(num_cpus=0).remote()
         dataset = (ray.data.from_items(shard_items(table, todo), override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
                                 # one shard at a time per actor: the next goes to whichever actor frees first
                                 compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                                 num_gpus=run.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor,
                                 accelerator_type=run.accelerator_type or None,
-                                fn_constructor_kwargs={"cfg": run, "spec": spec})
+                                fn_constructor_kwargs={"cfg": run, "spec": spec, "counter": counter})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
-        _follow(dataset, table, todo, len(plan.shards))
+        _follow(dataset, table, todo, counter)
     counts = cfg.counts()
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
@@ -575,16 +591,29 @@ def _check_devices(storage: Storage, manifest: dict) -> None:
                         "settings did not give the same bytes throughout; rerun with --accelerator-type and --overwrite")
 
 
-def _follow(dataset, table: pa.Table, todo: list[int], total: int) -> None:
-    """Drive the dataset, one progress line per written shard: shards done/total, pairs/s, ETA."""
-    sizes = np.bincount(np.asarray(table.column("shard")), minlength=total)
-    left, done = int(sizes[todo].sum()), total - len(todo)
-    started, pairs = time.monotonic(), 0
-    for row in dataset.iter_rows():
-        done, pairs, left = done + 1, pairs + int(row["count"]), left - int(row["count"])
-        rate = pairs / max(time.monotonic() - started, 1e-9)
-        log.info("shard %05d written (%d/%d accepted, %d redraws): %d/%d shards done, %.2f pairs/s, ETA %.0f s",
-                 row["shard"], row["successes"], row["count"], row["redraws"], done, total, rate, left / rate)
+def _follow(dataset, table: pa.Table, todo: list[int], counter) -> None:
+    """Drive the dataset: a progress line at least every 30 s (pairs drawn of those to do, rate, ETA, from the
+    actors' `DrawCounter`) and a line per shard written."""
+    import ray
+
+    sizes = np.bincount(np.asarray(table.column("shard")))
+    total = int(sum(sizes[s] for s in todo if s < len(sizes)))
+    drawn = {"n": 0}
+
+    def count() -> int:
+        try:
+            drawn["n"] = ray.get(counter.count.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a progress line never stops the run; the last count stands
+            pass
+        return drawn["n"]
+
+    progress = Progress("generate", total, "pairs", count).start()
+    try:
+        for row in dataset.iter_rows():
+            log.info("shard %05d written: %d/%d pairs accepted, %d redraws", row["shard"], row["successes"],
+                     row["count"], row["redraws"])
+    finally:
+        progress.close()
 
 
 def _check_counts(manifest: dict, counts: dict[str, int], cfg: GenerateConfig, spec: ModelSpec) -> None:

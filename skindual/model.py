@@ -325,8 +325,10 @@ def apply_adapter(pipe, info: AdapterInfo, fuse: bool = True) -> None:
         missing, unexpected = pipe.unet.load_state_dict(load_file(info.folder / CONVS_FILE), strict=False)
         if unexpected:
             raise UserError(f"{info.folder / CONVS_FILE}: unexpected tensors {unexpected}")
-    if LORA_FILE in info.files:
-        pipe.load_lora_weights(str(info.folder), weight_name=LORA_FILE)
+    if LORA_FILE in info.files:  # the UNet's LoRA only: an adapter holds none for the text encoder
+        state, alphas, metadata = pipe.lora_state_dict(str(info.folder), weight_name=LORA_FILE,
+                                                       return_lora_metadata=True)
+        pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, metadata=metadata)
         if fuse:
             pipe.fuse_lora(components=["unet"])
 

@@ -13,10 +13,12 @@ both and a hybrid set is two URLs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,22 +28,31 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from skindual.data import resize_pair
-from skindual.errors import UserError
-from skindual.shards import committed_shards, shard_names
-from skindual.storage import Storage, open_storage
+from skindual.errors import DataError, UserError
+from skindual.shards import committed_shards, read_stats, readable_shards, shard_names
+from skindual.storage import Storage, is_remote, open_storage
 
 
-def read_index(url: str, s3_endpoint: str | None = None, what: str = "") -> pa.Table:
+def read_index(url: str, s3_endpoint: str | None = None, what: str = "", partial: bool = False) -> pa.Table:
     """The parquet rows of every committed shard under `url` with a ``shard`` column; a `UserError`
-    (naming `what`, e.g. the flag, and the URL) when there is none."""
+    (naming `what`, e.g. the flag, and the URL) when there is none, and when a shard does not match its
+    ``_stats.json`` or the output names shards it never committed (`shards.readable_shards`; `partial`
+    reads the committed part)."""
     storage = open_storage(url, s3_endpoint)
-    shards = committed_shards(storage)
-    if not shards:
+    if not is_remote(url) and not Path(storage.url).exists():
+        raise UserError(f"{what + ' ' if what else ''}{url}: no such folder; give the dataset jobs/prepare.py or "
+                        "jobs/generate.py wrote (a folder or an s3:// prefix)")
+    if not committed_shards(storage):
         raise UserError(f"{what + ' ' if what else ''}{url}: no committed shards (with a _stats.json) there; "
                         "give a dataset written by jobs/prepare.py or jobs/generate.py")
     tables = []
-    for shard in shards:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_names(shard)[1])))
+    for shard in readable_shards(storage, what, partial):
+        raw = storage.read_bytes(shard_names(shard)[1])
+        stats = read_stats(storage, shard)
+        if stats is not None and hashlib.sha256(raw).hexdigest() != stats.parquet_sha256:
+            raise UserError(f"{what + ' ' if what else ''}{url}: shard {shard:05d}'s parquet does not match the "
+                            "sha256 its _stats.json records; run the job that wrote it again")
+        table = pq.read_table(io.BytesIO(raw))
         tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
     return pa.concat_tables(tables, promote_options="default")
 
@@ -68,20 +79,39 @@ class _ChunkStream(io.RawIOBase):
 
 def iter_shard(storage: Storage, shard: int, keys: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """The samples of a committed shard, streamed: dicts of ``__key__`` and extension → bytes
-    (``jpg`` or ``png``, ``seg.png``, ``cls``, ``txt``, ``json``), in key order; only `keys` if given."""
+    (``jpg`` or ``png``, ``seg.png``, ``cls``, ``txt``, ``json``), in key order; only `keys` if given.
+    The tar's bytes are hashed as they stream: when they do not match the sha256 its ``_stats.json``
+    records, a `DataError` naming the shard ends the stream (a truncated tar: as soon as it ends early)."""
+    stats = read_stats(storage, shard)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in storage.iter_bytes(shard_names(shard)[0]):
+            digest.update(chunk)
+            yield chunk
+
+    chunks = hashed()
     wanted = set(keys) if keys is not None else None
-    stream = io.BufferedReader(_ChunkStream(storage.iter_bytes(shard_names(shard)[0])), 1 << 20)
+    stream = io.BufferedReader(_ChunkStream(chunks), 1 << 20)
     sample: dict[str, Any] = {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            key, _, extension = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            if wanted is not None and key not in wanted:
-                continue
-            sample.setdefault("__key__", key)
-            sample[extension] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key, _, extension = member.name.partition(".")
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                if wanted is not None and key not in wanted:
+                    continue
+                sample.setdefault("__key__", key)
+                sample[extension] = tar.extractfile(member).read()
+        for _ in chunks:  # the tar's end padding, past the last member: hashed too
+            pass
+    except (tarfile.TarError, EOFError) as exc:
+        raise DataError(f"shard {shard:05d} of {storage.url} is damaged ({exc}); run the job that wrote it again") from None
+    if stats is not None and digest.hexdigest() != stats.tar_sha256:
+        raise DataError(f"shard {shard:05d} of {storage.url} does not match the sha256 its _stats.json records; "
+                        "run the job that wrote it again")
     if sample:
         yield sample
 

@@ -41,8 +41,8 @@ from skindual.errors import DataError, UserError
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.shards import (JPEG_QUALITY, MANIFEST_FILE, canonical_json, check_output, commit_shard, committed_shards,
-                             encode_mask, guard_output, write_run_files)
-from skindual.storage import Storage, finished, open_storage
+                             encode_mask, guard_output, intact_shards, write_run_files)
+from skindual.storage import Storage, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +181,17 @@ class PreparePlan:
 def plan_prepare(cfg: PrepareConfig) -> PreparePlan:
     """Check the output against earlier runs' settings and read the source's metadata (driver: the CSV and the
     file listings only); every problem one `UserError`.  A finished dataset of these settings is not read."""
-    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    storage.check()
+    storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
     fingerprint = guard_output(storage, settings, cfg.overwrite)
+    committed = set() if cfg.overwrite else intact_shards(storage)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
-    if done is not None:
+    if done is not None and committed == set(committed_shards(storage)) and len(committed) == done["totals"]["shards"]:
         return PreparePlan(cfg, storage, settings, fingerprint, {}, {}, [], (), done)
     rows, skipped, skipped_files = source_rows(cfg)
     by_shard: dict[int, list[dict]] = {}
     for row in rows:
         by_shard.setdefault(int(row["key"]) // 10_000, []).append(row)
-    committed = set() if cfg.overwrite else set(committed_shards(storage))
     return PreparePlan(cfg, storage, settings, fingerprint, by_shard, skipped, skipped_files,
                        tuple(s for s in sorted(by_shard) if s not in committed), None)
 

@@ -124,6 +124,8 @@ def parse_per_class(value: str | int | Mapping[str, int], classes: Sequence[str]
                 raise UserError(
                     f"--per-class {value!r}: expected a count (5000) or code=count pairs (df=5000,vasc=4000)"
                 )
+            if code in counts:
+                raise UserError(f"--per-class {value!r}: {code} is given twice; give each class once")
             counts[code] = int(number)
     for code in counts:
         lesion_class(code)

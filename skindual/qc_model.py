@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from skindual import data, downstream, pairs
-from skindual.cli import check_fields, option
+from skindual.cli import check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
-from skindual.storage import file_sha256, finished, open_storage
+from skindual.storage import file_sha256, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def _loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    worker_setup()
     plan: QCPlan = config["plan"]
     cfg = plan.config
     device = ray.train.torch.get_device()
@@ -158,7 +159,7 @@ def plan_qc_model(cfg: QCModelConfig) -> QCPlan:
     if not train.num_rows:
         raise UserError(f"--training-data {cfg.training_data} has no usable pairs in its train split")
     val = _split_rows(cfg.training_data, "val", endpoint)
-    open_storage(cfg.output, endpoint).check()
+    output_storage(cfg.output, endpoint)
     return QCPlan(cfg, pairs.selection_of(train), pairs.selection_of(val), train.num_rows, fingerprint, None)
 
 

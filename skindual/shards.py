@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -45,6 +46,8 @@ from skindual.storage import Storage, file_sha256, is_remote, open_storage
 
 if TYPE_CHECKING:  # webdataset imports torch when it is installed: only load it when used
     import webdataset as wds
+
+log = logging.getLogger(__name__)
 
 TAR_MTIME = 0  # fixed member mtime, owner and mode: the tar depends only on the samples
 TAR_OWNER = "skindual"
@@ -306,6 +309,90 @@ def committed_shards(storage: Storage) -> list[int]:
     return sorted(n for n, kinds in found.items() if len(kinds) == 3)
 
 
+def _mismatch(stats: ShardStats, sizes: Mapping[str, int]) -> str | None:
+    """Why a committed shard's files are not what its stats record (by size), or None."""
+    tar_name, parquet_name, _ = shard_names(stats.shard)
+    for name, recorded in ((tar_name, stats.tar_bytes), (parquet_name, stats.parquet_bytes)):
+        if sizes.get(name) != recorded:
+            return f"its {name} is {sizes.get(name, 0):,} bytes where its _stats.json records {recorded:,}"
+    return None
+
+
+def _sha256_of(storage: Storage, name: str) -> str:
+    digest = hashlib.sha256()
+    for chunk in storage.iter_bytes(name):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8) -> dict[int, str]:
+    """The committed shards (a ``_stats.json`` beside a tar and a parquet) whose files do not match what their
+    stats record: shard → why.  Sizes come from one listing; with `verify` every byte is read and its
+    sha256 compared too (threads of `workers`), which is what a resume does before it skips a shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = storage.sizes()
+    found: dict[int, str] = {}
+    stats = [s for s in (read_stats(storage, n) for n in committed_shards(storage)) if s is not None]
+    for record in stats:
+        why = _mismatch(record, sizes)
+        if why:
+            found[record.shard] = why
+    if verify:
+        def check(record: ShardStats) -> tuple[int, str | None]:
+            tar_name, parquet_name, _ = shard_names(record.shard)
+            for name, recorded in ((tar_name, record.tar_sha256), (parquet_name, record.parquet_sha256)):
+                try:
+                    if _sha256_of(storage, name) != recorded:
+                        return record.shard, f"its {name} does not match the sha256 its _stats.json records"
+                except FileNotFoundError:
+                    return record.shard, f"its {name} is missing"
+            return record.shard, None
+
+        with ThreadPoolExecutor(workers) as pool:
+            for shard, why in pool.map(check, [r for r in stats if r.shard not in found]):
+                if why:
+                    found[shard] = why
+    return dict(sorted(found.items()))
+
+
+def intact_shards(storage: Storage) -> set[int]:
+    """The committed shards a resume may skip: those whose files match their ``_stats.json`` to the last byte
+    (`damaged_shards` with every sha256 read).  Each damaged one is one log line naming it; the resume
+    writes it again."""
+    damaged = damaged_shards(storage, verify=True)
+    for shard, why in damaged.items():
+        log.warning("shard %05d at %s does not match its _stats.json (%s): it is written again", shard,
+                    storage.url, why)
+    return set(committed_shards(storage)) - set(damaged)
+
+
+def readable_shards(storage: Storage, what: str = "", partial: bool = False) -> list[int]:
+    """The committed shards a reader may use, checked: one whose files do not match its ``_stats.json``
+    (sizes) is a `UserError` naming it, and so are the shards its ``sizes.json`` names that are not committed
+    (a run cut short, or a commit marker lost) unless `partial`, which reads the committed part."""
+    label = f"{what} {storage.url}" if what else storage.url
+    damaged = damaged_shards(storage)
+    if damaged:
+        shard, why = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise UserError(f"{label}: shard {shard:05d} does not match its _stats.json: {why}{more}; run the job that "
+                        "wrote it again (it writes that shard again)")
+    committed = committed_shards(storage)
+    try:
+        listed = json.loads(storage.read_bytes(SIZES_FILE))
+    except FileNotFoundError:
+        listed = {}
+    named = sorted(int(name.split(".")[0]) for name in listed if _SHARD_FILE.match(name))
+    missing = [n for n in named if n not in committed]
+    if missing and not partial:
+        shown = ", ".join(f"{n:05d}" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(f"{label}: its sizes.json names {len(named)} shards but {len(missing)} of them are not "
+                        f"committed (no _stats.json: {shown}); run the job that wrote it again, or pass --partial "
+                        "to use the committed ones")
+    return committed
+
+
 def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``sizes.json`` and ``manifest.json`` from the committed shards' stats; return the manifest.
 
@@ -409,8 +496,10 @@ def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
     return fingerprint
 
 
-def shard_urls(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None) -> list[str]:
-    """URLs webdataset can open for the committed shards of output roots (or of ``.tar`` URLs given).
+def shard_urls(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None, partial: bool = False) -> list[str]:
+    """URLs webdataset can open for the committed shards of output roots (checked by `readable_shards`:
+    a damaged shard, or one the output names but never committed, is a `UserError` unless `partial`), or
+    of ``.tar`` URLs given.
 
     Local tars are plain paths; S3 tars become ``pipe:`` URLs streaming through `cat` with the
     standard AWS credential chain (nothing secret is put into the URL).
@@ -422,7 +511,7 @@ def shard_urls(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None)
             names, storage = [name], open_storage(parent or ".", s3_endpoint)
         else:
             storage = open_storage(url, s3_endpoint)
-            names = [shard_names(n)[0] for n in committed_shards(storage)]
+            names = [shard_names(n)[0] for n in readable_shards(storage, partial=partial)]
         for name in names:
             if not is_remote(storage.url):
                 urls.append(storage.join(name))
@@ -452,16 +541,17 @@ def _to_output(sample: dict[str, Any], to_tensors: bool) -> dict[str, Any]:
 
 
 def read_shards(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None,
-                to_tensors: bool = False, shardshuffle: int | bool = False) -> wds.WebDataset:
+                to_tensors: bool = False, shardshuffle: int | bool = False, partial: bool = False) -> wds.WebDataset:
     """A webdataset pipeline over committed shards yielding dicts: ``key``, ``image`` (uint8
     H×W×3), ``mask`` (uint8 H×W 0/1), ``class_index``, ``prompt``, ``meta`` (the sample's json).
 
     ``to_tensors``: image float C×H×W in [0, 1], mask float 1×H×W in {0, 1}.  Shards are split over
-    torch.distributed ranks and DataLoader workers.  Further stages can be chained as usual.
+    torch.distributed ranks and DataLoader workers.  Further stages can be chained as usual.  The shards
+    are checked first (`readable_shards`; `partial` reads the committed part of an output that names more).
     """
     import webdataset as wds
 
-    urls = shard_urls(url_or_urls, s3_endpoint)
+    urls = shard_urls(url_or_urls, s3_endpoint, partial)
     if not urls:
         raise UserError(f"no committed shards (with a _stats.json) under {url_or_urls}")
     dataset = wds.WebDataset(urls, shardshuffle=shardshuffle, nodesplitter=wds.split_by_node)

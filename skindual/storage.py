@@ -36,7 +36,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
 from skindual.errors import StorageError
 
 __all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "finished",
-           "is_remote", "open_storage"]
+           "is_remote", "open_storage", "output_storage"]
 
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
 """S3 multipart threshold and part size of `Storage.upload_file` (S3's minimum part is 5 MiB)."""
@@ -66,6 +66,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def output_storage(url: str, s3_endpoint: str | None = None, flag: str = "--output") -> Storage:
+    """The storage a job writes to, checked usable (`Storage.check`); its errors name the flag."""
+    storage = open_storage(url, s3_endpoint)
+    try:
+        storage.check()
+    except StorageError as err:
+        raise StorageError(f"{flag} {err}") from None
+    return storage
 
 
 def finished(storage: Storage, marker: str, fingerprint: str) -> dict | None:
@@ -137,9 +147,13 @@ class Storage(ABC):
     def exists(self, relpath: str) -> bool:
         """Whether the file ``relpath`` exists (on S3, False also when the bucket is missing)."""
 
-    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted relative names of all files, at any depth, whose name starts with ``prefix``."""
+        return sorted(self.sizes(prefix))
+
+    @abstractmethod
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Relative name → size in bytes of all files, at any depth, whose name starts with ``prefix`` (one listing)."""
 
     @abstractmethod
     def delete(self, relpath: str) -> None:
@@ -161,14 +175,23 @@ class Storage(ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
+def _file_mode() -> int:
+    """The mode a new file gets from the process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Create ``path`` from a fsynced temp file in its directory renamed onto it."""
+    """Create ``path`` from a fsynced temp file in its directory renamed onto it, with the umask's mode (a
+    temp file is private until it is renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -203,15 +226,18 @@ class LocalStorage(Storage):
     def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
-        names = []
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        found = {}
         top = self.root / _check_name(prefix, prefix=True).rpartition("/")[0]
         for dirpath, _, files in os.walk(top):
             for name in files:
                 rel = Path(dirpath, name).relative_to(self.root).as_posix()
                 if rel.startswith(prefix) and not name.startswith(_TMP_PREFIX):
-                    names.append(rel)
-        return sorted(names)
+                    try:
+                        found[rel] = Path(dirpath, name).stat().st_size
+                    except FileNotFoundError:  # deleted while listing
+                        continue
+        return found
 
     def delete(self, relpath: str) -> None:
         self._path(relpath).unlink(missing_ok=True)
@@ -225,13 +251,18 @@ class LocalStorage(Storage):
             _atomic_write(Path(local_path), lambda f: shutil.copyfileobj(src, f))
 
     def check(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root, prefix=_TMP_PREFIX):
-                pass
-        except OSError as exc:
-            raise StorageError(f"cannot write to {self.url}: {exc.strerror}; "
-                               "fix the path or its permissions") from exc
+        """Writable, without creating anything: the folder, or the nearest folder above it that exists (its
+        folders are made on the first write)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.url} is a file, not a folder; give a folder or an s3:// prefix")
+        existing = self.root
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"{self.url}: {existing} is a file, not a folder; give a folder or an s3:// prefix")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write to {self.url}: {existing} is not writable; fix the path or its "
+                               "permissions")
 
 
 class S3Storage(Storage):
@@ -282,19 +313,19 @@ class S3Storage(Storage):
             raise translated from exc
 
     def _translate(self, exc: BaseException | None, relpath: str | None) -> Exception | None:
-        where = self.endpoint or "the default AWS endpoint"
+        where = f"endpoint {self.endpoint}" if self.endpoint else "AWS's default endpoint"
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StorageError(f"no usable AWS credentials for {self.url}; set AWS_ACCESS_KEY_ID/"
                                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
-            return StorageError(f"cannot reach S3 endpoint {where} for {self.url}; "
+            return StorageError(f"cannot reach S3 at {where} for {self.url}; "
                                 "check --s3-endpoint / AWS_ENDPOINT_URL")
         code = str(exc.response["Error"].get("Code")) if isinstance(exc, ClientError) else ""
         if code in _DENIED:  # the server's own message is dropped: it may quote signing details
             return StorageError(f"access to {self.url} at {where} denied ({code}); check "
                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or your AWS profile")
         if code == "NoSuchBucket" or (code in _MISSING and relpath is None):
-            return StorageError(f"bucket {self.bucket} does not exist at endpoint {where}; "
+            return StorageError(f"bucket {self.bucket} does not exist at {where}; "
                                 "create it or fix the URL")
         if code in _MISSING:
             return FileNotFoundError(f"{self.url}{relpath} does not exist")
@@ -327,16 +358,16 @@ class S3Storage(Storage):
             return False
         return True
 
-    def list(self, prefix: str = "") -> list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         full = self.prefix + _check_name(prefix, prefix=True)
 
-        def keys() -> list[str]:
+        def objects() -> list[tuple[str, int]]:
             pages = self._s3().get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full)
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+            return [(obj["Key"], int(obj["Size"])) for page in pages for obj in page.get("Contents", [])]
 
         # keys ending in "/" are directory markers some servers and tools create, not files
-        return sorted(k[len(self.prefix):] for k in self._call(keys) if not k.endswith("/"))
+        return {k[len(self.prefix):]: size for k, size in self._call(objects) if not k.endswith("/")}
 
     def delete(self, relpath: str) -> None:
         self._object_call("delete_object", relpath)

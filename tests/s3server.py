@@ -184,6 +184,34 @@ def _start(workdir: Path, attempts: int = 3) -> tuple[subprocess.Popen[bytes], S
             raise
 
 
+class RestartableSeaweedFS:
+    """A SeaweedFS server that can be stopped and started again on the same ports and data (faults in a chaos
+    run): `stop` kills it as a crash would, `start` brings it back serving."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc, self.server, self.ports = _start(workdir)
+        self.run_dir = workdir / "1"
+        for candidate in sorted(workdir.iterdir()):  # the attempt that started
+            if candidate.is_dir() and (candidate / "s3.json").is_file():
+                self.run_dir = candidate
+
+    def stop(self) -> None:
+        _stop(self.proc, self.ports)
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
+        log = self.run_dir / "weed.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(weed_command(self.run_dir, self.run_dir / "s3.json", self.ports),
+                                         cwd=self.run_dir, env={**env, "HOME": str(self.run_dir),
+                                                                "TMPDIR": str(self.run_dir)},
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        _wait_ready(self.server, self.proc, log)
+
+
 @contextmanager
 def run_seaweedfs() -> Iterator[S3Server]:
     """Start SeaweedFS in a fresh temp dir, yield it once it serves S3, then kill and remove it."""

@@ -243,7 +243,7 @@ def test_rerun_is_a_no_op(local_run, ray_cluster):
     storage, _ = local_run
     before = snapshot(storage)
     result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url], ray_cluster))
-    assert "0 shards to do" in result.stderr
+    assert result.stdout.startswith("already done: 9 pairs") and "shards to do" not in result.stderr
     assert snapshot(storage) == before
 
 
@@ -265,9 +265,15 @@ def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_e
     first = committed[0].removesuffix("_stats.json")
     storage.delete(f"{first}_stats.json")
     storage.write_bytes(f"{first}.tar", b"half a tar")
+    # and a shard whose tar was truncated behind its commit marker
+    whole = sorted(n for n in snapshot(local_run[0]) if n.endswith(".tar") and n != f"{first}.tar")[0]
+    if storage.exists(whole.replace(".tar", "_stats.json")):
+        storage.write_bytes(whole, storage.read_bytes(whole)[:100])
     result = ok(run_job("generate", [*JOB_ARGS, "--output", s3_env], ray_cluster))
     todo = int(re.search(r"(\d+) shards to do", result.stderr).group(1))
-    assert 1 <= todo <= SHARDS - len(committed) + 1
+    assert 1 <= todo <= SHARDS - len(committed) + 2
+    if storage.exists(whole.replace(".tar", "_stats.json")) and f"shard {whole[:5]} at" in result.stderr:
+        assert "does not match its _stats.json" in result.stderr
     assert snapshot(storage) == snapshot(local_run[0])
     keys = [s["__key__"] for s in wds.WebDataset(shard_urls(s3_env), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 9
@@ -292,3 +298,21 @@ def test_other_settings_are_refused_and_overwrite_replaces(local_run, ray_cluste
     assert sorted(snapshot(storage)) == ["00000.parquet", "00000.tar", "00000_stats.json"]
     (sample,) = list(wds.WebDataset(storage.join("00000.tar"), shardshuffle=False))
     assert "png" in sample and json.loads(sample["json"])["class_code"] == "df"
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(local_run, ray_cluster, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it): one line, exit status 130; the same
+    command again resumes to the bytes of a run nothing interrupted."""
+    out = tmp_path / "interrupted"
+    log = tmp_path / "interrupted.log"
+    proc = start_generate(ray_cluster, log, [*JOB_ARGS, "--output", str(out)])
+    deadline = time.monotonic() + 240
+    while "shards to do" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines[-1] == "interrupted; run the same command again to resume" and "Traceback" not in log.read_text()
+    ok(run_job("generate", [*JOB_ARGS, "--output", str(out)], ray_cluster))
+    assert snapshot(LocalStorage(out)) == snapshot(local_run[0])

@@ -65,3 +65,63 @@ def test_the_check_sees_a_flag_that_does_not_exist(tmp_path):
     assert named_flags(job) == [("finetune", "--training-table"), ("finetune", "--no-such-flag"),
                                 ("generate", "--per-class"), (ANY_JOB, "--lr")]
     assert "--training-table" not in job_flags(ROOT / "jobs" / "finetune.py")
+
+
+# --------------------------------------------------------------------------- mistakes come back before Ray starts
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, eval_world):
+    """A finished-looking generation output and fine-tuning run folder, for reruns with other settings."""
+    import json
+
+    from skindual.finetune import RUN_FILE, FinetuneConfig, plan_finetune
+
+    root = tmp_path_factory.mktemp("outputs")
+    (root / "a-file").write_text("not a folder")
+    # the run.json a fine-tune of the defaults writes when it starts (run_finetune)
+    plan = plan_finetune(FinetuneConfig(training_data=eval_world["real"], output=str(root / "runs"), name="r"))
+    (root / "runs" / "r").mkdir(parents=True)
+    (root / "runs" / "r" / RUN_FILE).write_text(json.dumps({"fingerprint": plan.fingerprint, "settings": plan.settings}))
+    return root
+
+
+MISTAKES = {
+    "finetune: a missing --training-data": (
+        "finetune", lambda w, o: ["--training-data", str(o / "missing"), "--output", str(o / "runs")],
+        "--training-data {o}/missing: no such folder"),
+    "finetune: an --output that is a file": (
+        "finetune", lambda w, o: ["--training-data", w["real"], "--output", str(o / "a-file")],
+        "--output {o}/a-file is a file, not a folder"),
+    "finetune: a rerun of a run with another --lr": (
+        "finetune", lambda w, o: ["--training-data", w["real"], "--output", str(o / "runs"), "--name", "r",
+                                  "--lr", "0.001"],
+        "run r at {o}/runs was started with --lr 0.0001, now 0.001"),
+    "generate: --per-class naming a class twice": (
+        "generate", lambda w, o: ["--per-class", "mel=3,mel=4", "--output", str(o / "g")],
+        "--per-class 'mel=3,mel=4': mel is given twice"),
+    "generate: an --output that is a file": (
+        "generate", lambda w, o: ["--per-class", "1", "--output", str(o / "a-file")],
+        "--output {o}/a-file is a file, not a folder"),
+    "evaluate: --real and --synthetic swapped": (
+        "evaluate", lambda w, o: ["--real", w["synthetic"], "--synthetic", w["real"], "--output", str(o / "e")],
+        "--synthetic {real}: a prepared real dataset (its pairs have splits)"),
+    "evaluate: a typo in --real, before any word on Inception's weights": (
+        "evaluate", lambda w, o: ["--real", w["real"] + "x", "--synthetic", w["synthetic"], "--output", str(o / "e")],
+        "--real {real}x: no such folder"),
+    "export: a --with-real that is not there": (
+        "export", lambda w, o: ["--synthetic", w["synthetic"], "--with-real", str(o / "real"), "--output", str(o / "x")],
+        "--with-real {o}/real: no committed shards"),
+}
+
+
+@pytest.mark.slow  # a job process each: about 8 s to import torch, diffusers and Ray
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_a_mistake_is_one_line_before_ray_starts(case, eval_world, outputs):
+    """RAY_ADDRESS points where no cluster is: a job that tried to start or reach Ray would fail another way."""
+    from job_runs import error_line, run_job
+
+    job, args, expected = MISTAKES[case]
+    result = run_job(job, args(eval_world, outputs), "127.0.0.1:1", timeout=120)
+    line = error_line(result)
+    assert line.startswith("error: " + expected.format(o=outputs, real=eval_world["real"])), (case, line)
+    assert "Inception" not in line

@@ -279,3 +279,67 @@ def test_import_loads_neither_torch_nor_webdataset() -> None:
     code = "import sys, skindual.shards; print(sorted({'torch', 'webdataset'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_committed_means_intact_a_damaged_shard_is_named_and_never_used(tmp_path: Path) -> None:
+    """A tar truncated (or altered) behind its _stats.json: the sizes (one listing) or, read byte by byte, the
+    sha256 disagree with what the stats record; a reader refuses the dataset naming the shard, a resume
+    (`intact_shards`) writes it again."""
+    from skindual.pairs import iter_shard, read_index
+    from skindual.shards import damaged_shards, intact_shards, readable_shards
+
+    store = LocalStorage(tmp_path / "out")
+    for shard in (0, 1, 2):
+        write_shard(store, shard, make_samples(shard), RUN_INFO)
+    write_run_files(store, {"fingerprint": FP})
+    assert damaged_shards(store, verify=True) == {} and intact_shards(store) == {0, 1, 2}
+    tar = tmp_path / "out" / "00001.tar"
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[: len(whole) // 2])  # truncated after its commit marker was written
+    assert list(damaged_shards(store)) == [1] and "bytes where its _stats.json records" in damaged_shards(store)[1]
+    assert intact_shards(store) == {0, 2}
+    for read in (lambda: read_index(store.url, what="--synthetic"), lambda: list(read_shards(store.url))):
+        with pytest.raises(UserError, match=r"--synthetic .*shard 00001 does not match its _stats.json|"
+                                            r"shard 00001 does not match its _stats.json"):
+            read()
+    # the same size, other bytes: only the sha256 sees it; a reader streaming the shard stops on it
+    altered = bytearray(whole)
+    altered[len(altered) // 3] ^= 0xFF
+    tar.write_bytes(bytes(altered))
+    assert damaged_shards(store) == {} and list(damaged_shards(store, verify=True)) == [1]
+    with pytest.raises(UserError, match=r"shard 00001 of .* (does not match the sha256|is damaged)"):
+        list(iter_shard(store, 1))
+    tar.write_bytes(whole)
+    assert readable_shards(store) == [0, 1, 2]
+
+
+def test_a_shard_listed_but_never_committed_is_refused_unless_partial(tmp_path: Path) -> None:
+    """sizes.json names every shard of the run; one without its _stats.json (lost, or the run cut short) makes
+    readers refuse, naming it, where they once read the rest silently."""
+    from skindual.pairs import read_index
+
+    store = LocalStorage(tmp_path / "out")
+    for shard in (0, 1, 2):
+        write_shard(store, shard, make_samples(shard), RUN_INFO)
+    write_run_files(store, {"fingerprint": FP})
+    store.delete("00002_stats.json")
+    with pytest.raises(UserError, match=r"sizes.json names 3 shards but 1 of them are not committed \(no "
+                                        r"_stats.json: 00002\).*--partial"):
+        read_index(store.url)
+    with pytest.raises(UserError, match="00002"):
+        list(read_shards(store.url))
+    assert sorted(set(read_index(store.url, partial=True).column("shard").to_pylist())) == [0, 1]
+    assert len(list(read_shards(store.url, partial=True))) == 12
+
+
+def test_written_files_get_the_umasks_mode(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        store = LocalStorage(tmp_path / "out")
+        write_shard(store, 0, make_samples(0), RUN_INFO)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    finally:
+        os.umask(old)
+    assert set(modes.values()) == {0o644}, modes

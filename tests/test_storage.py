@@ -172,8 +172,8 @@ def test_local_list_skips_leftover_temp_files(tmp_path: Path) -> None:
 
 
 def test_local_check(tmp_path: Path) -> None:
-    open_storage(tmp_path / "new" / "dir").check()
-    assert (tmp_path / "new" / "dir").is_dir() and _all_files(tmp_path) == []
+    open_storage(tmp_path / "new" / "dir").check()  # writable, and nothing made: a job refused later leaves no trace
+    assert not (tmp_path / "new").exists() and _all_files(tmp_path) == []
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StorageError, match=str(tmp_path / "file")):
         open_storage(tmp_path / "file" / "sub").check()

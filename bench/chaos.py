@@ -1,0 +1,261 @@
+"""A chaos run: one generation job to S3 and one fine-tune, under seeded random faults, end as uninterrupted runs.
+
+On a real SeaweedFS (tests/s3server.py, on 127.0.0.1) and the jobs' own embedded Ray, as a user runs them:
+
+1. the reference: ``jobs/generate.py`` (the shipped demo adapter) into ``s3://.../reference``, nothing
+   interrupted;
+2. the same job into ``s3://.../chaos``, started again after every failure, while a seeded schedule injects
+   ``--faults`` faults, each at a random moment of a run: a generator actor SIGKILLed (Ray Data restarts it and
+   retries its shard), the driver SIGKILLed (the job is run again), the S3 server stopped and started again
+   mid-upload (boto3 retries, or the run fails and is run again), a committed shard's tar truncated behind its
+   ``_stats.json`` (the next run must find it and write it again);
+3. the checks: every shard file of the chaos output has the reference's bytes, the counts are exact, every
+   shard matches its ``_stats.json`` (sha256), no temporary or half-written object is visible, and a job run
+   once more finds the work done;
+4. a fine-tune (``jobs/finetune.py``, 8 steps) with its training worker SIGKILLed after the first checkpoint
+   (Ray Train restarts it) and then the driver SIGKILLed and the job run again, against an uninterrupted one:
+   the same adapter bytes.
+
+    python bench/chaos.py [--seed 0] [--faults 10] [--per-class 3] [--samples-per-shard 3]
+
+The last line is one JSON object: ``faults`` (kind, run, seconds into it), ``runs``, ``checks`` (each True
+or the mismatch), ``ok``, and the walls.  Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+KINDS = ("actor", "driver", "s3", "truncate")
+
+
+def job(name: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("w")
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *args], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process of the job's session (its embedded Ray included)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.getsid(int(proc.name)) == pid:
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def processes_named(pid: int, needle: str) -> list[int]:
+    found = []
+    for child in descendants(pid):
+        try:
+            if needle in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
+def kill_session(pid: int) -> None:
+    for child in descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def snapshot(storage) -> dict[str, str]:
+    return {n: hashlib.sha256(storage.read_bytes(n)).hexdigest() for n in storage.list()
+            if n.endswith((".tar", ".parquet", "_stats.json"))}
+
+
+def wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=3)
+    parser.add_argument("--samples-per-shard", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tune part")
+    args = parser.parse_args()
+
+    from s3server import RestartableSeaweedFS
+
+    from skindual.shards import damaged_shards
+    from skindual.storage import open_storage
+
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="chaos-"))
+    server = RestartableSeaweedFS(Path(tempfile.mkdtemp(prefix="weed-")))
+    started = time.monotonic()
+    faults: list[dict] = []
+    checks: dict[str, object] = {}
+    try:
+        bucket = server.server.create_bucket()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))} | {
+            "AWS_ACCESS_KEY_ID": server.server.access_key, "AWS_SECRET_ACCESS_KEY": server.server.secret_key,
+            "AWS_ENDPOINT_URL": server.server.endpoint, "AWS_DEFAULT_REGION": server.server.region,
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "SKINDUAL_CACHE": str(work / "cache"),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # this process reads S3 too
+        generate = ["--per-class", str(args.per_class), "--samples-per-shard", str(args.samples_per_shard),
+                    "--steps", str(args.steps), "--batch-size", "3"]
+        reference, chaos = f"s3://{bucket}/reference", f"s3://{bucket}/chaos"
+        t = time.monotonic()
+        assert job("generate", [*generate, "--output", reference], env, work / "reference.log").wait() == 0, \
+            (work / "reference.log").read_text()[-3000:]
+        reference_seconds = time.monotonic() - t
+
+        # the chaos output: run the job again after each failure; faults at random moments of the runs
+        runs, pending = 0, [rng.choice(KINDS) for _ in range(args.faults)]
+        pending[:4] = list(KINDS)  # every kind at least once
+        rng.shuffle(pending)
+        while True:
+            runs += 1
+            log = work / f"chaos-{runs}.log"
+            proc = job("generate", [*generate, "--output", chaos], env, log)
+            run_started = time.monotonic()
+            while pending and proc.poll() is None:
+                kind = pending[0]
+                delay = rng.uniform(8, 30)
+                if wait(proc, delay) is not None:
+                    break  # the run ended before the fault: the fault waits for the next run
+                pending.pop(0)
+                at = round(time.monotonic() - run_started, 1)
+                if kind == "actor":
+                    actors = processes_named(proc.pid, "ShardGenerator")
+                    if not actors:
+                        pending.insert(0, kind)
+                        continue
+                    os.kill(rng.choice(actors), signal.SIGKILL)
+                elif kind == "driver":
+                    kill_session(proc.pid)
+                elif kind == "s3":
+                    server.stop()
+                    time.sleep(rng.uniform(2, 6))
+                    server.start()
+                elif kind == "truncate":
+                    storage = open_storage(chaos)
+                    tars = [n for n in storage.list() if n.endswith(".tar")
+                            and storage.exists(n.replace(".tar", "_stats.json"))]
+                    if not tars:
+                        pending.insert(0, kind)
+                        continue
+                    name = rng.choice(tars)
+                    data = storage.read_bytes(name)
+                    storage.write_bytes(name, data[: len(data) // 2])  # behind its commit marker
+                    at = f"{at} ({name})"
+                faults.append({"kind": kind, "run": runs, "at_s": at})
+            code = proc.wait()
+            if code == 0 and not pending:
+                break
+            if runs > 4 * args.faults:
+                checks["finished"] = f"the job did not finish after {runs} runs (last exit {code}, log {log})"
+                break
+        # a truncation planted after the last run: the next run must write the shard again
+        storage = open_storage(chaos)
+        name = sorted(n for n in storage.list() if n.endswith(".tar"))[0]
+        storage.write_bytes(name, storage.read_bytes(name)[:1000])
+        faults.append({"kind": "truncate", "run": runs + 1, "at_s": f"before it ({name})"})
+        runs += 1
+        rerun = job("generate", [*generate, "--output", chaos], env, work / "chaos-final.log")
+        checks["rerun_after_truncation_exit"] = rerun.wait()
+        final_log = (work / "chaos-final.log").read_text()
+        checks["truncation_named"] = f"shard {int(name[:5]):05d}" in final_log and "does not match" in final_log
+
+        # the checks
+        ref, out = open_storage(reference), open_storage(chaos)
+        a, b = snapshot(ref), snapshot(out)
+        checks["same_bytes"] = a == b or sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        totals = [json.loads(s.read_bytes("manifest.json"))["totals"] for s in (ref, out)]
+        checks["same_counts"] = totals[0] == totals[1] or [totals[0], totals[1]]
+        checks["exact_counts"] = all(v["ok"] == args.per_class for v in totals[1]["per_class"].values())
+        checks["intact"] = damaged_shards(out, verify=True) == {} or damaged_shards(out, verify=True)
+        leftovers = [n for n in out.list() if not re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|"
+                                                               r"(sizes|manifest|run)\.json", n)]
+        checks["nothing_half_written"] = not leftovers or leftovers
+        again = job("generate", [*generate, "--output", chaos], env, work / "again.log")
+        checks["then_already_done"] = again.wait() == 0 and "already done" in (work / "again.log").read_text()
+
+        if not args.no_finetune:
+            checks.update(finetune_chaos(env, work, faults, rng))
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
+    ok = all(v is True or v == 0 for v in checks.values())
+    summary = {"ok": ok, "seed": args.seed, "faults_injected": len(faults), "faults": faults, "runs": runs,
+               "checks": checks, "reference_seconds": round(reference_seconds, 1),
+               "total_seconds": round(time.monotonic() - started, 1)}
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        summary["logs"] = str(work)
+    print(json.dumps(summary, default=str))
+    return 0 if ok else 1
+
+
+def finetune_chaos(env: dict[str, str], work: Path, faults: list[dict], rng: random.Random) -> dict[str, object]:
+    """A fine-tune whose training worker is SIGKILLed after its first checkpoint and whose driver is SIGKILLed
+    later: run again, it ends with the adapter bytes of an uninterrupted run."""
+    from skindual.demo.world import prepare_demo_world
+
+    real = str(prepare_demo_world(work / "world", data_scale=0.02, measure=False).real)
+    common = ["--training-data", real, "--steps", "8", "--checkpoint-every", "2", "--batch-size", "4",
+              "--validation-per-class", "1", "--validation-steps", "2", "--lora-rank", "4", "--output",
+              str(work / "runs")]
+    assert job("finetune", [*common, "--name", "reference"], env, work / "ft-reference.log").wait() == 0
+    run = work / "runs" / "chaos"
+
+    def checkpointed() -> bool:
+        return any(run.glob("checkpoint_*/progress.json"))
+
+    proc = job("finetune", [*common, "--name", "chaos"], env, work / "ft-chaos-1.log")
+    started = time.monotonic()
+    while not checkpointed() and proc.poll() is None:
+        time.sleep(0.3)
+    workers = processes_named(proc.pid, "RayTrainWorker")
+    if workers:
+        os.kill(rng.choice(workers), signal.SIGKILL)
+        faults.append({"kind": "training worker", "run": "fine-tune 1", "at_s": round(time.monotonic() - started, 1)})
+    time.sleep(rng.uniform(3, 10))
+    if proc.poll() is None:
+        kill_session(proc.pid)
+        faults.append({"kind": "fine-tune driver", "run": "fine-tune 1", "at_s": round(time.monotonic() - started, 1)})
+    code = job("finetune", [*common, "--name", "chaos"], env, work / "ft-chaos-2.log").wait()
+
+    def digests(name: str) -> dict:
+        meta = json.loads((work / "runs" / name / "adapter" / "skindual_adapter.json").read_text())
+        return {k: v for k, v in meta["files"].items() if k.endswith(".safetensors")}
+
+    return {"finetune_rerun_exit": code,
+            "finetune_same_adapter": code == 0 and digests("chaos") == digests("reference")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
