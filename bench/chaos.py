@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
 import signal
 import subprocess

@@ -98,8 +98,8 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
     fingerprint = check_output(storage, plan.settings, overwrite=True, device=device_record(cfg))
     run_info = shard_run_info(cfg, spec, fingerprint)
 
-    def generate(prompts, seeds):
-        out = pipe(prompts, seeds, steps=cfg.steps, guidance=cfg.guidance)
+    def generate(rows, seeds):
+        out = pipe([r["prompt"] for r in rows], seeds, steps=cfg.steps, guidance=cfg.guidance)
         return out.images, out.masks
 
     with ThreadPoolExecutor(2) as encoder:

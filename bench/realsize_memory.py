@@ -12,7 +12,8 @@ measured in the same run: fp32, the geometry term decoding the whole mask (the o
     python bench/realsize_memory.py [--quick] [--no-batch4] [--width 1]
 
 The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
-``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``max_batch_24gb`` (the largest batch of that
+``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``consistency_gb_batch1`` / ``consistency_gb_per_extra_sample`` /
+``consistency_step_seconds_ratio`` (the consistency reward on every sample, against bf16_b1), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
 `skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
@@ -46,6 +47,10 @@ SETTINGS = {
     "bf16_b1_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 1),
     "bf16_b2_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 2),
     "bf16_b4": ({"mixed_precision": "bf16"}, 4),
+    # the consistency reward on every sample (--consistency-max-t 1000: its worst case; at the default 200 a
+    # fifth of the samples on average), its segmenter a fresh 128² U-Net of width 16
+    "bf16_b1_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 1),
+    "bf16_b2_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 2),
     "generate_bf16_b1": ({"generate": True}, 1),  # sampling (guidance: a UNet batch of 2) and decoding
     "generate_bf16_b8": ({"generate": True}, 8),
 }
@@ -71,6 +76,8 @@ def child(base: str, name: str, report: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if settings.get("generate"):
         return generation_peak(base, batch_size, device, empty, report)
+    if settings.get("w_consistency"):
+        settings = {**settings, "consistency_segmenter": str(Path(base).parent / "qc")}
     cfg = FinetuneConfig(base_model=base, batch_size=batch_size, resolution=512, lora_rank=16,
                          use_gpu=device.type == "cuda", **settings)
     trainer = JointTrainer(cfg, device)
@@ -145,6 +152,14 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory(prefix="skindual-sd2-") as tmp:
         base = str(save_sd2_pipeline(Path(tmp) / "sd2-base", "base", width=args.width))
+        if any(SETTINGS[n][0].get("w_consistency") for n in names):
+            import torch
+
+            from skindual.downstream import SmallUNet
+            from skindual.qc_model import QCModelConfig, write_segmenter
+
+            torch.manual_seed(0)
+            write_segmenter(QCModelConfig(output=str(Path(tmp) / "qc"), size=128), SmallUNet(16), {"val_dice": None})
         for name in names:
             report = Path(tmp) / f"{name}.json"
             subprocess.run([sys.executable, __file__, "--child", base, name, str(report)], check=True, cwd=ROOT)
@@ -159,6 +174,12 @@ def main() -> None:
                "predicted_gb_batch4": round(b1 + 3 * per_sample, 2),
                **({"gb_per_extra_sample_fp32": round(figures["fp32_b2"]["peak_gb"] - figures["fp32_b1"]["peak_gb"], 2)}
                   if {"fp32_b1", "fp32_b2"} <= set(figures) else {}),
+               **({"consistency_gb_batch1": figures["bf16_b1_consistency"]["peak_gb"],
+                   "consistency_gb_per_extra_sample": round(figures["bf16_b2_consistency"]["peak_gb"]
+                                                            - figures["bf16_b1_consistency"]["peak_gb"], 2),
+                   "consistency_step_seconds_ratio": round(figures["bf16_b1_consistency"]["step_seconds"]
+                                                           / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2)}
+                  if {"bf16_b1_consistency", "bf16_b2_consistency"} <= set(figures) else {}),
                "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),
                "baseline": "fp32_b1_full_geometry", "peak_gb": {n: f["peak_gb"] for n, f in figures.items()},
                "step_seconds": {n: f["step_seconds"] for n, f in figures.items()}}

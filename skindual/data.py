@@ -275,13 +275,36 @@ def resize_pair(image: np.ndarray | Image.Image, mask: np.ndarray, size: int) ->
     width, height = image.size
     if (width, height) == (size, size):
         return np.array(image), (np.asarray(mask) > 0).astype(np.uint8)
+    resized = image.resize((size, size), Image.Resampling.LANCZOS, box=_centre_square(width, height), reducing_gap=3.0)
+    return np.array(resized), resize_mask(mask, size)
+
+
+def _centre_square(width: int, height: int) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    box = (left, top, left + side, top + side)
-    resized = image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return left, top, left + side, top + side
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A 0/1 mask at size × size as `resize_pair` resizes its pair's: centre-cropped to a square, resized as a
+    0/1 float with a bilinear filter and thresholded at 0.5 (uint8 0/1)."""
+    height, width = np.asarray(mask).shape
+    if (height, width) == (size, size):
+        return (np.asarray(mask) > 0).astype(np.uint8)
     soft = Image.fromarray(np.asarray(mask).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR,
-                                                                        box=box)
-    return np.array(resized), (np.asarray(soft) >= 0.5).astype(np.uint8)
+                                                                        box=_centre_square(width, height))
+    return (np.asarray(soft) >= 0.5).astype(np.uint8)
+
+
+def resize_ignore(ignore: np.ndarray, size: int) -> np.ndarray:
+    """An ignore map (H×W, nonzero: ignored) at size × size, cropped as `resize_pair` crops its pair; a
+    pixel any ignored pixel reaches through the bilinear filter stays ignored (0/1 uint8)."""
+    height, width = ignore.shape
+    if (height, width) == (size, size):
+        return (np.asarray(ignore) > 0).astype(np.uint8)
+    soft = Image.fromarray((np.asarray(ignore) > 0).astype(np.float32)).resize(
+        (size, size), Image.Resampling.BILINEAR, box=_centre_square(width, height))
+    return (np.asarray(soft) > 0).astype(np.uint8)
 
 
 # --- row selections -------------------------------------------------------------------------

@@ -8,8 +8,10 @@ real pairs.  `summarise` gives mean ± std over seeds and the gain.
 
 Models: ``resnet18`` (torchvision, ``weights=None``) or ``small`` (`skindual.quality.LesionClassifier`)
 for the classifier — accuracy, macro-F1 (over the classes present in the test split) and per-class
-recall; ``unet`` (`SmallUNet`, below) or ``fcn_resnet50`` (torchvision,
-``weights=None, weights_backbone=None``) for the segmenter — per-image Dice and IoU, averaged.
+recall; ``unet`` (`SmallUNet`, below), ``smp_unet`` (segmentation_models_pytorch's ``Unet`` with a ResNet-18
+encoder, ``encoder_weights=None``: the stock U-Net users train; the side must be a multiple of 32) or
+``fcn_resnet50`` (torchvision, ``weights=None, weights_backbone=None``) for the segmenter — per-image Dice and
+IoU, averaged.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from skindual.quality import LesionClassifier, images_to_tensor
 
 ARMS = ("real", "real+synthetic")
 CLASSIFIERS = ("resnet18", "small")
-SEGMENTERS = ("unet", "fcn_resnet50")
+SEGMENTERS = ("unet", "smp_unet", "fcn_resnet50")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class BenchmarkSettings:
     batch_size: int = 32
     lr: float = 1e-3
     num_classes: int = 7
+    ignore_maps: bool = True  # the segmenter leaves the pixels of a pair's ignore map out of its loss
 
 
 @dataclass
@@ -104,29 +107,46 @@ def build_model(kind: str, num_classes: int = 7) -> nn.Module:
         return LesionClassifier(num_classes)
     if kind == "unet":
         return SmallUNet()
+    if kind == "smp_unet":
+        import segmentation_models_pytorch as smp
+
+        return smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=3, classes=1)
     if kind == "fcn_resnet50":
         return _FCN()
     raise ValueError(f"unknown model {kind!r}")
 
 
-def train_model(model: nn.Module, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], task: str,
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy over the pixels not in `ignore` (N×1×H×W, 1: left out), averaged over those pixels."""
+    if ignore is None:
+        return F.binary_cross_entropy_with_logits(logits, masks)
+    keep = 1 - ignore
+    per_pixel = F.binary_cross_entropy_with_logits(logits, masks, reduction="none")
+    return (per_pixel * keep).sum() / keep.sum().clamp_min(1)
+
+
+def train_model(model: nn.Module, batches: Iterator[tuple[np.ndarray, ...]], task: str,
                 settings: BenchmarkSettings, seed: int, device: torch.device) -> nn.Module:
     """`settings.steps` AdamW steps (cosine decay), each on the next of `batches` (uint8 images, 0/1
-    masks, class indices) with random flips."""
+    masks, class indices, and optionally 0/1 ignore maps) with random flips; with ``settings.ignore_maps``
+    the segmenter's loss leaves out the ignored pixels (`segmentation_loss`)."""
     g = torch.Generator().manual_seed(seed)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     for _ in range(settings.steps):
-        images, masks, labels = next(batches)
+        images, masks, labels, *rest = next(batches)
         x = images_to_tensor(images, device)
         y = (torch.from_numpy(labels) if task == "classifier" else torch.from_numpy(masks).float()[:, None]).to(device)
+        ignore = (torch.from_numpy(rest[0]).float()[:, None].to(device)
+                  if task == "segmenter" and rest and settings.ignore_maps and rest[0].any() else None)
         for dim in (-1, -2):
             if torch.rand((), generator=g) < 0.5:
                 x = x.flip(dim)
                 y = y.flip(dim) if task == "segmenter" else y
+                ignore = ignore.flip(dim) if ignore is not None else None
         out = model(x)
-        loss = F.cross_entropy(out, y) if task == "classifier" else F.binary_cross_entropy_with_logits(out, y)
+        loss = F.cross_entropy(out, y) if task == "classifier" else segmentation_loss(out, y, ignore)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

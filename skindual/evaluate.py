@@ -77,6 +77,8 @@ class EvaluateConfig:
     steps: int = option(300, "optimiser steps of every downstream model (the same in both arms)")
     batch_size: int = option(32, "downstream batch size")
     lr: float = option(1e-3, "downstream learning rate (AdamW, cosine decay)")
+    ignore_maps: bool = option(True, "the downstream segmenter leaves the pixels of a synthetic pair's ignore map "
+                                     "({key}.ignore.png, generate --qc-segmenter) out of its loss")
     seeds: int = option(3, "downstream seeds per (arm, model)")
     test_data: str = option("", "downstream test set: a separate prepared real dataset (all its classed pairs), e.g. "
                                 "the ISIC 2018 test images through jobs/prepare.py; empty: --real's test split")
@@ -505,7 +507,7 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
         while True:
             picked = [next(stream) for _ in range(settings.batch_size)]
             yield (np.stack([p["image"] for p in picked]), np.stack([p["mask"] for p in picked]),
-                   np.asarray([p["class_index"] for p in picked], np.int64))
+                   np.asarray([p["class_index"] for p in picked], np.int64), np.stack([p["ignore"] for p in picked]))
 
     torch.manual_seed(seed)  # the same initialisation in both arms
     kind = settings.classifier if task == "classifier" else settings.segmenter
@@ -523,7 +525,8 @@ def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) ->
     their summary."""
     import ray
 
-    settings = downstream.BenchmarkSettings(cfg.classifier, cfg.segmenter, cfg.steps, cfg.batch_size, cfg.lr)
+    settings = downstream.BenchmarkSettings(cfg.classifier, cfg.segmenter, cfg.steps, cfg.batch_size, cfg.lr,
+                                            ignore_maps=cfg.ignore_maps)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     pools = {"real": [plan.train], "real+synthetic": [plan.train, plan.sets["synthetic"]]}
     remote = ray.remote(run_task).options(num_cpus=cfg.cpus_per_task, num_gpus=gpus, max_retries=1)

@@ -3,8 +3,11 @@
 - ``nnunet``: an nnU-Net v2 raw dataset, ``{output}/Dataset{id:03d}_{name}/`` with ``imagesTr/{case}_0000.png``
   (one RGB PNG: nnU-Net's NaturalImage2DIO reads it as three channels, which ``dataset.json`` names
   ``{"0": "R", "1": "G", "2": "B"}``, as nnU-Net's own 2D RGB example Dataset120_RoadSegmentation does),
-  ``labelsTr/{case}.png`` (8-bit, 0 background / 1 lesion) and ``dataset.json`` (``channel_names``,
-  ``labels``, ``numTraining``, ``file_ending: ".png"``).  Lossless PNG throughout, as nnU-Net requires.
+  ``labelsTr/{case}.png`` (8-bit, 0 background / 1 lesion; 2 where a synthetic pair's ignore map
+  ``{key}.ignore.png`` says to leave the pixel out, nnU-Net v2's ``ignore`` label, declared in
+  ``dataset.json`` as the highest label when any pair has one; ``--no-ignore-maps``: never) and
+  ``dataset.json`` (``channel_names``, ``labels``, ``numTraining``, ``file_ending: ".png"``).  Lossless PNG
+  throughout, as nnU-Net requires.
   With ``--with-real``, real pairs of ``--real-splits`` join imagesTr and the real ``test`` split goes
   to ``imagesTs``/``labelsTs``, so a model trained on the export can be scored on held-out real lesions.
 - ``imagefolder``: a torchvision ``ImageFolder`` tree ``{output}/{class_code}/{key}.png`` (real pairs:
@@ -43,6 +46,7 @@ FORMATS = ("nnunet", "imagefolder")
 EXPORT_FILE = "export.json"
 NNUNET_CHANNELS = {"0": "R", "1": "G", "2": "B"}
 NNUNET_LABELS = {"background": 0, "lesion": 1}
+NNUNET_IGNORE = 2  # nnU-Net v2's ignore label must be the highest label
 
 
 @dataclass
@@ -59,6 +63,8 @@ class ExportConfig:
     overwrite: bool = option(False, "delete an existing export at --output first")
     partial: bool = option(False, "export the committed shards of an output whose sizes.json names more (a run cut "
                                   "short); without it such an output is refused, naming the shards it lacks")
+    ignore_maps: bool = option(True, "nnunet: label the pixels of a synthetic pair's ignore map ({key}.ignore.png) "
+                                     f"{NNUNET_IGNORE}, nnU-Net v2's ignore label, so its training leaves them out")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
@@ -85,22 +91,24 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _resize(image: np.ndarray, mask: np.ndarray, ignore: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
     if not size:
-        return image, mask
+        return image, mask, ignore
     if image.shape[0] != image.shape[1]:
         raise UserError(f"--size needs square synthetic pairs, got {image.shape[1]}x{image.shape[0]}")
-    return data.resize_pair(image, mask, size)
+    return (*data.resize_pair(image, mask, size), data.resize_ignore(ignore, size))
 
 
-Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index or -1, image, mask, part)
+Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index or -1, image, labels, part)
 
 
 def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
-    """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test"."""
+    """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test".  The labels are the
+    mask's 0/1, and `NNUNET_IGNORE` where a synthetic pair's ignore map is set (``--ignore-maps``)."""
     for sample in read_shards(cfg.synthetic, cfg.s3_endpoint or None, partial=cfg.partial):
-        image, mask = _resize(sample["image"], sample["mask"], cfg.size)
-        yield f"syn_{sample['key']}", int(sample["class_index"]), image, mask, "train"
+        image, mask, ignore = _resize(sample["image"], sample["mask"], sample["ignore"], cfg.size)
+        labels = np.where(ignore > 0, NNUNET_IGNORE, mask).astype(np.uint8) if cfg.ignore_maps else mask
+        yield f"syn_{sample['key']}", int(sample["class_index"]), image, labels, "train"
     if not cfg.with_real:
         return
     for sample in read_shards(cfg.with_real, cfg.s3_endpoint or None, partial=cfg.partial):
@@ -173,6 +181,7 @@ def run_export(plan: ExportPlan) -> dict:
     root = cfg.dataset_folder() + "/" if cfg.format == "nnunet" else ""
     counts: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
+    ignored = 0  # pairs with an ignored pixel
     with ThreadPoolExecutor(8) as pool:
         pending = []
         for case, label, image, mask, part in iter_pairs(cfg):
@@ -180,6 +189,7 @@ def run_export(plan: ExportPlan) -> dict:
             if cfg.format == "nnunet":
                 images, labels = ("imagesTr", "labelsTr") if part == "train" else ("imagesTs", "labelsTs")
                 files = {f"{root}{images}/{case}_0000.png": image, f"{root}{labels}/{case}.png": mask.astype(np.uint8)}
+                ignored += bool((mask == NNUNET_IGNORE).any())
             elif part == "train" and label >= 0:  # ImageFolder: classed training pairs only
                 files = {f"{CLASS_CODES[label]}/{case.split('_', 1)[1]}.png": image}
             else:
@@ -198,9 +208,10 @@ def run_export(plan: ExportPlan) -> dict:
     if not trained:
         raise UserError(f"{cfg.synthetic}: nothing to export")
     summary = {"config": asdict(cfg), "format": cfg.format, "counts": dict(counts), "train_per_class": dict(per_class),
-               "fingerprint": plan.fingerprint}
+               "pairs_with_ignored_pixels": ignored, "fingerprint": plan.fingerprint}
     if cfg.format == "nnunet":
-        dataset = {"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "numTraining": trained,
+        labels = NNUNET_LABELS | ({"ignore": NNUNET_IGNORE} if ignored else {})
+        dataset = {"channel_names": NNUNET_CHANNELS, "labels": labels, "numTraining": trained,
                    "file_ending": ".png", "overwrite_image_reader_writer": "NaturalImage2DIO",
                    "name": cfg.dataset_name, "description": "SkinDualGen synthetic lesion image/mask pairs"
                    + (" merged with real pairs" if cfg.with_real else "")}

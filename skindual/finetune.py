@@ -26,12 +26,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from skindual import data, losses, model, pairs, prompts, report
 from skindual.base_models import base_config, base_id
 from skindual.cli import check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
+from skindual.qc_model import QCSegmenter, card_digest
 from skindual.quality import images_to_tensor
 from skindual.shards import MANIFEST_FILE, config_fingerprint
 from skindual.storage import Storage, finished, is_remote, open_storage, output_storage
@@ -89,6 +91,12 @@ class FinetuneConfig:
     geo_crop: int = option(32, "the geometry term decodes a window of this many latent cells a side of each predicted "
                                "mask, at a random place (32: 256 px of SD-2's 512²; 0 or the latent size: all of it)")
     w_prior: float = option(0.0, "weight of the prior-preservation term: the image prediction vs the frozen base model's")
+    w_consistency: float = option(0.0, "weight of the consistency reward: a frozen segmenter (--consistency-segmenter) "
+                                       "on the decoded predicted x0 image of the low-noise samples, Dice+BCE against "
+                                       "the true mask, so that the image follows its mask (0: off)")
+    consistency_segmenter: str = option("", "the reward's segmenter: the output of jobs/qc_model.py trained on this "
+                                            "data's train split (folder or s3:// prefix), frozen")
+    consistency_max_t: int = option(200, "the reward scores the samples whose timestep is at most this (of 1000)")
     snr_gamma: float = option(0.0, "min-SNR-gamma weighting (0: off; 5 is usual)")
     uncond_prob: float = option(0.1, "share of prompts dropped to '' for classifier-free guidance")
     balance: bool = option(True, "oversample rare classes to even out the class counts the model sees")
@@ -115,6 +123,11 @@ class FinetuneConfig:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
         if not 0 <= self.uncond_prob < 1:
             raise UserError(f"--uncond-prob {self.uncond_prob}: must be in [0, 1)")
+        if self.w_consistency < 0 or (self.w_consistency and not self.consistency_segmenter):
+            raise UserError(f"--w-consistency {self.w_consistency}: must be 0 or more, and above 0 needs "
+                            "--consistency-segmenter (a segmenter from jobs/qc_model.py)")
+        if not 0 < self.consistency_max_t <= 1000:
+            raise UserError(f"--consistency-max-t {self.consistency_max_t}: must be in 1..1000")
 
 
 def resolve_precision(asked: str, use_gpu: bool) -> str:
@@ -238,8 +251,13 @@ class JointTrainer:
         self.vae = self.pipe.vae.to(device, frozen_dtype).eval().requires_grad_(False)
         self.text_encoder = self.pipe.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
         self.unet = self.pipe.unet.to(device, frozen_dtype if cfg.train == "lora" else torch.float32)
-        if cfg.w_geo:
-            self.vae.enable_gradient_checkpointing()  # only the geometry decode runs with gradients
+        if cfg.w_geo or cfg.w_consistency:
+            self.vae.enable_gradient_checkpointing()  # only the geometry and reward decodes run with gradients
+        self.segmenter = None  # the consistency reward's, frozen
+        if cfg.w_consistency:
+            qc = QCSegmenter.load(cfg.consistency_segmenter, cfg.s3_endpoint or None, str(device))
+            self.segmenter = qc.model.requires_grad_(False)
+            self.segmenter_size = qc.size
         self.teacher, self.base_convs = None, None
         if cfg.w_prior and cfg.train == "full":  # nothing to switch off: keep a frozen copy of the base UNet
             self.teacher = copy.deepcopy(self.unet).to(frozen_dtype).eval().requires_grad_(False)
@@ -293,6 +311,14 @@ class JointTrainer:
         """Scaled mask latents → decoded N×3×H×W (the geometry term's `decode_mask`), in the compute dtype."""
         with self.autocast():
             return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen reward segmenter's lesion logits of decoded N×3×H×W images in [-1, 1], at its input size."""
+        size = (self.segmenter_size, self.segmenter_size)
+        x = images if tuple(images.shape[-2:]) == size else F.interpolate(images, size=size, mode="bilinear",
+                                                                         antialias=True, align_corners=False)
+        with self.autocast():
+            return self.segmenter(x)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.unet.named_parameters() if v.requires_grad}
@@ -384,7 +410,7 @@ class JointTrainer:
         t = torch.randint(0, self.num_timesteps, (len(x0),), generator=g).to(device)
         noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
         offsets = None
-        if cfg.w_geo and cfg.geo_crop:  # where each sample's geometry window lies (latent cells)
+        if (cfg.w_geo or cfg.w_consistency) and cfg.geo_crop:  # where each sample's decoded window lies (latent cells)
             side = model.unpack_latents(x0, cfg.layout)[1].shape[-1]
             offsets = torch.randint(0, max(1, side - cfg.geo_crop + 1), (len(x0), 2), generator=g)
         prior_pred = None
@@ -401,7 +427,8 @@ class JointTrainer:
                                       true_masks=masks, decode_mask=self.decode_mask, w_img=cfg.w_img,
                                       w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
                                       noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
-                                      geo_crop=cfg.geo_crop, geo_offsets=offsets)
+                                      geo_crop=cfg.geo_crop, geo_offsets=offsets, segment=self.segment,
+                                      w_consistency=cfg.w_consistency, consistency_max_t=cfg.consistency_max_t)
             self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
         if not last:
@@ -470,10 +497,10 @@ def train_loop(config: dict) -> None:
             now = time.perf_counter()
             if rank == 0 and (now - last_line >= PROGRESS_EVERY_S or step == cfg.steps):
                 last_line = now  # a line at least every 30 s while steps come, and at the last
-                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f), "
-                         "%.2f steps/s, ETA %.0f s", step, cfg.steps, 100 * step / cfg.steps, metrics["total"],
-                         metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"], rate,
-                         (cfg.steps - step) / max(rate, 1e-9))
+                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f "
+                         "consistency %.4f), %.2f steps/s, ETA %.0f s", step, cfg.steps, 100 * step / cfg.steps,
+                         metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"],
+                         metrics["consistency"], rate, (cfg.steps - step) / max(rate, 1e-9))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
             if step >= cfg.steps:
@@ -602,6 +629,8 @@ def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     """The settings that shape the weights (`NOT_FINGERPRINTED` left out), the base model by its identity and the
     training data by its manifest's fingerprint."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if cfg.consistency_segmenter:  # by its identity (its card names its weights' sha256), not its place
+        settings["consistency_segmenter"] = f"sha256:{card_digest(cfg.consistency_segmenter, cfg.s3_endpoint or None)}"
     return settings | {"base_model": base_id(cfg.base_model, cfg.s3_endpoint or None), "training_data_fingerprint":
                        data_fingerprint}
 
@@ -614,6 +643,8 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
     native, step, widths = base_geometry(cfg.base_model, endpoint)
     index = pairs.read_index(cfg.training_data, endpoint, "--training-data")
     rows = training_rows(index, cfg.real_fraction, cfg.seed)
+    if cfg.consistency_segmenter:  # a bad one is one line here, not a traceback in every worker
+        QCSegmenter.load(cfg.consistency_segmenter, endpoint, flag="--consistency-segmenter")
     selection = training_selection(rows, cfg.balance, cfg.seed)
     storage = output_storage(cfg.output, endpoint)  # the inputs first: a bad one leaves no output folder behind
     size = cfg.resolution or native
@@ -656,7 +687,8 @@ def check_cluster(cfg: FinetuneConfig, shape: ClusterShape) -> str:
     """The checks of a run against its cluster (`cluster.cluster_shape`): outputs and inputs every worker
     can reach, GPUs it has or can launch; returns the GPU model the workers run on (``--accelerator-type``),
     else the one of the smallest memory they could land on (``""``: unknown, or CPU)."""
-    paths = {"--output": cfg.output, "--training-data": cfg.training_data}
+    paths = {"--output": cfg.output, "--training-data": cfg.training_data,
+             "--consistency-segmenter": cfg.consistency_segmenter}
     if Path(cfg.base_model).is_dir():
         paths["--base-model"] = cfg.base_model
     check_shared_paths(paths, shape)

@@ -30,12 +30,20 @@ Every field is declared once as fingerprinted (it changes the output's bytes), r
 the fingerprint through the resolved model, counts or device) or neither; `config_fingerprint_fields`
 builds the fingerprint from those declarations.
 
+Mask mode (``--mask-source URL``, `skindual.mask_source`): each prompt row is given one of a prepared real
+dataset's train masks of its class, varied by a seeded augmentation, and the site, age and sex of that mask's
+row; the pipeline samples only the image, its mask latents held to the noised encoding of the given mask at
+every step, so the shard's mask is the given mask exactly.  The masks are read once on the driver and travel
+with their shard; each pair's json records ``mode``, ``source_key`` and ``augmentation_seed``.
+
 Quality control and exact counts: a pair whose mask is empty, full-frame or fragmented
 (`quality.mask_check`, thresholds from the config) is drawn again with the row's next seed,
 ``row_seed(seed, row_id, attempt)``, up to ``--max-attempts`` draws in all; with ``--qc-segmenter``
 each pair is also scored by the Dice between its mask and a segmenter's mask of its image
 (`qc_model.QCSegmenter`), recorded in its json and the parquet, and below ``--min-consistency`` it
-is drawn again (reason ``inconsistent``).  Every failed draw's
+is drawn again (reason ``inconsistent``); a kept pair also gets its ignore map (``{key}.ignore.png``, where
+the segmenter confidently contradicts the mask, `qc_model.ignore_maps`) and that map's share of its pixels
+(``disagreement``).  Every failed draw's
 reason is kept in the shard parquet (``rejections``); a row that fails every draw is stored as
 ``rejected`` (parquet only, not in the tar).  The classes must come out with exactly the asked
 counts, so such a row is never silently dropped nor replaced by an extra row: the run ends with
@@ -57,14 +65,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from skindual import __version__
 from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
 from skindual.cli import Progress, check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
+from skindual.mask_source import MaskSource, given_mask, load_masks, plan_mask_source, source_table
 from skindual.model import DualPipeline, adapter_misfit, load_adapter
-from skindual.qc_model import QCSegmenter
+from skindual.qc_model import Judgement, QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
@@ -106,6 +116,13 @@ class GenerateConfig:
                                    "segmenter's mask of its image")
     min_consistency: float = option(0.0, "with --qc-segmenter: draw a pair again (reason 'inconsistent') when its "
                                          "score is below this; 0: score and record only")
+    mask_source: str = option("", "images for given masks: a prepared real dataset (jobs/prepare.py), folder or "
+                                  "s3:// prefix; each row is given one of its train split's masks of the row's "
+                                  "class, varied by a seeded augmentation (flips, rotation, scale, shift, elastic), "
+                                  "and that mask's site, age and sex; only the image is sampled, the mask held "
+                                  "to it.  Empty: image and mask sampled together")
+    mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
+                                       "train split (seed 0: the fine-tune's and evaluation's --real-fraction cut)")
     prompt_attributes: str = option("adapter", "adapter: each row's body site, age and sex drawn by its seed from "
                                                "the adapter's training data (per class), in its prompt template; "
                                                "none: the class alone", choices=["adapter", "none"])
@@ -137,6 +154,8 @@ class GenerateConfig:
         if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
             raise UserError(f"--min-mask-area {self.min_mask_area} / --max-mask-area {self.max_mask_area} / "
                             f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
+        if not 0 < self.mask_fraction <= 1 or (self.mask_fraction < 1 and not self.mask_source):
+            raise UserError(f"--mask-fraction {self.mask_fraction}: must be in (0, 1], and below 1 needs --mask-source")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
                             "--qc-segmenter")
@@ -158,12 +177,13 @@ class GenerateConfig:
 
 FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", "mask_smoothing", "dtype",
                  "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share",
-                 "prompt_attributes", "min_consistency")
+                 "prompt_attributes", "min_consistency", "mask_fraction")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
 RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
-            "accelerator_type")
+            "accelerator_type", "mask_source")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`, the QC segmenter's identity too), the device and its model, and on CPU the torch thread count."""
+(`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`), the device and its
+model, and on CPU the torch thread count."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
@@ -177,21 +197,23 @@ GenerateFn = Callable[[list[str], list[int]], tuple[np.ndarray, np.ndarray]]
 """(prompts, seeds) → (uint8 images N×H×W×3, uint8 masks N×H×W 0/1)."""
 
 
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(uint8 images N×H×W×3, masks N×H×W) → each pair's image–mask consistency (Dice, 0..1)."""
+JudgeFn = Callable[[np.ndarray, np.ndarray], Judgement]
+"""(uint8 images N×H×W×3, masks N×H×W) → each pair's image–mask consistency (Dice, 0..1), ignore map and
+disagreement (`qc_model.QCSegmenter.judge`)."""
 
 
 def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, batch_size: int,
                      max_attempts: int, limits: MaskLimits, image_format: str = "jpg",
-                     encoder: Executor | None = None, score: ScoreFn | None = None,
+                     encoder: Executor | None = None, judge: JudgeFn | None = None,
                      min_consistency: float = 0.0) -> list[Sample]:
     """The samples of one shard's prompt rows, quality-controlled and encoded, in row order.
 
-    Draw 0 uses each row's table seed; rows whose mask fails `mask_check`, or (with `score`) whose
+    Draw 0 uses each row's table seed; rows whose mask fails `mask_check`, or (with `judge`) whose
     consistency is below `min_consistency` (reason ``inconsistent``), are drawn again with
     ``row_seed(run_seed, row_id, attempt)``, in mini-batches of the failed rows in row order, up to
-    `max_attempts` draws.  A kept pair records its score.  Accepted pairs are encoded on `encoder`
-    while the next mini-batch runs.
+    `max_attempts` draws.  A kept pair records its consistency, its ignore map and the map's share of
+    its pixels.  Accepted pairs are encoded on `encoder` while the next mini-batch runs.  `generate`
+    gets the rows and seeds and gives back images and masks (mask mode: the rows' given masks).
     """
     done: dict[int, Future | Sample] = {}
     failures: dict[int, list[str]] = {r["row_id"]: [] for r in rows}
@@ -203,16 +225,18 @@ def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, 
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 seeds = [r["seed"] if attempt == 0 else row_seed(run_seed, r["row_id"], attempt) for r in chunk]
-                images, masks = generate([r["prompt"] for r in chunk], seeds)
-                scores = score(images, masks) if score is not None else [None] * len(chunk)
-                for row, seed, image, mask, consistency in zip(chunk, seeds, images, masks, scores):
+                images, masks = generate(chunk, seeds)
+                said = judge(images, masks) if judge is not None else None
+                for i, (row, seed, image, mask) in enumerate(zip(chunk, seeds, images, masks)):
                     reason, rid = mask_check(mask, limits), row["row_id"]
-                    consistency = None if consistency is None else round(float(consistency), 6)
+                    consistency = None if said is None else round(float(said.consistency[i]), 6)
                     if reason is None and consistency is not None and consistency < min_consistency:
                         reason = "inconsistent"
                     if reason is None:
+                        extra = {} if said is None else {"ignore": said.ignore[i],
+                                                         "disagreement": round(float(said.disagreement[i]), 6)}
                         sample = _sample(row, seed, attempt + 1, failures[rid], image=image, mask=mask,
-                                         consistency=consistency)
+                                         consistency=consistency, **extra)
                         done[rid] = pool.submit(encode_sample, sample, image_format)
                     else:
                         failures[rid].append(reason)
@@ -234,6 +258,8 @@ def generate_samples(rows: Sequence[dict], generate: GenerateFn, run_seed: int, 
 
 def _sample(row: dict, seed: int, attempts: int, rejections: list[str], **kwargs: Any) -> Sample:
     fields = {"image": None, "mask": None, **kwargs}
+    if row.get("source_key"):
+        fields |= {"mode": "mask", "source_key": row["source_key"], "augmentation_seed": row["augmentation_seed"]}
     return Sample(key=row["key"], row_id=row["row_id"], class_code=row["class_code"], class_index=row["class_index"],
                   prompt=row["prompt"], seed=seed, attempts=attempts, rejections=list(rejections), **fields)
 
@@ -314,19 +340,23 @@ SAMPLE_STRUCT = pa.struct([
     ("prompt", pa.string()), ("seed", pa.int64()), ("attempts", pa.int32()), ("status", pa.string()),
     ("reason", pa.string()), ("rejections", pa.list_(pa.string())), ("image_bytes", pa.large_binary()),
     ("mask_bytes", pa.large_binary()), ("encoded_format", pa.string()), ("height", pa.int32()),
-    ("width", pa.int32()), ("area", pa.float64()), ("consistency", pa.float64()),
+    ("width", pa.int32()), ("area", pa.float64()), ("consistency", pa.float64()), ("ignore_bytes", pa.large_binary()),
+    ("disagreement", pa.float64()), ("mode", pa.string()), ("source_key", pa.string()),
+    ("augmentation_seed", pa.int64()),
 ])
 
 
-def shard_items(table: pa.Table, shards: list[int]) -> list[dict]:
-    """The generation dataset's rows: per shard its number and its prompt rows (JSON).  The rows travel
+def shard_items(table: pa.Table, shards: list[int], masks: dict[str, bytes] | None = None) -> list[dict]:
+    """The generation dataset's rows: per shard its number, its prompt rows (JSON) and, in mask mode, each
+    row's given mask (the real pair's ``seg.png`` bytes, from `masks`: source key → bytes).  The rows travel
     with the shard they belong to, so an actor holds the rows of the shard it samples, not the whole
     table (35,000 rows at ``--per-class 5000``), and a shard retried elsewhere brings its rows along."""
     rows: dict[int, list[dict]] = {s: [] for s in shards}
     for row in table.to_pylist():
         if row["shard"] in rows:
             rows[row["shard"]].append(row)
-    return [{"shard": s, "rows": json.dumps(rows[s])} for s in shards]
+    return [{"shard": s, "rows": json.dumps(rows[s]),
+             "masks": [masks[r["source_key"]] for r in rows[s]] if masks is not None else []} for s in shards]
 
 
 class ShardGenerator:
@@ -350,6 +380,7 @@ class ShardGenerator:
             torch.set_num_threads(cpu_threads(cfg))
             self.device_name = "cpu"
         self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
+        self._given: dict[int, np.ndarray] = {}  # mask mode: the current shard's given masks by row id
         self.pipe = load_generator(spec, cfg, self._tmp.name)
         self.encoder = ThreadPoolExecutor(2)
         self.qc = None
@@ -358,19 +389,25 @@ class ShardGenerator:
             if self.qc.sha256 != spec.qc_sha256:
                 raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
 
-    def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        out = self.pipe(prompts, seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
-                        mask_smoothing=self.cfg.mask_smoothing)
+    def _generate(self, rows: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        given = np.stack([self._given[r["row_id"]] for r in rows]) if self._given else None
+        out = self.pipe([r["prompt"] for r in rows], seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
+                        mask_smoothing=self.cfg.mask_smoothing, masks=given)
         if self.counter is not None:  # draws made, for the driver's progress lines (fire and forget)
-            self.counter.add.remote(len(prompts))
+            self.counter.add.remote(len(rows))
         return out.images, out.masks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         (shard,) = batch.column("shard").to_pylist()
         (rows,) = [json.loads(r) for r in batch.column("rows").to_pylist()]
+        (masks,) = batch.column("masks").to_pylist() if "masks" in batch.column_names else [[]]
         cfg = self.cfg
+        self._given = {}
+        for row, png in zip(rows, masks or []):  # mask mode: each row's real mask, resized and augmented
+            self._given[row["row_id"]], row["augmentation_seed"] = given_mask(png, self.pipe.resolution,
+                                                                              row["augmentation_seed"], cfg.limits())
         samples = generate_samples(rows, self._generate, cfg.seed, cfg.batch_size, cfg.max_attempts, cfg.limits(),
-                                   cfg.image_format, self.encoder, self.qc.score if self.qc else None,
+                                   cfg.image_format, self.encoder, self.qc.judge if self.qc else None,
                                    cfg.min_consistency)
         records = [{f: getattr(x, f) for f in SAMPLE_STRUCT.names} for x in samples]
         return pa.table({"shard": pa.array([shard], pa.int32()),
@@ -444,9 +481,15 @@ def resolve_shard_size(cfg: GenerateConfig, storage: Storage) -> int:
     return auto_samples_per_shard(sum(cfg.counts().values()), cfg.actors)
 
 
-def generation_prompts(cfg: GenerateConfig, spec: ModelSpec) -> pa.Table:
+def generation_prompts(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> pa.Table:
     """The run's prompt table: class-balanced, in the adapter's template, each row's site, age and sex
-    drawn by its seed from the adapter's training data (``--prompt-attributes adapter``, when it records them)."""
+    drawn by its seed from the adapter's training data (``--prompt-attributes adapter``, when it records them);
+    in mask mode (`masks`), each row's given mask and that mask's site, age and sex (`mask_source.source_table`)."""
+    if masks is not None:
+        sources = source_table(masks, cfg.counts(), cfg.seed)
+        if cfg.prompt_attributes == "none":
+            sources = {c: [(key, (None, None, None)) for key, _ in rows] for c, rows in sources.items()}
+        return prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard, spec.prompt_template, sources=sources)
     pools = attribute_pools(spec.prompt_attributes) if cfg.prompt_attributes == "adapter" and spec.prompt_attributes else None
     return prompt_table(cfg.counts(), cfg.seed, cfg.samples_per_shard, spec.prompt_template, pools)
 
@@ -467,7 +510,7 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
     return replace(cfg, num_gpus_per_actor=float(num_gpus), dtype=dtype, accelerator_type=accelerator)
 
 
-def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
+def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> dict[str, Any]:
     """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
     `FINGERPRINTED` fields as they are (numbers by their declared type), the `RESOLVED` ones through the counts
     and the model.  What samples them (the device model, on CPU the thread count) is known only once the
@@ -477,7 +520,8 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec) -> dict[str, Any]:
              for name in FINGERPRINTED}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
-                "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none"}
+                "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none",
+                "mask_source": f"sha256:{masks.digest}" if masks is not None else "none"}
     return plain | resolved
 
 
@@ -512,22 +556,25 @@ class GeneratePlan:
     shards: tuple[int, ...]
     todo: tuple[int, ...]
     done: dict | None
+    masks: MaskSource | None = None  # mask mode: the given masks' dataset and rows
 
 
 def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     """Resolve and check a generation run (the model, the adapter, the QC segmenter, the output and its earlier
     runs' settings), reading storage only; every problem is one `UserError`."""
     spec = resolve_model(cfg)  # the inputs first: a bad one leaves no output folder behind
+    masks = (plan_mask_source(cfg.mask_source, cfg.mask_fraction, list(cfg.counts()), cfg.s3_endpoint or None)
+             if cfg.mask_source else None)
     storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     run = replace(cfg, samples_per_shard=resolve_shard_size(cfg, storage))
-    settings = fingerprint_config(run, spec)
+    settings = fingerprint_config(run, spec, masks)
     fingerprint = guard_output(storage, settings, cfg.overwrite)
     pairs = sum(run.counts().values())
     shards = tuple(range(math.ceil(pairs / run.samples_per_shard)))
     committed = set() if cfg.overwrite else intact_shards(storage)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
     todo = tuple(s for s in shards if s not in committed)
-    return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards, todo, None if todo else done)
+    return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards, todo, None if todo else done, masks)
 
 
 def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[str, Any]:
@@ -540,6 +587,7 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
     cfg, spec, storage = plan.config, plan.model, plan.storage
     shape = shape or cluster_shape()
     check_shared_paths({"--output": cfg.output, "--adapter": cfg.adapter, "--qc-segmenter": cfg.qc_segmenter,
+                        "--mask-source": cfg.mask_source,
                         **({"--base-model": cfg.base_model} if Path(cfg.base_model).is_dir() else {})}, shape)
     run = resolve_devices(cfg, shape)
     fingerprint = check_output(storage, plan.settings, cfg.overwrite, device=device_record(run))
@@ -548,9 +596,14 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
              plan.pairs, len(plan.shards), len(plan.shards) - len(todo), len(todo), spec.base_id, cfg.actors,
              device_record(run))
     if todo:
-        table = generation_prompts(run, spec)
+        table = generation_prompts(run, spec, plan.masks)
+        masks = None
+        if plan.masks is not None:  # read once here, each travels with its shard
+            wanted = table.filter(pc.is_in(table.column("shard"), pa.array(todo, pa.int32())))
+            masks = load_masks(plan.masks, wanted.column("source_key").to_pylist(), cfg.s3_endpoint or None)
+            log.info("mask mode: %d given masks of %s", len(masks), plan.masks.url)
         counter = ray.remote(DrawCounter).options(num_cpus=0).remote()
-        dataset = (ray.data.from_items(shard_items(table, todo), override_num_blocks=len(todo))
+        dataset = (ray.data.from_items(shard_items(table, todo, masks), override_num_blocks=len(todo))
                    .map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow",
                                 # one shard at a time per actor: the next goes to whichever actor frees first
                                 compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),

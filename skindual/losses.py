@@ -1,10 +1,12 @@
 """The multi-objective loss of the joint image–mask model (pure tensor maths).
 
-``total = w_img·L(image latents) + w_mask·L(mask latents) + w_geo·(Dice + BCE)``, where the two
-denoising terms are MSE against the target the scheduler's ``prediction_type`` asks for
-(optionally min-SNR-γ weighted per sample), and the geometry term decodes the model's predicted
-x0 of the mask latents and compares it with the true binary mask (docs/architecture.md, "The joint
-image–mask model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's timestep.
+``total = w_img·L(image latents) + w_mask·L(mask latents) + w_geo·(Dice + BCE) + w_prior·L(prior)
++ w_consistency·(Dice + BCE)``, where the two denoising terms are MSE against the target the scheduler's
+``prediction_type`` asks for (optionally min-SNR-γ weighted per sample), the geometry term decodes the
+model's predicted x0 of the mask latents and compares it with the true binary mask, and the consistency
+reward (ControlNet++'s) decodes the predicted x0 of the IMAGE latents of the samples at low noise and
+scores a frozen segmenter's output on it against the true mask, so that the image learns to follow the
+mask (docs/architecture.md, "The joint image–mask model").  ``ᾱ`` below is the scheduler's ``alphas_cumprod`` at each sample's timestep.
 """
 
 from __future__ import annotations
@@ -91,6 +93,16 @@ def mask_geometry_loss(decoded: torch.Tensor, truth: torch.Tensor, k: float = MA
     return soft_dice_loss(torch.sigmoid(logits), truth) + F.binary_cross_entropy_with_logits(logits, truth)
 
 
+def segmentation_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + BCE of a segmenter's logits (N×1×h×w or N×h×w) against a mask (N×H×W, 0/1), the mask
+    area-averaged to the logits' size when they are smaller (a soft target)."""
+    logits = logits.float().reshape(len(logits), *logits.shape[-2:])
+    truth = truth.float()
+    if truth.shape[-2:] != logits.shape[-2:]:
+        truth = F.interpolate(truth[:, None], size=logits.shape[-2:], mode="area")[:, 0]
+    return soft_dice_loss(torch.sigmoid(logits), truth) + F.binary_cross_entropy_with_logits(logits, truth)
+
+
 def crop_pairs(mask_latents: torch.Tensor, true_masks: torch.Tensor, offsets: torch.Tensor,
                size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the `size`×`size` latent window at `offsets` (N×2: top, left, in latent cells) of
@@ -127,6 +139,9 @@ def joint_loss(
     w_prior: float = 0.0,
     geo_crop: int = 0,
     geo_offsets: torch.Tensor | None = None,
+    segment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    w_consistency: float = 0.0,
+    consistency_max_t: int = 200,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch of joint latents, each term returned separately for logging.
 
@@ -138,7 +153,13 @@ def joint_loss(
     window of each predicted mask latent, at `geo_offsets` (N×2 latent cells, `crop_pairs`), and
     compares it with the same window of the true mask: the decoder's memory and compute shrink with
     the window's area (a window as large as the latent is the whole mask).
-    Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``.
+    The consistency reward (``w_consistency`` != 0) needs `segment` (a frozen segmenter: decoded N×3×H×W
+    images in [-1, 1] → lesion logits): for the samples with timestep ≤ `consistency_max_t` it decodes the
+    predicted x0 of their image latents (the same window as the geometry term's, through the same
+    `decode_mask`) and takes `segmentation_loss` of the segmenter's logits against the true mask's window,
+    averaged over those samples (0 when the batch has none).
+    Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``, ``consistency`` and ``low_t`` (how many samples
+    the consistency reward scored).
     """
     abar = alpha_bar(alphas_cumprod, timesteps)
     tgt = target(latents_x0, noise, abar, prediction_type)
@@ -147,24 +168,37 @@ def joint_loss(
     tgt_img, tgt_mask = unpack_latents(tgt, layout)
     img = _mse(pred_img, tgt_img, weights)
     mask = _mse(pred_mask, tgt_mask, weights)
+    x_t = noisy_latents if noisy_latents is not None else noisy(latents_x0, noise, abar)
+    x_t_img, x_t_mask = unpack_latents(x_t, layout)
+    cropping = bool(geo_crop) and geo_crop < min(x_t_mask.shape[-2:])
+    if (w_geo or w_consistency) and cropping and geo_offsets is None:
+        raise ValueError("a decoded window (geo_crop > 0) needs geo_offsets")
     if w_geo:
         if true_masks is None or decode_mask is None:
             raise ValueError("the geometry term (w_geo != 0) needs true_masks and decode_mask")
-        x_t = noisy_latents if noisy_latents is not None else noisy(latents_x0, noise, abar)
-        _, x_t_mask = unpack_latents(x_t, layout)
-        x0_mask = predicted_x0(pred_mask, x_t_mask, abar, prediction_type)
-        if geo_crop and geo_crop < min(x0_mask.shape[-2:]):
-            if geo_offsets is None:
-                raise ValueError("a geometry crop (geo_crop > 0) needs geo_offsets")
-            x0_mask, true_masks = crop_pairs(x0_mask, true_masks, geo_offsets, geo_crop)
-        geo = mask_geometry_loss(decode_mask(x0_mask), true_masks, mask_sharpness)
+        x0_mask, truth = predicted_x0(pred_mask, x_t_mask, abar, prediction_type), true_masks
+        if cropping:
+            x0_mask, truth = crop_pairs(x0_mask, true_masks, geo_offsets, geo_crop)
+        geo = mask_geometry_loss(decode_mask(x0_mask), truth, mask_sharpness)
     else:
         geo = model_pred.new_zeros((), dtype=torch.float32)
+    consistency = model_pred.new_zeros((), dtype=torch.float32)
+    low = timesteps <= consistency_max_t
+    if w_consistency:
+        if true_masks is None or decode_mask is None or segment is None:
+            raise ValueError("the consistency reward (w_consistency != 0) needs true_masks, decode_mask and segment")
+        if low.any():
+            x0_img = predicted_x0(pred_img[low], x_t_img[low], abar[low], prediction_type)
+            truth = true_masks[low]
+            if cropping:
+                x0_img, truth = crop_pairs(x0_img, truth, geo_offsets[low], geo_crop)
+            consistency = segmentation_loss(segment(decode_mask(x0_img).float().clamp(-1, 1)), truth)
     if w_prior:
         if prior_pred is None:
             raise ValueError("the prior-preservation term (w_prior != 0) needs prior_pred")
         prior = _mse(pred_img, prior_pred, weights)
     else:
         prior = model_pred.new_zeros((), dtype=torch.float32)
-    total = w_img * img + w_mask * mask + w_geo * geo + w_prior * prior
-    return {"total": total, "img": img, "mask": mask, "geo": geo, "prior": prior}
+    total = w_img * img + w_mask * mask + w_geo * geo + w_prior * prior + w_consistency * consistency
+    return {"total": total, "img": img, "mask": mask, "geo": geo, "prior": prior, "consistency": consistency,
+            "low_t": low.sum().float() if w_consistency else model_pred.new_zeros((), dtype=torch.float32)}

@@ -425,38 +425,69 @@ class DualPipeline:
         return torch.stack(noise).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels),
-        decoded `decode_batch` latents at a time (the VAE decoder's memory grows with its batch)."""
+    def decode(self, latents: torch.Tensor, masks: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels, or
+        None without `masks`), decoded `decode_batch` latents at a time (the VAE decoder's memory grows with
+        its batch)."""
         image_latents, mask_latents = unpack_latents(latents, self.layout)
-        both = torch.cat([image_latents, mask_latents]).to(self.dtype)
+        both = (torch.cat([image_latents, mask_latents]) if masks else image_latents).to(self.dtype)
         decode = vae_decoder(self.vae)
         decoded = torch.cat([decode(both[i:i + self.decode_batch]).float()
                              for i in range(0, len(both), self.decode_batch)])
-        images, masks = decoded.chunk(2)
-        return images.clamp(-1, 1), masks.mean(1)
+        if not masks:
+            return decoded.clamp(-1, 1), None
+        images, mask_logits = decoded.chunk(2)
+        return images.clamp(-1, 1), mask_logits.mean(1)
+
+    @torch.no_grad()
+    def encode_masks(self, masks: np.ndarray) -> torch.Tensor:
+        """0/1 masks N×H×W (at `resolution`) → their scaled VAE latents (posterior means), as training encodes them."""
+        images = mask_to_image(torch.from_numpy(np.ascontiguousarray(masks))).to(self.device, self.dtype)
+        encode = self.vae.encode
+        z = torch.cat([encode(images[i:i + self.decode_batch]).latent_dist.mean
+                       for i in range(0, len(images), self.decode_batch)])
+        return z * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-                 clean_masks: bool = True, mask_smoothing: float = MASK_SMOOTHING) -> DualSample:
+                 clean_masks: bool = True, mask_smoothing: float = MASK_SMOOTHING,
+                 masks: np.ndarray | None = None) -> DualSample:
         """Sample one image–mask pair per (prompt, seed).  Masks: the decoded mask logits, smoothed by a
         Gaussian of σ = `mask_smoothing` latent cells (× the VAE's scale factor in pixels), thresholded
-        at 0 and, with `clean_masks`, cut to their largest component with holes filled."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        at 0 and, with `clean_masks`, cut to their largest component with holes filled.
+
+        Given `masks` (0/1 N×H×W at `resolution`), only the image is sampled: before every step the mask half
+        of the latents is replaced by the given masks' latents (`encode_masks`) noised to that step's level
+        with the mask half of the seed's own noise (`scheduler.add_noise`), as RePaint-style inpainting holds
+        the known region; the returned masks are the given ones."""
+        if len(prompts) != len(seeds) or (masks is not None and len(masks) != len(seeds)):
+            raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, "
+                             f"{'no' if masks is None else len(masks)} masks")
+        if masks is not None and tuple(masks.shape[1:]) != (self.resolution, self.resolution):
+            raise ValueError(f"given masks are {masks.shape[1:]}, the pipeline samples {self.resolution}²")
         cfg = guidance > 1.0
         cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg)
         embeds = torch.cat([uncond, cond]) if cfg else cond
         sched = self.scheduler
         sched.set_timesteps(steps, device=self.device)
-        latents = self.initial_noise(seeds) * sched.init_noise_sigma
+        noise = self.initial_noise(seeds)
+        latents = noise * sched.init_noise_sigma
+        known = self.encode_masks(masks) if masks is not None else None
         for t in sched.timesteps:
+            if known is not None:
+                held = sched.add_noise(known, unpack_latents(noise, self.layout)[1], t.reshape(1).expand(len(known)))
+                latents = pack_latents(unpack_latents(latents, self.layout)[0], held.to(latents.dtype), self.layout)
             x = torch.cat([latents, latents]) if cfg else latents
             pred = self.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=embeds).sample
             if cfg:
                 uncond_pred, cond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance * (cond_pred - uncond_pred)
             latents = sched.step(pred, t, latents).prev_sample
+        if known is not None:
+            latents = pack_latents(unpack_latents(latents, self.layout)[0], known.to(latents.dtype), self.layout)
+            images, _ = self.decode(latents, masks=False)
+            images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            return DualSample(images=images, masks=np.asarray(masks, np.uint8), latents=latents.float().cpu())
         images, mask_logits = self.decode(latents)
         images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         logits = smooth_mask_logits(mask_logits.float().cpu().numpy(), mask_smoothing * self.pipe.vae_scale_factor)

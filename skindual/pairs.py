@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from skindual.data import resize_pair
+from skindual.data import resize_ignore, resize_pair
 from skindual.errors import DataError, UserError
 from skindual.shards import committed_shards, read_stats, readable_shards, shard_names
 from skindual.storage import Storage, is_remote, open_storage
@@ -117,9 +117,10 @@ def iter_shard(storage: Storage, shard: int, keys: Iterable[str] | None = None) 
 
 
 def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[str, Any]:
-    """``key``, ``image`` (uint8 H×W×3), ``mask`` (uint8 H×W, 0/1), ``class_index``, ``prompt``, ``meta``
-    of a sample of `iter_shard`; at `size` × `size` (`data.resize_pair`) when given.  JPEG images are
-    decoded at the smallest scale that still covers `size` (PIL's draft mode)."""
+    """``key``, ``image`` (uint8 H×W×3), ``mask`` (uint8 H×W, 0/1), ``ignore`` (uint8 H×W, 0/1: the pair's
+    ignore map, all 0 when it has none), ``class_index``, ``prompt``, ``meta`` of a sample of `iter_shard`;
+    at `size` × `size` (`data.resize_pair`; an ignore map keeps every pixel it touches) when given.  JPEG
+    images are decoded at the smallest scale that still covers `size` (PIL's draft mode)."""
     encoded = sample["jpg"] if "jpg" in sample else sample["png"]
     with Image.open(io.BytesIO(encoded)) as im:
         if size is not None:
@@ -127,13 +128,21 @@ def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[st
         image = im.convert("RGB")
     with Image.open(io.BytesIO(sample["seg.png"])) as m:
         mask = (np.asarray(m.convert("L")) >= 128).astype(np.uint8)
+    ignore = None
+    if "ignore.png" in sample:
+        with Image.open(io.BytesIO(sample["ignore.png"])) as m:
+            ignore = np.asarray(m.convert("L")) >= 128
     if mask.shape != (image.height, image.width):  # the image was drafted smaller than its mask
         mask = np.asarray(Image.fromarray(mask * 255).resize(image.size, Image.Resampling.BILINEAR)) >= 128
     if size is not None:
         image, mask = resize_pair(image, mask, size)
     else:
         image = np.asarray(image)
-    return {"key": sample["__key__"], "image": image, "mask": mask.astype(np.uint8),
+    if ignore is None:
+        ignore = np.zeros(mask.shape, np.uint8)
+    else:
+        ignore = resize_ignore(ignore, size) if size is not None else ignore.astype(np.uint8)
+    return {"key": sample["__key__"], "image": image, "mask": mask.astype(np.uint8), "ignore": ignore,
             "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": json.loads(sample["json"])}
 
 

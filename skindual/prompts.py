@@ -146,6 +146,8 @@ PROMPT_TABLE_SCHEMA = pa.schema(
         ("class_index", pa.int8()),
         ("prompt", pa.string()),
         ("seed", pa.int64()),
+        ("source_key", pa.string()),  # mask-conditioned rows: the real pair whose mask is given ("{shard:05d}/{key}")
+        ("augmentation_seed", pa.int64()),  # mask-conditioned rows: the seed of that mask's augmentation
     ]
 )
 
@@ -163,6 +165,7 @@ def prompt_table(
     samples_per_shard: int = 1000,
     template: str = DEFAULT_TEMPLATE,
     attributes: Mapping[str, Sequence[Attributes]] | None = None,
+    sources: Mapping[str, Sequence[tuple[str, Attributes]]] | None = None,
 ) -> pa.Table:
     """The class-balanced prompt table that generation maps over.
 
@@ -171,6 +174,10 @@ def prompt_table(
     proportions.  With `attributes` (per class, a pool of (localization, age,
     sex) tuples taken from real metadata) each row picks one from the pool by a
     hash of its seed, so prompts follow the real data's sites and patients.
+    With `sources` (per class, row r's given mask: its source key and its real
+    row's attributes; `skindual.mask_source.source_table`) row r of a class
+    takes its attributes from that row and records the source key and an
+    augmentation seed (`augmentation_seed`).
     """
     if not 1 <= samples_per_shard <= MAX_SAMPLES_PER_SHARD:
         raise UserError(f"--samples-per-shard {samples_per_shard}: must be between 1 and {MAX_SAMPLES_PER_SHARD}")
@@ -180,12 +187,14 @@ def prompt_table(
         for r in range(n)
     )
     columns: dict[str, list] = {name: [] for name in PROMPT_TABLE_SCHEMA.names}
-    for row_id, (_, class_index, code, _) in enumerate(order):
+    for row_id, (_, class_index, code, r) in enumerate(order):
         shard, index = divmod(row_id, samples_per_shard)
         s = row_seed(seed, row_id)
-        localization = age = sex = None
+        localization = age = sex = source = None
         pool = (attributes or {}).get(code)
-        if pool:
+        if sources is not None:
+            source, (localization, age, sex) = sources[code][r]
+        elif pool:
             localization, age, sex = pool[s % len(pool)]
         columns["row_id"].append(row_id)
         columns["key"].append(sample_key(shard, index))
@@ -194,7 +203,16 @@ def prompt_table(
         columns["class_index"].append(class_index)
         columns["prompt"].append(build_prompt(code, localization, age, sex, template))
         columns["seed"].append(s)
+        columns["source_key"].append(source)
+        columns["augmentation_seed"].append(augmentation_seed(seed, row_id) if source is not None else None)
     return pa.table(columns, schema=PROMPT_TABLE_SCHEMA)
+
+
+def augmentation_seed(run_seed: int, row_id: int) -> int:
+    """The seed of a mask-conditioned row's mask augmentation: a 63-bit hash of (run seed, row id), apart from
+    its sampling seeds (`row_seed`)."""
+    digest = hashlib.blake2b(f"augmentation/{run_seed}/{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 Attributes = tuple[str | None, float | None, str | None]  # (localization, age, sex) of one lesion image

@@ -10,7 +10,9 @@ written last) to ``--output``, a folder or s3:// prefix.
 
 `QCSegmenter.load(url)` reads it back (the sha256 checked) and `score(images, masks)` gives, per pair,
 the Dice between the mask and the segmenter's mask of the image (at the image's size): generation's
-``--qc-segmenter URL --min-consistency D`` redraws a pair that scores below D.
+``--qc-segmenter URL --min-consistency D`` redraws a pair that scores below D.  `judge(images, masks)`
+adds, per pair, its ignore map (`ignore_maps`): the pixels where the segmenter confidently contradicts
+the mask, and a thin band around them, which a downstream segmenter leaves out of its loss.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from scipy.special import expit
 
 from skindual import data, downstream, pairs
 from skindual.cli import check_fields, option, worker_setup
@@ -38,6 +42,12 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, CARD = "segmenter.safetensors", "segmenter.json"
 FORMAT = "skindual-qc-segmenter/1"
+IGNORE_CONFIDENCE = 0.9
+"""An ignore map's pixels: where the segmenter gives the label the mask does not have a probability of at
+least this (lesion ≥ 0.9 outside the mask, background ≥ 0.9 inside it) ..."""
+IGNORE_BAND = 1 / 64
+"""... and every pixel within this share of the image's side of one (at least one pixel: 8 px at 512², 1 at 64²):
+the segmenter's own edge is uncertain by about that much."""
 
 
 @dataclass(frozen=True)
@@ -194,9 +204,10 @@ class QCSegmenter:
         self.device = torch.device(device)
 
     @classmethod
-    def load(cls, url: str, s3_endpoint: str | None = None, device: str = "cpu") -> QCSegmenter:
+    def load(cls, url: str, s3_endpoint: str | None = None, device: str = "cpu",
+             flag: str = "--qc-segmenter") -> QCSegmenter:
         """Read ``segmenter.json`` and ``segmenter.safetensors`` from `url` (folder or s3://), checking
-        the weights' sha256; one clear `UserError` when it is not a segmenter of this tool."""
+        the weights' sha256; one clear `UserError` naming `flag` when it is not a segmenter of this tool."""
         from safetensors.torch import load_file
 
         storage = open_storage(url, s3_endpoint)
@@ -204,24 +215,24 @@ class QCSegmenter:
         try:
             card = json.loads(storage.read_bytes(CARD))
         except FileNotFoundError:
-            raise UserError(f"--qc-segmenter {url}: no {CARD} there; {redo}") from None
+            raise UserError(f"{flag} {url}: no {CARD} there; {redo}") from None
         if card.get("format") != FORMAT:
-            raise UserError(f"--qc-segmenter {url}: {CARD} is not a skindual QC segmenter; {redo}")
+            raise UserError(f"{flag} {url}: {CARD} is not a skindual QC segmenter; {redo}")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / WEIGHTS
             try:
                 path.write_bytes(storage.read_bytes(WEIGHTS))
             except FileNotFoundError:
-                raise UserError(f"--qc-segmenter {url}: {WEIGHTS} is missing; {redo}") from None
+                raise UserError(f"{flag} {url}: {WEIGHTS} is missing; {redo}") from None
             if file_sha256(path) != card["sha256"]:
-                raise UserError(f"--qc-segmenter {url}: {WEIGHTS} does not match the sha256 in {CARD}; {redo}")
+                raise UserError(f"{flag} {url}: {WEIGHTS} does not match the sha256 in {CARD}; {redo}")
             model = downstream.SmallUNet(card["width"], card["depth"])
             model.load_state_dict(load_file(str(path)))
         return cls(model, card["size"], card["sha256"], device)
 
     @torch.no_grad()
-    def masks(self, images: np.ndarray) -> np.ndarray:
-        """The segmenter's 0/1 masks of uint8 N×H×W×3 images, at the images' size."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The segmenter's lesion logits (float32 N×H×W) of uint8 N×H×W×3 images, at the images' size."""
         x = images_to_tensor(images, self.device)
         side = x.shape[-2:]
         if tuple(side) != (self.size, self.size):
@@ -229,14 +240,54 @@ class QCSegmenter:
         logits = self.model(x)
         if tuple(side) != (self.size, self.size):
             logits = F.interpolate(logits, size=tuple(side), mode="bilinear", align_corners=False)
-        return (logits[:, 0] > 0).cpu().numpy().astype(np.uint8)
+        return logits[:, 0].float().cpu().numpy()
+
+    def masks(self, images: np.ndarray) -> np.ndarray:
+        """The segmenter's 0/1 masks of uint8 N×H×W×3 images, at the images' size."""
+        return (self.logits(images) > 0).astype(np.uint8)
 
     def score(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """Per pair, Dice between its mask and the segmenter's mask of its image (1 when both are empty)."""
-        predicted = self.masks(images).astype(bool).reshape(len(masks), -1)
-        given = np.asarray(masks).astype(bool).reshape(len(masks), -1)
-        total = predicted.sum(1) + given.sum(1)
-        return np.where(total > 0, 2 * (predicted & given).sum(1) / np.maximum(total, 1), 1.0)
+        return _dice(self.logits(images) > 0, masks)
+
+    def judge(self, images: np.ndarray, masks: np.ndarray) -> Judgement:
+        """Per pair, its consistency (`score`), its ignore map (`ignore_maps`) and that map's share of the pixels."""
+        logits = self.logits(images)
+        ignore = ignore_maps(expit(logits), masks)
+        return Judgement(_dice(logits > 0, masks), ignore,
+                         ignore.reshape(len(ignore), -1).mean(1) if len(ignore) else np.zeros(0))
+
+
+def _dice(predicted: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per pair, Dice between two stacks of 0/1 masks (1 when both are empty)."""
+    p = np.asarray(predicted).astype(bool).reshape(len(masks), -1)
+    m = np.asarray(masks).astype(bool).reshape(len(masks), -1)
+    total = p.sum(1) + m.sum(1)
+    return np.where(total > 0, 2 * (p & m).sum(1) / np.maximum(total, 1), 1.0)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the QC segmenter says of a batch of pairs."""
+
+    consistency: np.ndarray  # N: Dice between each mask and the segmenter's mask of its image
+    ignore: np.ndarray  # uint8 N×H×W, 0/1: `ignore_maps`
+    disagreement: np.ndarray  # N: each ignore map's share of its pixels
+
+
+def ignore_maps(probabilities: np.ndarray, masks: np.ndarray, confidence: float = IGNORE_CONFIDENCE,
+                band: float = IGNORE_BAND) -> np.ndarray:
+    """0/1 maps (uint8 N×H×W) of the pixels a segmenter trained on generated pairs should not learn from: where
+    the QC segmenter's lesion probability confidently contradicts the mask (≥ `confidence` outside it, ≤
+    1 − `confidence` inside it), and every pixel within ``band × side`` (at least 1 px) of one of those."""
+    masks = np.asarray(masks).astype(bool)
+    contradicted = np.where(masks, probabilities <= 1 - confidence, probabilities >= confidence)
+    out = np.zeros(masks.shape, np.uint8)
+    for i, wrong in enumerate(contradicted):
+        if wrong.any():
+            radius = max(1.0, band * min(wrong.shape))
+            out[i] = ndimage.distance_transform_edt(~wrong) <= radius
+    return out
 
 
 def card_digest(url: str, s3_endpoint: str | None = None) -> str:

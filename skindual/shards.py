@@ -3,8 +3,10 @@
 One shard is three files under the output root, uploaded through `skindual.storage` in this order:
 
 - ``{shard:05d}.tar``: per accepted sample, in key order, ``{key}.jpg`` (or ``.png``),
-  ``{key}.seg.png`` (8-bit L, 0/255), ``{key}.cls`` (class index), ``{key}.txt`` (prompt) and
-  ``{key}.json`` (the sample's metadata).  Written with webdataset's `TarWriter` with a fixed
+  ``{key}.seg.png`` (8-bit L, 0/255), ``{key}.cls`` (class index), ``{key}.txt`` (prompt),
+  ``{key}.json`` (the sample's metadata) and, when a QC segmenter judged the pair, ``{key}.ignore.png``
+  (8-bit L, 0/255: the pixels a segmenter trained on the pair should leave out of its loss,
+  `skindual.qc_model.ignore_maps`).  Written with webdataset's `TarWriter` with a fixed
   mtime, owner and mode, so the same samples give the same bytes.
 - ``{shard:05d}.parquet``: every sample, rejected ones too (status, reason).
 - ``{shard:05d}_stats.json``: counts and checksums; written LAST, it is the commit marker.  A crash
@@ -63,6 +65,10 @@ PARQUET_SCHEMA = pa.schema([
     ("mask_area", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
     ("rejections", pa.list_(pa.string())),  # the quality-control reason of every failed attempt
     ("consistency", pa.float64()),  # the QC segmenter's score of the kept draw (of the last, for a rejected row)
+    ("disagreement", pa.float64()),  # the share of the kept pair's pixels in its ignore map (QC segmenter)
+    ("mode", pa.string()),  # "joint" (image and mask sampled together) or "mask" (the image sampled for a given mask)
+    ("source_key", pa.string()),  # mask mode: the real pair the mask came from, "{shard:05d}/{key}"
+    ("augmentation_seed", pa.int64()),  # mask mode: the seed of the mask's augmentation
 ])
 RUN_FILE, SIZES_FILE, MANIFEST_FILE = "run.json", "sizes.json", "manifest.json"
 _SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
@@ -114,6 +120,12 @@ class Sample:
     width: int | None = None
     area: float | None = None
     consistency: float | None = None  # the QC segmenter's image–mask Dice, when generation scored it
+    ignore: np.ndarray | None = None  # H×W 0/1: where the QC segmenter contradicts the mask (`qc_model.ignore_maps`)
+    ignore_bytes: bytes | None = None  # pre-encoded ignore map: 8-bit L PNG, 0/255
+    disagreement: float | None = None  # the ignore map's share of the pixels
+    mode: str = "joint"  # "joint", or "mask": the image sampled for a given mask (generate --mask-source)
+    source_key: str | None = None  # mask mode: the real pair whose mask was augmented, "{shard:05d}/{key}"
+    augmentation_seed: int | None = None  # mask mode: the augmentation's seed
 
     @property
     def mask_area(self) -> float | None:
@@ -163,11 +175,16 @@ def _validate(shard: int, samples: Sequence[Sample], image_format: str = "jpg") 
             raise ValueError(f"sample {s.key}: encoded as {s.encoded_format!r}, the shard is {image_format!r}")
         if s.image is not None and (s.image.dtype != np.uint8 or s.image.ndim != 3 or s.image.shape[2] != 3):
             raise ValueError(f"sample {s.key}: image must be uint8 H×W×3, got {s.image.dtype} {s.image.shape}")
-        if s.mask is not None:
-            if s.image is not None and s.mask.shape != s.image.shape[:2]:
-                raise ValueError(f"sample {s.key}: mask {s.mask.shape} vs image {s.image.shape[:2]}")
-            if s.mask.ndim != 2 or not np.isin(s.mask, (0, 1)).all():
-                raise ValueError(f"sample {s.key}: mask must be H×W with values 0/1")
+        for name in ("mask", "ignore"):
+            array = getattr(s, name)
+            if array is None:
+                continue
+            if s.image is not None and array.shape != s.image.shape[:2]:
+                raise ValueError(f"sample {s.key}: {name} {array.shape} vs image {s.image.shape[:2]}")
+            if array.ndim != 2 or not np.isin(array, (0, 1)).all():
+                raise ValueError(f"sample {s.key}: {name} must be H×W with values 0/1")
+        if s.mode not in ("joint", "mask"):
+            raise ValueError(f"sample {s.key}: mode {s.mode!r}")
     return sorted(samples, key=lambda s: s.key)
 
 
@@ -194,9 +211,10 @@ def encode_sample(sample: Sample, image_format: str = "jpg") -> Sample:
         return sample
     _validate(int(sample.key) // MAX_SAMPLES_PER_SHARD, [sample])
     height, width = sample.image.shape[:2]
+    ignore = {} if sample.ignore is None else {"ignore": None, "ignore_bytes": encode_mask(sample.ignore)}
     return replace(sample, image=None, mask=None, image_bytes=encode_image(sample.image, image_format),
                    mask_bytes=encode_mask(sample.mask), encoded_format=image_format,
-                   height=int(height), width=int(width), area=sample.mask_area)
+                   height=int(height), width=int(width), area=sample.mask_area, **ignore)
 
 
 def _row(s: Sample) -> dict[str, Any]:
@@ -205,7 +223,8 @@ def _row(s: Sample) -> dict[str, Any]:
     return {"key": s.key, "row_id": s.row_id, "class_code": s.class_code, "class_index": s.class_index,
             "prompt": s.prompt, "seed": s.seed, "attempts": s.attempts, "status": s.status,
             "reason": s.reason, "mask_area": s.mask_area, "width": width, "height": height,
-            "rejections": list(s.rejections), "consistency": s.consistency}
+            "rejections": list(s.rejections), "consistency": s.consistency, "disagreement": s.disagreement,
+            "mode": s.mode, "source_key": s.source_key, "augmentation_seed": s.augmentation_seed}
 
 
 def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_info: Mapping[str, Any]) -> ShardStats:
@@ -229,9 +248,12 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
             continue
         if s.image_bytes is None or s.mask_bytes is None:
             s = encode_sample(s, image_format)
-        members.append({"__key__": s.key, image_format: s.image_bytes, "seg.png": s.mask_bytes,
-                        "cls": str(s.class_index).encode(), "txt": s.prompt.encode(),
-                        "json": canonical_json({**meta, **_row(s)})})
+        member = {"__key__": s.key, image_format: s.image_bytes, "seg.png": s.mask_bytes,
+                  "cls": str(s.class_index).encode(), "txt": s.prompt.encode(),
+                  "json": canonical_json({**meta, **_row(s)})}
+        if s.ignore_bytes is not None:
+            member["ignore.png"] = s.ignore_bytes
+        members.append(member)
     table = pa.Table.from_pylist([_row(s) for s in ordered], schema=PARQUET_SCHEMA)
     return commit_shard(storage, shard, members, table, str(run_info["fingerprint"]), image_format,
                         str(run_info.get("device", "")))
@@ -530,22 +552,27 @@ def _decode_mask(data: bytes) -> np.ndarray:
 
 def _to_output(sample: dict[str, Any], to_tensors: bool) -> dict[str, Any]:
     image = sample["jpg"] if "jpg" in sample else sample["png"]
-    out = {"key": sample["__key__"], "image": image, "mask": sample["seg.png"],
+    mask = sample["seg.png"]
+    ignore = sample["ignore.png"] if "ignore.png" in sample else np.zeros_like(mask)
+    out = {"key": sample["__key__"], "image": image, "mask": mask, "ignore": ignore,
            "class_index": sample["cls"], "prompt": sample["txt"], "meta": sample["json"]}
     if to_tensors:
         import torch  # only consumers that ask for tensors need torch
 
         out["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(255)
-        out["mask"] = torch.from_numpy(out["mask"][None]).float()
+        out["mask"] = torch.from_numpy(mask[None]).float()
+        out["ignore"] = torch.from_numpy(ignore[None]).float()
     return out
 
 
 def read_shards(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None,
                 to_tensors: bool = False, shardshuffle: int | bool = False, partial: bool = False) -> wds.WebDataset:
     """A webdataset pipeline over committed shards yielding dicts: ``key``, ``image`` (uint8
-    H×W×3), ``mask`` (uint8 H×W 0/1), ``class_index``, ``prompt``, ``meta`` (the sample's json).
+    H×W×3), ``mask`` (uint8 H×W 0/1), ``ignore`` (uint8 H×W 0/1: the pair's ignore map, pixels a
+    segmenter should leave out of its loss; all 0 for a pair without one), ``class_index``, ``prompt``,
+    ``meta`` (the sample's json).
 
-    ``to_tensors``: image float C×H×W in [0, 1], mask float 1×H×W in {0, 1}.  Shards are split over
+    ``to_tensors``: image float C×H×W in [0, 1], mask and ignore float 1×H×W in {0, 1}.  Shards are split over
     torch.distributed ranks and DataLoader workers.  Further stages can be chained as usual.  The shards
     are checked first (`readable_shards`; `partial` reads the committed part of an output that names more).
     """
@@ -555,7 +582,7 @@ def read_shards(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None
     if not urls:
         raise UserError(f"no committed shards (with a _stats.json) under {url_or_urls}")
     dataset = wds.WebDataset(urls, shardshuffle=shardshuffle, nodesplitter=wds.split_by_node)
-    return (dataset.decode(wds.handle_extension("seg.png", _decode_mask), "rgb8")
+    return (dataset.decode(wds.handle_extension("seg.png ignore.png", _decode_mask), "rgb8")
             .map(functools.partial(_to_output, to_tensors=to_tensors)))
 
 

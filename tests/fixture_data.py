@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
 EVAL_SYNTHETIC_SIZE = 32  # the synthetic pairs' side (the demo generator's would be 64)
 
 
-def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHETIC_SIZE, first_shard: int = 0) -> None:
+def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHETIC_SIZE, first_shard: int = 0,
+                      ignore_rows: int = 0) -> None:
     """Commit `pairs` [(class code, seed)] as WebDataset shards under `root` (local or s3://), each a
-    procedural demo lesion rendered at size × size: stand-ins for a generation run's output."""
+    procedural demo lesion rendered at size × size: stand-ins for a generation run's output.  The first
+    `ignore_rows` pixel rows of every other pair (odd index) are its ignore map."""
     from skindual.demo.render import render_lesion
     from skindual.prompts import CLASS_BY_CODE, build_prompt, sample_key
     from skindual.shards import Sample, write_shard
@@ -26,9 +29,14 @@ def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHET
         shard, samples = first_shard + start // per_shard, []
         for index, (code, seed) in enumerate(pairs[start:start + per_shard]):
             image, mask = render_lesion(code, seed, (size, size))
+            ignore = None
+            if ignore_rows and index % 2:
+                ignore = np.zeros(mask.shape, np.uint8)
+                ignore[:ignore_rows] = 1
             samples.append(Sample(key=sample_key(shard, index), row_id=start + index, class_code=code,
                                   class_index=CLASS_BY_CODE[code].index, prompt=build_prompt(code), seed=seed,
-                                  image=image, mask=mask))
+                                  image=image, mask=mask, ignore=ignore,
+                                  disagreement=None if ignore is None else float(ignore.mean())))
         write_shard(storage, shard, samples, run_info)
 
 

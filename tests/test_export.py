@@ -26,11 +26,12 @@ def shard_pairs(url: str) -> dict[str, dict]:
     return {s["key"]: s for s in read_shards(url)}
 
 
-def check_nnunet_dataset(folder: Path) -> dict:
-    """nnU-Net v2's raw-dataset conventions (documentation/dataset_format.md) for 2D RGB PNG data."""
+def check_nnunet_dataset(folder: Path, ignore: bool = False) -> dict:
+    """nnU-Net v2's raw-dataset conventions (documentation/dataset_format.md) for 2D RGB PNG data; with `ignore`,
+    its ignore label (documentation/ignore_label.md: named "ignore", the highest label)."""
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "R", "1": "G", "2": "B"}
-    assert meta["labels"] == {"background": 0, "lesion": 1}
+    assert meta["labels"] == {"background": 0, "lesion": 1, **({"ignore": 2} if ignore else {})}
     assert meta["file_ending"] == ".png"
     images = sorted((folder / "imagesTr").iterdir())
     labels = sorted((folder / "labelsTr").iterdir())
@@ -42,7 +43,7 @@ def check_nnunet_dataset(folder: Path) -> dict:
         image, label = np.asarray(Image.open(image_path)), np.asarray(Image.open(label_path))
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         assert label.dtype == np.uint8 and label.shape == image.shape[:2]
-        assert set(np.unique(label)) <= {0, 1}  # consecutive integer labels, background 0
+        assert set(np.unique(label)) <= {0, 1, 2} if ignore else {0, 1}  # consecutive integer labels, background 0
     return meta
 
 
@@ -69,6 +70,26 @@ def test_nnunet_export_of_local_shards(eval_world, tmp_path):
     (folder / "imagesTr" / "stale_0000.png").write_bytes(b"")
     export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path), overwrite=True))
     assert not (folder / "imagesTr" / "stale_0000.png").exists()
+
+
+def test_nnunet_export_writes_ignore_maps_as_the_ignore_label(tmp_path):
+    write_test_shards(tmp_path / "synthetic", [("df", 1), ("vasc", 2), ("nv", 3), ("mel", 4)], per_shard=4,
+                      ignore_rows=5)
+    pairs = shard_pairs(str(tmp_path / "synthetic"))
+    summary = export(ExportConfig(synthetic=str(tmp_path / "synthetic"), output=str(tmp_path / "out")))
+    folder = tmp_path / "out" / "Dataset501_SkinDualGen"
+    check_nnunet_dataset(folder, ignore=True)
+    assert summary["pairs_with_ignored_pixels"] == 2
+    for key, sample in pairs.items():
+        label = np.asarray(Image.open(folder / "labelsTr" / f"syn_{key}.png"))
+        assert np.array_equal(label, np.where(sample["ignore"] > 0, 2, sample["mask"]))
+        assert sample["ignore"][:5].all() == (int(key) % 2 == 1) and not sample["ignore"][5:].any()
+    # resized, an ignore map keeps every pixel it reaches; without --ignore-maps, only the masks' labels
+    export(ExportConfig(synthetic=str(tmp_path / "synthetic"), output=str(tmp_path / "small"), size=24))
+    label = np.asarray(Image.open(tmp_path / "small" / "Dataset501_SkinDualGen" / "labelsTr" / "syn_000000001.png"))
+    assert (label[:3] == 2).all() and not (label[4:] == 2).any()
+    export(ExportConfig(synthetic=str(tmp_path / "synthetic"), output=str(tmp_path / "plain"), ignore_maps=False))
+    check_nnunet_dataset(tmp_path / "plain" / "Dataset501_SkinDualGen")
 
 
 def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):

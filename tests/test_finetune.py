@@ -23,6 +23,7 @@ from skindual.finetune import (
     JointTrainer,
     check_memory,
     lr_factor,
+    plan_finetune,
     ray_storage,
     resolve_precision,
     step_memory_gb,
@@ -268,3 +269,29 @@ def test_the_defaults_fit_a_24_gb_gpu_and_settings_that_do_not_are_refused():
     check_memory(fp32, sd2, 512, "H100")  # 80 GB
     check_memory(fp32, sd2, 512, "")  # a GPU of unknown memory: not refused here
     assert step_memory_gb(cfg, [32, 64], 64) is None  # other bases (the demo's): no estimate
+
+
+def test_the_consistency_reward_trains_the_image_through_a_frozen_segmenter(demo_real, tmp_path):
+    """Plain PyTorch (no Ray): with --w-consistency the step logs the reward, the segmenter stays frozen, and the
+    gradient reaches the trained weights through the decoded image (a run with only the reward moves them)."""
+    from skindual.downstream import SmallUNet
+    from skindual.qc_model import QCModelConfig, write_segmenter
+
+    torch.manual_seed(0)
+    write_segmenter(QCModelConfig(output=str(tmp_path / "qc"), size=32, width=8), SmallUNet(8), {"val_dice": None})
+    cfg = FinetuneConfig(training_data=str(demo_real), steps=2, batch_size=2, lora_rank=4, w_img=0, w_mask=0,
+                         w_geo=0, w_consistency=1.0, consistency_segmenter=str(tmp_path / "qc"),
+                         consistency_max_t=1000, ema_decay=0, lr=1e-3, warmup_steps=0)
+    trainer = JointTrainer(cfg, torch.device("cpu"))
+    frozen = {k: v.clone() for k, v in trainer.segmenter.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.state().items()}
+    batch = real_batch(demo_real, 64)
+    metrics = trainer.train_step(batch)
+    assert metrics["consistency"] > 0 and metrics["low_t"] == 2 and metrics["img"] > 0
+    after = trainer.state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the reward alone moved the weights
+    assert all(torch.equal(frozen[k], v) for k, v in trainer.segmenter.state_dict().items())
+    with pytest.raises(UserError, match="--w-consistency 1.0: .* needs --consistency-segmenter"):
+        FinetuneConfig(w_consistency=1.0)
+    with pytest.raises(UserError, match="--consistency-segmenter .*: no segmenter.json there"):
+        plan_finetune(replace(cfg, consistency_segmenter=str(tmp_path), output=str(tmp_path / "runs")))

@@ -28,6 +28,7 @@ from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate import GenerateConfig, generate_samples
 from skindual.prompts import build_prompt, prompt_table, row_seed
+from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
 from skindual.shards import Sample, encode_sample, read_shards, shard_urls, write_shard
 from skindual.storage import LocalStorage, Storage, open_storage
@@ -82,7 +83,7 @@ class FakeGenerator:
                 self.by_seed[row_seed(run_seed, r["row_id"], attempt)] = (r["row_id"], attempt)
         self.failing, self.size, self.calls = failing, size, []
 
-    def __call__(self, prompts, seeds):
+    def __call__(self, rows, seeds):
         self.calls.append([self.by_seed[s] for s in seeds])
         masks, images = [], []
         for s in seeds:
@@ -112,7 +113,7 @@ def test_quality_control_redraws_with_the_next_seeds_and_records_every_rejection
         "rejected", "empty", ["empty"] * 3, 3)
     assert rejected.image_bytes is None and rejected.mask_area == 0.0 and rejected.size == (16, 16)
     # encoded ahead of the writer, the shard is byte for byte the one written from the arrays
-    images, masks = fake([r["prompt"] for r in rows], [s.seed for s in samples])
+    images, masks = fake(rows, [s.seed for s in samples])
     raw = [Sample(**{**s.__dict__, "image": img, "mask": m, "image_bytes": None, "mask_bytes": None,
                      "encoded_format": None, "height": None, "width": None, "area": None})
            if s.status == "ok" else s for s, img, m in zip(samples, images, masks)]
@@ -129,20 +130,39 @@ def test_quality_control_redraws_with_the_next_seeds_and_records_every_rejection
         write_shard(a, 0, [encode_sample(raw[0], "png")], {**run_info, "image_format": "jpg"})
 
 
-def test_consistency_qc_redraws_below_the_threshold_and_records_the_score():
+def test_consistency_qc_redraws_below_the_threshold_and_records_the_score_and_the_ignore_map(tmp_path):
     rows = prompt_table({"nv": 4}, seed=2, samples_per_shard=4).to_pylist()
     ids = [r["row_id"] for r in rows]
     fake = FakeGenerator(rows, 2, {})
     scores = {(ids[1], 0): 0.4, (ids[1], 1): 0.95, **{(ids[3], a): 0.1 for a in range(3)}}
 
-    def score(images, masks):  # the draw's (row, attempt) is read back from the fake's last call
-        return np.asarray([scores.get(drawn, 0.9) for drawn in fake.calls[-1]])
+    def judge(images, masks):  # the draw's (row, attempt) is read back from the fake's last call
+        drawn = fake.calls[-1]
+        ignore = np.zeros(masks.shape, np.uint8)
+        ignore[:, :2] = np.asarray([row % 2 for row, _ in drawn])[:, None, None]  # odd rows: top two lines ignored
+        return Judgement(np.asarray([scores.get(d, 0.9) for d in drawn]), ignore,
+                         ignore.reshape(len(ignore), -1).mean(1))
 
-    samples = generate_samples(rows, fake, 2, batch_size=4, max_attempts=3, limits=MaskLimits(), score=score,
-                               min_consistency=0.8)
+    samples = generate_samples(rows, fake, 2, batch_size=4, max_attempts=3, limits=MaskLimits(), judge=judge,
+                               min_consistency=0.8, image_format="png")
     by_row = {s.row_id: s for s in samples}
     assert (by_row[ids[1]].status, by_row[ids[1]].rejections, by_row[ids[1]].consistency) == ("ok", ["inconsistent"], 0.95)
     assert by_row[ids[0]].consistency == 0.9 and by_row[ids[0]].attempts == 1
+    # the kept pairs' ignore maps go into the tar as {key}.ignore.png, their share into the json and the parquet
+    run_info = {"base_model": "demo", "adapter_sha256": None, "layout": "channels", "scheduler": "ddim",
+                "steps": 2, "guidance": 4.0, "fingerprint": "f", "image_format": "png"}
+    write_shard(LocalStorage(tmp_path), 0, samples, run_info)
+    read = {s["key"]: s for s in read_shards(str(tmp_path))}
+    kept = [s for s in samples if s.status == "ok"]
+    assert sorted(read) == [s.key for s in kept]
+    for s in kept:
+        expected = np.zeros((16, 16), np.uint8)
+        expected[:2] = s.row_id % 2
+        assert np.array_equal(read[s.key]["ignore"], expected)
+        assert read[s.key]["meta"]["disagreement"] == s.disagreement == round(2 / 16 * (s.row_id % 2), 6)
+        assert read[s.key]["meta"]["mode"] == "joint" and read[s.key]["meta"]["source_key"] is None
+    parquet = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert [p["disagreement"] for p in parquet] == [s.disagreement for s in samples]
     assert (by_row[ids[3]].status, by_row[ids[3]].reason, by_row[ids[3]].consistency) == ("rejected", "inconsistent", 0.1)
     assert fake.calls[1:] == [[(ids[1], 1), (ids[3], 1)], [(ids[3], 2)]]
     with pytest.raises(UserError, match="--min-consistency 0.8"):
@@ -189,6 +209,60 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     (sample,) = list(wds.WebDataset(out.join("00001.tar"), shardshuffle=False))
     meta = json.loads(sample["json"])
     assert (meta["key"], meta["adapter_sha256"], meta["base_model"]) == ("000010000", info.sha256, spec.base_id)
+
+
+def test_mask_mode_samples_images_for_augmented_real_masks(demo_real, tmp_path):
+    """--mask-source in one process (plan, prompt table, the stage-1 actor and the stage-2 writer called
+    directly): each row is given a real train mask of its class, augmented by its recorded seed; the shard's
+    mask is that mask exactly, the prompt names that mask's site, and the same shard comes out byte for byte."""
+    from skindual.mask_source import given_mask, load_masks
+    from skindual.pairs import iter_shard, read_index
+
+    cfg = GenerateConfig(per_class="df=3,nv=3", mask_source=str(demo_real), samples_per_shard=6, steps=2,
+                         batch_size=4, output=str(tmp_path / "out"))
+    plan = generate.plan_generate(cfg)
+    assert plan.settings["mask_source"] == f"sha256:{plan.masks.digest}"
+    table = generate.generation_prompts(plan.config, plan.model, plan.masks)
+    index = {f"{r['shard']:05d}/{r['key']}": r for r in read_index(str(demo_real)).to_pylist()}
+    rows = table.to_pylist()
+    for row in rows:
+        real = index[row["source_key"]]
+        assert real["split"] == "train" and real["class_code"] == row["class_code"]
+        assert row["prompt"] == build_prompt(row["class_code"], real["localization"], real["age"], real["sex"])
+    assert len({r["source_key"] for r in rows}) == 6  # 3 of each class: all different (a class has more)
+    masks = load_masks(plan.masks, table.column("source_key").to_pylist(), None)
+    (item,) = generate.shard_items(table, [0], masks)
+    actor = generate.ShardGenerator(generate.resolve_devices(plan.config, this_machine()), plan.model)
+    batch = pa.table({"shard": [0], "rows": [item["rows"]], "masks": [item["masks"]]})
+    outputs = [LocalStorage(tmp_path / name) for name in ("a", "b")]
+    for storage in outputs:
+        generate.write_shard_rows(actor(batch), storage, generate.shard_run_info(plan.config, plan.model, "fp"))
+    assert outputs[0].read_bytes("00000.tar") == outputs[1].read_bytes("00000.tar")
+    real_masks = {}
+    for shard in {int(k.split("/")[0]) for k in masks}:
+        real_masks |= {f"{shard:05d}/{x['__key__']}": x["seg.png"] for x in iter_shard(LocalStorage(demo_real), shard)}
+    for pair in read_shards(outputs[0].url):
+        meta = pair["meta"]
+        assert meta["mode"] == "mask" and meta["source_key"] in masks and meta["augmentation_seed"] >= 0
+        expected, seed = given_mask(real_masks[meta["source_key"]], 64, meta["augmentation_seed"], cfg.limits())
+        assert seed == meta["augmentation_seed"] and np.array_equal(pair["mask"], expected)
+        assert pair["class_index"] == index[meta["source_key"]]["class_index"]
+
+
+def test_mask_mode_errors_name_the_flag(tmp_path):
+    from fixture_data import prepare_folder
+    from skindual.demo import render
+
+    with pytest.raises(UserError, match="--mask-fraction 0.5: .* needs --mask-source"):
+        GenerateConfig(mask_fraction=0.5)
+    with pytest.raises(UserError, match="--mask-source .*no such folder"):
+        generate.plan_generate(GenerateConfig(per_class="1", mask_source=str(tmp_path / "nothing")))
+    render.write_demo_dataset(tmp_path / "data", {"nv": 6, "df": 6}, seed=1)
+    real = prepare_folder(tmp_path / "data", tmp_path / "real")
+    with pytest.raises(UserError, match=r"--mask-source .*: its train split has no usable masks of vasc; leave"):
+        generate.plan_generate(GenerateConfig(per_class="df=1,vasc=1", mask_source=str(real),
+                                              output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- the real job

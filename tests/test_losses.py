@@ -102,7 +102,8 @@ def test_terms_are_separate_and_total_is_the_weighted_sum(layout, prediction_typ
     masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
     out = losses.joint_loss(pred, x0, eps, t, ac, prediction_type, layout, masks, _decode,
                             w_img=0.7, w_mask=1.3, w_geo=0.2)
-    assert set(out) == {"total", "img", "mask", "geo", "prior"}
+    assert set(out) == {"total", "img", "mask", "geo", "prior", "consistency", "low_t"}
+    assert out["consistency"] == 0  # off unless w_consistency
     assert out["prior"] == 0  # off unless w_prior
     abar = ac[t]
     tgt = losses.target(x0, eps, abar, prediction_type)
@@ -175,3 +176,48 @@ def test_prior_preservation_term_by_hand():
     torch.testing.assert_close(out["total"], out["img"] + out["mask"] + 2.0 * by_hand)
     with pytest.raises(ValueError, match="prior_pred"):
         losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, w_prior=1.0)
+
+
+@pytest.mark.parametrize("layout", ["channels", "side-by-side"])
+def test_the_consistency_reward_scores_the_low_noise_samples_decoded_images(layout):
+    """Only the samples at t <= consistency_max_t count; their predicted x0 IMAGE latents are decoded, segmented
+    by the frozen segmenter and scored against the true masks; the gradient reaches the image prediction of
+    those samples only (none reaches the mask half, nor the high-noise sample)."""
+    pred, x0, eps, t, ac = _batch(layout)  # t = 100 (low) and 700 (high)
+    pred.requires_grad_(True)
+    masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    seen = []
+
+    def segment(images):  # a frozen stand-in segmenter: lesion logits from the image's mean channel
+        seen.append(images.shape)
+        return 3 * images.mean(1, keepdim=True)
+
+    out = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", layout, masks, _decode, w_img=0, w_mask=0, w_geo=0,
+                            segment=segment, w_consistency=0.5, consistency_max_t=200)
+    assert seen == [(1, 3, 8, 8)] and out["low_t"] == 1
+    dim = 1 if layout == "channels" else 3
+    x_t_img = losses.noisy(x0, eps, ac[t]).narrow(dim, 0, 4)
+    x0_img = losses.predicted_x0(pred.narrow(dim, 0, 4), x_t_img, ac[t], "epsilon")[:1]
+    expected = losses.segmentation_loss(segment(_decode(x0_img).clamp(-1, 1)), masks[:1])
+    torch.testing.assert_close(out["consistency"], expected)
+    torch.testing.assert_close(out["total"], 0.5 * expected)
+    out["total"].backward()
+    grad_img, grad_mask = pred.grad.narrow(dim, 0, 4), pred.grad.narrow(dim, 4, 4)
+    assert grad_img[0].abs().sum() > 0 and grad_img[1].abs().sum() == 0 and grad_mask.abs().sum() == 0
+    # no low-noise sample in the batch: the reward is 0 and nothing is decoded
+    seen.clear()
+    none = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", layout, masks, _decode, w_geo=0, segment=segment,
+                             w_consistency=0.5, consistency_max_t=50)
+    assert none["consistency"] == 0 and none["low_t"] == 0 and seen == []
+    with pytest.raises(ValueError, match="needs true_masks, decode_mask and segment"):
+        losses.joint_loss(pred, x0, eps, t, ac, "epsilon", layout, masks, _decode, w_geo=0, w_consistency=0.5)
+
+
+def test_segmentation_loss_takes_the_mask_to_the_logits_size():
+    logits = torch.zeros(1, 1, 2, 2)
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2, :2] = 1  # area-averaged: [[1, 0], [0, 0]]
+    soft = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    expected = losses.soft_dice_loss(torch.full((1, 2, 2), 0.5), soft) + F.binary_cross_entropy_with_logits(
+        torch.zeros(1, 2, 2), soft)
+    torch.testing.assert_close(losses.segmentation_loss(logits, mask), expected)

@@ -130,6 +130,29 @@ def test_other_schedulers_and_no_guidance(dual):
         DualPipeline(pipe.pipe, "channels", scheduler="plms")
 
 
+def disc_masks(side: int, centres: list[float]) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    return np.stack([(((yy - side / 2) ** 2 + (xx - c * side) ** 2) < (0.18 * side) ** 2).astype(np.uint8)
+                     for c in centres])
+
+
+@pytest.mark.parametrize("layout", model.LAYOUTS)
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_mask_conditioned_sampling_holds_the_given_masks(dual, layout, scheduler):
+    pipe = DualPipeline(dual[layout].pipe, layout, scheduler=scheduler)
+    given = disc_masks(64, [0.3, 0.7])
+    out = pipe(PROMPTS[:2], [5, 6], steps=3, guidance=3.0, masks=given)
+    assert np.array_equal(out.masks, given) and out.masks.dtype == np.uint8
+    # the mask half of the final latents is the given masks' encoding; the image half was sampled for it
+    torch.testing.assert_close(unpack_latents(out.latents, layout)[1], pipe.encode_masks(given).float())
+    again = pipe(PROMPTS[:2], [5, 6], steps=3, guidance=3.0, masks=given)
+    assert np.array_equal(again.images, out.images)
+    swapped = pipe(PROMPTS[:2], [5, 6], steps=3, guidance=3.0, masks=given[::-1].copy())
+    assert not np.array_equal(swapped.images, out.images)
+    with pytest.raises(ValueError, match="given masks are"):
+        pipe(PROMPTS[:1], [5], steps=1, masks=given[:1, :32, :32])
+
+
 @pytest.mark.parametrize("layout", model.LAYOUTS)
 def test_encode_pair_and_geometry_loss_through_the_frozen_vae(base_dir, layout):
     from skindual.losses import joint_loss

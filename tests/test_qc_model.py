@@ -13,7 +13,8 @@ import pytest
 from job_runs import run_job
 from skindual.demo.world import split_pairs
 from skindual.errors import UserError
-from skindual.qc_model import CARD, QCSegmenter
+from skindual.qc_model import CARD, QCSegmenter, ignore_maps
+from skindual.shards import read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,27 @@ def test_the_segmenter_learns_the_real_masks(segmenter, demo_real):
     assert scores.shape == (len(test["image"]),) and scores.mean() > 0.8  # the real masks agree with it
     shuffled = qc.score(test["image"], np.roll(test["mask"], 1, axis=0))  # masks of other images: far less
     assert shuffled.mean() < scores.mean() - 0.1
+    # the ignore maps: few pixels of the true masks, many more of the other images' masks
+    true, other = qc.judge(test["image"], test["mask"]), qc.judge(test["image"], np.roll(test["mask"], 1, axis=0))
+    assert np.array_equal(true.consistency, scores) and true.ignore.shape == test["mask"].shape
+    assert np.allclose(true.disagreement, true.ignore.reshape(len(scores), -1).mean(1))
+    assert true.disagreement.mean() < 0.1 and other.disagreement.mean() > 2 * true.disagreement.mean()
+
+
+def test_an_ignore_map_is_the_confident_contradictions_and_a_band_around_them():
+    mask = np.zeros((1, 64, 64), np.uint8)
+    mask[0, 16:48, 16:48] = 1
+    p = np.where(mask, 0.8, 0.2).astype(np.float32)  # agrees with the mask everywhere
+    p[0, 30, 30] = 0.05  # inside the mask, confidently background
+    p[0, 5, 5] = 0.95  # outside it, confidently lesion
+    p[0, 60, 60] = 0.6  # outside it, leaning lesion but not confident: kept
+    ignore = ignore_maps(p, mask)[0]
+    assert ignore.dtype == np.uint8 and set(np.unique(ignore)) == {0, 1}
+    rows, cols = np.nonzero(ignore)
+    near = lambda r, c: np.hypot(rows - r, cols - c) <= 1.0  # noqa: E731 (64 px: a band of 1 px)
+    assert np.all(near(30, 30) | near(5, 5)) and ignore[30, 30] and ignore[5, 5] and ignore.sum() == 10
+    assert ignore_maps(p, mask, band=4 / 64)[0].sum() == 2 * 49  # radius 4: 49 pixels around each
+    assert not ignore_maps(np.where(mask, 0.8, 0.2).astype(np.float32), mask).any()
 
 
 def test_a_segmenter_that_is_not_one_is_one_clear_error(segmenter, tmp_path):
@@ -62,6 +84,12 @@ def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ra
     assert result.returncode == 0, result.stderr[-4000:]
     rows = pq.read_table(tmp_path / "scored" / "00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 4 and all(0 <= r["consistency"] <= 1 for r in rows)
+    # every kept pair has its ignore map in the tar, its share in the json and the parquet
+    read = {s["key"]: s for s in read_shards(str(tmp_path / "scored"))}
+    for row in rows:
+        pair = read[row["key"]]
+        assert pair["ignore"].shape == pair["mask"].shape and set(np.unique(pair["ignore"])) <= {0, 1}
+        assert pair["meta"]["disagreement"] == row["disagreement"] == round(float(pair["ignore"].mean()), 6)
     assert json.loads((tmp_path / "scored" / "manifest.json").read_text())["resolved"]["min_consistency"] == 0.0
 
 

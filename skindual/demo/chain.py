@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                          max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes)
     name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
     with _stage_errors(name):
-        threshold, pilot = _min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")
+        threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")
         if pilot is not None:
             progress(f"[4/5] {name}: min consistency {threshold:g} (segmenter val Dice × {DEMO_CONSISTENCY_SHARE:g}: "
                      f"{pilot['from_val_dice']:g}; pilot's weakest class {pilot['weakest_class']}: "
@@ -217,7 +217,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def _min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_output: Path) -> tuple[float, dict | None]:
+def choose_min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_output: Path) -> tuple[float, dict | None]:
     """Generation's --min-consistency: 0 without the QC, the given one, or the automatic one (and how it was
     set): a pilot draw of `DEMO_PILOT_PER_CLASS` scored pairs a class (its own shards, `pilot_output`)."""
     if not cfg.qc:

@@ -1,0 +1,198 @@
+"""Which synthetic pairs help segmentation: one table of recipes on the demo world.
+
+Rows (each against the same real train cut, test set and seeds):
+  real only; + joint pairs, raw (no QC); + joint pairs with the pair-level QC; + ignore maps (the same pairs,
+  their ignore maps out of the segmenter's loss); + pairs of the consistency-reward fine-tune (QC, ignore
+  maps); + mask-conditioned pairs (generate --mask-source, QC, ignore maps); pretrain on the QC'd joint
+  pairs, then fine-tune on real.
+Columns: each synthetic set's consistency judged by a held-out segmenter of another architecture
+(segmentation_models_pytorch's U-Net with a ResNet-18 encoder, trained on the whole real train split; the QC
+and the reward use the small in-house U-Net), downstream segmenter Dice and IoU (in-house U-Net), classifier
+macro-F1 and the two rarest classes' recall (in-house classifier), class fidelity and diversity (lesion-cnn
+features: mean pairwise distance, the real train cut's beside it).
+
+The fine-tunes and generations run through their stage plans on an embedded local Ray cluster (a rerun
+reuses what is done); the judge and the downstream models train in this process on pools held in memory,
+each batch drawn uniformly from the arm's pool (so the synthetic share of a batch is its share of the pool),
+the same seeds in every row.
+
+    python lab/pair_recipes.py --difficulty hard --real-fraction 0.2 --seeds 3 --output RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skindual import data, downstream, fidelity, finetune, pairs, quality
+from skindual.cluster import init_ray
+from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS, DEMO_SAMPLES_PER_SHARD, DemoConfig, choose_min_consistency
+from skindual.demo.world import prepare_demo_world, world_base
+from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.generate import GenerateConfig, plan_generate, run_generate
+from skindual.prompts import CLASS_CODES
+from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
+from skindual.storage import LocalStorage
+
+SIZE = 64
+
+
+def load_set(url: str, selection: dict | None = None) -> dict[str, np.ndarray]:
+    """Every usable pair of a dataset (or `selection`), with its ignore map, in memory at `SIZE`."""
+    storage = LocalStorage(url)
+    if selection is None:
+        selection = pairs.selection_of(data.classed_rows(pairs.usable_rows(pairs.read_index(url))))
+    decoded = [pairs.decode_sample(s, SIZE) for shard in sorted(selection)
+               for s in pairs.iter_shard(storage, shard, selection[shard])]
+    return {"image": np.stack([d["image"] for d in decoded]), "mask": np.stack([d["mask"] for d in decoded]),
+            "ignore": np.stack([d["ignore"] for d in decoded]),
+            "label": np.asarray([d["class_index"] for d in decoded], np.int64)}
+
+
+def concat(*sets: dict) -> dict:
+    return {k: np.concatenate([s[k] for s in sets]) for k in sets[0]}
+
+
+def batches(pool: dict, batch_size: int, seed: int, ignore: bool):
+    g = np.random.default_rng(seed)
+    while True:
+        idx = g.integers(0, len(pool["label"]), batch_size)
+        out = (pool["image"][idx], pool["mask"][idx], pool["label"][idx])
+        yield (*out, pool["ignore"][idx]) if ignore else out
+
+
+def train(kind: str, task: str, pools: list[dict], steps: int, seed: int, ignore: bool) -> torch.nn.Module:
+    """One model trained on each pool in turn (`steps` each): one pool, or pretraining then fine-tuning."""
+    torch.manual_seed(seed)
+    model = downstream.build_model(kind)
+    settings = downstream.BenchmarkSettings(steps=steps, batch_size=32, lr=1e-3, ignore_maps=ignore)
+    for k, pool in enumerate(pools):
+        model = downstream.train_model(model, batches(pool, 32, seed * 100 + k, ignore), task, settings, seed,
+                                       torch.device("cpu"))
+    return model
+
+
+def segmenter_dice(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray) -> float:
+    test = downstream.PairSet(images, masks, np.zeros(len(images), np.int64))
+    return downstream.test_model(model, test, "segmenter", [], torch.device("cpu"))["dice"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--difficulty", default="hard", choices=["easy", "hard"])
+    parser.add_argument("--real-fraction", type=float, default=0.2)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
+    parser.add_argument("--w-consistency", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=150, help="optimiser steps of every downstream model")
+    parser.add_argument("--judge-steps", type=int, default=600)
+    parser.add_argument("--rows", nargs="*", default=[], help="only these rows (default: all)")
+    args = parser.parse_args()
+    out, f = Path(args.output).resolve(), args.real_fraction
+    started = time.perf_counter()
+    world = prepare_demo_world(out, measure=False, difficulty=args.difficulty)
+    init_ray(DemoConfig().min_cpus())
+    real = str(world.real)
+
+    qc = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"),
+                       cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
+    qc_plan = plan_qc_model(qc)
+    card = qc_plan.done or run_qc_model(qc_plan)
+    adapters = {}
+    for name, extra in (("joint", {}), ("consistency", {"w_consistency": args.w_consistency,
+                                                        "consistency_segmenter": qc.output})):
+        ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
+                            base_model=world_base(args.difficulty), **{**DEMO_FINETUNE, "steps": args.finetune_steps},
+                            **extra)
+        plan = plan_finetune(ft)
+        if plan.done is None:
+            run_finetune(plan)
+        adapters[name] = str(out / "runs" / name / "adapter")
+
+    demo = DemoConfig(output=str(out), qc=True, min_consistency=-1)
+    base = GenerateConfig(per_class=str(args.per_class), samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=2,
+                          qc_segmenter=qc.output, max_attempts=DEMO_QC_ATTEMPTS)
+    sets = {"raw": replace(base, adapter=adapters["joint"], qc_segmenter="", max_attempts=8, output=str(out / "syn-raw")),
+            "qc": replace(base, adapter=adapters["joint"], output=str(out / "syn-qc")),
+            "consistency": replace(base, adapter=adapters["consistency"], output=str(out / "syn-consistency")),
+            "mask": replace(base, adapter=adapters["joint"], mask_source=real, mask_fraction=f,
+                            output=str(out / "syn-mask"))}
+    thresholds, seconds = {}, {}
+    for name, gen in sets.items():
+        if name != "raw":
+            thresholds[name], _ = choose_min_consistency(demo, card, gen, out / f"pilot-{name}")
+            gen = sets[name] = replace(gen, min_consistency=thresholds[name])
+        t = time.perf_counter()
+        plan = plan_generate(gen)
+        manifest = plan.done or run_generate(plan)
+        seconds[name] = {"seconds": round(time.perf_counter() - t, 1), "pairs": manifest["totals"]["successes"],
+                         "already_done": plan.done is not None}
+
+    train_rows = finetune.training_rows(pairs.read_index(real), f)
+    real_cut = load_set(real, pairs.selection_of(train_rows))
+    real_all = load_set(real, pairs.selection_of(data.classed_rows(pairs.usable_rows(pairs.read_index(real)), "train")))
+    test = load_set(str(world.test_data))
+    synthetic = {name: load_set(gen.output) for name, gen in sets.items()}
+
+    judge = train("smp_unet", "segmenter", [real_all], args.judge_steps, 0, False)
+    judge_test = segmenter_dice(judge, test["image"], test["mask"])
+    extractor = fidelity.build_extractor("lesion-cnn", size=SIZE, train=lambda: (real_all["image"], real_all["label"]),
+                                         steps=300)
+    fidelity_model = quality.train_classifier(real_all["image"], real_all["label"], steps=300, seed=0)
+    counts = np.bincount(real_cut["label"], minlength=len(CLASS_CODES))
+    rarest = [int(c) for c in np.argsort(counts)[:2]]
+
+    def set_figures(s: dict) -> dict:
+        fid = quality.class_fidelity(fidelity_model, s["image"], s["label"])
+        return {"consistency_judge": round(segmenter_dice(judge, s["image"], s["mask"]), 4),
+                "class_fidelity": round(float(np.mean(list(fid.values()))), 4),
+                "diversity": round(fidelity.feature_spread(extractor(s["image"])), 3),
+                "disagreement": round(float(s["ignore"].mean()), 4), "pairs": int(len(s["label"]))}
+
+    rows = {"real only": ([real_cut], None, False), "+ joint pairs, raw": ([concat(real_cut, synthetic["raw"])], "raw", False),
+            "+ joint pairs, pair-level QC": ([concat(real_cut, synthetic["qc"])], "qc", False),
+            "+ ignore maps": ([concat(real_cut, synthetic["qc"])], "qc", True),
+            "+ consistency-reward fine-tune": ([concat(real_cut, synthetic["consistency"])], "consistency", True),
+            "+ mask-conditioned pairs": ([concat(real_cut, synthetic["mask"])], "mask", True),
+            "pretrain synthetic → fine-tune real": ([synthetic["qc"], real_cut], "qc", True)}
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if k in args.rows}
+    table = {}
+    for row, (pools, which, ignore) in rows.items():
+        figures: dict = {"dice": [], "iou": [], "macro_f1": [], "rare_recall": []}
+        for seed in range(args.seeds):
+            seg = train("unet", "segmenter", pools, args.steps, seed, ignore)
+            seg_metrics = downstream.test_model(seg, downstream.PairSet(test["image"], test["mask"], test["label"]),
+                                                "segmenter", [], torch.device("cpu"))
+            cls = train("small", "classifier", pools, args.steps, seed, False)
+            cls_metrics = downstream.test_model(cls, downstream.PairSet(test["image"], test["mask"], test["label"]),
+                                                "classifier", CLASS_CODES, torch.device("cpu"))
+            figures["dice"].append(seg_metrics["dice"])
+            figures["iou"].append(seg_metrics["iou"])
+            figures["macro_f1"].append(cls_metrics["macro_f1"])
+            figures["rare_recall"].append(float(np.mean([cls_metrics["per_class_recall"][CLASS_CODES[c]]
+                                                         for c in rarest])))
+        table[row] = {k: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v, ddof=1)), 4)
+                          if len(v) > 1 else 0.0} for k, v in figures.items()}
+        table[row]["set"] = set_figures(synthetic[which]) if which else set_figures(real_cut)
+        print(json.dumps({row: table[row]}), flush=True)
+
+    report = {"difficulty": args.difficulty, "real_fraction": f, "seeds": args.seeds, "per_class": args.per_class,
+              "downstream_steps": args.steps, "finetune_steps": args.finetune_steps,
+              "w_consistency": args.w_consistency, "qc_val_dice": card.get("val_dice"), "thresholds": thresholds,
+              "judge_test_dice": round(judge_test, 4), "rarest_classes": [CLASS_CODES[c] for c in rarest],
+              "generation": seconds, "table": table, "seconds": round(time.perf_counter() - started, 1)}
+    (out / f"pair_recipes-{args.difficulty}-real{f:g}.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
