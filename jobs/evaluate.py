@@ -37,7 +37,7 @@ def main(cfg: EvaluateConfig) -> None:
         if "downstream" in metrics:
             e = metrics["downstream"]["summary"][model][metric]
             line += f", {model} {metric} {e['real']['mean']:.3f} -> {e['real+synthetic']['mean']:.3f}"
-    print(f"done: {line}; report at {cfg.output.rstrip('/')}/report.md")
+    print(f"{'done' if plan.done is None else 'already done'}: {line}; report at {cfg.output.rstrip('/')}/report.md")
 
 
 if __name__ == "__main__":

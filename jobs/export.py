@@ -19,7 +19,7 @@ def main(cfg: ExportConfig) -> None:
     plan = plan_export(cfg)
     summary = plan.done or run_export(plan)
     where = summary.get("dataset", cfg.output.rstrip("/"))
-    print(f"done: {summary['format']} export of {summary['counts']} at {where}")
+    print(f"{'done' if plan.done is None else 'already done'}: {summary['format']} export of {summary['counts']} at {where}")
 
 
 if __name__ == "__main__":

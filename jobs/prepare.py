@@ -28,7 +28,7 @@ def main(cfg: PrepareConfig) -> None:
     totals = manifest["totals"]
     splits = ", ".join(f"{split} {sum(n.values())}" for split, n in totals.get("per_split", {}).items())
     skipped = f", {sum(manifest['skipped'].values())} skipped" if manifest["skipped"] else ""
-    print(f"done: {totals['successes']} pairs in {totals['shards']} shards ({splits}){skipped} at "
+    print(f"{'done' if plan.done is None else 'already done'}: {totals['successes']} pairs in {totals['shards']} shards ({splits}){skipped} at "
           f"{cfg.output.rstrip('/')}")
 
 

@@ -97,6 +97,9 @@ class FinetuneConfig:
     consistency_segmenter: str = option("", "the reward's segmenter: the output of jobs/qc_model.py trained on this "
                                             "data's train split (folder or s3:// prefix), frozen")
     consistency_max_t: int = option(200, "the reward scores the samples whose timestep is at most this (of 1000)")
+    mask_condition_rate: float = option(0.0, "share of samples trained with their mask half given clean and only "
+                                             "the image term: the image learns to follow a given mask, and "
+                                             "generate --mask-source then holds the mask clean (0: off)")
     snr_gamma: float = option(0.0, "min-SNR-gamma weighting (0: off; 5 is usual)")
     uncond_prob: float = option(0.1, "share of prompts dropped to '' for classifier-free guidance")
     balance: bool = option(True, "oversample rare classes to even out the class counts the model sees")
@@ -126,6 +129,8 @@ class FinetuneConfig:
         if self.w_consistency < 0 or (self.w_consistency and not self.consistency_segmenter):
             raise UserError(f"--w-consistency {self.w_consistency}: must be 0 or more, and above 0 needs "
                             "--consistency-segmenter (a segmenter from jobs/qc_model.py)")
+        if not 0 <= self.mask_condition_rate < 1:
+            raise UserError(f"--mask-condition-rate {self.mask_condition_rate}: must be in [0, 1)")
         if not 0 < self.consistency_max_t <= 1000:
             raise UserError(f"--consistency-max-t {self.consistency_max_t}: must be in 1..1000")
 
@@ -409,6 +414,13 @@ class JointTrainer:
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, self.num_timesteps, (len(x0),), generator=g).to(device)
         noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
+        conditioned = None
+        if cfg.mask_condition_rate:  # these samples see their mask clean: p(image | mask) is learnt
+            conditioned = (torch.rand(len(x0), generator=g) < cfg.mask_condition_rate).to(device)
+            noisy_img, noisy_mask = model.unpack_latents(noisy, cfg.layout)
+            clean = model.unpack_latents(x0, cfg.layout)[1]
+            noisy = model.pack_latents(noisy_img, torch.where(conditioned[:, None, None, None], clean, noisy_mask),
+                                       cfg.layout)
         offsets = None
         if (cfg.w_geo or cfg.w_consistency) and cfg.geo_crop:  # where each sample's decoded window lies (latent cells)
             side = model.unpack_latents(x0, cfg.layout)[1].shape[-1]
@@ -428,7 +440,8 @@ class JointTrainer:
                                       w_mask=cfg.w_mask, w_geo=cfg.w_geo, snr_gamma=cfg.snr_gamma or None,
                                       noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
                                       geo_crop=cfg.geo_crop, geo_offsets=offsets, segment=self.segment,
-                                      w_consistency=cfg.w_consistency, consistency_max_t=cfg.consistency_max_t)
+                                      w_consistency=cfg.w_consistency, consistency_max_t=cfg.consistency_max_t,
+                                      conditioned=conditioned)
             self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
         if not last:

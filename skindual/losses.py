@@ -142,6 +142,7 @@ def joint_loss(
     segment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     w_consistency: float = 0.0,
     consistency_max_t: int = 200,
+    conditioned: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch of joint latents, each term returned separately for logging.
 
@@ -158,6 +159,8 @@ def joint_loss(
     predicted x0 of their image latents (the same window as the geometry term's, through the same
     `decode_mask`) and takes `segmentation_loss` of the segmenter's logits against the true mask's window,
     averaged over those samples (0 when the batch has none).
+    `conditioned` (N bools) marks the samples whose mask half was given clean (mask-conditioned training): only
+    their image term counts; the mask, geometry and prior terms average over the other samples (0 when none).
     Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``, ``consistency`` and ``low_t`` (how many samples
     the consistency reward scored).
     """
@@ -167,18 +170,20 @@ def joint_loss(
     pred_img, pred_mask = unpack_latents(model_pred, layout)
     tgt_img, tgt_mask = unpack_latents(tgt, layout)
     img = _mse(pred_img, tgt_img, weights)
-    mask = _mse(pred_mask, tgt_mask, weights)
+    joint = torch.ones(len(model_pred), dtype=torch.bool, device=model_pred.device) if conditioned is None else ~conditioned
+    mask = _mse(pred_mask[joint], tgt_mask[joint], None if weights is None else weights[joint]) if joint.any() \
+        else model_pred.new_zeros((), dtype=torch.float32)
     x_t = noisy_latents if noisy_latents is not None else noisy(latents_x0, noise, abar)
     x_t_img, x_t_mask = unpack_latents(x_t, layout)
     cropping = bool(geo_crop) and geo_crop < min(x_t_mask.shape[-2:])
     if (w_geo or w_consistency) and cropping and geo_offsets is None:
         raise ValueError("a decoded window (geo_crop > 0) needs geo_offsets")
-    if w_geo:
+    if w_geo and joint.any():
         if true_masks is None or decode_mask is None:
             raise ValueError("the geometry term (w_geo != 0) needs true_masks and decode_mask")
-        x0_mask, truth = predicted_x0(pred_mask, x_t_mask, abar, prediction_type), true_masks
+        x0_mask, truth = predicted_x0(pred_mask[joint], x_t_mask[joint], abar[joint], prediction_type), true_masks[joint]
         if cropping:
-            x0_mask, truth = crop_pairs(x0_mask, true_masks, geo_offsets, geo_crop)
+            x0_mask, truth = crop_pairs(x0_mask, truth, geo_offsets[joint], geo_crop)
         geo = mask_geometry_loss(decode_mask(x0_mask), truth, mask_sharpness)
     else:
         geo = model_pred.new_zeros((), dtype=torch.float32)
@@ -193,10 +198,10 @@ def joint_loss(
             if cropping:
                 x0_img, truth = crop_pairs(x0_img, truth, geo_offsets[low], geo_crop)
             consistency = segmentation_loss(segment(decode_mask(x0_img).float().clamp(-1, 1)), truth)
-    if w_prior:
+    if w_prior and joint.any():
         if prior_pred is None:
             raise ValueError("the prior-preservation term (w_prior != 0) needs prior_pred")
-        prior = _mse(pred_img, prior_pred, weights)
+        prior = _mse(pred_img[joint], prior_pred[joint], None if weights is None else weights[joint])
     else:
         prior = model_pred.new_zeros((), dtype=torch.float32)
     total = w_img * img + w_mask * mask + w_geo * geo + w_prior * prior + w_consistency * consistency

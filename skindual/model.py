@@ -385,6 +385,10 @@ class DualPipeline:
         if self.resolution % step:
             raise UserError(f"resolution {self.resolution}: this base model needs a multiple of {step}")
         self.decode_batch = max(1, decode_batch)
+        trained = adapter.training_config.get("mask_condition_rate", 0) if adapter is not None else 0
+        self.mask_hold = "clean" if trained else "noised"
+        """How `__call__` holds given masks: an adapter trained with a mask-conditioned share sees them clean,
+        as it learnt to; any other joint model gets them noised to each step's level (RePaint-style)."""
 
     @classmethod
     def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
@@ -457,9 +461,9 @@ class DualPipeline:
         at 0 and, with `clean_masks`, cut to their largest component with holes filled.
 
         Given `masks` (0/1 N×H×W at `resolution`), only the image is sampled: before every step the mask half
-        of the latents is replaced by the given masks' latents (`encode_masks`) noised to that step's level
+        of the latents is replaced by the given masks' latents (`encode_masks`), noised to that step's level
         with the mask half of the seed's own noise (`scheduler.add_noise`), as RePaint-style inpainting holds
-        the known region; the returned masks are the given ones."""
+        the known region, or clean (`mask_hold`); the returned masks are the given ones."""
         if len(prompts) != len(seeds) or (masks is not None and len(masks) != len(seeds)):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, "
                              f"{'no' if masks is None else len(masks)} masks")
@@ -474,11 +478,15 @@ class DualPipeline:
         latents = noise * sched.init_noise_sigma
         known = self.encode_masks(masks) if masks is not None else None
         for t in sched.timesteps:
-            if known is not None:
+            if known is not None and self.mask_hold == "noised":
                 held = sched.add_noise(known, unpack_latents(noise, self.layout)[1], t.reshape(1).expand(len(known)))
                 latents = pack_latents(unpack_latents(latents, self.layout)[0], held.to(latents.dtype), self.layout)
-            x = torch.cat([latents, latents]) if cfg else latents
-            pred = self.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=embeds).sample
+            x = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
+            if known is not None and self.mask_hold == "clean":  # the model input's mask half, as in training
+                given = known.to(x.dtype)
+                x = pack_latents(unpack_latents(x, self.layout)[0], torch.cat([given, given]) if cfg else given,
+                                 self.layout)
+            pred = self.unet(x, t, encoder_hidden_states=embeds).sample
             if cfg:
                 uncond_pred, cond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance * (cond_pred - uncond_pred)

@@ -288,7 +288,8 @@ def local_run(ray_cluster, tmp_path_factory):
 
 def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
     storage, result = local_run
-    assert "5 shards to do" in result.stderr and "5/5 shards done" in result.stderr
+    assert "5 shards to do" in result.stderr and "generate: 9/9 pairs (100%)" in result.stderr
+    assert all(f"shard {i:05d} written" in result.stderr for i in range(SHARDS))
     assert sorted(n for n in storage.list() if n.endswith(".tar")) == [f"{i:05d}.tar" for i in range(SHARDS)]
     counts, keys = {}, []
     for name in sorted(n for n in storage.list() if n.endswith(".tar")):

@@ -221,3 +221,28 @@ def test_segmentation_loss_takes_the_mask_to_the_logits_size():
     expected = losses.soft_dice_loss(torch.full((1, 2, 2), 0.5), soft) + F.binary_cross_entropy_with_logits(
         torch.zeros(1, 2, 2), soft)
     torch.testing.assert_close(losses.segmentation_loss(logits, mask), expected)
+
+
+def test_mask_conditioned_samples_count_only_their_image_term():
+    """A sample trained with its mask half given clean has no mask target to learn: the mask, geometry and prior
+    terms average over the other samples, the image term over all."""
+    pred, x0, eps, t, ac = _batch("channels")
+    masks = torch.ones(2, 8, 8)
+    prior = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    decoded = []
+
+    def decode(latents):
+        decoded.append(len(latents))
+        return _decode(latents)
+
+    both = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", masks, decode, prior_pred=prior, w_prior=1.0)
+    decoded.clear()
+    out = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", masks, decode, prior_pred=prior, w_prior=1.0,
+                            conditioned=torch.tensor([True, False]))
+    torch.testing.assert_close(out["img"], both["img"])
+    torch.testing.assert_close(out["mask"], F.mse_loss(pred[1:, 4:], eps[1:, 4:]))
+    torch.testing.assert_close(out["prior"], F.mse_loss(pred[1:, :4], prior[1:]))
+    assert decoded == [1]  # the geometry term decodes the joint sample only
+    none = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", masks, decode, prior_pred=prior, w_prior=1.0,
+                             conditioned=torch.tensor([True, True]))
+    assert none["mask"] == 0 and none["geo"] == 0 and none["prior"] == 0 and none["img"] == both["img"]

@@ -221,7 +221,7 @@ def test_s3_unreachable_endpoint_fails_fast(s3_env: str) -> None:
         endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
     store = open_storage(s3_env, s3_endpoint=endpoint)
     start = time.monotonic()
-    with pytest.raises(StorageError, match=f"cannot reach S3 endpoint {endpoint}.*--s3-endpoint"):
+    with pytest.raises(StorageError, match=f"cannot reach S3 at endpoint {endpoint} .*; check --s3-endpoint"):
         store.check()
     assert time.monotonic() - start < 10
 

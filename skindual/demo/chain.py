@@ -156,7 +156,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         plan = plan_finetune(ft)
         step = plan.done["training_config"]["steps"] if plan.done else (run_finetune(plan).metrics or {}).get("step")
     adapter = out / "runs" / ft.name / "adapter"
-    done(name, t, f"{f'step {step}, ' if step else ''}{'already done: ' if plan.done else ''}adapter at {adapter}")
+    done(name, t, f"{'already done: ' if plan.done else ''}{f'step {step}, ' if step else ''}adapter at {adapter}")
 
     qc = QCModelConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, steps=cfg.qc_steps,
                        output=str(out / f"qc{suffix}"), cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
