@@ -4,12 +4,13 @@ On a real SeaweedFS (tests/s3server.py, on 127.0.0.1) and the jobs' own embedded
 
 1. the reference: ``jobs/generate.py`` (the shipped demo adapter) into ``s3://.../reference``, nothing
    interrupted;
-2. the same job into ``s3://.../chaos``, started again after every failure, while a seeded schedule injects
-   ``--faults`` faults, each at a random moment of a run: a generator actor SIGKILLed (Ray Data restarts it and
-   retries its shard), the driver SIGKILLed (the job is run again), the S3 server stopped and started again
-   mid-upload (boto3 retries, or the run fails and is run again), a committed shard's tar truncated behind its
-   ``_stats.json`` (the next run must find it and write it again);
-3. the checks: every shard file of the chaos output has the reference's bytes, the counts are exact, every
+2. the same job into ``s3://.../chaos-1``, started again after every run with a fault or a failure, while a seeded
+   schedule injects ``--faults`` faults, each at a random moment of a run (up to 0.4 of the reference's wall after
+   the last; when a round's output is done with faults left, they go to a fresh round, ``chaos-2`` and so on): a
+   generator actor SIGKILLed (Ray Data restarts it and retries its shard), the driver SIGKILLed (the job is run
+   again), the S3 server stopped and started again mid-upload (boto3 retries, or the run fails and is run again), a
+   committed shard's tar truncated behind its ``_stats.json`` (the next run must find it and write it again);
+3. the checks: every shard file of each round's output has the reference's bytes, the counts are exact, every
    shard matches its ``_stats.json`` (sha256), no temporary or half-written object is visible, and a job run
    once more finds the work done;
 4. a fine-tune (``jobs/finetune.py``, 8 steps) with its training worker SIGKILLed after the first checkpoint
@@ -18,8 +19,8 @@ On a real SeaweedFS (tests/s3server.py, on 127.0.0.1) and the jobs' own embedded
 
     python bench/chaos.py [--seed 0] [--faults 10] [--per-class 3] [--samples-per-shard 3]
 
-The last line is one JSON object: ``faults`` (kind, run, seconds into it), ``runs``, ``checks`` (each True
-or the mismatch), ``ok``, and the walls.  Exit status 1 when a check fails.
+The last line is one JSON object: ``faults`` (kind, run, round, seconds into it), ``runs``, ``rounds``,
+``checks`` (each True or the mismatch), ``ok``, and the walls.  Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main() -> int:
     started = time.monotonic()
     faults: list[dict] = []
     checks: dict[str, object] = {}
+    runs, rounds, reference_seconds = 0, [], 0.0
     try:
         bucket = server.server.create_bucket()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))} | {
@@ -131,75 +133,95 @@ def main() -> int:
             (work / "reference.log").read_text()[-3000:]
         reference_seconds = time.monotonic() - t
 
-        # the chaos output: run the job again after each failure; faults at random moments of the runs
-        runs, pending = 0, [rng.choice(KINDS) for _ in range(args.faults)]
+        # the chaos outputs: run the job again after each failure, faults at random moments of the runs (scaled to
+        # the reference's wall); a round whose output is done while faults remain hands them to a fresh round
+        runs, rounds, pending = 0, [], [rng.choice(KINDS) for _ in range(args.faults)]
         pending[:4] = list(KINDS)  # every kind at least once
         rng.shuffle(pending)
-        while True:
-            runs += 1
-            log = work / f"chaos-{runs}.log"
-            proc = job("generate", [*generate, "--output", chaos], env, log)
-            run_started = time.monotonic()
-            while pending and proc.poll() is None:
-                kind = pending[0]
-                delay = rng.uniform(8, 30)
-                if wait(proc, delay) is not None:
-                    break  # the run ended before the fault: the fault waits for the next run
-                pending.pop(0)
-                at = round(time.monotonic() - run_started, 1)
-                if kind == "actor":
-                    actors = processes_named(proc.pid, "ShardGenerator")
-                    if not actors:
-                        pending.insert(0, kind)
-                        continue
-                    os.kill(rng.choice(actors), signal.SIGKILL)
-                elif kind == "driver":
-                    kill_session(proc.pid)
-                elif kind == "s3":
-                    server.stop()
-                    time.sleep(rng.uniform(2, 6))
-                    server.start()
-                elif kind == "truncate":
-                    storage = open_storage(chaos)
-                    tars = [n for n in storage.list() if n.endswith(".tar")
-                            and storage.exists(n.replace(".tar", "_stats.json"))]
-                    if not tars:
-                        pending.insert(0, kind)
-                        continue
-                    name = rng.choice(tars)
-                    data = storage.read_bytes(name)
-                    storage.write_bytes(name, data[: len(data) // 2])  # behind its commit marker
-                    at = f"{at} ({name})"
-                faults.append({"kind": kind, "run": runs, "at_s": at})
-            code = proc.wait()
-            if code == 0 and not pending:
-                break
-            if runs > 4 * args.faults:
-                checks["finished"] = f"the job did not finish after {runs} runs (last exit {code}, log {log})"
-                break
+        latest = max(8.0, 0.8 * reference_seconds)
+        while pending and len(rounds) < args.faults and "finished" not in checks:
+            chaos = f"s3://{bucket}/chaos-{len(rounds) + 1}"
+            rounds.append(chaos)
+            while True:
+                runs += 1
+                log = work / f"chaos-{runs}.log"
+                proc = job("generate", [*generate, "--output", chaos], env, log)
+                run_started, injected = time.monotonic(), len(faults)
+                while pending and proc.poll() is None:
+                    kind = pending[0]
+                    if wait(proc, rng.uniform(3, latest / 2)) is not None:
+                        break  # the run ended before the fault: the fault waits for the next run
+                    pending.pop(0)
+                    at = round(time.monotonic() - run_started, 1)
+                    if kind == "actor":
+                        actors = processes_named(proc.pid, "ShardGenerator")
+                        if not actors:
+                            pending.insert(0, kind)
+                            continue
+                        os.kill(rng.choice(actors), signal.SIGKILL)
+                    elif kind == "driver":
+                        kill_session(proc.pid)
+                    elif kind == "s3":
+                        server.stop()
+                        time.sleep(rng.uniform(2, 6))
+                        server.start()
+                    elif kind == "truncate":
+                        storage = open_storage(chaos)
+                        tars = [n for n in storage.list() if n.endswith(".tar")
+                                and storage.exists(n.replace(".tar", "_stats.json"))]
+                        if not tars:
+                            pending.insert(0, kind)
+                            continue
+                        name = rng.choice(tars)
+                        data = storage.read_bytes(name)
+                        storage.write_bytes(name, data[: len(data) // 2])  # behind its commit marker
+                        at = f"{at} ({name})"
+                    faults.append({"kind": kind, "run": runs, "round": len(rounds), "at_s": at})
+                code = proc.wait()
+                # done, and no fault in this run (a shard truncated behind the run is for the next run to find)
+                if code == 0 and len(faults) == injected and re.search(r"^(already )?done: ", log.read_text(), re.M):
+                    break
+                if runs > 4 * args.faults:
+                    checks["finished"] = f"the job did not finish after {runs} runs (last exit {code}, log {log})"
+                    break
         # a truncation planted after the last run: the next run must write the shard again
+        chaos = rounds[-1]
         storage = open_storage(chaos)
         name = sorted(n for n in storage.list() if n.endswith(".tar"))[0]
         storage.write_bytes(name, storage.read_bytes(name)[:1000])
-        faults.append({"kind": "truncate", "run": runs + 1, "at_s": f"before it ({name})"})
+        faults.append({"kind": "truncate", "run": runs + 1, "round": len(rounds), "at_s": f"before it ({name})"})
         runs += 1
         rerun = job("generate", [*generate, "--output", chaos], env, work / "chaos-final.log")
         checks["rerun_after_truncation_exit"] = rerun.wait()
         final_log = (work / "chaos-final.log").read_text()
         checks["truncation_named"] = f"shard {int(name[:5]):05d}" in final_log and "does not match" in final_log
 
-        # the checks
-        ref, out = open_storage(reference), open_storage(chaos)
-        a, b = snapshot(ref), snapshot(out)
-        checks["same_bytes"] = a == b or sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        totals = [json.loads(s.read_bytes("manifest.json"))["totals"] for s in (ref, out)]
-        checks["same_counts"] = totals[0] == totals[1] or [totals[0], totals[1]]
-        checks["exact_counts"] = all(v["ok"] == args.per_class for v in totals[1]["per_class"].values())
-        checks["intact"] = damaged_shards(out, verify=True) == {} or damaged_shards(out, verify=True)
-        leftovers = [n for n in out.list() if not re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|"
-                                                               r"(sizes|manifest|run)\.json", n)]
-        checks["nothing_half_written"] = not leftovers or leftovers
-        again = job("generate", [*generate, "--output", chaos], env, work / "again.log")
+        # the checks, for every round's output
+        ref = open_storage(reference)
+        a = snapshot(ref)
+        reference_totals = json.loads(ref.read_bytes("manifest.json"))["totals"]
+        mismatch: dict[str, object] = {}
+        for chaos in rounds:
+            out = open_storage(chaos)
+            b = snapshot(out)
+            if a != b:
+                differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                mismatch.setdefault("same_bytes", {})[chaos] = differ
+            totals = json.loads(out.read_bytes("manifest.json"))["totals"]
+            if totals != reference_totals:
+                mismatch.setdefault("same_counts", {})[chaos] = totals
+            if not all(v["ok"] == args.per_class for v in totals["per_class"].values()):
+                mismatch.setdefault("exact_counts", {})[chaos] = totals["per_class"]
+            damaged = damaged_shards(out, verify=True)
+            if damaged:
+                mismatch.setdefault("intact", {})[chaos] = damaged
+            leftovers = [n for n in out.list() if not re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|"
+                                                                   r"(sizes|manifest|run)\.json", n)]
+            if leftovers:
+                mismatch.setdefault("nothing_half_written", {})[chaos] = leftovers
+        for check in ("same_bytes", "same_counts", "exact_counts", "intact", "nothing_half_written"):
+            checks[check] = mismatch.get(check, True)
+        again = job("generate", [*generate, "--output", rounds[-1]], env, work / "again.log")
         checks["then_already_done"] = again.wait() == 0 and "already done" in (work / "again.log").read_text()
 
         if not args.no_finetune:
@@ -209,6 +231,7 @@ def main() -> int:
         shutil.rmtree(server.workdir, ignore_errors=True)
     ok = all(v is True or v == 0 for v in checks.values())
     summary = {"ok": ok, "seed": args.seed, "faults_injected": len(faults), "faults": faults, "runs": runs,
+               "rounds": len(rounds),
                "checks": checks, "reference_seconds": round(reference_seconds, 1),
                "total_seconds": round(time.monotonic() - started, 1)}
     if ok:

@@ -92,6 +92,14 @@ def run_python(code: str, env: dict[str, str], timeout: int = 180) -> subprocess
                           text=True, timeout=timeout)
 
 
+def printed_json(run: subprocess.CompletedProcess):
+    """The JSON line the code printed; the driver's stdout also carries the autoscaler's events
+    ("(autoscaler +4s) Resized to 4 CPUs, 2 GPUs."), which can come after it."""
+    found = [line for line in run.stdout.splitlines() if line.startswith(("{", "["))]
+    assert found, run.stdout[-2000:] + run.stderr[-2000:]
+    return json.loads(found[-1])
+
+
 def run_job(job: str, args: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
     """A job connected to the autoscaling cluster (`env`: its address and token, and any other variables)."""
     return jobs.run_job(job, args, env.get("RAY_ADDRESS"), timeout=timeout, **env)
@@ -103,7 +111,7 @@ def test_the_shape_of_a_cluster_that_autoscales_from_zero_gpu_nodes(autoscaling_
             "'types': s.accelerator_types(), 'grow': s.can_grow, 'auto': resolve_gpus(-1, 'x', s)}))")
     run = run_python(code, autoscaling_cluster.env)
     assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = printed_json(run)
     assert found["shape"]["autoscaler"] == "known" and found["grow"]
     assert all(node["resources"].get("GPU", 0) == 0 for node in found["shape"]["running"])  # no GPU node runs
     assert found["most"] == 1 and found["types"] == ["A10G", "L4"] and found["auto"] == 1
@@ -123,7 +131,7 @@ def test_generate_asks_for_gpus_and_the_autoscaler_launches_a_node_of_the_model(
     assert last.startswith("error: a generator actor was given GPU(s)") and "CUDA is unusable there" in last
     nodes = run_python("import ray, json; ray.init(); print(json.dumps([n['Resources'] for n in ray.nodes()]))",
                        autoscaling_cluster.env)
-    resources = json.loads(nodes.stdout.strip().splitlines()[-1])
+    resources = printed_json(nodes)
     assert any(r.get("accelerator_type:L4") == 1 and r.get("GPU") == 1 for r in resources), resources
 
 
@@ -161,7 +169,7 @@ print(json.dumps([device, ray.get(pinned.remote(), timeout=60)]))
 """
     run = run_python(code, autoscaling_cluster.env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["cuda", "cpu"]
+    assert printed_json(run) == ["cuda", "cpu"]
 
 
 def test_no_stage_picks_its_device_from_what_cuda_shows():
