@@ -253,9 +253,9 @@ class JointTrainer:
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         frozen_dtype = self.amp_dtype or torch.float32
         self.pipe = model.load_pipeline(cfg.base_model, s3_endpoint=cfg.s3_endpoint or None)
-        self.vae = self.pipe.vae.to(device, frozen_dtype).eval().requires_grad_(False)
-        self.text_encoder = self.pipe.text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
-        self.unet = self.pipe.unet.to(device, frozen_dtype if cfg.train == "lora" else torch.float32)
+        self.vae = model.place(self.pipe.vae, device, frozen_dtype).eval().requires_grad_(False)
+        self.text_encoder = model.place(self.pipe.text_encoder, device, frozen_dtype).eval().requires_grad_(False)
+        self.unet = model.place(self.pipe.unet, device, frozen_dtype if cfg.train == "lora" else torch.float32)
         if cfg.w_geo or cfg.w_consistency:
             self.vae.enable_gradient_checkpointing()  # only the geometry and reward decodes run with gradients
         self.segmenter = None  # the consistency reward's, frozen
@@ -265,7 +265,7 @@ class JointTrainer:
             self.segmenter_size = qc.size
         self.teacher, self.base_convs = None, None
         if cfg.w_prior and cfg.train == "full":  # nothing to switch off: keep a frozen copy of the base UNet
-            self.teacher = copy.deepcopy(self.unet).to(frozen_dtype).eval().requires_grad_(False)
+            self.teacher = model.place(copy.deepcopy(self.unet), device, frozen_dtype).eval().requires_grad_(False)
         elif cfg.w_prior and cfg.layout == "channels":  # the base's 4-channel convs, for the prior's forward
             self.base_convs = (copy.deepcopy(self.unet.conv_in), copy.deepcopy(self.unet.conv_out))
         # seeded right before the LoRA's random initialisation: whatever this process ran before (a Ray worker

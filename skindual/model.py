@@ -71,6 +71,13 @@ def load_pipeline(model: str | Path, torch_dtype=torch.float32, s3_endpoint: str
         raise
 
 
+def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype`, by torch's own `Module.to`: diffusers 0.42's `ModelMixin.to` warns on every
+    dtype cast that modules "should be kept in float32: []" (its check tests the list against None), though SD-2's
+    UNet and VAE keep none in fp32."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def mask_to_image(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Binary N×H×W masks → N×3×H×W in {-1, 1}: how the shared VAE sees a mask."""
     m = torch.as_tensor(masks).float()

@@ -303,3 +303,18 @@ def test_adapter_bytes_do_not_depend_on_the_process_hash_seed(base_dir, tmp_path
     assert shas[0] == shas[1]
     for name in ("pytorch_lora_weights.safetensors", "skindual_convs.safetensors"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
+
+
+def test_placing_the_models_in_a_dtype_does_not_warn(base_dir, caplog):
+    """diffusers' own `.to(dtype)` warns about fp32 modules even when a model has none; `model.place` does not,
+    and casts like it."""
+    pipe = base(base_dir)
+    with caplog.at_level("WARNING"):
+        pipe.unet.to("cpu", torch.bfloat16)
+    assert "should be kept in float32" in caplog.text  # what the fine-tune used to print on every worker
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            assert model.place(part, "cpu", torch.float16) is part
+            assert {p.dtype for p in part.parameters()} == {torch.float16}
+    assert caplog.text == ""
