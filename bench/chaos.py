@@ -94,6 +94,34 @@ def wait(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
+def inject(kind: str, proc: subprocess.Popen, output: str, server, rng: random.Random) -> str | None:
+    """One fault into the running job `proc` writing `output`: what it hit ("" when nothing to name), or None when
+    there is nothing to hit yet (no generator actor, no committed shard)."""
+    from skindual.storage import open_storage
+
+    if kind == "actor":
+        actors = processes_named(proc.pid, "ShardGenerator")
+        if not actors:
+            return None
+        os.kill(rng.choice(actors), signal.SIGKILL)
+    elif kind == "driver":
+        kill_session(proc.pid)
+    elif kind == "s3":
+        server.stop()
+        time.sleep(rng.uniform(2, 6))
+        server.start()
+    elif kind == "truncate":
+        storage = open_storage(output)
+        tars = [n for n in storage.list() if n.endswith(".tar") and storage.exists(n.replace(".tar", "_stats.json"))]
+        if not tars:
+            return None
+        name = rng.choice(tars)
+        data = storage.read_bytes(name)
+        storage.write_bytes(name, data[: len(data) // 2])  # behind its commit marker
+        return name
+    return ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -115,7 +143,6 @@ def main() -> int:
     started = time.monotonic()
     faults: list[dict] = []
     checks: dict[str, object] = {}
-    runs, rounds, reference_seconds = 0, [], 0.0
     try:
         bucket = server.server.create_bucket()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))} | {
@@ -127,7 +154,7 @@ def main() -> int:
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # this process reads S3 too
         generate = ["--per-class", str(args.per_class), "--samples-per-shard", str(args.samples_per_shard),
                     "--steps", str(args.steps), "--batch-size", "3"]
-        reference, chaos = f"s3://{bucket}/reference", f"s3://{bucket}/chaos"
+        reference = f"s3://{bucket}/reference"
         t = time.monotonic()
         assert job("generate", [*generate, "--output", reference], env, work / "reference.log").wait() == 0, \
             (work / "reference.log").read_text()[-3000:]
@@ -138,7 +165,7 @@ def main() -> int:
         runs, rounds, pending = 0, [], [rng.choice(KINDS) for _ in range(args.faults)]
         pending[:4] = list(KINDS)  # every kind at least once
         rng.shuffle(pending)
-        latest = max(8.0, 0.8 * reference_seconds)
+        latest = max(4.0, 0.4 * reference_seconds)
         while pending and len(rounds) < args.faults and "finished" not in checks:
             chaos = f"s3://{bucket}/chaos-{len(rounds) + 1}"
             rounds.append(chaos)
@@ -149,33 +176,14 @@ def main() -> int:
                 run_started, injected = time.monotonic(), len(faults)
                 while pending and proc.poll() is None:
                     kind = pending[0]
-                    if wait(proc, rng.uniform(3, latest / 2)) is not None:
+                    if wait(proc, rng.uniform(3, latest)) is not None:
                         break  # the run ended before the fault: the fault waits for the next run
-                    pending.pop(0)
                     at = round(time.monotonic() - run_started, 1)
-                    if kind == "actor":
-                        actors = processes_named(proc.pid, "ShardGenerator")
-                        if not actors:
-                            pending.insert(0, kind)
-                            continue
-                        os.kill(rng.choice(actors), signal.SIGKILL)
-                    elif kind == "driver":
-                        kill_session(proc.pid)
-                    elif kind == "s3":
-                        server.stop()
-                        time.sleep(rng.uniform(2, 6))
-                        server.start()
-                    elif kind == "truncate":
-                        storage = open_storage(chaos)
-                        tars = [n for n in storage.list() if n.endswith(".tar")
-                                and storage.exists(n.replace(".tar", "_stats.json"))]
-                        if not tars:
-                            pending.insert(0, kind)
-                            continue
-                        name = rng.choice(tars)
-                        data = storage.read_bytes(name)
-                        storage.write_bytes(name, data[: len(data) // 2])  # behind its commit marker
-                        at = f"{at} ({name})"
+                    hit = inject(kind, proc, chaos, server, rng)
+                    if hit is None:  # nothing to hit yet (no actor, no committed shard): the fault waits
+                        continue
+                    pending.pop(0)
+                    at = f"{at} ({hit})" if hit else at
                     faults.append({"kind": kind, "run": runs, "round": len(rounds), "at_s": at})
                 code = proc.wait()
                 # done, and no fault in this run (a shard truncated behind the run is for the next run to find)

@@ -89,7 +89,7 @@ def main() -> None:
 
     from diffusers import DDIMScheduler
 
-    from skindual.model import DualPipeline, widen_unet
+    from skindual.model import DualPipeline, place, widen_unet
     from skindual.sd2 import build_sd2_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +114,9 @@ def main() -> None:
                 other.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        pipe.to(device, dtype)
+        for part in pipe.components.values():  # model.place: diffusers' own .to(dtype) warns for every model
+            if isinstance(part, torch.nn.Module):
+                place(part, device, dtype)
         if args.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
         return pipe
