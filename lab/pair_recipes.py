@@ -3,7 +3,8 @@
 Rows (each against the same real train cut, test set and seeds):
   real only; + joint pairs, raw (no QC); + joint pairs with the pair-level QC; + ignore maps (the same pairs,
   their ignore maps out of the segmenter's loss); + pairs of the consistency-reward fine-tune (QC, ignore
-  maps); + mask-conditioned pairs (generate --mask-source, QC, ignore maps); pretrain on the QC'd joint
+  maps); + mask-conditioned pairs (generate --mask-source with an adapter fine-tuned with
+  --mask-condition-rate, QC, ignore maps); pretrain on the QC'd joint
   pairs, then fine-tune on real.
 Columns: each synthetic set's consistency judged by a held-out segmenter of another architecture
 (segmentation_models_pytorch's U-Net with a ResNet-18 encoder, trained on the whole real train split; the QC
@@ -32,8 +33,15 @@ import torch
 
 from skindual import data, downstream, fidelity, finetune, pairs, quality
 from skindual.cluster import init_ray
-from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS, DEMO_SAMPLES_PER_SHARD, DemoConfig, choose_min_consistency
+from skindual.demo.chain import (
+    DEMO_FINETUNE,
+    DEMO_QC_ATTEMPTS,
+    DEMO_SAMPLES_PER_SHARD,
+    DemoConfig,
+    choose_min_consistency,
+)
 from skindual.demo.world import prepare_demo_world, world_base
+from skindual.errors import UserError
 from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
 from skindual.generate import GenerateConfig, plan_generate, run_generate
 from skindual.prompts import CLASS_CODES
@@ -92,6 +100,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
     parser.add_argument("--w-consistency", type=float, default=1.0)
+    parser.add_argument("--mask-condition-rate", type=float, default=0.5,
+                        help="the mask-conditioned row's fine-tune: its share of samples trained with the mask given")
+    parser.add_argument("--mask-attempts", type=int, default=32, help="the mask-conditioned row's --max-attempts")
     parser.add_argument("--steps", type=int, default=150, help="optimiser steps of every downstream model")
     parser.add_argument("--judge-steps", type=int, default=600)
     parser.add_argument("--rows", nargs="*", default=[], help="only these rows (default: all)")
@@ -108,7 +119,8 @@ def main() -> None:
     card = qc_plan.done or run_qc_model(qc_plan)
     adapters = {}
     for name, extra in (("joint", {}), ("consistency", {"w_consistency": args.w_consistency,
-                                                        "consistency_segmenter": qc.output})):
+                                                        "consistency_segmenter": qc.output}),
+                        ("mask-conditioned", {"mask_condition_rate": args.mask_condition_rate})):
         ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
                             base_model=world_base(args.difficulty), **{**DEMO_FINETUNE, "steps": args.finetune_steps},
                             **extra)
@@ -123,7 +135,8 @@ def main() -> None:
     sets = {"raw": replace(base, adapter=adapters["joint"], qc_segmenter="", max_attempts=8, output=str(out / "syn-raw")),
             "qc": replace(base, adapter=adapters["joint"], output=str(out / "syn-qc")),
             "consistency": replace(base, adapter=adapters["consistency"], output=str(out / "syn-consistency")),
-            "mask": replace(base, adapter=adapters["joint"], mask_source=real, mask_fraction=f,
+            "mask": replace(base, adapter=adapters["mask-conditioned"], mask_source=real, mask_fraction=f,
+                            max_attempts=args.mask_attempts,
                             output=str(out / "syn-mask"))}
     thresholds, seconds = {}, {}
     for name, gen in sets.items():
@@ -132,8 +145,13 @@ def main() -> None:
             gen = sets[name] = replace(gen, min_consistency=thresholds[name])
         t = time.perf_counter()
         plan = plan_generate(gen)
-        manifest = plan.done or run_generate(plan)
+        try:
+            manifest = plan.done or run_generate(plan)
+        except UserError as short:  # the QC kept fewer than asked: the table uses what it kept, and says so
+            print(f"{name}: {short}", flush=True)
+            manifest = json.loads((Path(gen.output) / "manifest.json").read_text())
         seconds[name] = {"seconds": round(time.perf_counter() - t, 1), "pairs": manifest["totals"]["successes"],
+                         "rejected": manifest["totals"].get("failed_to_generate", 0),
                          "already_done": plan.done is not None}
 
     train_rows = finetune.training_rows(pairs.read_index(real), f)
@@ -187,7 +205,8 @@ def main() -> None:
 
     report = {"difficulty": args.difficulty, "real_fraction": f, "seeds": args.seeds, "per_class": args.per_class,
               "downstream_steps": args.steps, "finetune_steps": args.finetune_steps,
-              "w_consistency": args.w_consistency, "qc_val_dice": card.get("val_dice"), "thresholds": thresholds,
+              "w_consistency": args.w_consistency, "mask_condition_rate": args.mask_condition_rate,
+              "qc_val_dice": card.get("val_dice"), "thresholds": thresholds,
               "judge_test_dice": round(judge_test, 4), "rarest_classes": [CLASS_CODES[c] for c in rarest],
               "generation": seconds, "table": table, "seconds": round(time.perf_counter() - started, 1)}
     (out / f"pair_recipes-{args.difficulty}-real{f:g}.json").write_text(json.dumps(report, indent=1) + "\n")
