@@ -37,6 +37,8 @@ def main(cfg: EvaluateConfig) -> None:
         if "downstream" in metrics:
             e = metrics["downstream"]["summary"][model][metric]
             line += f", {model} {metric} {e['real']['mean']:.3f} -> {e['real+synthetic']['mean']:.3f}"
+    if "downstream" in metrics:
+        line += f" (hybrid: {metrics['downstream']['settings'].get('hybrid', 'mix')})"
     print(f"{'done' if plan.done is None else 'already done'}: {line}; report at {cfg.output.rstrip('/')}/report.md")
 
 

@@ -2,9 +2,16 @@
 
 Two arms, ``real`` and ``real+synthetic``, train the same model from the same seeded
 initialisation with the same step budget and batch size, each step on the next batch of the arm's
-pairs (the evaluation streams them from storage through a shuffle buffer, so in ``real+synthetic``
-the synthetic share of a batch is its share of the pool); both are tested on the same held-out
-real pairs.  `summarise` gives mean ± std over seeds and the gain.
+pairs (the evaluation streams them from storage through a shuffle buffer); both are tested on the same
+held-out real pairs.  `summarise` gives mean ± std over seeds and the gain.  How the hybrid arm uses
+the synthetic pairs is its recipe (`HYBRIDS`, `arm_stages`):
+
+- ``pretrain``: two schedules of the step budget each, the hybrid arm's first on the synthetic pairs
+  and its second on the real ones; the real arm runs the same two schedules, both on the real pairs,
+  so both arms take the same optimiser steps.  The best recipe for segmentation measured on the demo
+  worlds (docs/demo.md, "The levers for segmentation").
+- ``mix``: one schedule on the pool of real and synthetic pairs (the synthetic share of a batch is its
+  share of the pool).
 
 Models: ``resnet18`` (torchvision, ``weights=None``) or ``small`` (`skindual.quality.LesionClassifier`)
 for the classifier — accuracy, macro-F1 (over the classes present in the test split) and per-class
@@ -16,7 +23,7 @@ IoU, averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,6 +35,16 @@ from torch import nn
 from skindual.quality import LesionClassifier, images_to_tensor
 
 ARMS = ("real", "real+synthetic")
+HYBRIDS = ("pretrain", "mix")
+
+
+def arm_stages(arm: str, hybrid: str, real: Any, synthetic: Any) -> list[list[Any]]:
+    """The pools one arm trains on, one schedule of the step budget each (see the module's docstring)."""
+    if hybrid not in HYBRIDS:
+        raise ValueError(f"hybrid recipe {hybrid!r}: one of {', '.join(HYBRIDS)}")
+    if hybrid == "mix":
+        return [[real]] if arm == "real" else [[real, synthetic]]
+    return [[real], [real]] if arm == "real" else [[synthetic], [real]]
 CLASSIFIERS = ("resnet18", "small")
 SEGMENTERS = ("unet", "smp_unet", "fcn_resnet50")
 
@@ -152,6 +169,15 @@ def train_model(model: nn.Module, batches: Iterator[tuple[np.ndarray, ...]], tas
         opt.step()
         sched.step()
     return model.eval()
+
+
+def train_schedules(model: nn.Module, schedules: Iterable[Iterator[tuple[np.ndarray, ...]]], task: str,
+                    settings: BenchmarkSettings, seed: int, device: torch.device) -> nn.Module:
+    """`train_model` once per schedule, in order (each with a fresh optimiser and cosine decay): an arm's
+    `arm_stages`, each stage's batches one iterator."""
+    for batches in schedules:
+        model = train_model(model, batches, task, settings, seed, device)
+    return model
 
 
 def uniform_batches(pool: PairSet, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

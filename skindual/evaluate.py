@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from skindual import __version__, data, downstream, fidelity, mask_stats, pairs, quality, report
 from skindual.cli import check_fields, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths, reserved_device, resolve_gpus
-from skindual.downstream import ARMS, CLASSIFIERS, SEGMENTERS, PairSet
+from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS, SEGMENTERS, PairSet, arm_stages
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCSegmenter
@@ -74,7 +74,10 @@ class EvaluateConfig:
     downstream: bool = option(True, "run the downstream benchmark (real vs real+synthetic)")
     classifier: str = option("resnet18", "downstream classifier", choices=list(CLASSIFIERS))
     segmenter: str = option("unet", "downstream segmenter", choices=list(SEGMENTERS))
-    steps: int = option(300, "optimiser steps of every downstream model (the same in both arms)")
+    steps: int = option(300, "optimiser steps of every downstream model's schedule (the same in both arms)")
+    hybrid: str = option("pretrain", "how the real+synthetic arm uses the synthetic pairs: pretrain (a schedule on "
+                                      "them, then one on the real pairs; the real arm runs both schedules on the "
+                                      "real pairs) or mix (one schedule on the pool of both)", choices=list(HYBRIDS))
     batch_size: int = option(32, "downstream batch size")
     lr: float = option(1e-3, "downstream learning rate (AdamW, cosine decay)")
     ignore_maps: bool = option(True, "the downstream segmenter leaves the pixels of a synthetic pair's ignore map "
@@ -491,19 +494,21 @@ def combine(groups: dict[tuple[str, int], dict], spec_name: str, cfg: EvaluateCo
 # --------------------------------------------------------------------------- the downstream benchmark
 
 
-def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, settings: downstream.BenchmarkSettings,
-             size: int, s3_endpoint: str | None, threads: int = 1) -> dict[str, Any]:
-    """Ray task: train one model of one arm with one seed on a stream of its pairs from storage, and test
-    it on the (small) test set: a row of the results table."""
+def run_task(arm: str, task: str, seed: int, stages: list[list[Source]], test: Source,
+             settings: downstream.BenchmarkSettings, size: int, s3_endpoint: str | None,
+             threads: int = 1) -> dict[str, Any]:
+    """Ray task: train one model of one arm with one seed, a schedule per stage (`downstream.arm_stages`) on a
+    stream of the stage's pairs from storage, and test it on the (small) test set: a row of the results table."""
     import torch
 
     started = time.perf_counter()
     worker_setup()
     torch.set_num_threads(max(1, threads))
     device = torch.device(reserved_device())  # a GPU node's CUDA is visible to tasks that reserved none
-    stream = pairs.stream_pairs([(s.url, s.selection) for s in pool], size, seed, s3_endpoint=s3_endpoint)
 
-    def batches():
+    def batches(pool: list[Source], stage: int):
+        stream = pairs.stream_pairs([(s.url, s.selection) for s in pool], size, seed + 1000 * stage,
+                                    s3_endpoint=s3_endpoint)
         while True:
             picked = [next(stream) for _ in range(settings.batch_size)]
             yield (np.stack([p["image"] for p in picked]), np.stack([p["mask"] for p in picked]),
@@ -511,12 +516,15 @@ def run_task(arm: str, task: str, seed: int, pool: list[Source], test: Source, s
 
     torch.manual_seed(seed)  # the same initialisation in both arms
     kind = settings.classifier if task == "classifier" else settings.segmenter
-    model = downstream.train_model(downstream.build_model(kind, settings.num_classes), batches(), task, settings,
-                                   seed, device)
+    model = downstream.train_schedules(downstream.build_model(kind, settings.num_classes),
+                                       (batches(pool, k) for k, pool in enumerate(stages)), task, settings, seed,
+                                       device)
     loaded = pairs.load_pairs(test.url, test.selection, size, s3_endpoint)
     metrics = downstream.test_model(model, PairSet(loaded["image"], loaded["mask"], loaded["class_index"]), task,
                                     CLASS_CODES, device)
-    return {"arm": arm, "model": task, "architecture": kind, "seed": seed, "train_pairs": sum(len(s) for s in pool),
+    used = {id(s): s for pool in stages for s in pool}.values()
+    return {"arm": arm, "model": task, "architecture": kind, "seed": seed, "train_pairs": sum(len(s) for s in used),
+            "schedules": len(stages),
             "test_pairs": len(loaded["key"]), "seconds": round(time.perf_counter() - started, 1), **metrics}
 
 
@@ -528,14 +536,16 @@ def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) ->
     settings = downstream.BenchmarkSettings(cfg.classifier, cfg.segmenter, cfg.steps, cfg.batch_size, cfg.lr,
                                             ignore_maps=cfg.ignore_maps)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    pools = {"real": [plan.train], "real+synthetic": [plan.train, plan.sets["synthetic"]]}
+    stages = {arm: arm_stages(arm, cfg.hybrid, plan.train, plan.sets["synthetic"]) for arm in ARMS}
     remote = ray.remote(run_task).options(num_cpus=cfg.cpus_per_task, num_gpus=gpus, max_retries=1)
-    log.info("downstream: %d Ray tasks (%s, %s, %d steps)", 4 * len(seeds), cfg.classifier, cfg.segmenter, cfg.steps)
-    futures = [remote.remote(arm, task, seed, pools[arm], plan.sets["real_test"], settings, cfg.size,
+    log.info("downstream: %d Ray tasks (%s, %s, hybrid %s, %d steps a schedule)", 4 * len(seeds), cfg.classifier,
+             cfg.segmenter, cfg.hybrid, cfg.steps)
+    futures = [remote.remote(arm, task, seed, stages[arm], plan.sets["real_test"], settings, cfg.size,
                              cfg.s3_endpoint or None, max(1, int(cfg.cpus_per_task)))
                for task in ("classifier", "segmenter") for arm in ARMS for seed in seeds]
     results = ray.get(futures)
-    return {"settings": asdict(settings) | {"size": cfg.size, "num_gpus_per_task": gpus}, "results": results,
+    return {"settings": asdict(settings) | {"size": cfg.size, "num_gpus_per_task": gpus, "hybrid": cfg.hybrid,
+                                            "schedules": len(stages["real"])}, "results": results,
             "summary": downstream.summarise(results)}
 
 

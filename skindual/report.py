@@ -119,6 +119,15 @@ def write_figures(folder: Path, metrics: dict, tables: dict, grids: dict[str, li
     return names
 
 
+def _recipe(settings: dict) -> str:
+    """How the downstream arms trained, in words (reports written before the hybrid recipe existed: mix)."""
+    steps = f"{settings['steps']} steps of batch {settings['batch_size']}"
+    if settings.get("hybrid", "mix") == "mix":
+        return f"{steps} in both arms, the hybrid arm on the pool of real and synthetic pairs"
+    return (f"two schedules of {steps} in both arms: the hybrid arm pretrained on the synthetic pairs, then "
+            f"fine-tuned on the real ones; the real arm both times on the real pairs")
+
+
 def _downstream_plot(folder: Path, summary: dict, plt) -> str:
     bars = [(model, m) for model, names in downstream.METRICS.items() for m in names if m in summary.get(model, {})]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -186,8 +195,8 @@ def render_report(metrics: dict, figures: list[str]) -> str:
         test = metrics["counts"]["real_test"]
         tested_on = f"`{cfg['test_data']}`" if cfg.get("test_data") else "the real test split"
         lines += ["", "## Downstream: real vs real + synthetic", "",
-                  f"{s['classifier']} classifier and {s['segmenter']} segmenter at {s['size']}², {s['steps']} steps of "
-                  f"batch {s['batch_size']} in both arms, tested on {tested_on} ({sum(test.values())} pairs: {test}); "
+                  f"{s['classifier']} classifier and {s['segmenter']} segmenter at {s['size']}², "
+                  f"{_recipe(s)}, tested on {tested_on} ({sum(test.values())} pairs: {test}); "
                   f"mean ± std over "
                   f"{len({r['seed'] for r in d['results']})} seeds.", "",
                   "| model | metric | real | real + synthetic | gain |", "|---|---|---|---|---|"]

@@ -116,6 +116,8 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert metrics["config"]["steps"] == 5 and metrics["config"]["extractor_steps"] == 20
     assert {(r["arm"], r["model"]) for r in metrics["downstream"]["results"]} == {
         (arm, m) for arm in ("real", "real+synthetic") for m in ("classifier", "segmenter")}
+    # the demo's recipe, the best of lab/pair_recipes.py's table: pretrain on the synthetic pairs, then the real
+    assert metrics["config"]["hybrid"] == "pretrain" and metrics["downstream"]["settings"]["schedules"] == 2
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["fd"] == metrics["fidelity"]["overall"]["FD_lesioncnn"]
 

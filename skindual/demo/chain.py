@@ -27,7 +27,7 @@ from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
 from skindual.demo.render import DIFFICULTIES
 from skindual.demo.world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
-from skindual.downstream import ARMS, CLASSIFIERS
+from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
 from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
@@ -74,6 +74,8 @@ class DemoConfig:
     real_fraction: float = option(1.0, "share of each class of the real train split the whole chain sees: fine-tuning "
                                         "and both downstream arms (below 1: the low-data regime; its run, shards and "
                                         "report get their own folders)")
+    hybrid: str = option(EvaluateConfig.hybrid, "the evaluation's hybrid recipe: pretrain on the synthetic pairs, "
+                                                "then fine-tune on the real ones, or mix them", choices=list(HYBRIDS))
     classifier: str = option("small", "downstream classifier (resnet18: the evaluation job's default, slower on CPU)",
                              choices=list(CLASSIFIERS))
     extractor_steps: int = option(EvaluateConfig.extractor_steps, "training steps of the lesion-cnn classifier "
@@ -196,9 +198,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                         output=str(out / f"eval{suffix}"), feature_extractor=cfg.feature_extractor,
                         inception_weights=cfg.inception_weights, extractor_steps=cfg.extractor_steps,
                         steps=cfg.eval_steps, seeds=cfg.seeds, classifier=cfg.classifier,
-                        real_fraction=cfg.real_fraction, actors=cfg.actors, qc_segmenter=qc.output)
+                        real_fraction=cfg.real_fraction, actors=cfg.actors, qc_segmenter=qc.output,
+                        hybrid=cfg.hybrid)
     name, t = stage(5, f"{cfg.feature_extractor} fidelity, mask statistics, pair quality, downstream "
-                       f"{cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
+                       f"({cfg.hybrid}) {cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
         ev_plan = plan_evaluate(ev)
         metrics = ev_plan.done or run_evaluate(ev_plan)
