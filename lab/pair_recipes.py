@@ -5,7 +5,7 @@ Rows (each against the same real train cut, test set and seeds):
   their ignore maps out of the segmenter's loss); + pairs of the consistency-reward fine-tune (QC, ignore
   maps); + mask-conditioned pairs (generate --mask-source with an adapter fine-tuned with
   --mask-condition-rate, QC, ignore maps); pretrain on the QC'd joint
-  pairs, then fine-tune on real.
+  pairs, then fine-tune on real; and its control, real only with the same two schedules (twice the steps).
 Columns: each synthetic set's consistency judged by a held-out segmenter of another architecture
 (segmentation_models_pytorch's U-Net with a ResNet-18 encoder, trained on the whole real train split; the QC
 and the reward use the small in-house U-Net), downstream segmenter Dice and IoU (in-house U-Net), classifier
@@ -180,7 +180,9 @@ def main() -> None:
             "+ ignore maps": ([concat(real_cut, synthetic["qc"])], "qc", True),
             "+ consistency-reward fine-tune": ([concat(real_cut, synthetic["consistency"])], "consistency", True),
             "+ mask-conditioned pairs": ([concat(real_cut, synthetic["mask"])], "mask", True),
-            "pretrain synthetic → fine-tune real": ([synthetic["qc"], real_cut], "qc", True)}
+            "pretrain synthetic → fine-tune real": ([synthetic["qc"], real_cut], "qc", True),
+            # the control of the row above: the same two schedules, both on real, so the same optimiser steps
+            "real only, twice the steps": ([real_cut, real_cut], None, False)}
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows}
     table = {}
@@ -209,7 +211,12 @@ def main() -> None:
               "qc_val_dice": card.get("val_dice"), "thresholds": thresholds,
               "judge_test_dice": round(judge_test, 4), "rarest_classes": [CLASS_CODES[c] for c in rarest],
               "generation": seconds, "table": table, "seconds": round(time.perf_counter() - started, 1)}
-    (out / f"pair_recipes-{args.difficulty}-real{f:g}.json").write_text(json.dumps(report, indent=1) + "\n")
+    path = out / f"pair_recipes-{args.difficulty}-real{f:g}.json"
+    if args.rows and path.exists():  # a run of some rows adds them to the report of the earlier runs
+        earlier = json.loads(path.read_text())
+        report["table"] = earlier["table"] | table
+        report["generation"] = earlier["generation"]
+    path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
 
 
