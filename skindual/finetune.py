@@ -147,6 +147,10 @@ STEP_MEMORY_GB = {"bf16": (4.43, 1.61), "fp16": (4.43, 1.61), "no": (8.30, 2.82)
 batch 1 and per extra sample, by compute dtype (``checkpointing``: bf16 with --gradient-checkpointing),
 measured by ``python bench/realsize_memory.py`` (README, "Real size")."""
 WHOLE_MASK_GB, PRIOR_GB, CUDA_CONTEXT_GB = 1.1, 0.1, 1.5  # per sample; the CUDA context and allocator
+CONSISTENCY_GB = (0.19, 0.04)
+"""The consistency reward (--w-consistency) scoring every sample of the batch, its worst case: GB once (the
+frozen segmenter, the checkpointed decoder window) and per sample, from the same bench's
+``bf16_b1_consistency`` and ``bf16_b2_consistency`` (4.68 and 6.28 GB against 4.45 and 6.01 without it)."""
 GPU_MEMORY_GB = {"T4": 16, "V100": 16, "A10": 24, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40, "A100-40G": 40,
                  "A100-80G": 80, "H100": 80, "H200": 141, "B200": 180}
 """Memory of the GPU models by Ray's accelerator-type names (the smallest variant where there are two)."""
@@ -161,9 +165,10 @@ def step_memory_gb(cfg: FinetuneConfig, unet_widths: list[int], resolution: int)
     precision = resolve_precision(cfg.mixed_precision, cfg.use_gpu)
     first, extra = STEP_MEMORY_GB["checkpointing" if cfg.gradient_checkpointing and precision != "no" else precision]
     scale = (resolution / 512) ** 2
+    reward_once, reward_per_sample = CONSISTENCY_GB if cfg.w_consistency else (0.0, 0.0)
     per_sample = (extra + (WHOLE_MASK_GB if cfg.w_geo and cfg.geo_crop == 0 else 0.0)
-                  + (PRIOR_GB if cfg.w_prior else 0.0)) * scale
-    weights = first - extra  # what does not grow with the batch (weights, optimiser state)
+                  + (PRIOR_GB if cfg.w_prior else 0.0) + reward_per_sample) * scale
+    weights = first - extra + reward_once  # what does not grow with the batch (weights, optimiser state)
     return round(weights + cfg.batch_size * per_sample + CUDA_CONTEXT_GB, 1)
 
 

@@ -269,6 +269,10 @@ def test_the_defaults_fit_a_24_gb_gpu_and_settings_that_do_not_are_refused():
     check_memory(fp32, sd2, 512, "H100")  # 80 GB
     check_memory(fp32, sd2, 512, "")  # a GPU of unknown memory: not refused here
     assert step_memory_gb(cfg, [32, 64], 64) is None  # other bases (the demo's): no estimate
+    # the consistency reward on every sample (its worst case) adds a little, and the defaults with it still fit
+    reward = replace(cfg, w_consistency=1.0, consistency_segmenter="qc")
+    assert step_memory_gb(cfg, sd2, 512) < step_memory_gb(reward, sd2, 512) <= 24
+    check_memory(reward, sd2, 512, "A10G")
 
 
 def test_the_consistency_reward_trains_the_image_through_a_frozen_segmenter(demo_real, tmp_path):
