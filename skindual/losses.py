@@ -183,7 +183,7 @@ def joint_loss(
             raise ValueError("the geometry term (w_geo != 0) needs true_masks and decode_mask")
         x0_mask, truth = predicted_x0(pred_mask[joint], x_t_mask[joint], abar[joint], prediction_type), true_masks[joint]
         if cropping:
-            x0_mask, truth = crop_pairs(x0_mask, truth, geo_offsets[joint], geo_crop)
+            x0_mask, truth = crop_pairs(x0_mask, truth, geo_offsets[joint.to(geo_offsets.device)], geo_crop)
         geo = mask_geometry_loss(decode_mask(x0_mask), truth, mask_sharpness)
     else:
         geo = model_pred.new_zeros((), dtype=torch.float32)
@@ -196,7 +196,7 @@ def joint_loss(
             x0_img = predicted_x0(pred_img[low], x_t_img[low], abar[low], prediction_type)
             truth = true_masks[low]
             if cropping:
-                x0_img, truth = crop_pairs(x0_img, truth, geo_offsets[low], geo_crop)
+                x0_img, truth = crop_pairs(x0_img, truth, geo_offsets[low.to(geo_offsets.device)], geo_crop)
             consistency = segmentation_loss(segment(decode_mask(x0_img).float().clamp(-1, 1)), truth)
     if w_prior and joint.any():
         if prior_pred is None:
