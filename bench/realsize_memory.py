@@ -9,11 +9,18 @@ once the model is loaded (``/proc/self/clear_refs``), less the resident set of t
 before it loaded anything (Python, torch, diffusers: not on a GPU).  The baseline of the ratio is
 measured in the same run: fp32, the geometry term decoding the whole mask (the old default).
 
-    python bench/realsize_memory.py [--quick] [--no-batch4] [--width 1]
+    python bench/realsize_memory.py [--quick] [--no-batch4] [--width 1] [--warmup W --steps N] [--only SETTING ...]
+    python bench/realsize_memory.py --warmup 2 --steps 3 --only bf16_b8 bf16_b8_consistency bf16_b8_consistency_default   # GPU
+
+The batch-8 settings (the fine-tune's defaults, with and without the reward) run only when named in ``--only``:
+on a CPU a step of them takes minutes.  ``--warmup`` untimed steps come first (a GPU's first steps pay for
+kernel selection), then ``--steps`` timed ones; the peak covers all of them.
 
 The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
 ``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``consistency_gb_batch1`` / ``consistency_gb_per_extra_sample`` /
-``consistency_step_seconds_ratio`` (the consistency reward on every sample, against bf16_b1), ``max_batch_24gb`` (the largest batch of that
+``consistency_step_seconds_ratio`` (the consistency reward on every sample, against bf16_b1),
+``bf16_b8_consistency[_default]_step_seconds_ratio`` (the reward on every sample / at its default t <= 200, against
+bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
 `skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
@@ -47,10 +54,14 @@ SETTINGS = {
     "bf16_b1_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 1),
     "bf16_b2_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 2),
     "bf16_b4": ({"mixed_precision": "bf16"}, 4),
+    "bf16_b8": ({"mixed_precision": "bf16"}, 8),  # the fine-tune's defaults on a GPU: measured, not predicted
     # the consistency reward on every sample (--consistency-max-t 1000: its worst case; at the default 200 a
     # fifth of the samples on average), its segmenter a fresh 128² U-Net of width 16
     "bf16_b1_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 1),
     "bf16_b2_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 2),
+    "bf16_b8_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 8),
+    # the reward as the fine-tune runs it by default: the samples with t <= 200 of each batch
+    "bf16_b8_consistency_default": ({"mixed_precision": "bf16", "w_consistency": 1.0}, 8),
     "generate_bf16_b1": ({"generate": True}, 1),  # sampling (guidance: a UNet batch of 2) and decoding
     "generate_bf16_b8": ({"generate": True}, 8),
 }
@@ -64,8 +75,9 @@ def _rss_gb(field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(base: str, name: str, report: str) -> None:
-    """One setting in this process: load, reset the peak, one optimiser step, report the peak."""
+def child(base: str, name: str, report: str, warmup: str = "0", steps: str = "1") -> None:
+    """One setting in this process: load, reset the peak, `warmup` untimed then `steps` timed optimiser steps,
+    report the peak over all of them and the mean time of a timed step."""
     import numpy as np
     import torch
 
@@ -92,16 +104,24 @@ def child(base: str, name: str, report: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
-    started = time.perf_counter()
-    metrics = trainer.train_step(batch)
-    seconds = time.perf_counter() - started
+    for _ in range(int(warmup)):  # a GPU's first steps pay for kernel selection and the allocator's growth
+        trainer.train_step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(int(steps)):
+        metrics = trainer.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / int(steps)
+    extra = {}
+    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / GB
+        extra["reserved_gb"] = round(torch.cuda.max_memory_reserved() / GB, 2)
     else:
         peak = _rss_gb("VmHWM") - empty
     Path(report).write_text(json.dumps({"peak_gb": round(peak, 2), "loaded_gb": round(loaded - empty, 2),
-                                        "step_seconds": round(seconds, 1), "loss": metrics["total"]}))
+                                        "step_seconds": round(seconds, 3), "loss": metrics["total"], **extra}))
 
 
 def generation_peak(base: str, batch_size: int, device, empty: float, report: str) -> None:
@@ -141,10 +161,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--no-batch4", action="store_true", help="skip the direct bf16 batch-4 measurement")
     parser.add_argument("--width", type=int, default=1, help="1: SD-2's size (other widths: a quick check)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps before the timed ones (on a GPU: 2)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps of each setting (their mean is the step time)")
     parser.add_argument("--only", nargs="*", default=[], choices=list(SETTINGS), metavar="SETTING",
                         help="measure only these settings (bf16_b1 and bf16_b2 are always measured)")
     args = parser.parse_args()
-    names = [n for n in (QUICK if args.quick else SETTINGS) if not (args.no_batch4 and n == "bf16_b4")]
+    names = [n for n in (QUICK if args.quick else SETTINGS)
+             if not (args.no_batch4 and n == "bf16_b4") and not n.startswith("bf16_b8")]  # b8: on request (--only)
     if args.only:
         names = [n for n in SETTINGS if n in {"bf16_b1", "bf16_b2", "fp32_b1_full_geometry", *args.only}]
     from skindual.sd2 import save_sd2_pipeline
@@ -162,10 +185,11 @@ def main() -> None:
             write_segmenter(QCModelConfig(output=str(Path(tmp) / "qc"), size=128), SmallUNet(16), {"val_dice": None})
         for name in names:
             report = Path(tmp) / f"{name}.json"
-            subprocess.run([sys.executable, __file__, "--child", base, name, str(report)], check=True, cwd=ROOT)
+            subprocess.run([sys.executable, __file__, "--child", base, name, str(report), str(args.warmup),
+                            str(args.steps)], check=True, cwd=ROOT)
             figures[name] = json.loads(report.read_text())
-            print(f"{name:<24} peak {figures[name]['peak_gb']:6.2f} GB (resident after loading "
-                  f"{figures[name]['loaded_gb']:.2f} GB), {figures[name]['step_seconds']:.0f} s", flush=True)
+            print(f"{name:<28} peak {figures[name]['peak_gb']:6.2f} GB (resident after loading "
+                  f"{figures[name]['loaded_gb']:.2f} GB), {figures[name]['step_seconds']:.3f} s a step", flush=True)
     b1, b2 = figures["bf16_b1"]["peak_gb"], figures["bf16_b2"]["peak_gb"]
     per_sample = max(b2 - b1, 1e-6)
     summary = {"device": device_name(), "width": args.width, "resolution": 512,
@@ -180,14 +204,19 @@ def main() -> None:
                    "consistency_step_seconds_ratio": round(figures["bf16_b1_consistency"]["step_seconds"]
                                                            / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2)}
                   if {"bf16_b1_consistency", "bf16_b2_consistency"} <= set(figures) else {}),
+               **({f"{n}_step_seconds_ratio": round(figures[n]["step_seconds"] / max(figures["bf16_b8"]["step_seconds"], 1e-9), 3)
+                   for n in ("bf16_b8_consistency", "bf16_b8_consistency_default") if n in figures and "bf16_b8" in figures}),
                "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),
                "baseline": "fp32_b1_full_geometry", "peak_gb": {n: f["peak_gb"] for n, f in figures.items()},
-               "step_seconds": {n: f["step_seconds"] for n, f in figures.items()}}
+               "step_seconds": {n: f["step_seconds"] for n, f in figures.items()},
+               **({"reserved_gb": {n: f["reserved_gb"] for n, f in figures.items() if "reserved_gb" in f}}
+                  if any("reserved_gb" in f for f in figures.values()) else {}),
+               "warmup": args.warmup, "steps": args.steps}
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) in (5, 7) and sys.argv[1] == "--child":
         child(*sys.argv[2:])
     else:
         main()

@@ -142,15 +142,17 @@ def resolve_precision(asked: str, use_gpu: bool) -> str:
 
 # --------------------------------------------------------------------------- memory at real size
 
-STEP_MEMORY_GB = {"bf16": (4.43, 1.61), "fp16": (4.43, 1.61), "no": (8.30, 2.82), "checkpointing": (3.6, 0.55)}
+STEP_MEMORY_GB = {"bf16": (4.27, 1.91), "fp16": (4.27, 1.91), "no": (8.30, 2.82), "checkpointing": (3.6, 0.55)}
 """One fine-tuning step of SD-2-base at 512² (LoRA r16, channels layout, default loss terms): peak GB at
 batch 1 and per extra sample, by compute dtype (``checkpointing``: bf16 with --gradient-checkpointing),
-measured by ``python bench/realsize_memory.py`` (README, "Real size")."""
+measured by ``python bench/realsize_memory.py`` (README, "Real size").  bf16 (and fp16, the same sizes) on an
+H200: the memory PyTorch's allocator reserved at batch 1 (4.27 GB) and per extra sample from batch 1 to the
+default batch 8 (17.62 GB); the others are the CPU's resident set (no GPU measurement yet)."""
 WHOLE_MASK_GB, PRIOR_GB, CUDA_CONTEXT_GB = 1.1, 0.1, 1.5  # per sample; the CUDA context and allocator
-CONSISTENCY_GB = (0.19, 0.04)
+CONSISTENCY_GB = (0.19, 0.11)
 """The consistency reward (--w-consistency) scoring every sample of the batch, its worst case: GB once (the
-frozen segmenter, the checkpointed decoder window) and per sample, from the same bench's
-``bf16_b1_consistency`` and ``bf16_b2_consistency`` (4.68 and 6.28 GB against 4.45 and 6.01 without it)."""
+frozen segmenter, the checkpointed decoder window; the CPU's ``bf16_b1_consistency`` against ``bf16_b1``) and
+per sample (on an H200 at batch 8: 18.64 GB reserved against 17.62 without it, +1.02 GB)."""
 GPU_MEMORY_GB = {"T4": 16, "V100": 16, "A10": 24, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40, "A100-40G": 40,
                  "A100-80G": 80, "H100": 80, "H200": 141, "B200": 180}
 """Memory of the GPU models by Ray's accelerator-type names (the smallest variant where there are two)."""

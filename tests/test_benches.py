@@ -30,3 +30,13 @@ def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
     # 2 steps × 2 (guidance) UNet evaluations and 2 decodes per pair, counted on the model itself
     assert figures["gflop_per_pair"] == pytest.approx(4 * figures["unet_gflop"] + 2 * figures["vae_decode_gflop"],
                                                       abs=2e-3)
+
+
+@pytest.mark.slow
+def test_mask_mode_bench_runs_at_sd2_structure_on_the_cpu():
+    """The mask-mode bench on SD-2-base's architecture (narrow, random weights) as bench/gpu_check.sh runs it on a
+    GPU: the given masks come back exact (the script asserts it) and both modes have a rate."""
+    figures = last_json_line(["bench/mask_mode_throughput.py", "--sd2-width", "16", "--dtype", "bf16", "--steps", "2",
+                              "--batch-size", "2", "--batches", "1", "--repeats", "1"])
+    assert figures["model"] == "sd2-base/16" and figures["resolution"] == 512 and figures["device"] == "cpu"
+    assert figures["pairs_per_s"]["joint"] > 0 and figures["pairs_per_s"]["mask"] > 0 and figures["ratio"] > 0
