@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from typing import Any, Callable, TypeVar
 
@@ -185,10 +187,30 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s")
 
 
+_SIGINT = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _SIGINT.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise `KeyboardInterrupt` if Ctrl-C came and was lost.  Ray's core worker checks for signals inside
+    its blocking calls (putting objects, creating actors) and turns the `KeyboardInterrupt` raised there
+    into a status that some of its paths drop, so a Ctrl-C during a job's setup can vanish; `run_job`'s
+    handler records every one, and the jobs call this where they can stop (before and between shards)."""
+    if _SIGINT.is_set():
+        raise KeyboardInterrupt
+
+
 def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, argv: list[str] | None = None) -> int:
     """Parse the config, run `main(config)`; a `UserError` (also one raised on a Ray worker) becomes one line on
     stderr and exit status 2, Ctrl-C one line and exit status 130."""
     logging.basicConfig(level=os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    _SIGINT.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if main_thread else None
     try:
         config = parse_config(config_cls, argv, description)
         quiet_libraries()
@@ -202,5 +224,8 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     return 0
 

@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 
 from skindual import __version__
 from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
-from skindual.cli import Progress, check_fields, option, worker_setup
+from skindual.cli import Progress, check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.mask_source import MaskSource, given_mask, load_masks, plan_mask_source, source_table
@@ -662,9 +662,11 @@ def _follow(dataset, table: pa.Table, todo: list[int], counter) -> None:
 
     progress = Progress("generate", total, "pairs", count).start()
     try:
+        check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run here
         for row in dataset.iter_rows():
             log.info("shard %05d written: %d/%d pairs accepted, %d redraws", row["shard"], row["successes"],
                      row["count"], row["redraws"])
+            check_interrupt()
     finally:
         progress.close()
 

@@ -56,6 +56,33 @@ def test_config_errors_name_the_flag():
     assert GenerateConfig(per_class="df=5,vasc=4").counts() == {"df": 5, "vasc": 4}
 
 
+def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_job(capsys):
+    """Ray's core worker checks for signals inside its blocking calls and turns the KeyboardInterrupt raised there
+    into a status some paths drop (a Ctrl-C during generate's setup once vanished and the run went on to its
+    end). `run_job` records every SIGINT; the job stops at its next `check_interrupt`: one line, status 130."""
+    from skindual.cli import check_interrupt
+    from skindual.cli import run_job as run_entry
+
+    reached = []
+
+    def main(_config):
+        try:  # a library that swallows the KeyboardInterrupt its own signal check raised
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)
+        except KeyboardInterrupt:
+            reached.append("swallowed")
+        reached.append("after the library call")
+        check_interrupt()
+        reached.append("past the check")
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run_entry(main, GenerateConfig, "test", []) == 130
+    assert reached == ["swallowed", "after the library call"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert run_entry(lambda _config: check_interrupt(), GenerateConfig, "test", []) == 0  # a new run starts clean
+
+
 def test_the_default_split_keeps_every_actor_busy_to_the_end():
     # the mission's run: 35,000 pairs on 16 actors; 1,000-pair shards would be 3 waves, the last with 3 busy actors
     size = generate.auto_samples_per_shard(35_000, 16)
