@@ -196,10 +196,11 @@ def _on_sigint(signum, frame) -> None:
 
 
 def check_interrupt() -> None:
-    """Raise `KeyboardInterrupt` if Ctrl-C came and was lost.  Ray's core worker checks for signals inside
-    its blocking calls (putting objects, creating actors) and turns the `KeyboardInterrupt` raised there
-    into a status that some of its paths drop, so a Ctrl-C during a job's setup can vanish; `run_job`'s
-    handler records every one, and the jobs call this where they can stop (before and between shards)."""
+    """Raise `KeyboardInterrupt` if Ctrl-C came and was lost.  A Ctrl-C during generate's setup once vanished
+    (the run went on to its end, status 0), most likely inside Ray's core worker, which checks for signals
+    in its blocking calls (putting objects, creating actors) and turns the `KeyboardInterrupt` raised there
+    into a status; `run_job`'s handler records every one, and the jobs call this where they can stop
+    (before and between shards)."""
     if _SIGINT.is_set():
         raise KeyboardInterrupt
 
