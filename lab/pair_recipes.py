@@ -49,6 +49,12 @@ from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
 from skindual.storage import LocalStorage
 
 SIZE = 64
+ROW_SETS = {"real only": None, "+ joint pairs, raw": "raw", "+ joint pairs, pair-level QC": "qc", "+ ignore maps": "qc",
+            "+ consistency-reward fine-tune": "consistency", "+ mask-conditioned pairs": "mask",
+            "pretrain synthetic → fine-tune real": "qc", "real only, twice the steps": None}
+"""The synthetic set each row adds (None: real pairs only)."""
+SET_ADAPTER = {"raw": "joint", "qc": "joint", "consistency": "consistency", "mask": "mask-conditioned"}
+"""The fine-tune whose adapter draws each set."""
 
 
 def load_set(url: str, selection: dict | None = None) -> dict[str, np.ndarray]:
@@ -105,7 +111,8 @@ def main() -> None:
     parser.add_argument("--mask-attempts", type=int, default=32, help="the mask-conditioned row's --max-attempts")
     parser.add_argument("--steps", type=int, default=150, help="optimiser steps of every downstream model")
     parser.add_argument("--judge-steps", type=int, default=600)
-    parser.add_argument("--rows", nargs="*", default=[], help="only these rows (default: all)")
+    parser.add_argument("--rows", nargs="*", default=[],
+                        help="only these rows, and only the fine-tunes and synthetic sets they use (default: all)")
     args = parser.parse_args()
     out, f = Path(args.output).resolve(), args.real_fraction
     started = time.perf_counter()
@@ -117,10 +124,16 @@ def main() -> None:
                        cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
     qc_plan = plan_qc_model(qc)
     card = qc_plan.done or run_qc_model(qc_plan)
+    unknown = sorted(set(args.rows) - set(ROW_SETS))
+    if unknown:
+        raise SystemExit(f"--rows {', '.join(map(repr, unknown))}: no such row; the rows are {', '.join(map(repr, ROW_SETS))}")
+    needed_sets = {which for row, which in ROW_SETS.items() if which and (not args.rows or row in args.rows)}
     adapters = {}
     for name, extra in (("joint", {}), ("consistency", {"w_consistency": args.w_consistency,
                                                         "consistency_segmenter": qc.output}),
                         ("mask-conditioned", {"mask_condition_rate": args.mask_condition_rate})):
+        if not any(SET_ADAPTER[which] == name for which in needed_sets):  # only what the asked rows use
+            continue
         ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
                             base_model=world_base(args.difficulty), **{**DEMO_FINETUNE, "steps": args.finetune_steps},
                             **extra)
@@ -132,12 +145,13 @@ def main() -> None:
     demo = DemoConfig(output=str(out), qc=True, min_consistency=-1)
     base = GenerateConfig(per_class=str(args.per_class), samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=2,
                           qc_segmenter=qc.output, max_attempts=DEMO_QC_ATTEMPTS)
-    sets = {"raw": replace(base, adapter=adapters["joint"], qc_segmenter="", max_attempts=8, output=str(out / "syn-raw")),
-            "qc": replace(base, adapter=adapters["joint"], output=str(out / "syn-qc")),
-            "consistency": replace(base, adapter=adapters["consistency"], output=str(out / "syn-consistency")),
-            "mask": replace(base, adapter=adapters["mask-conditioned"], mask_source=real, mask_fraction=f,
-                            max_attempts=args.mask_attempts,
-                            output=str(out / "syn-mask"))}
+    sets = {"raw": lambda: replace(base, adapter=adapters["joint"], qc_segmenter="", max_attempts=8,
+                                   output=str(out / "syn-raw")),
+            "qc": lambda: replace(base, adapter=adapters["joint"], output=str(out / "syn-qc")),
+            "consistency": lambda: replace(base, adapter=adapters["consistency"], output=str(out / "syn-consistency")),
+            "mask": lambda: replace(base, adapter=adapters["mask-conditioned"], mask_source=real, mask_fraction=f,
+                                    max_attempts=args.mask_attempts, output=str(out / "syn-mask"))}
+    sets = {name: make() for name, make in sets.items() if name in needed_sets}
     thresholds, seconds = {}, {}
     for name, gen in sets.items():
         if name != "raw":
@@ -175,18 +189,24 @@ def main() -> None:
                 "diversity": round(fidelity.feature_spread(extractor(s["image"])), 3),
                 "disagreement": round(float(s["ignore"].mean()), 4), "pairs": int(len(s["label"]))}
 
-    rows = {"real only": ([real_cut], None, False), "+ joint pairs, raw": ([concat(real_cut, synthetic["raw"])], "raw", False),
-            "+ joint pairs, pair-level QC": ([concat(real_cut, synthetic["qc"])], "qc", False),
-            "+ ignore maps": ([concat(real_cut, synthetic["qc"])], "qc", True),
-            "+ consistency-reward fine-tune": ([concat(real_cut, synthetic["consistency"])], "consistency", True),
-            "+ mask-conditioned pairs": ([concat(real_cut, synthetic["mask"])], "mask", True),
-            "pretrain synthetic → fine-tune real": ([synthetic["qc"], real_cut], "qc", True),
+    def mixed(which: str) -> list[dict]:
+        return [concat(real_cut, synthetic[which])]
+
+    rows = {"real only": (lambda: [real_cut], None, False),
+            "+ joint pairs, raw": (lambda: mixed("raw"), "raw", False),
+            "+ joint pairs, pair-level QC": (lambda: mixed("qc"), "qc", False),
+            "+ ignore maps": (lambda: mixed("qc"), "qc", True),
+            "+ consistency-reward fine-tune": (lambda: mixed("consistency"), "consistency", True),
+            "+ mask-conditioned pairs": (lambda: mixed("mask"), "mask", True),
+            "pretrain synthetic → fine-tune real": (lambda: [synthetic["qc"], real_cut], "qc", True),
             # the control of the row above: the same two schedules, both on real, so the same optimiser steps
-            "real only, twice the steps": ([real_cut, real_cut], None, False)}
+            "real only, twice the steps": (lambda: [real_cut, real_cut], None, False)}
+    assert {row: which for row, (_, which, _) in rows.items()} == ROW_SETS
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows}
     table = {}
-    for row, (pools, which, ignore) in rows.items():
+    for row, (make_pools, which, ignore) in rows.items():
+        pools = make_pools()
         figures: dict = {"dice": [], "iou": [], "macro_f1": [], "rare_recall": []}
         for seed in range(args.seeds):
             seg = train("unet", "segmenter", pools, args.steps, seed, ignore)
