@@ -57,9 +57,9 @@ def test_config_errors_name_the_flag():
 
 
 def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_job(capsys):
-    """Ray's core worker checks for signals inside its blocking calls and turns the KeyboardInterrupt raised there
-    into a status some paths drop (a Ctrl-C during generate's setup once vanished and the run went on to its
-    end). `run_job` records every SIGINT; the job stops at its next `check_interrupt`: one line, status 130."""
+    """A Ctrl-C during generate's setup once vanished and the run went on to its end (most likely swallowed inside
+    Ray's core worker, which checks for signals in its blocking calls). `run_job` records every SIGINT; the job
+    stops at its next `check_interrupt`: one line, status 130."""
     from skindual.cli import check_interrupt
     from skindual.cli import run_job as run_entry
 
