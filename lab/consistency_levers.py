@@ -1,0 +1,309 @@
+"""Which fine-tune lever makes the kept pairs follow their masks?  The consistency reward's weight, the prior's
+weight and the fine-tune's length, each judged by a held-out segmenter, with the downstream segmenter beside it.
+
+lab/pair_recipes.py measures the recipes through the stages on a local Ray cluster; this script asks one narrower
+question and runs in one process with no Ray, on a GPU when there is one (``--device auto``), so that a sweep of
+fine-tunes fits a few minutes of a lent GPU.  It uses the stages' own pieces: the QC segmenter (the small in-house
+U-Net, trained on the real cut as jobs/qc_model.py does, written by `qc_model.write_segmenter`), the fine-tune's
+`JointTrainer` (the demo chain's settings, changed per variant by ``FIELD=VALUE``), its adapter written by
+`finetune.write_outputs`, and generation's `ShardGenerator` (the QC, its redraws, its ignore maps).  Per variant:
+
+  1. fine-tune on the real cut (``--real-fraction``), write the adapter;
+  2. raw draws: ``--per-class`` pairs a class, the QC scoring but not rejecting (generation's first pass), and
+     from them an estimate of what each of ``--thresholds`` would keep (`threshold_estimates`);
+  3. the threshold: the one the demo chain would choose from these draws (`pilot_threshold`, these draws as its
+     pilot), or ``--min-consistency``;
+  4. the kept set: the same rows drawn with that threshold and ``DEMO_QC_ATTEMPTS`` draws per pair;
+  5. each set's consistency by the judge (segmentation_models_pytorch's U-Net, ResNet-18 encoder, trained on the
+     whole real train split: another architecture than the QC's and the reward's), and downstream: the in-house
+     U-Net's Dice and the classifier's macro-F1 on the real test set, mixed (real cut + kept pairs, ignore maps
+     out of the loss) and pretrained (kept pairs, then the real cut), against real only and real only twice the
+     steps, over ``--seeds`` (0: none).
+
+The report (``OUTPUT/consistency_levers-<difficulty>-real<f>.json``) is rewritten after every variant, so a run
+cut short keeps what it measured; each variant's raw draws' QC and judge scores go to ``OUTPUT/scores-<variant>.npz``.
+A rerun reuses the fine-tunes it finds done under ``OUTPUT/runs``.
+
+    python lab/consistency_levers.py --difficulty hard --real-fraction 0.2 --output RUN \\
+        --variants "" "w_consistency=1" "w_consistency=4" "w_consistency=16" "w_consistency=4,w_prior=1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from finetune_quality import parse_fields
+from PIL import Image
+
+from skindual import downstream, pairs
+from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS, DEMO_SAMPLES_PER_SHARD, pilot_threshold
+from skindual.demo.world import prepare_demo_world, split_pairs, world_base
+from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, plan_finetune, training_rows, write_outputs
+from skindual.generate import GenerateConfig, ShardGenerator, generation_prompts, resolve_model
+from skindual.prompts import CLASS_CODES
+from skindual.qc_model import QCModelConfig, write_segmenter
+
+SIZE = 64
+POOL = ("image", "mask", "label", "ignore")  # what a downstream pool holds
+
+
+def draw_batches(pool: dict, seed: int, ignore: bool, batch_size: int = 32):
+    g = np.random.default_rng(seed)
+    while True:
+        idx = g.integers(0, len(pool["label"]), batch_size)
+        out = (pool["image"][idx], pool["mask"][idx], pool["label"][idx])
+        yield (*out, pool["ignore"][idx]) if ignore else out
+
+
+def train(kind: str, task: str, pools: list[dict], steps: int, seed: int, ignore: bool, device: torch.device):
+    """One downstream model trained on each pool in turn (`steps` each), as lab/pair_recipes.py trains them."""
+    torch.manual_seed(seed)
+    model = downstream.build_model(kind)
+    settings = downstream.BenchmarkSettings(steps=steps, batch_size=32, lr=1e-3, ignore_maps=ignore)
+    for k, pool in enumerate(pools):
+        model = downstream.train_model(model, draw_batches(pool, seed * 100 + k, ignore), task, settings, seed, device)
+    return model
+
+
+def dice_on(model, images: np.ndarray, masks: np.ndarray, device: torch.device) -> float:
+    test = downstream.PairSet(images, masks, np.zeros(len(images), np.int64))
+    return float(downstream.test_model(model, test, "segmenter", [], device)["dice"])
+
+
+def per_pair_dice(model, images: np.ndarray, masks: np.ndarray, device: torch.device) -> np.ndarray:
+    """Each pair's Dice between its mask and `model`'s mask of its image (1 when both are empty)."""
+    with torch.no_grad():
+        model = model.to(device).eval()
+        out = []
+        for i in range(0, len(images), 256):
+            x = torch.from_numpy(images[i:i + 256]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            out.append((model(x)[:, 0] > 0).cpu().numpy())
+    predicted = np.concatenate(out).astype(bool)
+    truth = masks.astype(bool)
+    inter = (predicted & truth).reshape(len(truth), -1).sum(1)
+    total = predicted.reshape(len(truth), -1).sum(1) + truth.reshape(len(truth), -1).sum(1)
+    return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+
+
+def as_set(split: dict) -> dict:
+    return {"image": split["image"], "mask": split["mask"], "label": split["class_index"].astype(np.int64),
+            "ignore": np.zeros_like(split["mask"]), "key": split["key"]}
+
+
+def decode(records: list[dict]) -> dict:
+    """The kept samples of `ShardGenerator` records, in memory at `SIZE`."""
+    kept = [r for r in records if r["status"] == "ok"]
+
+    def load(b: bytes, mode: str) -> np.ndarray:
+        im = Image.open(io.BytesIO(b)).convert(mode)
+        return np.asarray(im if im.size == (SIZE, SIZE) else im.resize((SIZE, SIZE), Image.NEAREST))
+
+    return {"image": np.stack([load(r["image_bytes"], "RGB") for r in kept]),
+            "mask": np.stack([load(r["mask_bytes"], "L") > 127 for r in kept]).astype(np.uint8),
+            "ignore": np.stack([load(r["ignore_bytes"], "L") > 127 if r["ignore_bytes"] else
+                                np.zeros((SIZE, SIZE), bool) for r in kept]).astype(np.uint8),
+            "label": np.asarray([r["class_index"] for r in kept], np.int64),
+            "qc": np.asarray([r["consistency"] for r in kept], np.float64),
+            "draws": sum(r["attempts"] for r in records), "rows": len(records)}
+
+
+def threshold_estimates(labels: np.ndarray, qc: np.ndarray, judged: np.ndarray, thresholds: list[float],
+                        attempts: int = DEMO_QC_ATTEMPTS) -> dict:
+    """What generation with ``--min-consistency τ`` would keep, estimated from first draws: a row is drawn again
+    until its QC score reaches τ (at most `attempts` draws), so its kept pair is a draw of its class with a score
+    of at least τ.  Per τ: the judge's mean over those (each class weighted by its rows), the share of rows kept
+    within `attempts`, the draws per kept pair, and the classes whose pass rate is lowest."""
+    out = {}
+    for tau in thresholds:
+        judge_sum = weight = kept = draws = 0.0
+        rates = {}
+        for c in np.unique(labels):
+            rows, passing = labels == c, (labels == c) & (qc >= tau)
+            n, p = int(rows.sum()), float(passing.sum() / rows.sum())
+            rates[CLASS_CODES[c]] = round(p, 3)
+            share = 1 - (1 - p) ** attempts
+            kept += n * share
+            draws += n * (share / p if p else attempts)
+            if passing.any():
+                judge_sum, weight = judge_sum + n * share * float(judged[passing].mean()), weight + n * share
+        out[f"{tau:g}"] = {"est_kept_judge": round(judge_sum / weight, 4) if weight else None,
+                           "kept_share": round(kept / len(labels), 4), "draws_per_kept_pair": round(draws / max(kept, 1), 2),
+                           "pass_rate": round(float((qc >= tau).mean()), 4),
+                           "lowest_pass_rates": dict(sorted(rates.items(), key=lambda kv: kv[1])[:2])}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--difficulty", default="hard", choices=["easy", "hard"])
+    parser.add_argument("--real-fraction", type=float, default=0.2)
+    parser.add_argument("--variants", nargs="+", default=["", "w_consistency=1", "w_consistency=4"],
+                        help="fine-tune changes to the demo chain's settings, one comma-separated FIELD=VALUE list "
+                             "a variant (empty: the demo settings, no reward); the reward's segmenter is the QC's")
+    parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3, help="downstream seeds; 0: no downstream models")
+    parser.add_argument("--min-consistency", default="pilot",
+                        help="the kept set's --min-consistency: pilot (the demo chain's rule, from the raw draws) or "
+                             "a number; none: no kept set (raw draws and the estimates only)")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.85, 0.9],
+                        help="thresholds whose kept sets are estimated from the raw draws (`threshold_estimates`)")
+    parser.add_argument("--steps", type=int, default=150, help="optimiser steps of every downstream model")
+    parser.add_argument("--judge-steps", type=int, default=600)
+    parser.add_argument("--qc-steps", type=int, default=600)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--world", default="",
+                        help="the real and real-test folders of a demo world prepared earlier (e.g. another run's "
+                             "OUTPUT); default: prepare the world under OUTPUT")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    out, f = Path(args.output).resolve(), args.real_fraction
+    started = time.perf_counter()
+    if args.world:
+        said = json.loads((Path(args.world) / "demo_world.json").read_text()).get("difficulty", "easy")
+        if said != args.difficulty:
+            raise SystemExit(f"--world {args.world} is the {said} world, not --difficulty {args.difficulty}")
+        real, test_data = str(Path(args.world) / "real"), str(Path(args.world) / "real-test")
+    else:
+        world = prepare_demo_world(out, measure=False, difficulty=args.difficulty)
+        real, test_data = str(world.real), str(world.test_data)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / f"consistency_levers-{args.difficulty}-real{f:g}.json"
+    report: dict = {"difficulty": args.difficulty, "real_fraction": f, "device": torch.cuda.get_device_name()
+                    if device.type == "cuda" else "cpu", "torch": torch.__version__, "per_class": args.per_class,
+                    "finetune_steps": args.finetune_steps, "seeds": args.seeds, "downstream_steps": args.steps,
+                    "variants": {}}
+
+    def save() -> None:
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+
+    index = pairs.read_index(real)
+    cut_keys = set(training_rows(index, f).column("key").to_pylist())  # the fine-tune's and the QC's cut
+    real_all = as_set(split_pairs(real, "train", SIZE))
+    real_cut = {k: v[np.asarray([k in cut_keys for k in real_all["key"]])] for k, v in real_all.items()}
+    val = as_set(split_pairs(real, "val", SIZE))
+    test = as_set(split_pairs(test_data, "all", SIZE))  # the separate test set, all of it
+    test_set = downstream.PairSet(test["image"], test["mask"], test["label"])
+
+    # the QC segmenter (also the reward's), as jobs/qc_model.py trains it: the small U-Net on the real cut
+    t = time.perf_counter()
+    qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=args.qc_steps)
+    torch.manual_seed(qc_cfg.seed)
+    settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
+    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width), draw_batches(real_cut, qc_cfg.seed, False),
+                                      "segmenter", settings, qc_cfg.seed, device)
+    qc_val = dice_on(qc_model, val["image"], val["mask"], device)
+    write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
+                                             "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
+    judge = train("smp_unet", "segmenter", [real_all], args.judge_steps, 0, False, device)
+    report |= {"real_cut_pairs": int(len(real_cut["label"])), "qc_val_dice": round(qc_val, 4),
+               "judge_test_dice": round(dice_on(judge, test["image"], test["mask"], device), 4),
+               "judge_on_real_cut": round(float(per_pair_dice(judge, real_cut["image"], real_cut["mask"], device).mean()), 4),
+               "qc_and_judge_seconds": round(time.perf_counter() - t, 1)}
+    print(json.dumps({k: v for k, v in report.items() if k != "variants"}), flush=True)
+
+    def downstream_figures(pools: list[dict], ignore: bool) -> dict:
+        dice, f1 = [], []
+        for seed in range(args.seeds):
+            seg = train("unet", "segmenter", pools, args.steps, seed, ignore, device)
+            dice.append(downstream.test_model(seg, test_set, "segmenter", [], device)["dice"])
+            cls = train("small", "classifier", pools, args.steps, seed, False, device)
+            f1.append(downstream.test_model(cls, test_set, "classifier", CLASS_CODES, device)["macro_f1"])
+        return {"dice": round(float(np.mean(dice)), 4), "dice_std": round(float(np.std(dice, ddof=1)), 4)
+                if len(dice) > 1 else 0.0, "macro_f1": round(float(np.mean(f1)), 4)}
+
+    if args.seeds:
+        report["real only"] = downstream_figures([real_cut], False)
+        report["real only, twice the steps"] = downstream_figures([real_cut, real_cut], False)
+        save()
+        print(json.dumps({"real only": report["real only"], "twice": report["real only, twice the steps"]}), flush=True)
+
+    for variant in args.variants:
+        fields = parse_fields([p for p in variant.split(",") if p.strip()])
+        name = "demo" if not fields else "_".join(f"{k}-{v}" for k, v in sorted(fields.items()))
+        if fields.get("w_consistency"):
+            fields["consistency_segmenter"] = qc_cfg.output
+        t = time.perf_counter()
+        ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
+                            base_model=world_base(args.difficulty), use_gpu=device.type == "cuda",
+                            **{**DEMO_FINETUNE, "steps": args.finetune_steps, **fields})
+        plan = plan_finetune(ft)
+        cfg = plan.config
+        last = {}
+        if plan.done is None:
+            trainer = JointTrainer(cfg, device)
+            epoch = 0
+            while trainer.step < cfg.steps:
+                epoch += 1
+                for batch in local_batches(real, plan.selection, cfg.resolution, cfg.batch_size, cfg.seed + epoch):
+                    last = trainer.train_step(batch) or last
+                    if trainer.step >= cfg.steps:
+                        break
+            write_outputs(cfg, trainer, plan.prompting, plan.fingerprint)
+            del trainer
+        figures: dict = {"settings": {k: v for k, v in fields.items() if k != "consistency_segmenter"},
+                         "finetune_seconds": round(time.perf_counter() - t, 1),
+                         "last_step_losses": {k: round(float(v), 4) for k, v in last.items() if k != "time"}}
+
+        adapter = str(out / "runs" / name / "adapter")
+        gen = GenerateConfig(per_class=str(args.per_class), adapter=adapter, qc_segmenter=qc_cfg.output,
+                             samples_per_shard=DEMO_SAMPLES_PER_SHARD, num_gpus_per_actor=float(device.type == "cuda"),
+                             dtype="fp16" if device.type == "cuda" else "fp32",
+                             batch_size=64 if device.type == "cuda" else 8, cpus_per_actor=torch.get_num_threads())
+        spec = resolve_model(gen)
+        rows = generation_prompts(gen, spec).to_pylist()
+        batch = pa.table({"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]})
+
+        def draw(cfg: GenerateConfig) -> dict:
+            records = ShardGenerator(cfg, spec)(batch).column("samples").to_pylist()[0]
+            return decode(records)
+
+        t = time.perf_counter()
+        raw = draw(gen)  # the QC scores every pair, rejects none (only failed mask checks are drawn again)
+        scores: dict[str, list[float]] = {}
+        for label, score in zip(raw["label"], raw["qc"]):
+            scores.setdefault(CLASS_CODES[label], []).append(float(score))
+        threshold, how = pilot_threshold(scores, qc_val)
+        if args.min_consistency not in ("pilot", "none"):
+            threshold, how = float(args.min_consistency), "--min-consistency"
+        sets = {"raw": raw}
+        if args.min_consistency != "none":
+            sets["kept"] = draw(replace(gen, min_consistency=threshold, max_attempts=DEMO_QC_ATTEMPTS))
+        figures["generation_seconds"] = round(time.perf_counter() - t, 1)
+        for which, s in sets.items():
+            judged = per_pair_dice(judge, s["image"], s["mask"], device)
+            figures[which] = {"pairs": int(len(s["label"])), "draws": int(s["draws"]),
+                              "consistency_judge": round(float(judged.mean()), 4),
+                              "judge_share_at_least_0.85": round(float((judged >= 0.85).mean()), 4),
+                              "consistency_qc": round(float(s["qc"].mean()), 4),
+                              "disagreement": round(float(s["ignore"].mean()), 4)}
+            if which == "raw":
+                figures["estimates"] = threshold_estimates(s["label"], s["qc"], judged, args.thresholds)
+                np.savez(out / f"scores-{name}.npz", label=s["label"], qc=s["qc"], judge=judged)
+        figures["threshold"], figures["threshold_from"] = threshold, how
+        t = time.perf_counter()
+        if args.seeds and "kept" in sets:
+            kept = sets["kept"]
+            figures["mixed, ignore maps"] = downstream_figures([{k: np.concatenate([real_cut[k], kept[k]])
+                                                                 for k in POOL}], True)
+            figures["pretrain → real"] = downstream_figures([{k: kept[k] for k in POOL}, real_cut], True)
+        figures["downstream_seconds"] = round(time.perf_counter() - t, 1)
+        report["variants"][name] = figures
+        save()
+        print(json.dumps({name: figures}), flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
