@@ -199,8 +199,9 @@ def check_interrupt() -> None:
     """Raise `KeyboardInterrupt` if Ctrl-C came and was lost.  A Ctrl-C during generate's setup once vanished
     (the run went on to its end, status 0), most likely inside Ray's core worker, which checks for signals
     in its blocking calls (putting objects, creating actors) and turns the `KeyboardInterrupt` raised there
-    into a status; `run_job`'s handler records every one, and the jobs call this where they can stop
-    (before and between shards)."""
+    into a status; `run_job`'s handler records every one, the stages call this where they can stop (generate
+    before and between shards, the fine-tune and the QC segmenter before training, evaluate before each
+    phase and before it writes its report), and `run_job` after the job: a Ctrl-C never ends in status 0."""
     if _SIGINT.is_set():
         raise KeyboardInterrupt
 
@@ -216,6 +217,7 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
         config = parse_config(config_cls, argv, description)
         quiet_libraries()
         main(config)
+        check_interrupt()  # swallowed where no stage checked: the run may be whole, but it does not say so
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skindual import __version__, data, downstream, fidelity, mask_stats, pairs, quality, report
-from skindual.cli import check_fields, option, worker_setup
+from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths, reserved_device, resolve_gpus
 from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS, SEGMENTERS, PairSet, arm_stages
 from skindual.errors import UserError
@@ -614,6 +614,7 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     storage.delete(METRICS)
     stages: dict[str, float] = {}
     clock = time.perf_counter()
+    check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run before each phase
     spec, extractor_cached = extractor_spec(cfg, plan)
     stages["extractor"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     groups = feature_pass(cfg, plan, spec, actor_gpus)
@@ -628,8 +629,10 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
                      "fidelity": fid | {"extractor_cached": extractor_cached},
                      "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"]}
     if cfg.downstream:
+        check_interrupt()
         metrics["downstream"] = run_benchmark(cfg, plan, task_gpus)
         stages["downstream"] = round(time.perf_counter() - clock, 2)
+    check_interrupt()  # and before the report: its metrics.json marks the run done
     metrics["stage_seconds"] = stages
     metrics["versions"], metrics["fingerprint"] = _versions(), fingerprint
     metrics["seconds"] = round(time.perf_counter() - started, 1)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from skindual import data, losses, model, pairs, prompts, report
 from skindual.base_models import base_config, base_id
-from skindual.cli import check_fields, option, worker_setup
+from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
 from skindual.qc_model import QCSegmenter, card_digest
@@ -754,6 +754,7 @@ def run_finetune(plan: FinetunePlan, shape: ClusterShape | None = None):
     log.info("fine-tuning %s (%s, %s, %s) on %d pairs (%d an epoch), %d worker(s)%s, %d steps", cfg.base_model,
              cfg.layout, cfg.train, precision, plan.rows, sum(sum(k.values()) for k in plan.selection.values()),
              cfg.num_workers, f" on {accelerator}" if accelerator else "", cfg.steps)
+    check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run before it trains
     return trainer.fit()
 
 

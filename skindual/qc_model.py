@@ -32,7 +32,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from skindual import data, downstream, pairs
-from skindual.cli import check_fields, option, worker_setup
+from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
@@ -188,6 +188,7 @@ def run_qc_model(plan: QCPlan, shape: ClusterShape | None = None) -> dict:
         raise UserError("--use-gpu: no node of this cluster has or can launch a GPU; train on a CPU without it")
     endpoint = cfg.s3_endpoint or None
     dataset = pairs.pair_dataset(cfg.training_data, plan.train, cfg.size, cfg.seed, endpoint)
+    check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run before it trains
     with tempfile.TemporaryDirectory(prefix="skindual-qc-") as runs:
         TorchTrainer(_loop, train_loop_config={"plan": plan},
                      scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,

@@ -59,7 +59,7 @@ def test_config_errors_name_the_flag():
 def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_job(capsys):
     """A Ctrl-C during generate's setup once vanished and the run went on to its end (most likely swallowed inside
     Ray's core worker, which checks for signals in its blocking calls). `run_job` records every SIGINT; the job
-    stops at its next `check_interrupt`: one line, status 130."""
+    stops at its next `check_interrupt`, or `run_job` says so when the job returns: one line, status 130."""
     from skindual.cli import check_interrupt
     from skindual.cli import run_job as run_entry
 
@@ -81,6 +81,16 @@ def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_job(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
     assert run_entry(lambda _config: check_interrupt(), GenerateConfig, "test", []) == 0  # a new run starts clean
+
+    def unchecked(_config):  # swallowed where no stage checks: the job still does not end in status 0
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)
+        except KeyboardInterrupt:
+            reached.append("swallowed again")
+
+    assert run_entry(unchecked, GenerateConfig, "test", []) == 130
+    assert reached[-1] == "swallowed again"
 
 
 def test_the_default_split_keeps_every_actor_busy_to_the_end():
