@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="downstream seeds; 0: no downstream models")
+    parser.add_argument("--no-real-rows", action="store_true",
+                        help="leave out the real-only rows (measured already, e.g. by lab/pair_recipes.py)")
     parser.add_argument("--min-consistency", default="pilot",
                         help="the kept set's --min-consistency: pilot (the demo chain's rule, from the raw draws) or "
                              "a number; none: no kept set (raw draws and the estimates only)")
@@ -223,7 +225,7 @@ def main() -> None:
         return {"dice": round(float(np.mean(dice)), 4), "dice_std": round(float(np.std(dice, ddof=1)), 4)
                 if len(dice) > 1 else 0.0, "macro_f1": round(float(np.mean(f1)), 4)}
 
-    if args.seeds:
+    if args.seeds and not args.no_real_rows:
         report["real only"] = downstream_figures([real_cut], False)
         report["real only, twice the steps"] = downstream_figures([real_cut, real_cut], False)
         save()
