@@ -41,56 +41,46 @@ import numpy as np
 import pyarrow as pa
 import torch
 from finetune_quality import parse_fields
+from pair_recipes import batches, segmenter_dice, train
 from PIL import Image
 
 from skindual import downstream, pairs
-from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS, DEMO_SAMPLES_PER_SHARD, pilot_threshold
+from skindual.demo.chain import (
+    DEMO_FINETUNE,
+    DEMO_QC_ATTEMPTS,
+    DEMO_SAMPLES_PER_SHARD,
+    pilot_threshold,
+)
 from skindual.demo.world import prepare_demo_world, split_pairs, world_base
-from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, plan_finetune, training_rows, write_outputs
-from skindual.generate import GenerateConfig, ShardGenerator, generation_prompts, resolve_model
+from skindual.finetune import (
+    FinetuneConfig,
+    JointTrainer,
+    local_batches,
+    plan_finetune,
+    training_rows,
+    write_outputs,
+)
+from skindual.generate import (
+    GenerateConfig,
+    ShardGenerator,
+    generation_prompts,
+    resolve_model,
+)
 from skindual.prompts import CLASS_CODES
-from skindual.qc_model import QCModelConfig, write_segmenter
+from skindual.qc_model import QCModelConfig, _dice, write_segmenter
+from skindual.quality import images_to_tensor
 
 SIZE = 64
 POOL = ("image", "mask", "label", "ignore")  # what a downstream pool holds
-
-
-def draw_batches(pool: dict, seed: int, ignore: bool, batch_size: int = 32):
-    g = np.random.default_rng(seed)
-    while True:
-        idx = g.integers(0, len(pool["label"]), batch_size)
-        out = (pool["image"][idx], pool["mask"][idx], pool["label"][idx])
-        yield (*out, pool["ignore"][idx]) if ignore else out
-
-
-def train(kind: str, task: str, pools: list[dict], steps: int, seed: int, ignore: bool, device: torch.device):
-    """One downstream model trained on each pool in turn (`steps` each), as lab/pair_recipes.py trains them."""
-    torch.manual_seed(seed)
-    model = downstream.build_model(kind)
-    settings = downstream.BenchmarkSettings(steps=steps, batch_size=32, lr=1e-3, ignore_maps=ignore)
-    for k, pool in enumerate(pools):
-        model = downstream.train_model(model, draw_batches(pool, seed * 100 + k, ignore), task, settings, seed, device)
-    return model
-
-
-def dice_on(model, images: np.ndarray, masks: np.ndarray, device: torch.device) -> float:
-    test = downstream.PairSet(images, masks, np.zeros(len(images), np.int64))
-    return float(downstream.test_model(model, test, "segmenter", [], device)["dice"])
 
 
 def per_pair_dice(model, images: np.ndarray, masks: np.ndarray, device: torch.device) -> np.ndarray:
     """Each pair's Dice between its mask and `model`'s mask of its image (1 when both are empty)."""
     with torch.no_grad():
         model = model.to(device).eval()
-        out = []
-        for i in range(0, len(images), 256):
-            x = torch.from_numpy(images[i:i + 256]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            out.append((model(x)[:, 0] > 0).cpu().numpy())
-    predicted = np.concatenate(out).astype(bool)
-    truth = masks.astype(bool)
-    inter = (predicted & truth).reshape(len(truth), -1).sum(1)
-    total = predicted.reshape(len(truth), -1).sum(1) + truth.reshape(len(truth), -1).sum(1)
-    return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+        out = [(model(images_to_tensor(images[i:i + 256], device))[:, 0] > 0).cpu().numpy()
+               for i in range(0, len(images), 256)]
+    return _dice(np.concatenate(out), masks)
 
 
 def as_set(split: dict) -> dict:
@@ -203,14 +193,15 @@ def main() -> None:
     qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=args.qc_steps)
     torch.manual_seed(qc_cfg.seed)
     settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
-    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width), draw_batches(real_cut, qc_cfg.seed, False),
+    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
+                                      batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
                                       "segmenter", settings, qc_cfg.seed, device)
-    qc_val = dice_on(qc_model, val["image"], val["mask"], device)
+    qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
     write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
                                              "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
     judge = train("smp_unet", "segmenter", [real_all], args.judge_steps, 0, False, device)
     report |= {"real_cut_pairs": int(len(real_cut["label"])), "qc_val_dice": round(qc_val, 4),
-               "judge_test_dice": round(dice_on(judge, test["image"], test["mask"], device), 4),
+               "judge_test_dice": round(segmenter_dice(judge, test["image"], test["mask"], device), 4),
                "judge_on_real_cut": round(float(per_pair_dice(judge, real_cut["image"], real_cut["mask"], device).mean()), 4),
                "qc_and_judge_seconds": round(time.perf_counter() - t, 1)}
     print(json.dumps({k: v for k, v in report.items() if k != "variants"}), flush=True)

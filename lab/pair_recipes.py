@@ -81,20 +81,22 @@ def batches(pool: dict, batch_size: int, seed: int, ignore: bool):
         yield (*out, pool["ignore"][idx]) if ignore else out
 
 
-def train(kind: str, task: str, pools: list[dict], steps: int, seed: int, ignore: bool) -> torch.nn.Module:
+def train(kind: str, task: str, pools: list[dict], steps: int, seed: int, ignore: bool,
+          device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     """One model trained on each pool in turn (`steps` each): one pool, or pretraining then fine-tuning."""
     torch.manual_seed(seed)
     model = downstream.build_model(kind)
     settings = downstream.BenchmarkSettings(steps=steps, batch_size=32, lr=1e-3, ignore_maps=ignore)
     for k, pool in enumerate(pools):
         model = downstream.train_model(model, batches(pool, 32, seed * 100 + k, ignore), task, settings, seed,
-                                       torch.device("cpu"))
+                                       device)
     return model
 
 
-def segmenter_dice(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray) -> float:
+def segmenter_dice(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray,
+                   device: torch.device = torch.device("cpu")) -> float:
     test = downstream.PairSet(images, masks, np.zeros(len(images), np.int64))
-    return downstream.test_model(model, test, "segmenter", [], torch.device("cpu"))["dice"]
+    return downstream.test_model(model, test, "segmenter", [], device)["dice"]
 
 
 def main() -> None:
