@@ -67,8 +67,8 @@ from skindual.generate import (
     resolve_model,
 )
 from skindual.prompts import CLASS_CODES
-from skindual.qc_model import QCModelConfig, _dice, write_segmenter
-from skindual.quality import images_to_tensor
+from skindual.qc_model import QCModelConfig, write_segmenter
+from skindual.quality import dice, images_to_tensor
 
 SIZE = 64
 POOL = ("image", "mask", "label", "ignore")  # what a downstream pool holds
@@ -80,7 +80,7 @@ def per_pair_dice(model, images: np.ndarray, masks: np.ndarray, device: torch.de
         model = model.to(device).eval()
         out = [(model(images_to_tensor(images[i:i + 256], device))[:, 0] > 0).cpu().numpy()
                for i in range(0, len(images), 256)]
-    return _dice(np.concatenate(out), masks)
+    return np.asarray([dice(p, m) for p, m in zip(np.concatenate(out), masks)])
 
 
 def as_set(split: dict) -> dict:
