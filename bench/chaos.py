@@ -134,7 +134,7 @@ def main() -> int:
 
     from s3server import RestartableSeaweedFS
 
-    from skindual.shards import damaged_shards
+    from skindual.shard_store import damaged_shards
     from skindual.storage import open_storage
 
     rng = random.Random(args.seed)

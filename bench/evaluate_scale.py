@@ -51,7 +51,8 @@ def synthetic_set(root: Path, per_class: int, size: int, per_shard: int = 250) -
     """`per_class` procedural lesions of every class at size², committed as generation-layout shards."""
     from skindual.demo.render import render_lesion
     from skindual.prompts import CLASSES, build_prompt, sample_key
-    from skindual.shards import Sample, write_shard
+    from skindual.shard_format import Sample
+    from skindual.shard_store import write_shard
     from skindual.storage import open_storage
 
     storage = open_storage(root)

@@ -85,7 +85,8 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
     from skindual.demo.world import generate_defaults
     from skindual.generate import (GenerateConfig, device_record, generate_samples, generation_prompts,
                                    load_generator, plan_generate, resolve_devices, shard_run_info)
-    from skindual.shards import check_output, write_shard
+    from skindual.run_files import check_output
+    from skindual.shard_store import write_shard
 
     # the job's own plan (shard size, model, fingerprint), its devices resolved for this machine alone
     plan = plan_generate(replace(generate_defaults(parse_config(GenerateConfig, [*job_args, "--output", output], "")),

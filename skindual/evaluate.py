@@ -45,7 +45,7 @@ from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS, SEGMENTERS, PairSet,
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCSegmenter
-from skindual.shards import read_stats
+from skindual.shard_store import read_stats
 from skindual.storage import cache_root, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)

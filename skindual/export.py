@@ -38,7 +38,9 @@ from skindual import data
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
-from skindual.shards import MANIFEST_FILE, committed_shards, damaged_shards, read_shards, readable_shards
+from skindual.shard_format import MANIFEST_FILE
+from skindual.shard_store import committed_shards, damaged_shards, readable_shards
+from skindual.shards import read_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)

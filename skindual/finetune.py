@@ -33,9 +33,10 @@ from skindual.base_models import base_config, base_id
 from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
+from skindual.fingerprint import config_fingerprint
 from skindual.qc_model import QCSegmenter, card_digest
 from skindual.quality import images_to_tensor
-from skindual.shards import MANIFEST_FILE, config_fingerprint
+from skindual.shard_format import MANIFEST_FILE
 from skindual.storage import Storage, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)

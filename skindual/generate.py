@@ -1,7 +1,7 @@
 """Generation: the prompt table → Ray Data → a pool of generator actors → WebDataset shards.
 
 `plan_generate(config)` resolves and checks the run before any cluster work (the model, the output:
-`shards.guard_output`, same settings resume, other settings refuse unless ``--overwrite``; the shards
+`run_files.guard_output`, same settings resume, other settings refuse unless ``--overwrite``; the shards
 still to do; whether the run is done).  `run_generate(plan)` resolves the devices from the cluster and
 maps a Ray Dataset with ONE ROW PER SHARD still to do (the shard's number and its prompt rows,
 `shard_items`) through two stages:
@@ -78,8 +78,9 @@ from skindual.qc_model import Judgement, QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
 from skindual.quality import MASK_SMOOTHING, MaskLimits, mask_check
-from skindual.shards import (MANIFEST_FILE, Sample, check_output, committed_shards, encode_sample, guard_output,
-                             intact_shards, read_run_config, read_stats, write_run_files, write_shard)
+from skindual.run_files import check_output, guard_output, read_run_config, write_run_files
+from skindual.shard_format import MANIFEST_FILE, Sample, encode_sample
+from skindual.shard_store import committed_shards, intact_shards, read_stats, write_shard
 from skindual.storage import Storage, finished, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ def device_record(cfg: GenerateConfig) -> str:
 
 
 def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> dict[str, Any]:
-    """`shards.write_shard`'s run_info: the settings every sample's json names."""
+    """`shard_store.write_shard`'s run_info: the settings every sample's json names."""
     return {"base_model": spec.base_id, "adapter_sha256": spec.adapter_sha256, "layout": spec.layout,
             "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": float(cfg.guidance),
             "fingerprint": fingerprint, "image_format": cfg.image_format}

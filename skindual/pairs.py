@@ -1,5 +1,5 @@
 """Reading a pair dataset back from storage: the real one (`skindual.prepare`) or a synthetic one
-(`skindual.generate`).  Both are the same shard layout (`skindual.shards`), so one reader serves
+(`skindual.generate`).  Both are the same shard layout (`skindual.shard_format`), so one reader serves
 both and a hybrid set is two URLs.
 
 - `read_index`: every sample's parquet row of the committed shards (metadata only, no pixels; small
@@ -29,14 +29,15 @@ from PIL import Image
 
 from skindual.data import resize_ignore, resize_pair
 from skindual.errors import DataError, UserError
-from skindual.shards import committed_shards, read_stats, readable_shards, shard_names
+from skindual.shard_format import shard_names
+from skindual.shard_store import committed_shards, read_stats, readable_shards
 from skindual.storage import Storage, is_remote, open_storage
 
 
 def read_index(url: str, s3_endpoint: str | None = None, what: str = "", partial: bool = False) -> pa.Table:
     """The parquet rows of every committed shard under `url` with a ``shard`` column; a `UserError`
     (naming `what`, e.g. the flag, and the URL) when there is none, and when a shard does not match its
-    ``_stats.json`` or the output names shards it never committed (`shards.readable_shards`; `partial`
+    ``_stats.json`` or the output names shards it never committed (`shard_store.readable_shards`; `partial`
     reads the committed part)."""
     storage = open_storage(url, s3_endpoint)
     if not is_remote(url) and not Path(storage.url).exists():

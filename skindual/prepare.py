@@ -1,6 +1,6 @@
 """The prepare job: a HAM10000 and/or ISIC 2018 download → one real dataset on storage.
 
-The real dataset has the synthetic pairs' shard layout (`skindual.shards`), with the bytes inside:
+The real dataset has the synthetic pairs' shard layout (`skindual.shard_format`), with the bytes inside:
 ``{key}.jpg`` (the downloaded JPEG as it is, or a resized copy with ``--max-side``), ``{key}.seg.png``
 (8-bit 0/255), ``{key}.cls`` (class index, -1 for ISIC 2018's unclassed pairs), ``{key}.txt`` (the
 prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, diagnosis type);
@@ -10,7 +10,7 @@ split and every skipped file.  Every later stage reads it through `skindual.pair
 needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
-or an s3:// prefix) with `data.training_table` and splits by lesion; `shards.check_output` guards
+or an s3:// prefix) with `data.training_table` and splits by lesion; `run_files.check_output` guards
 the output (same settings: a rerun skips committed shards; other settings are refused unless
 ``--overwrite``); then one Ray task per shard still to do reads its pairs from the source, decodes
 and checks every image and mask, and commits the shard.  A bad file is one `UserError` naming it
@@ -38,10 +38,12 @@ from PIL import Image
 from skindual import __version__, data
 from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
+from skindual.fingerprint import canonical_json
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
-from skindual.shards import (JPEG_QUALITY, MANIFEST_FILE, canonical_json, check_output, commit_shard, committed_shards,
-                             encode_mask, guard_output, intact_shards, write_run_files)
+from skindual.run_files import check_output, guard_output, write_run_files
+from skindual.shard_format import JPEG_QUALITY, MANIFEST_FILE, encode_mask
+from skindual.shard_store import commit_shard, committed_shards, intact_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHET
     `ignore_rows` pixel rows of every other pair (odd index) are its ignore map."""
     from skindual.demo.render import render_lesion
     from skindual.prompts import CLASS_BY_CODE, build_prompt, sample_key
-    from skindual.shards import Sample, write_shard
+    from skindual.shard_format import Sample
+    from skindual.shard_store import write_shard
     from skindual.storage import open_storage
 
     storage = open_storage(root)

@@ -30,7 +30,9 @@ from skindual.generate import GenerateConfig, generate_samples
 from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
-from skindual.shards import Sample, encode_sample, read_shards, shard_urls, write_shard
+from skindual.shard_format import Sample, encode_sample
+from skindual.shard_store import write_shard
+from skindual.shards import read_shards, shard_urls
 from skindual.storage import LocalStorage, Storage, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]

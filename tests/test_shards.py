@@ -1,5 +1,5 @@
-"""skindual.shards: shard files, commit protocol, rerun guard, run files, and reading back
-(locally and from a real SeaweedFS S3 server, tests/s3server.py)."""
+"""skindual's shard_format, shard_store, run_files and shards: shard files, commit protocol, rerun guard, run
+files, and reading back (locally and from a real SeaweedFS S3 server, tests/s3server.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ from PIL import Image
 
 from skindual import shards
 from skindual.errors import UserError
+from skindual.fingerprint import config_fingerprint
 from skindual.prompts import CLASSES, sample_key
-from skindual.shards import (Sample, check_output, committed_shards, config_fingerprint,
-                             is_committed, read_shards, write_run_files, write_shard)
+from skindual.run_files import check_output, write_run_files
+from skindual.shard_format import Sample
+from skindual.shard_store import committed_shards, is_committed, write_shard
+from skindual.shards import read_shards
 from skindual.storage import LocalStorage, Storage, open_storage
 
 CONFIG = {"base_model": "demo", "steps": 25, "guidance": 4.0, "seed": 0}
@@ -276,7 +279,7 @@ def test_read_shards_tensors_and_errors(tmp_path: Path) -> None:
 
 
 def test_import_loads_neither_torch_nor_webdataset() -> None:
-    code = "import sys, skindual.shards; print(sorted({'torch', 'webdataset'} & set(sys.modules)))"
+    code = "import sys, skindual.shards, skindual.run_files; print(sorted({'torch', 'webdataset'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -286,7 +289,7 @@ def test_committed_means_intact_a_damaged_shard_is_named_and_never_used(tmp_path
     sha256 disagree with what the stats record; a reader refuses the dataset naming the shard, a resume
     (`intact_shards`) writes it again."""
     from skindual.pairs import iter_shard, read_index
-    from skindual.shards import damaged_shards, intact_shards, readable_shards
+    from skindual.shard_store import damaged_shards, intact_shards, readable_shards
 
     store = LocalStorage(tmp_path / "out")
     for shard in (0, 1, 2):
