@@ -33,7 +33,7 @@ from skindual.base_models import base_config, base_id
 from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
-from skindual.fingerprint import config_fingerprint
+from skindual.fingerprint import config_fingerprint, settings_diff
 from skindual.qc_model import QCSegmenter, card_digest
 from skindual.quality import images_to_tensor
 from skindual.shard_format import MANIFEST_FILE
@@ -697,10 +697,8 @@ def _check_run(storage: Storage, cfg: FinetuneConfig, settings: dict, fingerprin
         return
     if previous.get("fingerprint") == fingerprint:
         return
-    old = previous.get("settings", {})
-    diffs = [f"--{k.replace('_', '-')} {old.get(k)}, now {settings.get(k)}" for k in sorted(set(old) | set(settings))
-             if old.get(k) != settings.get(k)]
-    raise UserError(f"run {cfg.name} at {storage.url} was started with {'; '.join(diffs) or 'other settings'}; a rerun "
+    what = settings_diff(previous.get("settings", {}), settings) or "other settings"
+    raise UserError(f"run {cfg.name} at {storage.url} was started with {what}; a rerun "
                     "with the same --name resumes it with its own settings: give the same ones, or another --name")
 
 

@@ -95,7 +95,7 @@ MISTAKES = {
     "finetune: a rerun of a run with another --lr": (
         "finetune", lambda w, o: ["--training-data", w["real"], "--output", str(o / "runs"), "--name", "r",
                                   "--lr", "0.001"],
-        "run r at {o}/runs was started with --lr 0.0001, now 0.001"),
+        "run r at {o}/runs was started with --lr 0.0001, now --lr 0.001"),
     "generate: --per-class naming a class twice": (
         "generate", lambda w, o: ["--per-class", "mel=3,mel=4", "--output", str(o / "g")],
         "--per-class 'mel=3,mel=4': mel is given twice"),
