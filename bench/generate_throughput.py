@@ -83,8 +83,10 @@ def child_baseline(report: str, output: str, job_args: list[str]) -> int:
     from skindual.cli import parse_config
     from skindual.cluster import this_machine
     from skindual.demo.world import generate_defaults
-    from skindual.generate import (GenerateConfig, device_record, generate_samples, generation_prompts,
-                                   load_generator, plan_generate, resolve_devices, shard_run_info)
+    from skindual.generate import device_record, generation_prompts, plan_generate, resolve_devices, shard_run_info
+    from skindual.generate_config import GenerateConfig
+    from skindual.generate_model import load_generator
+    from skindual.redraw import generate_samples
     from skindual.run_files import check_output
     from skindual.shard_store import write_shard
 

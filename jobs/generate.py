@@ -19,7 +19,8 @@ import sys
 from skindual.cli import run_job
 from skindual.cluster import init_ray
 from skindual.demo.world import generate_defaults
-from skindual.generate import GenerateConfig, plan_generate, run_generate
+from skindual.generate import plan_generate, run_generate
+from skindual.generate_config import GenerateConfig
 
 
 def main(cfg: GenerateConfig) -> None:

@@ -60,12 +60,10 @@ from skindual.finetune import (
     training_rows,
     write_outputs,
 )
-from skindual.generate import (
-    GenerateConfig,
-    ShardGenerator,
-    generation_prompts,
-    resolve_model,
-)
+from skindual.generate import generation_prompts
+from skindual.generate_actors import ShardGenerator
+from skindual.generate_config import GenerateConfig
+from skindual.generate_model import resolve_model
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCModelConfig, write_segmenter
 from skindual.quality import dice, images_to_tensor

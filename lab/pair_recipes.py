@@ -43,7 +43,8 @@ from skindual.demo.chain import (
 from skindual.demo.world import prepare_demo_world, world_base
 from skindual.errors import UserError
 from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
-from skindual.generate import GenerateConfig, plan_generate, run_generate
+from skindual.generate import plan_generate, run_generate
+from skindual.generate_config import GenerateConfig
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
 from skindual.storage import LocalStorage

@@ -161,7 +161,7 @@ def test_gitignore_covers_every_jobs_default_output():
     from skindual.evaluate import EvaluateConfig
     from skindual.export import ExportConfig
     from skindual.finetune import FinetuneConfig
-    from skindual.generate import GenerateConfig
+    from skindual.generate_config import GenerateConfig
     from skindual.prepare import PrepareConfig
     from skindual.qc_model import QCModelConfig
 

@@ -1,4 +1,4 @@
-"""skindual.generate and jobs/generate.py: quality-control redraws (pure), then the REAL job on a real
+"""skindual's generation modules and jobs/generate.py: quality-control redraws (pure), then the REAL job on a real
 local Ray cluster (conftest `ray_cluster`) with the demo base, writing to a folder and to SeaweedFS."""
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import webdataset as wds
 from PIL import Image
 
 from job_runs import ok, run_job, start_job
-from skindual import generate
+from skindual import generate, generate_actors, generate_model
 from skindual.cluster import this_machine
 from skindual.errors import UserError
-from skindual.generate import GenerateConfig, generate_samples
+from skindual.generate_config import GenerateConfig
 from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
+from skindual.redraw import generate_samples
 from skindual.shard_format import Sample, encode_sample
 from skindual.shard_store import write_shard
 from skindual.shards import read_shards, shard_urls
@@ -226,7 +227,7 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
         remote.upload_file(tmp_path / "adapter" / name, name)
     cfg = GenerateConfig(per_class="df=2,vasc=1", adapter=remote.url, samples_per_shard=2, steps=2, batch_size=2,
                          max_mask_area=1.0)
-    spec = generate.resolve_model(cfg)
+    spec = generate_model.resolve_model(cfg)
     assert (spec.base_model, spec.adapter_sha256, spec.layout) == ("demo", info.sha256, "channels")
     assert spec.prompt_attributes == attributes
     table = generate.generation_prompts(cfg, spec)  # each row's site, age and sex from the adapter's training data
@@ -235,15 +236,15 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     assert any(p.endswith(("on the back, 40 year old male", "on the face, female")) for p in table.column("prompt").to_pylist())
     plain = generate.generation_prompts(replace(cfg, prompt_attributes="none"), spec)
     assert plain.column("prompt").to_pylist() == [build_prompt(c) for c in plain.column("class_code").to_pylist()]
-    actor = generate.ShardGenerator(generate.resolve_devices(cfg, this_machine()), spec)
+    actor = generate_actors.ShardGenerator(generate.resolve_devices(cfg, this_machine()), spec)
     assert actor.pipe.adapter.sha256 == info.sha256 and actor.pipe.unet.config.in_channels == 8
     out = LocalStorage(tmp_path / "out")
-    (item,) = generate.shard_items(table, [1])  # shard 1's rows travel with it, not in the actor
+    (item,) = generate_actors.shard_items(table, [1])  # shard 1's rows travel with it, not in the actor
     shards = table.column("shard").to_pylist()
     assert [r["row_id"] for r in json.loads(item["rows"])] == [
         r for r, s in zip(table.column("row_id").to_pylist(), shards) if s == 1]
-    stats = generate.write_shard_rows(actor(pa.table({"shard": [1], "rows": [item["rows"]]})), out,
-                                      generate.shard_run_info(cfg, spec, "fp"))
+    stats = generate_actors.write_shard_rows(actor(pa.table({"shard": [1], "rows": [item["rows"]]})), out,
+                                             generate.shard_run_info(cfg, spec, "fp"))
     assert stats["shard"].tolist() == [1] and stats["successes"].tolist() == [1]
     (sample,) = list(wds.WebDataset(out.join("00001.tar"), shardshuffle=False))
     meta = json.loads(sample["json"])
@@ -270,12 +271,12 @@ def test_mask_mode_samples_images_for_augmented_real_masks(demo_real, tmp_path):
         assert row["prompt"] == build_prompt(row["class_code"], real["localization"], real["age"], real["sex"])
     assert len({r["source_key"] for r in rows}) == 6  # 3 of each class: all different (a class has more)
     masks = load_masks(plan.masks, table.column("source_key").to_pylist(), None)
-    (item,) = generate.shard_items(table, [0], masks)
-    actor = generate.ShardGenerator(generate.resolve_devices(plan.config, this_machine()), plan.model)
+    (item,) = generate_actors.shard_items(table, [0], masks)
+    actor = generate_actors.ShardGenerator(generate.resolve_devices(plan.config, this_machine()), plan.model)
     batch = pa.table({"shard": [0], "rows": [item["rows"]], "masks": [item["masks"]]})
     outputs = [LocalStorage(tmp_path / name) for name in ("a", "b")]
     for storage in outputs:
-        generate.write_shard_rows(actor(batch), storage, generate.shard_run_info(plan.config, plan.model, "fp"))
+        generate_actors.write_shard_rows(actor(batch), storage, generate.shard_run_info(plan.config, plan.model, "fp"))
     assert outputs[0].read_bytes("00000.tar") == outputs[1].read_bytes("00000.tar")
     real_masks = {}
     for shard in {int(k.split("/")[0]) for k in masks}:

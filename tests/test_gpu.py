@@ -96,7 +96,9 @@ def test_generation_decodes_without_nans(cuda, sd2_bases, dtype):
 def test_one_shard_generated_twice_on_the_gpu_is_the_same_bytes(cuda, sd2_bases, tmp_path):
     import pyarrow as pa
 
-    from skindual.generate import GenerateConfig, ModelSpec, ShardGenerator, shard_items, write_shard_rows
+    from skindual.generate_actors import ShardGenerator, shard_items, write_shard_rows
+    from skindual.generate_config import GenerateConfig
+    from skindual.generate_model import ModelSpec
     from skindual.prompts import prompt_table
     from skindual.storage import open_storage
 

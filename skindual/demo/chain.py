@@ -31,7 +31,8 @@ from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
 from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
-from skindual.generate import GenerateConfig, plan_generate, run_generate
+from skindual.generate import plan_generate, run_generate
+from skindual.generate_config import GenerateConfig
 from skindual.prompts import CLASSES
 from skindual.qc_model import QCModelConfig, plan_qc_model, run_qc_model
 from skindual.storage import is_remote

@@ -30,7 +30,7 @@ from skindual.demo import render
 from skindual.errors import UserError
 from skindual.evaluate import EvaluateConfig
 from skindual.finetune import FinetuneConfig
-from skindual.generate import GenerateConfig
+from skindual.generate_config import GenerateConfig
 from skindual.model import ADAPTER_JSON, load_pipeline, mask_to_image
 from skindual.prepare import PrepareConfig, prepare_here
 from skindual.qc_model import QCModelConfig

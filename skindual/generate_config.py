@@ -1,0 +1,124 @@
+"""Generation's settings: `GenerateConfig` (the flags of jobs/generate.py) and which of its fields change
+a run's bytes (`FINGERPRINTED`), enter the fingerprint through what they resolve to (`RESOLVED`), or
+neither (`NOT_FINGERPRINTED`); every field is declared once, checked at import."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from skindual.cli import check_fields, option
+from skindual.errors import UserError
+from skindual.prompts import MAX_SAMPLES_PER_SHARD, parse_per_class
+from skindual.quality import MASK_SMOOTHING, MaskLimits
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+_LIMITS = MaskLimits()
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    per_class: str = option("100", "pairs per class (5000), or per class (df=5000,vasc=4000) to top up rare classes")
+    classes: str = option("", "comma-separated class codes; empty: all seven")
+    adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
+                              "no --base-model either): the shipped demo adapter")
+    base_model: str = option("", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder), a "
+                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model, else "
+                                 "'demo' (the shipped demo base)")
+    output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
+    samples_per_shard: int = option(0, "pairs per WebDataset shard; 0: the fewest shards of at most 1,000 pairs "
+                                       "that come in whole waves of --actors, so no actor idles at the end "
+                                       "(chosen on the first run, kept by reruns)")
+    actors: int = option(1, "generator actors")
+    num_gpus_per_actor: float = option(-1.0, "GPUs per actor (fractions share one); -1: 1 if the cluster has or its "
+                                             "autoscaler can launch GPU nodes, else 0 (CPU)")
+    accelerator_type: str = option("", "the GPU model every actor runs on (Ray's accelerator_type, e.g. A10G, L4, H100); "
+                                       "needed on a cluster with several: sampled bytes differ between models")
+    cpus_per_actor: float = option(1.0, "CPUs per actor (also torch's thread count on CPU)")
+    batch_size: int = option(8, "pairs per sampling mini-batch")
+    steps: int = option(25, "sampling steps")
+    guidance: float = option(4.0, "classifier-free guidance scale (1: off)")
+    scheduler: str = option("ddim", "sampling scheduler", choices=["ddim", "dpm", "euler"])
+    qc_segmenter: str = option("", "consistency QC: the segmenter jobs/qc_model.py trained on the real data (folder "
+                                   "or s3:// prefix); each pair is scored by the Dice between its mask and the "
+                                   "segmenter's mask of its image")
+    min_consistency: float = option(0.0, "with --qc-segmenter: draw a pair again (reason 'inconsistent') when its "
+                                         "score is below this; 0: score and record only")
+    mask_source: str = option("", "images for given masks: a prepared real dataset (jobs/prepare.py), folder or "
+                                  "s3:// prefix; each row is given one of its train split's masks of the row's "
+                                  "class, varied by a seeded augmentation (flips, rotation, scale, shift, elastic), "
+                                  "and that mask's site, age and sex; only the image is sampled, the mask held "
+                                  "to it.  Empty: image and mask sampled together")
+    mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
+                                       "train split (seed 0: the fine-tune's and evaluation's --real-fraction cut)")
+    prompt_attributes: str = option("adapter", "adapter: each row's body site, age and sex drawn by its seed from "
+                                               "the adapter's training data (per class), in its prompt template; "
+                                               "none: the class alone", choices=["adapter", "none"])
+    mask_smoothing: float = option(MASK_SMOOTHING, "σ of the Gaussian that smooths each decoded mask before its "
+                                                   "threshold, in latent cells (× the VAE's scale factor in "
+                                                   "pixels: 6 px at SD-2's 512²); "
+                                                   "removes the VAE's spiky mask edges; 0: off")
+    dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
+    seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
+    image_format: str = option("jpg", "image encoding in the tars", choices=["jpg", "png"])
+    max_attempts: int = option(8, "draws per pair before it counts as rejected (quality control)")
+    min_mask_area: float = option(_LIMITS.min_area, "QC: a smaller mask (share of the image) is 'empty'")
+    max_mask_area: float = option(_LIMITS.max_area, "QC: a larger mask is 'full-frame'")
+    min_main_share: float = option(_LIMITS.min_main_share, "QC: the largest mask component's least share, else 'fragmented'")
+    overwrite: bool = option(False, "replace an output written with other settings")
+    s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, ("actors", "batch_size", "steps", "max_attempts"))
+        if not 0 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
+            raise UserError(f"--samples-per-shard {self.samples_per_shard}: must be between 1 and "
+                            f"{MAX_SAMPLES_PER_SHARD} (or 0: chosen from the pair count and --actors)")
+        if self.guidance < 0:
+            raise UserError(f"--guidance {self.guidance}: must not be negative")
+        if not 0 <= self.mask_smoothing <= 4:
+            raise UserError(f"--mask-smoothing {self.mask_smoothing}: must be between 0 (off) and 4 latent cells")
+        if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor < 0 and self.num_gpus_per_actor != -1):
+            raise UserError("--cpus-per-actor must be positive and --num-gpus-per-actor 0 or more (or -1: auto)")
+        if not 0 <= self.min_mask_area < self.max_mask_area <= 1 or not 0 <= self.min_main_share <= 1:
+            raise UserError(f"--min-mask-area {self.min_mask_area} / --max-mask-area {self.max_mask_area} / "
+                            f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
+        if not 0 < self.mask_fraction <= 1 or (self.mask_fraction < 1 and not self.mask_source):
+            raise UserError(f"--mask-fraction {self.mask_fraction}: must be in (0, 1], and below 1 needs --mask-source")
+        if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
+            raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
+                            "--qc-segmenter")
+        self.counts()  # --per-class / --classes errors name the flag
+
+    def counts(self) -> dict[str, int]:
+        """The asked pairs per class, in class-index order."""
+        classes = [c.strip() for c in self.classes.split(",") if c.strip()] or None
+        return parse_per_class(self.per_class, classes)
+
+    def limits(self) -> MaskLimits:
+        return MaskLimits(self.min_mask_area, self.max_mask_area, self.min_main_share)
+
+    @property
+    def device(self) -> str:
+        """"cuda" or "cpu", once `resolve_devices` has set ``num_gpus_per_actor``."""
+        return "cuda" if self.num_gpus_per_actor > 0 else "cpu"
+
+
+FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", "mask_smoothing", "dtype",
+                 "image_format", "batch_size", "max_attempts", "min_mask_area", "max_mask_area", "min_main_share",
+                 "prompt_attributes", "min_consistency", "mask_fraction")
+"""Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
+RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
+            "accelerator_type", "mask_source")
+"""Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
+(`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`), the device and its
+model, and on CPU the torch thread count."""
+NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
+"""Fields that never change the bytes of a shard."""
+_declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
+if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
+    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED or NOT_FINGERPRINTED")
+
+
+def cpu_threads(cfg: GenerateConfig) -> int:
+    """torch's thread count in a CPU actor: its reserved CPUs."""
+    return max(1, int(cfg.cpus_per_actor))
