@@ -20,7 +20,8 @@ import sys
 from skindual.cli import run_job
 from skindual.cluster import init_ray
 from skindual.demo.world import evaluate_defaults
-from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
+from skindual.evaluate import run_evaluate
+from skindual.evaluate_plan import EvaluateConfig, plan_evaluate
 
 
 def main(cfg: EvaluateConfig) -> None:

@@ -158,7 +158,7 @@ def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_c
 
 def test_gitignore_covers_every_jobs_default_output():
     from skindual.demo.chain import DemoConfig
-    from skindual.evaluate import EvaluateConfig
+    from skindual.evaluate_plan import EvaluateConfig
     from skindual.export import ExportConfig
     from skindual.finetune import FinetuneConfig
     from skindual.generate_config import GenerateConfig

@@ -17,7 +17,7 @@ import pytest
 import job_runs as jobs
 from fixture_data import write_test_shards
 from skindual.cli import run_job
-from skindual.evaluate import EvaluateConfig
+from skindual.evaluate_plan import EvaluateConfig
 from skindual.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_the_fingerprint_follows_the_inputs_and_settings_not_the_workers(eval_wo
     import shutil
     from dataclasses import replace
 
-    from skindual.evaluate import plan_evaluate
+    from skindual.evaluate_plan import plan_evaluate
 
     cfg = EvaluateConfig(real=eval_world["real"], synthetic=eval_world["synthetic"], output=str(tmp_path / "out"),
                          feature_extractor="lesion-cnn")
@@ -230,7 +230,7 @@ def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, cap
 
     from skindual.demo import render
     from skindual.data import ISIC_IMAGES, ISIC_MASKS
-    from skindual.evaluate import plan_evaluate
+    from skindual.evaluate_plan import plan_evaluate
     from skindual.prompts import CLASS_CODES
 
     render.write_demo_dataset(tmp_path / "test", {c: 3 for c in CLASS_CODES}, seed=9, first_number=500_000)

@@ -140,7 +140,7 @@ def test_lora_loads_and_fuses_on_the_gpu(cuda, sd2_bases, tmp_path):
 
 def test_the_qc_segmenter_and_the_feature_actor_on_cuda(cuda, eval_world, tmp_path):
     from skindual import downstream
-    from skindual.evaluate import ExtractorSpec, FeatureActor
+    from skindual.evaluate_features import ExtractorSpec, FeatureActor
     from skindual.pairs import load_pairs, read_index, selection_of
     from skindual.qc_model import QCSegmenter
 

@@ -21,7 +21,8 @@ LAYERS: dict[str, int] = {
     "losses": 4, "shard_format": 4, "shard_store": 4, "run_files": 4, "shards": 4, "report": 4, "pairs": 4,
     "mask_source": 4,
     "finetune": 5, "generate": 5, "generate_config": 5, "generate_model": 5, "redraw": 5,
-    "generate_actors": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
+    "generate_actors": 5, "evaluate": 5, "evaluate_plan": 5, "evaluate_features": 5, "evaluate_downstream": 5,
+    "export": 5, "prepare": 5, "qc_model": 5,
     "demo": 6, "demo.render": 6, "demo.world": 6,
     "demo.chain": 7,
 }
@@ -32,7 +33,8 @@ scans, run files and reader, report, the pair-dataset reader; 5 the stages (and 
 and Ray stages); 6 the demo world (skindual/demo/); 7 the demo chain."""
 
 NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "mask_source", "finetune", "generate", "evaluate", "export", "prepare",
-              "qc_model", "generate_config", "generate_model", "redraw", "generate_actors"}
+              "qc_model", "generate_config", "generate_model", "redraw", "generate_actors", "evaluate_plan",
+              "evaluate_features", "evaluate_downstream"}
 
 
 def module_name(path: Path) -> str:

@@ -29,7 +29,8 @@ from skindual.demo.render import DIFFICULTIES
 from skindual.demo.world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
 from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
-from skindual.evaluate import EvaluateConfig, plan_evaluate, run_evaluate
+from skindual.evaluate import run_evaluate
+from skindual.evaluate_plan import EvaluateConfig, plan_evaluate
 from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
 from skindual.generate import plan_generate, run_generate
 from skindual.generate_config import GenerateConfig

@@ -28,7 +28,7 @@ from skindual import data, pairs, quality
 from skindual.base_models import DEMO_BASE, DEMO_BASES, demo_base_path
 from skindual.demo import render
 from skindual.errors import UserError
-from skindual.evaluate import EvaluateConfig
+from skindual.evaluate_plan import EvaluateConfig
 from skindual.finetune import FinetuneConfig
 from skindual.generate_config import GenerateConfig
 from skindual.model import ADAPTER_JSON, load_pipeline, mask_to_image
