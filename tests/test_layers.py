@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "data": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
     "base_models": 3, "model": 3, "sd2": 3,
     "losses": 4, "shards": 4, "report": 4, "pairs": 4, "mask_source": 4,
-    "finetune": 5, "generate": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
+    "finetune": 5, "finetune_config": 5, "joint_trainer": 5, "finetune_worker": 5, "generate": 5, "evaluate": 5, "export": 5, "prepare": 5, "qc_model": 5,
     "demo": 6, "demo.render": 6, "demo.world": 6,
     "demo.chain": 7,
 }
@@ -27,8 +27,8 @@ LAYERS: dict[str, int] = {
 prompts, storage; 2 data and the pure measures; 3 the model (and the module that resolves what a --base-model
 names, and SD-2's architecture built in code); 4 losses, shards, report, the pair-dataset reader; 5 the
 stages; 6 the demo world (skindual/demo/); 7 the demo chain."""
-NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "mask_source", "finetune", "generate", "evaluate", "export", "prepare",
-              "qc_model"}
+NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "mask_source", "finetune", "finetune_config", "joint_trainer",
+              "finetune_worker", "generate", "evaluate", "export", "prepare", "qc_model"}
 
 
 def module_name(path: Path) -> str:
