@@ -1,6 +1,6 @@
 """Ray Train overhead: steps/s of the fine-tuning job with 1 worker vs a plain single-process loop.
 
-Both run `skindual.finetune.JointTrainer` on the same demo base, demo data, batch size and
+Both run `skindual.joint_trainer.JointTrainer` on the same demo base, demo data, batch size and
 settings, in the same process run; the Ray figure is the job's own per-step timestamps after
 warm-up, start-up (Ray init, worker start, model load, first step) reported apart.
 
@@ -19,9 +19,10 @@ import torch
 
 from skindual.cluster import init_ray
 from skindual.demo.world import prepare_demo_world
-from skindual.finetune import (FinetuneConfig, JointTrainer, local_batches, plan_finetune, run_finetune,
-                               training_rows, training_selection)
-from skindual.pairs import read_index
+from skindual.finetune import plan_finetune, run_finetune, training_rows, training_selection
+from skindual.finetune_config import FinetuneConfig
+from skindual.joint_trainer import JointTrainer
+from skindual.pairs import local_batches, read_index
 
 
 def steady_rate(history: list[dict], warmup: int) -> float:

@@ -81,7 +81,8 @@ def child(base: str, name: str, report: str, warmup: str = "0", steps: str = "1"
     import numpy as np
     import torch
 
-    from skindual.finetune import FinetuneConfig, JointTrainer
+    from skindual.finetune_config import FinetuneConfig
+    from skindual.joint_trainer import JointTrainer
 
     empty = _rss_gb()
     settings, batch_size = SETTINGS[name]

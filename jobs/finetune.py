@@ -15,7 +15,8 @@ import sys
 from skindual.cli import run_job
 from skindual.cluster import init_ray
 from skindual.demo.world import finetune_defaults
-from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.finetune import plan_finetune, run_finetune
+from skindual.finetune_config import FinetuneConfig
 
 
 def main(cfg: FinetuneConfig) -> None:

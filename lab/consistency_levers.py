@@ -6,7 +6,7 @@ question and runs in one process with no Ray, on a GPU when there is one (``--de
 fine-tunes fits a few minutes of a lent GPU.  It uses the stages' own pieces: the QC segmenter (the small in-house
 U-Net, trained on the real cut as jobs/qc_model.py does, written by `qc_model.write_segmenter`), the fine-tune's
 `JointTrainer` (the demo chain's settings, changed per variant by ``FIELD=VALUE``), its adapter written by
-`finetune.write_outputs`, and generation's `ShardGenerator` (the QC, its redraws, its ignore maps).  Per variant:
+`finetune_worker.write_outputs`, and generation's `ShardGenerator` (the QC, its redraws, its ignore maps).  Per variant:
 
   1. fine-tune on the real cut (``--real-fraction``), write the adapter;
   2. raw draws: ``--per-class`` pairs a class, the QC scoring but not rejecting (generation's first pass), and
@@ -52,18 +52,15 @@ from skindual.demo.chain import (
     pilot_threshold,
 )
 from skindual.demo.world import prepare_demo_world, split_pairs, world_base
-from skindual.finetune import (
-    FinetuneConfig,
-    JointTrainer,
-    local_batches,
-    plan_finetune,
-    training_rows,
-    write_outputs,
-)
+from skindual.finetune import plan_finetune, training_rows
+from skindual.finetune_config import FinetuneConfig
+from skindual.finetune_worker import write_outputs
 from skindual.generate import generation_prompts
 from skindual.generate_actors import ShardGenerator
 from skindual.generate_config import GenerateConfig
 from skindual.generate_model import resolve_model
+from skindual.joint_trainer import JointTrainer
+from skindual.pairs import local_batches
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCModelConfig, write_segmenter
 from skindual.quality import dice, images_to_tensor

@@ -35,7 +35,7 @@ from skindual.base_models import (REBUILD_COMMAND, artifact_metadata, assemble_p
 from skindual.cli import option
 from skindual.demo.render import render_batch
 from skindual.demo.world import encode_latents
-from skindual.finetune import lr_factor
+from skindual.joint_trainer import lr_factor
 from skindual.model import mask_to_image
 from skindual.prompts import CLASSES, LOCALIZATIONS, SEXES, build_prompt
 from skindual.quality import images_to_tensor

@@ -24,7 +24,8 @@ import numpy as np
 from skindual import quality
 from skindual.cluster import init_ray
 from skindual.demo.world import prepare_demo_world, split_pairs
-from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.finetune import plan_finetune, run_finetune
+from skindual.finetune_config import FinetuneConfig
 from skindual.model import DualPipeline
 from skindual.prompts import CLASSES, build_prompt, row_seed
 

@@ -1,6 +1,6 @@
 """Pair quality ALONG fine-tuning: consistency, sane masks and class fidelity every K steps.
 
-A plain single-process loop over `skindual.finetune.JointTrainer` (the same model, loss and
+A plain single-process loop over `skindual.joint_trainer.JointTrainer` (the same model, loss and
 optimiser step as the Ray Train job, without Ray's start-up), sampling `--per-class` pairs per
 class from the EMA weights every `--every` steps (and at step 0 with `--step0`).  It is how
 lab/notes/finetune-quality.md found out where class fidelity is lost.
@@ -22,8 +22,10 @@ from finetune_quality import parse_fields, sample_pairs
 
 from skindual import quality
 from skindual.demo.world import prepare_demo_world, split_pairs
-from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, training_rows, training_selection
-from skindual.pairs import read_index
+from skindual.finetune import training_rows, training_selection
+from skindual.finetune_config import FinetuneConfig
+from skindual.joint_trainer import JointTrainer
+from skindual.pairs import local_batches, read_index
 from skindual.model import DualPipeline
 
 

@@ -24,10 +24,12 @@ from finetune_quality import parse_fields
 from skindual import quality
 from skindual.demo.chain import DEMO_FINETUNE
 from skindual.demo.world import DEMO_ADAPTER, prepare_demo_world, split_pairs, world_base
-from skindual.finetune import FinetuneConfig, JointTrainer, local_batches, training_rows, training_selection
+from skindual.finetune import training_rows, training_selection
+from skindual.finetune_config import FinetuneConfig
+from skindual.joint_trainer import JointTrainer
 from skindual.mask_source import augment_mask
 from skindual.model import DualPipeline
-from skindual.pairs import read_index
+from skindual.pairs import local_batches, read_index
 from skindual.prompts import CLASS_CODES, build_prompt
 
 

@@ -42,7 +42,8 @@ from skindual.demo.chain import (
 )
 from skindual.demo.world import prepare_demo_world, world_base
 from skindual.errors import UserError
-from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.finetune import plan_finetune, run_finetune
+from skindual.finetune_config import FinetuneConfig
 from skindual.generate import plan_generate, run_generate
 from skindual.generate_config import GenerateConfig
 from skindual.prompts import CLASS_CODES

@@ -351,3 +351,13 @@ def stage_base(source: str, output: str, dtype: str = "fp32", s3_endpoint: str |
     log.info("staged %s (%s, %d files, %.2f GB) at %s", source, dtype, len(files),
              sum(f["bytes"] for f in files.values()) / 1e9, storage.url)
     return manifest
+
+
+def base_geometry(base_model: str, s3_endpoint: str | None = None) -> tuple[int, int, list[int]]:
+    """(native resolution, the step every training resolution must be a multiple of, the UNet's block
+    widths) of a base model, from its UNet and VAE configs (no weights read)."""
+    unet_config = base_config(base_model, "unet", s3_endpoint)
+    vae_config = base_config(base_model, "vae", s3_endpoint)
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    widths = list(unet_config["block_out_channels"])
+    return unet_config["sample_size"] * factor, factor * 2 ** (len(widths) - 1), widths

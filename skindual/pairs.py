@@ -9,6 +9,8 @@ both and a hybrid set is two URLs.
 - `pair_dataset`: a Ray Data dataset of decoded pairs at one size for a selection of keys (each
   key with a repeat count), one read task per shard: the workers read storage, the driver only
   passes the selection.
+- `local_batches`: the same pairs as training batches read in this process, no Ray (a plain loop's data).
+- `dataset_manifest`: a prepared dataset's manifest (prompt template, fingerprint).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from PIL import Image
 
 from skindual.data import resize_ignore, resize_pair
 from skindual.errors import DataError, UserError
-from skindual.shard_format import shard_names
+from skindual.shard_format import MANIFEST_FILE, shard_names
 from skindual.shard_store import committed_shards, read_stats, readable_shards
 from skindual.storage import Storage, is_remote, open_storage
 
@@ -236,3 +238,20 @@ def load_pairs(url: str, selection: Mapping[int, Mapping[str, int]], size: int,
             "image": np.stack([d["image"] for d in decoded]), "mask": np.stack([d["mask"] for d in decoded]),
             "class_index": np.asarray([d["class_index"] for d in decoded], np.int64),
             "prompt": np.asarray([d["prompt"] for d in decoded], dtype=object)}
+
+
+def local_batches(url: str, selection: dict[int, dict[str, int]], size: int, batch_size: int, seed: int = 0,
+                  s3_endpoint: str | None = None):
+    """The selected pairs as training batches read in this process (no Ray): a plain loop's data."""
+    for shard in sorted(selection):
+        for chunk in load_selected(url, shard, selection[shard], size, seed, s3_endpoint, chunk=batch_size):
+            if len(chunk["prompt"]) == batch_size:
+                yield chunk
+
+
+def dataset_manifest(url: str, s3_endpoint: str | None = None) -> dict:
+    """A prepared dataset's manifest (its prompt template, its fingerprint), or {} when it has none."""
+    try:
+        return json.loads(open_storage(url, s3_endpoint).read_bytes(MANIFEST_FILE))
+    except FileNotFoundError:
+        return {}

@@ -33,7 +33,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
                                  EndpointConnectionError, NoCredentialsError,
                                  PartialCredentialsError)
 
-from skindual.errors import StorageError
+from skindual.errors import StorageError, UserError
 
 __all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "finished",
            "is_remote", "open_storage", "output_storage"]
@@ -391,3 +391,28 @@ class S3Storage(Storage):
     def check(self) -> None:
         probe = self._make_client(max_attempts=2, connect_timeout=3)  # fail fast, unlike data calls
         self._call(lambda: probe.head_bucket(Bucket=self.bucket))
+
+
+def ray_storage(output: str, s3_endpoint: str | None, region_of=None):
+    """(storage_path, storage_filesystem) for RunConfig: a local folder, or s3:// through pyarrow's S3
+    filesystem in the bucket's own region (pyarrow does not follow S3's redirects to it): on AWS asked of
+    S3 (`region_of`, default `pyarrow.fs.resolve_s3_region`), on another endpoint AWS_REGION /
+    AWS_DEFAULT_REGION or us-east-1."""
+    if not is_remote(output):
+        return os.path.abspath(output.removeprefix("file://")), None
+    from pyarrow import fs
+
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    bucket = output.removeprefix("s3://").split("/", 1)[0]
+    kwargs: dict = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https",
+                  "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    else:
+        try:
+            kwargs = {"region": (region_of or fs.resolve_s3_region)(bucket)}
+        except OSError as exc:
+            raise UserError(f"--output {output}: cannot find the region of bucket {bucket} ({exc}); check the "
+                            "bucket name and your AWS credentials") from None
+    return output.removeprefix("s3://"), fs.S3FileSystem(**kwargs)

@@ -89,8 +89,8 @@ def sd2_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def real_batch(real: Path | str, size: int, n: int = 2) -> dict:
     """The first training batch of `n` pairs of a prepared dataset's train split at `size` (unbalanced)."""
-    from skindual.finetune import local_batches, training_rows, training_selection
-    from skindual.pairs import read_index
+    from skindual.finetune import training_rows, training_selection
+    from skindual.pairs import local_batches, read_index
 
     selection = training_selection(training_rows(read_index(str(real))), False, 0)
     return next(local_batches(str(real), selection, size, n))

@@ -160,7 +160,7 @@ def test_gitignore_covers_every_jobs_default_output():
     from skindual.demo.chain import DemoConfig
     from skindual.evaluate_plan import EvaluateConfig
     from skindual.export import ExportConfig
-    from skindual.finetune import FinetuneConfig
+    from skindual.finetune_config import FinetuneConfig
     from skindual.generate_config import GenerateConfig
     from skindual.prepare import PrepareConfig
     from skindual.qc_model import QCModelConfig
@@ -324,7 +324,8 @@ def test_the_readme_recipe_fits_cluster_yaml_before_any_gpu_node_runs():
     """cluster.yaml as the autoscaler reads it, with only its CPU head running: "auto" asks for a GPU, generation
     needs --accelerator-type (three GPU models), and the README's fine-tune fits the smallest of them."""
     from skindual.cluster import NodeShape, check_accelerator, node_types, resolve_gpus, shape_of
-    from skindual.finetune import FinetuneConfig, check_memory, step_memory_gb
+    from skindual.finetune import check_memory, step_memory_gb
+    from skindual.finetune_config import FinetuneConfig
 
     shape = shape_of((NodeShape("running:head", {"CPU": 8.0}, 1),), node_types(yaml.safe_load(CONFIG.read_text())))
     assert shape.autoscaler == "known" and shape.multi_node and shape.accelerator_types() == ["A10G", "H100", "L4"]

@@ -18,19 +18,10 @@ from fixture_data import real_batch
 
 from skindual import model
 from skindual.errors import UserError
-from skindual.finetune import (
-    FinetuneConfig,
-    JointTrainer,
-    check_memory,
-    lr_factor,
-    plan_finetune,
-    ray_storage,
-    resolve_precision,
-    step_memory_gb,
-    training_rows,
-    training_selection,
-)
-from skindual.storage import open_storage
+from skindual.finetune import check_memory, plan_finetune, step_memory_gb, training_rows, training_selection
+from skindual.finetune_config import FinetuneConfig, resolve_precision
+from skindual.joint_trainer import JointTrainer, lr_factor
+from skindual.storage import open_storage, ray_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "4", "--checkpoint-every", "2", "--batch-size", "4", "--validation-per-class", "1",

@@ -21,7 +21,8 @@ import torch
 from fixture_data import real_batch
 
 from skindual import model
-from skindual.finetune import FinetuneConfig, JointTrainer
+from skindual.finetune_config import FinetuneConfig
+from skindual.joint_trainer import JointTrainer
 
 SIZE = 256
 PROMPTS = ["a dermoscopy image of melanoma", "a dermoscopy image of melanocytic nevus"]

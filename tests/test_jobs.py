@@ -74,7 +74,8 @@ def outputs(tmp_path_factory, eval_world):
     """A finished-looking generation output and fine-tuning run folder, for reruns with other settings."""
     import json
 
-    from skindual.finetune import RUN_FILE, FinetuneConfig, plan_finetune
+    from skindual.finetune import plan_finetune
+    from skindual.finetune_config import RUN_FILE, FinetuneConfig
 
     root = tmp_path_factory.mktemp("outputs")
     (root / "a-file").write_text("not a folder")

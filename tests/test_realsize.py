@@ -24,7 +24,9 @@ from job_runs import error_line, ok, run_job
 
 from skindual import model, report
 from skindual.errors import UserError
-from skindual.finetune import FinetuneConfig, JointTrainer, write_outputs
+from skindual.finetune_config import FinetuneConfig
+from skindual.finetune_worker import write_outputs
+from skindual.joint_trainer import JointTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STEPS = ["--steps", "2", "--checkpoint-every", "2", "--batch-size", "2", "--resolution", "256",
@@ -157,7 +159,7 @@ def test_a_failing_grid_leaves_the_adapter_and_a_clean_rerun(sd2_bases, demo_rea
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="skindual.finetune"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="skindual.finetune_worker"):
         m.setattr(report, "validation_grid", out_of_memory)
         write_outputs(trainer.cfg, trainer)
     assert "validation_grid.png not written (RuntimeError: CUDA out of memory" in caplog.text

@@ -31,7 +31,8 @@ from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
 from skindual.evaluate import run_evaluate
 from skindual.evaluate_plan import EvaluateConfig, plan_evaluate
-from skindual.finetune import FinetuneConfig, plan_finetune, run_finetune
+from skindual.finetune import plan_finetune, run_finetune
+from skindual.finetune_config import FinetuneConfig
 from skindual.generate import plan_generate, run_generate
 from skindual.generate_config import GenerateConfig
 from skindual.prompts import CLASSES
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 DEMO_FINETUNE = {"layout": "channels", "train": "lora", "lora_rank": 32, "steps": 400, "lr": 5e-4, "batch_size": 16,
                  "w_prior": 10.0, "ema_decay": 0.995, "lr_schedule": "cosine", "cpus_per_worker": 2}
-"""The demo's fine-tuning settings (`skindual.finetune.FinetuneConfig` fields; the rest keep their
+"""The demo's fine-tuning settings (`skindual.finetune_config.FinetuneConfig` fields; the rest keep their
 defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was trained.  ``w_prior=10``
 pins the image branch to the demo base, which was pretrained on this very domain: without it the
 mask objective erodes class control (measured in lab/notes/finetune-quality.md).

@@ -29,7 +29,7 @@ from skindual.base_models import DEMO_BASE, DEMO_BASES, demo_base_path
 from skindual.demo import render
 from skindual.errors import UserError
 from skindual.evaluate_plan import EvaluateConfig
-from skindual.finetune import FinetuneConfig
+from skindual.finetune_config import FinetuneConfig
 from skindual.generate_config import GenerateConfig
 from skindual.model import ADAPTER_JSON, load_pipeline, mask_to_image
 from skindual.prepare import PrepareConfig, prepare_here

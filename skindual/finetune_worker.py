@@ -1,0 +1,139 @@
+"""The Ray Train side of fine-tuning: `train_loop` runs on every worker (a `JointTrainer`, resumed from Ray
+Train's last checkpoint, over its shard of the pairs; a checkpoint every ``--checkpoint-every`` steps), and
+rank 0 ends with `write_outputs`: the adapter folder, then the validation grid and the loss curve beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from skindual import model, report
+from skindual.cli import worker_setup
+from skindual.finetune_config import FinetuneConfig, FinetunePlan, Prompting
+from skindual.joint_trainer import JointTrainer, device_name, load_checkpoint, save_checkpoint
+from skindual.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # the longest gap between two progress lines while training goes on
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker; ``config["plan"]`` is the run's `FinetunePlan`."""
+    import ray.train
+    import ray.train.torch
+
+    worker_setup()
+    plan: FinetunePlan = config["plan"]
+    cfg, prompting = plan.config, plan.prompting
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # its reserved CPUs, whatever this (reused) worker process had: the same sums every run
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    trainer = JointTrainer(cfg, device, seed_offset=rank)
+    log.info("worker %d of %d on %s, pid %d, %d torch threads", rank, ray.train.get_context().get_world_size(),
+             device_name(trainer.device), os.getpid(), torch.get_num_threads())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            load_checkpoint(trainer, folder)
+        log.info("resumed from step %d", trainer.step)
+        if trainer.step > cfg.steps:
+            # the run already went further: its adapter is the trained one, recorded with its real step count
+            log.warning("run %s is at step %d, past --steps %d: writing its adapter as trained (%d steps); "
+                        "use a new --name to train a shorter run", cfg.name, trainer.step, cfg.steps, trainer.step)
+            cfg = replace(cfg, steps=trainer.step)
+    trainer.model = ray.train.torch.prepare_model(trainer.unet)
+    shard = ray.train.get_dataset_shard("train")
+    started, start_step, last_line = time.perf_counter(), trainer.step, 0.0
+    while trainer.step < cfg.steps:
+        # each epoch's order is seeded by the step it starts at; a resumed epoch skips what it already gave
+        skip, seen = trainer.epoch_batches, 0
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * cfg.batch_size,
+                                        local_shuffle_seed=trainer.epoch_seed):
+            seen += 1
+            if seen <= skip:
+                continue
+            trainer.epoch_batches += 1
+            metrics = trainer.train_step(batch)
+            if metrics is None:
+                continue
+            step = trainer.step
+            rate = (step - start_step) / (time.perf_counter() - started)
+            now = time.perf_counter()
+            if rank == 0 and (now - last_line >= PROGRESS_EVERY_S or step == cfg.steps):
+                last_line = now  # a line at least every 30 s while steps come, and at the last
+                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f "
+                         "consistency %.4f), %.2f steps/s, ETA %.0f s", step, cfg.steps, 100 * step / cfg.steps,
+                         metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"],
+                         metrics["consistency"], rate, (cfg.steps - step) / max(rate, 1e-9))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
+            if step >= cfg.steps:
+                break
+        else:  # the epoch ended: the next one's order is seeded by the step it starts at
+            trainer.epoch_seed, trainer.epoch_batches = cfg.seed + trainer.step, 0
+    if trainer.skipped_steps and rank == 0:
+        log.warning("the fp16 gradient scaler skipped %d of %d optimiser steps (inf/NaN gradients)",
+                    trainer.skipped_steps, trainer.step)
+    if rank == 0:
+        write_outputs(cfg, trainer, prompting, plan.fingerprint)
+
+
+def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (trainable weights, optimiser, progress)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(trainer, folder)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompting | None = None,
+                  fingerprint: str = "") -> None:
+    """The adapter folder under `{output}/{name}/adapter/`, then the validation grid and the loss curve
+    beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
+    a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
+    `prompting` is recorded in the adapter for generation; `fingerprint` (the plan's) marks the run done."""
+    prompting = prompting or Prompting()
+    storage = open_storage(cfg.output, cfg.s3_endpoint or None)
+    unet = trainer.unet.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"
+        with trainer.ema_weights():
+            info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
+                                      prompt_template=prompting.template, prompt_attributes=prompting.attributes,
+                                      fingerprint=fingerprint)
+        storage.delete(f"{cfg.name}/adapter/{model.ADAPTER_JSON}")  # the json last: a folder with one is complete
+        for name in sorted(info.files) + [model.ADAPTER_JSON]:
+            storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
+        log.info("adapter written to %s", storage.join(f"{cfg.name}/adapter"))
+
+        def grid(path: Path) -> None:
+            dual = model.DualPipeline(trainer.pipe, cfg.layout, resolution=cfg.resolution or None,
+                                      decode_batch=cfg.validation_batch)
+            with trainer.ema_weights(), trainer.autocast():
+                report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed, path,
+                                       batch=cfg.validation_batch)
+
+        for name, draw in (("validation_grid.png", grid),
+                           ("loss_curve.png", lambda path: report.loss_curve(trainer.history, path))):
+            try:
+                draw(Path(tmp) / name)
+                storage.upload_file(str(Path(tmp) / name), f"{cfg.name}/{name}")
+            except Exception as exc:  # noqa: BLE001 - a picture must never cost the trained adapter
+                log.warning("%s not written (%s: %s); the adapter at %s is complete", name, type(exc).__name__,
+                            exc, storage.join(f"{cfg.name}/adapter"))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
