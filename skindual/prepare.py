@@ -38,6 +38,7 @@ from PIL import Image
 from skindual import __version__, data
 from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
+from skindual.images import image_format
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.shards import (JPEG_QUALITY, MANIFEST_FILE, canonical_json, check_output, commit_shard, committed_shards,
@@ -140,7 +141,7 @@ def prepare_shard(shard: int, rows: list[dict], cfg: PrepareConfig, fingerprint:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             image_bytes = buffer.getvalue()
-        elif Image.open(io.BytesIO(image_bytes)).format != "JPEG":
+        elif image_format(row["image_path"]) != "JPEG":  # decode_pair opened it as its name's format
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             image_bytes = buffer.getvalue()
