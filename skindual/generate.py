@@ -68,12 +68,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skindual import __version__
-from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
+from skindual.base_models import DEMO_BASE, adapter_base, base_id, is_demo_base
 from skindual.cli import Progress, check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.mask_source import MaskSource, given_mask, load_masks, plan_mask_source, source_table
-from skindual.model import DualPipeline, adapter_misfit, load_adapter
+from skindual.model import ADAPTER_JSON, DualPipeline, adapter_files, adapter_misfit, load_adapter
 from skindual.qc_model import Judgement, QCSegmenter
 from skindual.prompts import (DEFAULT_TEMPLATE, MAX_SAMPLES_PER_SHARD, attribute_pools, parse_per_class, prompt_table,
                               row_seed)
@@ -95,8 +95,8 @@ class GenerateConfig:
     adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
                               "no --base-model either): the shipped demo adapter")
     base_model: str = option("", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder), a "
-                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model, else "
-                                 "'demo' (the shipped demo base)")
+                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model (when it is a "
+                                 "demo base, a staged base or a known SD-2 id), else 'demo' (the shipped demo base)")
     output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
     samples_per_shard: int = option(0, "pairs per WebDataset shard; 0: the fewest shards of at most 1,000 pairs "
                                        "that come in whole waves of --actors, so no actor idles at the end "
@@ -280,14 +280,19 @@ class ModelSpec:
 
 
 def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
-    """A local adapter folder: `url` itself, or its files downloaded from s3:// into `dest`."""
+    """A local adapter folder: `url` itself, or downloaded from s3:// into `dest`: its json, then the files it
+    names (plain names only, `model.adapter_files`; `load_adapter` checks their sha256)."""
     if not is_remote(url):
         return Path(url.removeprefix("file://"))
     storage = open_storage(url, s3_endpoint)
-    names = [n for n in storage.list() if "/" not in n]
-    if not names:
-        raise UserError(f"--adapter {url}: no files there; give the adapter folder the finetune job wrote")
-    for name in names:
+    if not storage.exists(ADAPTER_JSON):
+        raise UserError(f"--adapter {url}: no {ADAPTER_JSON} there; give the adapter folder the finetune job wrote")
+    storage.download_file(ADAPTER_JSON, Path(dest) / ADAPTER_JSON)
+    try:
+        meta = json.loads((Path(dest) / ADAPTER_JSON).read_text())
+    except ValueError:
+        meta = None
+    for name in adapter_files(meta, f"--adapter {storage.join(ADAPTER_JSON)}"):
         storage.download_file(name, Path(dest) / name)
     return Path(dest)
 
@@ -307,8 +312,7 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     endpoint = cfg.s3_endpoint or None
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
         info = load_adapter(fetch_adapter(adapter, endpoint, tmp))
-        # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
-        base = base or demo_alias(info.base_model) or info.base_model
+        base = base or adapter_base(info.base_model, adapter, endpoint)  # only a base an adapter may pick
         misfit = adapter_misfit(info, base, endpoint)
     if misfit:
         raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "
