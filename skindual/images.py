@@ -95,7 +95,10 @@ def member_label(sample: Mapping[str, Any], member: str) -> str:
     shard's location when the reader gives it)."""
     key = str(sample.get("__key__", "?"))
     shard = f" of shard {int(key) // MAX_SAMPLES_PER_SHARD:05d}" if key.isdigit() else ""
-    where = f" ({sample['__url__']})" if sample.get("__url__") else ""
+    url = str(sample.get("__url__") or "")
+    if url.startswith("pipe:"):  # read_shards streams an s3:// shard through a `skindual.shards cat` command
+        url = next((word for word in url.split() if word.startswith("s3://")), url)
+    where = f" ({url})" if url else ""
     return f"member {key}.{member}{shard}{where}"
 
 
