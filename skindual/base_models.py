@@ -32,7 +32,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from skindual.errors import UserError
-from skindual.storage import cache_root, file_sha256, is_remote, open_storage, output_storage
+from skindual.storage import cache_root, file_sha256, is_clean_name, is_remote, open_storage, output_storage
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,33 @@ def hub_error(model: str | Path, exc: BaseException) -> UserError:
                      f"({staged.format(SD2_BASE_HUB)})")
 
 
+KNOWN_SD2_IDS = (SD2_BASE_HUB, SD2_HUB)
+"""The hub ids an adapter's recorded base may name by itself (and the withdrawn ids they mirror)."""
+
+
+def adapter_base(recorded: str, adapter: str, s3_endpoint: str | None = None) -> str:
+    """The base to load when an adapter is given without ``--base-model``: the base it records, if it is one an
+    adapter may pick by itself: a demo base (its name or a cache folder of it), a base staged by `stage_base`
+    (s3:// or a folder holding `STAGED_FILE`) or a known SD-2 id (a withdrawn one: its mirror).  Any other
+    (another hub repository, a plain folder) is one `UserError` asking for ``--base-model``, so an adapter
+    folder never chooses what is downloaded or loaded."""
+    name = str(recorded)
+    if demo_alias(name) is not None:
+        return demo_alias(name)
+    if name in KNOWN_SD2_IDS or hub_mirror(name) in KNOWN_SD2_IDS:
+        return hub_mirror(name) or name
+    if is_remote(name):
+        staged = open_storage(name, s3_endpoint).exists(STAGED_FILE)
+    else:
+        folder = Path(name.removeprefix("file://"))
+        staged = (folder / STAGED_FILE).is_file()
+    if staged:
+        return name
+    raise UserError(f"--adapter {adapter} records its base model as {name!r}, which is not a demo base, a base staged "
+                    f"by jobs/stage_base.py or a known SD-2 id ({', '.join(KNOWN_SD2_IDS)}), so it is not loaded on the "
+                    "adapter's word; pass --base-model naming the base it was trained on")
+
+
 def base_config(model: str | Path, component: str, s3_endpoint: str | None = None) -> dict:
     """The ``config.json`` of one component (``unet``, ``vae``) of a base model, without its weights: from
     the demo base's folder, a folder, a staged base on s3:// (one small read) or the hub."""
@@ -236,6 +263,26 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def _manifest_digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def staged_manifest(raw: bytes, url: str) -> dict:
+    """A staged base's manifest (`STAGED_FILE`'s bytes), checked: every file it lists is a clean relative name
+    inside the base (no ``..``, no absolute path) with a sha256 and a size; anything else is one `UserError`."""
+    again = "stage the base again (jobs/stage_base.py --overwrite)"
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise UserError(f"--base-model {url}: {STAGED_FILE} is unreadable (no table of files); {again}")
+    for name, entry in files.items():
+        if not is_clean_name(name) or name == STAGED_FILE:
+            raise UserError(f"--base-model {url}: {STAGED_FILE} names {name!r}, which is not a file inside the staged "
+                            f"base; {again}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise UserError(f"--base-model {url}: {STAGED_FILE} gives {name!r} no sha256 and size; {again}")
+    return manifest
 
 
 def check_staged(url: str, s3_endpoint: str | None = None) -> dict:
@@ -278,7 +325,7 @@ def fetch_staged(url: str, s3_endpoint: str | None = None, cache: Path | None = 
     except FileNotFoundError:
         check_staged(url, s3_endpoint)  # raises the one-line error
         raise
-    digest, manifest = _manifest_digest(raw), json.loads(raw)
+    digest, manifest = _manifest_digest(raw), staged_manifest(raw, url)
     root = (cache or cache_root()) / STAGED_CACHE
     target = root / digest
     if (target / STAGED_FILE).is_file():

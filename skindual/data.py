@@ -45,6 +45,7 @@ import pyarrow as pa
 from PIL import Image
 
 from skindual.errors import DataError, UserError
+from skindual.images import open_image
 from skindual.prompts import CLASS_BY_CODE, CLASS_CODES, build_prompt, lesion_class
 from skindual.storage import Storage, is_remote, open_storage
 
@@ -235,8 +236,9 @@ def load_pair(image_path: str, mask_path: str, size: int | None = None,
 
 def decode_pair(image_bytes: bytes, mask_bytes: bytes, image_path: str, mask_path: str) -> tuple[Image.Image, np.ndarray]:
     """A pair's files decoded and checked: (RGB image, bool mask of the image's size).  A file that
-    cannot be used raises a `DataError` naming it (its skip reason in ``.reason``)."""
-    with _reading(image_path, "image"), Image.open(io.BytesIO(image_bytes)) as im:
+    cannot be used raises a `DataError` naming it (its skip reason in ``.reason``).  Each file is opened as
+    the format its extension names and its size checked before it is decoded (`images.open_image`)."""
+    with _reading(image_path, "image"), open_image(image_bytes, image_path, what=f"image {image_path}") as im:
         image = im.convert("RGB")
     return image, _load_mask(mask_bytes, mask_path, image.size, image_path)
 
@@ -380,6 +382,10 @@ def _read_ham_csv(text: str, csv_path: str, skips: _Skips) -> tuple[list[dict], 
             if not values["image_id"] or not values["lesion_id"]:
                 skips.bad("bad_row", where, f"{where}: empty image_id or lesion_id; fix the row, {_SKIP_HINT}")
                 continue
+            if values["image_id"] in (".", "..") or any(c in values["image_id"] for c in "/\\\0"):
+                skips.bad("bad_row", where, f"{where}: image_id {values['image_id']!r} is not a plain file name (it "
+                          f"names the image and mask files: no folders, '/' or '..'); fix the row, {_SKIP_HINT}")
+                continue
             if values["dx"] not in CLASS_BY_CODE:
                 skips.bad("unknown_dx", where, f"{where}: unknown dx {values['dx']!r} (image {values['image_id']}); "
                           f"known codes are {', '.join(CLASS_CODES)}; fix the row, {_SKIP_HINT}")
@@ -458,6 +464,8 @@ def _reading(path: str, kind: str) -> Iterator[None]:
         yield
     except _FileError:
         raise
+    except DataError as e:  # refused by `images.open_image`: another format, too large
+        raise _FileError(f"unreadable_{kind}", path, str(e)) from None
     except FileNotFoundError:
         raise _FileError(f"missing_{kind}", path, f"{kind} {path} not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -468,7 +476,7 @@ def _reading(path: str, kind: str) -> Iterator[None]:
 
 def _image_size(data: bytes, path: str) -> tuple[int, int]:
     """The image's size, after a quick decode (JPEG at 1/8 scale) that still reads every byte."""
-    with _reading(path, "image"), Image.open(io.BytesIO(data)) as im:
+    with _reading(path, "image"), open_image(data, path, what=f"image {path}") as im:
         size = im.size
         im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         im.load()
@@ -476,13 +484,14 @@ def _image_size(data: bytes, path: str) -> tuple[int, int]:
 
 
 def _load_mask(data: bytes, path: str, image_size: tuple[int, int], image_path: str) -> np.ndarray:
-    """The mask as a bool array, checked to be binary and of its image's size."""
-    with _reading(path, "mask"), Image.open(io.BytesIO(data)) as im:
+    """The mask as a bool array, checked to be binary and of its image's size (read from its header, before
+    it is decoded)."""
+    with _reading(path, "mask"), open_image(data, path, what=f"mask {path}") as im:
+        if im.size != tuple(image_size):
+            raise _FileError("mask_size", path, f"mask {path} is {im.width}x{im.height} but its image "
+                             f"{image_path} is {image_size[0]}x{image_size[1]}; use the mask made for this image")
         im.load()
         mask = np.asarray(im if im.mode in ("1", "L") else im.convert("L"))
-    if (mask.shape[1], mask.shape[0]) != image_size:
-        raise _FileError("mask_size", path, f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                         f"{image_path} is {image_size[0]}x{image_size[1]}; use the mask made for this image")
     if mask.dtype == bool:
         return mask
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()

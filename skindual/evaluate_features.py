@@ -28,7 +28,7 @@ from skindual.evaluate_plan import SETS, EvaluateConfig, EvaluatePlan, selection
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCSegmenter
 from skindual.shard_store import read_stats
-from skindual.storage import cache_root, is_remote, open_storage
+from skindual.storage import open_storage
 
 # --------------------------------------------------------------------------- the feature extractor
 
@@ -57,15 +57,8 @@ class ExtractorSpec:
     def build(self, device: str, s3_endpoint: str | None = None):
         import torch
 
-        if self.kind == "inception":
-            path = self.inception
-            if is_remote(path):  # fetch it once per node into the cache
-                local = cache_root() / "inception" / fidelity.INCEPTION_FILE
-                if not local.is_file():
-                    parent, _, name = path.rpartition("/")
-                    open_storage(parent, s3_endpoint).download_file(name, local)
-                path = str(local)
-            return fidelity.InceptionExtractor(path, device)
+        if self.kind == "inception":  # an s3:// copy fetched once per node, cached by its sha256
+            return fidelity.InceptionExtractor(fidelity.fetch_inception(self.inception, s3_endpoint), device)
         model = quality.LesionClassifier()
         if self.kind == "random-cnn":
             torch.manual_seed(self.seed)

@@ -10,7 +10,9 @@ Extractors (`build_extractor`):
 
 - ``inception``: clean-fid's InceptionV3 (what ``cleanfid.features.build_feature_extractor("clean")``
   builds, without its download).  Weights from ``--inception-weights`` or clean-fid's cache
-  (``/tmp/inception-2015-12-05.pt``); missing weights are one `UserError` saying how to get them.
+  (``/tmp/inception-2015-12-05.pt``); missing weights are one `UserError` saying how to get them.  The
+  file is TorchScript, i.e. code: it is loaded only from bytes whose sha256 is `INCEPTION_SHA256`
+  (clean-fid's file), and an s3:// copy is cached on each node under that digest (`fetch_inception`).
 - ``lesion-cnn``: the penultimate layer (128-d) of `skindual.quality.LesionClassifier` trained on
   the real images at the evaluation's size; its weights are cached by the content of its
   training set, steps and seed.  Offline, and it knows what lesions look like.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -36,10 +39,12 @@ import torch.nn.functional as F
 
 from skindual.errors import UserError
 from skindual.quality import LesionClassifier, images_to_tensor, train_classifier
-from skindual.storage import cache_root, file_sha256, open_storage
+from skindual.storage import cache_root, file_sha256, is_remote, open_storage
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+"""The sha256 of `INCEPTION_URL`'s file (README, "Evaluation"): no other bytes are loaded as the Inception."""
 CLEAN_FID_CACHE = Path("/tmp")  # where clean-fid's feature_extractor keeps the weights on Linux/macOS
 EXTRACTORS = ("inception", "lesion-cnn", "random-cnn")
 
@@ -231,19 +236,24 @@ class InceptionExtractor:
 
     name = "inception"
 
-    def __init__(self, weights: str | os.PathLike[str], device: str = "cpu", batch_size: int = 32):
+    def __init__(self, weights: str | os.PathLike[str], device: str = "cpu", batch_size: int = 32,
+                 sha256: str = INCEPTION_SHA256):
+        """The weights' bytes are read once and checked against `sha256` before TorchScript sees them; the
+        checked bytes are what clean-fid's wrapper loads (from a private temp folder)."""
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
 
-        weights = Path(weights)
-        folder = weights.parent
-        if weights.name != INCEPTION_FILE:  # InceptionV3W loads {folder}/inception-2015-12-05.pt
-            folder = Path(tempfile.mkdtemp(prefix="skindual-inception-"))
-            (folder / INCEPTION_FILE).symlink_to(weights.resolve())
+        data = checked_inception(weights, sha256)
+        folder = Path(tempfile.mkdtemp(prefix="skindual-inception-"))
+        try:  # InceptionV3W loads {folder}/inception-2015-12-05.pt
+            (folder / INCEPTION_FILE).write_bytes(data)
+            self.model = InceptionV3W(str(folder), download=False, resize_inside=False)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.model = InceptionV3W(str(folder), download=False, resize_inside=False).to(self.device).eval()
+        self.model = self.model.to(self.device).eval()
         self.resize = build_resizer("clean")
-        self.fingerprint = f"inception-clean:{file_sha256(weights)}"
+        self.fingerprint = f"inception-clean:{sha256}"
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -287,9 +297,46 @@ class CNNExtractor:
         return self.model.head(x).argmax(1).cpu().numpy()
 
 
-def find_inception_weights(path: str = "", s3_endpoint: str | None = None) -> Path | str:
-    """The Inception weights: `path` (a local file, or an s3:// URL the workers fetch), else clean-fid's
-    cached copy; a `UserError` saying how to get them."""
+def checked_inception(weights: str | os.PathLike[str], sha256: str = INCEPTION_SHA256, label: str = "") -> bytes:
+    """The bytes of an Inception weights file, once their sha256 is `sha256`; else one `UserError` naming
+    `label` (default: the file)."""
+    data = Path(weights).read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise UserError(f"--inception-weights {label or weights}: its sha256 is {found}, not {sha256} (clean-fid's "
+                        f"{INCEPTION_FILE}), so it is not loaded; download it again from {INCEPTION_URL}")
+    return data
+
+
+def fetch_inception(location: str | os.PathLike[str], s3_endpoint: str | None = None, sha256: str = INCEPTION_SHA256,
+                    cache: Path | None = None) -> Path:
+    """A node-local path of the Inception weights at `location`: a local path as it is; an s3:// URL downloaded
+    once per node into ``<cache>/inception/<sha256>.pt`` (keyed by content, so another URL with other bytes
+    never passes for it), the download checked against `sha256` before it takes that name."""
+    location = str(location)
+    if not is_remote(location):
+        return Path(location)
+    target = (cache or cache_root()) / "inception" / f"{sha256}.pt"
+    if target.is_file():
+        return target  # named by its digest once checked; InceptionExtractor checks the bytes it loads again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".fetch-", suffix=".pt")
+    os.close(fd)
+    try:
+        parent, _, name = location.rpartition("/")
+        open_storage(parent, s3_endpoint).download_file(name, tmp)
+        if file_sha256(tmp) != sha256:
+            checked_inception(tmp, sha256, label=location)  # raises, naming the URL
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def find_inception_weights(path: str = "", s3_endpoint: str | None = None, sha256: str = INCEPTION_SHA256) -> Path | str:
+    """The Inception weights: `path` (a local file, or an s3:// URL the workers fetch and check), else
+    clean-fid's cached copy; a local file is checked against `sha256` here, before any work.  A `UserError`
+    saying how to get them."""
     if path and path.startswith("s3://"):
         parent, _, name = path.rpartition("/")
         if not open_storage(parent, s3_endpoint).exists(name):
@@ -300,9 +347,11 @@ def find_inception_weights(path: str = "", s3_endpoint: str | None = None) -> Pa
         if not Path(path).is_file():
             raise UserError(f"--inception-weights {path}: no such file; give the path of clean-fid's "
                             f"{INCEPTION_FILE} (download: {INCEPTION_URL})")
+        checked_inception(path, sha256)
         return Path(path)
     cached = CLEAN_FID_CACHE / INCEPTION_FILE
     if cached.is_file():
+        checked_inception(cached, sha256)
         return cached
     raise UserError(f"clean-fid's Inception weights are not cached ({cached} is missing) and are not downloaded "
                     f"here: download {INCEPTION_URL} and pass --inception-weights PATH (or put it at {cached}), "
@@ -311,11 +360,14 @@ def find_inception_weights(path: str = "", s3_endpoint: str | None = None) -> Pa
 
 def build_extractor(kind: str, *, size: int, device: str = "cpu", inception_weights: str = "",
                     train: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None, steps: int = 300,
-                    seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> FeatureExtractor:
+                    seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+                    inception_sha256: str = INCEPTION_SHA256) -> FeatureExtractor:
     """An extractor of `EXTRACTORS`.  ``lesion-cnn`` trains on ``train()``'s (real images, class
-    indices), or loads the weights cached for that content, `steps`, `seed` and `size`."""
+    indices), or loads the weights cached for that content, `steps`, `seed` and `size`; ``inception`` loads
+    weights whose sha256 is `inception_sha256` only."""
     if kind == "inception":
-        return InceptionExtractor(find_inception_weights(inception_weights), device)
+        return InceptionExtractor(fetch_inception(find_inception_weights(inception_weights, sha256=inception_sha256)),
+                                  device, sha256=inception_sha256)
     if kind == "random-cnn":
         torch.manual_seed(seed)
         return CNNExtractor("randomcnn", LesionClassifier(), size, device)

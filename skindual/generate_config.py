@@ -23,8 +23,8 @@ class GenerateConfig:
     adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
                               "no --base-model either): the shipped demo adapter")
     base_model: str = option("", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder), a "
-                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model, else "
-                                 "'demo' (the shipped demo base)")
+                                 "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model (when it is a "
+                                 "demo base, a staged base or a known SD-2 id), else 'demo' (the shipped demo base)")
     output: str = option("skindual-synthetic", "output folder or s3://bucket/prefix")
     samples_per_shard: int = option(0, "pairs per WebDataset shard; 0: the fewest shards of at most 1,000 pairs "
                                        "that come in whole waves of --actors, so no actor idles at the end "

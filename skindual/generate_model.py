@@ -3,15 +3,16 @@ driver (`resolve_model` → `ModelSpec`), and loaded in each generator actor (`l
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
+from skindual.base_models import DEMO_BASE, adapter_base, base_id, is_demo_base
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
-from skindual.model import DualPipeline, adapter_misfit, load_adapter
+from skindual.model import ADAPTER_JSON, DualPipeline, adapter_files, adapter_misfit, load_adapter
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.qc_model import QCSegmenter
 from skindual.storage import is_remote, open_storage
@@ -33,14 +34,19 @@ class ModelSpec:
 
 
 def fetch_adapter(url: str, s3_endpoint: str | None, dest: str | Path) -> Path:
-    """A local adapter folder: `url` itself, or its files downloaded from s3:// into `dest`."""
+    """A local adapter folder: `url` itself, or downloaded from s3:// into `dest`: its json, then the files it
+    names (plain names only, `model.adapter_files`; `load_adapter` checks their sha256)."""
     if not is_remote(url):
         return Path(url.removeprefix("file://"))
     storage = open_storage(url, s3_endpoint)
-    names = [n for n in storage.list() if "/" not in n]
-    if not names:
-        raise UserError(f"--adapter {url}: no files there; give the adapter folder the finetune job wrote")
-    for name in names:
+    if not storage.exists(ADAPTER_JSON):
+        raise UserError(f"--adapter {url}: no {ADAPTER_JSON} there; give the adapter folder the finetune job wrote")
+    storage.download_file(ADAPTER_JSON, Path(dest) / ADAPTER_JSON)
+    try:
+        meta = json.loads((Path(dest) / ADAPTER_JSON).read_text())
+    except ValueError:
+        meta = None
+    for name in adapter_files(meta, f"--adapter {storage.join(ADAPTER_JSON)}"):
         storage.download_file(name, Path(dest) / name)
     return Path(dest)
 
@@ -60,8 +66,7 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     endpoint = cfg.s3_endpoint or None
     with tempfile.TemporaryDirectory(prefix="skindual-adapter-") as tmp:
         info = load_adapter(fetch_adapter(adapter, endpoint, tmp))
-        # a demo adapter names the demo base by its machine-local cache folder (.../demo_base/<hash>)
-        base = base or demo_alias(info.base_model) or info.base_model
+        base = base or adapter_base(info.base_model, adapter, endpoint)  # only a base an adapter may pick
         misfit = adapter_misfit(info, base, endpoint)
     if misfit:
         raise UserError(f"--adapter {adapter} was trained on {info.base_model} and does not fit --base-model "

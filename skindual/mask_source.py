@@ -16,7 +16,6 @@ chosen rows' mask PNGs once, on the driver, so they travel with the shard they b
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -24,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
-from skindual import data, pairs
+from skindual import data, images, pairs
 from skindual.errors import UserError
 from skindual.prompts import Attributes, lesion_class
 from skindual.quality import MaskLimits, largest_component, mask_check
@@ -85,12 +83,18 @@ def plan_mask_source(url: str, fraction: float, classes: Sequence[str], s3_endpo
 def load_masks(source: MaskSource, source_keys: Sequence[str], s3_endpoint: str | None,
                workers: int = 8) -> dict[str, bytes]:
     """source key → the real pair's ``seg.png`` bytes, for the given keys (each real shard streamed once, its
-    sha256 checked as it streams)."""
+    sha256 checked as it streams; each mask's header checked against the size its json records)."""
     storage = open_storage(source.url, s3_endpoint)
+
+    def checked(sample: dict) -> bytes:
+        size = images.recorded_size(json.loads(sample["json"]))
+        images.open_image(sample["seg.png"], "seg.png", size, what=f"--mask-source {source.url}: "
+                          f"{images.member_label(sample, 'seg.png')}", fix=images.RERUN).close()
+        return sample["seg.png"]
 
     def read(item: tuple[int, list[str]]) -> dict[str, bytes]:
         shard, keys = item
-        return {f"{shard:05d}/{s['__key__']}": s["seg.png"] for s in pairs.iter_shard(storage, shard, keys)}
+        return {f"{shard:05d}/{s['__key__']}": checked(s) for s in pairs.iter_shard(storage, shard, keys)}
 
     out: dict[str, bytes] = {}
     with ThreadPoolExecutor(workers) as pool:
@@ -134,8 +138,8 @@ def given_mask(png: bytes, size: int, seed: int, limits: MaskLimits) -> tuple[np
     """A real mask (``seg.png`` bytes) centre-cropped and resized to `size` (`data.resize_mask`), then
     `augment_mask` with seed `seed`, `seed` + 1, ... (up to `AUGMENTATION_TRIES`) until one passes `limits`;
     (mask, the seed kept).  When none does, the resized mask itself with seed -1."""
-    with Image.open(io.BytesIO(png)) as m:
-        real = (np.asarray(m.convert("L")) >= 128).astype(np.uint8)
+    real = (np.asarray(images.decode_image(png, "seg.png", "L", what="a --mask-source mask",
+                                           fix=images.RERUN)) >= 128).astype(np.uint8)
     base = data.resize_mask(real, size)
     for k in range(AUGMENTATION_TRIES):
         mask = augment_mask(base, seed + k)

@@ -270,21 +270,41 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
     return load_adapter(folder)
 
 
+ADAPTER_REDO = "re-download the adapter folder or re-train it"
+
+
+def adapter_files(meta: object, where: str) -> dict[str, str]:
+    """The ``files`` of an adapter's json (file name → sha256), each a plain file name inside the adapter
+    folder: a name with a folder, ``..`` or an absolute path (which would read or fetch a file outside it) is
+    one `UserError` naming `where`."""
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(n, str) and isinstance(d, str) for n, d in files.items()):
+        raise UserError(f"{where}: no table of the adapter's files and their sha256; {ADAPTER_REDO}")
+    for name in files:
+        if name in ("", ".", "..", ADAPTER_JSON) or any(c in name for c in "/\\\0"):
+            raise UserError(f"{where} names the file {name!r}, which is not a plain file name inside the adapter "
+                            f"folder; {ADAPTER_REDO}")
+    return dict(files)
+
+
 def load_adapter(folder: str | Path) -> AdapterInfo:
-    """Read ``skindual_adapter.json`` and verify the sha256 of every file it names."""
+    """Read ``skindual_adapter.json`` and verify the sha256 of every file it names (plain names inside
+    `folder` only, `adapter_files`)."""
     folder = Path(folder)
     path = folder / ADAPTER_JSON
-    redo = "re-download the adapter folder or re-train it"
+    redo = ADAPTER_REDO
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {folder} is not a complete skindual adapter; {redo}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is unreadable ({e}); {redo}") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{path}: not a skindual adapter (format {meta.get('format')!r}); {redo}")
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: not a skindual adapter (format {found!r}); {redo}")
+    files = adapter_files(meta, str(path))
     check_layout(meta["layout"])
-    for name, digest in meta["files"].items():
+    for name, digest in files.items():
         if not (folder / name).is_file():
             raise UserError(f"adapter file {folder / name} is missing; {redo}")
         if file_sha256(folder / name) != digest:
@@ -295,7 +315,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
         folder=folder, base_model=meta["base_model"], layout=meta["layout"], train=meta["train"],
         lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), resolution=meta.get("resolution"),
         classes=meta["classes"], prompt_template=meta["prompt_template"],
-        training_config=meta["training_config"], files=dict(meta["files"]), sha256=file_sha256(path),
+        training_config=meta["training_config"], files=files, sha256=file_sha256(path),
         prompt_attributes=meta.get("prompt_attributes"),
     )
 

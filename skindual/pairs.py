@@ -31,6 +31,7 @@ from PIL import Image
 
 from skindual.data import resize_ignore, resize_pair
 from skindual.errors import DataError, UserError
+from skindual.images import decode_members
 from skindual.shard_format import MANIFEST_FILE, shard_names
 from skindual.shard_store import committed_shards, read_stats, readable_shards
 from skindual.storage import Storage, is_remote, open_storage
@@ -123,18 +124,10 @@ def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[st
     """``key``, ``image`` (uint8 H×W×3), ``mask`` (uint8 H×W, 0/1), ``ignore`` (uint8 H×W, 0/1: the pair's
     ignore map, all 0 when it has none), ``class_index``, ``prompt``, ``meta`` of a sample of `iter_shard`;
     at `size` × `size` (`data.resize_pair`; an ignore map keeps every pixel it touches) when given.  JPEG
-    images are decoded at the smallest scale that still covers `size` (PIL's draft mode)."""
-    encoded = sample["jpg"] if "jpg" in sample else sample["png"]
-    with Image.open(io.BytesIO(encoded)) as im:
-        if size is not None:
-            im.draft("RGB", (size, size))
-        image = im.convert("RGB")
-    with Image.open(io.BytesIO(sample["seg.png"])) as m:
-        mask = (np.asarray(m.convert("L")) >= 128).astype(np.uint8)
-    ignore = None
-    if "ignore.png" in sample:
-        with Image.open(io.BytesIO(sample["ignore.png"])) as m:
-            ignore = np.asarray(m.convert("L")) >= 128
+    images are decoded at the smallest scale that still covers `size` (PIL's draft mode).  Each member is
+    opened as its name's format and checked against the size the json records first (`images.decode_members`)."""
+    meta = json.loads(sample["json"])
+    image, mask, ignore = decode_members(sample, meta, size)
     if mask.shape != (image.height, image.width):  # the image was drafted smaller than its mask
         mask = np.asarray(Image.fromarray(mask * 255).resize(image.size, Image.Resampling.BILINEAR)) >= 128
     if size is not None:
@@ -146,7 +139,7 @@ def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[st
     else:
         ignore = resize_ignore(ignore, size) if size is not None else ignore.astype(np.uint8)
     return {"key": sample["__key__"], "image": image, "mask": mask.astype(np.uint8), "ignore": ignore,
-            "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": json.loads(sample["json"])}
+            "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": meta}
 
 
 def usable_rows(index: pa.Table) -> pa.Table:

@@ -39,6 +39,7 @@ from skindual import __version__, data
 from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
 from skindual.fingerprint import canonical_json
+from skindual.images import image_format
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.run_files import check_output, guard_output, write_run_files
@@ -142,7 +143,7 @@ def prepare_shard(shard: int, rows: list[dict], cfg: PrepareConfig, fingerprint:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             image_bytes = buffer.getvalue()
-        elif Image.open(io.BytesIO(image_bytes)).format != "JPEG":
+        elif image_format(row["image_path"]) != "JPEG":  # decode_pair opened it as its name's format
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             image_bytes = buffer.getvalue()

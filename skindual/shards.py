@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
+import json
 import os
 import shlex
 import sys
@@ -18,9 +18,9 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from skindual.errors import UserError
+from skindual.images import decode_members
 from skindual.shard_format import shard_names
 from skindual.shard_store import readable_shards
 from skindual.storage import is_remote, open_storage
@@ -56,17 +56,15 @@ def shard_urls(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None,
     return urls
 
 
-def _decode_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
-
-
 def _to_output(sample: dict[str, Any], to_tensors: bool) -> dict[str, Any]:
-    image = sample["jpg"] if "jpg" in sample else sample["png"]
-    mask = sample["seg.png"]
-    ignore = sample["ignore.png"] if "ignore.png" in sample else np.zeros_like(mask)
+    """A raw webdataset sample decoded: its members opened as their names' formats and checked against the
+    size its json records (`images.decode_members`)."""
+    meta = json.loads(sample["json"])
+    image, mask, ignore = decode_members(sample, meta)
+    image = np.asarray(image)
+    ignore = ignore if ignore is not None else np.zeros_like(mask)
     out = {"key": sample["__key__"], "image": image, "mask": mask, "ignore": ignore,
-           "class_index": sample["cls"], "prompt": sample["txt"], "meta": sample["json"]}
+           "class_index": int(sample["cls"]), "prompt": sample["txt"].decode(), "meta": meta}
     if to_tensors:
         import torch  # only consumers that ask for tensors need torch
 
@@ -93,8 +91,7 @@ def read_shards(url_or_urls: str | Iterable[str], s3_endpoint: str | None = None
     if not urls:
         raise UserError(f"no committed shards (with a _stats.json) under {url_or_urls}")
     dataset = wds.WebDataset(urls, shardshuffle=shardshuffle, nodesplitter=wds.split_by_node)
-    return (dataset.decode(wds.handle_extension("seg.png ignore.png", _decode_mask), "rgb8")
-            .map(functools.partial(_to_output, to_tensors=to_tensors)))
+    return dataset.map(functools.partial(_to_output, to_tensors=to_tensors))
 
 
 def _cat(url: str, s3_endpoint: str | None) -> int:

@@ -122,6 +122,16 @@ def _check_name(name: str, *, prefix: bool = False) -> str:
     return name
 
 
+def is_clean_name(name: str) -> bool:
+    """Whether `name` is a clean relative name inside a storage root (``a/b.ext``): no empty, ``.`` or ``..``
+    part, no leading ``/``, no backslash; what every `Storage` method accepts."""
+    try:
+        _check_name(name)
+    except ValueError:
+        return False
+    return "\0" not in name
+
+
 class Storage(ABC):
     """A root directory or S3 prefix holding files; every name is relative to ``url``."""
 

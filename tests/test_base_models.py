@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from skindual import base_models
-from skindual.base_models import (FETCH_RECORD, SD2_BASE_HUB, STAGED_FILE, base_config, base_id, fetch_staged,
+from skindual.base_models import (FETCH_RECORD, SD2_BASE_HUB, STAGED_FILE, adapter_base, base_config, base_id, fetch_staged,
                                   hub_mirror, stage_base)
 from skindual.errors import UserError
 from skindual.storage import open_storage
@@ -46,6 +48,52 @@ def test_a_base_model_that_is_not_there_is_one_line_before_ray_starts(job, tmp_p
     assert run.stderr.strip().splitlines()[-1].startswith(
         "error: --base-model stabilityai/stable-diffusion-2-base: Stability AI withdrew it")
     assert "Traceback" not in run.stderr and "Started a local Ray instance" not in run.stderr
+
+
+def test_an_adapter_picks_its_base_only_among_staged_demo_and_known_sd2_bases(tmp_path, monkeypatch):
+    """Without --base-model an adapter's recorded base is used only when it is a demo base, a staged base or a known
+    SD-2 id: a crafted adapter naming another hub repository (or a plain folder) never picks what is downloaded."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    staged, plain = tmp_path / "staged", tmp_path / "plain"
+    plain.mkdir()
+    staged.mkdir()
+    (staged / STAGED_FILE).write_text("{}")
+    assert adapter_base("demo", "a") == "demo" and adapter_base("/any/where/demo_base/0123", "a") == "demo"
+    assert adapter_base(SD2_BASE_HUB, "a") == SD2_BASE_HUB
+    assert adapter_base("stabilityai/stable-diffusion-2-base", "a") == SD2_BASE_HUB  # withdrawn: its mirror
+    assert adapter_base(str(staged), "a") == str(staged)
+    for recorded in ("someone/evil-model", str(plain)):
+        with pytest.raises(UserError, match=rf"^--adapter a records its base model as '{recorded}', which is not a demo "
+                                            r"base, a base staged .*; pass --base-model naming the base it was trained on"):
+            adapter_base(recorded, "a")
+    # through generation's plan: the shipped demo adapter, its json saying another hub repository
+    from skindual.demo.world import DEMO_ADAPTER
+    from skindual.generate_config import GenerateConfig
+    from skindual.generate_model import resolve_model
+    from skindual.model import ADAPTER_JSON
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(DEMO_ADAPTER, adapter)
+    meta = json.loads((adapter / ADAPTER_JSON).read_text()) | {"base_model": "someone/evil-model"}
+    (adapter / ADAPTER_JSON).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=rf"^--adapter {adapter} records its base model as 'someone/evil-model'"):
+        resolve_model(GenerateConfig(adapter=str(adapter)))
+    assert resolve_model(GenerateConfig(adapter=str(adapter), base_model="demo")).base_model == "demo"  # the user's word
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "unet/../../outside"])
+def test_a_staged_manifest_naming_a_file_outside_the_base_is_one_line(tmp_path, name):
+    """A crafted skindual_base.json (here in a folder, read as storage is read) cannot make a node fetch a file from
+    outside the staged base or write one outside its cache."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"weights")
+    manifest = {"format": base_models.STAGED_FORMAT, "files": {name: {"sha256": "0" * 64, "bytes": 7}}}
+    (staged / STAGED_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"^--base-model {staged}: {STAGED_FILE} names '{re.escape(name)}', which is not "
+                                        r"a file inside the staged base; stage the base again"):
+        fetch_staged(str(staged), cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "bases").glob("*/*"))  # nothing fetched
 
 
 def test_no_help_text_or_doc_names_a_withdrawn_id():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -172,7 +175,44 @@ def _jpeg_noise_mask(path: Path) -> None:
     path.with_suffix(".jpg").unlink()
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 24\n%%EndComments\nshowpage\n%%EOF\n"
+"""PostScript: PIL opens it as EPS (and decodes it with Ghostscript) when the format is not pinned."""
+
+
+def png_header(size: tuple[int, int]) -> bytes:
+    """A PNG whose header says `size` but whose pixel data is a few bytes: the header alone must refuse it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", *size, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _claim_size(path: Path, size: tuple[int, int]) -> None:
+    """Rewrite a baseline JPEG's frame header (SOF0) to claim `size`; its pixel data stays as it was."""
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = struct.pack(">HH", size[1], size[0])
+    path.write_bytes(bytes(data))
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 BREAKERS = {
+    # the format is pinned by the extension: PNG or PostScript bytes in a .jpg are refused, never decoded
+    "png_image": (lambda root: image_of(root, VICTIM).write_bytes(_png_bytes(Image.new("RGB", SIZE))), "as JPEG"),
+    "eps_image": (lambda root: image_of(root, VICTIM).write_bytes(EPS), "as JPEG"),
+    # the size is read from the header and checked before a pixel is decoded
+    "huge_image": (lambda root: _claim_size(image_of(root, VICTIM), (12000, 12000)), "12000x12000, more than"),
+    "huge_mask": (lambda root: mask_of(root, VICTIM).write_bytes(png_header((12000, 12000))), "12000x12000, more than"),
+    "mask_header_size": (lambda root: mask_of(root, VICTIM).write_bytes(png_header((600, 450))), "is 600x450 but its image"),
+    # an image id names files: one that climbs out of the folder is a bad row, not a traceback
+    "climbing_image_id": (lambda root: _rewrite_row(root, image_id="../../x"), "image_id '../../x' is not a plain"),
+    "absolute_image_id": (lambda root: _rewrite_row(root, image_id="/tmp/x"), "image_id '/tmp/x' is not a plain"),
     "missing_image": (lambda root: image_of(root, VICTIM).unlink(), f"{VICTIM}.jpg"),
     "garbage_image": (lambda root: image_of(root, VICTIM).write_bytes(b"not a jpeg"), f"{VICTIM}.jpg"),
     "truncated_image": (
@@ -187,7 +227,9 @@ BREAKERS = {
     "bad_age": (lambda root: _rewrite_row(root, age="forty"), "'forty'"),
 }
 REASONS = {
-    "garbage_image": "unreadable_image", "truncated_image": "unreadable_image",
+    "garbage_image": "unreadable_image", "truncated_image": "unreadable_image", "png_image": "unreadable_image",
+    "eps_image": "unreadable_image", "huge_image": "unreadable_image", "huge_mask": "unreadable_mask",
+    "mask_header_size": "mask_size", "climbing_image_id": "bad_row", "absolute_image_id": "bad_row",
     "jpeg_noise_mask": "nonbinary_mask", "bad_age": "bad_row",
 }
 

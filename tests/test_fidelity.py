@@ -9,8 +9,9 @@ from torch import nn
 
 from skindual import fidelity
 from skindual.errors import UserError
-from skindual.fidelity import (CNNExtractor, InceptionExtractor, build_extractor, cached_features, fidelity_metrics,
-                               find_inception_weights, frechet_distance, kernel_distance, metric_names)
+from skindual.fidelity import (CNNExtractor, InceptionExtractor, build_extractor, cached_features, fetch_inception,
+                               fidelity_metrics, find_inception_weights, frechet_distance, kernel_distance, metric_names)
+from skindual.storage import file_sha256, open_storage
 
 
 def gaussian_with_exact_moments(rng: np.random.Generator, n: int, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -183,13 +184,20 @@ class _FakeInception(nn.Module):
         return self.layers(x)
 
 
+def scripted_inception(path, seed: int = 0) -> str:
+    """A TorchScript stand-in of clean-fid's Inception saved at `path`; its sha256."""
+    torch.manual_seed(seed)
+    torch.jit.script(_FakeInception()).save(str(path))
+    return file_sha256(path)
+
+
 def test_inception_path_runs_clean_fids_model_wrapper_and_resize(tmp_path, monkeypatch):
-    """The real Inception cannot be downloaded here: a torchscript stand-in of the same interface checks the
-    plumbing (clean-fid's InceptionV3W, its 299² "clean" resize, weights found by path or in the cache)."""
-    torch.manual_seed(0)
+    """The real Inception cannot be downloaded here: a torchscript stand-in of the same interface (taken by its
+    own sha256) checks the plumbing (clean-fid's InceptionV3W, its 299² "clean" resize, weights found by path or
+    in the cache)."""
     weights = tmp_path / "my-inception.pt"
-    torch.jit.script(_FakeInception()).save(str(weights))
-    extractor = InceptionExtractor(weights)
+    digest = scripted_inception(weights)
+    extractor = InceptionExtractor(weights, sha256=digest)
     feats = extractor(tiny_images(3, size=32))
     assert extractor.name == "inception" and feats.shape == (3, 2048) and np.isfinite(feats).all()
     # the same images at another size resize to the same 299² input, up to resampling
@@ -198,9 +206,55 @@ def test_inception_path_runs_clean_fids_model_wrapper_and_resize(tmp_path, monke
     cache.mkdir()
     (cache / fidelity.INCEPTION_FILE).write_bytes(weights.read_bytes())
     monkeypatch.setattr(fidelity, "CLEAN_FID_CACHE", cache)
-    cached = build_extractor("inception", size=64)
-    assert cached.fingerprint == extractor.fingerprint
+    cached = build_extractor("inception", size=64, inception_sha256=digest)
+    assert cached.fingerprint == extractor.fingerprint == f"inception-clean:{digest}"
     assert np.allclose(cached(tiny_images(3, size=32)), feats)
+
+
+def test_inception_weights_load_only_when_their_sha256_is_clean_fids(tmp_path, monkeypatch):
+    """The weights are TorchScript, i.e. code: bytes whose sha256 is not clean-fid's file's are refused in one line,
+    before TorchScript reads them, wherever they come from (a path, clean-fid's cache, at plan time or in a worker)."""
+    weights = tmp_path / fidelity.INCEPTION_FILE
+    digest = scripted_inception(weights)
+    refused = rf"its sha256 is {digest}, not {fidelity.INCEPTION_SHA256} \(clean-fid's inception-2015-12-05.pt\), so it is not loaded"
+    with pytest.raises(UserError, match=rf"^--inception-weights {weights}: {refused}; download it again from https://"):
+        InceptionExtractor(weights)
+    with pytest.raises(UserError, match=refused):
+        find_inception_weights(str(weights))  # the plan's check, before any cluster work
+    with pytest.raises(UserError, match=refused):
+        build_extractor("inception", size=64, inception_weights=str(weights))
+    monkeypatch.setattr(fidelity, "CLEAN_FID_CACHE", tmp_path)
+    with pytest.raises(UserError, match=refused):
+        find_inception_weights()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not TorchScript at all")
+    with pytest.raises(UserError, match="its sha256 is"):  # the digest is checked first: TorchScript never saw it
+        InceptionExtractor(junk)
+
+
+def test_inception_weights_from_s3_are_cached_on_a_node_by_their_sha256(tmp_path, s3_env, monkeypatch):
+    """Each node fetches --inception-weights s3://... once into a file named by the expected sha256; a URL whose
+    bytes are other weights is refused, naming it, and leaves nothing in the cache."""
+    from skindual.evaluate_features import ExtractorSpec
+
+    good, other = tmp_path / "good.pt", tmp_path / "other.pt"
+    digest, other_digest = scripted_inception(good, 0), scripted_inception(other, 1)
+    store = open_storage(f"{s3_env}/models")
+    store.upload_file(good, f"a/{fidelity.INCEPTION_FILE}")
+    store.upload_file(other, f"b/{fidelity.INCEPTION_FILE}")
+    cache = tmp_path / "node-cache"
+    with pytest.raises(UserError, match=rf"^--inception-weights {store.join('b/' + fidelity.INCEPTION_FILE)}: its sha256 "
+                                        rf"is {other_digest}, not {digest}"):
+        fetch_inception(store.join(f"b/{fidelity.INCEPTION_FILE}"), sha256=digest, cache=cache)
+    assert list((cache / "inception").iterdir()) == []
+    local = fetch_inception(store.join(f"a/{fidelity.INCEPTION_FILE}"), sha256=digest, cache=cache)
+    assert local == cache / "inception" / f"{digest}.pt" and file_sha256(local) == digest
+    assert fetch_inception(store.join(f"a/{fidelity.INCEPTION_FILE}"), sha256=digest, cache=cache) == local
+    # evaluation's workers take clean-fid's digest: the stand-in is refused there, naming its URL
+    monkeypatch.setenv("SKINDUAL_CACHE", str(cache))
+    with pytest.raises(UserError, match=rf"--inception-weights {store.join('a/' + fidelity.INCEPTION_FILE)}: its sha256"):
+        ExtractorSpec("inception", 64, inception=store.join(f"a/{fidelity.INCEPTION_FILE}")).build("cpu")
+    assert sorted(p.name for p in (cache / "inception").iterdir()) == [f"{digest}.pt"]  # only checked bytes are kept
 
 
 def test_cnn_extractor_fingerprint_follows_the_weights():

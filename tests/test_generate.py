@@ -225,6 +225,14 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     remote = open_storage(f"{s3_env}/adapter")
     for name in [*info.files, model.ADAPTER_JSON]:
         remote.upload_file(tmp_path / "adapter" / name, name)
+    # a crafted json naming a file outside its prefix: refused in one line, nothing but the json fetched
+    crafted = open_storage(f"{s3_env}/crafted")
+    meta = json.loads((tmp_path / "adapter" / model.ADAPTER_JSON).read_text())
+    meta["files"][f"../adapter/{model.LORA_FILE}"] = meta["files"][model.LORA_FILE]
+    crafted.write_bytes(model.ADAPTER_JSON, json.dumps(meta).encode())
+    with pytest.raises(UserError, match=rf"names the file '\.\./adapter/{model.LORA_FILE}', which is not a plain file"):
+        generate.fetch_adapter(crafted.url, None, tmp_path / "fetched")
+    assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == [model.ADAPTER_JSON]
     cfg = GenerateConfig(per_class="df=2,vasc=1", adapter=remote.url, samples_per_shard=2, steps=2, batch_size=2,
                          max_mask_area=1.0)
     spec = generate_model.resolve_model(cfg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +12,12 @@ import torch
 
 from skindual import model
 from skindual.base_models import ARTIFACT, artifact_metadata, artifact_tokenizer, assemble_pipeline, build_components
+from skindual.demo.world import DEMO_ADAPTER
 from skindual.errors import UserError
 from skindual.model import (DualPipeline, load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
                             unpack_latents)
 from skindual.quality import largest_component
+from skindual.storage import file_sha256
 
 torch.set_num_threads(1)
 
@@ -258,6 +262,27 @@ def test_corrupted_or_missing_adapter_file_is_refused(base_dir, tmp_path):
         load_adapter(folder)
     with pytest.raises(UserError, match="skindual_adapter.json is missing"):
         load_adapter(tmp_path)
+
+
+def crafted_adapter(tmp_path, **changes):
+    """A copy of the shipped demo adapter whose json has `changes`."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(DEMO_ADAPTER, folder)
+    meta = json.loads((folder / model.ADAPTER_JSON).read_text()) | changes
+    (folder / model.ADAPTER_JSON).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("outside", ["climbing", "absolute"])
+def test_an_adapter_names_only_files_inside_its_folder(tmp_path, outside):
+    """A crafted json naming a file outside the folder (with that file's true sha256) is refused, not read."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the adapter's")
+    name = str(secret) if outside == "absolute" else "../secret.txt"
+    files = json.loads((DEMO_ADAPTER / model.ADAPTER_JSON).read_text())["files"] | {name: file_sha256(secret)}
+    with pytest.raises(UserError, match=rf"names the file '{re.escape(name)}', which is not a plain file name inside "
+                                        "the adapter folder; re-download"):
+        load_adapter(crafted_adapter(tmp_path, files=files))
 
 
 def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
