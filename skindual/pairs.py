@@ -152,7 +152,8 @@ def stream_pairs(sources: Iterable[tuple[str, Mapping[int, Mapping[str, int]]]],
     """An endless seeded stream of decoded pairs (`decode_sample` at `size`) from the selections of one
     or more datasets (URL, shard → {key: count}), each key as often as its count an epoch: every epoch
     visits the shards of all sources in a new random order and passes the pairs through a shuffle
-    buffer of `buffer_size`.  Nothing beyond the buffer is held, however large the datasets."""
+    buffer of `buffer_size`.  Nothing beyond the buffer and the shard being read (`iter_shard`'s spool, on disk
+    past a few tens of MiB) is held, however large the datasets."""
     units = [(url, int(shard), dict(keys)) for url, selection in sources for shard, keys in selection.items() if keys]
     if not units:
         raise ValueError("stream_pairs needs at least one selected pair")
