@@ -4,7 +4,8 @@
     python jobs/export.py --format imagefolder --with-real s3://bucket/real --synthetic s3://bucket/synthetic \
         --output s3://bucket/imagefolder
 
-Plain I/O, no cluster needed: shards are streamed through skindual.shards.read_shards (local or s3://).
+Plain I/O, no cluster needed: shards are read through skindual.shards.read_shards (local or s3://), each
+verified against its _stats.json first.
 """
 
 from __future__ import annotations

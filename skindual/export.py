@@ -36,10 +36,11 @@ from PIL import Image
 
 from skindual import data
 from skindual.cli import check_fields, option
-from skindual.errors import UserError
+from skindual.errors import DataError, UserError
 from skindual.prompts import CLASS_CODES
 from skindual.shard_format import MANIFEST_FILE
-from skindual.shard_store import committed_shards, damaged_shards, readable_shards
+from skindual.shard_reader import check_shard
+from skindual.shard_store import committed_shards, readable_shards
 from skindual.shards import read_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
@@ -148,17 +149,17 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Check the output (an earlier export of other settings or inputs is refused unless --overwrite)."""
     inputs = {}
     for flag, url in (("synthetic", cfg.synthetic), ("with_real", cfg.with_real)):
-        if url:  # checked before anything is written: every shard whole (its sha256) and all committed
+        if url:  # checked before anything is written: every shard committed, whole (its sha256) and well formed
             source = open_storage(url, cfg.s3_endpoint or None)
             if not committed_shards(source):
                 raise UserError(f"--{flag.replace('_', '-')} {url}: no committed shards (with a _stats.json) there; "
                                 "give a dataset written by jobs/prepare.py or jobs/generate.py")
-            readable_shards(source, f"--{flag.replace('_', '-')}", cfg.partial)
-            damaged = damaged_shards(source, verify=True)
-            if damaged:
-                shard, why = next(iter(damaged.items()))
-                raise UserError(f"--{flag.replace('_', '-')} {url}: shard {shard:05d} does not match its _stats.json "
-                                f"({why}); run the job that wrote it again")
+            shards = readable_shards(source, f"--{flag.replace('_', '-')}", cfg.partial)
+            with ThreadPoolExecutor(8) as pool:  # every shard verified as the reader will: sha256 and members
+                try:
+                    list(pool.map(lambda shard: check_shard(source, shard), shards))
+                except DataError as err:
+                    raise DataError(f"--{flag.replace('_', '-')} {err}") from None
             try:
                 inputs[flag] = json.loads(open_storage(url, cfg.s3_endpoint or None).read_bytes(MANIFEST_FILE)).get(
                     "fingerprint", "")

@@ -4,7 +4,7 @@ both and a hybrid set is two URLs.
 
 - `read_index`: every sample's parquet row of the committed shards (metadata only, no pixels; small
   enough for a driver: it plans from it).
-- `iter_shard`: the samples of one shard, streamed from storage (tar members, no temp file).
+- `iter_shard`: the samples of one shard, once the whole shard is verified (`skindual.shard_reader`).
 - `decode_sample`: one sample's image (uint8 RGB), mask (0/1), class index, prompt and metadata.
 - `pair_dataset`: a Ray Data dataset of decoded pairs at one size for a selection of keys (each
   key with a repeat count), one read task per shard: the workers read storage, the driver only
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from skindual.data import resize_ignore, resize_pair
-from skindual.errors import DataError, UserError
+from skindual.errors import UserError
 from skindual.images import decode_members
 from skindual.shard_format import MANIFEST_FILE, shard_names
+from skindual.shard_reader import verified_samples
 from skindual.shard_store import committed_shards, read_stats, readable_shards
 from skindual.storage import Storage, is_remote, open_storage
 
@@ -61,63 +61,13 @@ def read_index(url: str, s3_endpoint: str | None = None, what: str = "", partial
     return pa.concat_tables(tables, promote_options="default")
 
 
-class _ChunkStream(io.RawIOBase):
-    """A read-only file object over an iterator of byte chunks (for tarfile's streaming mode)."""
-
-    def __init__(self, chunks: Iterable[bytes]):
-        self._chunks, self._buffer = iter(chunks), b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target) -> int:
-        while not self._buffer:
-            try:
-                self._buffer = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(target), len(self._buffer))
-        target[:n], self._buffer = self._buffer[:n], self._buffer[n:]
-        return n
-
-
 def iter_shard(storage: Storage, shard: int, keys: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The samples of a committed shard, streamed: dicts of ``__key__`` and extension → bytes
-    (``jpg`` or ``png``, ``seg.png``, ``cls``, ``txt``, ``json``), in key order; only `keys` if given.
-    The tar's bytes are hashed as they stream: when they do not match the sha256 its ``_stats.json``
-    records, a `DataError` naming the shard ends the stream (a truncated tar: as soon as it ends early)."""
-    stats = read_stats(storage, shard)
-    digest = hashlib.sha256()
-
-    def hashed() -> Iterator[bytes]:
-        for chunk in storage.iter_bytes(shard_names(shard)[0]):
-            digest.update(chunk)
-            yield chunk
-
-    chunks = hashed()
-    wanted = set(keys) if keys is not None else None
-    stream = io.BufferedReader(_ChunkStream(chunks), 1 << 20)
-    sample: dict[str, Any] = {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                key, _, extension = member.name.partition(".")
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if wanted is not None and key not in wanted:
-                    continue
-                sample.setdefault("__key__", key)
-                sample[extension] = tar.extractfile(member).read()
-        for _ in chunks:  # the tar's end padding, past the last member: hashed too
-            pass
-    except (tarfile.TarError, EOFError) as exc:
-        raise DataError(f"shard {shard:05d} of {storage.url} is damaged ({exc}); run the job that wrote it again") from None
-    if stats is not None and digest.hexdigest() != stats.tar_sha256:
-        raise DataError(f"shard {shard:05d} of {storage.url} does not match the sha256 its _stats.json records; "
-                        "run the job that wrote it again")
-    if sample:
-        yield sample
+    """The samples of a committed shard: dicts of ``__key__`` and extension → bytes (``jpg`` or ``png``,
+    ``seg.png``, ``cls``, ``txt``, ``json``, maybe ``ignore.png``), in key order; only `keys` if given.
+    The one verified reader (`shard_reader.verified_samples`): nothing comes out before the whole tar matched
+    the size and sha256 its ``_stats.json`` records and every member passed its checks; else a `DataError`
+    naming the shard (and member)."""
+    return verified_samples(storage, shard, keys)
 
 
 def decode_sample(sample: Mapping[str, Any], size: int | None = None) -> dict[str, Any]:
@@ -197,7 +147,8 @@ def stream_pairs(sources: Iterable[tuple[str, Mapping[int, Mapping[str, int]]]],
     """An endless seeded stream of decoded pairs (`decode_sample` at `size`) from the selections of one
     or more datasets (URL, shard → {key: count}), each key as often as its count an epoch: every epoch
     visits the shards of all sources in a new random order and passes the pairs through a shuffle
-    buffer of `buffer_size`.  Nothing beyond the buffer is held, however large the datasets."""
+    buffer of `buffer_size`.  Nothing beyond the buffer and the shard being read (`iter_shard`'s spool, on disk
+    past a few tens of MiB) is held, however large the datasets."""
     units = [(url, int(shard), dict(keys)) for url, selection in sources for shard, keys in selection.items() if keys]
     if not units:
         raise ValueError("stream_pairs needs at least one selected pair")

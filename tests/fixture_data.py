@@ -3,6 +3,11 @@ architecture at narrow width, and helpers that read them."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,91 @@ def write_test_shards(root, pairs, per_shard: int = 16, size: int = EVAL_SYNTHET
                                   image=image, mask=mask, ignore=ignore,
                                   disagreement=None if ignore is None else float(ignore.mean())))
         write_shard(storage, shard, samples, run_info)
+
+
+TarEntry = tuple[tarfile.TarInfo, bytes] | bytes
+"""A tar member as `tar_bytes` writes it: a header and its data, or raw header blocks written as they are."""
+
+
+def tar_bytes(entries: list[TarEntry], tar_format: int = tarfile.USTAR_FORMAT) -> bytes:
+    """A tar of `entries` in order (each member's size set to its data's), ended by two zero blocks."""
+    out = bytearray()
+    for entry in entries:
+        if isinstance(entry, bytes):
+            out += entry
+            continue
+        info, data = entry
+        info.size = len(data)
+        out += info.tobuf(tar_format) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    return bytes(out + b"\0" * (2 * tarfile.BLOCKSIZE))
+
+
+def gnu_sparse_header(name: str, declared: int) -> bytes:
+    """One GNU-format header of an old-style sparse member (type ``S``) with no data in the archive that
+    declares `declared` bytes (its ``realsize`` field): a reader that extracts it gets that many zero bytes."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 0
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[483:495] = tarfile.itn(declared, 12, tarfile.GNU_FORMAT)
+    block[148:156] = b" " * 8
+    block[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(block))[0]
+    return bytes(block)
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for field, value in fields.items():
+        setattr(info, field, value)
+    return info
+
+
+HUGE = 1 << 30  # what a sparse member declares: far above any member bound, and more than a test may allocate
+BAD_MEMBERS: dict[str, tuple[str | None, Callable[[], TarEntry], str, int]] = {
+    # case: (the member it replaces, or None: added last; the entry; the member's name; the tar's format)
+    "sparse-gnu": ("000000002.jpg", lambda: gnu_sparse_header("000000002.jpg", HUGE), "000000002.jpg",
+                   tarfile.GNU_FORMAT),
+    "sparse-pax": ("000000002.jpg", lambda: (_member("000000002.jpg", pax_headers={
+        "GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "000000002.jpg",
+        "GNU.sparse.realsize": str(HUGE), "GNU.sparse.map": "0,0"}), b""), "000000002.jpg", tarfile.PAX_FORMAT),
+    "symlink": ("000000002.jpg", lambda: (_member("000000002.jpg", tarfile.SYMTYPE, linkname="/etc/passwd"), b""),
+                "000000002.jpg", tarfile.USTAR_FORMAT),
+    "hard-link": ("000000002.jpg", lambda: (_member("000000002.jpg", tarfile.LNKTYPE, linkname="000000001.jpg"),
+                                            b""), "000000002.jpg", tarfile.USTAR_FORMAT),
+    "device": ("000000002.jpg", lambda: (_member("000000002.jpg", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
+               "000000002.jpg", tarfile.USTAR_FORMAT),
+    "traversal": (None, lambda: (_member("../x"), b"x"), "../x", tarfile.USTAR_FORMAT),
+    "bad-name": ("000000002.jpg", lambda: (_member("000000002.exe"), b"MZ"), "000000002.exe", tarfile.USTAR_FORMAT),
+    "other-shard": ("000000002.jpg", lambda: (_member("000010002.jpg"), b"\xff\xd8"), "000010002.jpg",
+                    tarfile.USTAR_FORMAT),
+    "oversized": ("000000002.cls", lambda: (_member("000000002.cls"), b"1" * 100), "000000002.cls",
+                  tarfile.USTAR_FORMAT),
+}
+"""Members a shard's tar must never hold, each behind a _stats.json that matches the tar (`tamper_shard`)."""
+
+
+def tamper_shard(root, shard: int, case: str) -> None:
+    """Put the `BAD_MEMBERS` entry `case` into a committed shard's tar and record the new tar's size and sha256
+    in its ``_stats.json``, as the writer would: a reader must refuse it for what it holds, not for a checksum."""
+    from skindual.fingerprint import canonical_json
+    from skindual.shard_format import shard_names
+    from skindual.storage import open_storage
+
+    storage = open_storage(root)
+    tar_name, _, stats_name = shard_names(shard)
+    replaced, entry, _, tar_format = BAD_MEMBERS[case]
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(tar_name))) as tar:
+        members: list[TarEntry] = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    names = [m[0].name for m in members if not isinstance(m, bytes)]
+    if replaced is None:
+        members.append(entry())
+    else:
+        members[names.index(replaced)] = entry()
+    raw = tar_bytes(members, tar_format)
+    stats = json.loads(storage.read_bytes(stats_name)) | {"tar_sha256": hashlib.sha256(raw).hexdigest(),
+                                                          "tar_bytes": len(raw)}
+    storage.write_bytes(tar_name, raw)
+    storage.write_bytes(stats_name, canonical_json(stats))
 
 
 def prepare_folder(folder: Path, output: Path, per_shard: int = 100) -> Path:

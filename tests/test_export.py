@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixture_data import write_test_shards
+from fixture_data import tamper_shard, write_test_shards
 from PIL import Image
 
 from skindual.errors import UserError
@@ -149,3 +149,23 @@ def test_config_and_job_errors(tmp_path):
     assert run.returncode == 2, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no committed shards" in errors[0] and "Traceback" not in run.stderr
+
+
+def test_export_refuses_a_shard_with_a_traversal_or_symlink_member_in_one_line(tmp_path):
+    """A shard whose tar holds ``../x`` (or a symlink where a pair's image should be) behind a matching
+    _stats.json: the export job ends in one line naming the shard and member, before it writes anything."""
+    for case in ("traversal", "symlink"):
+        source = tmp_path / case / "synthetic"
+        write_test_shards(source, [("df", 1), ("vasc", 2), ("nv", 3), ("mel", 4)], per_shard=4)
+        tamper_shard(source, 0, case)
+    source, output = tmp_path / "traversal" / "synthetic", tmp_path / "traversal" / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--synthetic", str(source),
+                          "--output", str(output)], capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(errors) == 1 and f"--synthetic shard 00000 of {source}: member '../x' is not named" in errors[0]
+    assert not output.exists() or not any(output.iterdir())
+    source = tmp_path / "symlink" / "synthetic"  # the same check in the plan, in this process
+    with pytest.raises(UserError, match=rf"^--synthetic shard 00000 of {source}: member '000000002.jpg' is a "
+                                        "symbolic link, not a regular file; run the job that wrote it again"):
+        plan_export(ExportConfig(synthetic=str(source), output=str(tmp_path / "symlink" / "out")))

@@ -17,14 +17,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from fixture_data import BAD_MEMBERS, tamper_shard
 from PIL import Image
 
 from skindual import shards
-from skindual.errors import UserError
+from skindual.errors import DataError, UserError
 from skindual.fingerprint import config_fingerprint
 from skindual.prompts import CLASSES, sample_key
 from skindual.run_files import check_output, write_run_files
-from skindual.shard_format import Sample
+from skindual.shard_format import Sample, shard_names
 from skindual.shard_store import committed_shards, is_committed, write_shard
 from skindual.shards import read_shards
 from skindual.storage import LocalStorage, Storage, open_storage
@@ -238,7 +239,7 @@ def _read_all(url: str, **kw: Any) -> list[dict[str, Any]]:
     return list(read_shards(url, **kw))
 
 
-def test_read_shards_local_and_s3(tmp_path: Path, s3_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_shards_local_and_s3(tmp_path: Path, s3_env: str, capfd: pytest.CaptureFixture[str]) -> None:
     local, remote = LocalStorage(tmp_path), open_storage(s3_env)
     info = {**RUN_INFO, "image_format": "png"}
     written = {0: make_samples(0, 4, rejected={2: "empty"}), 1: make_samples(1, 3)}
@@ -261,8 +262,18 @@ def test_read_shards_local_and_s3(tmp_path: Path, s3_env: str, capsys: pytest.Ca
     assert len(urls) == 2 and all(u.startswith("pipe:") and "AWS_SECRET" not in u for u in urls)
     first = next(iter(read_shards([remote.join("00001.tar")])))  # a single tar URL; stop early
     assert first["key"] == "000010000"
-    assert shards.main(["cat", remote.join("missing.tar")]) == 1
-    assert "missing.tar does not exist" in capsys.readouterr().err
+    assert [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] == [s.key for s in expected]
+    assert shards.main(["cat", remote.join("00009.tar")]) == 1
+    assert "shard 00009 of s3://" in capfd.readouterr().err
+    # a byte flipped over S3 (same size, _stats.json unchanged): refused before a pair of that shard comes out
+    altered = bytearray(local.read_bytes("00001.tar"))
+    altered[len(altered) // 2] ^= 0xFF
+    remote.write_bytes("00001.tar", bytes(altered))
+    with pytest.raises(DataError, match=r"shard 00001 of s3://.*does not match the sha256"):
+        next(iter(read_shards([remote.join("00001.tar")])))
+    with pytest.raises((OSError, tarfile.ReadError)):
+        next(iter(wds.WebDataset(shards.shard_urls([remote.join("00001.tar")]), shardshuffle=False)))
+    assert "shard 00001 of s3://" in capfd.readouterr().err
 
 
 def test_read_shards_tensors_and_errors(tmp_path: Path) -> None:
@@ -276,6 +287,11 @@ def test_read_shards_tensors_and_errors(tmp_path: Path) -> None:
     assert np.allclose(got[1]["image"].permute(1, 2, 0).numpy() * 255, samples[1].image)
     with pytest.raises(UserError, match="no committed shards"):
         read_shards(str(tmp_path / "empty"))
+    store.upload_file(store.join("00000.tar"), "00003.tar")  # a tar URL given: read only beside its _stats.json
+    with pytest.raises(UserError, match=r"00003.tar: no 00003_stats.json beside it, so it is not committed"):
+        read_shards([store.join("00003.tar")])
+    with pytest.raises(UserError, match=r"pairs.tar: not a shard's tar"):
+        shards.shard_urls([str(tmp_path / "pairs.tar")])
 
 
 def test_import_loads_neither_torch_nor_webdataset() -> None:
@@ -360,7 +376,6 @@ def test_the_readmes_stock_webdataset_recipe_gives_masks_and_ignore_maps(tmp_pat
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## Using the shards", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     recipe = block[block.index("import numpy as np, torch, webdataset"):block.index("loader = ")]
-    recipe = recipe.replace("{00000..00009}", "00000")
     monkeypatch.chdir(tmp_path)
     scope: dict[str, Any] = {}
     exec(recipe, scope)
@@ -374,3 +389,72 @@ def test_the_readmes_stock_webdataset_recipe_gives_masks_and_ignore_maps(tmp_pat
     for sample, s in zip(read_shards(str(store.root), to_tensors=True), samples):
         assert sample["ignore"].shape == (1, SIZE, SIZE)
         assert int(sample["ignore"].sum()) == (0 if s.ignore is None else 3 * SIZE)
+
+
+def _flip_a_cls_member(store: LocalStorage, shard: int) -> str:
+    """Change the class digit of the shard's last pair in place (same size, _stats.json unchanged); its key."""
+    path = Path(store.join(shard_names(shard)[0]))
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".cls")][-1]
+    raw[member.offset_data] = ord("6") if raw[member.offset_data] != ord("6") else ord("5")
+    path.write_bytes(bytes(raw))
+    return member.name.split(".")[0]
+
+
+def test_a_flipped_byte_is_refused_before_any_pair_of_its_shard_comes_out(tmp_path: Path,
+                                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """One byte of a .cls member changed behind an unchanged _stats.json (the sizes agree): every reader
+    refuses the shard, naming it, before it hands out one pair of it (read_shards, its .tar URLs, iter_shard,
+    stream_pairs, and stock webdataset on shard_urls)."""
+    from skindual.pairs import iter_shard, read_index, selection_of, stream_pairs
+
+    store = LocalStorage(tmp_path / "out")
+    for shard in (0, 1):
+        write_shard(store, shard, make_samples(shard), RUN_INFO)
+    selection = selection_of(read_index(store.url))
+    _flip_a_cls_member(store, 1)
+    refused = r"shard 00001 of .*: its 00001.tar does not match the sha256 its _stats.json records; run the job"
+    got: list[str] = []
+    with pytest.raises(DataError, match=refused):
+        for sample in read_shards(store.url):
+            got.append(sample["key"])
+    assert got == [s.key for s in make_samples(0)]  # shard 0's pairs, none of shard 1's
+    for reader in (lambda: iter(read_shards([store.join("00001.tar")])), lambda: iter_shard(store, 1),
+                   lambda: stream_pairs([(store.url, {1: selection[1]})], 16, buffer_size=1)):
+        with pytest.raises(DataError, match=refused):
+            next(reader())
+    stock = iter(wds.WebDataset(shards.shard_urls([store.join("00001.tar")]), shardshuffle=False))
+    with pytest.raises((OSError, tarfile.ReadError)):  # `cat` wrote nothing and exited 1: its status, or the
+        next(stock)                                    # empty stream, whichever webdataset sees first
+    assert f"skindual.shards cat: shard 00001 of {store.url}: its 00001.tar does not match" in capfd.readouterr().err
+    assert len(list(wds.WebDataset(shards.shard_urls([store.join("00000.tar")]), shardshuffle=False))) == 6
+
+
+@pytest.mark.parametrize("case", list(BAD_MEMBERS))
+def test_a_member_that_is_not_a_regular_file_of_the_shard_is_one_line(tmp_path: Path, case: str) -> None:
+    """A sparse member declaring 1 GiB, a symlink, a hard link, a device, ``../x``, a name outside the key
+    pattern or of another shard, a member beyond its size bound, behind a _stats.json that matches the tar:
+    iter_shard and read_shards refuse the shard in one line naming it and the member, before any pair, and
+    without allocating what a header declares."""
+    import tracemalloc
+
+    from skindual.pairs import iter_shard
+
+    store = LocalStorage(tmp_path / "out")
+    write_shard(store, 0, make_samples(0), RUN_INFO)
+    tamper_shard(store.url, 0, case)
+    member = BAD_MEMBERS[case][2]
+    for reader in (lambda: iter_shard(store, 0), lambda: iter(read_shards(store.url))):
+        tracemalloc.start()
+        try:
+            with pytest.raises(DataError) as err:
+                next(reader())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"shard 00000 of {store.url}: ") and repr(member) in message
+        assert "run the job that wrote it again" in message
+        assert peak < 16 << 20, f"{case}: {peak:,} bytes allocated"
+    assert store.list() == ["00000.parquet", "00000.tar", "00000_stats.json"]  # nothing extracted anywhere
