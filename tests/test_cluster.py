@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from fixture_servers import RayTestCluster, ray_list
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -333,3 +335,88 @@ def test_the_readme_recipe_fits_cluster_yaml_before_any_gpu_node_runs():
     readme = FinetuneConfig(use_gpu=True, batch_size=4, num_workers=8, accelerator_type="A10G")
     check_memory(readme, [320, 640, 1280, 1280], 512, "A10G")
     assert step_memory_gb(FinetuneConfig(use_gpu=True), [320, 640, 1280, 1280], 512) < 24  # the defaults too
+
+
+# --------------------------------------------------------------------------- the quick start's embedded cluster
+
+
+def test_a_quiet_job_forwards_skindual_lines_and_worker_errors_of_a_batch():
+    """One batch of a worker's output each (as Ray forwards them): skindual's lines and errors with their
+    indented lines are shown; chatter, Ray's known noise and a user error's traceback are not."""
+    from skindual.cli import OUR_LINE
+    from skindual.cluster import forwarded_lines
+
+    ours = re.compile(OUR_LINE)
+    batch = ["2026-01-02 03:04:05,006 INFO skindual.generate: shard 00000 written", "Loading weights 100%",
+             "WARNING a_library: deprecated", "[2026-01-02 03:04:05,006 E 12 34] core_worker.cc:2465: Actor with class "
+             "name: 'X' has constructor arguments in the object store and max_restarts > 0.",
+             "ERROR a_library: the collective failed", "Traceback (most recent call last):",
+             '  File "x.py", line 3, in f', "    g()", "torch.distributed.DistBackendError: NCCL error in: x.cpp:1",
+             "", "after the traceback", "misc/socket.cc:50 NCCL WARN socketProgress: Connection closed by remote peer",
+             "[rank0]:[E102 03:04:05.006 ProcessGroupNCCL.cpp:616] Watchdog caught collective operation timeout"]
+    assert forwarded_lines(batch, ours) == [batch[0], *batch[4:9], *batch[11:]]
+    crash = ["*** SIGSEGV received at time=1 on cpu 0 ***", "Fatal Python error: Segmentation fault", "",
+             "Stack (most recent call first):", '  File "x.py", line 3 in crash', "", "Extension modules: numpy"]
+    assert forwarded_lines(crash, ours) == crash[:5]
+    refused = ["Exception raised in creation task: The actor died because of an error raised in its creation task",
+               '  File "skindual/generate.py", line 3, in __init__', "skindual.errors.UserError: --adapter x: missing",
+               "2026-01-02 03:04:05,006 INFO skindual.generate: actor ready"]
+    assert forwarded_lines(refused, ours) == refused[3:]
+
+
+def test_init_ray_keeps_a_local_ray_on_127_0_0_1_also_when_ray_was_imported_first():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; a caller that imported it before
+    `init_ray` (without the variable) still gets a local cluster on 127.0.0.1, and a remote one is Ray's."""
+    probe = ("import ray, sys; from ray._private.services import get_node_ip_address as ip; "
+             "from skindual.cluster import _loopback_ray; before = ip(); _loopback_ray(sys.argv[1]); print(before, ip())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    for address, after in (("", "127.0.0.1"), ("127.0.0.1:6379", "127.0.0.1"), ("10.0.0.5:6379", None)):
+        run = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                             timeout=120)
+        before, now = run.stdout.split()
+        assert before != "127.0.0.1" and now == (after or before), (address, run.stdout, run.stderr[-2000:])
+
+
+
+
+@pytest.fixture(scope="module")
+def quick_start_driver(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """tests/local_ray_driver.py run as the quick start runs a job: its own embedded Ray cluster, in an
+    environment without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (nor any other RAY_ variable), a fresh HOME (where
+    Ray finds or writes its token); its workers fail at the end."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home),
+                                                                                "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "local_ray_driver.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    return home, run
+
+
+@pytest.mark.slow
+def test_the_quick_starts_ray_listens_on_127_0_0_1_only_and_its_token_is_private(quick_start_driver):
+    home, run = quick_start_driver
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("listeners: ")]
+    assert json.loads(line.removeprefix("listeners: ")) == ["127.0.0.1"], run.stdout[-3000:] + run.stderr[-3000:]
+    token = home / ".ray" / "auth_token"
+    assert len(token.read_text().strip()) == 64 and token.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_a_quiet_job_shows_its_workers_errors_but_not_their_chatter(quick_start_driver):
+    """Without --verbose a job shows skindual's lines of its workers and their errors (a library's error with
+    its traceback, an NCCL error, a crash's report and stack), not the rest, and not the traceback of a
+    user error raised in a worker (the job says that in one line)."""
+    from local_ray_driver import CHATTER
+
+    _, run = quick_start_driver
+    output = run.stdout + run.stderr
+    assert run.returncode == 1 and "ActorDiedError" in run.stderr, output[-3000:]  # the job failed on the crash
+    worker = {re.sub(r"^.*?pid=\d+\)(?:\x1b\[0m)?", "", line).strip() for line in output.splitlines() if "pid=" in line}
+    assert any(line.endswith("INFO skindual.driver: a worker's own progress line") for line in worker)
+    assert "NCCL WARN socketProgress: Connection closed by remote peer" in worker
+    assert {"ERROR a_library: the worker's collective failed", "Traceback (most recent call last):",
+            "RuntimeError: collective timed out in the worker"} <= worker
+    assert any(line.startswith('File "') and line.endswith("in failing_task") for line in worker)
+    assert "Fatal Python error: Segmentation fault" in worker and any(line.endswith(" in crash") for line in worker)
+    assert CHATTER not in output and "refused inside an actor" not in output
+    assert "Autoscaler status" not in output
