@@ -27,6 +27,7 @@ from skindual.storage import open_storage
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "cluster.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
+CLUSTER_TOKEN = "~/.skindual/ray-cluster-token"
 
 
 def test_cluster_yaml_validates_with_rays_schema():
@@ -45,8 +46,71 @@ def test_cluster_starts_ray_with_token_auth_from_the_project_venv():
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c and "skindual-venv/bin:$PATH" in c for c in start)
-    assert "~/.ray/auth_token" in config["file_mounts"]
+        assert config[key][0] == "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token"  # before Ray reads it
+    # the cluster's own token file (made 0600 by the README's command), not the launching machine's local one
+    assert config["file_mounts"]["~/.ray/auth_token"] == CLUSTER_TOKEN
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_cluster_yaml_is_closed_by_default():
+    """As Ray's AWS bootstrap reads cluster.yaml: every node type has the one security group and an instance
+    profile, so Ray creates neither (its group opens SSH to 0.0.0.0/0, its profile would be the head's for
+    all), without a call to AWS; workers without public IPs, the worker role limited to the bucket prefix and
+    the head's to this cluster's instances and the worker role; IMDSv2; every volume encrypted."""
+    import copy
+
+    from ray.autoscaler._private.aws.config import (_configure_from_network_interfaces, _configure_iam_role,
+                                                     _configure_security_group)
+
+    config = prepare_config(yaml.safe_load(CONFIG.read_text()))
+    validate_config(config)
+    config = _configure_from_network_interfaces(config)
+    assert _configure_security_group(copy.deepcopy(config)) == config  # the groups are ours: none made
+    assert _configure_iam_role(copy.deepcopy(config)) == config  # the head's profile is ours: none made
+    types = {name: t["node_config"] for name, t in config["available_node_types"].items()}
+    assert len({group for t in types.values() for group in t["SecurityGroupIds"]}) == 1
+    assert config["provider"]["use_internal_ips"] and config["provider"]["use_external_head_ip"]
+    public = {name: [i["AssociatePublicIpAddress"] for i in t["NetworkInterfaces"]] for name, t in types.items()}
+    assert public == {name: [name == "head"] for name in types}
+    profiles = {name: t["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for name, t in types.items()}
+    assert profiles == {name: "skindual-ray-head" if name == "head" else "skindual-ray-worker" for name in types}
+    for name, t in types.items():
+        assert t["MetadataOptions"]["HttpTokens"] == "required" and t["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        volumes = t["BlockDeviceMappings"]
+        assert volumes and all(v["Ebs"]["Encrypted"] is True for v in volumes), name
+
+    data = json.loads((ROOT / "deploy" / "s3-data-policy.json").read_text())["Statement"]
+    assert {(a, s["Resource"]) for s in data for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} == {
+        *((a, "arn:aws:s3:::BUCKET/PREFIX/*") for a in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                                                        "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts")),
+        ("s3:ListBucket", "arn:aws:s3:::BUCKET")}
+    head = json.loads((ROOT / "deploy" / "head-autoscaler-policy.json").read_text())["Statement"]
+    actions = {a for s in head for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert not {a for a in actions if a.startswith("s3:") or a.endswith("*")}  # S3 through the data policy only
+    (passing,) = [s for s in head if s["Action"] == "iam:PassRole"]
+    assert passing["Resource"] == "arn:aws:iam::ACCOUNT:role/skindual-ray-worker"
+    (ending,) = [s for s in head if "ec2:TerminateInstances" in s["Action"]]
+    assert ending["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": config["cluster_name"]}}
+    trust = json.loads((ROOT / "deploy" / "ec2-trust-policy.json").read_text())["Statement"]
+    assert trust == [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+
+
+def test_the_readme_sets_the_cluster_up_closed_and_submits_through_the_dashboard():
+    """The README's one-time commands use every policy in deploy/, open SSH to the user's CIDR only, make the
+    token 0600; jobs go through `ray dashboard` with the cluster's token; its lifecycle rule is deploy's."""
+    readme = (ROOT / "README.md").read_text()
+    for path in (ROOT / "deploy").glob("*.json"):
+        assert f"file://deploy/{path.name}" in readme, path.name
+    assert "--port 22 --cidr YOUR_CIDR" in readme and "UserIdGroupPairs=[{GroupId=$SG}]" in readme
+    assert f"(umask 077 && mkdir -p ~/.skindual && " in readme and f"> {CLUSTER_TOKEN})" in readme
+    assert "ray dashboard cluster.yaml" in readme
+    assert f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={CLUSTER_TOKEN}" in readme
+    lifecycle = json.loads((ROOT / "deploy" / "s3-lifecycle.json").read_text())
+    assert json.dumps(lifecycle) in readme
+    (rule,) = lifecycle["Rules"]
+    assert rule["Status"] == "Enabled" and rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    for text in (readme, CONFIG.read_text(), *(p.read_text() for p in (ROOT / "deploy").glob("*.json"))):
+        assert "--cidr 0.0.0.0" not in text and "CidrIp" not in text  # no rule open to the internet
 
 
 # --------------------------------------------------------------------------- jobs on a real two-node cluster
@@ -368,13 +432,15 @@ def test_init_ray_keeps_a_local_ray_on_127_0_0_1_also_when_ray_was_imported_firs
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; a caller that imported it before
     `init_ray` (without the variable) still gets a local cluster on 127.0.0.1, and a remote one is Ray's."""
     probe = ("import ray, sys; from ray._private.services import get_node_ip_address as ip; "
-             "from skindual.cluster import _loopback_ray; before = ip(); _loopback_ray(sys.argv[1]); print(before, ip())")
+             "from skindual.cluster import _loopback_ray\nprint(ip())\n"
+             "for address in sys.argv[1:]: _loopback_ray(address); print(ip())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    for address, after in (("", "127.0.0.1"), ("127.0.0.1:6379", "127.0.0.1"), ("10.0.0.5:6379", None)):
-        run = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+    for addresses in (["10.0.0.5:6379", "127.0.0.1:6379"], [""]):  # a remote one first: it changes nothing
+        run = subprocess.run([sys.executable, "-c", probe, *addresses], env=env, capture_output=True, text=True,
                              timeout=120)
-        before, now = run.stdout.split()
-        assert before != "127.0.0.1" and now == (after or before), (address, run.stdout, run.stderr[-2000:])
+        before, *after = run.stdout.split()
+        assert before != "127.0.0.1", run.stdout + run.stderr[-2000:]
+        assert after == [before] * (len(addresses) - 1) + ["127.0.0.1"], (addresses, run.stdout, run.stderr[-2000:])
 
 
 
