@@ -50,13 +50,13 @@ def init_ray(min_cpus: int = 1) -> None:
     Unless --verbose, Ray's own start-up, plan and progress output stays in its log files, and of the
     workers' output the job shows skindual's lines and their errors (`forwarded_lines`).
     """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
     address = os.environ.get("RAY_ADDRESS", "")
     _loopback_ray(address)
     import ray
     import ray.data
 
-    if ray.is_initialized():
-        return
     loud = verbose()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = loud  # the jobs report their own progress in lines (`cli.Progress`)
