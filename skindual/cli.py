@@ -118,6 +118,20 @@ def quiet_libraries() -> None:
     disable_progress_bars()
 
 
+REQUEST_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+"""Loggers that write each request's headers at DEBUG, signatures and session tokens among them."""
+
+
+def quiet_request_loggers() -> None:
+    """Keep the AWS SDK's and urllib3's loggers at WARNING or above, whatever the root logger's level
+    (``SKINDUAL_LOG_LEVEL=DEBUG``): at DEBUG they log the signed headers of every S3 request (the access
+    key id, the signature, ``X-Amz-Security-Token``), which must never reach a job's output or logs."""
+    for name in REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OUR_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ skindual"
 """How a line logged by skindual's code starts, in a job and in its Ray workers (`worker_setup`): the job shows
@@ -126,8 +140,10 @@ those of its workers' forwarded output and keeps the rest (Ray's own) in the log
 
 def worker_setup() -> None:
     """In a Ray task, actor or training worker: the model libraries quiet (`quiet_libraries`), and skindual's
-    log lines in the jobs' own format, which the job forwards (`cluster.init_ray`)."""
+    log lines in the jobs' own format, which the job forwards (`cluster.init_ray`); the S3 requests' loggers
+    quiet (`quiet_request_loggers`)."""
     quiet_libraries()
+    quiet_request_loggers()
     logger = logging.getLogger("skindual")
     if not any(getattr(h, "skindual", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -210,6 +226,7 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
     """Parse the config, run `main(config)`; a `UserError` (also one raised on a Ray worker) becomes one line on
     stderr and exit status 2, Ctrl-C one line and exit status 130."""
     logging.basicConfig(level=os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    quiet_request_loggers()
     _SIGINT.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if main_thread else None

@@ -3,7 +3,7 @@
 A job asks three things of its cluster before it starts work, all here:
 
 - `init_ray`: connect to ``RAY_ADDRESS`` / the cluster of ``ray job submit``, or start an embedded
-  one bound to 127.0.0.1.
+  one bound to 127.0.0.1; of the workers' output, show skindual's lines and the workers' errors.
 - `cluster_shape`: the node shapes the cluster has now AND those its autoscaler can launch.  A
   cluster that autoscales from zero GPU nodes (cluster.yaml) has no GPU until a job asks for one, so
   "auto" GPU requests (`resolve_gpus`) and accelerator types (`check_accelerator`) resolve from the
@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +37,26 @@ WORKING_DIR_MARK = "runtime_resources/working_dir_files"
 """Part of the path of Ray's unpacked copy of ``--working-dir``: a job whose current directory is
 under it was submitted with ``ray job submit --working-dir``."""
 ACCELERATOR_PREFIX = "accelerator_type:"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch between a local-only node (0: bound to 127.0.0.1) and one of a cluster (`_loopback_ray`)."""
 
 
 def init_ray(min_cpus: int = 1) -> None:
     """Connect to the cluster of RAY_ADDRESS / `ray job submit`, or start an embedded local one.
 
-    The embedded cluster binds 127.0.0.1 only (Ray 2.60 needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
-    for that) and advertises at least `min_cpus` logical CPUs, so that training or generation actors
-    and the Ray Data tasks that feed them can all be scheduled on a small machine.  Unless --verbose,
-    Ray's own start-up, plan and progress output stays in its log files.
+    The embedded cluster binds 127.0.0.1 only (`_loopback_ray`), its token file is the user's alone
+    (`_private_token_file`), and it advertises at least `min_cpus` logical CPUs, so that training or
+    generation actors and the Ray Data tasks that feed them can all be scheduled on a small machine.
+    Unless --verbose, Ray's own start-up, plan and progress output stays in its log files, and of the
+    workers' output the job shows skindual's lines and their errors (`forwarded_lines`).
     """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    _loopback_ray(address)
     import ray
     import ray.data
 
-    if ray.is_initialized():
-        return
     loud = verbose()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = loud  # the jobs report their own progress in lines (`cli.Progress`)
@@ -58,24 +66,101 @@ def init_ray(min_cpus: int = 1) -> None:
             if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
                 handler.setLevel(logging.ERROR)
     level = logging.INFO if loud else logging.ERROR
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("127.", "localhost")) or not address:
-        # without it Ray 2.60 swaps 127.0.0.1 for the machine's address (and then cannot connect)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
         ray.init(logging_level=level)
     else:
+        _private_token_file()
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_level=level)
     if not loud:
         _forward_only_our_lines()
 
 
-def _forward_only_our_lines() -> None:
-    """Of the output Ray forwards from the job's workers, show skindual's log lines (`cli.worker_setup`) and the
-    raylet's notes (a task killed for memory, say); Ray's own actors' and libraries' lines (the train
-    controller, the placement-group cleaner, dataset coordinators, progress bars) stay in Ray's log files."""
-    import re
+def _loopback_ray(address: str) -> None:
+    """Keep an embedded cluster, or one at a 127.0.0.1 address, on the loopback interface.
 
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when `ray` is first imported: on Linux it is on
+    by default, and then Ray swaps 127.0.0.1 for the machine's address (and cannot connect to a cluster
+    bound to 127.0.0.1), and an embedded cluster's GCS, raylet, workers and agents listen on every
+    interface.  So it is set to 0 here, before `import ray`, and for the processes Ray starts; if the caller
+    imported `ray` earlier, Ray's reading of it is redone.  A remote address is left to Ray's own choice."""
+    if address and not address.startswith(("127.", "localhost")):
+        return
+    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOCAL_ONLY_ENV, True)
+
+
+def _private_token_file() -> None:
+    """Before an embedded cluster starts: the token file Ray reads and, when missing, writes
+    (``~/.ray/auth_token``, which turns token authentication on for every later cluster of this user)
+    readable by this user only.  Ray writes it with the umask's mode, 0644 usually, and whoever reads
+    it can run code on the user's clusters; a new one is created 0600 here, an existing one made 0600."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if token.exists():
+            if token.stat().st_mode & 0o077 and token.stat().st_uid == os.getuid():
+                token.chmod(0o600)
+            return
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # another process's token, or a read-only home: Ray's own handling
+        return
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_hex(32))  # as `ray get-auth-token --generate` makes one
+
+
+WORKER_ERROR = re.compile(
+    r"\b(?:ERROR|CRITICAL|FATAL)\b|Fatal Python error|\*\*\* SIG[A-Z]+ received"  # logging, faulthandler, Ray
+    r"|\w*(?:Error|Exception)\b"  # an exception's line (`RuntimeError: ...`), also in Ray's notes
+    r"|^\[\S+ \S+ [EF] \d+ \d+\]|(?:^|\[)[EF]\d{4} \d\d:\d\d:\d\d"  # Ray's, glog's (torch's) C++ lines at E/F
+    r"|NCCL.*(?:WARN|[Ee]rror|[Ff]ail|[Tt]ime(?:d ?)?out|[Aa]bort)")
+"""A line of a worker's output that says something failed: shown by a quiet job (`forwarded_lines`)."""
+BLOCK_STARTS = ("Traceback (most recent call last)", "Stack (most recent call first)", "Current thread 0x",
+                "During handling of the above exception", "The above exception was the direct cause")
+"""How a traceback (or a chained one, or faulthandler's stack of a crash) starts: shown with its indented lines."""
+KNOWN_NOISE = re.compile(r"has constructor arguments in the object store and max_restarts > 0")
+"""Error lines Ray writes on every run (README, "Limits"): not shown from workers."""
+USER_ERROR_IN_WORKER = re.compile(r"skindual\.errors\.\w+Error\b|\((?:User|Data|Storage)Error\)")
+"""A worker's report of a user error: the job says it in one line (`cli.run_job`), not with the traceback."""
+
+
+def forwarded_lines(lines: list[str], ours: re.Pattern) -> list[str]:
+    """Of one batch of a worker's output lines, those a job shows unless --verbose: skindual's own
+    (`ours`) and the worker's errors (`WORKER_ERROR`), each with the indented lines that follow it (a
+    traceback's frames, a crash's stack); not the rest (Ray's and the libraries' chatter), and not the
+    traceback of a user error (`USER_ERROR_IN_WORKER`), which the job reports in one line."""
+    shown, blanks, block = [], [], False
+    user_error = any(USER_ERROR_IN_WORKER.search(line) for line in lines)
+    for line in lines:
+        if block and not line.strip():
+            blanks.append(line)  # kept if the block goes on (a chained traceback, a crash's stack)
+            continue
+        if ours.match(line):
+            shown.append(line)
+            block = False
+        elif KNOWN_NOISE.search(line):
+            block = False
+        elif WORKER_ERROR.search(line) or line.startswith(BLOCK_STARTS):
+            block = not user_error
+            if block:
+                shown += blanks + [line]
+        elif block and line.startswith((" ", "\t")):
+            shown += blanks + [line]
+        else:
+            block = False
+        blanks = []
+    return shown
+
+
+def _forward_only_our_lines() -> None:
+    """Of the output Ray forwards from the job's workers, show skindual's log lines (`cli.worker_setup`),
+    the workers' error lines (`forwarded_lines`) and the raylet's notes (a task killed for memory, say);
+    Ray's own actors' and libraries' other lines (the train controller, the placement-group cleaner,
+    dataset coordinators, progress bars) stay in Ray's log files."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
@@ -85,7 +170,7 @@ def _forward_only_our_lines() -> None:
 
     def forward(data: dict) -> None:
         if data.get("pid") != "raylet":
-            lines = [line for line in data.get("lines", []) if ours.match(line)]
+            lines = forwarded_lines(list(data.get("lines", [])), ours)
             if not lines:
                 return
             data = {**data, "lines": lines}

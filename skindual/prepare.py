@@ -1,7 +1,8 @@
 """The prepare job: a HAM10000 and/or ISIC 2018 download → one real dataset on storage.
 
 The real dataset has the synthetic pairs' shard layout (`skindual.shard_format`), with the bytes inside:
-``{key}.jpg`` (the downloaded JPEG as it is, or a resized copy with ``--max-side``), ``{key}.seg.png``
+``{key}.jpg`` (the downloaded JPEG without its metadata, `jpeg.strip_metadata`: the same pixels, no EXIF,
+GPS or comments; or a resized copy with ``--max-side``), ``{key}.seg.png``
 (8-bit 0/255), ``{key}.cls`` (class index, -1 for ISIC 2018's unclassed pairs), ``{key}.txt`` (the
 prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, diagnosis type);
 ``{shard}.parquet`` with every row (bad files too, with their reason and source location),
@@ -40,6 +41,7 @@ from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
 from skindual.fingerprint import canonical_json
 from skindual.images import image_format
+from skindual.jpeg import strip_metadata
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.run_files import check_output, guard_output, write_run_files
@@ -74,7 +76,7 @@ class PrepareConfig:
     output: str = option("skindual-real", "the prepared real dataset: a folder or s3://bucket/prefix")
     samples_per_shard: int = option(1000, "pairs per shard")
     max_side: int = option(0, "store each pair resized so that its longer side is at most this many pixels "
-                              "(0: the downloaded JPEG bytes as they are)")
+                              "(0: the downloaded JPEG's own bytes, its metadata (EXIF, GPS, comments) stripped)")
     val_fraction: float = option(0.1, "share of each class's lesions in the val split")
     test_fraction: float = option(0.2, "share of each class's lesions in the test split")
     seed: int = option(0, "seed of the lesion-level split")
@@ -120,6 +122,27 @@ def _resized(image: Image.Image, mask: np.ndarray, max_side: int) -> tuple[Image
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0), np.asarray(soft) >= 0.5
 
 
+def _encoded_jpeg(image: Image.Image) -> bytes:
+    """`image`'s pixels as a JPEG without metadata (Pillow would write the source's comment, which the
+    decoded image carries in its ``info``)."""
+    image.info = {}
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()
+
+
+def _without_metadata(image_bytes: bytes, image: Image.Image, source_format: str) -> bytes:
+    """A source image's bytes for the real dataset: a JPEG's own, its metadata stripped losslessly
+    (`jpeg.strip_metadata`); any other format (`source_format`: what its name's extension pinned when it was
+    decoded), or a JPEG whose segments cannot be walked, encoded as JPEG from its decoded pixels."""
+    if source_format == "JPEG":
+        try:
+            return strip_metadata(image_bytes)
+        except ValueError:
+            pass
+    return _encoded_jpeg(image)
+
+
 def prepare_shard(shard: int, rows: list[dict], cfg: PrepareConfig, fingerprint: str) -> dict[str, Any]:
     """Read, check and commit one shard of the real dataset: its stats as a row, or ``{"error": ...}``
     naming the bad file (without --skip-bad; then nothing of this shard is written)."""
@@ -140,13 +163,9 @@ def prepare_shard(shard: int, rows: list[dict], cfg: PrepareConfig, fingerprint:
             continue
         if cfg.max_side and max(image.size) > cfg.max_side:
             image, mask = _resized(image, mask, cfg.max_side)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-            image_bytes = buffer.getvalue()
-        elif image_format(row["image_path"]) != "JPEG":  # decode_pair opened it as its name's format
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-            image_bytes = buffer.getvalue()
+            image_bytes = _encoded_jpeg(image)
+        else:
+            image_bytes = _without_metadata(image_bytes, image, image_format(row["image_path"]))
         record |= {"width": image.width, "height": image.height, "mask_area": float(np.mean(mask))}
         table.append(record)
         members.append({"__key__": row["key"], "jpg": image_bytes, "seg.png": encode_mask(mask),

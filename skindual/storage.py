@@ -6,7 +6,8 @@ is visible under its final name only once complete: local writes go to a hidden 
 same directory, fsynced, then `os.replace`d; S3 PUTs and multipart uploads are atomic already.
 
 S3 goes through boto3: endpoint from the ``s3_endpoint`` argument, else ``AWS_ENDPOINT_URL``;
-credentials only from the standard AWS chain, never taken, logged or echoed here; botocore's
+credentials only from the standard AWS chain, never taken, logged or echoed here (and the jobs keep
+botocore's request logging, which shows signed headers, off: `cli.quiet_request_loggers`); botocore's
 adaptive retries so that hundreds of writers ride out throttling.  Failures the user can fix
 become one-line `StorageError`s, a missing object a `FileNotFoundError`.  A `Storage` pickles
 without its boto3 client (Ray ships it to actors) and makes a new one on first use.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +36,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
                                  PartialCredentialsError)
 
 from skindual.errors import StorageError, UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "finished",
            "is_remote", "open_storage", "output_storage"]
@@ -312,6 +316,7 @@ class S3Storage(Storage):
     def _call(self, fn: Callable[[], _T], relpath: str | None = None) -> _T:
         """Run S3 requests about ``relpath`` (None: about the bucket), translating failures the
         user can fix into `StorageError` and a missing object into `FileNotFoundError`."""
+        log.debug("S3 request: %s", self.join(relpath) if relpath is not None else f"s3://{self.bucket}")
         try:
             return fn()
         except (S3UploadFailedError, BotoCoreError, ClientError) as exc:

@@ -112,8 +112,19 @@ def small_sd2(tmp_path_factory) -> Path:
     return save_sd2_pipeline(tmp_path_factory.mktemp("sd2-16") / "base", "base", width=16)
 
 
-def test_a_staged_base_is_fetched_once_per_node_and_checked(small_sd2, s3_env, tmp_path, monkeypatch):
+def test_a_staged_base_is_fetched_once_per_node_and_checked(small_sd2, s3_env, s3_server, tmp_path, monkeypatch):
     url = f"{s3_env}/models/sd2"
+    # staged by the job at SKINDUAL_LOG_LEVEL=DEBUG: its real S3 requests (get, delete, put) log no credential or
+    # signature; nor does a request with a session token (which the server refuses: one line)
+    token = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN"
+    for extra, status in (({}, 0), ({"AWS_SESSION_TOKEN": token}, 2)):
+        run = subprocess.run([sys.executable, "jobs/stage_base.py", "--source", str(small_sd2), "--output", url,
+                              "--dtype", "fp16"], cwd=ROOT, env={**os.environ, "SKINDUAL_LOG_LEVEL": "DEBUG", **extra},
+                             capture_output=True, text=True, timeout=300)
+        output = run.stdout + run.stderr
+        assert run.returncode == status and " DEBUG " in output, output[-3000:]
+        for secret in (s3_server.access_key, s3_server.secret_key, token, "Signature=", "X-Amz-Security-Token"):
+            assert secret not in output, secret
     manifest = stage_base(str(small_sd2), url, dtype="fp16")
     storage = open_storage(url)
     assert STAGED_FILE in storage.list()

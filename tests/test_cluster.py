@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from fixture_servers import RayTestCluster, ray_list
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -25,6 +27,7 @@ from skindual.storage import open_storage
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "cluster.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
+CLUSTER_TOKEN = "~/.skindual/ray-cluster-token"
 
 
 def test_cluster_yaml_validates_with_rays_schema():
@@ -43,8 +46,71 @@ def test_cluster_starts_ray_with_token_auth_from_the_project_venv():
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c and "skindual-venv/bin:$PATH" in c for c in start)
-    assert "~/.ray/auth_token" in config["file_mounts"]
+        assert config[key][0] == "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token"  # before Ray reads it
+    # the cluster's own token file (made 0600 by the README's command), not the launching machine's local one
+    assert config["file_mounts"]["~/.ray/auth_token"] == CLUSTER_TOKEN
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_cluster_yaml_is_closed_by_default():
+    """As Ray's AWS bootstrap reads cluster.yaml: every node type has the one security group and an instance
+    profile, so Ray creates neither (its group opens SSH to 0.0.0.0/0, its profile would be the head's for
+    all), without a call to AWS; workers without public IPs, the worker role limited to the bucket prefix and
+    the head's to this cluster's instances and the worker role; IMDSv2; every volume encrypted."""
+    import copy
+
+    from ray.autoscaler._private.aws.config import (_configure_from_network_interfaces, _configure_iam_role,
+                                                     _configure_security_group)
+
+    config = prepare_config(yaml.safe_load(CONFIG.read_text()))
+    validate_config(config)
+    config = _configure_from_network_interfaces(config)
+    assert _configure_security_group(copy.deepcopy(config)) == config  # the groups are ours: none made
+    assert _configure_iam_role(copy.deepcopy(config)) == config  # the head's profile is ours: none made
+    types = {name: t["node_config"] for name, t in config["available_node_types"].items()}
+    assert len({group for t in types.values() for group in t["SecurityGroupIds"]}) == 1
+    assert config["provider"]["use_internal_ips"] and config["provider"]["use_external_head_ip"]
+    public = {name: [i["AssociatePublicIpAddress"] for i in t["NetworkInterfaces"]] for name, t in types.items()}
+    assert public == {name: [name == "head"] for name in types}
+    profiles = {name: t["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for name, t in types.items()}
+    assert profiles == {name: "skindual-ray-head" if name == "head" else "skindual-ray-worker" for name in types}
+    for name, t in types.items():
+        assert t["MetadataOptions"]["HttpTokens"] == "required" and t["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        volumes = t["BlockDeviceMappings"]
+        assert volumes and all(v["Ebs"]["Encrypted"] is True for v in volumes), name
+
+    data = json.loads((ROOT / "deploy" / "s3-data-policy.json").read_text())["Statement"]
+    assert {(a, s["Resource"]) for s in data for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} == {
+        *((a, "arn:aws:s3:::BUCKET/PREFIX/*") for a in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                                                        "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts")),
+        ("s3:ListBucket", "arn:aws:s3:::BUCKET")}
+    head = json.loads((ROOT / "deploy" / "head-autoscaler-policy.json").read_text())["Statement"]
+    actions = {a for s in head for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert not {a for a in actions if a.startswith("s3:") or a.endswith("*")}  # S3 through the data policy only
+    (passing,) = [s for s in head if s["Action"] == "iam:PassRole"]
+    assert passing["Resource"] == "arn:aws:iam::ACCOUNT:role/skindual-ray-worker"
+    (ending,) = [s for s in head if "ec2:TerminateInstances" in s["Action"]]
+    assert ending["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": config["cluster_name"]}}
+    trust = json.loads((ROOT / "deploy" / "ec2-trust-policy.json").read_text())["Statement"]
+    assert trust == [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+
+
+def test_the_readme_sets_the_cluster_up_closed_and_submits_through_the_dashboard():
+    """The README's one-time commands use every policy in deploy/, open SSH to the user's CIDR only, make the
+    token 0600; jobs go through `ray dashboard` with the cluster's token; its lifecycle rule is deploy's."""
+    readme = (ROOT / "README.md").read_text()
+    for path in (ROOT / "deploy").glob("*.json"):
+        assert f"file://deploy/{path.name}" in readme, path.name
+    assert "--port 22 --cidr YOUR_CIDR" in readme and "UserIdGroupPairs=[{GroupId=$SG}]" in readme
+    assert f"(umask 077 && mkdir -p ~/.skindual && " in readme and f"> {CLUSTER_TOKEN})" in readme
+    assert "ray dashboard cluster.yaml" in readme
+    assert f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={CLUSTER_TOKEN}" in readme
+    lifecycle = json.loads((ROOT / "deploy" / "s3-lifecycle.json").read_text())
+    assert json.dumps(lifecycle) in readme
+    (rule,) = lifecycle["Rules"]
+    assert rule["Status"] == "Enabled" and rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    for text in (readme, CONFIG.read_text(), *(p.read_text() for p in (ROOT / "deploy").glob("*.json"))):
+        assert "--cidr 0.0.0.0" not in text and "CidrIp" not in text  # no rule open to the internet
 
 
 # --------------------------------------------------------------------------- jobs on a real two-node cluster
@@ -334,3 +400,90 @@ def test_the_readme_recipe_fits_cluster_yaml_before_any_gpu_node_runs():
     readme = FinetuneConfig(use_gpu=True, batch_size=4, num_workers=8, accelerator_type="A10G")
     check_memory(readme, [320, 640, 1280, 1280], 512, "A10G")
     assert step_memory_gb(FinetuneConfig(use_gpu=True), [320, 640, 1280, 1280], 512) < 24  # the defaults too
+
+
+# --------------------------------------------------------------------------- the quick start's embedded cluster
+
+
+def test_a_quiet_job_forwards_skindual_lines_and_worker_errors_of_a_batch():
+    """One batch of a worker's output each (as Ray forwards them): skindual's lines and errors with their
+    indented lines are shown; chatter, Ray's known noise and a user error's traceback are not."""
+    from skindual.cli import OUR_LINE
+    from skindual.cluster import forwarded_lines
+
+    ours = re.compile(OUR_LINE)
+    batch = ["2026-01-02 03:04:05,006 INFO skindual.generate: shard 00000 written", "Loading weights 100%",
+             "WARNING a_library: deprecated", "[2026-01-02 03:04:05,006 E 12 34] core_worker.cc:2465: Actor with class "
+             "name: 'X' has constructor arguments in the object store and max_restarts > 0.",
+             "ERROR a_library: the collective failed", "Traceback (most recent call last):",
+             '  File "x.py", line 3, in f', "    g()", "torch.distributed.DistBackendError: NCCL error in: x.cpp:1",
+             "", "after the traceback", "misc/socket.cc:50 NCCL WARN socketProgress: Connection closed by remote peer",
+             "[rank0]:[E102 03:04:05.006 ProcessGroupNCCL.cpp:616] Watchdog caught collective operation timeout"]
+    assert forwarded_lines(batch, ours) == [batch[0], *batch[4:9], *batch[11:]]
+    crash = ["*** SIGSEGV received at time=1 on cpu 0 ***", "Fatal Python error: Segmentation fault", "",
+             "Stack (most recent call first):", '  File "x.py", line 3 in crash', "", "Extension modules: numpy"]
+    assert forwarded_lines(crash, ours) == crash[:5]
+    refused = ["Exception raised in creation task: The actor died because of an error raised in its creation task",
+               '  File "skindual/generate.py", line 3, in __init__', "skindual.errors.UserError: --adapter x: missing",
+               "2026-01-02 03:04:05,006 INFO skindual.generate: actor ready"]
+    assert forwarded_lines(refused, ours) == refused[3:]
+
+
+def test_init_ray_keeps_a_local_ray_on_127_0_0_1_also_when_ray_was_imported_first():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; a caller that imported it before
+    `init_ray` (without the variable) still gets a local cluster on 127.0.0.1, and a remote one is Ray's."""
+    probe = ("import ray, sys; from ray._private.services import get_node_ip_address as ip; "
+             "from skindual.cluster import _loopback_ray\nprint(ip())\n"
+             "for address in sys.argv[1:]: _loopback_ray(address); print(ip())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    for addresses in (["10.0.0.5:6379", "127.0.0.1:6379"], [""]):  # a remote one first: it changes nothing
+        run = subprocess.run([sys.executable, "-c", probe, *addresses], env=env, capture_output=True, text=True,
+                             timeout=120)
+        before, *after = run.stdout.split()
+        assert before != "127.0.0.1", run.stdout + run.stderr[-2000:]
+        assert after == [before] * (len(addresses) - 1) + ["127.0.0.1"], (addresses, run.stdout, run.stderr[-2000:])
+
+
+
+
+@pytest.fixture(scope="module")
+def quick_start_driver(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """tests/local_ray_driver.py run as the quick start runs a job: its own embedded Ray cluster, in an
+    environment without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (nor any other RAY_ variable), a fresh HOME (where
+    Ray finds or writes its token); its workers fail at the end."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home),
+                                                                                "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "local_ray_driver.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    return home, run
+
+
+@pytest.mark.slow
+def test_the_quick_starts_ray_listens_on_127_0_0_1_only_and_its_token_is_private(quick_start_driver):
+    home, run = quick_start_driver
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("listeners: ")]
+    assert json.loads(line.removeprefix("listeners: ")) == ["127.0.0.1"], run.stdout[-3000:] + run.stderr[-3000:]
+    token = home / ".ray" / "auth_token"
+    assert len(token.read_text().strip()) == 64 and token.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_a_quiet_job_shows_its_workers_errors_but_not_their_chatter(quick_start_driver):
+    """Without --verbose a job shows skindual's lines of its workers and their errors (a library's error with
+    its traceback, an NCCL error, a crash's report and stack), not the rest, and not the traceback of a
+    user error raised in a worker (the job says that in one line)."""
+    from local_ray_driver import CHATTER
+
+    _, run = quick_start_driver
+    output = run.stdout + run.stderr
+    assert run.returncode == 1 and "ActorDiedError" in run.stderr, output[-3000:]  # the job failed on the crash
+    worker = {re.sub(r"^.*?pid=\d+\)(?:\x1b\[0m)?", "", line).strip() for line in output.splitlines() if "pid=" in line}
+    assert any(line.endswith("INFO skindual.driver: a worker's own progress line") for line in worker)
+    assert "NCCL WARN socketProgress: Connection closed by remote peer" in worker
+    assert {"ERROR a_library: the worker's collective failed", "Traceback (most recent call last):",
+            "RuntimeError: collective timed out in the worker"} <= worker
+    assert any(line.startswith('File "') and line.endswith("in failing_task") for line in worker)
+    assert "Fatal Python error: Segmentation fault" in worker and any(line.endswith(" in crash") for line in worker)
+    assert CHATTER not in output and "refused inside an actor" not in output
+    assert "Autoscaler status" not in output

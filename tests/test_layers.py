@@ -16,7 +16,7 @@ PACKAGE = ROOT / "skindual"
 
 LAYERS: dict[str, int] = {
     "skindual": 1, "errors": 1, "cli": 1, "cluster": 1, "prompts": 1, "storage": 1, "fingerprint": 1,
-    "data": 2, "images": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
+    "data": 2, "images": 2, "jpeg": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
     "base_models": 3, "model": 3, "sd2": 3,
     "losses": 4, "shard_format": 4, "shard_store": 4, "shard_reader": 4, "run_files": 4, "shards": 4, "report": 4,
     "pairs": 4,

@@ -57,7 +57,7 @@ def test_the_real_dataset_has_the_shard_layout_with_the_bytes_inside(prepared, d
             assert {k for k in sample if not k.startswith("__")} == {"jpg", "seg.png", "cls", "txt", "json"}
             meta = json.loads(sample["json"])
             source = next(download.rglob(f"{meta['image_id']}.jpg"))
-            assert sample["jpg"] == source.read_bytes()  # the downloaded JPEG as it is
+            assert sample["jpg"] == source.read_bytes()  # the downloaded JPEG's bytes (it has no metadata to strip)
             mask = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
             truth = np.asarray(Image.open(download / HAM_MASKS / f"{meta['image_id']}_segmentation.png")) > 0
             assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and np.array_equal(mask > 0, truth)
@@ -131,6 +131,34 @@ def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_pa
         assert sample["seg.png"].shape[:2] == sample["jpg"].shape[:2]
         if meta["source"] == "isic2018":
             assert meta["class_index"] == int(sample["cls"]) == -1 and meta["lesion_id"] == meta["image_id"]
+
+
+def test_a_cameras_exif_and_gps_never_reach_the_real_dataset(download, tmp_path):
+    """Downloaded JPEGs with EXIF (GPS position included), an ICC profile, XMP and a comment: stored as they are
+    (--max-side 0) they keep their pixels and lose the metadata; resized, the metadata does not come back."""
+    import shutil
+
+    from test_jpeg import decoded, has_no_metadata, jpeg_with_metadata
+
+    from skindual.prepare import PrepareConfig, prepare_here
+
+    raw = tmp_path / "raw"
+    shutil.copytree(download, raw)
+    tagged = {}
+    for path in sorted(raw.rglob("ISIC_*.jpg"))[:5]:
+        path.write_bytes(jpeg_with_metadata(decoded(path.read_bytes())))
+        tagged[path.stem] = decoded(path.read_bytes())
+    for max_side in (0, 48):
+        out = tmp_path / f"real-{max_side}"
+        prepare_here(PrepareConfig(ham10000=str(raw), max_side=max_side, output=str(out)))
+        seen = 0
+        for sample in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False):
+            image_id = json.loads(sample["json"])["image_id"]
+            assert has_no_metadata(sample["jpg"]), image_id
+            if image_id in tagged and not max_side:
+                assert np.array_equal(decoded(sample["jpg"]), tagged[image_id])  # the same pixels
+            seen += image_id in tagged
+        assert seen == len(tagged)
 
 
 def test_no_source_is_one_clear_line(tmp_path):
