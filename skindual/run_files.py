@@ -40,6 +40,7 @@ def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, 
     totals = {"shards": len(stats_list), "count": sum(s.count for s in stats_list),
               "successes": sum(s.successes for s in stats_list),
               "failed_to_generate": sum(s.failed_to_generate for s in stats_list),
+              "draws": sum(s.draws for s in stats_list),
               "rejections": dict(rejections), "per_class": {c: dict(n) for c, n in per_class.items()}}
     if per_split:
         totals["per_split"] = {split: dict(sorted(n.items())) for split, n in sorted(per_split.items())}

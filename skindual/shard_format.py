@@ -120,6 +120,7 @@ class ShardStats:
     image_format: str = "jpg"
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class code -> ok samples (real data)
     device: str = ""  # the model of the device that sampled the shard ("cpu", a GPU's name; "" for real data)
+    draws: int = 0  # every draw quality control judged, redraws included (real data: one per row); 0: not recorded
 
 
 def validate_samples(shard: int, samples: Sequence[Sample], image_format: str = "jpg") -> list[Sample]:

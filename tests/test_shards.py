@@ -88,6 +88,7 @@ def test_write_shard_files_order_and_stats(tmp_path: Path) -> None:
     on_disk = json.loads(store.read_bytes("00003_stats.json"))
     assert on_disk == json.loads(json.dumps(stats.__dict__))
     assert (stats.count, stats.successes, stats.failed_to_generate) == (7, 4, 3)
+    assert stats.draws == 4 + 3 * 3  # a rejected sample drew three times
     assert stats.rejections == {"empty": 2, "fragmented": 1}
     assert sum(c["ok"] for c in stats.per_class.values()) == 4
     assert stats.per_class[samples[1].class_code] == {"ok": 0, "rejected": 1}
@@ -227,6 +228,7 @@ def test_run_files(tmp_path: Path) -> None:
     assert json.loads(store.read_bytes("manifest.json")) == manifest
     totals = manifest["totals"]
     assert (totals["shards"], totals["count"], totals["successes"], totals["failed_to_generate"]) == (2, 9, 6, 3)
+    assert totals["draws"] == 6 + 3 * 3
     assert totals["rejections"] == {"empty": 2, "fragmented": 1}
     assert sum(c["ok"] for c in totals["per_class"].values()) == 6
     assert manifest["versions"] == {"skindual": "0.1.0"} and manifest["config"] == CONFIG
