@@ -76,7 +76,9 @@ def test_a_partial_output_says_so_and_an_unknown_licence_says_what_to_do(tmp_pat
         "n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "1M<n<10M"]
 
 
-def test_prepare_writes_the_real_datasets_card_and_a_new_licence_reaches_it(tmp_path):
+def test_prepare_writes_the_real_datasets_card_and_a_new_licence_reaches_it(tmp_path, monkeypatch):
+    import datasets
+
     from skindual.demo import render
 
     render.write_demo_dataset(tmp_path / "data", {"nv": 12, "df": 6, "vasc": 6}, seed=2)
@@ -91,6 +93,12 @@ def test_prepare_writes_the_real_datasets_card_and_a_new_licence_reaches_it(tmp_
         assert counts[code][1:] == [str(splits[s].get(code, 0)) for s in names] + [str(n["ok"])]
     assert counts["all"][-1] == str(manifest["totals"]["successes"])
     assert all(f"```python\n{card.RECIPES[n]}```" in body for n in card.REAL_RECIPES) and card.EXPORT_MSD not in body
+    # the card's features read the real pairs too (their json's fields differ from the synthetic ones')
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    pairs = datasets.load_dataset(str(out), split="train")
+    assert len(pairs) == manifest["totals"]["successes"] and pairs[0]["seg.png"].mode == "L"
+    assert {p["json"]["split"] for p in pairs} == set(splits) and set(pairs["cls"]) == {3, 5, 6}
 
     storage = LocalStorage(out)
     relicensed = card.update_license(storage, manifest, "cc-by-nc-4.0")
