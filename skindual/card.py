@@ -72,9 +72,12 @@ pair = pairs[0]  # "jpg": RGB image, "seg.png": its mask (L, 0/255), "cls": int,
 
 pairs = load_dataset("skindual-synthetic", split="train")  # README.md declares the features: those above it has
 ''',
-    "ray-data": '''import ray
+    "ray-data": '''import os
 
-pairs = ray.data.read_webdataset("skindual-synthetic", file_extensions=["tar"])  # or s3://bucket/synthetic/v1
+import ray
+
+# the workers read it: a folder every node has (by its absolute path), or s3://bucket/synthetic/v1
+pairs = ray.data.read_webdataset(os.path.abspath("skindual-synthetic"), file_extensions=["tar"])
 ''',
     "monai": '''from monai.data import Dataset, load_decathlon_datalist
 from monai.transforms import LoadImaged

@@ -126,6 +126,22 @@ def real_batch(real: Path | str, size: int, n: int = 2) -> dict:
     return next(local_batches(str(real), selection, size, n))
 
 
+def read_card(folder: Path) -> tuple[dict, str]:
+    """An output's dataset card: its YAML header and its body."""
+    import yaml
+
+    text = (Path(folder) / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def card_table(body: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the first table under a card's `heading`: first cell (backticks dropped) → the other cells."""
+    section = body.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows[2:]}
+
+
 def folder_arrays(root: Path | str, size: int):
     """Every pair of a HAM10000-layout folder in memory at `size`: (images, masks, class indices)."""
     import numpy as np

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
-import yaml
-from fixture_data import write_test_output
+from fixture_data import card_table, read_card, write_test_output
 
 from skindual import card
 from skindual.errors import UserError
@@ -27,20 +25,6 @@ PAIRS = [(code, 100 * i + k) for i, code in enumerate(("akiec", "df", "vasc")) f
 FEATURES = ["__key__", "jpg", "seg.png", "ignore.png", "cls", "txt", "json"]
 
 
-def read_card(folder: Path) -> tuple[dict, str]:
-    """The card's YAML header and its body."""
-    text = (folder / "README.md").read_text()
-    _, header, body = text.split("---\n", 2)
-    return yaml.safe_load(header), body
-
-
-def table(body: str, heading: str) -> dict[str, list[str]]:
-    """The rows of the first table under `heading`: first cell (backticks dropped) → the other cells."""
-    section = body.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
-    return {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows[2:]}
-
-
 def test_a_generate_outputs_card_shows_its_manifests_numbers(tmp_path):
     manifest = write_test_output(tmp_path / "out", PAIRS, per_shard=4, ignore_rows=2, license="cc-by-nc-4.0")
     header, body = read_card(tmp_path / "out")
@@ -49,12 +33,12 @@ def test_a_generate_outputs_card_shows_its_manifests_numbers(tmp_path):
     assert header["size_categories"] == ["n<1K"]
     assert header["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "*.tar"}]}]
     assert [f["name"] for f in header["dataset_info"]["features"]] == FEATURES
-    counts = table(body, "Pairs per class")
+    counts = card_table(body, "Pairs per class")
     assert {c: int(row[1]) for c, row in counts.items() if c != "all"} == {
         c: n["ok"] for c, n in manifest["totals"]["per_class"].items()}
     assert int(counts["all"][1]) == manifest["totals"]["successes"] == len(PAIRS)
     assert int(counts["all"][2]) == sum(manifest["asked_per_class"].values())
-    made = table(body, "How they were made")
+    made = card_table(body, "How they were made")
     draws = manifest["totals"]["draws"]
     assert made["kept"][0].startswith(f"{len(PAIRS)} of {draws} draws passed quality control")
     assert "qc-segmenter" not in made["quality control"][0] and "sha256:abab" in made["quality control"][0]
@@ -87,7 +71,7 @@ def test_prepare_writes_the_real_datasets_card_and_a_new_licence_reaches_it(tmp_
     header, body = read_card(out)
     assert header["license"] == "unknown" and "real" in header["tags"] and "synthetic" not in header["tags"]
     assert "ham10000" in header["tags"] and "Synthetic" not in body
-    counts, splits = table(body, "Pairs per class and split"), manifest["totals"]["per_split"]
+    counts, splits = card_table(body, "Pairs per class and split"), manifest["totals"]["per_split"]
     names = list(splits)
     for code, n in manifest["totals"]["per_class"].items():
         assert counts[code][1:] == [str(splits[s].get(code, 0)) for s in names] + [str(n["ok"])]
