@@ -215,7 +215,7 @@ def _sources(manifest: Mapping[str, Any]) -> str:
             ["split", f"by lesion, seed {cfg.get('seed')}: val {cfg.get('val_fraction')}, test {cfg.get('test_fraction')}"],
             ["stored", f"resized to at most {cfg['max_side']} px a side" if cfg.get("max_side") else "the download's bytes"],
             ["skipped", f"{skipped} bad rows or files (listed in manifest.json)" if skipped else "none"],
-            ["shards", f"{totals['shards']} of {cfg.get('samples_per_shard')} pairs"],
+            ["shards", f"{totals['shards']} of at most {cfg.get('samples_per_shard')} pairs"],
             ["versions", ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items()))]]
     return _table(["", ""], rows)
 
@@ -272,8 +272,8 @@ def _use(real: bool, license_id: str) -> str:
     licence = f"Licence: `{license_id}`." if license_id else UNKNOWN_LICENSE
     if real:
         return ("## Use and limits\n\n- Real patients' lesions: the licence and terms of the source download bind "
-                f"this copy. {licence}\n- HAM10000's class balance and population (mostly light skin, two sites) "
-                "carry over to everything trained on it.\n")
+                f"this copy. {licence}\n- The source's class imbalance and population (HAM10000: two clinics' "
+                "patients, mostly light skin) carry over to everything trained on it.\n")
     return ("## Use and limits\n\n- For research and development of lesion segmentation and classification: "
             "augmenting rare classes, pretraining, testing pipelines.\n- Not for diagnosis or any clinical "
             "decision, not as evidence about real lesions or their prevalence, and not as a test set: measure "

@@ -351,25 +351,23 @@ def test_written_files_get_the_umasks_mode(tmp_path: Path) -> None:
 
 
 def test_the_readmes_stock_webdataset_recipe_gives_masks_and_ignore_maps(tmp_path: Path, monkeypatch) -> None:
-    """The README's "Using the shards" stock-webdataset lines, run as written on shards where some pairs have
-    an ignore map: every pair comes with a mask and an ignore map (all 0 for the pairs without one)."""
+    """The README's stock-webdataset recipe ("Loading the pairs", `card.RECIPES`), run as printed on shards where
+    some pairs have an ignore map: every pair comes with a mask and an ignore map (all 0 for the pairs without one)."""
+    from skindual.card import RECIPES
+
     store = LocalStorage(tmp_path / "skindual-synthetic")
     samples = make_samples(0, 4)
     for s in samples[1::2]:
         s.ignore = np.zeros((SIZE, SIZE), np.uint8)
         s.ignore[:3] = 1
     write_shard(store, 0, samples, RUN_INFO)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("## Using the shards", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    recipe = block[block.index("import numpy as np, torch, webdataset"):block.index("loader = ")]
-    recipe = recipe.replace("{00000..00009}", "00000")
     monkeypatch.chdir(tmp_path)
     scope: dict[str, Any] = {}
-    exec(recipe, scope)
-    read = list(scope["ds"])
+    exec(RECIPES["webdataset"], scope)
+    read = sorted(scope["pairs"], key=lambda pair: pair[4]["key"])  # the recipe shuffles the shards
     assert len(read) == 4
-    for (image, mask, ignore, label), s in zip(read, samples):
-        assert image.shape == (SIZE, SIZE, 3) and label == s.class_index
+    for (image, mask, ignore, label, meta), s in zip(read, samples):
+        assert image.shape == (SIZE, SIZE, 3) and label == s.class_index and meta["key"] == s.key
         assert np.array_equal(mask, s.mask * 255)
         assert np.array_equal(ignore, s.ignore * 255 if s.ignore is not None else np.zeros((SIZE, SIZE)))
     # read_shards gives the same maps as 0/1 (tensors: 1×H×W)
