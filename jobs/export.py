@@ -1,6 +1,8 @@
-"""Export synthetic shards (optionally merged with the real pairs) as an nnU-Net v2 raw dataset or an ImageFolder tree.
+"""Export synthetic shards (optionally merged with the real pairs) as an nnU-Net v2 raw dataset, a Decathlon-style
+dataset for MONAI or an ImageFolder tree.
 
     python jobs/export.py --synthetic skindual-synthetic --output nnUNet_raw                # Dataset501_SkinDualGen
+    python jobs/export.py --format msd --synthetic skindual-synthetic --output skindual-msd  # Task501_SkinDualGen
     python jobs/export.py --format imagefolder --with-real s3://bucket/real --synthetic s3://bucket/synthetic \
         --output s3://bucket/imagefolder
 

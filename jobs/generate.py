@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 
+from skindual.card import update_license
 from skindual.cli import run_job
 from skindual.cluster import init_ray
 from skindual.demo.world import generate_defaults
@@ -27,7 +28,9 @@ def main(cfg: GenerateConfig) -> None:
     cfg = generate_defaults(cfg)  # the embedded default: the shipped demo adapter
     plan = plan_generate(cfg)  # the model, the adapter, the QC segmenter and the output checked before Ray starts
     manifest = plan.done
-    if manifest is None:
+    if manifest is not None:  # done; a new --license still reaches its manifest and card
+        manifest = update_license(plan.storage, manifest, cfg.license)
+    else:
         init_ray(min_cpus=math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
         manifest = run_generate(plan)
     totals = manifest["totals"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from skindual.card import update_license
 from skindual.cli import run_job
 from skindual.cluster import init_ray
 from skindual.prepare import PrepareConfig, plan_prepare, run_prepare
@@ -22,7 +23,9 @@ from skindual.prepare import PrepareConfig, plan_prepare, run_prepare
 def main(cfg: PrepareConfig) -> None:
     plan = plan_prepare(cfg)  # the output, earlier runs' settings and the source's metadata checked before Ray
     manifest = plan.done
-    if manifest is None:
+    if manifest is not None:  # done; a new --license still reaches its manifest and card
+        manifest = update_license(plan.storage, manifest, cfg.license)
+    else:
         init_ray(min_cpus=2)
         manifest = run_prepare(plan)
     totals = manifest["totals"]

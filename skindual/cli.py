@@ -9,9 +9,12 @@ flag gets one clear line and exit status 2 from `run_job`, never a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import os
+import re
+import select
 import signal
 import sys
 import threading
@@ -152,6 +155,71 @@ def worker_setup() -> None:
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("SKINDUAL_LOG_LEVEL", "INFO"))
         logger.propagate = False
+
+
+RAY_DATA_RESTART_NOTE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*' and ID: '\w+' has "
+                                   rb"constructor arguments in the object store and max_restarts > 0")
+"""The line Ray's core worker prints (at error level, on the driver's stderr, and into its log file) when a Ray Data
+actor pool starts: Ray Data itself passes its pool's settings to the actors through the object store, whatever the
+pool's own arguments (ray-project/ray#57733), and the driver that owns them outlives the actors."""
+
+
+def drop_native_lines(pattern: re.Pattern[bytes]) -> Callable[[], None]:
+    """Pass this process's standard error (file descriptor 2: what Python and native libraries write) through a
+    thread that drops the lines `pattern` finds, for lines a library writes there that no setting silences;
+    returns the function that puts the original standard error back (also run at exit), after the lines
+    written so far.  A line without its newline goes out once nothing follows it for 50 ms; when the terminal
+    cannot be written, the original standard error is put back, so no writer ever waits on the pipe."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    ours = os.fstat(2).st_ino
+    stop = threading.Event()
+
+    def put_back() -> None:  # unless someone else (a test's capture, say) has put another file there since
+        if os.fstat(2).st_ino == ours:
+            os.dup2(terminal, 2)
+
+    def out(data: bytes) -> None:
+        while data:
+            data = data[os.write(terminal, data):]
+
+    def pump() -> None:
+        pending = b""
+        try:
+            while True:
+                if not select.select([read], [], [], 0.05)[0]:  # idle: a partial line goes out, a stop ends
+                    out(pending)
+                    pending = b""
+                    if stop.is_set():
+                        return
+                    continue
+                chunk = os.read(read, 1 << 16)
+                if not chunk:
+                    out(pending)
+                    return
+                *lines, pending = (pending + chunk).split(b"\n")
+                out(b"".join(line + b"\n" for line in lines if not pattern.search(line)))
+        except OSError:
+            put_back()
+        finally:
+            os.close(read)
+
+    thread = threading.Thread(target=pump, name="skindual-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        if stop.is_set():
+            return
+        sys.stderr.flush()
+        put_back()  # this process's end of the pipe closes: what is in it still goes out, then the pump ends
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+    return restore
 
 
 class Progress:

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from skindual.cli import OUR_LINE, verbose
+from skindual.cli import OUR_LINE, RAY_DATA_RESTART_NOTE, drop_native_lines, verbose
 from skindual.errors import UserError
 
 SHARED_FS_ENV = "SKINDUAL_SHARED_FS"
@@ -73,6 +73,7 @@ def init_ray(min_cpus: int = 1) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_level=level)
     if not loud:
         _forward_only_our_lines()
+        drop_native_lines(RAY_DATA_RESTART_NOTE)  # Ray Data's own, on every actor pool (it stays in Ray's log)
 
 
 def _loopback_ray(address: str) -> None:

@@ -34,12 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from skindual import pairs, report
+from skindual.card import add_evaluation
 from skindual.cli import check_interrupt
 from skindual.cluster import ClusterShape, check_shared_paths, resolve_gpus
 from skindual.evaluate_downstream import run_benchmark
 from skindual.evaluate_features import combine, extractor_spec, feature_pass
 from skindual.evaluate_plan import METRICS, EvaluateConfig, EvaluatePlan, library_versions
 from skindual.prompts import CLASS_CODES
+from skindual.errors import StorageError
 from skindual.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -115,4 +117,18 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     # last: a metrics.json of these inputs marks the evaluation finished (`storage.finished`)
     storage.write_bytes(METRICS, (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     log.info("report written to %s", storage.join("report.md"))
+    add_to_card(cfg, metrics, storage.join("report.md"))
     return metrics
+
+
+def add_to_card(cfg: EvaluateConfig, metrics: dict, report_url: str) -> None:
+    """The evaluation's headline figures into the dataset card of the synthetic output it evaluated; where that
+    output cannot be written (read-only storage, no permission), a warning line, as the evaluation itself is whole."""
+    lines = report.headline_lines(metrics)
+    try:
+        added = add_evaluation(open_storage(cfg.synthetic, cfg.s3_endpoint or None), lines, report_url)
+    except (OSError, StorageError) as exc:
+        log.warning("the dataset card of %s is unchanged, as it cannot be written there: %s", cfg.synthetic, exc)
+        return
+    if added:
+        log.info("headline figures added to %s/README.md", cfg.synthetic.rstrip("/"))

@@ -10,6 +10,13 @@
   throughout, as nnU-Net requires.
   With ``--with-real``, real pairs of ``--real-splits`` join imagesTr and the real ``test`` split goes
   to ``imagesTs``/``labelsTs``, so a model trained on the export can be scored on held-out real lesions.
+- ``msd``: a Medical Segmentation Decathlon-style dataset, ``{output}/Task{id:03d}_{name}/`` with
+  ``imagesTr/{case}.png`` (RGB), ``labelsTr/{case}.png`` (8-bit, 0 background / 1 lesion) and, when the synthetic
+  pairs carry ignore maps (``--ignore-maps``), ``ignoreTr/{case}.png`` (8-bit, 1: leave the pixel out of the
+  loss; all 0 for a pair without a map, so that every item has the same keys); ``dataset.json`` lists them
+  under ``training`` as ``{"image", "label", "ignore", "class"}`` (paths relative to it), which MONAI's
+  ``load_decathlon_datalist`` and ``LoadImaged`` read.  With ``--with-real``, the real test split goes to
+  ``imagesTs``/``labelsTs``, listed under ``test`` with its labels.
 - ``imagefolder``: a torchvision ``ImageFolder`` tree ``{output}/{class_code}/{key}.png`` (real pairs:
   ``{image_id}.png``).  ImageFolder numbers the class folders alphabetically, which is the
   project's class order when all seven classes are there (``export.json`` records the mapping).
@@ -37,6 +44,7 @@ from PIL import Image
 from skindual import data
 from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
+from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES
 from skindual.shard_format import MANIFEST_FILE
 from skindual.shard_reader import check_shard
@@ -45,7 +53,7 @@ from skindual.shards import read_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)
-FORMATS = ("nnunet", "imagefolder")
+FORMATS = ("nnunet", "msd", "imagefolder")
 EXPORT_FILE = "export.json"
 NNUNET_CHANNELS = {"0": "R", "1": "G", "2": "B"}
 NNUNET_LABELS = {"background": 0, "lesion": 1}
@@ -60,14 +68,15 @@ class ExportConfig:
     with_real: str = option("", "the prepared real dataset (jobs/prepare.py), a folder or s3:// prefix: merge its "
                                 "pairs (see --real-splits)")
     real_splits: str = option("train", "comma-separated splits of --with-real that join the training set")
-    dataset_id: int = option(501, "nnU-Net dataset id (1-999)")
-    dataset_name: str = option("SkinDualGen", "nnU-Net dataset name (letters, digits, - and _)")
+    dataset_id: int = option(501, "nnU-Net / Decathlon dataset id (1-999)")
+    dataset_name: str = option("SkinDualGen", "nnU-Net / Decathlon dataset name (letters, digits, - and _)")
     size: int = option(0, "resize every pair to size x size (real ones centre-cropped first); 0: as stored")
     overwrite: bool = option(False, "delete an existing export at --output first")
     partial: bool = option(False, "export the committed shards of an output whose sizes.json names more (a run cut "
                                   "short); without it such an output is refused, naming the shards it lacks")
     ignore_maps: bool = option(True, "nnunet: label the pixels of a synthetic pair's ignore map ({key}.ignore.png) "
-                                     f"{NNUNET_IGNORE}, nnU-Net v2's ignore label, so its training leaves them out")
+                                     f"{NNUNET_IGNORE}, nnU-Net v2's ignore label, so its training leaves them out; "
+                                     "msd: write the maps as each item's 'ignore' key (ignoreTr/)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
@@ -85,7 +94,8 @@ class ExportConfig:
         return [s.strip() for s in self.real_splits.split(",") if s.strip()]
 
     def dataset_folder(self) -> str:
-        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+        prefix = "Task" if self.format == "msd" else "Dataset"
+        return f"{prefix}{self.dataset_id:03d}_{self.dataset_name}"
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -102,16 +112,15 @@ def _resize(image: np.ndarray, mask: np.ndarray, ignore: np.ndarray, size: int) 
     return (*data.resize_pair(image, mask, size), data.resize_ignore(ignore, size))
 
 
-Pair = tuple[str, int, np.ndarray, np.ndarray, str]  # (case name, class index or -1, image, labels, part)
+Pair = tuple[str, int, np.ndarray, np.ndarray, np.ndarray, str]  # (case, class index or -1, image, mask, ignore, part)
 
 
 def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
-    """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test".  The labels are the
-    mask's 0/1, and `NNUNET_IGNORE` where a synthetic pair's ignore map is set (``--ignore-maps``)."""
+    """Synthetic pairs, then (with --with-real) the real ones; ``part`` is "train" or "test".  Mask and ignore map
+    are 0/1 (a pair without an ignore map, and every real pair: all 0)."""
     for sample in read_shards(cfg.synthetic, cfg.s3_endpoint or None, partial=cfg.partial):
         image, mask, ignore = _resize(sample["image"], sample["mask"], sample["ignore"], cfg.size)
-        labels = np.where(ignore > 0, NNUNET_IGNORE, mask).astype(np.uint8) if cfg.ignore_maps else mask
-        yield f"syn_{sample['key']}", int(sample["class_index"]), image, labels, "train"
+        yield f"syn_{sample['key']}", int(sample["class_index"]), image, mask, ignore, "train"
     if not cfg.with_real:
         return
     for sample in read_shards(cfg.with_real, cfg.s3_endpoint or None, partial=cfg.partial):
@@ -122,12 +131,12 @@ def iter_pairs(cfg: ExportConfig) -> Iterator[Pair]:
         image, mask = sample["image"], sample["mask"]
         if cfg.size:
             image, mask = data.resize_pair(image, mask, cfg.size)
-        yield f"real_{sample['meta']['image_id']}", int(sample["class_index"]), image, mask, part
+        yield f"real_{sample['meta']['image_id']}", int(sample["class_index"]), image, mask, np.zeros_like(mask), part
 
 
 def _ours(storage: Storage, cfg: ExportConfig) -> list[str]:
     """The files of an earlier export at the output."""
-    if cfg.format == "nnunet":
+    if cfg.format in ("nnunet", "msd"):
         ours = storage.list(cfg.dataset_folder() + "/")
     else:
         ours = [n for n in storage.list() if "/" in n and n.split("/")[0] in CLASS_CODES]
@@ -175,29 +184,72 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
     return ExportPlan(cfg, storage, fingerprint, done)
 
 
+def _has_ignore_maps(cfg: ExportConfig) -> bool:
+    """msd: whether the items get an ``ignore`` key, that is --ignore-maps and a synthetic pair with an ignore map
+    (its index records the map's share of the pixels)."""
+    if not cfg.ignore_maps:
+        return False
+    index = read_index(cfg.synthetic, cfg.s3_endpoint or None, "--synthetic", cfg.partial)
+    return "disagreement" in index.column_names and index.column("disagreement").null_count < index.num_rows
+
+
+def _pair_files(cfg: ExportConfig, root: str, pair: Pair, with_ignore: bool) -> tuple[dict[str, np.ndarray], dict]:
+    """The files one pair becomes in the export (name → array to write as PNG), and its msd datalist item."""
+    case, label, image, mask, ignore, part = pair
+    if cfg.format == "nnunet":
+        labels = np.where(ignore > 0, NNUNET_IGNORE, mask).astype(np.uint8) if cfg.ignore_maps else mask
+        images, masks = ("imagesTr", "labelsTr") if part == "train" else ("imagesTs", "labelsTs")
+        return {f"{root}{images}/{case}_0000.png": image, f"{root}{masks}/{case}.png": labels.astype(np.uint8)}, {}
+    if cfg.format == "msd":
+        tr = "Tr" if part == "train" else "Ts"
+        item = {"image": f"./images{tr}/{case}.png", "label": f"./labels{tr}/{case}.png"}
+        if with_ignore and part == "train":
+            item["ignore"] = f"./ignoreTr/{case}.png"
+        files = {root + item[k][2:]: a.astype(np.uint8) if k != "image" else a
+                 for k, a in (("image", image), ("label", mask), ("ignore", ignore)) if k in item}
+        return files, item | {"class": label}
+    if part == "train" and label >= 0:  # ImageFolder: classed training pairs only
+        return {f"{CLASS_CODES[label]}/{case.split('_', 1)[1]}.png": image}, {}
+    return {}, {}
+
+
+def _msd_dataset(cfg: ExportConfig, datalist: dict[str, list[dict]]) -> dict:
+    """The Decathlon ``dataset.json`` of an msd export (its licence: the synthetic output's, from its manifest)."""
+    try:
+        manifest = json.loads(open_storage(cfg.synthetic, cfg.s3_endpoint or None).read_bytes(MANIFEST_FILE))
+    except FileNotFoundError:
+        manifest = {}
+    return {"name": cfg.dataset_name, "description": "SkinDualGen synthetic lesion image/mask pairs"
+            + (" merged with real pairs" if cfg.with_real else ""), "reference": "skindual",
+            "licence": manifest.get("config", {}).get("license") or "unknown", "tensorImageSize": "2D",
+            "modality": NNUNET_CHANNELS, "labels": {"0": "background", "1": "lesion"},
+            "numTraining": len(datalist["training"]), "numTest": len(datalist["test"]), **datalist}
+
+
 def run_export(plan: ExportPlan) -> dict:
     """Write the dataset (an earlier export at the output deleted first); returns the summary, also written to
     ``export.json`` last."""
     cfg, storage = plan.config, plan.storage
     for name in _ours(storage, cfg):
         storage.delete(name)
-    root = cfg.dataset_folder() + "/" if cfg.format == "nnunet" else ""
+    root = cfg.dataset_folder() + "/" if cfg.format in ("nnunet", "msd") else ""
+    with_ignore = cfg.format == "msd" and _has_ignore_maps(cfg)
     counts: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
+    datalist: dict[str, list[dict]] = {"training": [], "test": []}
     ignored = 0  # pairs with an ignored pixel
     with ThreadPoolExecutor(8) as pool:
         pending = []
-        for case, label, image, mask, part in iter_pairs(cfg):
-            source = "synthetic" if case.startswith("syn_") else "real"
-            if cfg.format == "nnunet":
-                images, labels = ("imagesTr", "labelsTr") if part == "train" else ("imagesTs", "labelsTs")
-                files = {f"{root}{images}/{case}_0000.png": image, f"{root}{labels}/{case}.png": mask.astype(np.uint8)}
-                ignored += bool((mask == NNUNET_IGNORE).any())
-            elif part == "train" and label >= 0:  # ImageFolder: classed training pairs only
-                files = {f"{CLASS_CODES[label]}/{case.split('_', 1)[1]}.png": image}
-            else:
+        for pair in iter_pairs(cfg):
+            case, label, _, _, ignore, part = pair
+            files, item = _pair_files(cfg, root, pair, with_ignore)
+            if not files:
                 continue
+            source = "synthetic" if case.startswith("syn_") else "real"
             counts[f"{source}_{part}"] += 1
+            ignored += bool(cfg.ignore_maps and cfg.format != "imagefolder" and ignore.any())
+            if item:
+                datalist["training" if part == "train" else "test"].append(item)
             if part == "train":
                 per_class[CLASS_CODES[label] if label >= 0 else "unclassed"] += 1
             pending += [pool.submit(lambda n=n, a=a: storage.write_bytes(n, png_bytes(a))) for n, a in files.items()]
@@ -218,11 +270,14 @@ def run_export(plan: ExportPlan) -> dict:
                    "file_ending": ".png", "overwrite_image_reader_writer": "NaturalImage2DIO",
                    "name": cfg.dataset_name, "description": "SkinDualGen synthetic lesion image/mask pairs"
                    + (" merged with real pairs" if cfg.with_real else "")}
-        storage.write_bytes(f"{root}dataset.json", (json.dumps(dataset, indent=1) + "\n").encode())
-        summary["dataset"] = storage.join(cfg.dataset_folder())
+    elif cfg.format == "msd":
+        dataset = _msd_dataset(cfg, datalist)
     else:
         classes = sorted(c for c in per_class if c != "unclassed")
         summary["class_to_idx"] = {c: i for i, c in enumerate(classes)}  # what ImageFolder will number them
+    if cfg.format != "imagefolder":
+        storage.write_bytes(f"{root}dataset.json", (json.dumps(dataset, indent=1) + "\n").encode())
+        summary["dataset"] = storage.join(cfg.dataset_folder())
     storage.write_bytes(EXPORT_FILE, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
     log.info("exported %s to %s", dict(counts), storage.url)
     return summary

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skindual import __version__
+from skindual.card import write_card
 from skindual.cli import Progress, check_interrupt
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
@@ -28,7 +29,7 @@ from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
 from skindual.prompts import attribute_pools, prompt_table
 from skindual.run_files import check_output, guard_output, read_run_config, write_run_files
-from skindual.shard_format import MANIFEST_FILE
+from skindual.shard_format import CARD_FILE, MANIFEST_FILE
 from skindual.shard_store import committed_shards, intact_shards, read_stats
 from skindual.storage import Storage, finished, output_storage
 
@@ -171,6 +172,9 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
                         **({"--base-model": cfg.base_model} if Path(cfg.base_model).is_dir() else {})}, shape)
     run = resolve_devices(cfg, shape)
     fingerprint = check_output(storage, plan.settings, cfg.overwrite, device=device_record(run))
+    if not cfg.license:
+        log.warning("no --license: the dataset card (%s) says 'license: unknown'; pass --license to name the terms "
+                    "the pairs may be shared under", storage.join(CARD_FILE))
     todo = list(plan.todo) if not cfg.overwrite else list(plan.shards)
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
              plan.pairs, len(plan.shards), len(plan.shards) - len(todo), len(todo), spec.base_id, cfg.actors,
@@ -196,17 +200,19 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
     counts = cfg.counts()
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
-        "resolved": {**plan.settings, "device": run.device, "device_model": device_record(run),
+        "resolved": {**plan.settings, "device": run.device, "device_model": device_record(run), "dtype": run.dtype,
                      "base_model_path": spec.base_model, "adapter_url": spec.adapter,
                      "num_gpus_per_actor": run.num_gpus_per_actor, "resolution": spec.resolution},
         "asked_per_class": counts, "fingerprint": fingerprint, "complete": False,
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })
+    write_card(storage, manifest)  # from the same numbers, and again below: it never shows a count the manifest does not
     _check_counts(manifest, counts, cfg, spec)
     _check_devices(storage, manifest)
     # last: the marker that the run is done (`storage.finished`), once its counts and devices are right
     manifest["complete"] = True
     storage.write_bytes(MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
+    write_card(storage, manifest)
     return manifest
 
 

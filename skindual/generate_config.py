@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from skindual.card import check_license
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import MAX_SAMPLES_PER_SHARD, parse_per_class
@@ -65,11 +66,15 @@ class GenerateConfig:
     min_mask_area: float = option(_LIMITS.min_area, "QC: a smaller mask (share of the image) is 'empty'")
     max_mask_area: float = option(_LIMITS.max_area, "QC: a larger mask is 'full-frame'")
     min_main_share: float = option(_LIMITS.min_main_share, "QC: the largest mask component's least share, else 'fragmented'")
+    license: str = option("", "the licence of the pairs, as the output's dataset card (README.md) names it: a Hugging "
+                              "Face licence id (cc-by-nc-4.0, apache-2.0, other, ...); empty: 'unknown' (the shipped "
+                              "demo adapter's pairs: apache-2.0)")
     overwrite: bool = option(False, "replace an output written with other settings")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
         check_fields(self, ("actors", "batch_size", "steps", "max_attempts"))
+        check_license(self.license)
         if not 0 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
             raise UserError(f"--samples-per-shard {self.samples_per_shard}: must be between 1 and "
                             f"{MAX_SAMPLES_PER_SHARD} (or 0: chosen from the pair count and --actors)")
@@ -112,7 +117,7 @@ RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
 (`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`), the device and its
 model, and on CPU the torch thread count."""
-NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
+NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from skindual import __version__, data
+from skindual.card import check_license, write_card
 from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
 from skindual.fingerprint import canonical_json
@@ -45,7 +46,7 @@ from skindual.jpeg import strip_metadata
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.run_files import check_output, guard_output, write_run_files
-from skindual.shard_format import JPEG_QUALITY, MANIFEST_FILE, encode_mask
+from skindual.shard_format import CARD_FILE, JPEG_QUALITY, MANIFEST_FILE, encode_mask
 from skindual.shard_store import commit_shard, committed_shards, intact_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
@@ -83,10 +84,13 @@ class PrepareConfig:
     skip_bad: bool = option(False, "skip (and count and list) bad rows and files instead of stopping at the first")
     overwrite: bool = option(False, "replace a dataset at --output prepared with other settings")
     cpus_per_task: float = option(1.0, "CPUs per shard-writing Ray task")
+    license: str = option("", "the licence of the source data, as the dataset's card (README.md) names it: a Hugging "
+                              "Face licence id (cc-by-nc-4.0, ...); empty: 'unknown'")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
         check_fields(self, ("samples_per_shard",))
+        check_license(self.license)
         if not self.ham10000 and not self.isic2018:
             raise UserError("no data: give --ham10000 DIR, --isic2018 DIR, or both (a folder or an s3:// prefix)")
         if self.samples_per_shard > 10_000 or self.max_side < 0 or self.cpus_per_task <= 0:
@@ -228,6 +232,9 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
         check_shared_paths({"--output": cfg.output, "--ham10000": cfg.ham10000, "--isic2018": cfg.isic2018},
                            cluster_shape())
     fingerprint = check_output(storage, plan.settings, cfg.overwrite)
+    if not cfg.license:
+        log.warning("no --license: the dataset card (%s) says 'license: unknown'; pass --license with the licence "
+                    "of the source data", storage.join(CARD_FILE))
     todo = list(plan.todo)
     log.info("%s: %d pairs in %d shards, %d committed, %d to do", storage.url, sum(map(len, by_shard.values())),
              len(by_shard), len(by_shard) - len(todo), len(todo))
@@ -255,9 +262,11 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
         "skipped": dict(sorted((Counter(plan.skipped) + Counter(r for _, r in bad_files)).items())),
         "skipped_files": [list(f) for f in plan.skipped_files] + bad_files, "complete": False,
         "versions": {"skindual": __version__, "pillow": version("pillow")}})
+    write_card(storage, manifest)  # from the same numbers, and again below: it never shows a count the manifest does not
     _check_classes(manifest, [r for rows in by_shard.values() for r in rows], cfg)
     manifest["complete"] = True  # last: the dataset is done (`storage.finished`)
     storage.write_bytes(MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
+    write_card(storage, manifest)
     return manifest
 
 

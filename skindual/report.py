@@ -208,3 +208,28 @@ def render_report(metrics: dict, figures: list[str]) -> str:
     lines += ["", "## Samples", "", "Each row one class: image | mask overlay.", ""]
     lines += [f"![{n}]({n})" for n in figures if n.startswith("samples_")]
     return "\n".join(lines) + "\n"
+
+
+def headline_lines(metrics: dict) -> list[str]:
+    """An evaluation's headline figures, a line each (the synthetic set's dataset card shows them): what was
+    compared, FD/KD over all classes, the synthetic pairs' quality and the downstream gain."""
+    fid, cfg, counts = metrics["fidelity"], metrics["config"], metrics["counts"]
+    fd, kd = fid["fd_name"], fid["kd_name"]
+    synthetic = counts["synthetic"]
+    lines = [f"{sum(synthetic.values())} synthetic pairs ({', '.join(f'{c} {n}' for c, n in synthetic.items())}) "
+             f"against the real `{cfg['real']}` ({cfg['fid_split']} split, {sum(counts['real'].values())} pairs) "
+             f"at {metrics['image_size']}²",
+             f"{fd} {_fmt(fid['overall'][fd], 2)}, {kd} {_fmt(fid['overall'][kd], 4)} over all classes"
+             + ("" if fd == "FID" else f" (features of `{fid['extractor']}`: not comparable with published FIDs)")]
+    quality = metrics.get("pair_quality", {}).get("synthetic")
+    if quality:
+        lines.append(f"image–mask consistency (Dice) {_fmt(quality['consistency_dice'])}, sane masks "
+                     f"{_fmt(quality['sane_mask_share'])}, class fidelity {_fmt(quality.get('class_fidelity_mean'))}")
+    if "downstream" in metrics:
+        d = metrics["downstream"]
+        for model, metric in (("classifier", "macro_f1"), ("segmenter", "dice")):
+            e = d["summary"][model][metric]
+            lines.append(f"{model} {metric} on real test pairs: {_fmt(e['real']['mean'])} (real) → "
+                         f"{_fmt(e['real+synthetic']['mean'])} (real + synthetic, {d['settings'].get('hybrid', 'mix')}; "
+                         f"mean of {len({r['seed'] for r in d['results']})} seeds)")
+    return lines

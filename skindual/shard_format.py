@@ -45,7 +45,7 @@ PARQUET_SCHEMA = pa.schema([
     ("source_key", pa.string()),  # mask mode: the real pair the mask came from, "{shard:05d}/{key}"
     ("augmentation_seed", pa.int64()),  # mask mode: the seed of the mask's augmentation
 ])
-RUN_FILE, SIZES_FILE, MANIFEST_FILE = "run.json", "sizes.json", "manifest.json"
+RUN_FILE, SIZES_FILE, MANIFEST_FILE, CARD_FILE = "run.json", "sizes.json", "manifest.json", "README.md"
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 """A shard file's name: group 1 the shard number, group 2 the kind (``.tar``, ``.parquet``, ``_stats.json``)."""
 
@@ -120,6 +120,7 @@ class ShardStats:
     image_format: str = "jpg"
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class code -> ok samples (real data)
     device: str = ""  # the model of the device that sampled the shard ("cpu", a GPU's name; "" for real data)
+    draws: int = 0  # every draw quality control judged, redraws included (real data: one per row); 0: not recorded
 
 
 def validate_samples(shard: int, samples: Sequence[Sample], image_format: str = "jpg") -> list[Sample]:

@@ -94,12 +94,14 @@ def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, An
                 tar.write(dict(member))
         pq.write_table(table, parquet_path, compression="zstd", use_dictionary=True, write_statistics=True)
         successes = sum(r["status"] == "ok" for r in rows)
+        draws = sum(int(r.get("attempts") or 1) for r in rows)  # a real row, without attempts, is one
         stats = ShardStats(
             shard=shard, count=len(rows), successes=successes, failed_to_generate=len(rows) - successes,
             rejections=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")),
             per_class=per_class, tar_sha256=file_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
             parquet_sha256=file_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
-            fingerprint=fingerprint, image_format=image_format, per_split=per_split, device=device)
+            fingerprint=fingerprint, image_format=image_format, per_split=per_split, device=device,
+            draws=draws)
         stats_path.write_bytes(canonical_json(asdict(stats)))
         storage.delete(stats_name)  # un-commit a previous attempt before replacing its data
         storage.upload_file(tar_path, tar_name)

@@ -131,6 +131,36 @@ def tamper_shard(root, shard: int, case: str) -> None:
     storage.write_bytes(stats_name, canonical_json(stats))
 
 
+def write_test_output(root, pairs, per_shard: int = 16, ignore_rows: int = 0, license: str = "",
+                      complete: bool = True) -> dict:
+    """`write_test_shards`, then the run files a generation run writes after them (its ``manifest.json``, the
+    shards' counts and the run's settings, as `generate.run_generate` records them) and its dataset card: a
+    stand-in for a finished generate output.  The manifest."""
+    from dataclasses import asdict
+
+    from skindual.card import write_card
+    from skindual.generate_config import GenerateConfig
+    from skindual.run_files import write_run_files
+    from skindual.storage import open_storage
+
+    write_test_shards(root, pairs, per_shard, ignore_rows=ignore_rows)
+    asked: dict[str, int] = {}
+    for code, _ in pairs:
+        asked[code] = asked.get(code, 0) + 1
+    cfg = GenerateConfig(per_class=",".join(f"{c}={n}" for c, n in asked.items()), steps=1, guidance=1.0,
+                         qc_segmenter="qc-segmenter" if ignore_rows else "", license=license,
+                         samples_per_shard=per_shard, output=str(root))
+    resolved = {"base_model": "test", "adapter": "none", "layout": "channels", "resolution": EVAL_SYNTHETIC_SIZE,
+                "qc_segmenter": "sha256:" + "ab" * 32 if ignore_rows else "none", "mask_source": "none",
+                "device": "cpu", "device_model": "cpu:1 threads", "dtype": "fp32"}
+    storage = open_storage(root)
+    manifest = write_run_files(storage, {"config": asdict(cfg), "resolved": resolved, "asked_per_class": asked,
+                                         "fingerprint": "test", "complete": complete,
+                                         "versions": {"skindual": "0.1.0"}})
+    write_card(storage, manifest)
+    return manifest
+
+
 def prepare_folder(folder: Path, output: Path, per_shard: int = 100) -> Path:
     """A HAM10000-layout folder through the prepare job's code (in this process): its real dataset."""
     from skindual.prepare import PrepareConfig, prepare_here
@@ -143,7 +173,7 @@ def prepare_folder(folder: Path, output: Path, per_shard: int = 100) -> Path:
 def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small demo world for the evaluation and export jobs: a HAM10000-layout folder (8 images per
     class, 16 nv) prepared into a real dataset (2 shards), and 4 synthetic pairs per class in 2
-    committed shards."""
+    committed shards with a generate output's manifest and card."""
     from skindual.demo import render
     from skindual.prompts import CLASS_CODES
 
@@ -151,7 +181,7 @@ def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     render.write_demo_dataset(root / "data", {c: 16 if c == "nv" else 8 for c in CLASS_CODES}, seed=3)
     real = prepare_folder(root / "data", root / "real", per_shard=40)
     pairs = [(code, 10_000 + 100 * i + k) for i, code in enumerate(CLASS_CODES) for k in range(4)]
-    write_test_shards(root / "synthetic", pairs)
+    write_test_output(root / "synthetic", pairs)
     return {"root": root, "real": str(real), "synthetic": str(root / "synthetic"), "pairs": pairs}
 
 
@@ -184,6 +214,22 @@ def real_batch(real: Path | str, size: int, n: int = 2) -> dict:
 
     selection = training_selection(training_rows(read_index(str(real))), False, 0)
     return next(local_batches(str(real), selection, size, n))
+
+
+def read_card(folder: Path) -> tuple[dict, str]:
+    """An output's dataset card: its YAML header and its body."""
+    import yaml
+
+    text = (Path(folder) / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def card_table(body: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the first table under a card's `heading`: first cell (backticks dropped) → the other cells."""
+    section = body.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows[2:]}
 
 
 def folder_arrays(root: Path | str, size: int):

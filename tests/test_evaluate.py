@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import job_runs as jobs
-from fixture_data import write_test_shards
+from fixture_data import read_card, write_test_shards
 from skindual.cli import run_job
 from skindual.evaluate_plan import EvaluateConfig
+from skindual.report import headline_lines
 from skindual.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,10 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     assert "FD_lesioncnn" in report and "not FID" in report and "| segmenter | dice |" in report
     assert "the hybrid arm pretrained on the synthetic pairs, then fine-tuned on the real ones" in report
     assert "diversity (synthetic / real spread)" in report and "## Pair quality" in report
+    # the evaluated output's dataset card shows the headline figures, and where the report is
+    body = read_card(Path(eval_world["synthetic"]))[1]
+    assert "## Evaluation" in body and storage.join("report.md") in body
+    assert all(f"- {line}" in body for line in headline_lines(metrics)) and "classifier macro_f1" in body
 
     # a rerun of the same inputs and settings keeps the report (no cluster work: the same bytes, its timings too)
     before = {name: storage.read_bytes(name) for name in ("metrics.json", "report.md")}

@@ -108,6 +108,41 @@ def test_nnunet_export_merged_with_real_and_resized(eval_world, tmp_path):
     assert all(Image.open(p).size == (24, 24) for p in (folder / "imagesTr").iterdir())
 
 
+def test_msd_export_merged_with_real_lists_every_item_with_the_same_keys(tmp_path, eval_world):
+    """A Decathlon datalist: every training item has an ignore map once the synthetic pairs carry them (all 0 for a
+    pair without one, and for the real pairs), the real test split is listed with its labels, and the licence is
+    the synthetic output's."""
+    from fixture_data import write_test_output
+
+    write_test_output(tmp_path / "synthetic", [("df", 1), ("vasc", 2), ("nv", 3), ("mel", 4)], per_shard=4,
+                      ignore_rows=5, license="cc-by-nc-4.0")
+    summary = export(ExportConfig(synthetic=str(tmp_path / "synthetic"), output=str(tmp_path / "out"), format="msd",
+                                  with_real=eval_world["real"], dataset_id=12, dataset_name="Lesions"))
+    folder = tmp_path / "out" / "Task012_Lesions"
+    meta = json.loads((folder / "dataset.json").read_text())
+    splits = read_index(eval_world["real"]).column("split").to_pylist()
+    assert meta["licence"] == "cc-by-nc-4.0" and meta["labels"] == {"0": "background", "1": "lesion"}
+    assert meta["numTraining"] == len(meta["training"]) == 4 + splits.count("train") == summary["counts"][
+        "synthetic_train"] + summary["counts"]["real_train"]
+    assert meta["numTest"] == len(meta["test"]) == splits.count("test")
+    assert all(set(item) == {"image", "label", "ignore", "class"} for item in meta["training"])
+    assert all(set(item) == {"image", "label", "class"} and "/imagesTs/real_" in item["image"] for item in meta["test"])
+    pairs = shard_pairs(str(tmp_path / "synthetic"))
+    for item in meta["training"]:
+        label, ignore = (np.asarray(Image.open(folder / item[k])) for k in ("label", "ignore"))
+        assert set(np.unique(label)) <= {0, 1} and set(np.unique(ignore)) <= {0, 1}
+        key = Path(item["image"]).stem.removeprefix("syn_")
+        if key in pairs:
+            assert np.array_equal(label, pairs[key]["mask"]) and np.array_equal(ignore, pairs[key]["ignore"])
+            assert item["class"] == pairs[key]["class_index"]
+        else:
+            assert not ignore.any()
+    # without --ignore-maps, or pairs without maps: no ignore key at all
+    export(ExportConfig(synthetic=eval_world["synthetic"], output=str(tmp_path / "plain"), format="msd"))
+    plain = json.loads((tmp_path / "plain" / "Task501_SkinDualGen" / "dataset.json").read_text())
+    assert all(set(item) == {"image", "label", "class"} for item in plain["training"]) and plain["licence"] == "unknown"
+
+
 def test_imagefolder_export_reads_back_with_torchvision(eval_world, tmp_path):
     from torchvision.datasets import ImageFolder
 

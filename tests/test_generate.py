@@ -22,8 +22,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fixture_data import card_table, read_card
 from job_runs import ok, run_job, start_job
 from skindual import generate, generate_actors, generate_model
+from skindual.card import RECIPES
+from skindual.cli import OUR_LINE
 from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
@@ -334,9 +337,12 @@ def local_run(ray_cluster, tmp_path_factory):
     return LocalStorage(out), ok(run_job("generate", [*JOB_ARGS, "--output", str(out)], ray_cluster))
 
 
-def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
+def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run, ray_cluster, tmp_path, monkeypatch):
     storage, result = local_run
     assert "5 shards to do" in result.stderr and "generate: 9/9 pairs (100%)" in result.stderr
+    # only skindual's lines on the terminal: the plan, progress, a line per shard, the summary (Ray's stay in its logs)
+    others = [line for line in result.stderr.splitlines() if not re.match(OUR_LINE, line)]
+    assert others == [] and result.stdout.count("\n") == 1 and result.stdout.startswith("done: 9 pairs")
     assert all(f"shard {i:05d} written" in result.stderr for i in range(SHARDS))
     assert sorted(n for n in storage.list() if n.endswith(".tar")) == [f"{i:05d}.tar" for i in range(SHARDS)]
     counts, keys = {}, []
@@ -360,6 +366,32 @@ def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
     # the skindual reader yields the same pairs
     pairs = list(read_shards(storage.url))
     assert sorted(p["key"] for p in pairs) == sorted(keys)
+
+    # the dataset card, from the manifest's numbers; the licence is the demo world's (no --adapter: the demo's)
+    header, body = read_card(Path(storage.url))
+    assert header["license"] == "apache-2.0" and header["size_categories"] == ["n<1K"]
+    counts = card_table(body, "Pairs per class")
+    assert {c: int(row[1]) for c, row in counts.items() if c != "all"} == ASKED and counts["all"][1] == "9"
+    kept = card_table(body, "How they were made")["kept"][0]
+    assert kept.startswith(f"9 of {manifest['totals']['draws']} draws passed") and "Partial" not in body
+    # its recipes on the job's own output: Hugging Face datasets by the card's features, Ray Data on the cluster
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    (tmp_path / "skindual-synthetic").symlink_to(storage.url)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(RECIPES["datasets-card"], scope)
+    assert sorted(scope["pairs"]["__key__"]) == sorted(keys) and scope["pairs"][0]["seg.png"].mode == "L"
+    assert all(isinstance(p["json"], dict) and p["json"]["key"] == p["__key__"] for p in scope["pairs"])
+    check = RECIPES["ray-data"] + ("row = pairs.take(1)[0]\n"
+                                   "assert row['jpg'].shape == (64, 64, 3) and row['seg.png'].shape == (64, 64)\n"
+                                   "assert isinstance(row['cls'], int) and row['json']['class_index'] == row['cls']\n"
+                                   "print(pairs.count())\n")
+    run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "9", run.stderr[-3000:]
 
 
 def test_rerun_is_a_no_op(local_run, ray_cluster):

@@ -1,5 +1,6 @@
 """The jobs' help texts are true: every flag a job's docstring names in a usage line (``python jobs/<job>.py ...``,
-its own or another job's) is a flag of that job, and every flag its prose names is a flag of some job."""
+its own or another job's) is a flag of that job, and every flag its prose names is a flag of some job.  A mistake
+is one line before Ray starts, and the line Ray prints on every Ray Data actor pool stays off a job's terminal."""
 
 from __future__ import annotations
 
@@ -126,3 +127,38 @@ def test_a_mistake_is_one_line_before_ray_starts(case, eval_world, outputs):
     line = error_line(result)
     assert line.startswith("error: " + expected.format(o=outputs, real=eval_world["real"])), (case, line)
     assert "Inception" not in line
+
+
+RAY_NOTE = ("[2026-12-06 04:19:49,796 E 17259 17259] core_worker.cc:2465: Actor with class name: "
+            "'MapWorker(MapBatches(ShardGenerator))' and ID: 'a5361ecdbdb54eb35f549fef01000000' has constructor "
+            "arguments in the object store and max_restarts > 0. If the arguments in the object store go out of scope "
+            "or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+            "details.")
+THEIR_ACTOR = RAY_NOTE.replace("MapWorker(MapBatches(ShardGenerator))", "Mine")
+
+
+def test_the_line_ray_prints_on_every_actor_pool_stays_off_a_jobs_terminal():
+    """`cli.drop_native_lines` as `init_ray` installs it: what the process writes to its standard error, natively
+    or from Python, comes out in order and whole (a partial line too), but for Ray Data's restart note; a user's
+    own actor's note stays; a child still holding the pipe does not hold up the exit."""
+    import subprocess
+    import time
+
+    script = f"""
+import os, subprocess, sys, time
+from skindual.cli import RAY_DATA_RESTART_NOTE, drop_native_lines
+drop_native_lines(RAY_DATA_RESTART_NOTE)
+os.write(2, b"native line\\n")
+os.write(2, {RAY_NOTE.encode()!r} + b"\\n")
+print("python line", file=sys.stderr)
+os.write(2, {THEIR_ACTOR.encode()!r} + b"\\n")
+os.write(2, b"no newline yet")
+time.sleep(0.3)
+os.write(2, b", now\\n")
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"], stdout=subprocess.DEVNULL)
+sys.stderr.write("last")
+"""
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and time.monotonic() - started < 15, run.stderr
+    assert run.stderr == f"native line\npython line\n{THEIR_ACTOR}\nno newline yet, now\nlast"

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "base_models": 3, "model": 3, "sd2": 3,
     "losses": 4, "shard_format": 4, "shard_store": 4, "shard_reader": 4, "run_files": 4, "shards": 4, "report": 4,
     "pairs": 4,
-    "mask_source": 4,
+    "mask_source": 4, "card": 4,
     "finetune": 5, "finetune_config": 5, "joint_trainer": 5, "finetune_worker": 5,
     "generate": 5, "generate_config": 5, "generate_model": 5, "redraw": 5,
     "generate_actors": 5, "evaluate": 5, "evaluate_plan": 5, "evaluate_features": 5, "evaluate_downstream": 5,

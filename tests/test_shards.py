@@ -89,6 +89,7 @@ def test_write_shard_files_order_and_stats(tmp_path: Path) -> None:
     on_disk = json.loads(store.read_bytes("00003_stats.json"))
     assert on_disk == json.loads(json.dumps(stats.__dict__))
     assert (stats.count, stats.successes, stats.failed_to_generate) == (7, 4, 3)
+    assert stats.draws == 4 + 3 * 3  # a rejected sample drew three times
     assert stats.rejections == {"empty": 2, "fragmented": 1}
     assert sum(c["ok"] for c in stats.per_class.values()) == 4
     assert stats.per_class[samples[1].class_code] == {"ok": 0, "rejected": 1}
@@ -228,6 +229,7 @@ def test_run_files(tmp_path: Path) -> None:
     assert json.loads(store.read_bytes("manifest.json")) == manifest
     totals = manifest["totals"]
     assert (totals["shards"], totals["count"], totals["successes"], totals["failed_to_generate"]) == (2, 9, 6, 3)
+    assert totals["draws"] == 6 + 3 * 3
     assert totals["rejections"] == {"empty": 2, "fragmented": 1}
     assert sum(c["ok"] for c in totals["per_class"].values()) == 6
     assert manifest["versions"] == {"skindual": "0.1.0"} and manifest["config"] == CONFIG
@@ -365,24 +367,23 @@ def test_written_files_get_the_umasks_mode(tmp_path: Path) -> None:
 
 
 def test_the_readmes_stock_webdataset_recipe_gives_masks_and_ignore_maps(tmp_path: Path, monkeypatch) -> None:
-    """The README's "Using the shards" stock-webdataset lines, run as written on shards where some pairs have
-    an ignore map: every pair comes with a mask and an ignore map (all 0 for the pairs without one)."""
+    """The README's stock-webdataset recipe ("Loading the pairs", `card.RECIPES`), run as printed on shards where
+    some pairs have an ignore map: every pair comes with a mask and an ignore map (all 0 for the pairs without one)."""
+    from skindual.card import RECIPES
+
     store = LocalStorage(tmp_path / "skindual-synthetic")
     samples = make_samples(0, 4)
     for s in samples[1::2]:
         s.ignore = np.zeros((SIZE, SIZE), np.uint8)
         s.ignore[:3] = 1
     write_shard(store, 0, samples, RUN_INFO)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("## Using the shards", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    recipe = block[block.index("import numpy as np, torch, webdataset"):block.index("loader = ")]
     monkeypatch.chdir(tmp_path)
     scope: dict[str, Any] = {}
-    exec(recipe, scope)
-    read = list(scope["ds"])
+    exec(RECIPES["webdataset"], scope)
+    read = sorted(scope["pairs"], key=lambda pair: pair[4]["key"])  # the recipe shuffles the shards
     assert len(read) == 4
-    for (image, mask, ignore, label), s in zip(read, samples):
-        assert image.shape == (SIZE, SIZE, 3) and label == s.class_index
+    for (image, mask, ignore, label, meta), s in zip(read, samples):
+        assert image.shape == (SIZE, SIZE, 3) and label == s.class_index and meta["key"] == s.key
         assert np.array_equal(mask, s.mask * 255)
         assert np.array_equal(ignore, s.ignore * 255 if s.ignore is not None else np.zeros((SIZE, SIZE)))
     # read_shards gives the same maps as 0/1 (tensors: 1×H×W)

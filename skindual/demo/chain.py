@@ -26,7 +26,7 @@ import numpy as np
 from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
 from skindual.demo.render import DIFFICULTIES
-from skindual.demo.world import DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
+from skindual.demo.world import DEMO_LICENSE, DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
 from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
 from skindual.evaluate import run_evaluate
@@ -177,7 +177,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                          output=str(out / f"synthetic{suffix}{'' if cfg.qc else '-noqc'}"),
                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
                          max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite, qc_segmenter=qc.output,
-                         max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes)
+                         max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes,
+                         license=DEMO_LICENSE)
     name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
     with _stage_errors(name):
         threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")

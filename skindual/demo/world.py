@@ -51,6 +51,8 @@ ids) and balanced."""
 DEMO_TEST_FIRST_ID = 1_000_000  # its image and lesion ids count from here, apart from the main data's
 
 
+DEMO_LICENSE = "apache-2.0"
+"""The licence of the demo world's data and of the pairs its models sample: the project's own."""
 DEMO_PAIRS_PER_SHARD = 250  # the demo's real datasets come in several shards, as a real one does
 
 
@@ -71,7 +73,7 @@ class DemoWorld:
 def _prepared(folder: Path, output: Path, seed: int) -> dict:
     """`folder` through the prepare job's code, in this process (a rerun skips what is committed)."""
     return prepare_here(PrepareConfig(ham10000=str(folder), output=str(output), seed=seed,
-                                     samples_per_shard=DEMO_PAIRS_PER_SHARD))
+                                     samples_per_shard=DEMO_PAIRS_PER_SHARD, license=DEMO_LICENSE))
 
 
 def prepare_demo_world(
@@ -217,10 +219,11 @@ def qc_defaults(cfg: QCModelConfig, demo_output: str = DEMO_OUTPUT) -> QCModelCo
 
 
 def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:
-    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter."""
+    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter, and without
+    --license the demo world's licence."""
     if cfg.adapter or cfg.base_model not in ("", DEMO_BASE) or not (DEMO_ADAPTER / ADAPTER_JSON).is_file():
         return cfg
-    return replace(cfg, adapter=str(DEMO_ADAPTER))
+    return replace(cfg, adapter=str(DEMO_ADAPTER), license=cfg.license or DEMO_LICENSE)
 
 
 @torch.no_grad()
