@@ -9,7 +9,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,11 +46,6 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             load_checkpoint(trainer, folder)
         log.info("resumed from step %d", trainer.step)
-        if trainer.step > cfg.steps:
-            # the run already went further: its adapter is the trained one, recorded with its real step count
-            log.warning("run %s is at step %d, past --steps %d: writing its adapter as trained (%d steps); "
-                        "use a new --name to train a shorter run", cfg.name, trainer.step, cfg.steps, trainer.step)
-            cfg = replace(cfg, steps=trainer.step)
     trainer.model = ray.train.torch.prepare_model(trainer.unet)
     shard = ray.train.get_dataset_shard("train")
     started, start_step, last_line = time.perf_counter(), trainer.step, 0.0
