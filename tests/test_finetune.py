@@ -61,6 +61,9 @@ def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_real, ray_cluster, 
     assert {f"s3run/adapter/{n}" for n in (model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON)} <= set(names)
     assert {"s3run/validation_grid.png", "s3run/loss_curve.png"} <= set(names)
     assert any(n.startswith("s3run/checkpoint_") and n.endswith("trainable.safetensors") for n in names)
+    # each worker's share of a checkpoint lands in the same folder on S3
+    for name in [n for n in names if n.endswith("/progress.json")]:
+        assert {name.replace("progress.json", f"rng-rank{r}.safetensors") for r in (0, 1)} <= set(names)
     assert "step 4/4" in out and "steps/s" in out and "ETA" in out
     meta = json.loads(storage.read_bytes("s3run/adapter/" + model.ADAPTER_JSON))
     assert meta["layout"] == "channels" and meta["base_model"] == "demo"
