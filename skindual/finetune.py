@@ -117,6 +117,8 @@ def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     """The settings that shape the weights (`NOT_FINGERPRINTED` left out), the base model by its identity and the
     training data by its manifest's fingerprint."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if cfg.use_gpu:  # CPUs reserved beside a GPU: the sums are the GPU's
+        del settings["cpus_per_worker"]
     if cfg.consistency_segmenter:  # by its identity (its card names its weights' sha256), not its place
         settings["consistency_segmenter"] = f"sha256:{card_digest(cfg.consistency_segmenter, cfg.s3_endpoint or None)}"
     return settings | {"base_model": base_id(cfg.base_model, cfg.s3_endpoint or None), "training_data_fingerprint":
@@ -147,17 +149,12 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
     prompting = Prompting(manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE),
                           prompts.attribute_distribution(rows))
     done = finished(storage, f"{cfg.name}/adapter/{model.ADAPTER_JSON}", fingerprint)
-    if done is not None and done["training_config"]["steps"] < cfg.steps:
-        done = None  # more steps asked: the run continues from its last checkpoint
-    if done is not None and done["training_config"]["steps"] > cfg.steps:
-        log.warning("run %s is at step %d, past --steps %d: its adapter, trained %d steps, is kept; use a new "
-                    "--name to train a shorter run", cfg.name, done["training_config"]["steps"], cfg.steps,
-                    done["training_config"]["steps"])
     return FinetunePlan(cfg, rows.num_rows, selection, prompting, tuple(widths), settings, fingerprint, done)
 
 
 def _check_run(storage: Storage, cfg: FinetuneConfig, settings: dict, fingerprint: str) -> None:
-    """Refuse to resume a run (`--name` under `--output`) that was started with other settings."""
+    """Refuse to resume a run (`--name` under `--output`) that was started with other settings (``--steps``
+    included: a longer run is another run, its learning rate decays over all its steps)."""
     try:
         previous = json.loads(storage.read_bytes(f"{cfg.name}/{RUN_FILE}"))
     except FileNotFoundError:

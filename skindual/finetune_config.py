@@ -116,10 +116,13 @@ class Prompting:
 
 
 RUN_FILE = "run.json"  # in the run folder: the fingerprint and the settings the run was started with
-NOT_FINGERPRINTED = ("output", "name", "steps", "checkpoint_every", "max_failures", "cpus_per_worker", "accelerator_type",
-                     "validation_per_class", "validation_steps", "validation_batch", "s3_endpoint")
-"""Settings that do not shape the trained weights: where the run goes and how it is watched, the hardware it is
-given, and ``--steps`` (a rerun with more steps continues the run, with fewer keeps it as trained)."""
+NOT_FINGERPRINTED = ("output", "name", "checkpoint_every", "max_failures", "accelerator_type", "validation_per_class",
+                     "validation_steps", "validation_batch", "s3_endpoint")
+"""Settings that do not shape the trained weights: where the run goes, how often it checkpoints (a resume is
+exact) and retries, the validation grid, and the GPU model (its checkpoints record the device; a resume on
+another warns).  ``--steps`` is fingerprinted (the cosine schedule decays to 0 at it), and so are
+``--num-workers`` (each rank draws its own streams) and, for CPU workers, ``--cpus-per-worker`` (their torch
+threads: another count rounds the sums otherwise); a rerun that changes one is refused."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,23 +33,19 @@ def train_loop(config: dict) -> None:
     worker_setup()
     plan: FinetunePlan = config["plan"]
     cfg, prompting = plan.config, plan.prompting
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # its reserved CPUs, whatever this (reused) worker process had: the same sums every run
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    trainer = JointTrainer(cfg, device, seed_offset=rank)
-    log.info("worker %d of %d on %s, pid %d, %d torch threads", rank, ray.train.get_context().get_world_size(),
-             device_name(trainer.device), os.getpid(), torch.get_num_threads())
+    trainer = JointTrainer(cfg, device, rank, world_size)
+    log.info("worker %d of %d on %s, pid %d, %d torch threads", rank, world_size, device_name(trainer.device),
+             os.getpid(), torch.get_num_threads())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             load_checkpoint(trainer, folder)
         log.info("resumed from step %d", trainer.step)
-        if trainer.step > cfg.steps:
-            # the run already went further: its adapter is the trained one, recorded with its real step count
-            log.warning("run %s is at step %d, past --steps %d: writing its adapter as trained (%d steps); "
-                        "use a new --name to train a shorter run", cfg.name, trainer.step, cfg.steps, trainer.step)
-            cfg = replace(cfg, steps=trainer.step)
     trainer.model = ray.train.torch.prepare_model(trainer.unet)
     shard = ray.train.get_dataset_shard("train")
     started, start_step, last_line = time.perf_counter(), trainer.step, 0.0
@@ -76,7 +72,7 @@ def train_loop(config: dict) -> None:
                          metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"],
                          metrics["consistency"], rate, (cfg.steps - step) / max(rate, 1e-9))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _report_checkpoint(trainer, metrics | {"steps_per_s": rate}, rank)
+                _report_checkpoint(trainer, metrics | {"steps_per_s": rate})
             if step >= cfg.steps:
                 break
         else:  # the epoch ended: the next one's order is seeded by the step it starts at
@@ -88,16 +84,15 @@ def train_loop(config: dict) -> None:
         write_outputs(cfg, trainer, prompting, plan.fingerprint)
 
 
-def _report_checkpoint(trainer: JointTrainer, metrics: dict, rank: int) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (trainable weights, optimiser, progress)."""
+def _report_checkpoint(trainer: JointTrainer, metrics: dict) -> None:
+    """Every worker reports its share of the checkpoint (`save_checkpoint`: rank 0 the weights, optimiser and
+    progress, each rank its RNG streams and data order); Ray Train uploads them into one folder and registers
+    it once every worker has reported."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(trainer, folder)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        save_checkpoint(trainer, folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompting | None = None,

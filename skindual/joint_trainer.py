@@ -1,7 +1,7 @@
 """The joint model's training, in plain PyTorch and without Ray: `JointTrainer` (the model, the optimiser and
 one training step; the Ray Train loop runs it on each worker, the bench and lab scripts in a plain loop) and its
-checkpoint (`save_checkpoint`, `load_checkpoint`): weights, EMA, optimiser, RNG streams and where the data
-order stands, so that a resumed run continues exactly.
+checkpoint (`save_checkpoint`, `load_checkpoint`): weights, EMA and optimiser (rank 0's), and every worker's own
+RNG streams and place in its share of the pairs, so that a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ CHECKPOINT_STATE = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 CHECKPOINT_EMA = "ema.safetensors"
-CHECKPOINT_RNG = "rng.pt"
+CHECKPOINT_RNG = "rng-rank{rank}.safetensors"
+"""Each worker's own file: its RNG streams (tensors), and in the metadata the gradient scaler and where its
+data order stands -- tensors and text only, nothing is unpickled on resume."""
 
 
 def device_name(device: torch.device) -> str:
@@ -58,8 +60,8 @@ class JointTrainer:
     window of each mask with the VAE decoder's activations recomputed in the backward pass.
     """
 
-    def __init__(self, cfg: FinetuneConfig, device: torch.device, seed_offset: int = 0):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         precision = resolve_precision(cfg.mixed_precision, device.type == "cuda")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} computes no bf16; "
@@ -83,8 +85,8 @@ class JointTrainer:
         elif cfg.w_prior and cfg.layout == "channels":  # the base's 4-channel convs, for the prior's forward
             self.base_convs = (copy.deepcopy(self.unet.conv_in), copy.deepcopy(self.unet.conv_out))
         # seeded right before the LoRA's random initialisation: whatever this process ran before (a Ray worker
-        # is reused) and whatever loading the pipeline drew, the same seed gives the same start
-        torch.manual_seed(cfg.seed + seed_offset)
+        # is reused) and whatever loading the pipeline drew, the same seed gives the same start, on every rank
+        torch.manual_seed(cfg.seed)
         self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
         for p in self.params:  # trained weights in fp32 whatever the compute dtype (LoRA, widened convs)
             p.data = p.data.float()
@@ -96,7 +98,8 @@ class JointTrainer:
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
         self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + seed_offset)
+        # each rank draws its own noise, timesteps, flips and prompt dropout
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
         self.step, self.micro, self.history = 0, 0, []
         self.skipped_steps = 0  # optimiser steps the gradient scaler skipped (inf/NaN gradients in fp16)
         # where the data order stands: the current epoch's shuffle seed and the micro-batches it has given
@@ -233,49 +236,63 @@ class JointTrainer:
 
 
 def save_checkpoint(trainer: JointTrainer, folder: str) -> None:
-    """Weights, EMA, optimiser, the RNG streams (noise, timesteps, flips, prompt dropout; torch's and
-    CUDA's), the gradient scaler and where the data order stands: a resumed run continues exactly."""
+    """`trainer`'s share of a checkpoint in `folder` (every rank writes into the same one): rank 0 the weights,
+    EMA, optimiser and progress, every rank its own RNG streams (noise, timesteps, flips, prompt dropout;
+    torch's and CUDA's), gradient scaler and where its data order stands -- a resumed run continues exactly."""
     from safetensors.torch import save_file
 
-    save_file(trainer.state(), os.path.join(folder, CHECKPOINT_STATE))
-    if trainer.ema is not None:
-        save_file({k: v.cpu().contiguous() for k, v in trainer.ema.items()}, os.path.join(folder, CHECKPOINT_EMA))
-    torch.save(trainer.optimizer.state_dict(), os.path.join(folder, CHECKPOINT_OPTIMIZER))
-    torch.save({"generator": trainer.generator.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
-                "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {}},
-               os.path.join(folder, CHECKPOINT_RNG))
-    Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({
-        "step": trainer.step, "history": trainer.history, "skipped_steps": trainer.skipped_steps,
-        "epoch_seed": trainer.epoch_seed, "epoch_batches": trainer.epoch_batches,
-        "device": device_name(trainer.device)}))
+    if trainer.rank == 0:
+        save_file(trainer.state(), os.path.join(folder, CHECKPOINT_STATE))
+        if trainer.ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in trainer.ema.items()}, os.path.join(folder, CHECKPOINT_EMA))
+        torch.save(trainer.optimizer.state_dict(), os.path.join(folder, CHECKPOINT_OPTIMIZER))
+        Path(folder, CHECKPOINT_PROGRESS).write_text(json.dumps({
+            "step": trainer.step, "history": trainer.history, "skipped_steps": trainer.skipped_steps,
+            "world_size": trainer.world_size, "device": device_name(trainer.device)}))
+    streams = {"generator": trainer.generator.get_state(), "torch": torch.get_rng_state()}
+    if trainer.device.type == "cuda":
+        streams |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(streams, os.path.join(folder, CHECKPOINT_RNG.format(rank=trainer.rank)), metadata={
+        "rank": str(trainer.rank), "world_size": str(trainer.world_size), "epoch_seed": str(trainer.epoch_seed),
+        "epoch_batches": str(trainer.epoch_batches),
+        "scaler": json.dumps(trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {})})
 
 
 def load_checkpoint(trainer: JointTrainer, folder: str) -> None:
-    """Resume `trainer` from a folder `save_checkpoint` wrote."""
+    """Resume `trainer` from a folder `save_checkpoint` wrote, with its rank's own streams and data order; a
+    checkpoint of another number of workers is refused (each rank's streams are its own)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    progress = json.loads(Path(folder, CHECKPOINT_PROGRESS).read_text())
+    rng_path = os.path.join(folder, CHECKPOINT_RNG.format(rank=trainer.rank))
+    if "world_size" not in progress:
+        raise UserError(f"run {trainer.cfg.name}'s last checkpoint was written by an earlier skindual, without "
+                        "each worker's RNG streams: start another --name")
+    if progress["world_size"] != trainer.world_size:
+        raise UserError(f"run {trainer.cfg.name}'s last checkpoint was written by {progress['world_size']} "
+                        f"worker(s), this run has {trainer.world_size}: resume it with --num-workers "
+                        f"{progress['world_size']}, or start another --name")
     unexpected = trainer.unet.load_state_dict(load_file(os.path.join(folder, CHECKPOINT_STATE)), strict=False)
     if unexpected.unexpected_keys:
         raise RuntimeError(f"checkpoint has keys the model lacks: {unexpected.unexpected_keys[:3]}")
     if trainer.ema is not None and os.path.exists(os.path.join(folder, CHECKPOINT_EMA)):
         trainer.ema = {k: v.to(trainer.device) for k, v in load_file(os.path.join(folder, CHECKPOINT_EMA)).items()}
     trainer.optimizer.load_state_dict(torch.load(os.path.join(folder, CHECKPOINT_OPTIMIZER), weights_only=True))
-    progress = json.loads(Path(folder, CHECKPOINT_PROGRESS).read_text())
     trainer.step, trainer.history = progress["step"], progress["history"]
     trainer.micro = trainer.step * trainer.cfg.grad_accum
     trainer.skipped_steps = progress.get("skipped_steps", 0)
-    trainer.epoch_seed = progress.get("epoch_seed", trainer.cfg.seed + trainer.step)
-    trainer.epoch_batches = progress.get("epoch_batches", 0)
-    rng_path = os.path.join(folder, CHECKPOINT_RNG)
-    if os.path.exists(rng_path):
-        rng = torch.load(rng_path, weights_only=True)
-        trainer.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rng.get("scaler"):
-            trainer.scaler.load_state_dict(rng["scaler"])
+    streams = load_file(rng_path)
+    with safe_open(rng_path, "pt") as f:
+        meta = f.metadata()
+    trainer.generator.set_state(streams["generator"])
+    torch.set_rng_state(streams["torch"])
+    cuda = [streams[f"cuda.{i}"] for i in range(len(streams)) if f"cuda.{i}" in streams]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    trainer.epoch_seed, trainer.epoch_batches = int(meta["epoch_seed"]), int(meta["epoch_batches"])
+    if json.loads(meta["scaler"]):
+        trainer.scaler.load_state_dict(json.loads(meta["scaler"]))
     if progress.get("device") and progress["device"] != device_name(trainer.device):
         log.warning("resuming a run checkpointed on %s on %s: the steps from here on compute on another "
                     "device model (pass --accelerator-type to keep one)", progress["device"],

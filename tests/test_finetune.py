@@ -61,9 +61,16 @@ def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_real, ray_cluster, 
     assert {f"s3run/adapter/{n}" for n in (model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON)} <= set(names)
     assert {"s3run/validation_grid.png", "s3run/loss_curve.png"} <= set(names)
     assert any(n.startswith("s3run/checkpoint_") and n.endswith("trainable.safetensors") for n in names)
+    # each worker's share of a checkpoint lands in the same folder on S3
+    for name in [n for n in names if n.endswith("/progress.json")]:
+        assert {name.replace("progress.json", f"rng-rank{r}.safetensors") for r in (0, 1)} <= set(names)
     assert "step 4/4" in out and "steps/s" in out and "ETA" in out
     meta = json.loads(storage.read_bytes("s3run/adapter/" + model.ADAPTER_JSON))
     assert meta["layout"] == "channels" and meta["base_model"] == "demo"
+
+
+RESUMED = [*TINY, "--num-workers", "2"]
+RESUMED[RESUMED.index("--steps") + 1] = "8"
 
 
 def adapter_digests(folder: Path) -> dict[str, str]:
@@ -74,10 +81,10 @@ def adapter_digests(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_real, ray_cluster, tmp_path_factory) -> Path:
-    """The adapter of an 8-step run nothing interrupted: what a killed and resumed run must reproduce."""
+    """The adapter of an 8-step run of two workers nothing interrupted: what a killed and resumed run must
+    reproduce (each worker draws its own noise, timesteps and flips, and reads its own share of the pairs)."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    args = ["--training-data", str(demo_real), "--output", str(out), "--name", "u", *TINY]
-    args[args.index("--steps") + 1] = "8"
+    args = ["--training-data", str(demo_real), "--output", str(out), "--name", "u", *RESUMED]
     code, log = run_job(args, ray_cluster)
     assert code == 0, log[-4000:]
     return out / "u" / "adapter"
@@ -85,8 +92,7 @@ def uninterrupted(demo_real, ray_cluster, tmp_path_factory) -> Path:
 
 def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_real, ray_cluster, tmp_path,
                                                                         uninterrupted):
-    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "r", *TINY]
-    args[args.index("--steps") + 1] = "8"
+    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "r", *RESUMED]
     proc = start_job(args, ray_cluster)
     run = tmp_path / "r"
     deadline = time.time() + 400
@@ -108,24 +114,15 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
     final = last_checkpoint(run)
     progress = json.loads((final / "progress.json").read_text())
     assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
-
-    # a rerun asking for fewer steps than the run already has: no training, a warning, and the
-    # adapter it writes again records the steps it was trained for, not the new --steps
-    fewer = list(args)
-    fewer[fewer.index("--steps") + 1] = "5"
-    code, out = run_job(fewer, ray_cluster)
-    assert code == 0, out[-4000:]
-    assert "is at step 8, past --steps 5" in out and "step 6/" not in out
-    meta = json.loads((run / "adapter" / model.ADAPTER_JSON).read_text())
-    assert meta["training_config"]["steps"] == 8
+    assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
 
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(demo_real, ray_cluster, tmp_path,
                                                                              uninterrupted):
-    """A preempted spot node takes its training worker with it: Ray Train (--max-failures, 3 by default)
-    starts a new worker from the last checkpoint and the run ends as an uninterrupted one."""
-    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "w", *TINY]
-    args[args.index("--steps") + 1] = "8"
+    """A preempted spot node takes a training worker with it: Ray Train (--max-failures, 3 by default)
+    starts the workers again from the last checkpoint, each with its own RNG streams and place in its share
+    of the pairs, and the run ends as an uninterrupted one."""
+    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "w", *RESUMED]
     proc = start_job(args, ray_cluster)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -133,7 +130,7 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(de
     run, deadline, pid = tmp_path / "w", time.time() + 400, None
     while (pid is None or not registered_steps(run)) and time.time() < deadline:
         assert proc.poll() is None, "".join(lines)[-4000:]
-        found = [re.search(r"worker 0 of 1 on cpu, pid (\d+)", line) for line in list(lines)]
+        found = [re.search(r"worker 1 of 2 on cpu, pid (\d+)", line) for line in list(lines)]
         pid = next((int(m.group(1)) for m in found if m), None)
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
@@ -198,6 +195,62 @@ def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_real):
     with trainer.ema_weights():
         torch.testing.assert_close(trainer.state()[name], trainer.ema[name])
     torch.testing.assert_close(trainer.state()[name], raw[name])
+
+
+def test_each_worker_resumes_its_own_rng_streams_and_data_order(demo_real, tmp_path):
+    """Plain PyTorch (no Ray): two ranks write their shares of one checkpoint folder, as the Ray Train loop
+    does; restored, each draws on from where it stood -- its own noise, timesteps and flips, its own place
+    in its share of the pairs -- and a checkpoint of two workers is refused to three."""
+    from safetensors import safe_open
+
+    from skindual.joint_trainer import load_checkpoint, save_checkpoint
+
+    cfg = FinetuneConfig(training_data=str(demo_real), steps=3, batch_size=2, lora_rank=4, ema_decay=0.9,
+                         name="two")
+    batch = real_batch(demo_real, 64)
+    ranks = [JointTrainer(cfg, torch.device("cpu"), rank, 2) for rank in (0, 1)]
+    torch_states = []
+    for trainer in ranks:
+        trainer.train_step(batch)
+        trainer.epoch_seed, trainer.epoch_batches = 7, 1 + trainer.rank  # where the loop stands in its shard
+        torch.manual_seed(100 + trainer.rank)  # each worker process's own global stream
+        torch_states.append(torch.get_rng_state())
+        save_checkpoint(trainer, str(tmp_path))
+    assert not torch.equal(ranks[0].generator.get_state(), ranks[1].generator.get_state())
+    with safe_open(str(tmp_path / "rng-rank1.safetensors"), "pt") as f:  # tensors and text: nothing unpickled
+        assert f.metadata()["epoch_batches"] == "2"
+    for trainer, torch_state in zip(ranks, torch_states):
+        restored = JointTrainer(cfg, torch.device("cpu"), trainer.rank, 2)
+        load_checkpoint(restored, str(tmp_path))
+        assert torch.equal(restored.generator.get_state(), trainer.generator.get_state())
+        assert torch.equal(torch.get_rng_state(), torch_state)
+        assert (restored.step, restored.epoch_seed, restored.epoch_batches) == (1, 7, 1 + trainer.rank)
+        # rank 0's weights and EMA (what DDP keeps equal on every rank) on every rank
+        assert all(torch.equal(v, ranks[0].state()[k]) for k, v in restored.state().items())
+    with pytest.raises(UserError, match=r"^run two's last checkpoint was written by 2 worker\(s\), this run has 3: "
+                                        r"resume it with --num-workers 2, or start another --name$"):
+        restored.world_size = 3  # as if this worker were one of three
+        load_checkpoint(restored, str(tmp_path))
+
+
+def test_a_rerun_with_other_steps_or_cpu_threads_is_refused_naming_the_flag(demo_real, tmp_path):
+    """The settings that change the trained weights are fingerprinted: --steps (the cosine schedule decays to 0
+    at it: more steps are another run, not a continuation), and on CPU workers --cpus-per-worker (their torch
+    threads); --checkpoint-every is not (a resume is exact), nor --cpus-per-worker beside GPUs."""
+    cfg = FinetuneConfig(training_data=str(demo_real), output=str(tmp_path), name="r", steps=4)
+    plan = plan_finetune(cfg)
+    (tmp_path / "r").mkdir()
+    # the run.json run_finetune writes as the run starts
+    (tmp_path / "r" / "run.json").write_text(json.dumps({"fingerprint": plan.fingerprint, "settings": plan.settings}))
+    with pytest.raises(UserError, match=rf"^run r at {tmp_path} was started with --steps 4, now --steps 8; .*"
+                                        r"another --name$"):
+        plan_finetune(replace(cfg, steps=8))
+    with pytest.raises(UserError, match=r"was started with --cpus-per-worker 1.0, now --cpus-per-worker 2.0; "):
+        plan_finetune(replace(cfg, cpus_per_worker=2.0))
+    assert plan_finetune(replace(cfg, checkpoint_every=2)).fingerprint == plan.fingerprint
+    on_gpus = replace(cfg, use_gpu=True)
+    assert plan_finetune(replace(on_gpus, name="g", cpus_per_worker=2.0)).fingerprint == \
+        plan_finetune(replace(on_gpus, name="g")).fingerprint
 
 
 def test_config_built_in_code_is_checked_like_flags():
