@@ -151,7 +151,7 @@ def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     fingerprint = guard_output(storage, settings, cfg.overwrite)
     pairs = sum(run.counts().values())
     shards = tuple(range(math.ceil(pairs / run.samples_per_shard)))
-    committed = set() if cfg.overwrite else intact_shards(storage)
+    committed = set() if cfg.overwrite else intact_shards(storage, cfg.verify)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
     todo = tuple(s for s in shards if s not in committed)
     return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards, todo, None if todo else done, masks)

@@ -66,6 +66,8 @@ class GenerateConfig:
     max_mask_area: float = option(_LIMITS.max_area, "QC: a larger mask is 'full-frame'")
     min_main_share: float = option(_LIMITS.min_main_share, "QC: the largest mask component's least share, else 'fragmented'")
     overwrite: bool = option(False, "replace an output written with other settings")
+    verify: bool = option(False, "read every committed shard of --output and check its sha256 before deciding what is "
+                                 "done (else only the shards whose size or stamp in storage's listing changed are read)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
@@ -112,7 +114,7 @@ RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
 (`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`), the device and its
 model, and on CPU the torch thread count."""
-NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
+NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):

@@ -11,8 +11,8 @@ needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
 or an s3:// prefix) with `data.training_table` and splits by lesion; `run_files.check_output` guards
-the output (same settings: a rerun skips committed shards; other settings are refused unless
-``--overwrite``); then one Ray task per shard still to do reads its pairs from the source, decodes
+the output (same settings: a rerun skips the committed shards whose listing is unchanged since their commit, or
+with ``--verify`` whose sha256 matches; other settings are refused unless ``--overwrite``); then one Ray task per shard still to do reads its pairs from the source, decodes
 and checks every image and mask, and commits the shard.  A bad file is one `UserError` naming it
 (the shards already committed stay), or with ``--skip-bad`` a rejected row with its reason.
 ``distributed=False`` (`prepare_here`) runs the same per-shard function in this process (the demo world's
@@ -79,6 +79,8 @@ class PrepareConfig:
     seed: int = option(0, "seed of the lesion-level split")
     skip_bad: bool = option(False, "skip (and count and list) bad rows and files instead of stopping at the first")
     overwrite: bool = option(False, "replace a dataset at --output prepared with other settings")
+    verify: bool = option(False, "read every committed shard and check its sha256 before deciding what is done "
+                                 "(else only the shards whose size or stamp in storage's listing changed are read)")
     cpus_per_task: float = option(1.0, "CPUs per shard-writing Ray task")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
@@ -186,7 +188,7 @@ def plan_prepare(cfg: PrepareConfig) -> PreparePlan:
     storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
     fingerprint = guard_output(storage, settings, cfg.overwrite)
-    committed = set() if cfg.overwrite else intact_shards(storage)
+    committed = set() if cfg.overwrite else intact_shards(storage, cfg.verify)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
     if done is not None and committed == set(committed_shards(storage)) and len(committed) == done["totals"]["shards"]:
         return PreparePlan(cfg, storage, settings, fingerprint, {}, {}, [], (), done)

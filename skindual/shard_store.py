@@ -12,7 +12,7 @@ import json
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from skindual.fingerprint import canonical_json
 from skindual.shard_format import (PARQUET_SCHEMA, SAMPLE_META_FIELDS, SHARD_FILE, SIZES_FILE, TAR_MODE, TAR_MTIME,
                                    TAR_OWNER, Sample, ShardStats, encode_sample, parquet_row, shard_names,
                                    validate_samples)
-from skindual.storage import Storage, file_sha256
+from skindual.storage import Listed, Storage, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, An
     The tar is byte-reproducible (webdataset's `TarWriter` with a fixed mtime, owner and mode, USTAR,
     members of a sample sorted by name).  Files are built in a local temp dir, then uploaded
     (multipart on S3) in the order tar, parquet, stats; any old stats file is deleted first, so a
-    crash never leaves old stats beside new data.
+    crash never leaves old stats beside new data.  The stats record what storage's listing then says of the
+    tar and parquet (size and stamp: S3's ETag, a folder's mtime), so a resume decides from a listing whether
+    the files are still the ones committed (`damaged_shards`).
     """
     from webdataset import TarWriter
 
@@ -93,17 +95,20 @@ def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, An
             for member in members:
                 tar.write(dict(member))
         pq.write_table(table, parquet_path, compression="zstd", use_dictionary=True, write_statistics=True)
+        storage.delete(stats_name)  # un-commit a previous attempt before replacing its data
+        storage.upload_file(tar_path, tar_name)
+        storage.upload_file(parquet_path, parquet_name)
+        listed = storage.listing(f"{shard:05d}.")  # "" when a listing does not show it yet: hashed when checked
+        stamps = {name: listed[name].stamp if name in listed else "" for name in (tar_name, parquet_name)}
         successes = sum(r["status"] == "ok" for r in rows)
         stats = ShardStats(
             shard=shard, count=len(rows), successes=successes, failed_to_generate=len(rows) - successes,
             rejections=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")),
             per_class=per_class, tar_sha256=file_sha256(tar_path), tar_bytes=tar_path.stat().st_size,
             parquet_sha256=file_sha256(parquet_path), parquet_bytes=parquet_path.stat().st_size,
-            fingerprint=fingerprint, image_format=image_format, per_split=per_split, device=device)
+            fingerprint=fingerprint, image_format=image_format, per_split=per_split, device=device,
+            tar_stamp=stamps[tar_name], parquet_stamp=stamps[parquet_name])
         stats_path.write_bytes(canonical_json(asdict(stats)))
-        storage.delete(stats_name)  # un-commit a previous attempt before replacing its data
-        storage.upload_file(tar_path, tar_name)
-        storage.upload_file(parquet_path, parquet_name)
         storage.upload_file(stats_path, stats_name)
     return stats
 
@@ -124,23 +129,32 @@ def is_committed(storage: Storage, shard: int, fingerprint: str) -> bool:
             and storage.exists(tar_name) and storage.exists(parquet_name))
 
 
-def committed_shards(storage: Storage) -> list[int]:
-    """Sorted numbers of the shards whose tar, parquet and stats all exist (one listing)."""
+def committed_shards(storage: Storage, names: Iterable[str] | None = None) -> list[int]:
+    """Sorted numbers of the shards whose tar, parquet and stats all exist (one listing, or the given `names`)."""
     found: dict[int, set[str]] = {}
-    for name in storage.list():
+    for name in storage.list() if names is None else names:
         match = SHARD_FILE.match(name)
         if match:
             found.setdefault(int(match.group(1)), set()).add(match.group(2))
     return sorted(n for n, kinds in found.items() if len(kinds) == 3)
 
 
-def _mismatch(stats: ShardStats, sizes: Mapping[str, int]) -> str | None:
+def _mismatch(stats: ShardStats, listing: Mapping[str, Listed]) -> str | None:
     """Why a committed shard's files are not what its stats record (by size), or None."""
     tar_name, parquet_name, _ = shard_names(stats.shard)
     for name, recorded in ((tar_name, stats.tar_bytes), (parquet_name, stats.parquet_bytes)):
-        if sizes.get(name) != recorded:
-            return f"its {name} is {sizes.get(name, 0):,} bytes where its _stats.json records {recorded:,}"
+        size = listing[name].size if name in listing else None
+        if size != recorded:
+            return f"its {name} is {size or 0:,} bytes where its _stats.json records {recorded:,}"
     return None
+
+
+def _listed_as_committed(stats: ShardStats, listing: Mapping[str, Listed]) -> bool:
+    """Whether the listing shows the shard's tar and parquet with the stamps recorded at commit (stats written
+    before stamps were recorded have none: never)."""
+    tar_name, parquet_name, _ = shard_names(stats.shard)
+    return all(stamp and name in listing and listing[name].stamp == stamp
+               for name, stamp in ((tar_name, stats.tar_stamp), (parquet_name, stats.parquet_stamp)))
 
 
 def _sha256_of(storage: Storage, name: str) -> str:
@@ -150,42 +164,47 @@ def _sha256_of(storage: Storage, name: str) -> str:
     return digest.hexdigest()
 
 
-def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8) -> dict[int, str]:
+def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8, changed: bool = False) -> dict[int, str]:
     """The committed shards (a ``_stats.json`` beside a tar and a parquet) whose files do not match what their
-    stats record: shard → why.  Sizes come from one listing; with `verify` every byte is read and its
-    sha256 compared too (threads of `workers`), which is what a resume does before it skips a shard."""
+    stats record: shard → why.  Sizes come from one listing.  With `changed`, the shards whose listing does not
+    show the stamps recorded at commit (a file written since, or stats older than stamps) are read and their
+    sha256 compared; with `verify`, every shard is (threads of `workers`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    sizes = storage.sizes()
+    listing = storage.listing()
     found: dict[int, str] = {}
-    stats = [s for s in (read_stats(storage, n) for n in committed_shards(storage)) if s is not None]
+    stats = [s for s in (read_stats(storage, n) for n in committed_shards(storage, listing)) if s is not None]
     for record in stats:
-        why = _mismatch(record, sizes)
+        why = _mismatch(record, listing)
         if why:
             found[record.shard] = why
-    if verify:
-        def check(record: ShardStats) -> tuple[int, str | None]:
-            tar_name, parquet_name, _ = shard_names(record.shard)
-            for name, recorded in ((tar_name, record.tar_sha256), (parquet_name, record.parquet_sha256)):
-                try:
-                    if _sha256_of(storage, name) != recorded:
-                        return record.shard, f"its {name} does not match the sha256 its _stats.json records"
-                except FileNotFoundError:
-                    return record.shard, f"its {name} is missing"
-            return record.shard, None
 
+    def check(record: ShardStats) -> tuple[int, str | None]:
+        tar_name, parquet_name, _ = shard_names(record.shard)
+        for name, recorded in ((tar_name, record.tar_sha256), (parquet_name, record.parquet_sha256)):
+            try:
+                if _sha256_of(storage, name) != recorded:
+                    return record.shard, f"its {name} does not match the sha256 its _stats.json records"
+            except FileNotFoundError:
+                return record.shard, f"its {name} is missing"
+        return record.shard, None
+
+    to_read = [r for r in stats if r.shard not in found
+               and (verify or (changed and not _listed_as_committed(r, listing)))]
+    if to_read:
         with ThreadPoolExecutor(workers) as pool:
-            for shard, why in pool.map(check, [r for r in stats if r.shard not in found]):
+            for shard, why in pool.map(check, to_read):
                 if why:
                     found[shard] = why
     return dict(sorted(found.items()))
 
 
-def intact_shards(storage: Storage) -> set[int]:
-    """The committed shards a resume may skip: those whose files match their ``_stats.json`` to the last byte
-    (`damaged_shards` with every sha256 read).  Each damaged one is one log line naming it; the resume
-    writes it again."""
-    damaged = damaged_shards(storage, verify=True)
+def intact_shards(storage: Storage, verify: bool = False) -> set[int]:
+    """The committed shards a resume may skip: those whose files match their ``_stats.json``.  A shard whose
+    listing shows the size and stamp recorded at commit is taken as intact without reading it; any other is read
+    and its sha256 compared, and with `verify` every shard is (`damaged_shards`).  Each damaged one is one log
+    line naming it; the resume writes it again."""
+    damaged = damaged_shards(storage, verify=verify, changed=True)
     for shard, why in damaged.items():
         log.warning("shard %05d at %s does not match its _stats.json (%s): it is written again", shard,
                     storage.url, why)

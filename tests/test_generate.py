@@ -3,7 +3,6 @@ local Ray cluster (conftest `ray_cluster`) with the demo base, writing to a fold
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fixture_data import shard_snapshot
 from job_runs import ok, run_job, start_job
 from skindual import generate, generate_actors, generate_model
 from skindual.cluster import this_machine
@@ -162,8 +162,7 @@ def test_quality_control_redraws_with_the_next_seeds_and_records_every_rejection
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     write_shard(a, 0, samples, run_info)
     write_shard(b, 0, raw, run_info)
-    for name in a.list():
-        assert a.read_bytes(name) == b.read_bytes(name), name
+    assert shard_snapshot(a) == shard_snapshot(b) and a.list() == b.list()  # tar, parquet, stats: the same bytes
     parquet = pq.read_table(a.join("00000.parquet")).to_pylist()
     assert [p["rejections"] for p in parquet] == [s.rejections for s in samples]
     with pytest.raises(ValueError, match="encoded as 'png'"):
@@ -314,9 +313,8 @@ def start_generate(ray_address: str, log: Path, args: list[str]):
 
 
 def snapshot(storage: Storage) -> dict[str, str]:
-    """sha256 of every shard file (tar, parquet, stats)."""
-    return {n: hashlib.sha256(storage.read_bytes(n)).hexdigest() for n in storage.list()
-            if n.endswith((".tar", ".parquet", "_stats.json"))}
+    """sha256 of every shard file (tar, parquet, stats without what the listing said at commit)."""
+    return shard_snapshot(storage)
 
 
 @pytest.fixture(scope="module")
@@ -355,11 +353,20 @@ def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run):
 
 
 def test_rerun_is_a_no_op(local_run, ray_cluster):
+    """A rerun of a finished output decides from storage's listing and reads no tar: a tar altered behind its
+    _stats.json with its size and mtime kept goes unseen; --verify hashes every shard, finds it and writes it
+    again, to the same bytes."""
     storage, _ = local_run
     before = snapshot(storage)
+    tar = Path(storage.join("00001.tar"))
+    whole, stat = tar.read_bytes(), tar.stat()
+    tar.write_bytes(whole[:-1000] + bytes(b ^ 0xFF for b in whole[-1000:]))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url], ray_cluster))
     assert result.stdout.startswith("already done: 9 pairs") and "shards to do" not in result.stderr
-    assert snapshot(storage) == before
+    result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url, "--verify"], ray_cluster))
+    assert "shard 00001 at" in result.stderr and "does not match the sha256 its _stats.json records" in result.stderr
+    assert "1 shards to do" in result.stderr and snapshot(storage) == before
 
 
 def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_env, tmp_path):

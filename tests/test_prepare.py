@@ -3,7 +3,6 @@ the shared local Ray cluster; bad files, reruns, --max-side.  Off one machine (S
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections import Counter
@@ -15,19 +14,20 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fixture_data import shard_snapshot
 from job_runs import ok, run_job
 from skindual.demo import render
 from skindual.data import HAM_MASKS, ISIC_IMAGES, ISIC_MASKS
 from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES, attribute_distribution, attribute_pools, prompt_table
+from skindual.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {c: 12 if c == "nv" else 6 for c in CLASS_CODES}  # 48 images, some lesions with two
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.name.endswith((".tar", ".parquet", "_stats.json"))}
+    return shard_snapshot(LocalStorage(folder))
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,45 @@ def test_prompts_follow_the_training_datas_sites_ages_and_sexes(prepared):
     again = prompt_table({c: 2000 for c in CLASS_CODES}, seed=4, samples_per_shard=1000,
                          attributes=attribute_pools(distribution))
     assert again.equals(table)  # by the row's seed: reproducible
+
+
+def test_already_done_is_decided_from_the_listing_and_verify_reads_every_shard(download, tmp_path, monkeypatch):
+    """A rerun of a finished preparation reads no tar: each shard's size and stamp (here its mtime) in storage's
+    listing are those its _stats.json recorded at commit.  A shard whose listing changed is read and hashed (and
+    written again when it does not match); `--verify` hashes every shard."""
+    import os
+    from dataclasses import replace
+
+    from skindual.prepare import PrepareConfig, plan_prepare, prepare_here, run_prepare
+
+    out = tmp_path / "real"
+    cfg = PrepareConfig(ham10000=str(download), output=str(out), samples_per_shard=16)
+    prepare_here(cfg)
+    before = snapshot(out)
+    read: list[str] = []
+    for method in ("read_bytes", "iter_bytes"):  # every byte the plans read, by file name
+        original = getattr(LocalStorage, method)
+        monkeypatch.setattr(LocalStorage, method, lambda self, name, *a, _o=original, **k: (read.append(name),
+                                                                                           _o(self, name, *a, **k))[1])
+    assert plan_prepare(cfg).done is not None
+    assert not [n for n in read if n.endswith((".tar", ".parquet"))]
+    # the same size and mtime, other bytes: nothing in the listing shows it, so only --verify finds it
+    tar = out / "00001.tar"
+    whole, stat = tar.read_bytes(), tar.stat()
+    altered = bytearray(whole)
+    altered[len(altered) // 2] ^= 0xFF
+    tar.write_bytes(bytes(altered))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    read.clear()
+    assert plan_prepare(cfg).done is not None and not [n for n in read if n.endswith(".tar")]
+    verified = plan_prepare(replace(cfg, verify=True))
+    assert verified.done is None and verified.todo == (1,)
+    assert sorted(n for n in read if n.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    # written again later (its mtime moves): the listing shows it, that shard alone is read, found and rewritten
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    read.clear()
+    plan = plan_prepare(cfg)
+    assert plan.done is None and plan.todo == (1,)
+    assert [n for n in read if n.endswith((".tar", ".parquet"))] == ["00001.tar"]  # its damage found there
+    run_prepare(plan, distributed=False)
+    assert snapshot(out) == before and plan_prepare(cfg).done is not None

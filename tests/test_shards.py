@@ -24,7 +24,7 @@ from skindual.errors import UserError
 from skindual.fingerprint import config_fingerprint
 from skindual.prompts import CLASSES, sample_key
 from skindual.run_files import check_output, write_run_files
-from skindual.shard_format import Sample
+from skindual.shard_format import LISTING_FIELDS, Sample
 from skindual.shard_store import committed_shards, is_committed, write_shard
 from skindual.shards import read_shards
 from skindual.storage import LocalStorage, Storage, open_storage
@@ -93,6 +93,10 @@ def test_write_shard_files_order_and_stats(tmp_path: Path) -> None:
     assert stats.per_class[samples[1].class_code] == {"ok": 0, "rejected": 1}
     assert stats.tar_sha256 == sha(store, "00003.tar") and stats.parquet_sha256 == sha(store, "00003.parquet")
     assert stats.tar_bytes == len(store.read_bytes("00003.tar")) and stats.fingerprint == FP
+    # and what the folder's listing said of the tar and parquet once uploaded: their mtimes
+    listing = store.listing()
+    assert (stats.tar_stamp, stats.parquet_stamp) == (listing["00003.tar"].stamp, listing["00003.parquet"].stamp)
+    assert stats.tar_stamp == f"mtime_ns:{(tmp_path / 'out' / '00003.tar').stat().st_mtime_ns}"
 
 
 def test_shards_are_byte_reproducible(tmp_path: Path) -> None:
@@ -102,8 +106,13 @@ def test_shards_are_byte_reproducible(tmp_path: Path) -> None:
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     write_shard(a, 0, samples, RUN_INFO)
     write_shard(b, 0, shuffled, RUN_INFO)
-    for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+    for name in ("00000.tar", "00000.parquet"):
         assert sha(a, name) == sha(b, name), name
+    # the stats too, but for what each folder's listing said of its files (their mtimes)
+    stats = [json.loads(store.read_bytes("00000_stats.json")) for store in (a, b)]
+    assert [{k: v for k, v in s.items() if k not in LISTING_FIELDS} for s in stats][0] == \
+        [{k: v for k, v in s.items() if k not in LISTING_FIELDS} for s in stats][1]
+    assert [s["tar_stamp"] for s in stats] == [store.listing()["00000.tar"].stamp for store in (a, b)]
     with tarfile.open(a.join("00000.tar")) as tar:
         members = tar.getmembers()
     assert [m.name for m in members[:5]] == [f"000000000.{e}" for e in ("cls", "jpg", "json", "seg.png", "txt")]
