@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from skindual.errors import UserError
 from skindual.fingerprint import canonical_json
-from skindual.shard_format import (PARQUET_SCHEMA, SAMPLE_META_FIELDS, SHARD_FILE, SIZES_FILE, TAR_MODE, TAR_MTIME,
-                                   TAR_OWNER, Sample, ShardStats, encode_sample, parquet_row, shard_names,
-                                   validate_samples)
+from skindual.shard_format import (MANIFEST_FILE, PARQUET_SCHEMA, RUN_FILE, SAMPLE_META_FIELDS, SHARD_FILE, SIZES_FILE,
+                                   TAR_MODE, TAR_MTIME, TAR_OWNER, Sample, ShardStats, encode_sample, parquet_row,
+                                   shard_names, validate_samples)
 from skindual.storage import Listed, Storage, file_sha256
 
 log = logging.getLogger(__name__)
@@ -211,10 +211,52 @@ def intact_shards(storage: Storage, verify: bool = False) -> set[int]:
     return set(committed_shards(storage)) - set(damaged)
 
 
+def _read_json(storage: Storage, name: str) -> Any:
+    try:
+        return json.loads(storage.read_bytes(name))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def unfinished(storage: Storage, committed: Sequence[int] | None = None) -> str | None:
+    """Why the output at `storage` is not the whole output of a finished run, or None.
+
+    A run records the shards it will write when it starts (``sizes.json``, and ``manifest.json`` with
+    ``"complete": false``, `run_files.start_run`) and rewrites both at its end.  So an output is unfinished when
+    its manifest says ``"complete": false`` (a run cut short or still running), when its ``sizes.json`` names
+    shards it has not committed (a commit marker lost), or when it has a ``run.json`` and neither file (a run of
+    an earlier version cut short).  An output with shards and none of the three was not written by a run of this
+    tool (`write_shard` alone, another tool): nothing says what it should hold, and it is taken as it is."""
+    committed = set(committed_shards(storage) if committed is None else committed)
+    manifest, sizes = _read_json(storage, MANIFEST_FILE), _read_json(storage, SIZES_FILE)
+    named = sorted(int(m.group(1)) for m in map(SHARD_FILE.match, sizes or {}) if m)
+    missing = [n for n in named if n not in committed]
+    shown = ", ".join(f"{n:05d}" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    if isinstance(manifest, dict) and manifest.get("complete") is False:
+        planned = (f"; {len(named) - len(missing)} of the {len(named)} shards it planned are committed"
+                   + (f", not {shown}" if missing else "")) if named else ""
+        return f"the run writing it has not finished (its manifest.json says so{planned})"
+    if missing:
+        return (f"its sizes.json names {len(named)} shards but {len(missing)} of them are not committed (no "
+                f"_stats.json: {shown})")
+    if manifest is None and sizes is None and storage.exists(RUN_FILE):
+        return f"it has a {RUN_FILE} but no manifest.json: the run writing it has not finished"
+    return None
+
+
+def unfinished_part(storage: Storage) -> list[int] | None:
+    """The committed shards of an unfinished output (what a ``--partial`` read of it uses), or None when it is
+    whole.  Work done on a partial read names them in its fingerprint, so that it is not taken for the work of
+    the finished output."""
+    committed = committed_shards(storage)
+    return committed if unfinished(storage, committed) else None
+
+
 def readable_shards(storage: Storage, what: str = "", partial: bool = False) -> list[int]:
     """The committed shards a reader may use, checked: one whose files do not match its ``_stats.json``
-    (sizes) is a `UserError` naming it, and so are the shards its ``sizes.json`` names that are not committed
-    (a run cut short, or a commit marker lost) unless `partial`, which reads the committed part."""
+    (sizes) is a `UserError` naming it, and so is an output whose run has not finished (`unfinished`) unless
+    `partial`, which reads the committed part.  `what` is the flag that named the output in a job (every job
+    that reads a dataset has ``--partial``): the message names the flag, or without `what` the argument."""
     label = f"{what} {storage.url}" if what else storage.url
     damaged = damaged_shards(storage)
     if damaged:
@@ -223,15 +265,9 @@ def readable_shards(storage: Storage, what: str = "", partial: bool = False) -> 
         raise UserError(f"{label}: shard {shard:05d} does not match its _stats.json: {why}{more}; run the job that "
                         "wrote it again (it writes that shard again)")
     committed = committed_shards(storage)
-    try:
-        listed = json.loads(storage.read_bytes(SIZES_FILE))
-    except FileNotFoundError:
-        listed = {}
-    named = sorted(int(name.split(".")[0]) for name in listed if SHARD_FILE.match(name))
-    missing = [n for n in named if n not in committed]
-    if missing and not partial:
-        shown = ", ".join(f"{n:05d}" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UserError(f"{label}: its sizes.json names {len(named)} shards but {len(missing)} of them are not "
-                        f"committed (no _stats.json: {shown}); run the job that wrote it again, or pass --partial "
-                        "to use the committed ones")
+    why = unfinished(storage, committed)
+    if why and not partial:
+        how = "pass --partial" if what else "read it with partial=True"
+        raise UserError(f"{label}: {why}; run the job that wrote it again to finish it, or {how} to use its "
+                        f"{len(committed)} committed shards")
     return committed

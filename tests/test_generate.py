@@ -27,6 +27,7 @@ from skindual import generate, generate_actors, generate_model
 from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
+from skindual.pairs import read_index
 from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
@@ -255,7 +256,7 @@ def test_mask_mode_samples_images_for_augmented_real_masks(demo_real, tmp_path):
     directly): each row is given a real train mask of its class, augmented by its recorded seed; the shard's
     mask is that mask exactly, the prompt names that mask's site, and the same shard comes out byte for byte."""
     from skindual.mask_source import given_mask, load_masks
-    from skindual.pairs import iter_shard, read_index
+    from skindual.pairs import iter_shard
 
     cfg = GenerateConfig(per_class="df=3,nv=3", mask_source=str(demo_real), samples_per_shard=6, steps=2,
                          batch_size=4, output=str(tmp_path / "out"))
@@ -383,6 +384,10 @@ def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_e
         proc.wait()
     committed = sorted(n for n in storage.list() if n.endswith("_stats.json"))
     print(f"killed with {len(committed)} of {SHARDS} shards committed")
+    # the run recorded its shards when it started: what it committed is not taken for the whole output
+    with pytest.raises(UserError, match=r"^--synthetic s3://.*: the run writing it has not finished .*pass --partial"):
+        read_index(s3_env, what="--synthetic")
+    assert {int(n[:5]) for n in committed} <= set(read_index(s3_env, partial=True).column("shard").to_pylist())
     # and a crash inside a shard: its data uploaded again, its commit marker not yet written
     first = committed[0].removesuffix("_stats.json")
     storage.delete(f"{first}_stats.json")

@@ -336,12 +336,51 @@ def test_a_shard_listed_but_never_committed_is_refused_unless_partial(tmp_path: 
     write_run_files(store, {"fingerprint": FP})
     store.delete("00002_stats.json")
     with pytest.raises(UserError, match=r"sizes.json names 3 shards but 1 of them are not committed \(no "
-                                        r"_stats.json: 00002\).*--partial"):
+                                        r"_stats.json: 00002\).*read it with partial=True to use its 2 committed"):
         read_index(store.url)
+    with pytest.raises(UserError, match=r"^--real .*: its sizes.json names 3 shards.*pass --partial to use its 2"):
+        read_index(store.url, what="--real")  # as a job names it: by its flag, and the job's own --partial
     with pytest.raises(UserError, match="00002"):
         list(read_shards(store.url))
     assert sorted(set(read_index(store.url, partial=True).column("shard").to_pylist())) == [0, 1]
     assert len(list(read_shards(store.url, partial=True))) == 12
+
+
+def test_a_run_records_its_shards_when_it_starts_and_is_not_read_as_whole_until_it_ends(tmp_path: Path) -> None:
+    """`start_run` records the planned shards before the first is written (manifest.json "complete": false,
+    sizes.json with every planned shard); a reader refuses the output, even once every shard is committed, until
+    the run's end rewrites both.  Kept from an earlier version: a run.json without either file is a run cut
+    short; shards with none of the three files were not written by a run, and are read as they are."""
+    from skindual.pairs import read_index
+    from skindual.run_files import start_run
+    from skindual.shard_store import readable_shards, unfinished, unfinished_part
+
+    store = LocalStorage(tmp_path / "out")
+    check_output(store, CONFIG)
+    start_run(store, FP, {0: 6, 1: 6, 2: 5})
+    assert json.loads(store.read_bytes("sizes.json")) == {"00000.tar": 6, "00001.tar": 6, "00002.tar": 5}
+    assert json.loads(store.read_bytes("manifest.json")) == {"fingerprint": FP, "complete": False,
+                                                              "planned": {"shards": 3, "pairs": 17}}
+    write_shard(store, 0, make_samples(0), RUN_INFO)
+    write_shard(store, 1, make_samples(1), RUN_INFO)
+    assert unfinished(store) == ("the run writing it has not finished (its manifest.json says so; 2 of the 3 "
+                                 "shards it planned are committed, not 00002)")
+    with pytest.raises(UserError, match=r"^--synthetic .*: the run writing it has not finished .*; run the job that "
+                                        r"wrote it again to finish it, or pass --partial to use its 2 committed shards$"):
+        readable_shards(store, "--synthetic")
+    assert readable_shards(store, partial=True) == [0, 1] and unfinished_part(store) == [0, 1]
+    write_shard(store, 2, make_samples(2, 5), RUN_INFO)
+    assert "3 of the 3 shards it planned are committed)" in unfinished(store)  # all there, the run not ended
+    write_run_files(store, {"fingerprint": FP, "complete": True})
+    assert unfinished(store) is None and unfinished_part(store) is None and readable_shards(store) == [0, 1, 2]
+    assert json.loads(store.read_bytes("sizes.json")) == {"00000.tar": 6, "00001.tar": 6, "00002.tar": 5}
+
+    store.delete("sizes.json")
+    store.delete("manifest.json")  # a run of an earlier version cut short: it deleted both when it started
+    with pytest.raises(UserError, match="has a run.json but no manifest.json"):
+        read_index(store.url)
+    store.delete("run.json")  # shards alone: nothing says what the output should hold
+    assert unfinished(store) is None and sorted(set(read_index(store.url).column("shard").to_pylist())) == [0, 1, 2]
 
 
 def test_written_files_get_the_umasks_mode(tmp_path: Path) -> None:
