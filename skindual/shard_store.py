@@ -229,7 +229,7 @@ def unfinished(storage: Storage, committed: Sequence[int] | None = None) -> str 
     tool (`write_shard` alone, another tool): nothing says what it should hold, and it is taken as it is."""
     committed = set(committed_shards(storage) if committed is None else committed)
     manifest, sizes = _read_json(storage, MANIFEST_FILE), _read_json(storage, SIZES_FILE)
-    named = sorted(int(m.group(1)) for m in map(SHARD_FILE.match, sizes or {}) if m)
+    named = sorted(int(m.group(1)) for m in map(SHARD_FILE.match, sizes if isinstance(sizes, dict) else {}) if m)
     missing = [n for n in named if n not in committed]
     shown = ", ".join(f"{n:05d}" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
     if isinstance(manifest, dict) and manifest.get("complete") is False:
