@@ -77,7 +77,7 @@ class EvaluateConfig:
     grid_per_class: int = option(4, "pairs per class in the sample grids")
     seed: int = option(0, "seed of the extractor training and the KID samples (downstream seeds are seed..seed+seeds-1)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    partial: bool = option(False, "use the committed shards of a dataset whose sizes.json names more (a run cut short); "
+    partial: bool = option(False, "use the committed shards of a dataset whose run has not finished (a run cut short); "
                                   "without it such a dataset is refused, naming the shards it lacks")
     recompute: bool = option(False, "evaluate again even when --output holds the report of the same inputs and "
                                     "settings (a rerun otherwise keeps it)")

@@ -48,7 +48,7 @@ from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES
 from skindual.shard_format import MANIFEST_FILE
 from skindual.shard_reader import check_shard
-from skindual.shard_store import committed_shards, readable_shards
+from skindual.shard_store import committed_shards, readable_shards, unfinished_part
 from skindual.shards import read_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
 
@@ -72,7 +72,7 @@ class ExportConfig:
     dataset_name: str = option("SkinDualGen", "nnU-Net / Decathlon dataset name (letters, digits, - and _)")
     size: int = option(0, "resize every pair to size x size (real ones centre-cropped first); 0: as stored")
     overwrite: bool = option(False, "delete an existing export at --output first")
-    partial: bool = option(False, "export the committed shards of an output whose sizes.json names more (a run cut "
+    partial: bool = option(False, "export the committed shards of an output whose run has not finished (a run cut "
                                   "short); without it such an output is refused, naming the shards it lacks")
     ignore_maps: bool = option(True, "nnunet: label the pixels of a synthetic pair's ignore map ({key}.ignore.png) "
                                      f"{NNUNET_IGNORE}, nnU-Net v2's ignore label, so its training leaves them out; "
@@ -174,6 +174,9 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
                     "fingerprint", "")
             except FileNotFoundError:
                 inputs[flag] = ""
+            part = unfinished_part(source) if cfg.partial else None
+            if part is not None:  # the committed part of an unfinished output: not the export of the whole one
+                inputs[f"{flag}_shards"] = part
     storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "s3_endpoint")} | inputs
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -31,6 +31,7 @@ from skindual.finetune_worker import train_loop
 from skindual.pairs import dataset_manifest
 from skindual.qc_model import QCSegmenter, card_digest
 from skindual.fingerprint import config_fingerprint, settings_diff
+from skindual.shard_store import unfinished_part
 from skindual.storage import Storage, finished, open_storage, output_storage, ray_storage
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,17 @@ def training_selection(rows: pa.Table, balance: bool, seed: int) -> dict[int, di
 # --------------------------------------------------------------------------- the driver
 
 
-def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
+def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str, data_shards: list[int] | None = None) -> dict:
     """The settings that shape the weights (`NOT_FINGERPRINTED` left out), the base model by its identity and the
-    training data by its manifest's fingerprint."""
+    training data by its manifest's fingerprint, and by the shards read when ``--partial`` read the committed part
+    of an unfinished dataset (`data_shards`; so the finished dataset's run is not taken for this one)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     if cfg.use_gpu:  # CPUs reserved beside a GPU: the sums are the GPU's
         del settings["cpus_per_worker"]
     if cfg.consistency_segmenter:  # by its identity (its card names its weights' sha256), not its place
         settings["consistency_segmenter"] = f"sha256:{card_digest(cfg.consistency_segmenter, cfg.s3_endpoint or None)}"
+    if data_shards is not None:
+        settings["training_data_shards"] = ",".join(f"{n:05d}" for n in data_shards)
     return settings | {"base_model": base_id(cfg.base_model, cfg.s3_endpoint or None), "training_data_fingerprint":
                        data_fingerprint}
 
@@ -131,7 +135,8 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
     every problem is one `UserError`."""
     endpoint = cfg.s3_endpoint or None
     native, step, widths = base_geometry(cfg.base_model, endpoint)
-    index = pairs.read_index(cfg.training_data, endpoint, "--training-data")
+    index = pairs.read_index(cfg.training_data, endpoint, "--training-data", cfg.partial)
+    data_shards = unfinished_part(open_storage(cfg.training_data, endpoint)) if cfg.partial else None
     rows = training_rows(index, cfg.real_fraction, cfg.seed)
     if cfg.consistency_segmenter:  # a bad one is one line here, not a traceback in every worker
         QCSegmenter.load(cfg.consistency_segmenter, endpoint, flag="--consistency-segmenter")
@@ -143,7 +148,7 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
                         f"halve the image {step.bit_length() - 1} times); e.g. {max(step, size // step * step)}")
     cfg = replace(cfg, resolution=size, mixed_precision=resolve_precision(cfg.mixed_precision, cfg.use_gpu))
     manifest = dataset_manifest(cfg.training_data, endpoint)
-    settings = finetune_settings(cfg, manifest.get("fingerprint", ""))
+    settings = finetune_settings(cfg, manifest.get("fingerprint", ""), data_shards)
     fingerprint = config_fingerprint(settings)
     _check_run(storage, cfg, settings, fingerprint)
     prompting = Prompting(manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE),

@@ -19,6 +19,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 class FinetuneConfig:
     training_data: str = option("", "the prepared real dataset (jobs/prepare.py): a folder or s3:// prefix; its "
                                     "train split is trained on; empty (jobs/finetune.py): the demo world's")
+    partial: bool = option(False, "use the committed shards of a --training-data whose prepare run has not finished "
+                                  "(the run's fingerprint names them); without it such a dataset is refused")
     real_fraction: float = option(1.0, "train on a seeded share of each class of the train split (at least one "
                                        "pair a class): below 1, the low-data regime")
     base_model: str = option("demo", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder: "
@@ -117,12 +119,13 @@ class Prompting:
 
 RUN_FILE = "run.json"  # in the run folder: the fingerprint and the settings the run was started with
 NOT_FINGERPRINTED = ("output", "name", "checkpoint_every", "max_failures", "accelerator_type", "validation_per_class",
-                     "validation_steps", "validation_batch", "s3_endpoint")
+                     "validation_steps", "validation_batch", "s3_endpoint", "partial")
 """Settings that do not shape the trained weights: where the run goes, how often it checkpoints (a resume is
 exact) and retries, the validation grid, and the GPU model (its checkpoints record the device; a resume on
 another warns).  ``--steps`` is fingerprinted (the cosine schedule decays to 0 at it), and so are
 ``--num-workers`` (each rank draws its own streams) and, for CPU workers, ``--cpus-per-worker`` (their torch
-threads: another count rounds the sums otherwise); a rerun that changes one is refused."""
+threads: another count rounds the sums otherwise); a rerun that changes one is refused.  ``--partial`` enters
+through the shards it reads of an unfinished dataset (`finetune.finetune_settings`)."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from skindual.generate_config import FINGERPRINTED, GenerateConfig, cpu_threads
 from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
 from skindual.prompts import attribute_pools, prompt_table
-from skindual.run_files import check_output, guard_output, read_run_config, write_run_files
+from skindual.run_files import check_output, guard_output, read_run_config, start_run, write_run_files
 from skindual.shard_format import CARD_FILE, MANIFEST_FILE
 from skindual.shard_store import committed_shards, intact_shards, read_stats
 from skindual.storage import Storage, finished, output_storage
@@ -144,15 +144,15 @@ def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     """Resolve and check a generation run (the model, the adapter, the QC segmenter, the output and its earlier
     runs' settings), reading storage only; every problem is one `UserError`."""
     spec = resolve_model(cfg)  # the inputs first: a bad one leaves no output folder behind
-    masks = (plan_mask_source(cfg.mask_source, cfg.mask_fraction, list(cfg.counts()), cfg.s3_endpoint or None)
-             if cfg.mask_source else None)
+    masks = (plan_mask_source(cfg.mask_source, cfg.mask_fraction, list(cfg.counts()), cfg.s3_endpoint or None,
+                              cfg.partial) if cfg.mask_source else None)
     storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     run = replace(cfg, samples_per_shard=resolve_shard_size(cfg, storage))
     settings = fingerprint_config(run, spec, masks)
     fingerprint = guard_output(storage, settings, cfg.overwrite)
     pairs = sum(run.counts().values())
     shards = tuple(range(math.ceil(pairs / run.samples_per_shard)))
-    committed = set() if cfg.overwrite else intact_shards(storage)
+    committed = set() if cfg.overwrite else intact_shards(storage, cfg.verify)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
     todo = tuple(s for s in shards if s not in committed)
     return GeneratePlan(run, spec, storage, settings, fingerprint, pairs, shards, todo, None if todo else done, masks)
@@ -175,6 +175,8 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
     if not cfg.license:
         log.warning("no --license: the dataset card (%s) says 'license: unknown'; pass --license to name the terms "
                     "the pairs may be shared under", storage.join(CARD_FILE))
+    size = cfg.samples_per_shard
+    start_run(storage, fingerprint, {s: min(size, plan.pairs - s * size) for s in plan.shards})
     todo = list(plan.todo) if not cfg.overwrite else list(plan.shards)
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
              plan.pairs, len(plan.shards), len(plan.shards) - len(todo), len(todo), spec.base_id, cfg.actors,

@@ -50,6 +50,8 @@ class GenerateConfig:
                                   "class, varied by a seeded augmentation (flips, rotation, scale, shift, elastic), "
                                   "and that mask's site, age and sex; only the image is sampled, the mask held "
                                   "to it.  Empty: image and mask sampled together")
+    partial: bool = option(False, "with --mask-source: use the committed shards of a prepared dataset whose run has "
+                                  "not finished; without it such a dataset is refused")
     mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
                                        "train split (seed 0: the fine-tune's and evaluation's --real-fraction cut)")
     prompt_attributes: str = option("adapter", "adapter: each row's body site, age and sex drawn by its seed from "
@@ -70,6 +72,8 @@ class GenerateConfig:
                               "Face licence id (cc-by-nc-4.0, apache-2.0, other, ...); empty: 'unknown' (the shipped "
                               "demo adapter's pairs: apache-2.0)")
     overwrite: bool = option(False, "replace an output written with other settings")
+    verify: bool = option(False, "read every committed shard of --output and check its sha256 before deciding what is "
+                                 "done (else only the shards whose size or stamp in storage's listing changed are read)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
     def __post_init__(self) -> None:
@@ -89,6 +93,9 @@ class GenerateConfig:
                             f"--min-main-share {self.min_main_share}: need 0 <= min < max <= 1 and a share in [0, 1]")
         if not 0 < self.mask_fraction <= 1 or (self.mask_fraction < 1 and not self.mask_source):
             raise UserError(f"--mask-fraction {self.mask_fraction}: must be in (0, 1], and below 1 needs --mask-source")
+        if self.partial and not self.mask_source:
+            raise UserError("--partial reads the committed part of --mask-source's dataset; without --mask-source "
+                            "leave it out")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
                             "--qc-segmenter")
@@ -113,11 +120,12 @@ FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", 
                  "prompt_attributes", "min_consistency", "mask_fraction")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
 RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
-            "accelerator_type", "mask_source")
+            "accelerator_type", "mask_source", "partial")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`), the device and its
-model, and on CPU the torch thread count."""
-NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint", "license")
+(`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`: which rows of which shards,
+so a ``--partial`` read of a dataset names the shards it used), the device and its model, and on CPU the torch
+thread count."""
+NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):

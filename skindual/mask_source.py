@@ -53,11 +53,12 @@ class MaskSource:
         return out
 
 
-def plan_mask_source(url: str, fraction: float, classes: Sequence[str], s3_endpoint: str | None) -> MaskSource:
+def plan_mask_source(url: str, fraction: float, classes: Sequence[str], s3_endpoint: str | None,
+                     partial: bool = False) -> MaskSource:
     """Read a prepared real dataset's index: the usable, classed pairs of its train split (a seeded `fraction`
     of each class, seed 0), checked to hold every asked class; every problem is one `UserError` naming
-    ``--mask-source``."""
-    index = pairs.read_index(url, s3_endpoint, "--mask-source")
+    ``--mask-source``.  `partial` (``--partial``): the committed part of a dataset whose run has not finished."""
+    index = pairs.read_index(url, s3_endpoint, "--mask-source", partial)
     if "split" not in index.column_names or "localization" not in index.column_names:
         raise UserError(f"--mask-source {url}: not a prepared real dataset (no split or site columns); give the "
                         "output of jobs/prepare.py")

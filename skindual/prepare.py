@@ -12,9 +12,10 @@ needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
 or an s3:// prefix) with `data.training_table` and splits by lesion; `run_files.check_output` guards
-the output (same settings: a rerun skips committed shards; other settings are refused unless
-``--overwrite``); then one Ray task per shard still to do reads its pairs from the source, decodes
-and checks every image and mask, and commits the shard.  A bad file is one `UserError` naming it
+the output (same settings: a rerun skips the committed shards whose listing is unchanged since their commit, or
+with ``--verify`` whose sha256 matches; other settings are refused unless ``--overwrite``); the run records the
+shards it will write (`run_files.start_run`), then one Ray task per shard still to do reads its pairs from the
+source, decodes and checks every image and mask, and commits the shard.  A bad file is one `UserError` naming it
 (the shards already committed stay), or with ``--skip-bad`` a rejected row with its reason.
 ``distributed=False`` (`prepare_here`) runs the same per-shard function in this process (the demo world's
 small data).
@@ -45,7 +46,7 @@ from skindual.images import image_format
 from skindual.jpeg import strip_metadata
 from skindual.pairs import read_index
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
-from skindual.run_files import check_output, guard_output, write_run_files
+from skindual.run_files import check_output, guard_output, start_run, write_run_files
 from skindual.shard_format import CARD_FILE, JPEG_QUALITY, MANIFEST_FILE, encode_mask
 from skindual.shard_store import commit_shard, committed_shards, intact_shards
 from skindual.storage import Storage, finished, open_storage, output_storage
@@ -83,6 +84,8 @@ class PrepareConfig:
     seed: int = option(0, "seed of the lesion-level split")
     skip_bad: bool = option(False, "skip (and count and list) bad rows and files instead of stopping at the first")
     overwrite: bool = option(False, "replace a dataset at --output prepared with other settings")
+    verify: bool = option(False, "read every committed shard and check its sha256 before deciding what is done "
+                                 "(else only the shards whose size or stamp in storage's listing changed are read)")
     cpus_per_task: float = option(1.0, "CPUs per shard-writing Ray task")
     license: str = option("", "the licence of the source data, as the dataset's card (README.md) names it: a Hugging "
                               "Face licence id (cc-by-nc-4.0, ...); empty: 'unknown'")
@@ -210,7 +213,7 @@ def plan_prepare(cfg: PrepareConfig) -> PreparePlan:
     storage = output_storage(cfg.output, cfg.s3_endpoint or None)
     settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
     fingerprint = guard_output(storage, settings, cfg.overwrite)
-    committed = set() if cfg.overwrite else intact_shards(storage)
+    committed = set() if cfg.overwrite else intact_shards(storage, cfg.verify)
     done = None if cfg.overwrite else finished(storage, MANIFEST_FILE, fingerprint)
     if done is not None and committed == set(committed_shards(storage)) and len(committed) == done["totals"]["shards"]:
         return PreparePlan(cfg, storage, settings, fingerprint, {}, {}, [], (), done)
@@ -235,6 +238,8 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
     if not cfg.license:
         log.warning("no --license: the dataset card (%s) says 'license: unknown'; pass --license with the licence "
                     "of the source data", storage.join(CARD_FILE))
+    start_run(storage, fingerprint, {s: len(rows) for s, rows in by_shard.items()}, kind="real",
+              prompt_template=DEFAULT_TEMPLATE)
     todo = list(plan.todo)
     log.info("%s: %d pairs in %d shards, %d committed, %d to do", storage.url, sum(map(len, by_shard.values())),
              len(by_shard), len(by_shard) - len(todo), len(todo))
@@ -255,7 +260,8 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
         rate = pairs / max(time.monotonic() - started, 1e-9)
         log.info("shard %05d written (%d/%d pairs): %d/%d shards, %.1f pairs/s", result["shard"],
                  result["successes"], result["count"], len(by_shard) - len(todo) + written, len(by_shard), rate)
-    rejected = read_index(storage.url, cfg.s3_endpoint or None).filter(pc.equal(pc.field("status"), "rejected"))
+    # partial: its own output, all committed, whose manifest says "complete": false until the end below
+    rejected = read_index(storage.url, cfg.s3_endpoint or None, partial=True).filter(pc.equal(pc.field("status"), "rejected"))
     bad_files = [[f, r] for f, r in zip(rejected.column("source_image").to_pylist(), rejected.column("reason").to_pylist())]
     manifest = write_run_files(storage, {
         "config": asdict(cfg), "fingerprint": fingerprint, "kind": "real", "prompt_template": DEFAULT_TEMPLATE,

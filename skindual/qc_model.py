@@ -36,6 +36,7 @@ from skindual.cli import check_fields, check_interrupt, option, worker_setup
 from skindual.cluster import ClusterShape, check_shared_paths
 from skindual.errors import UserError
 from skindual.quality import images_to_tensor
+from skindual.shard_store import unfinished_part
 from skindual.storage import file_sha256, finished, open_storage, output_storage
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ the segmenter's own edge is uncertain by about that much."""
 class QCModelConfig:
     training_data: str = option("", "the prepared real dataset (jobs/prepare.py): a folder or s3:// prefix; empty "
                                     "(jobs/qc_model.py): the demo world's")
+    partial: bool = option(False, "use the committed shards of a --training-data whose prepare run has not finished "
+                                  "(the segmenter's fingerprint names them); without it such a dataset is refused")
     output: str = option("skindual-qc", "where the segmenter goes: a folder or s3://bucket/prefix")
     size: int = option(64, "the segmenter's input side (images and masks are resized to it)")
     width: int = option(16, "channels of the U-Net's first level")
@@ -75,8 +78,8 @@ class QCModelConfig:
             raise UserError(f"--real-fraction {self.real_fraction}: must be in (0, 1]")
 
 
-def _split_rows(training_data: str, split: str, s3_endpoint: str | None):
-    index = pairs.read_index(training_data, s3_endpoint, "--training-data")
+def _split_rows(training_data: str, split: str, s3_endpoint: str | None, partial: bool = False):
+    index = pairs.read_index(training_data, s3_endpoint, "--training-data", partial)
     if "split" not in index.column_names:
         raise UserError(f"--training-data {training_data}: not a prepared real dataset (no split column); run "
                         "jobs/prepare.py on the real data")
@@ -134,7 +137,8 @@ def write_segmenter(cfg: QCModelConfig, model: torch.nn.Module, figures: dict) -
     log.info("QC segmenter written to %s (val Dice %s)", storage.join(CARD), figures.get("val_dice"))
 
 
-REUSE_IGNORES = ("use_gpu", "cpus_per_worker", "s3_endpoint")  # settings that do not change what is trained
+# settings that do not change what is trained (--partial enters through the shards it reads, `qc_fingerprint`)
+REUSE_IGNORES = ("use_gpu", "cpus_per_worker", "s3_endpoint", "partial")
 
 
 @dataclass(frozen=True)
@@ -150,25 +154,31 @@ class QCPlan:
     done: dict | None
 
 
-def qc_fingerprint(cfg: QCModelConfig) -> str:
-    """sha256 of the settings that change what is trained (not `REUSE_IGNORES`)."""
+def qc_fingerprint(cfg: QCModelConfig, data_shards: list[int] | None = None) -> str:
+    """sha256 of the settings that change what is trained (not `REUSE_IGNORES`), and of the shards read when
+    ``--partial`` reads the committed part of an unfinished dataset (`data_shards`): the segmenter of the
+    finished dataset is not taken for that one's."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in REUSE_IGNORES}
+    if data_shards is not None:
+        settings["training_data_shards"] = data_shards
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def plan_qc_model(cfg: QCModelConfig) -> QCPlan:
     """Read the training data's index and check it and the output (every problem one `UserError`)."""
     endpoint = cfg.s3_endpoint or None
-    fingerprint = qc_fingerprint(cfg)
+    data_shards = unfinished_part(open_storage(cfg.training_data, endpoint)) if cfg.partial else None
+    fingerprint = qc_fingerprint(cfg, data_shards)
     done = finished(open_storage(cfg.output, endpoint), CARD, fingerprint)
     if done is not None:
         log.info("QC segmenter at %s already trained with these settings (val Dice %s): reusing it", cfg.output,
                  done.get("val_dice"))
         return QCPlan(cfg, {}, {}, done.get("train_pairs", 0), fingerprint, done)
-    train = data.fraction_per_class(_split_rows(cfg.training_data, "train", endpoint), cfg.real_fraction, cfg.seed)
+    train = data.fraction_per_class(_split_rows(cfg.training_data, "train", endpoint, cfg.partial), cfg.real_fraction,
+                                    cfg.seed)
     if not train.num_rows:
         raise UserError(f"--training-data {cfg.training_data} has no usable pairs in its train split")
-    val = _split_rows(cfg.training_data, "val", endpoint)
+    val = _split_rows(cfg.training_data, "val", endpoint, cfg.partial)
     output_storage(cfg.output, endpoint)
     return QCPlan(cfg, pairs.selection_of(train), pairs.selection_of(val), train.num_rows, fingerprint, None)
 

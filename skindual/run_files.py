@@ -1,6 +1,8 @@
 """An output's run files and the rerun guard: ``run.json`` (the settings and their fingerprint, written when a
 run starts) is checked by `guard_output` / `check_output` before a rerun writes (same settings: resume;
-others: refuse unless overwrite); ``sizes.json`` and ``manifest.json`` are written at the end (`write_run_files`).
+others: refuse unless overwrite); ``sizes.json`` and ``manifest.json`` record the shards a run will write before
+its first shard (`start_run`, the manifest saying ``"complete": false``) and are rewritten at its end
+(`write_run_files`), so that a reader never takes a run cut short for a whole one (`shard_store.unfinished`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,21 @@ from skindual.shard_store import committed_shards, read_stats
 from skindual.storage import Storage
 
 
+def start_run(storage: Storage, fingerprint: str, planned: Mapping[int, int], **fields: Any) -> None:
+    """Record, before a run writes its first shard, what it will write: ``manifest.json`` saying
+    ``"complete": false`` with the number of shards and pairs planned (and `fields`), then ``sizes.json`` with
+    each planned shard's tar → the pairs planned for it.  Both stay until the run's end rewrites them
+    (`write_run_files`)."""
+    sizes = {shard_names(shard)[0]: int(pairs) for shard, pairs in sorted(planned.items())}
+    manifest = {**fields, "fingerprint": fingerprint, "complete": False,
+                "planned": {"shards": len(sizes), "pairs": sum(sizes.values())}}
+    storage.write_bytes(MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
+    storage.write_bytes(SIZES_FILE, json.dumps(sizes, sort_keys=True, indent=1).encode())
+
+
 def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``sizes.json`` and ``manifest.json`` from the committed shards' stats; return the manifest.
+    """Write ``sizes.json`` (each shard's tar → its pairs) and ``manifest.json`` from the committed shards' stats;
+    return the manifest.
 
     ``manifest`` holds the run's config and versions; totals (overall, per reason, per class) are
     added under ``"totals"``.  If it names a ``fingerprint``, every shard must have been written with it.

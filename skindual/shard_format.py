@@ -7,7 +7,8 @@
   `skindual.qc_model.ignore_maps`).  Written with a fixed mtime, owner and mode, so the same samples
   give the same bytes.
 - ``{shard:05d}.parquet``: every sample, rejected ones too (status, reason).
-- ``{shard:05d}_stats.json``: counts and checksums; written last, it is the commit marker.
+- ``{shard:05d}_stats.json``: counts, checksums, and what storage's listing said of the tar and parquet once
+  uploaded; written last, it is the commit marker.
 
 This module holds the samples, their checks and encoding, and the names; `skindual.shard_store` writes them.
 """
@@ -121,6 +122,14 @@ class ShardStats:
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class code -> ok samples (real data)
     device: str = ""  # the model of the device that sampled the shard ("cpu", a GPU's name; "" for real data)
     draws: int = 0  # every draw quality control judged, redraws included (real data: one per row); 0: not recorded
+    tar_stamp: str = ""  # what storage's listing said of the tar and parquet once uploaded (`storage.Listed`)
+    parquet_stamp: str = ""
+
+
+LISTING_FIELDS = ("tar_stamp", "parquet_stamp")
+"""`ShardStats` fields that record what storage's listing said of the shard's files at commit (S3's ETag, a
+folder's mtime): a resume that lists the same ones skips the shard without reading its bytes.  They differ
+between two runs of the same settings (a folder's mtimes), so they are not part of what is byte-reproducible."""
 
 
 def validate_samples(shard: int, samples: Sequence[Sample], image_format: str = "jpg") -> list[Sample]:

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote
@@ -39,8 +40,8 @@ from skindual.errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PART_SIZE", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256", "finished",
-           "is_remote", "open_storage", "output_storage"]
+__all__ = ["DEFAULT_PART_SIZE", "Listed", "LocalStorage", "S3Storage", "Storage", "cache_root", "file_sha256",
+           "finished", "is_remote", "open_storage", "output_storage"]
 
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
 """S3 multipart threshold and part size of `Storage.upload_file` (S3's minimum part is 5 MiB)."""
@@ -136,6 +137,16 @@ def is_clean_name(name: str) -> bool:
     return "\0" not in name
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A file as a listing shows it: its size, and its stamp, which changes whenever the file is written again
+    (S3's ETag, ``etag:...``; a folder's modification time, ``mtime_ns:...``).  A listing that still shows the
+    size and stamp recorded when a file was written vouches for its bytes without reading them."""
+
+    size: int
+    stamp: str
+
+
 class Storage(ABC):
     """A root directory or S3 prefix holding files; every name is relative to ``url``."""
 
@@ -165,9 +176,14 @@ class Storage(ABC):
         """Sorted relative names of all files, at any depth, whose name starts with ``prefix``."""
         return sorted(self.sizes(prefix))
 
-    @abstractmethod
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Relative name → size in bytes of all files, at any depth, whose name starts with ``prefix`` (one listing)."""
+        return {name: listed.size for name, listed in self.listing(prefix).items()}
+
+    @abstractmethod
+    def listing(self, prefix: str = "") -> dict[str, Listed]:
+        """Relative name → `Listed` (size and stamp) of all files, at any depth, whose name starts with ``prefix``
+        (one listing: pages of LIST on S3, a walk of the folder with a stat of each matching file)."""
 
     @abstractmethod
     def delete(self, relpath: str) -> None:
@@ -240,17 +256,22 @@ class LocalStorage(Storage):
     def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
+    def listing(self, prefix: str = "") -> dict[str, Listed]:
         found = {}
         top = self.root / _check_name(prefix, prefix=True).rpartition("/")[0]
-        for dirpath, _, files in os.walk(top):
+        for dirpath, dirs, files in os.walk(top):
+            here = Path(dirpath).relative_to(self.root).as_posix()
+            # only a folder whose path starts the prefix, or starts with it, can hold a match
+            below = [(d, f"{d}/" if here == "." else f"{here}/{d}/") for d in dirs]
+            dirs[:] = [d for d, path in below if prefix.startswith(path) or path.startswith(prefix)]
             for name in files:
                 rel = Path(dirpath, name).relative_to(self.root).as_posix()
                 if rel.startswith(prefix) and not name.startswith(_TMP_PREFIX):
                     try:
-                        found[rel] = Path(dirpath, name).stat().st_size
+                        stat = Path(dirpath, name).stat()
                     except FileNotFoundError:  # deleted while listing
                         continue
+                    found[rel] = Listed(stat.st_size, f"mtime_ns:{stat.st_mtime_ns}")
         return found
 
     def delete(self, relpath: str) -> None:
@@ -373,16 +394,17 @@ class S3Storage(Storage):
             return False
         return True
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
+    def listing(self, prefix: str = "") -> dict[str, Listed]:
         full = self.prefix + _check_name(prefix, prefix=True)
 
-        def objects() -> list[tuple[str, int]]:
+        def objects() -> list[tuple[str, Listed]]:
             pages = self._s3().get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full)
-            return [(obj["Key"], int(obj["Size"])) for page in pages for obj in page.get("Contents", [])]
+            return [(obj["Key"], Listed(int(obj["Size"]), "etag:" + str(obj.get("ETag", "")).strip('"')))
+                    for page in pages for obj in page.get("Contents", [])]
 
         # keys ending in "/" are directory markers some servers and tools create, not files
-        return {k[len(self.prefix):]: size for k, size in self._call(objects) if not k.endswith("/")}
+        return {k[len(self.prefix):]: listed for k, listed in self._call(objects) if not k.endswith("/")}
 
     def delete(self, relpath: str) -> None:
         self._object_call("delete_object", relpath)

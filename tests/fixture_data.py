@@ -243,3 +243,23 @@ def folder_arrays(root: Path | str, size: int):
                                                         table.column("mask_path").to_pylist())]
     return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
             np.asarray(table.column("class_index").to_pylist(), np.int64))
+
+
+def shard_snapshot(storage) -> dict[str, str]:
+    """sha256 of every shard file of an output (a `Storage`): what the same settings must reproduce.  A
+    ``_stats.json`` is taken without what storage's listing said of the files at commit (`LISTING_FIELDS`: a
+    folder's mtimes, S3's ETags), which differ between two runs of the same bytes."""
+    import hashlib
+    import json
+
+    from skindual.shard_format import LISTING_FIELDS
+
+    def content(name: str) -> bytes:
+        data = storage.read_bytes(name)
+        if name.endswith("_stats.json"):
+            stats = {k: v for k, v in json.loads(data).items() if k not in LISTING_FIELDS}
+            data = json.dumps(stats, sort_keys=True).encode()
+        return data
+
+    return {n: hashlib.sha256(content(n)).hexdigest() for n in storage.list()
+            if n.endswith((".tar", ".parquet", "_stats.json"))}

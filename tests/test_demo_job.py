@@ -3,7 +3,6 @@ job's own embedded local Ray cluster (no RAY_ADDRESS), as the README's quick sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -11,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from fixture_data import shard_snapshot
 from job_runs import ok, run_job
 from skindual import model
 from skindual.demo.chain import DEMO_FINETUNE, STAGES
 from skindual.demo.world import DEMO_TEST_PER_CLASS
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
+from skindual.storage import LocalStorage
 
 pytestmark = pytest.mark.slow  # whole chains
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,7 @@ def run_demo_job(args: list[str], cache: str, timeout: int = 900) -> subprocess.
 
 
 def shard_bytes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.name.endswith((".tar", ".parquet", "_stats.json"))}
+    return shard_snapshot(LocalStorage(folder))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ local Ray cluster (conftest `ray_cluster`) with the demo base, writing to a fold
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fixture_data import card_table, read_card
+from fixture_data import card_table, read_card, shard_snapshot
 from job_runs import ok, run_job, start_job
 from skindual import generate, generate_actors, generate_model
 from skindual.card import RECIPES
@@ -30,6 +29,7 @@ from skindual.cli import OUR_LINE
 from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
+from skindual.pairs import read_index
 from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
@@ -165,8 +165,7 @@ def test_quality_control_redraws_with_the_next_seeds_and_records_every_rejection
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     write_shard(a, 0, samples, run_info)
     write_shard(b, 0, raw, run_info)
-    for name in a.list():
-        assert a.read_bytes(name) == b.read_bytes(name), name
+    assert shard_snapshot(a) == shard_snapshot(b) and a.list() == b.list()  # tar, parquet, stats: the same bytes
     parquet = pq.read_table(a.join("00000.parquet")).to_pylist()
     assert [p["rejections"] for p in parquet] == [s.rejections for s in samples]
     with pytest.raises(ValueError, match="encoded as 'png'"):
@@ -267,7 +266,7 @@ def test_mask_mode_samples_images_for_augmented_real_masks(demo_real, tmp_path):
     directly): each row is given a real train mask of its class, augmented by its recorded seed; the shard's
     mask is that mask exactly, the prompt names that mask's site, and the same shard comes out byte for byte."""
     from skindual.mask_source import given_mask, load_masks
-    from skindual.pairs import iter_shard, read_index
+    from skindual.pairs import iter_shard
 
     cfg = GenerateConfig(per_class="df=3,nv=3", mask_source=str(demo_real), samples_per_shard=6, steps=2,
                          batch_size=4, output=str(tmp_path / "out"))
@@ -325,9 +324,8 @@ def start_generate(ray_address: str, log: Path, args: list[str]):
 
 
 def snapshot(storage: Storage) -> dict[str, str]:
-    """sha256 of every shard file (tar, parquet, stats)."""
-    return {n: hashlib.sha256(storage.read_bytes(n)).hexdigest() for n in storage.list()
-            if n.endswith((".tar", ".parquet", "_stats.json"))}
+    """sha256 of every shard file (tar, parquet, stats without what the listing said at commit)."""
+    return shard_snapshot(storage)
 
 
 @pytest.fixture(scope="module")
@@ -395,11 +393,20 @@ def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run, ray_cluste
 
 
 def test_rerun_is_a_no_op(local_run, ray_cluster):
+    """A rerun of a finished output decides from storage's listing and reads no tar: a tar altered behind its
+    _stats.json with its size and mtime kept goes unseen; --verify hashes every shard, finds it and writes it
+    again, to the same bytes."""
     storage, _ = local_run
     before = snapshot(storage)
+    tar = Path(storage.join("00001.tar"))
+    whole, stat = tar.read_bytes(), tar.stat()
+    tar.write_bytes(whole[:-1000] + bytes(b ^ 0xFF for b in whole[-1000:]))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url], ray_cluster))
     assert result.stdout.startswith("already done: 9 pairs") and "shards to do" not in result.stderr
-    assert snapshot(storage) == before
+    result = ok(run_job("generate", [*JOB_ARGS, "--output", storage.url, "--verify"], ray_cluster))
+    assert "shard 00001 at" in result.stderr and "does not match the sha256 its _stats.json records" in result.stderr
+    assert "1 shards to do" in result.stderr and snapshot(storage) == before
 
 
 def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_env, tmp_path):
@@ -416,6 +423,10 @@ def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_e
         proc.wait()
     committed = sorted(n for n in storage.list() if n.endswith("_stats.json"))
     print(f"killed with {len(committed)} of {SHARDS} shards committed")
+    # the run recorded its shards when it started: what it committed is not taken for the whole output
+    with pytest.raises(UserError, match=r"^--synthetic s3://.*: the run writing it has not finished .*pass --partial"):
+        read_index(s3_env, what="--synthetic")
+    assert {int(n[:5]) for n in committed} <= set(read_index(s3_env, partial=True).column("shard").to_pylist())
     # and a crash inside a shard: its data uploaded again, its commit marker not yet written
     first = committed[0].removesuffix("_stats.json")
     storage.delete(f"{first}_stats.json")

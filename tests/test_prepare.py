@@ -3,7 +3,6 @@ the shared local Ray cluster; bad files, reruns, --max-side.  Off one machine (S
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections import Counter
@@ -15,19 +14,20 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fixture_data import shard_snapshot, write_test_shards
 from job_runs import ok, run_job
 from skindual.demo import render
 from skindual.data import HAM_MASKS, ISIC_IMAGES, ISIC_MASKS
 from skindual.pairs import read_index
 from skindual.prompts import CLASS_CODES, attribute_distribution, attribute_pools, prompt_table
+from skindual.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {c: 12 if c == "nv" else 6 for c in CLASS_CODES}  # 48 images, some lesions with two
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.name.endswith((".tar", ".parquet", "_stats.json"))}
+    return shard_snapshot(LocalStorage(folder))
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,118 @@ def test_prompts_follow_the_training_datas_sites_ages_and_sexes(prepared):
     again = prompt_table({c: 2000 for c in CLASS_CODES}, seed=4, samples_per_shard=1000,
                          attributes=attribute_pools(distribution))
     assert again.equals(table)  # by the row's seed: reproducible
+
+
+def test_already_done_is_decided_from_the_listing_and_verify_reads_every_shard(download, tmp_path, monkeypatch):
+    """A rerun of a finished preparation reads no tar: each shard's size and stamp (here its mtime) in storage's
+    listing are those its _stats.json recorded at commit.  A shard whose listing changed is read and hashed (and
+    written again when it does not match); `--verify` hashes every shard."""
+    import os
+    from dataclasses import replace
+
+    from skindual.prepare import PrepareConfig, plan_prepare, prepare_here, run_prepare
+
+    out = tmp_path / "real"
+    cfg = PrepareConfig(ham10000=str(download), output=str(out), samples_per_shard=16)
+    prepare_here(cfg)
+    before = snapshot(out)
+    read: list[str] = []
+    for method in ("read_bytes", "iter_bytes"):  # every byte the plans read, by file name
+        original = getattr(LocalStorage, method)
+        monkeypatch.setattr(LocalStorage, method, lambda self, name, *a, _o=original, **k: (read.append(name),
+                                                                                           _o(self, name, *a, **k))[1])
+    assert plan_prepare(cfg).done is not None
+    assert not [n for n in read if n.endswith((".tar", ".parquet"))]
+    # the same size and mtime, other bytes: nothing in the listing shows it, so only --verify finds it
+    tar = out / "00001.tar"
+    whole, stat = tar.read_bytes(), tar.stat()
+    altered = bytearray(whole)
+    altered[len(altered) // 2] ^= 0xFF
+    tar.write_bytes(bytes(altered))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    read.clear()
+    assert plan_prepare(cfg).done is not None and not [n for n in read if n.endswith(".tar")]
+    verified = plan_prepare(replace(cfg, verify=True))
+    assert verified.done is None and verified.todo == (1,)
+    assert sorted(n for n in read if n.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    # written again later (its mtime moves): the listing shows it, that shard alone is read, found and rewritten
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    read.clear()
+    plan = plan_prepare(cfg)
+    assert plan.done is None and plan.todo == (1,)
+    assert [n for n in read if n.endswith((".tar", ".parquet"))] == ["00001.tar"]  # its damage found there
+    run_prepare(plan, distributed=False)
+    assert snapshot(out) == before and plan_prepare(cfg).done is not None
+
+
+def test_a_run_cut_short_is_refused_by_every_job_that_reads_it_unless_partial(download, tmp_path):
+    """A preparation that stops at a bad file in its last shard leaves two of three shards committed.  It
+    recorded its planned shards before the first, so no reader takes those two for the dataset: every job that
+    reads a dataset refuses it in one line naming its own flag and its own --partial, and with --partial reads
+    the committed part, naming those shards in its fingerprint.  Finished, it reads whole."""
+    import shutil
+    from dataclasses import replace
+
+    from skindual.errors import UserError
+    from skindual.evaluate_plan import EvaluateConfig, plan_evaluate
+    from skindual.export import ExportConfig, plan_export
+    from skindual.finetune import plan_finetune
+    from skindual.finetune_config import FinetuneConfig
+    from skindual.generate import plan_generate
+    from skindual.generate_config import GenerateConfig
+    from skindual.prepare import PrepareConfig, prepare_here
+    from skindual.qc_model import QCModelConfig, plan_qc_model
+    from skindual.shard_store import committed_shards
+
+    raw = tmp_path / "raw"
+    shutil.copytree(download, raw)
+    sorted(raw.rglob("ISIC_*.jpg"))[-1].write_bytes(b"not a jpeg")  # in the last shard
+    out = tmp_path / "real"
+    cfg = PrepareConfig(ham10000=str(raw), output=str(out), samples_per_shard=16)
+    with pytest.raises(UserError, match="cannot be decoded"):
+        prepare_here(cfg)
+    assert committed_shards(LocalStorage(out)) == [0, 1]
+    with pytest.raises(UserError, match=r"has not finished \(its manifest.json says so; 2 of the 3 shards it planned "
+                                        r"are committed, not 00002\).*partial=True"):
+        read_index(str(out))
+    part = read_index(str(out), partial=True)
+    assert sorted(set(part.column("shard").to_pylist())) == [0, 1]
+
+    splits = {split: set(part.filter(np.asarray(part.column("split")) == split).column("class_code").to_pylist())
+              for split in ("train", "val", "test")}
+    code = sorted(splits["train"] & splits["test"])[0]  # a class the committed part has
+    synthetic = tmp_path / "synthetic"
+    write_test_shards(synthetic, [(code, seed) for seed in range(4)])
+    jobs = {  # each job's config reading `out`, and the flag that names it there
+        "--training-data": [FinetuneConfig(training_data=str(out), output=str(tmp_path / "runs")),
+                            QCModelConfig(training_data=str(out), output=str(tmp_path / "qc"))],
+        "--mask-source": [GenerateConfig(per_class=f"{code}=1", mask_source=str(out), output=str(tmp_path / "gen"))],
+        "--real": [EvaluateConfig(real=str(out), synthetic=str(synthetic), output=str(tmp_path / "eval"),
+                                  feature_extractor="lesion-cnn")],
+        "--with-real": [ExportConfig(synthetic=str(synthetic), with_real=str(out), output=str(tmp_path / "export"))],
+    }
+    plans = {FinetuneConfig: plan_finetune, QCModelConfig: plan_qc_model, GenerateConfig: plan_generate,
+             EvaluateConfig: plan_evaluate, ExportConfig: plan_export}
+    partial_plans = {}
+    for flag, configs in jobs.items():
+        for job in configs:
+            with pytest.raises(UserError) as refused:
+                plans[type(job)](job)
+            message = str(refused.value)
+            assert message.startswith(f"{flag} {out}: the run writing it has not finished"), message
+            assert "pass --partial to use its 2 committed shards" in message and "\n" not in message
+            assert "--partial" in {f"--{f.replace('_', '-')}" for f in vars(job)}  # a flag the job has
+            partial_plans[type(job)] = plans[type(job)](replace(job, partial=True))
+    assert partial_plans[FinetuneConfig].settings["training_data_shards"] == "00000,00001"
+    assert partial_plans[GenerateConfig].masks is not None
+
+    # finished (the bad file skipped): whole again, and the jobs' fingerprints no longer name a part
+    prepare_here(replace(cfg, skip_bad=True))
+    assert sorted(set(read_index(str(out)).column("shard").to_pylist())) == [0, 1, 2]
+    whole = plan_finetune(replace(jobs["--training-data"][0], partial=True))
+    assert "training_data_shards" not in whole.settings
+    assert whole.fingerprint == plan_finetune(jobs["--training-data"][0]).fingerprint
+    assert whole.fingerprint != partial_plans[FinetuneConfig].fingerprint
+    qc = jobs["--training-data"][1]
+    assert plan_qc_model(qc).fingerprint == plan_qc_model(replace(qc, partial=True)).fingerprint != \
+        partial_plans[QCModelConfig].fingerprint

@@ -25,7 +25,7 @@ from skindual.errors import DataError, UserError
 from skindual.fingerprint import config_fingerprint
 from skindual.prompts import CLASSES, sample_key
 from skindual.run_files import check_output, write_run_files
-from skindual.shard_format import Sample, shard_names
+from skindual.shard_format import LISTING_FIELDS, Sample, shard_names
 from skindual.shard_store import committed_shards, is_committed, write_shard
 from skindual.shards import read_shards
 from skindual.storage import LocalStorage, Storage, open_storage
@@ -95,6 +95,10 @@ def test_write_shard_files_order_and_stats(tmp_path: Path) -> None:
     assert stats.per_class[samples[1].class_code] == {"ok": 0, "rejected": 1}
     assert stats.tar_sha256 == sha(store, "00003.tar") and stats.parquet_sha256 == sha(store, "00003.parquet")
     assert stats.tar_bytes == len(store.read_bytes("00003.tar")) and stats.fingerprint == FP
+    # and what the folder's listing said of the tar and parquet once uploaded: their mtimes
+    listing = store.listing()
+    assert (stats.tar_stamp, stats.parquet_stamp) == (listing["00003.tar"].stamp, listing["00003.parquet"].stamp)
+    assert stats.tar_stamp == f"mtime_ns:{(tmp_path / 'out' / '00003.tar').stat().st_mtime_ns}"
 
 
 def test_shards_are_byte_reproducible(tmp_path: Path) -> None:
@@ -104,8 +108,13 @@ def test_shards_are_byte_reproducible(tmp_path: Path) -> None:
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     write_shard(a, 0, samples, RUN_INFO)
     write_shard(b, 0, shuffled, RUN_INFO)
-    for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+    for name in ("00000.tar", "00000.parquet"):
         assert sha(a, name) == sha(b, name), name
+    # the stats too, but for what each folder's listing said of its files (their mtimes)
+    stats = [json.loads(store.read_bytes("00000_stats.json")) for store in (a, b)]
+    assert [{k: v for k, v in s.items() if k not in LISTING_FIELDS} for s in stats][0] == \
+        [{k: v for k, v in s.items() if k not in LISTING_FIELDS} for s in stats][1]
+    assert [s["tar_stamp"] for s in stats] == [store.listing()["00000.tar"].stamp for store in (a, b)]
     with tarfile.open(a.join("00000.tar")) as tar:
         members = tar.getmembers()
     assert [m.name for m in members[:5]] == [f"000000000.{e}" for e in ("cls", "jpg", "json", "seg.png", "txt")]
@@ -345,12 +354,51 @@ def test_a_shard_listed_but_never_committed_is_refused_unless_partial(tmp_path: 
     write_run_files(store, {"fingerprint": FP})
     store.delete("00002_stats.json")
     with pytest.raises(UserError, match=r"sizes.json names 3 shards but 1 of them are not committed \(no "
-                                        r"_stats.json: 00002\).*--partial"):
+                                        r"_stats.json: 00002\).*read it with partial=True to use its 2 committed"):
         read_index(store.url)
+    with pytest.raises(UserError, match=r"^--real .*: its sizes.json names 3 shards.*pass --partial to use its 2"):
+        read_index(store.url, what="--real")  # as a job names it: by its flag, and the job's own --partial
     with pytest.raises(UserError, match="00002"):
         list(read_shards(store.url))
     assert sorted(set(read_index(store.url, partial=True).column("shard").to_pylist())) == [0, 1]
     assert len(list(read_shards(store.url, partial=True))) == 12
+
+
+def test_a_run_records_its_shards_when_it_starts_and_is_not_read_as_whole_until_it_ends(tmp_path: Path) -> None:
+    """`start_run` records the planned shards before the first is written (manifest.json "complete": false,
+    sizes.json with every planned shard); a reader refuses the output, even once every shard is committed, until
+    the run's end rewrites both.  Kept from an earlier version: a run.json without either file is a run cut
+    short; shards with none of the three files were not written by a run, and are read as they are."""
+    from skindual.pairs import read_index
+    from skindual.run_files import start_run
+    from skindual.shard_store import readable_shards, unfinished, unfinished_part
+
+    store = LocalStorage(tmp_path / "out")
+    check_output(store, CONFIG)
+    start_run(store, FP, {0: 6, 1: 6, 2: 5})
+    assert json.loads(store.read_bytes("sizes.json")) == {"00000.tar": 6, "00001.tar": 6, "00002.tar": 5}
+    assert json.loads(store.read_bytes("manifest.json")) == {"fingerprint": FP, "complete": False,
+                                                              "planned": {"shards": 3, "pairs": 17}}
+    write_shard(store, 0, make_samples(0), RUN_INFO)
+    write_shard(store, 1, make_samples(1), RUN_INFO)
+    assert unfinished(store) == ("the run writing it has not finished (its manifest.json says so; 2 of the 3 "
+                                 "shards it planned are committed, not 00002)")
+    with pytest.raises(UserError, match=r"^--synthetic .*: the run writing it has not finished .*; run the job that "
+                                        r"wrote it again to finish it, or pass --partial to use its 2 committed shards$"):
+        readable_shards(store, "--synthetic")
+    assert readable_shards(store, partial=True) == [0, 1] and unfinished_part(store) == [0, 1]
+    write_shard(store, 2, make_samples(2, 5), RUN_INFO)
+    assert "3 of the 3 shards it planned are committed)" in unfinished(store)  # all there, the run not ended
+    write_run_files(store, {"fingerprint": FP, "complete": True})
+    assert unfinished(store) is None and unfinished_part(store) is None and readable_shards(store) == [0, 1, 2]
+    assert json.loads(store.read_bytes("sizes.json")) == {"00000.tar": 6, "00001.tar": 6, "00002.tar": 5}
+
+    store.delete("sizes.json")
+    store.delete("manifest.json")  # a run of an earlier version cut short: it deleted both when it started
+    with pytest.raises(UserError, match="has a run.json but no manifest.json"):
+        read_index(store.url)
+    store.delete("run.json")  # shards alone: nothing says what the output should hold
+    assert unfinished(store) is None and sorted(set(read_index(store.url).column("shard").to_pylist())) == [0, 1, 2]
 
 
 def test_written_files_get_the_umasks_mode(tmp_path: Path) -> None:

@@ -59,6 +59,21 @@ def test_list_and_delete(root_url: str) -> None:
     assert store.list("shards/") == ["shards/00001.tar", "shards/stats/00000.parquet"]
 
 
+def test_listing_gives_each_files_size_and_a_stamp_that_a_rewrite_changes(root_url: str) -> None:
+    """A listing's stamp (S3's ETag, a folder's mtime) is what lets a rerun trust a file without reading it."""
+    store = open_storage(root_url)
+    store.write_bytes("a/x.bin", b"12345")
+    store.write_bytes("y", b"")
+    listed = store.listing()
+    assert {n: f.size for n, f in listed.items()} == {"a/x.bin": 5, "y": 0} == store.sizes()
+    assert store.listing("a/") == {"a/x.bin": listed["a/x.bin"]}  # unchanged: the same stamp
+    assert listed["a/x.bin"].stamp.startswith("etag:" if is_remote(root_url) else "mtime_ns:")
+    time.sleep(0.05)  # past a coarse file-system clock's tick
+    store.write_bytes("a/x.bin", b"54321")  # the same size, written again
+    again = store.listing()["a/x.bin"]
+    assert again.size == 5 and again.stamp != listed["a/x.bin"].stamp
+
+
 def test_missing_file_is_file_not_found(root_url: str, tmp_path: Path) -> None:
     store = open_storage(root_url)
     store.write_bytes("present", b"x")  # the location itself exists
