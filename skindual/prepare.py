@@ -5,8 +5,8 @@ The real dataset has the synthetic pairs' shard layout (`skindual.shard_format`)
 (8-bit 0/255), ``{key}.cls`` (class index, -1 for ISIC 2018's unclassed pairs), ``{key}.txt`` (the
 prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, diagnosis type);
 ``{shard}.parquet`` with every row (bad files too, with their reason and source location),
-``{shard}_stats.json`` last, ``sizes.json``, and ``manifest.json`` with the counts per class and
-split and every skipped file.  Every later stage reads it through `skindual.pairs`, so a cluster
+``{shard}_stats.json`` last, ``sizes.json``, ``preview.png`` (`skindual.preview`), and ``manifest.json``
+with the counts per class and split and every skipped file.  Every later stage reads it through `skindual.pairs`, so a cluster
 needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
@@ -40,6 +40,7 @@ from skindual.cli import check_fields, option
 from skindual.errors import DataError, UserError
 from skindual.fingerprint import canonical_json
 from skindual.pairs import read_index
+from skindual.preview import write_preview
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.run_files import check_output, guard_output, write_run_files
 from skindual.shard_format import JPEG_QUALITY, MANIFEST_FILE, encode_mask
@@ -228,7 +229,9 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
         rate = pairs / max(time.monotonic() - started, 1e-9)
         log.info("shard %05d written (%d/%d pairs): %d/%d shards, %.1f pairs/s", result["shard"],
                  result["successes"], result["count"], len(by_shard) - len(todo) + written, len(by_shard), rate)
-    rejected = read_index(storage.url, cfg.s3_endpoint or None).filter(pc.equal(pc.field("status"), "rejected"))
+    index = read_index(storage.url, cfg.s3_endpoint or None)
+    write_preview(storage, index=index)
+    rejected = index.filter(pc.equal(pc.field("status"), "rejected"))
     bad_files = [[f, r] for f, r in zip(rejected.column("source_image").to_pylist(), rejected.column("reason").to_pylist())]
     manifest = write_run_files(storage, {
         "config": asdict(cfg), "fingerprint": fingerprint, "kind": "real", "prompt_template": DEFAULT_TEMPLATE,

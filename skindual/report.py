@@ -1,5 +1,7 @@
-"""Pictures and reports: the validation grid (image | mask overlay per class) and loss curve of a
-fine-tuning run; the evaluation's figures and its ``report.md``.  matplotlib runs headless (Agg).
+"""Pictures and reports: contact sheets of pairs (each image with its mask's outline drawn on it: a
+dataset's ``preview.png``, the evaluation's per-class sheets), the validation grid (image | mask overlay
+per class) and loss curve of a fine-tuning run; the evaluation's figures and its ``report.md``.
+matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from skindual import downstream, mask_stats
 from skindual.prompts import CLASSES, build_prompt, row_seed
@@ -32,6 +34,94 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0), alpha: floa
     edge = m & ~ndimage.binary_erosion(m)
     out[edge] = colour
     return out.astype(np.uint8)
+
+
+MASK_OUTLINE = (0, 255, 0)
+"""The colour of a pair's own mask outline on a contact sheet."""
+QC_OUTLINE = (0, 200, 255)
+"""The colour of the QC segmenter's mask outline beside it."""
+IGNORE_TINT = (255, 0, 255)
+"""The tint of a pair's ignore map (the pixels a segmenter trained on the pair leaves out)."""
+SHEET_BACKGROUND = (255, 255, 255)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 of the image inside a sheet, x1 and y1 exclusive
+
+
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The mask's pixels within `width` px of its edge with the background (inside the mask: drawn on the lesion's
+    rim, never over the skin around it; where the mask meets the image's frame there is no edge to draw)."""
+    from scipy import ndimage
+
+    m = np.asarray(mask).astype(bool)
+    return m & ~ndimage.binary_erosion(m, iterations=width, border_value=1)
+
+
+def sheet_panel(image: np.ndarray, mask: np.ndarray, side: int, ignore: np.ndarray | None = None,
+                colour: tuple[int, int, int] = MASK_OUTLINE) -> tuple[np.ndarray, Box]:
+    """One pair as a `side`-px square picture: the whole image scaled to fit (its aspect kept, the rest
+    background), its ignore map tinted (when given) and the mask's outline (`outline`, 2 px; 1 px below
+    96 px) drawn at that scale, so it stays crisp; and the image's box inside the square."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    picture = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), np.float32)
+    scaled = np.asarray(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).resize(
+        size, Image.Resampling.BILINEAR)) >= 128
+    if ignore is not None and np.any(ignore):
+        tinted = np.asarray(Image.fromarray((np.asarray(ignore) > 0).astype(np.uint8) * 255).resize(
+            size, Image.Resampling.BILINEAR)) >= 128
+        picture[tinted] = 0.55 * picture[tinted] + 0.45 * np.asarray(IGNORE_TINT, np.float32)
+    picture[outline(scaled, 2 if side >= 96 else 1)] = colour
+    out = np.full((side, side, 3), SHEET_BACKGROUND, np.uint8)
+    x, y = (side - size[0]) // 2, (side - size[1]) // 2
+    out[y:y + size[1], x:x + size[0]] = picture.astype(np.uint8)
+    return out, (x, y, x + size[0], y + size[1])
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def contact_sheet(rows: list[tuple[str, list[list[tuple[np.ndarray, Box]]]]], title: str = "",
+                  gap: int = 3, group_gap: int = 12) -> tuple[Image.Image, list[list[list[Box]]]]:
+    """A contact sheet: one row per (label, groups), the label on the left, each group (one pair: its
+    `sheet_panel` pictures side by side, `gap` px apart) `group_gap` px from the next, an optional `title`
+    line on top.  Returns the sheet and, per row, group and picture, the image's box on the sheet."""
+    font, small = _font(14), _font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max((measure.textlength(label, font=font) for label, _ in rows), default=0)
+    left = int(label_width) + 16
+    side = max((p.shape[1] for _, groups in rows for g in groups for p, _ in g), default=1)
+    # each row as tall as its tallest image (a landscape image's letterbox is left out)
+    spans = [(min((b[1] for g in groups for _, b in g), default=0), max((b[3] for g in groups for _, b in g), default=1))
+             for _, groups in rows]
+    width_of = [sum(len(g) * side + (len(g) - 1) * gap for g in groups) + group_gap * max(0, len(groups) - 1)
+                for _, groups in rows]
+    top = 24 if title else 8
+    width = max(left + max(width_of, default=0) + 8, int(measure.textlength(title, font=small)) + 16)
+    sheet = Image.new("RGB", (width, top + sum(y1 - y0 + 8 for y0, y1 in spans)), SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 6), title, fill=(60, 60, 60), font=small)
+    boxes: list[list[list[Box]]] = []
+    y = top
+    for (label, groups), (y0_row, y1_row) in zip(rows, spans):
+        draw.text((8, y + (y1_row - y0_row) // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+        x, row_boxes = left, []
+        for group in groups:
+            group_boxes = []
+            for picture, (x0, y0, x1, y1) in group:
+                sheet.paste(Image.fromarray(picture[y0_row:y1_row]), (x, y))
+                group_boxes.append((x + x0, y + y0 - y0_row, x + x1, y + y1 - y0_row))
+                x += side + gap
+            row_boxes.append(group_boxes)
+            x += group_gap - gap
+        boxes.append(row_boxes)
+        y += y1_row - y0_row + 8
+    return sheet, boxes
 
 
 def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2) -> Image.Image:
