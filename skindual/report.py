@@ -173,15 +173,38 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
 # --------------------------------------------------------------------------- the evaluation's figures and report
 
 
-def write_figures(folder: Path, metrics: dict, tables: dict, grids: dict[str, list]) -> list[str]:
-    """The evaluation's PNGs in `folder`: the sample grids (`grids`: file name → rows of pairs), FD per
-    class, the mask-statistic histograms (`tables`: "real"/"synthetic" → `mask_stats.statistics_table`)
-    and, with a downstream benchmark in `metrics`, its bars; returns the file names."""
+SHEET_CELL = 128
+"""Side in pixels of each picture on the evaluation's per-class sheets."""
+
+
+def sheet_file(code: str) -> str:
+    return f"sheet_{code}.png"
+
+
+def agreement_sheet(rows: dict[str, list[dict]], cell: int = SHEET_CELL) -> tuple[Image.Image, list[list[list[Box]]]]:
+    """A class's sheet: per row label (a set) its pairs, each its image with its mask's outline (`MASK_OUTLINE`, its
+    ignore map tinted) and, when the pair has ``qc`` (the QC segmenter's mask of its image), the same image with
+    that outline (`QC_OUTLINE`) right beside it; and the pictures' boxes (`contact_sheet`)."""
+    with_qc = any("qc" in p for pairs in rows.values() for p in pairs)
+    title = "green: the pair's mask" + ("; blue, beside it: the QC segmenter's mask of the image" if with_qc else "")
+    if any(p["ignore"].any() for pairs in rows.values() for p in pairs):
+        title += "; magenta: the ignore map"
+    sheet_rows = [(label, [[sheet_panel(p["image"], p["mask"], cell, p["ignore"]),
+                            *([sheet_panel(p["image"], p["qc"], cell, colour=QC_OUTLINE)] if "qc" in p else [])]
+                           for p in pairs]) for label, pairs in rows.items()]
+    return contact_sheet(sheet_rows, title)
+
+
+def write_figures(folder: Path, metrics: dict, tables: dict, sheets: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """The evaluation's PNGs in `folder`: a sheet per class (`sheets`: class code → row label → pairs, see
+    `agreement_sheet`), FD per class, the mask-statistic histograms (`tables`: "real"/"synthetic" →
+    `mask_stats.statistics_table`) and, with a downstream benchmark in `metrics`, its bars; returns the file
+    names."""
     plt = _pyplot()
     names = []
-    for name, rows in grids.items():
-        pair_grid(rows).save(folder / name)
-        names.append(name)
+    for code, rows in sheets.items():
+        agreement_sheet(rows)[0].save(folder / sheet_file(code))
+        names.append(sheet_file(code))
     fid = metrics["fidelity"]
     codes = [c for c, v in fid["per_class"].items() if v[fid["fd_name"]] is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -237,6 +260,38 @@ def _downstream_plot(folder: Path, summary: dict, plt) -> str:
 
 def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _per_class_section(metrics: dict, figures: list[str]) -> list[str]:
+    """The report's table of agreement and diversity per class, and the class sheets."""
+    fid, quality = metrics["fidelity"], metrics.get("pair_quality", {})
+    agreement = {name: quality.get(name, {}).get("qc_consistency_per_class", {}) for name in ("synthetic", "real_test")}
+    lines = ["", "## Agreement and diversity per class", ""]
+    if agreement["synthetic"]:
+        lines += ["Agreement: the mean Dice between each pair's mask and the QC segmenter's mask of its image, for the "
+                  "synthetic pairs and the real test pairs (held out from the segmenter's training).", ""]
+    else:
+        lines += ["No QC segmenter was given, so there are no agreement figures and no segmenter outlines: train one "
+                  "with `jobs/qc_model.py` on the real data and pass its output as `--qc-segmenter`.", ""]
+    lines += [f"Diversity: the mean distance between two images of the class in the feature space of "
+              f"`{fid['extractor']}`, for the synthetic pairs and the real `{metrics['config']['fid_split']}` split, "
+              "and synthetic / real (as in the fidelity table).", "",
+              "| class | agreement synthetic | agreement real | diversity synthetic | diversity real | diversity ratio |",
+              "|---|---|---|---|---|---|"]
+    for code, v in fid["per_class"].items():
+        lines.append(f"| {code} | {_fmt(agreement['synthetic'].get(code))} | {_fmt(agreement['real_test'].get(code))} "
+                     f"| {_fmt(v.get('spread_synthetic'))} | {_fmt(v.get('spread_real'))} "
+                     f"| {_fmt(v.get('spread_ratio'), 2)} |")
+    sheets = [name for name in figures if name.startswith("sheet_")]
+    if sheets:
+        lines += ["", "Per class, a row of synthetic pairs and a row of real test pairs: each image with its mask's "
+                  "outline (green; the ignore map tinted magenta)"
+                  + (" and, right beside it, the same image with the QC segmenter's outline (blue)." if agreement["synthetic"]
+                     else "."), ""]
+        for name in sheets:
+            code = name.removeprefix("sheet_").removesuffix(".png")
+            lines += [f"### {code}", "", f"![{code}]({name})", ""]
+    return lines
 
 
 def render_report(metrics: dict, figures: list[str]) -> str:
@@ -295,6 +350,5 @@ def render_report(metrics: dict, figures: list[str]) -> str:
                 cells = [f"{_fmt(e[a]['mean'])} ± {_fmt(e[a]['std'])}" for a in downstream.ARMS]
                 lines.append(f"| {model} | {name} | {cells[0]} | {cells[1]} | {_fmt(e.get('gain'), 3)} |")
         lines += ["", "![downstream](downstream.png)"]
-    lines += ["", "## Samples", "", "Each row one class: image | mask overlay.", ""]
-    lines += [f"![{n}]({n})" for n in figures if n.startswith("samples_")]
+    lines += _per_class_section(metrics, figures)
     return "\n".join(lines) + "\n"

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from fixture_data import write_test_shards
+from fixture_data import assert_outlined, write_test_shards
 from job_runs import ok, run_job
 from skindual import cli, report
 from skindual.pairs import read_index, usable_rows
@@ -19,18 +18,6 @@ from skindual.preview import Preview, PreviewConfig, row_label, run_preview
 from skindual.shards import read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def assert_outlined(sheet: np.ndarray, box: report.Box, mask: np.ndarray, colour=report.MASK_OUTLINE) -> None:
-    """The picture in `box` shows `mask`'s outline in `colour`: on every pixel of the mask's edge at that scale, and
-    nowhere farther than 2 px from it (not a tint over the lesion, not on the skin around it)."""
-    x0, y0, x1, y1 = box
-    drawn = np.all(sheet[y0:y1, x0:x1] == colour, axis=-1)
-    scaled = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((x1 - x0, y1 - y0),
-                                                                             Image.Resampling.BILINEAR)) >= 128
-    edge = scaled & ~ndimage.binary_erosion(scaled, border_value=1)
-    assert edge.sum() > 10 and drawn[edge].mean() > 0.98
-    assert drawn[~ndimage.binary_dilation(edge, iterations=2)].sum() <= 0.01 * drawn.sum()
 
 
 def check_sheet(path, preview: Preview, data: str, per_class: int) -> dict:
