@@ -6,8 +6,8 @@ The real dataset has the synthetic pairs' shard layout (`skindual.shard_format`)
 prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, diagnosis type);
 ``{shard}.parquet`` with every row (bad files too, with their reason and source location),
 ``{shard}_stats.json`` last, ``sizes.json``, ``preview.png`` (`skindual.preview`), and ``manifest.json``
-with the counts per class and split and every skipped file.  Every later stage reads it through `skindual.pairs`, so a cluster
-needs no shared file system.
+with the counts per class and split and every skipped file.  Every later stage reads it through
+`skindual.pairs`, so a cluster needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
 or an s3:// prefix) with `data.training_table` and splits by lesion; `run_files.check_output` guards

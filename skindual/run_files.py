@@ -88,10 +88,10 @@ def guard_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
 def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False, device: str = "") -> str:
     """Take an output over for a run of `config` (`guard_output` first); return the fingerprint.
 
-    ``overwrite``: start afresh, deleting the old shard and run files and ``preview.png`` (only those: other files
-    under the root stay).  `device` (what samples the shards: its model, or the CPU and its thread count) is recorded
-    in ``run.json``: a resume on another device model is refused, as its bytes would differ from the
-    committed shards'.  ``run.json`` is written when the output is fresh."""
+    ``overwrite``: start afresh, deleting the old shard and run files and ``preview.png`` (only those: other
+    files under the root stay).  `device` (what samples the shards: its model, or the CPU and its thread
+    count) is recorded in ``run.json``: a resume on another device model is refused, as its bytes would
+    differ from the committed shards'.  ``run.json`` is written when the output is fresh."""
     fingerprint = guard_output(storage, config, overwrite)
     try:
         previous = None if overwrite else json.loads(storage.read_bytes(RUN_FILE))
@@ -104,7 +104,8 @@ def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
                             "gives other bytes; run it where the first run ran (--accelerator-type, "
                             "--cpus-per-actor), or pass --overwrite")
         return fingerprint
-    ours = [n for n in storage.list() if SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE, PREVIEW_FILE)]
+    ours = [n for n in storage.list()
+            if SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE, PREVIEW_FILE)]
     # stats (commit markers) first, so an interrupted delete leaves no committed shard behind
     for name in sorted(ours, key=lambda n: (not n.endswith("_stats.json"), n)):
         storage.delete(name)

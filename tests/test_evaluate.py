@@ -310,8 +310,6 @@ def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, cap
         image, mask = render.render_lesion("nv", 40 + i, (48, 48))
         (tmp_path / "isic" / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
         (tmp_path / "isic" / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
         Image.fromarray(image).save(tmp_path / "isic" / ISIC_IMAGES / f"ISIC_{9000000 + i}.jpg")
         Image.fromarray(mask * 255).save(tmp_path / "isic" / ISIC_MASKS / f"ISIC_{9000000 + i}_segmentation.png")
     from skindual.prepare import PrepareConfig, prepare_here
