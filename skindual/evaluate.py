@@ -14,12 +14,15 @@ already holds this evaluation; `run_evaluate(plan)` then, on the current Ray clu
    written to ``{output}/features/{set}-{shard}.parquet``;
 3. a group per (set, class) (`summarise_group`) gives the features' `Moments` (FD) and a seeded sample
    of at most ``--kid-subset-size`` (KD, diversity) and the per-pair figures; the driver combines them
-   into FD/KD overall and per class, the mask-statistic distances and the pair quality;
+   into FD/KD overall and per class, the mask-statistic distances and the pair quality (with
+   ``--qc-segmenter``, each class's agreement with it);
 4. the downstream benchmark (`evaluate_downstream.run_task`): one Ray task per (arm, model, seed),
    each streaming its pairs from the real dataset (and the synthetic shards) at ``--size``, tested on
    the real test split (or ``--test-data``);
 
-and writes ``metrics.json``, ``report.md`` and PNGs to ``--output`` (a folder or s3://).
+and writes ``metrics.json``, ``report.md`` and PNGs (among them a sheet per class: its synthetic and real
+test pairs, each image with its mask's outline and the QC segmenter's beside it) to ``--output`` (a folder
+or s3://).
 """
 
 from __future__ import annotations
@@ -42,30 +45,44 @@ from skindual.evaluate_features import combine, extractor_spec, feature_pass
 from skindual.evaluate_plan import METRICS, EvaluateConfig, EvaluatePlan, library_versions
 from skindual.prompts import CLASS_CODES
 from skindual.errors import StorageError
+from skindual.qc_model import QCSegmenter
 from skindual.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 
-def sample_grids(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
-    """Up to ``--grid-per-class`` pairs of each synthetic class from the synthetic and the real set (read
-    from the first shards that hold them), for the report's sample grids."""
+SHEET_SETS = {"synthetic": "synthetic", "real_test": "real (test)"}
+"""The sets on the per-class sheets, and their rows' labels: the real pairs are the test split's, held out
+from the QC segmenter's training, like the real agreement figure."""
+
+
+def class_sheet_pairs(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, dict[str, list[dict]]]:
+    """Class code → row label → up to ``--grid-per-class`` pairs of the class from the synthetic set and the real
+    test set (read from the first shards that hold them) at the evaluation's size: ``image``, ``mask``, ``ignore``
+    and, with ``--qc-segmenter``, ``qc`` (the segmenter's mask of the image, as pair quality scores it); for
+    the report's per-class sheets."""
     if not cfg.grid_per_class:
         return {}
     classes = sorted({CLASS_CODES.index(c) for c in plan.counts["synthetic"]})
-    grids = {}
-    for name, file in (("synthetic", "samples_synthetic.png"), ("real", "samples_real.png")):
+    qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None) if cfg.qc_segmenter else None
+    sheets: dict[str, dict[str, list[dict]]] = {CLASS_CODES[c]: {} for c in classes}
+    for name, label in SHEET_SETS.items():
         source, rows = plan.sets[name], {c: [] for c in classes}
         storage = open_storage(source.url, cfg.s3_endpoint or None)
         for shard in sorted(source.selection):
             for sample in pairs.iter_shard(storage, shard, source.selection[shard]):
                 pair = pairs.decode_sample(sample, plan.image_size)
                 if len(rows.get(pair["class_index"], [None] * cfg.grid_per_class)) < cfg.grid_per_class:
-                    rows[pair["class_index"]].append((pair["image"], pair["mask"]))
+                    rows[pair["class_index"]].append(pair)
             if all(len(r) >= cfg.grid_per_class for r in rows.values()):
                 break
-        grids[file] = [r for r in rows.values() if r]
-    return grids
+        for c, row in rows.items():
+            if row and qc is not None:
+                for pair, predicted in zip(row, qc.masks(np.stack([p["image"] for p in row]))):
+                    pair["qc"] = predicted
+            if row:
+                sheets[CLASS_CODES[c]][label] = row
+    return sheets
 
 
 def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
@@ -110,7 +127,7 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     metrics["versions"], metrics["fingerprint"] = library_versions(), fingerprint
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     with tempfile.TemporaryDirectory(prefix="skindual-eval-") as tmp:
-        figures = report.write_figures(Path(tmp), metrics, measured["mask_tables"], grids=sample_grids(cfg, plan))
+        figures = report.write_figures(Path(tmp), metrics, measured["mask_tables"], class_sheet_pairs(cfg, plan))
         for file in figures:
             storage.upload_file(Path(tmp) / file, file)
     storage.write_bytes("report.md", report.render_report(metrics, figures).encode())

@@ -232,8 +232,10 @@ def combine(groups: dict[tuple[str, int], dict], spec_name: str, cfg: EvaluateCo
         figures = {"pairs": int(len(consistency)), "consistency_dice": round(float(consistency.mean()), 4),
                    "sane_mask_share": round(float(sane.mean()), 4)}
         scored = np.concatenate([g["qc_consistency"] for g in parts.values()])
-        if not np.isnan(scored).any():
+        if not np.isnan(scored).any():  # agreement with the QC segmenter, overall and per class
             figures["qc_consistency_dice"] = round(float(scored.mean()), 4)
+            figures["qc_consistency_per_class"] = {CLASS_CODES[c]: round(float(g["qc_consistency"].mean()), 4)
+                                                   for c, g in sorted(parts.items())}
         if all((g["predicted"] >= 0).all() for g in parts.values()):
             per_class = {CLASS_CODES[c]: round(float((g["predicted"] == c).mean()), 3) for c, g in sorted(parts.items())}
             figures["class_fidelity"] = per_class

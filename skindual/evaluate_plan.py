@@ -74,7 +74,7 @@ class EvaluateConfig:
                                             "launch GPU nodes, else 0 (a task without one computes on its CPUs)")
     qc_segmenter: str = option("", "a QC segmenter (jobs/qc_model.py): pair quality also scores each pair by the Dice "
                                    "between its mask and the segmenter's mask of its image")
-    grid_per_class: int = option(4, "pairs per class in the sample grids")
+    grid_per_class: int = option(4, "pairs of each set (synthetic, real test) on each class's sheet")
     seed: int = option(0, "seed of the extractor training and the KID samples (downstream seeds are seed..seed+seeds-1)")
     s3_endpoint: str = option("", "S3 endpoint URL (else AWS_ENDPOINT_URL)")
     partial: bool = option(False, "use the committed shards of a dataset whose run has not finished (a run cut short); "

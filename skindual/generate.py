@@ -1,7 +1,7 @@
 """Generation: the run's plan (model, output, shard size, fingerprint, shards still to do) and its run, the
 prompt table → Ray Data, one row per shard → `generate_actors`' generator actors and shard-writing tasks →
-WebDataset shards, then the manifest once every class has exactly its asked pairs (docs/architecture.md,
-"Generation")."""
+WebDataset shards (``preview.png`` drawn from the first one committed), then the manifest once every class has
+exactly its asked pairs (docs/architecture.md, "Generation")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from skindual.generate_actors import DrawCounter, ShardGenerator, shard_items, w
 from skindual.generate_config import FINGERPRINTED, GenerateConfig, cpu_threads
 from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
+from skindual.preview import write_preview
 from skindual.prompts import attribute_pools, prompt_table
 from skindual.run_files import check_output, guard_output, read_run_config, start_run, write_run_files
 from skindual.shard_format import CARD_FILE, MANIFEST_FILE
@@ -178,6 +179,8 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
     size = cfg.samples_per_shard
     start_run(storage, fingerprint, {s: min(size, plan.pairs - s * size) for s in plan.shards})
     todo = list(plan.todo) if not cfg.overwrite else list(plan.shards)
+    counts = cfg.counts()
+    preview_whole = False  # whether this run's preview shows every class's full row
     log.info("%s: %d pairs in %d shards, %d committed, %d shards to do (%s on %d %s actor(s))", storage.url,
              plan.pairs, len(plan.shards), len(plan.shards) - len(todo), len(todo), spec.base_id, cfg.actors,
              device_record(run))
@@ -198,8 +201,15 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
                                 fn_constructor_kwargs={"cfg": run, "spec": spec, "counter": counter})
                    .map_batches(write_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"storage": storage, "run_info": shard_run_info(run, spec, fingerprint)}))
-        _follow(dataset, table, todo, counter)
-    counts = cfg.counts()
+
+        def first_shard(shard: int) -> None:  # the user sees pairs as soon as there are some
+            nonlocal preview_whole
+            preview = write_preview(storage, [shard])
+            preview_whole = preview is not None and preview.covers(counts)
+
+        _follow(dataset, table, todo, counter, first_shard)
+    if not preview_whole:  # classes the first shard lacks (or a resumed run's): from every committed shard
+        write_preview(storage)
     manifest = write_run_files(storage, {
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
         "resolved": {**plan.settings, "device": run.device, "device_model": device_record(run), "dtype": run.dtype,
@@ -232,9 +242,9 @@ def _check_devices(storage: Storage, manifest: dict) -> None:
                         "settings did not give the same bytes throughout; rerun with --accelerator-type and --overwrite")
 
 
-def _follow(dataset, table: pa.Table, todo: list[int], counter) -> None:
+def _follow(dataset, table: pa.Table, todo: list[int], counter, first_shard: Callable[[int], None]) -> None:
     """Drive the dataset: a progress line at least every 30 s (pairs drawn of those to do, rate, ETA, from the
-    actors' `DrawCounter`) and a line per shard written."""
+    actors' `DrawCounter`), a line per shard written, and `first_shard` of the first one."""
     import ray
 
     sizes = np.bincount(np.asarray(table.column("shard")))
@@ -251,9 +261,11 @@ def _follow(dataset, table: pa.Table, todo: list[int], counter) -> None:
     progress = Progress("generate", total, "pairs", count).start()
     try:
         check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run here
-        for row in dataset.iter_rows():
+        for written, row in enumerate(dataset.iter_rows()):
             log.info("shard %05d written: %d/%d pairs accepted, %d redraws", row["shard"], row["successes"],
                      row["count"], row["redraws"])
+            if not written:
+                first_shard(int(row["shard"]))
             check_interrupt()
     finally:
         progress.close()

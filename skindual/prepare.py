@@ -6,9 +6,9 @@ GPS or comments; or a resized copy with ``--max-side``), ``{key}.seg.png``
 (8-bit 0/255), ``{key}.cls`` (class index, -1 for ISIC 2018's unclassed pairs), ``{key}.txt`` (the
 prompt) and ``{key}.json`` (image and lesion id, split, site, age, sex, source, diagnosis type);
 ``{shard}.parquet`` with every row (bad files too, with their reason and source location),
-``{shard}_stats.json`` last, ``sizes.json``, and ``manifest.json`` with the counts per class and
-split and every skipped file.  Every later stage reads it through `skindual.pairs`, so a cluster
-needs no shared file system.
+``{shard}_stats.json`` last, ``sizes.json``, ``preview.png`` (`skindual.preview`), and ``manifest.json``
+with the counts per class and split and every skipped file.  Every later stage reads it through
+`skindual.pairs`, so a cluster needs no shared file system.
 
 `plan_prepare(config)` then `run_prepare(plan)`: the driver reads the metadata (the CSV and the file listings, from a folder
 or an s3:// prefix) with `data.training_table` and splits by lesion; `run_files.check_output` guards
@@ -45,6 +45,7 @@ from skindual.fingerprint import canonical_json
 from skindual.images import image_format
 from skindual.jpeg import strip_metadata
 from skindual.pairs import read_index
+from skindual.preview import write_preview
 from skindual.prompts import DEFAULT_TEMPLATE, sample_key
 from skindual.run_files import check_output, guard_output, start_run, write_run_files
 from skindual.shard_format import CARD_FILE, JPEG_QUALITY, MANIFEST_FILE, encode_mask
@@ -261,7 +262,9 @@ def run_prepare(plan: PreparePlan, distributed: bool = True) -> dict[str, Any]:
         log.info("shard %05d written (%d/%d pairs): %d/%d shards, %.1f pairs/s", result["shard"],
                  result["successes"], result["count"], len(by_shard) - len(todo) + written, len(by_shard), rate)
     # partial: its own output, all committed, whose manifest says "complete": false until the end below
-    rejected = read_index(storage.url, cfg.s3_endpoint or None, partial=True).filter(pc.equal(pc.field("status"), "rejected"))
+    index = read_index(storage.url, cfg.s3_endpoint or None, partial=True)
+    write_preview(storage, index=index)
+    rejected = index.filter(pc.equal(pc.field("status"), "rejected"))
     bad_files = [[f, r] for f, r in zip(rejected.column("source_image").to_pylist(), rejected.column("reason").to_pylist())]
     manifest = write_run_files(storage, {
         "config": asdict(cfg), "fingerprint": fingerprint, "kind": "real", "prompt_template": DEFAULT_TEMPLATE,

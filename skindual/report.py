@@ -1,5 +1,7 @@
-"""Pictures and reports: the validation grid (image | mask overlay per class) and loss curve of a
-fine-tuning run; the evaluation's figures and its ``report.md``.  matplotlib runs headless (Agg).
+"""Pictures and reports: contact sheets of pairs (each image with its mask's outline drawn on it: a
+dataset's ``preview.png``, the evaluation's per-class sheets), the validation grid (image | mask overlay
+per class) and loss curve of a fine-tuning run; the evaluation's figures and its ``report.md``.
+matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from skindual import downstream, mask_stats
 from skindual.prompts import CLASSES, build_prompt, row_seed
@@ -32,6 +34,94 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0), alpha: floa
     edge = m & ~ndimage.binary_erosion(m)
     out[edge] = colour
     return out.astype(np.uint8)
+
+
+MASK_OUTLINE = (0, 255, 0)
+"""The colour of a pair's own mask outline on a contact sheet."""
+QC_OUTLINE = (0, 200, 255)
+"""The colour of the QC segmenter's mask outline beside it."""
+IGNORE_TINT = (255, 0, 255)
+"""The tint of a pair's ignore map (the pixels a segmenter trained on the pair leaves out)."""
+SHEET_BACKGROUND = (255, 255, 255)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 of the image inside a sheet, x1 and y1 exclusive
+
+
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The mask's pixels within `width` px of its edge with the background (inside the mask: drawn on the lesion's
+    rim, never over the skin around it; where the mask meets the image's frame there is no edge to draw)."""
+    from scipy import ndimage
+
+    m = np.asarray(mask).astype(bool)
+    return m & ~ndimage.binary_erosion(m, iterations=width, border_value=1)
+
+
+def sheet_panel(image: np.ndarray, mask: np.ndarray, side: int, ignore: np.ndarray | None = None,
+                colour: tuple[int, int, int] = MASK_OUTLINE) -> tuple[np.ndarray, Box]:
+    """One pair as a `side`-px square picture: the whole image scaled to fit (its aspect kept, the rest
+    background), its ignore map tinted (when given) and the mask's outline (`outline`, 2 px; 1 px below
+    96 px) drawn at that scale, so it stays crisp; and the image's box inside the square."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    picture = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), np.float32)
+    scaled = np.asarray(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).resize(
+        size, Image.Resampling.BILINEAR)) >= 128
+    if ignore is not None and np.any(ignore):
+        tinted = np.asarray(Image.fromarray((np.asarray(ignore) > 0).astype(np.uint8) * 255).resize(
+            size, Image.Resampling.BILINEAR)) >= 128
+        picture[tinted] = 0.55 * picture[tinted] + 0.45 * np.asarray(IGNORE_TINT, np.float32)
+    picture[outline(scaled, 2 if side >= 96 else 1)] = colour
+    out = np.full((side, side, 3), SHEET_BACKGROUND, np.uint8)
+    x, y = (side - size[0]) // 2, (side - size[1]) // 2
+    out[y:y + size[1], x:x + size[0]] = picture.astype(np.uint8)
+    return out, (x, y, x + size[0], y + size[1])
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def contact_sheet(rows: list[tuple[str, list[list[tuple[np.ndarray, Box]]]]], title: str = "",
+                  gap: int = 3, group_gap: int = 12) -> tuple[Image.Image, list[list[list[Box]]]]:
+    """A contact sheet: one row per (label, groups), the label on the left, each group (one pair: its
+    `sheet_panel` pictures side by side, `gap` px apart) `group_gap` px from the next, an optional `title`
+    line on top.  Returns the sheet and, per row, group and picture, the image's box on the sheet."""
+    font, small = _font(14), _font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max((measure.textlength(label, font=font) for label, _ in rows), default=0)
+    left = int(label_width) + 16
+    side = max((p.shape[1] for _, groups in rows for g in groups for p, _ in g), default=1)
+    # each row as tall as its tallest image (a landscape image's letterbox is left out)
+    spans = [(min((b[1] for g in groups for _, b in g), default=0), max((b[3] for g in groups for _, b in g), default=1))
+             for _, groups in rows]
+    width_of = [sum(len(g) * side + (len(g) - 1) * gap for g in groups) + group_gap * max(0, len(groups) - 1)
+                for _, groups in rows]
+    top = 24 if title else 8
+    width = max(left + max(width_of, default=0) + 8, int(measure.textlength(title, font=small)) + 16)
+    sheet = Image.new("RGB", (width, top + sum(y1 - y0 + 8 for y0, y1 in spans)), SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 6), title, fill=(60, 60, 60), font=small)
+    boxes: list[list[list[Box]]] = []
+    y = top
+    for (label, groups), (y0_row, y1_row) in zip(rows, spans):
+        draw.text((8, y + (y1_row - y0_row) // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+        x, row_boxes = left, []
+        for group in groups:
+            group_boxes = []
+            for picture, (x0, y0, x1, y1) in group:
+                sheet.paste(Image.fromarray(picture[y0_row:y1_row]), (x, y))
+                group_boxes.append((x + x0, y + y0 - y0_row, x + x1, y + y1 - y0_row))
+                x += side + gap
+            row_boxes.append(group_boxes)
+            x += group_gap - gap
+        boxes.append(row_boxes)
+        y += y1_row - y0_row + 8
+    return sheet, boxes
 
 
 def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2) -> Image.Image:
@@ -83,15 +173,38 @@ def loss_curve(history: list[dict], path: str | Path) -> None:
 # --------------------------------------------------------------------------- the evaluation's figures and report
 
 
-def write_figures(folder: Path, metrics: dict, tables: dict, grids: dict[str, list]) -> list[str]:
-    """The evaluation's PNGs in `folder`: the sample grids (`grids`: file name → rows of pairs), FD per
-    class, the mask-statistic histograms (`tables`: "real"/"synthetic" → `mask_stats.statistics_table`)
-    and, with a downstream benchmark in `metrics`, its bars; returns the file names."""
+SHEET_CELL = 128
+"""Side in pixels of each picture on the evaluation's per-class sheets."""
+
+
+def sheet_file(code: str) -> str:
+    return f"sheet_{code}.png"
+
+
+def agreement_sheet(rows: dict[str, list[dict]], cell: int = SHEET_CELL) -> tuple[Image.Image, list[list[list[Box]]]]:
+    """A class's sheet: per row label (a set) its pairs, each its image with its mask's outline (`MASK_OUTLINE`, its
+    ignore map tinted) and, when the pair has ``qc`` (the QC segmenter's mask of its image), the same image with
+    that outline (`QC_OUTLINE`) right beside it; and the pictures' boxes (`contact_sheet`)."""
+    with_qc = any("qc" in p for pairs in rows.values() for p in pairs)
+    title = "green: the pair's mask" + ("; blue, beside it: the QC segmenter's mask of the image" if with_qc else "")
+    if any(p["ignore"].any() for pairs in rows.values() for p in pairs):
+        title += "; magenta: the ignore map"
+    sheet_rows = [(label, [[sheet_panel(p["image"], p["mask"], cell, p["ignore"]),
+                            *([sheet_panel(p["image"], p["qc"], cell, colour=QC_OUTLINE)] if "qc" in p else [])]
+                           for p in pairs]) for label, pairs in rows.items()]
+    return contact_sheet(sheet_rows, title)
+
+
+def write_figures(folder: Path, metrics: dict, tables: dict, sheets: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """The evaluation's PNGs in `folder`: a sheet per class (`sheets`: class code → row label → pairs, see
+    `agreement_sheet`), FD per class, the mask-statistic histograms (`tables`: "real"/"synthetic" →
+    `mask_stats.statistics_table`) and, with a downstream benchmark in `metrics`, its bars; returns the file
+    names."""
     plt = _pyplot()
     names = []
-    for name, rows in grids.items():
-        pair_grid(rows).save(folder / name)
-        names.append(name)
+    for code, rows in sheets.items():
+        agreement_sheet(rows)[0].save(folder / sheet_file(code))
+        names.append(sheet_file(code))
     fid = metrics["fidelity"]
     codes = [c for c, v in fid["per_class"].items() if v[fid["fd_name"]] is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -147,6 +260,38 @@ def _downstream_plot(folder: Path, summary: dict, plt) -> str:
 
 def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _per_class_section(metrics: dict, figures: list[str]) -> list[str]:
+    """The report's table of agreement and diversity per class, and the class sheets."""
+    fid, quality = metrics["fidelity"], metrics.get("pair_quality", {})
+    agreement = {name: quality.get(name, {}).get("qc_consistency_per_class", {}) for name in ("synthetic", "real_test")}
+    lines = ["", "## Agreement and diversity per class", ""]
+    if agreement["synthetic"]:
+        lines += ["Agreement: the mean Dice between each pair's mask and the QC segmenter's mask of its image, for the "
+                  "synthetic pairs and the real test pairs (held out from the segmenter's training).", ""]
+    else:
+        lines += ["No QC segmenter was given, so there are no agreement figures and no segmenter outlines: train one "
+                  "with `jobs/qc_model.py` on the real data and pass its output as `--qc-segmenter`.", ""]
+    lines += [f"Diversity: the mean distance between two images of the class in the feature space of "
+              f"`{fid['extractor']}`, for the synthetic pairs and the real `{metrics['config']['fid_split']}` split, "
+              "and synthetic / real (as in the fidelity table).", "",
+              "| class | agreement synthetic | agreement real | diversity synthetic | diversity real | diversity ratio |",
+              "|---|---|---|---|---|---|"]
+    for code, v in fid["per_class"].items():
+        lines.append(f"| {code} | {_fmt(agreement['synthetic'].get(code))} | {_fmt(agreement['real_test'].get(code))} "
+                     f"| {_fmt(v.get('spread_synthetic'))} | {_fmt(v.get('spread_real'))} "
+                     f"| {_fmt(v.get('spread_ratio'), 2)} |")
+    sheets = [name for name in figures if name.startswith("sheet_")]
+    if sheets:
+        lines += ["", "Per class, a row of synthetic pairs and a row of real test pairs: each image with its mask's "
+                  "outline (green; the ignore map tinted magenta)"
+                  + (" and, right beside it, the same image with the QC segmenter's outline (blue)." if agreement["synthetic"]
+                     else "."), ""]
+        for name in sheets:
+            code = name.removeprefix("sheet_").removesuffix(".png")
+            lines += [f"### {code}", "", f"![{code}]({name})", ""]
+    return lines
 
 
 def render_report(metrics: dict, figures: list[str]) -> str:
@@ -205,8 +350,7 @@ def render_report(metrics: dict, figures: list[str]) -> str:
                 cells = [f"{_fmt(e[a]['mean'])} ± {_fmt(e[a]['std'])}" for a in downstream.ARMS]
                 lines.append(f"| {model} | {name} | {cells[0]} | {cells[1]} | {_fmt(e.get('gain'), 3)} |")
         lines += ["", "![downstream](downstream.png)"]
-    lines += ["", "## Samples", "", "Each row one class: image | mask overlay.", ""]
-    lines += [f"![{n}]({n})" for n in figures if n.startswith("samples_")]
+    lines += _per_class_section(metrics, figures)
     return "\n".join(lines) + "\n"
 
 

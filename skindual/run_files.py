@@ -15,7 +15,8 @@ from typing import Any
 from skindual.card import has_card
 from skindual.errors import UserError
 from skindual.fingerprint import config_fingerprint, settings_diff
-from skindual.shard_format import CARD_FILE, MANIFEST_FILE, RUN_FILE, SHARD_FILE, SIZES_FILE, shard_names
+from skindual.shard_format import (CARD_FILE, MANIFEST_FILE, PREVIEW_FILE, RUN_FILE, SHARD_FILE, SIZES_FILE,
+                                   shard_names)
 from skindual.shard_store import committed_shards, read_stats
 from skindual.storage import Storage
 
@@ -105,8 +106,8 @@ def guard_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
 def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = False, device: str = "") -> str:
     """Take an output over for a run of `config` (`guard_output` first); return the fingerprint.
 
-    ``overwrite``: start afresh, deleting the old shard and run files and dataset card (only those: other files
-    under the root stay).  `device` (what samples the shards: its model, or the CPU and its thread count) is recorded
+    ``overwrite``: start afresh, deleting the old shard and run files, dataset card and ``preview.png`` (only those:
+    other files under the root stay).  `device` (what samples the shards: its model, or the CPU and its thread count) is recorded
     in ``run.json``: a resume on another device model is refused, as its bytes would differ from the
     committed shards'.  ``run.json`` is written when the output is fresh."""
     fingerprint = guard_output(storage, config, overwrite)
@@ -121,7 +122,8 @@ def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
                             "gives other bytes; run it where the first run ran (--accelerator-type, "
                             "--cpus-per-actor), or pass --overwrite")
         return fingerprint
-    ours = [n for n in storage.list() if SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE)]
+    ours = [n for n in storage.list()
+            if SHARD_FILE.match(n) or n in (SIZES_FILE, MANIFEST_FILE, RUN_FILE, PREVIEW_FILE)]
     ours += [CARD_FILE] if has_card(storage) else []  # its counts are the old manifest's
     # stats (commit markers) first, so an interrupted delete leaves no committed shard behind
     for name in sorted(ours, key=lambda n: (not n.endswith("_stats.json"), n)):

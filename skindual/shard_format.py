@@ -47,6 +47,7 @@ PARQUET_SCHEMA = pa.schema([
     ("augmentation_seed", pa.int64()),  # mask mode: the seed of the mask's augmentation
 ])
 RUN_FILE, SIZES_FILE, MANIFEST_FILE, CARD_FILE = "run.json", "sizes.json", "manifest.json", "README.md"
+PREVIEW_FILE = "preview.png"  # a contact sheet of the output's pairs (`skindual.preview`)
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 """A shard file's name: group 1 the shard number, group 2 the kind (``.tar``, ``.parquet``, ``_stats.json``)."""
 

@@ -161,6 +161,21 @@ def write_test_output(root, pairs, per_shard: int = 16, ignore_rows: int = 0, li
     return manifest
 
 
+def assert_outlined(sheet: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray, colour=(0, 255, 0)) -> None:
+    """The picture in `box` shows `mask`'s outline in `colour`: on every pixel of the mask's edge at that scale, and
+    nowhere farther than 2 px from it (not a tint over the lesion, not on the skin around it)."""
+    from PIL import Image
+    from scipy import ndimage
+
+    x0, y0, x1, y1 = box
+    drawn = np.all(sheet[y0:y1, x0:x1] == colour, axis=-1)
+    scaled = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((x1 - x0, y1 - y0),
+                                                                             Image.Resampling.BILINEAR)) >= 128
+    edge = scaled & ~ndimage.binary_erosion(scaled, border_value=1)
+    assert edge.sum() > 10 and drawn[edge].mean() > 0.98
+    assert drawn[~ndimage.binary_dilation(edge, iterations=2)].sum() <= 0.01 * drawn.sum()
+
+
 def prepare_folder(folder: Path, output: Path, per_shard: int = 100) -> Path:
     """A HAM10000-layout folder through the prepare job's code (in this process): its real dataset."""
     from skindual.prepare import PrepareConfig, prepare_here

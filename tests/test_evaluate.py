@@ -6,6 +6,7 @@ subprocess path of errors is tested in test_export)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import job_runs as jobs
-from fixture_data import read_card, write_test_shards
+from fixture_data import assert_outlined, read_card, write_test_shards
 from skindual.cli import run_job
 from skindual.evaluate_plan import EvaluateConfig
-from skindual.report import headline_lines
+from skindual.prompts import CLASS_CODES
+from skindual.report import MASK_OUTLINE, QC_OUTLINE, agreement_sheet, headline_lines, render_report
+from skindual.shards import read_shards
 from skindual.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +30,30 @@ JOB = ROOT / "jobs" / "evaluate.py"
 # tiny on purpose (2 busy cores): 32² pairs, a 10-step extractor, 6-step downstream models, 2 seeds
 FAST = ["--feature-extractor", "lesion-cnn", "--extractor-steps", "10", "--size", "32", "--classifier", "small",
         "--steps", "6", "--batch-size", "8", "--seeds", "2", "--kid-subsets", "10", "--grid-per-class", "2"]
-FIGURES = ("samples_synthetic.png", "samples_real.png", "fd_per_class.png", "mask_statistics.png")
+FIGURES = (*(f"sheet_{code}.png" for code in CLASS_CODES), "fd_per_class.png", "mask_statistics.png")
 
 
 def run_evaluate(args: list[str], ray_address: str | None = None, timeout: int = 240):
     return jobs.run_job("evaluate", args, ray_address, timeout=timeout)
 
 
+def untrained_segmenter(folder: Path) -> str:
+    """A QC segmenter of this tool's format with seeded random weights (its figures are not the point here)."""
+    import torch
+
+    from skindual.downstream import SmallUNet
+    from skindual.qc_model import QCModelConfig, write_segmenter
+
+    torch.manual_seed(0)
+    write_segmenter(QCModelConfig(output=str(folder), size=32, width=8), SmallUNet(8), {"val_dice": None})
+    return str(folder)
+
+
 def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_cluster, s3_env, tmp_path):
     cache, output = tmp_path / "cache", s3_env + "/eval"
+    qc = ["--qc-segmenter", untrained_segmenter(tmp_path / "qc")]
     run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
-                            "--cache-dir", str(cache), *FAST], ray_cluster)
+                            "--cache-dir", str(cache), *qc, *FAST], ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: FD_lesioncnn" in run.stdout
     storage = open_storage(output)
@@ -90,17 +107,37 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     body = read_card(Path(eval_world["synthetic"]))[1]
     assert "## Evaluation" in body and storage.join("report.md") in body
     assert all(f"- {line}" in body for line in headline_lines(metrics)) and "classifier macro_f1" in body
+    # per class, the agreement with the QC segmenter and the diversity, synthetic and real, as metrics.json has them
+    agreement = {name: quality[name]["qc_consistency_per_class"] for name in ("synthetic", "real_test")}
+    assert set(agreement["synthetic"]) == set(fid["per_class"]) and all(0 <= v <= 1 for v in agreement["synthetic"].values())
+    assert set(agreement["real_test"]) == set(metrics["counts"]["real_test"])
+    section = report[report.index("## Agreement and diversity per class"):]
+    assert "No QC segmenter was given" not in section
+    for code, v in fid["per_class"].items():
+        figures = [agreement["synthetic"][code], agreement["real_test"].get(code), v["spread_synthetic"], v["spread_real"]]
+        cells = ["–" if x is None else f"{x:.3f}" for x in figures] + [f"{v['spread_ratio']:.2f}"]
+        assert f"| {code} | {' | '.join(cells)} |" in section
+        assert f"![{code}](sheet_{code}.png)" in section
+    # each class's sheet: a row of synthetic and one of real test pairs, the masks outlined
+    sheet = np.asarray(Image.open(io.BytesIO(storage.read_bytes("sheet_df.png"))).convert("RGB"))
+    assert np.all(sheet == MASK_OUTLINE, axis=-1).sum() > 2 * 2 * 20
+    # without a segmenter the report says how to get the agreement figures and outlines
+    unscored = json.loads(json.dumps(metrics))
+    for name in ("synthetic", "real_test"):
+        del unscored["pair_quality"][name]["qc_consistency_per_class"]
+    text = render_report(unscored, list(FIGURES))
+    assert "pass its output as `--qc-segmenter`" in text and "| df | – | – |" in text
 
     # a rerun of the same inputs and settings keeps the report (no cluster work: the same bytes, its timings too)
     before = {name: storage.read_bytes(name) for name in ("metrics.json", "report.md")}
     run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
-                            "--cache-dir", str(cache), "--actors", "1", *FAST], ray_cluster)
+                            "--cache-dir", str(cache), "--actors", "1", *qc, *FAST], ray_cluster)
     assert run.returncode == 0 and "already holds the evaluation of these inputs and settings" in run.stderr, run.stderr
     assert {name: storage.read_bytes(name) for name in before} == before and "done: FD_lesioncnn" in run.stdout
 
     # again, into a local folder and without the benchmark: the extractor and the real features come from the cache
     run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
-                            "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *FAST],
+                            "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *qc, *FAST],
                            ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
@@ -108,6 +145,23 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     assert "downstream" not in local
     assert local["fidelity"]["overall"] == pytest.approx(fid["overall"])
     assert all((tmp_path / "local" / f).is_file() for f in FIGURES)
+
+
+def test_a_class_sheet_draws_the_qc_segmenters_outline_beside_the_pairs_mask(eval_world):
+    pairs = [p for p in read_shards(eval_world["synthetic"]) if p["meta"]["class_code"] == "mel"][:3]
+    for p in pairs:
+        p["qc"] = np.roll(p["mask"], 5, axis=1)  # the segmenter's mask: another outline
+    rows = {"synthetic": pairs[:2], "real (test)": pairs[2:]}
+    image, boxes = agreement_sheet(rows)
+    sheet = np.asarray(image)
+    assert [len(row) for row in boxes] == [2, 1] and all(len(group) == 2 for row in boxes for group in row)
+    for row, row_boxes in zip(rows.values(), boxes):
+        for pair, (own, beside) in zip(row, row_boxes):
+            assert beside[0] > own[2] and beside[1] == own[1]  # right beside it
+            assert_outlined(sheet, own, pair["mask"])
+            assert_outlined(sheet, beside, pair["qc"], QC_OUTLINE)
+    del pairs[0]["qc"], pairs[1]["qc"], pairs[2]["qc"]
+    assert [len(group) for row in agreement_sheet(rows)[1] for group in row] == [1, 1, 1]  # no segmenter: the mask
 
 
 def test_the_fingerprint_follows_the_inputs_and_settings_not_the_workers(eval_world, tmp_path):
@@ -259,8 +313,6 @@ def test_separate_test_data_is_the_downstream_test_set(eval_world, tmp_path, cap
         image, mask = render.render_lesion("nv", 40 + i, (48, 48))
         (tmp_path / "isic" / ISIC_IMAGES).mkdir(parents=True, exist_ok=True)
         (tmp_path / "isic" / ISIC_MASKS).mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
         Image.fromarray(image).save(tmp_path / "isic" / ISIC_IMAGES / f"ISIC_{9000000 + i}.jpg")
         Image.fromarray(mask * 255).save(tmp_path / "isic" / ISIC_MASKS / f"ISIC_{9000000 + i}_segmentation.png")
     from skindual.prepare import PrepareConfig, prepare_here

@@ -30,6 +30,7 @@ from skindual.cluster import this_machine
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
 from skindual.pairs import read_index
+from skindual.preview import draw_preview
 from skindual.prompts import build_prompt, prompt_table, row_seed
 from skindual.qc_model import Judgement
 from skindual.quality import MaskLimits
@@ -364,6 +365,11 @@ def test_job_writes_the_asked_pairs_as_standard_webdataset(local_run, ray_cluste
     # the skindual reader yields the same pairs
     pairs = list(read_shards(storage.url))
     assert sorted(p["key"] for p in pairs) == sorted(keys)
+    # preview.png: drawn from the first shard written (a pair or two), then, as that lacks pairs, from every shard
+    drawn = re.findall(r"preview\.png written \(([^)]*)\)", result.stderr)
+    assert len(drawn) == 2 and 1 <= sum(map(int, re.findall(r"\d+", drawn[0]))) <= 2, result.stderr[-3000:]
+    assert drawn[1] == "df 3, nv 3, vasc 3"
+    assert storage.read_bytes("preview.png") == draw_preview(storage, read_index(storage.url)).png()
 
     # the dataset card, from the manifest's numbers; the licence is the demo world's (no --adapter: the demo's)
     header, body = read_card(Path(storage.url))
@@ -443,6 +449,10 @@ def test_killed_run_resumes_to_the_same_bytes_on_s3(local_run, ray_cluster, s3_e
     assert snapshot(storage) == snapshot(local_run[0])
     keys = [s["__key__"] for s in wds.WebDataset(shard_urls(s3_env), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 9
+    # its preview.png is the uninterrupted run's, and jobs/preview.py draws the same from S3 to S3
+    assert storage.read_bytes("preview.png") == local_run[0].read_bytes("preview.png")
+    ok(run_job("preview", ["--data", s3_env, "--output", f"{s3_env}/sheets/sheet.png"]))
+    assert storage.read_bytes("sheets/sheet.png") == storage.read_bytes("preview.png")
 
 
 def test_other_settings_are_refused_and_overwrite_replaces(local_run, ray_cluster, tmp_path):

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "finetune": 5, "finetune_config": 5, "joint_trainer": 5, "finetune_worker": 5,
     "generate": 5, "generate_config": 5, "generate_model": 5, "redraw": 5,
     "generate_actors": 5, "evaluate": 5, "evaluate_plan": 5, "evaluate_features": 5, "evaluate_downstream": 5,
-    "export": 5, "prepare": 5, "qc_model": 5,
+    "export": 5, "prepare": 5, "qc_model": 5, "preview": 5,
     "demo": 6, "demo.render": 6, "demo.world": 6,
     "demo.chain": 7,
 }
@@ -32,11 +32,11 @@ LAYERS: dict[str, int] = {
 prompts, storage, the settings' fingerprint; 2 data and the pure measures; 3 the model (and the module that
 resolves what a --base-model names, and SD-2's architecture built in code); 4 losses, the shard format, writer and
 scans, run files and reader, report, the pair-dataset reader; 5 the stages (and generation's config, model, redraws
-and Ray stages, fine-tuning's config, trainer and worker loop); 6 the demo world (skindual/demo/); 7 the demo chain."""
+and Ray stages, fine-tuning's config, trainer and worker loop, and a dataset's preview); 6 the demo world (skindual/demo/); 7 the demo chain."""
 
 NEVER_DEMO = {"model", "losses", "base_models", "sd2", "pairs", "mask_source", "finetune", "generate", "evaluate", "export", "prepare",
               "qc_model", "finetune_config", "joint_trainer", "finetune_worker", "generate_config", "generate_model", "redraw", "generate_actors", "evaluate_plan",
-              "evaluate_features", "evaluate_downstream"}
+              "evaluate_features", "evaluate_downstream", "preview"}
 
 
 def module_name(path: Path) -> str:

@@ -114,6 +114,7 @@ def test_a_bad_file_stops_the_job_naming_it_and_skip_bad_counts_and_lists_it(dow
 
 def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_path):
     from skindual.prepare import PrepareConfig, prepare_here
+    from skindual.preview import PreviewConfig, run_preview
 
     isic = tmp_path / "isic"
     for i in range(3):
@@ -131,6 +132,11 @@ def test_max_side_stores_resized_pairs_and_isic_joins_unclassed(download, tmp_pa
         assert sample["seg.png"].shape[:2] == sample["jpg"].shape[:2]
         if meta["source"] == "isic2018":
             assert meta["class_index"] == int(sample["cls"]) == -1 and meta["lesion_id"] == meta["image_id"]
+    # its preview.png: a row per class, the unclassed ISIC 2018 pairs last
+    preview = run_preview(PreviewConfig(data=str(tmp_path / "real"), output=str(tmp_path / "sheet.png")))
+    assert (tmp_path / "real" / "preview.png").read_bytes() == (tmp_path / "sheet.png").read_bytes()
+    assert [label for label, _ in preview.rows] == [c for c in CLASS_CODES if c in manifest["totals"]["per_class"]] + [
+        "unclassed"] and len(preview.rows[-1][1]) == 3
 
 
 def test_a_cameras_exif_and_gps_never_reach_the_real_dataset(download, tmp_path):
