@@ -162,6 +162,10 @@ def speed_up(pipe, levers: tuple[str, ...] | list[str] = LEVERS) -> None:
         raise ValueError(f"unknown levers {sorted(unknown)}; choose from {LEVERS}")
     if "fuse_qkv" in levers:
         if getattr(pipe.unet, "peft_config", None):  # LoRA merged into the weights by fuse_lora: drop the wrappers
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if not all(m.merged for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)):
+                raise ValueError("fuse_qkv needs the LoRA fused into the weights first (fuse_lora)")
             pipe.unload_lora_weights()
         pipe.unet.fuse_qkv_projections()
         pipe.vae.fuse_qkv_projections()
