@@ -123,8 +123,8 @@ NOT_FINGERPRINTED = ("output", "actors", "overwrite", "s3_endpoint")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + FINGERPRINTED_WHEN_ON + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
-    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, FINGERPRINTED_WHEN_ON "
-                    "or NOT_FINGERPRINTED")
+    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, "
+                    "FINGERPRINTED_WHEN_ON or NOT_FINGERPRINTED")
 
 
 def cpu_threads(cfg: GenerateConfig) -> int:

@@ -175,7 +175,8 @@ def speed_up(pipe, levers: tuple[str, ...] | list[str] = LEVERS) -> None:
     if "compile" in levers:
         import torch._inductor.config as inductor
 
-        inductor.deterministic = True  # no kernel chosen by timing on the device: the same bytes every run
+        if hasattr(inductor, "deterministic"):  # where torch has it: no kernel chosen by timing, the same bytes
+            inductor.deterministic = True
         pipe.unet.compile()
         pipe.vae.decoder.compile()
 

@@ -87,7 +87,8 @@ def test_the_eager_levers_keep_the_samples_and_compile_enters_the_fingerprint_on
 
     cfg = GenerateConfig(per_class="df=1", adapter=str(DEMO_ADAPTER))
     spec = generate_model.resolve_model(cfg)
-    eager_settings, compiled_settings = (generate.fingerprint_config(replace(cfg, compile=c), spec) for c in (False, True))
+    eager_settings, compiled_settings = (generate.fingerprint_config(replace(cfg, compile=on), spec)
+                                         for on in (False, True))
     assert "compile" not in eager_settings and compiled_settings == eager_settings | {"compile": True}
 
 
@@ -125,6 +126,6 @@ def test_compiled_sampling_gives_the_eager_masks_and_shard_layout(tmp_path):
     assert list(shards[True]) == list(shards[False]) and len(shards[False]) == 4
     for key, eager in shards[False].items():
         compiled = shards[True][key]
-        assert (compiled["meta"]["seed"], compiled["meta"]["attempts"]) == (eager["meta"]["seed"], eager["meta"]["attempts"])
+        assert [compiled["meta"][k] for k in ("seed", "attempts")] == [eager["meta"][k] for k in ("seed", "attempts")]
         assert dice(compiled["mask"], eager["mask"]) >= 0.99, key
         assert np.abs(compiled["image"].astype(int) - eager["image"]).mean() < 2
