@@ -3,7 +3,7 @@
 # one file for a machine that cannot reach a package index: .gpu-bundle/site.tar.xz (git-ignored), at
 # constraints.txt's versions, for CPython 3.12 on x86-64 Linux.  Ray is slimmed to what the
 # jobs use (no Java jars, RLlib, Serve, LLM or dashboard source maps, its binaries stripped), so the bundle stays
-# near 40 MB: with the repository, under the 64 MiB a lent GPU machine is sent.
+# under 50 MB: with the repository, under the 64 MiB a lent GPU machine is sent.
 # The image's own packages (torch, numpy, pyarrow, pandas, transformers, ...) are used as they are.
 #
 #   bash bench/gpu_bundle.sh [PYTHON_VERSION]        # default 3.12: the GPU image's python3

@@ -231,15 +231,17 @@ def phases(bench: Bench, dtype_name: str, batch: int) -> None:
         "decode_images": bench.clock(lambda: dual.decode(kept["latents"], masks=False)),
         "decode_both": bench.clock(lambda: kept.update(decoded=dual.decode(kept["latents"]))),
         "images_to_host": bench.clock(lambda: pixels(kept["decoded"][0])),
-        "masks_on_device": bench.clock(lambda: kept.update(device=finish_masks(kept["decoded"][1], sigma, True, "torch"))),
-        "masks_scipy": bench.clock(lambda: kept.update(scipy=finish_masks(kept["decoded"][1], sigma, True, "scipy"))),
+        "first_masks_on_device": bench.clock(lambda: finish_masks(kept["decoded"][1], sigma, where="torch")),
+        "masks_on_device": bench.clock(lambda: kept.update(device=finish_masks(kept["decoded"][1], sigma, where="torch"))),
+        "masks_scipy": bench.clock(lambda: kept.update(scipy=finish_masks(kept["decoded"][1], sigma, where="scipy"))),
     }
-    total = seconds["denoise"] + seconds["decode_both"] + seconds["images_to_host"]
+    total = seconds["denoise"] + seconds["decode_both"] + seconds["images_to_host"]  # a batch, less its clean-up
+    now, before = total + seconds["masks_on_device"], total + seconds["masks_scipy"]
     bench.report["phases"] = {
         "dtype": dtype_name, "batch": batch, "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "mask_decode_share": round((seconds["decode_both"] - seconds["decode_images"]) / (total + seconds["masks_on_device"]), 4),
-        "cleanup_share_on_device": round(seconds["masks_on_device"] / (total + seconds["masks_on_device"]), 4),
-        "cleanup_share_scipy": round(seconds["masks_scipy"] / (total + seconds["masks_scipy"]), 4),
+        "mask_decode_share": round((seconds["decode_both"] - seconds["decode_images"]) / now, 4),
+        "cleanup_share_on_device": round(seconds["masks_on_device"] / now, 4),
+        "cleanup_share_scipy": round(seconds["masks_scipy"] / before, 4),
         "cleanups_agree": float((kept["device"] == kept["scipy"]).mean()),
     }
     print(f"phases at batch {batch}: " + ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items())
@@ -283,7 +285,8 @@ def lever_arms(bench: Bench, dtype_name: str, eager: dict[int, dict]) -> None:
     if bench.fits(f"image-only {'+'.join(first)} batch {batch}", estimate + compile_cost[first]):
         image = bench.image_rate(bench.place(bench.image_only, dtype, first), batch)
         entry = bench.report["levers"][0]
-        entry |= {"image_only_per_s": round(image["per_s"], 4), "ratio": round(entry["pairs_per_s"] / image["per_s"], 3)}
+        entry |= {"image_only_per_s": round(image["per_s"], 4),
+                  "ratio": round(entry["pairs_per_s"] / image["per_s"], 3)}
         bench.emit()
     for levers in arms[1:]:
         if bench.fits(f"arm {'+'.join(levers)} batch {batch}", estimate + compile_cost[levers]):
@@ -329,8 +332,8 @@ def main() -> None:
     for name in args.dtypes:
         eager = eager_sweep(bench, name)
         bench.emit()
-        if not args.no_phases and bench.fits(f"phases {name}", 2.5 * args.lever_batch / eager[args.lever_batch]["pairs_per_s"]
-                                             if args.lever_batch in eager else 0):
+        estimate = 2.5 * args.lever_batch / eager[args.lever_batch]["pairs_per_s"] if args.lever_batch in eager else 0
+        if not args.no_phases and bench.fits(f"phases {name}", estimate):
             phases(bench, name, args.lever_batch)
             bench.emit()
         lever_arms(bench, name, eager)
