@@ -1,6 +1,6 @@
 """Generation's settings: `GenerateConfig` (the flags of jobs/generate.py) and which of its fields change
-a run's bytes (`FINGERPRINTED`), enter the fingerprint through what they resolve to (`RESOLVED`), or
-neither (`NOT_FINGERPRINTED`); every field is declared once, checked at import."""
+a run's bytes (`FINGERPRINTED`, or `FINGERPRINTED_WHEN_ON` for a switch), enter the fingerprint through what they
+resolve to (`RESOLVED`), or neither (`NOT_FINGERPRINTED`); every field is declared once, checked at import."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ class GenerateConfig:
                                                    "pixels: 6 px at SD-2's 512²); "
                                                    "removes the VAE's spiky mask edges; 0: off")
     dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
+    compile: bool = option(False, "speed levers for GPUs: torch.compile of the UNet and the VAE decoder (each actor "
+                                  "compiles on its first mini-batches), channels-last weights, fused QKV projections; "
+                                  "the samples round differently, so an output is written with it on or off "
+                                  "throughout (it enters the run's fingerprint when on)")
     seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
     image_format: str = option("jpg", "image encoding in the tars", choices=["jpg", "png"])
     max_attempts: int = option(8, "draws per pair before it counts as rejected (quality control)")
@@ -125,11 +129,15 @@ RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor
 (`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`: which rows of which shards,
 so a ``--partial`` read of a dataset names the shards it used), the device and its model, and on CPU the torch
 thread count."""
+FINGERPRINTED_WHEN_ON = ("compile",)
+"""Switches that change the bytes when on and enter the fingerprint only then: a run without them keeps the
+fingerprint it had before they existed."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
-_declared = FINGERPRINTED + RESOLVED + NOT_FINGERPRINTED
+_declared = FINGERPRINTED + RESOLVED + FINGERPRINTED_WHEN_ON + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
-    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED or NOT_FINGERPRINTED")
+    raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, "
+                    "FINGERPRINTED_WHEN_ON or NOT_FINGERPRINTED")
 
 
 def cpu_threads(cfg: GenerateConfig) -> int:

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from skindual import sampling_speed
 from skindual.base_models import base_config, demo_alias, hub_error, is_hub_id, resolve_base_model
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
-from skindual.quality import MASK_SMOOTHING, largest_component
+from skindual.quality import MASK_SMOOTHING
 from skindual.storage import file_sha256
 
 log = logging.getLogger(__name__)
@@ -372,19 +373,6 @@ def make_scheduler(name: str, config):
     return classes[name].from_config(config)
 
 
-def smooth_mask_logits(logits: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing (σ in pixels) of N×H×W decoded mask logits, each image on its own.
-
-    A VAE decoder fed a generated mask latent draws its edge with spikes and notches about a latent
-    cell wide; smoothing before the threshold removes them and keeps the shape (what it buys on the
-    demo: lab/notes/demo-results.md)."""
-    from scipy import ndimage
-
-    if sigma <= 0:
-        return logits
-    return np.stack([ndimage.gaussian_filter(m, sigma) for m in logits]) if len(logits) else logits
-
-
 @dataclass
 class DualSample:
     images: np.ndarray  # uint8 N×H×W×3
@@ -416,6 +404,9 @@ class DualPipeline:
         self.mask_hold = "clean" if trained else "noised"
         """How `__call__` holds given masks: an adapter trained with a mask-conditioned share sees them clean,
         as it learnt to; any other joint model gets them noised to each step's level (RePaint-style)."""
+        self.mask_cleanup = "auto"
+        """Where `finish_masks` cleans the decoded masks: "auto" (torch on a GPU, scipy on the CPU), "torch" or
+        "scipy" (`sampling_speed.MASK_CLEANUPS`); the same masks either way."""
 
     @classmethod
     def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
@@ -485,12 +476,25 @@ class DualPipeline:
                  masks: np.ndarray | None = None) -> DualSample:
         """Sample one image–mask pair per (prompt, seed).  Masks: the decoded mask logits, smoothed by a
         Gaussian of σ = `mask_smoothing` latent cells (× the VAE's scale factor in pixels), thresholded
-        at 0 and, with `clean_masks`, cut to their largest component with holes filled.
+        at 0 and, with `clean_masks`, cut to their largest component with holes filled (`finish_masks`).
 
         Given `masks` (0/1 N×H×W at `resolution`), only the image is sampled: before every step the mask half
         of the latents is replaced by the given masks' latents (`encode_masks`), noised to that step's level
         with the mask half of the seed's own noise (`scheduler.add_noise`), as RePaint-style inpainting holds
         the known region, or clean (`mask_hold`); the returned masks are the given ones."""
+        latents = self.denoise(prompts, seeds, steps, guidance, masks)
+        if masks is not None:
+            images, _ = self.decode(latents, masks=False)
+            return DualSample(images=pixels(images), masks=np.asarray(masks, np.uint8), latents=latents.float().cpu())
+        images, mask_logits = self.decode(latents)
+        return DualSample(images=pixels(images), masks=self.finish_masks(mask_logits, mask_smoothing, clean_masks),
+                          latents=latents.float().cpu())
+
+    @torch.no_grad()
+    def denoise(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
+                masks: np.ndarray | None = None) -> torch.Tensor:
+        """The denoising loop of `__call__`: the final joint latents, on the device (with given `masks`, their
+        mask half the given masks' latents)."""
         if len(prompts) != len(seeds) or (masks is not None and len(masks) != len(seeds)):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, "
                              f"{'no' if masks is None else len(masks)} masks")
@@ -520,13 +524,15 @@ class DualPipeline:
             latents = sched.step(pred, t, latents).prev_sample
         if known is not None:
             latents = pack_latents(unpack_latents(latents, self.layout)[0], known.to(latents.dtype), self.layout)
-            images, _ = self.decode(latents, masks=False)
-            images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            return DualSample(images=images, masks=np.asarray(masks, np.uint8), latents=latents.float().cpu())
-        images, mask_logits = self.decode(latents)
-        images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        logits = smooth_mask_logits(mask_logits.float().cpu().numpy(), mask_smoothing * self.pipe.vae_scale_factor)
-        masks = (logits > 0).astype(np.uint8)
-        if clean_masks:
-            masks = np.stack([largest_component(m) for m in masks]) if len(masks) else masks
-        return DualSample(images=images, masks=masks, latents=latents.float().cpu())
+        return latents
+
+    def finish_masks(self, mask_logits: torch.Tensor, mask_smoothing: float = MASK_SMOOTHING,
+                     clean_masks: bool = True) -> np.ndarray:
+        """Decoded N×H×W mask logits → uint8 0/1 masks N×H×W (see `__call__`), cleaned where ``mask_cleanup``
+        says (`sampling_speed.finish_masks`: on a GPU, without leaving it)."""
+        return sampling_speed.finish_masks(mask_logits, mask_smoothing * self.pipe.vae_scale_factor, clean_masks,
+                                           self.mask_cleanup)
+
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """Decoded N×3×H×W images in [-1, 1] → uint8 N×H×W×3 on the host (rounded on the images' device)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
