@@ -89,7 +89,8 @@ def main() -> None:
 
     from diffusers import DDIMScheduler
 
-    from skindual.model import DualPipeline, place, widen_unet
+    from skindual.dual_pipeline import DualPipeline
+    from skindual.model import place, widen_unet
     from skindual.sd2 import build_sd2_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

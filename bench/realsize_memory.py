@@ -130,7 +130,7 @@ def generation_peak(base: str, batch_size: int, device, empty: float, report: st
     bf16 at 512², `batch_size` pairs, decoded 4 latents at a time (`DualPipeline`'s default)."""
     import torch
 
-    from skindual.model import DualPipeline
+    from skindual.dual_pipeline import DualPipeline
 
     pipe = DualPipeline.from_pretrained(base, device=str(device), dtype=torch.bfloat16, resolution=512)
     loaded = _rss_gb()

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skindual.base_models import DEMO_BASE, base_id, demo_alias, is_demo_base
+from skindual.dual_pipeline import DualPipeline
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
-from skindual.model import DualPipeline, adapter_misfit, load_adapter
+from skindual.model import adapter_misfit, load_adapter
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.qc_model import QCSegmenter
 from skindual.storage import is_remote, open_storage

@@ -25,7 +25,7 @@ from torch import nn
 
 MASK_SMOOTHING = 0.75
 """Default σ, in latent cells, of the Gaussian that smooths a decoded mask before its threshold
-(`skindual.model.smooth_mask_logits`; generation's ``--mask-smoothing``)."""
+(`skindual.dual_pipeline.smooth_mask_logits`; generation's ``--mask-smoothing``)."""
 
 
 @dataclass(frozen=True)

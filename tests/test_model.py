@@ -1,4 +1,5 @@
-"""The joint image–mask model on a tiny, randomly initialised SD-2-shaped pipeline."""
+"""The joint image–mask model (skindual/model.py) and its sampling (skindual/dual_pipeline.py) on a tiny, randomly
+initialised SD-2-shaped pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from skindual import model
+from skindual import dual_pipeline, model
 from skindual.base_models import ARTIFACT, artifact_metadata, artifact_tokenizer, assemble_pipeline, build_components
 from skindual.errors import UserError
-from skindual.model import (DualPipeline, load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
+from skindual.dual_pipeline import DualPipeline
+from skindual.model import (load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
                             unpack_latents)
 from skindual.quality import largest_component
 
@@ -182,12 +184,12 @@ def test_mask_smoothing_removes_a_ragged_edge_and_keeps_the_shape():
     angle, radius = np.arctan2(yy - 32, xx - 32), np.hypot(yy - 32, xx - 32)
     logits = np.stack([16 + 3 * np.sin(16 * angle) - radius,  # a disk of radius 16 with 16 spikes of ±3 px
                        np.full((64, 64), -1.0)]).astype(np.float32)  # and an empty one beside it
-    raw, smooth = (largest_component(m > 0) for m in (logits[0], model.smooth_mask_logits(logits, 3.0)[0]))
+    raw, smooth = (largest_component(m > 0) for m in (logits[0], dual_pipeline.smooth_mask_logits(logits, 3.0)[0]))
     before, after = mask_statistics(raw)["compactness"], mask_statistics(smooth)["compactness"]
     assert before < 0.5 and after > 0.95
     assert abs(int(smooth.sum()) - np.pi * 16**2) < 0.05 * np.pi * 16**2  # the disk under the spikes
-    assert model.smooth_mask_logits(logits, 3.0)[1].max() < 0  # each image alone: nothing spills over
-    assert model.smooth_mask_logits(logits, 0) is logits
+    assert dual_pipeline.smooth_mask_logits(logits, 3.0)[1].max() < 0  # each image alone: nothing spills over
+    assert dual_pipeline.smooth_mask_logits(logits, 0) is logits
 
 
 def test_sampling_applies_the_smoothing_in_latent_cells(dual):
@@ -197,7 +199,7 @@ def test_sampling_applies_the_smoothing_in_latent_cells(dual):
     assert torch.equal(raw.latents, smooth.latents) and np.array_equal(raw.images, smooth.images)
     _, logits = pipe.decode(raw.latents)
     sigma = 0.75 * pipe.pipe.vae_scale_factor
-    expected = [largest_component(m > 0) for m in model.smooth_mask_logits(logits.numpy(), sigma)]
+    expected = [largest_component(m > 0) for m in dual_pipeline.smooth_mask_logits(logits.numpy(), sigma)]
     assert np.array_equal(smooth.masks, np.stack(expected))
     assert np.array_equal(raw.masks, np.stack([largest_component(m > 0) for m in logits.numpy()]))
 
