@@ -31,7 +31,12 @@ from skindual.storage import file_sha256
 
 LAYOUTS = ("channels", "side-by-side")
 TRAIN_MODES = ("lora", "full")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = {"attention": ATTENTION,
+                "attention+resnet": ATTENTION + ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "ff.net.0.proj",
+                                                 "ff.net.2"]}
+"""What LoRA adapts, by name → the UNet's module names (peft's suffix match): the attention projections, or also
+every ResNet block's convolutions and time-embedding projection and every transformer block's feed-forward."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONVS_FILE = "skindual_convs.safetensors"
 UNET_FILE = "skindual_unet.safetensors"
@@ -49,6 +54,12 @@ def check_train(train: str) -> str:
     if train not in TRAIN_MODES:
         raise UserError(f"unknown train mode {train!r}; choose one of {', '.join(TRAIN_MODES)}")
     return train
+
+
+def check_lora_targets(targets: str) -> str:
+    if targets not in LORA_TARGETS:
+        raise UserError(f"unknown LoRA targets {targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+    return targets
 
 
 # --------------------------------------------------------------------------- base pipeline, UNet and latents
@@ -106,15 +117,16 @@ def widen_unet(unet) -> None:
 
 
 def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None = None,
-                 train: str = "lora") -> list[torch.nn.Parameter]:
+                 train: str = "lora", lora_targets: str = "attention") -> list[torch.nn.Parameter]:
     """Make `unet` trainable for `layout`; returns the trainable parameters.
 
-    ``train="lora"``: LoRA (rank `lora_rank`, alpha `lora_alpha` or the rank) on the attention
-    projections, added with ``unet.add_adapter`` as diffusers' train_text_to_image_lora.py does,
+    ``train="lora"``: LoRA (rank `lora_rank`, alpha `lora_alpha` or the rank) on the modules `lora_targets`
+    names (`LORA_TARGETS`), added with ``unet.add_adapter`` as diffusers' train_text_to_image_lora.py does,
     plus the widened convs for ``channels``.  ``train="full"``: the whole UNet.
     """
     check_layout(layout)
     check_train(train)
+    check_lora_targets(lora_targets)
     unet.requires_grad_(False)
     if layout == "channels":
         widen_unet(unet)
@@ -124,7 +136,7 @@ def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
-                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS[lora_targets]))
         if layout == "channels":  # after add_adapter: peft freezes everything but the LoRA layers
             unet.conv_in.requires_grad_(True)
             unet.conv_out.requires_grad_(True)
@@ -197,6 +209,7 @@ class AdapterInfo:
     train: str
     lora_rank: int | None
     lora_alpha: float | None
+    lora_targets: str | None  # a `LORA_TARGETS` name (None: no LoRA)
     resolution: int | None
     classes: list[dict]
     prompt_template: str
@@ -230,8 +243,16 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
     try:
         if train == "lora":
             config = unet.peft_config["default"]
-            lora = {"rank": int(config.r), "alpha": float(config.lora_alpha), "target_modules": LORA_TARGETS}
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            targets = next((name for name, modules in LORA_TARGETS.items() if set(modules) == set(config.target_modules)),
+                           None)
+            if targets is None:
+                raise ValueError(f"the UNet's LoRA adapts {sorted(config.target_modules)}, none of LORA_TARGETS")
+            lora = {"rank": int(config.r), "alpha": float(config.lora_alpha), "targets": targets,
+                    "target_modules": LORA_TARGETS[targets]}
+            # diffusers writes only the attention projections' keys as ``lora.down``/``lora.up``, and its loader
+            # converts a file from that form only when the first key is in it: every key is written in it
+            layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v
+                      for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
                 weight_name=LORA_FILE, unet_lora_adapter_metadata=_stable(config.to_dict()))
@@ -292,6 +313,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     return AdapterInfo(
         folder=folder, base_model=meta["base_model"], layout=meta["layout"], train=meta["train"],
         lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), resolution=meta.get("resolution"),
+        lora_targets=lora.get("targets", "attention") if lora else None,
         classes=meta["classes"], prompt_template=meta["prompt_template"],
         training_config=meta["training_config"], files=dict(meta["files"]), sha256=file_sha256(path),
         prompt_attributes=meta.get("prompt_attributes"),
