@@ -304,6 +304,17 @@ def test_the_defaults_fit_a_24_gb_gpu_and_settings_that_do_not_are_refused():
     reward = replace(cfg, w_consistency=1.0, consistency_segmenter="qc")
     assert step_memory_gb(cfg, sd2, 512) < step_memory_gb(reward, sd2, 512) <= 24
     check_memory(reward, sd2, 512, "A10G")
+    # LoRA on the ResNet blocks too: more activations a sample, the defaults still fit; the whole UNet adds its fp32
+    # weights, gradients, AdamW moments, EMA and autocast's bf16 copies (20 bytes a parameter) and is refused there
+    resnet = replace(cfg, lora_targets="attention+resnet")
+    assert step_memory_gb(cfg, sd2, 512) < step_memory_gb(resnet, sd2, 512) <= 24
+    full = replace(cfg, train="full")
+    assert step_memory_gb(full, sd2, 512) - step_memory_gb(resnet, sd2, 512) == pytest.approx(
+        865_910_724 * 20 / 1024**3 - 0.08, abs=0.15)
+    with pytest.raises(UserError, match=r"^--batch-size 8 --mixed-precision bf16 at 512²: one training step needs "
+                                        r"about [\d.]+ GB, more than the 24 GB of an A10G; use --batch-size 1 "):
+        check_memory(full, sd2, 512, "A10G")
+    check_memory(full, sd2, 512, "H100")
 
 
 def test_the_consistency_reward_trains_the_image_through_a_frozen_segmenter(demo_real, tmp_path):
