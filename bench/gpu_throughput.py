@@ -161,7 +161,7 @@ class Bench:
         return out
 
     def joint_rate(self, pipe, batch: int) -> dict:
-        from skindual.model import DualPipeline
+        from skindual.dual_pipeline import DualPipeline
 
         dual = DualPipeline(pipe, "channels", resolution=self.args.resolution)
         prompts, seeds = [PROMPT] * batch, list(range(batch))
@@ -216,7 +216,7 @@ def eager_sweep(bench: Bench, dtype_name: str) -> dict[int, dict]:
 
 def phases(bench: Bench, dtype_name: str, batch: int) -> None:
     """Part 2: where an eager joint batch's time goes, and the two mask clean-ups compared."""
-    from skindual.model import DualPipeline, pixels
+    from skindual.dual_pipeline import DualPipeline, pixels
     from skindual.quality import MASK_SMOOTHING
     from skindual.sampling_speed import finish_masks
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from skindual.mask_source import augment_mask
-from skindual.model import DualPipeline
+from skindual.dual_pipeline import DualPipeline
 from skindual.prompts import CLASS_CODES, build_prompt
 
 

@@ -19,8 +19,9 @@ kernel selection), then ``--steps`` timed ones; the peak covers all of them.
 The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, batch 1),
 ``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``consistency_gb_batch1`` / ``consistency_gb_per_extra_sample`` /
 ``consistency_step_seconds_ratio`` (the consistency reward on every sample, against bf16_b1),
-``bf16_b8_consistency[_default]_step_seconds_ratio`` (the reward on every sample / at its default t <= 200, against
-bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
+``resnet_lora_gb_batch1`` / ``resnet_lora_gb_per_extra_sample`` / ``resnet_lora_step_seconds_ratio`` (LoRA on the
+ResNet blocks and feed-forwards too, against bf16_b1), ``bf16_b8_consistency[_default]_step_seconds_ratio`` (the
+reward on every sample / at its default t <= 200, against bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
 `skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
@@ -52,6 +53,9 @@ SETTINGS = {
     "bf16_b1_full_geometry": ({"mixed_precision": "bf16", "geo_crop": 0}, 1),
     "bf16_b1_prior": ({"mixed_precision": "bf16", "w_prior": 1.0}, 1),
     "bf16_b1_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 1),
+    # LoRA on the ResNet blocks and feed-forwards too (--lora-targets attention+resnet)
+    "bf16_b1_resnet_lora": ({"mixed_precision": "bf16", "lora_targets": "attention+resnet"}, 1),
+    "bf16_b2_resnet_lora": ({"mixed_precision": "bf16", "lora_targets": "attention+resnet"}, 2),
     "bf16_b2_checkpointing": ({"mixed_precision": "bf16", "gradient_checkpointing": True}, 2),
     "bf16_b4": ({"mixed_precision": "bf16"}, 4),
     "bf16_b8": ({"mixed_precision": "bf16"}, 8),  # the fine-tune's defaults on a GPU: measured, not predicted
@@ -130,7 +134,7 @@ def generation_peak(base: str, batch_size: int, device, empty: float, report: st
     bf16 at 512², `batch_size` pairs, decoded 4 latents at a time (`DualPipeline`'s default)."""
     import torch
 
-    from skindual.model import DualPipeline
+    from skindual.dual_pipeline import DualPipeline
 
     pipe = DualPipeline.from_pretrained(base, device=str(device), dtype=torch.bfloat16, resolution=512)
     loaded = _rss_gb()
@@ -205,6 +209,12 @@ def main() -> None:
                    "consistency_step_seconds_ratio": round(figures["bf16_b1_consistency"]["step_seconds"]
                                                            / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2)}
                   if {"bf16_b1_consistency", "bf16_b2_consistency"} <= set(figures) else {}),
+               **({"resnet_lora_gb_batch1": figures["bf16_b1_resnet_lora"]["peak_gb"],
+                   "resnet_lora_gb_per_extra_sample": round(figures["bf16_b2_resnet_lora"]["peak_gb"]
+                                                            - figures["bf16_b1_resnet_lora"]["peak_gb"], 2),
+                   "resnet_lora_step_seconds_ratio": round(figures["bf16_b1_resnet_lora"]["step_seconds"]
+                                                           / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2)}
+                  if {"bf16_b1_resnet_lora", "bf16_b2_resnet_lora"} <= set(figures) else {}),
                **({f"{n}_step_seconds_ratio": round(figures[n]["step_seconds"] / max(figures["bf16_b8"]["step_seconds"], 1e-9), 3)
                    for n in ("bf16_b8_consistency", "bf16_b8_consistency_default") if n in figures and "bf16_b8" in figures}),
                "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),

@@ -20,7 +20,8 @@ U-Net, trained on the real cut as jobs/qc_model.py does, written by `qc_model.wr
      out of the loss) and pretrained (kept pairs, then the real cut), against real only and real only twice the
      steps, over ``--seeds`` (0: none).
 
-The report (``OUTPUT/consistency_levers-<difficulty>-real<f>.json``) is rewritten after every variant, so a run
+Its pieces (`load_world`, `build_judges`, `fine_tune`, `generation_config`, `draw_sets`) serve lab/pair_diagnosis.py
+too.  The report (``OUTPUT/consistency_levers-<difficulty>-real<f>.json``) is rewritten after every variant, so a run
 cut short keeps what it measured; each variant's raw draws' QC and judge scores go to ``OUTPUT/scores-<variant>.npz``.
 A rerun reuses the fine-tunes it finds done under ``OUTPUT/runs``.
 
@@ -31,10 +32,14 @@ A rerun reuses the fine-tunes it finds done under ``OUTPUT/runs``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import io
 import json
+import multiprocessing
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +131,173 @@ def threshold_estimates(labels: np.ndarray, qc: np.ndarray, judged: np.ndarray, 
     return out
 
 
+@dataclass
+class Judges:
+    """What every variant is measured against: the real pairs in memory at `SIZE` (the whole train split, the
+    fine-tune's cut of it, the val split), the QC segmenter (written to ``qc_cfg.output``, the reward's too) and
+    its Dice on the val split, and the held-out judge (smp U-Net) trained on the whole train split."""
+
+    real_all: dict
+    real_cut: dict
+    val: dict
+    qc_cfg: QCModelConfig
+    qc_val: float
+    judge: torch.nn.Module
+
+
+def load_world(out: Path, difficulty: str, world: str = "", data_scale: float = 0.1) -> tuple[str, str]:
+    """The real and real-test datasets: those of a world prepared earlier (`world`), else a demo world prepared
+    under `out` (`data_scale` of the demo counts)."""
+    if world:
+        said = json.loads((Path(world) / "demo_world.json").read_text()).get("difficulty", "easy")
+        if said != difficulty:
+            raise SystemExit(f"--world {world} is the {said} world, not --difficulty {difficulty}")
+        return str(Path(world) / "real"), str(Path(world) / "real-test")
+    made = prepare_demo_world(out, measure=False, difficulty=difficulty, data_scale=data_scale)
+    return str(made.real), str(made.test_data)
+
+
+def build_judges(real: str, f: float, out: Path, qc_steps: int, judge_steps: int, device: torch.device) -> Judges:
+    """The QC segmenter, as jobs/qc_model.py trains it (the small U-Net on the real cut), written under
+    ``out/qc``; the held-out judge, another architecture, on the whole real train split."""
+    index = pairs.read_index(real)
+    cut_keys = set(training_rows(index, f).column("key").to_pylist())  # the fine-tune's and the QC's cut
+    real_all = as_set(split_pairs(real, "train", SIZE))
+    real_cut = {k: v[np.asarray([k in cut_keys for k in real_all["key"]])] for k, v in real_all.items()}
+    val = as_set(split_pairs(real, "val", SIZE))
+    qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=qc_steps)
+    torch.manual_seed(qc_cfg.seed)
+    settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
+    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
+                                      batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
+                                      "segmenter", settings, qc_cfg.seed, device)
+    qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
+    write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
+                                             "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
+    judge = train("smp_unet", "segmenter", [real_all], judge_steps, 0, False, device)
+    return Judges(real_all, real_cut, val, qc_cfg, qc_val, judge)
+
+
+class PeakMemory:
+    """The peak memory (GB) of what runs inside the block: on a GPU `torch.cuda.max_memory_allocated` (reset on
+    entry); on the CPU the resident set's peak (VmHWM, reset on entry) less the resident set on entry, freed heap
+    memory first given back to the system (glibc's ``malloc_trim``): a figure to compare variants by, not a GPU's."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gb = device, 0.0
+
+    @staticmethod
+    def _rss_gb(field: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) / 1024**2
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+            self.start = self._rss_gb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.gb = torch.cuda.max_memory_allocated() / 1024**3
+        else:
+            self.gb = self._rss_gb("VmHWM") - self.start
+
+
+def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
+    """The fine-tune `ft` in this process (its `JointTrainer` over `local_batches`, no Ray), its adapter written by
+    `write_outputs` under ``{output}/{name}/adapter``.  Returns the last step's losses, the seconds a step (the first
+    left out: it pays for the allocations) and the peak memory of loading the model and training (`PeakMemory`)."""
+    device = torch.device(device_type)
+    plan = plan_finetune(ft)
+    cfg = plan.config
+    last, seconds = {}, []
+    with PeakMemory(device) as memory:
+        trainer = JointTrainer(cfg, device)
+        epoch = 0
+        while trainer.step < cfg.steps:
+            epoch += 1
+            given = len(seconds)
+            for batch in local_batches(cfg.training_data, plan.selection, cfg.resolution, cfg.batch_size,
+                                       cfg.seed + epoch):
+                t = time.perf_counter()
+                last = trainer.train_step(batch) or last
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - t)
+                if trainer.step >= cfg.steps:
+                    break
+            if len(seconds) == given:  # an epoch gave no batch: the loop would never end
+                raise SystemExit(f"{cfg.training_data}: an epoch has fewer pairs than a batch ({cfg.batch_size})")
+    write_outputs(cfg, trainer, plan.prompting, plan.fingerprint)
+    timed = seconds[1:] or seconds
+    return {"steps": cfg.steps, "seconds_per_step": round(float(np.mean(timed)), 4),
+            "peak_memory_gb": round(memory.gb, 3),
+            "last_step_losses": {k: round(float(v), 4) for k, v in last.items() if k != "time"}}
+
+
+def fine_tune(ft: FinetuneConfig, device: torch.device) -> dict:
+    """`train_adapter`'s figures of the fine-tune `ft`, kept beside its adapter (``train_figures.json``); a run found
+    done (its plan's) is reused with them.  On the CPU it trains in a fresh process, so that the resident set's peak
+    counts this fine-tune alone, not what this process loaded or freed before."""
+    plan = plan_finetune(ft)
+    figures_path = Path(plan.config.output) / plan.config.name / "train_figures.json"
+    if plan.done is not None:
+        return json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    if device.type == "cpu":
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            figures = pool.submit(train_adapter, ft, "cpu").result()
+    else:
+        figures = train_adapter(ft, device.type)
+    figures_path.write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
+
+
+def generation_config(adapter: str, judges: Judges, per_class: int, device: torch.device, **fields) -> GenerateConfig:
+    """Generation of `per_class` pairs a class with `adapter` and the QC segmenter scoring them, in this process
+    (`fields`: other `GenerateConfig` settings, e.g. guidance, seed, steps)."""
+    return GenerateConfig(per_class=str(per_class), adapter=adapter, qc_segmenter=judges.qc_cfg.output,
+                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, num_gpus_per_actor=float(device.type == "cuda"),
+                          dtype="fp16" if device.type == "cuda" else "fp32",
+                          batch_size=64 if device.type == "cuda" else 8, cpus_per_actor=torch.get_num_threads(),
+                          **fields)
+
+
+def draw_sets(gen: GenerateConfig, qc_val: float, min_consistency: str = "pilot",
+              attempts: int = DEMO_QC_ATTEMPTS) -> tuple[dict, float, str]:
+    """The raw draws (generation's first pass: the QC scores every pair, rejects none; only failed mask checks are
+    drawn again) and, unless `min_consistency` is ``none``, the kept set: the same rows drawn with the threshold
+    the demo chain would pick from the raw draws (`pilot_threshold`, ``pilot``) or the given one, `attempts` draws
+    a pair.  Returns ({"raw", "kept"}, the threshold, where it came from)."""
+    spec = resolve_model(gen)
+    rows = generation_prompts(gen, spec).to_pylist()
+    batch = pa.table({"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]})
+    generator = ShardGenerator(gen, spec)  # its pipeline loaded once, for both sets
+
+    def draw(cfg: GenerateConfig) -> dict:
+        generator.cfg = cfg  # the settings of this draw (a shard's samples are read from them)
+        return decode(generator(batch).column("samples").to_pylist()[0])
+
+    raw = draw(gen)
+    scores: dict[str, list[float]] = {}
+    for label, score in zip(raw["label"], raw["qc"]):
+        scores.setdefault(CLASS_CODES[label], []).append(float(score))
+    threshold, how = pilot_threshold(scores, qc_val)
+    if min_consistency not in ("pilot", "none"):
+        threshold, how = float(min_consistency), "--min-consistency"
+    sets = {"raw": raw}
+    if min_consistency != "none":
+        sets["kept"] = draw(replace(gen, min_consistency=threshold, max_attempts=attempts))
+    return sets, threshold, how
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
@@ -156,14 +328,7 @@ def main() -> None:
                           else "cpu")
     out, f = Path(args.output).resolve(), args.real_fraction
     started = time.perf_counter()
-    if args.world:
-        said = json.loads((Path(args.world) / "demo_world.json").read_text()).get("difficulty", "easy")
-        if said != args.difficulty:
-            raise SystemExit(f"--world {args.world} is the {said} world, not --difficulty {args.difficulty}")
-        real, test_data = str(Path(args.world) / "real"), str(Path(args.world) / "real-test")
-    else:
-        world = prepare_demo_world(out, measure=False, difficulty=args.difficulty)
-        real, test_data = str(world.real), str(world.test_data)
+    real, test_data = load_world(out, args.difficulty, args.world)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / f"consistency_levers-{args.difficulty}-real{f:g}.json"
     report: dict = {"difficulty": args.difficulty, "real_fraction": f, "device": torch.cuda.get_device_name()
@@ -175,27 +340,12 @@ def main() -> None:
         report["seconds"] = round(time.perf_counter() - started, 1)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    index = pairs.read_index(real)
-    cut_keys = set(training_rows(index, f).column("key").to_pylist())  # the fine-tune's and the QC's cut
-    real_all = as_set(split_pairs(real, "train", SIZE))
-    real_cut = {k: v[np.asarray([k in cut_keys for k in real_all["key"]])] for k, v in real_all.items()}
-    val = as_set(split_pairs(real, "val", SIZE))
     test = as_set(split_pairs(test_data, "all", SIZE))  # the separate test set, all of it
     test_set = downstream.PairSet(test["image"], test["mask"], test["label"])
-
-    # the QC segmenter (also the reward's), as jobs/qc_model.py trains it: the small U-Net on the real cut
     t = time.perf_counter()
-    qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=args.qc_steps)
-    torch.manual_seed(qc_cfg.seed)
-    settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
-    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
-                                      batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
-                                      "segmenter", settings, qc_cfg.seed, device)
-    qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
-    write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
-                                             "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
-    judge = train("smp_unet", "segmenter", [real_all], args.judge_steps, 0, False, device)
-    report |= {"real_cut_pairs": int(len(real_cut["label"])), "qc_val_dice": round(qc_val, 4),
+    judges = build_judges(real, f, out, args.qc_steps, args.judge_steps, device)
+    real_cut, judge = judges.real_cut, judges.judge
+    report |= {"real_cut_pairs": int(len(real_cut["label"])), "qc_val_dice": round(judges.qc_val, 4),
                "judge_test_dice": round(segmenter_dice(judge, test["image"], test["mask"], device), 4),
                "judge_on_real_cut": round(float(per_pair_dice(judge, real_cut["image"], real_cut["mask"], device).mean()), 4),
                "qc_and_judge_seconds": round(time.perf_counter() - t, 1)}
@@ -221,53 +371,19 @@ def main() -> None:
         fields = parse_fields([p for p in variant.split(",") if p.strip()])
         name = "demo" if not fields else "_".join(f"{k}-{v}" for k, v in sorted(fields.items()))
         if fields.get("w_consistency"):
-            fields["consistency_segmenter"] = qc_cfg.output
+            fields["consistency_segmenter"] = judges.qc_cfg.output
         t = time.perf_counter()
         ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
                             base_model=world_base(args.difficulty), use_gpu=device.type == "cuda",
                             **{**DEMO_FINETUNE, "steps": args.finetune_steps, **fields})
-        plan = plan_finetune(ft)
-        cfg = plan.config
-        last = {}
-        if plan.done is None:
-            trainer = JointTrainer(cfg, device)
-            epoch = 0
-            while trainer.step < cfg.steps:
-                epoch += 1
-                for batch in local_batches(real, plan.selection, cfg.resolution, cfg.batch_size, cfg.seed + epoch):
-                    last = trainer.train_step(batch) or last
-                    if trainer.step >= cfg.steps:
-                        break
-            write_outputs(cfg, trainer, plan.prompting, plan.fingerprint)
-            del trainer
+        trained = fine_tune(ft, device)
         figures: dict = {"settings": {k: v for k, v in fields.items() if k != "consistency_segmenter"},
                          "finetune_seconds": round(time.perf_counter() - t, 1),
-                         "last_step_losses": {k: round(float(v), 4) for k, v in last.items() if k != "time"}}
-
-        adapter = str(out / "runs" / name / "adapter")
-        gen = GenerateConfig(per_class=str(args.per_class), adapter=adapter, qc_segmenter=qc_cfg.output,
-                             samples_per_shard=DEMO_SAMPLES_PER_SHARD, num_gpus_per_actor=float(device.type == "cuda"),
-                             dtype="fp16" if device.type == "cuda" else "fp32",
-                             batch_size=64 if device.type == "cuda" else 8, cpus_per_actor=torch.get_num_threads())
-        spec = resolve_model(gen)
-        rows = generation_prompts(gen, spec).to_pylist()
-        batch = pa.table({"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]})
-
-        def draw(cfg: GenerateConfig) -> dict:
-            records = ShardGenerator(cfg, spec)(batch).column("samples").to_pylist()[0]
-            return decode(records)
+                         "last_step_losses": trained.get("last_step_losses", {})}
 
         t = time.perf_counter()
-        raw = draw(gen)  # the QC scores every pair, rejects none (only failed mask checks are drawn again)
-        scores: dict[str, list[float]] = {}
-        for label, score in zip(raw["label"], raw["qc"]):
-            scores.setdefault(CLASS_CODES[label], []).append(float(score))
-        threshold, how = pilot_threshold(scores, qc_val)
-        if args.min_consistency not in ("pilot", "none"):
-            threshold, how = float(args.min_consistency), "--min-consistency"
-        sets = {"raw": raw}
-        if args.min_consistency != "none":
-            sets["kept"] = draw(replace(gen, min_consistency=threshold, max_attempts=DEMO_QC_ATTEMPTS))
+        gen = generation_config(str(out / "runs" / name / "adapter"), judges, args.per_class, device)
+        sets, threshold, how = draw_sets(gen, judges.qc_val, args.min_consistency)
         figures["generation_seconds"] = round(time.perf_counter() - t, 1)
         for which, s in sets.items():
             judged = per_pair_dice(judge, s["image"], s["mask"], device)

@@ -19,7 +19,7 @@ import torch
 from skindual import fidelity, quality
 from skindual.base_models import demo_base_path
 from skindual.demo.world import split_pairs
-from skindual.model import DualPipeline
+from skindual.dual_pipeline import DualPipeline
 from skindual.prompts import CLASSES, build_prompt
 
 SITES = ("back", "lower extremity", "trunk", "face", "upper extremity", "abdomen")

@@ -26,7 +26,7 @@ from skindual.cluster import init_ray
 from skindual.demo.world import prepare_demo_world, split_pairs
 from skindual.finetune import plan_finetune, run_finetune
 from skindual.finetune_config import FinetuneConfig
-from skindual.model import DualPipeline
+from skindual.dual_pipeline import DualPipeline
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
 

@@ -26,7 +26,7 @@ from skindual.finetune import training_rows, training_selection
 from skindual.finetune_config import FinetuneConfig
 from skindual.joint_trainer import JointTrainer
 from skindual.pairs import local_batches, read_index
-from skindual.model import DualPipeline
+from skindual.dual_pipeline import DualPipeline
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from skindual.finetune import training_rows, training_selection
 from skindual.finetune_config import FinetuneConfig
 from skindual.joint_trainer import JointTrainer
 from skindual.mask_source import augment_mask
-from skindual.model import DualPipeline
+from skindual.dual_pipeline import DualPipeline
 from skindual.pairs import local_batches, read_index
 from skindual.prompts import CLASS_CODES, build_prompt
 

@@ -50,24 +50,47 @@ CONSISTENCY_GB = (0.19, 0.11)
 """The consistency reward (--w-consistency) scoring every sample of the batch, its worst case: GB once (the
 frozen segmenter, the checkpointed decoder window; the CPU's ``bf16_b1_consistency`` against ``bf16_b1``) and
 per sample (on an H200 at batch 8: 18.64 GB reserved against 17.62 without it, +1.02 GB)."""
+RESNET_LORA_GB = (0.08, 1.23)
+"""--lora-targets attention+resnet: GB once (its LoRA and their optimiser state) and the factor of the per-sample
+figure (the inputs of the ResNet convolutions and feed-forwards kept for the backward pass), measured on the CPU's
+resident set by ``bf16_b1_resnet_lora`` / ``bf16_b2_resnet_lora`` against ``bf16_b1`` / ``bf16_b2`` (4.88 / 6.70
+GB against 4.46 / 5.94: +0.34 GB a sample on 1.48); no GPU measurement yet, so the factor, not the CPU's GB, scales
+the GPU's per-sample figure."""
+SD2_UNET_PARAMETERS = 865_910_724  # SD-2's UNet (`skindual.sd2` at width 1)
 GPU_MEMORY_GB = {"T4": 16, "V100": 16, "A10": 24, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40, "A100-40G": 40,
                  "A100-80G": 80, "H100": 80, "H200": 141, "B200": 180}
 """Memory of the GPU models by Ray's accelerator-type names (the smallest variant where there are two)."""
 SD2_WIDTHS = [320, 640, 1280, 1280]
 
 
+def full_unet_gb(cfg: FinetuneConfig, precision: str) -> float:
+    """What training the whole UNet of SD-2 (--train full) adds to a LoRA step's weights, counted in bytes per UNet
+    parameter, not measured: its weights in fp32 instead of the compute dtype, their gradients, AdamW's two moments,
+    the EMA's copy, autocast's compute-dtype copies of the weights, and the prior's frozen copy of the base."""
+    frozen = 4 if precision == "no" else 2
+    per_parameter = ((4 - frozen) + 4 + 8 + (4 if cfg.ema_decay else 0) + (frozen if precision != "no" else 0)
+                     + (frozen if cfg.w_prior else 0))
+    return SD2_UNET_PARAMETERS * per_parameter / 1024**3
+
+
 def step_memory_gb(cfg: FinetuneConfig, unet_widths: list[int], resolution: int) -> float | None:
     """Estimated GPU memory of one training step of `cfg` (CUDA context included) for SD-2-sized UNets, from
-    `STEP_MEMORY_GB` with the activations scaled by the pixel count; None for other bases."""
+    `STEP_MEMORY_GB` with the activations scaled by the pixel count; None for other bases.  LoRA on the ResNet
+    blocks too (`RESNET_LORA_GB`) grows the activations; so does the whole UNet trained, at least as much, its
+    weights and optimiser state added by `full_unet_gb`."""
     if list(unet_widths) != SD2_WIDTHS:
         return None
     precision = resolve_precision(cfg.mixed_precision, cfg.use_gpu)
     first, extra = STEP_MEMORY_GB["checkpointing" if cfg.gradient_checkpointing and precision != "no" else precision]
     scale = (resolution / 512) ** 2
     reward_once, reward_per_sample = CONSISTENCY_GB if cfg.w_consistency else (0.0, 0.0)
-    per_sample = (extra + (WHOLE_MASK_GB if cfg.w_geo and cfg.geo_crop == 0 else 0.0)
+    if cfg.train == "full":
+        trained_once, factor = full_unet_gb(cfg, precision), RESNET_LORA_GB[1]
+    else:
+        trained_once, factor = RESNET_LORA_GB if cfg.lora_targets == "attention+resnet" else (0.0, 1.0)
+    per_sample = (factor * extra + (WHOLE_MASK_GB if cfg.w_geo and cfg.geo_crop == 0 else 0.0)
                   + (PRIOR_GB if cfg.w_prior else 0.0) + reward_per_sample) * scale
-    weights = first - extra + reward_once  # what does not grow with the batch (weights, optimiser state)
+    weights = first - extra + reward_once + trained_once  # what does not grow with the batch (weights, optimiser state)
     return round(weights + cfg.batch_size * per_sample + CUDA_CONTEXT_GB, 1)
 
 

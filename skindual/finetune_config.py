@@ -31,6 +31,10 @@ class FinetuneConfig:
     layout: str = option("channels", "joint latent layout", choices=list(model.LAYOUTS))
     train: str = option("lora", "what is trained: LoRA (+ widened convs) or the full UNet", choices=list(model.TRAIN_MODES))
     lora_rank: int = option(16, "LoRA rank")
+    lora_targets: str = option("attention", "what LoRA adapts: the attention projections, or also every ResNet "
+                                            "block's convolutions and time-embedding projection and every "
+                                            "feed-forward (more to train: the image can learn to follow its mask)",
+                               choices=list(model.LORA_TARGETS))
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
     steps: int = option(300, "optimiser steps")
     batch_size: int = option(8, "samples per worker per micro-batch")
@@ -59,6 +63,9 @@ class FinetuneConfig:
     geo_crop: int = option(32, "the geometry term decodes a window of this many latent cells a side of each predicted "
                                "mask, at a random place (32: 256 px of SD-2's 512²; 0 or the latent size: all of it)")
     w_prior: float = option(0.0, "weight of the prior-preservation term: the image prediction vs the frozen base model's")
+    prior_min_t: int = option(0, "the prior term counts only the samples whose timestep is at least this (of 1000): "
+                                 "the high-noise steps, where class and layout form, leaving the image free to follow "
+                                 "its mask at the lower ones (0: every sample)")
     w_consistency: float = option(0.0, "weight of the consistency reward: a frozen segmenter (--consistency-segmenter) "
                                        "on the decoded predicted x0 image of the low-noise samples, Dice+BCE against "
                                        "the true mask, so that the image follows its mask (0: off)")
@@ -101,6 +108,8 @@ class FinetuneConfig:
             raise UserError(f"--mask-condition-rate {self.mask_condition_rate}: must be in [0, 1)")
         if not 0 < self.consistency_max_t <= 1000:
             raise UserError(f"--consistency-max-t {self.consistency_max_t}: must be in 1..1000")
+        if not 0 <= self.prior_min_t < 1000:
+            raise UserError(f"--prior-min-t {self.prior_min_t}: must be in 0..999")
 
 
 def resolve_precision(asked: str, use_gpu: bool) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from skindual import model, report
+from skindual import dual_pipeline, model, report
 from skindual.cli import worker_setup
 from skindual.finetune_config import FinetuneConfig, FinetunePlan, Prompting
 from skindual.joint_trainer import JointTrainer, device_name, load_checkpoint, save_checkpoint
@@ -116,7 +116,7 @@ def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompti
         log.info("adapter written to %s", storage.join(f"{cfg.name}/adapter"))
 
         def grid(path: Path) -> None:
-            dual = model.DualPipeline(trainer.pipe, cfg.layout, resolution=cfg.resolution or None,
+            dual = dual_pipeline.DualPipeline(trainer.pipe, cfg.layout, resolution=cfg.resolution or None,
                                       decode_batch=cfg.validation_batch)
             with trainer.ema_weights(), trainer.autocast():
                 report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed, path,

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skindual.base_models import DEMO_BASE, adapter_base, base_id, is_demo_base
+from skindual.dual_pipeline import DualPipeline
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig
-from skindual.model import ADAPTER_JSON, DualPipeline, adapter_files, adapter_misfit, load_adapter
+from skindual.model import ADAPTER_JSON, adapter_files, adapter_misfit, load_adapter
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.qc_model import QCSegmenter
 from skindual.sampling_speed import speed_up

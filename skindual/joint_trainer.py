@@ -87,7 +87,8 @@ class JointTrainer:
         # seeded right before the LoRA's random initialisation: whatever this process ran before (a Ray worker
         # is reused) and whatever loading the pipeline drew, the same seed gives the same start, on every rank
         torch.manual_seed(cfg.seed)
-        self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train)
+        self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train,
+                                         cfg.lora_targets)
         for p in self.params:  # trained weights in fp32 whatever the compute dtype (LoRA, widened convs)
             p.data = p.data.float()
         if cfg.gradient_checkpointing:
@@ -197,10 +198,16 @@ class JointTrainer:
             side = model.unpack_latents(x0, cfg.layout)[1].shape[-1]
             offsets = torch.randint(0, max(1, side - cfg.geo_crop + 1), (len(x0), 2), generator=g)
         prior_pred = None
-        if cfg.w_prior:  # first: switching the LoRA off and on again must not happen inside the graph
+        pinned = t >= cfg.prior_min_t  # the samples the prior term counts: the base predicts only theirs
+        if cfg.w_prior and pinned.any():  # first: switching the LoRA off and on again must not happen inside the graph
+            noisy_img = model.unpack_latents(noisy, cfg.layout)[0]
             with self.autocast(), torch.no_grad(), self.base_unet() as base:
-                prior_pred = base(model.unpack_latents(noisy, cfg.layout)[0], t,
-                                  encoder_hidden_states=cond).sample.float()
+                if pinned.all():
+                    prior_pred = base(noisy_img, t, encoder_hidden_states=cond).sample.float()
+                else:
+                    prior_pred = torch.zeros(noisy_img.shape, device=device)
+                    prior_pred[pinned] = base(noisy_img[pinned], t[pinned],
+                                              encoder_hidden_states=cond[pinned]).sample.float()
         last = (self.micro + 1) % cfg.grad_accum == 0
         # DDP all-reduces the gradients on the last micro-batch of an optimiser step only
         with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
@@ -212,7 +219,7 @@ class JointTrainer:
                                       noisy_latents=noisy, prior_pred=prior_pred, w_prior=cfg.w_prior,
                                       geo_crop=cfg.geo_crop, geo_offsets=offsets, segment=self.segment,
                                       w_consistency=cfg.w_consistency, consistency_max_t=cfg.consistency_max_t,
-                                      conditioned=conditioned)
+                                      conditioned=conditioned, prior_min_t=cfg.prior_min_t)
             self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
         self.micro += 1
         if not last:

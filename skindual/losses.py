@@ -143,6 +143,7 @@ def joint_loss(
     w_consistency: float = 0.0,
     consistency_max_t: int = 200,
     conditioned: torch.Tensor | None = None,
+    prior_min_t: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch of joint latents, each term returned separately for logging.
 
@@ -161,8 +162,10 @@ def joint_loss(
     averaged over those samples (0 when the batch has none).
     `conditioned` (N bools) marks the samples whose mask half was given clean (mask-conditioned training): only
     their image term counts; the mask, geometry and prior terms average over the other samples (0 when none).
-    Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``, ``consistency`` and ``low_t`` (how many samples
-    the consistency reward scored).
+    The prior term counts only the samples with timestep ≥ `prior_min_t` (0: all), averaged over them (0 when
+    none); `prior_pred` holds a row for every sample, those of the others unread.
+    Returns ``total``, ``img``, ``mask``, ``geo``, ``prior``, ``consistency``, ``low_t`` (how many samples
+    the consistency reward scored) and ``high_t`` (how many the prior term counted).
     """
     abar = alpha_bar(alphas_cumprod, timesteps)
     tgt = target(latents_x0, noise, abar, prediction_type)
@@ -198,12 +201,14 @@ def joint_loss(
             if cropping:
                 x0_img, truth = crop_pairs(x0_img, truth, geo_offsets[low.to(geo_offsets.device)], geo_crop)
             consistency = segmentation_loss(segment(decode_mask(x0_img).float().clamp(-1, 1)), truth)
-    if w_prior and joint.any():
+    pinned = joint & (timesteps >= prior_min_t)  # the samples the prior term counts
+    if w_prior and pinned.any():
         if prior_pred is None:
             raise ValueError("the prior-preservation term (w_prior != 0) needs prior_pred")
-        prior = _mse(pred_img[joint], prior_pred[joint], None if weights is None else weights[joint])
+        prior = _mse(pred_img[pinned], prior_pred[pinned], None if weights is None else weights[pinned])
     else:
         prior = model_pred.new_zeros((), dtype=torch.float32)
     total = w_img * img + w_mask * mask + w_geo * geo + w_prior * prior + w_consistency * consistency
     return {"total": total, "img": img, "mask": mask, "geo": geo, "prior": prior, "consistency": consistency,
-            "low_t": low.sum().float() if w_consistency else model_pred.new_zeros((), dtype=torch.float32)}
+            "low_t": low.sum().float() if w_consistency else model_pred.new_zeros((), dtype=torch.float32),
+            "high_t": pinned.sum().float() if w_prior else model_pred.new_zeros((), dtype=torch.float32)}

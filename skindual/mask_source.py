@@ -6,7 +6,7 @@ class's real masks, in turn after a seeded shuffle (so every mask serves about e
 prompt's body site, age and sex come from that mask's row.  Before sampling, the mask is varied by a
 seeded augmentation (`augment_mask`: flips, rotation, scale, a small shift and an elastic deformation);
 the joint model then samples only the image, its mask latents held to the noised encoding of the given
-mask at every step (`skindual.model.DualPipeline` with ``masks=``).  The shard's mask is the given
+mask at every step (`skindual.dual_pipeline.DualPipeline` with ``masks=``).  The shard's mask is the given
 mask, exact by construction.
 
 `plan_mask_source` reads and checks the dataset's index before any cluster work; `load_masks` reads the

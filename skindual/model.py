@@ -5,17 +5,17 @@ channels (UNet ``conv_in``/``conv_out`` widened, mask inputs starting at zero so
 base model); ``side-by-side`` puts image | mask on one canvas of twice the width (stock UNet, so
 its LoRA file loads into any Stable Diffusion tool).  An adapter folder holds the diffusers LoRA
 file, the widened convs (or the whole UNet when trained fully) and ``skindual_adapter.json`` with
-the sha256 of every file.  Pure model code: no Ray, no storage beyond a local adapter folder.
+the sha256 of every file.  Sampling: `skindual.dual_pipeline`.  Pure model code: no Ray, no storage beyond a
+local adapter folder.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,18 +23,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from skindual import sampling_speed
-from skindual.base_models import base_config, demo_alias, hub_error, is_hub_id, resolve_base_model
+from skindual.base_models import base_config, hub_error, is_hub_id, resolve_base_model
 from skindual.errors import UserError
 from skindual.prompts import CLASSES, DEFAULT_TEMPLATE
-from skindual.quality import MASK_SMOOTHING
 from skindual.storage import file_sha256
 
-log = logging.getLogger(__name__)
 
 LAYOUTS = ("channels", "side-by-side")
 TRAIN_MODES = ("lora", "full")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = {"attention": ATTENTION,
+                "attention+resnet": ATTENTION + ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "ff.net.0.proj",
+                                                 "ff.net.2"]}
+"""What LoRA adapts, by name → the UNet's module names (peft's suffix match): the attention projections, or also
+every ResNet block's convolutions and time-embedding projection and every transformer block's feed-forward."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONVS_FILE = "skindual_convs.safetensors"
 UNET_FILE = "skindual_unet.safetensors"
@@ -52,6 +54,12 @@ def check_train(train: str) -> str:
     if train not in TRAIN_MODES:
         raise UserError(f"unknown train mode {train!r}; choose one of {', '.join(TRAIN_MODES)}")
     return train
+
+
+def check_lora_targets(targets: str) -> str:
+    if targets not in LORA_TARGETS:
+        raise UserError(f"unknown LoRA targets {targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+    return targets
 
 
 # --------------------------------------------------------------------------- base pipeline, UNet and latents
@@ -109,15 +117,16 @@ def widen_unet(unet) -> None:
 
 
 def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None = None,
-                 train: str = "lora") -> list[torch.nn.Parameter]:
+                 train: str = "lora", lora_targets: str = "attention") -> list[torch.nn.Parameter]:
     """Make `unet` trainable for `layout`; returns the trainable parameters.
 
-    ``train="lora"``: LoRA (rank `lora_rank`, alpha `lora_alpha` or the rank) on the attention
-    projections, added with ``unet.add_adapter`` as diffusers' train_text_to_image_lora.py does,
+    ``train="lora"``: LoRA (rank `lora_rank`, alpha `lora_alpha` or the rank) on the modules `lora_targets`
+    names (`LORA_TARGETS`), added with ``unet.add_adapter`` as diffusers' train_text_to_image_lora.py does,
     plus the widened convs for ``channels``.  ``train="full"``: the whole UNet.
     """
     check_layout(layout)
     check_train(train)
+    check_lora_targets(lora_targets)
     unet.requires_grad_(False)
     if layout == "channels":
         widen_unet(unet)
@@ -127,7 +136,7 @@ def prepare_unet(unet, layout: str, lora_rank: int = 8, lora_alpha: float | None
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
-                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS[lora_targets]))
         if layout == "channels":  # after add_adapter: peft freezes everything but the LoRA layers
             unet.conv_in.requires_grad_(True)
             unet.conv_out.requires_grad_(True)
@@ -200,6 +209,7 @@ class AdapterInfo:
     train: str
     lora_rank: int | None
     lora_alpha: float | None
+    lora_targets: str | None  # a `LORA_TARGETS` name (None: no LoRA)
     resolution: int | None
     classes: list[dict]
     prompt_template: str
@@ -233,8 +243,16 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
     try:
         if train == "lora":
             config = unet.peft_config["default"]
-            lora = {"rank": int(config.r), "alpha": float(config.lora_alpha), "target_modules": LORA_TARGETS}
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            targets = next((name for name, modules in LORA_TARGETS.items() if set(modules) == set(config.target_modules)),
+                           None)
+            if targets is None:
+                raise ValueError(f"the UNet's LoRA adapts {sorted(config.target_modules)}, none of LORA_TARGETS")
+            lora = {"rank": int(config.r), "alpha": float(config.lora_alpha), "targets": targets,
+                    "target_modules": LORA_TARGETS[targets]}
+            # diffusers writes only the attention projections' keys as ``lora.down``/``lora.up``, and its loader
+            # converts a file from that form only when the first key is in it: every key is written in it
+            layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v
+                      for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()},
                 weight_name=LORA_FILE, unet_lora_adapter_metadata=_stable(config.to_dict()))
@@ -315,6 +333,7 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
     return AdapterInfo(
         folder=folder, base_model=meta["base_model"], layout=meta["layout"], train=meta["train"],
         lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), resolution=meta.get("resolution"),
+        lora_targets=lora.get("targets", "attention") if lora else None,
         classes=meta["classes"], prompt_template=meta["prompt_template"],
         training_config=meta["training_config"], files=files, sha256=file_sha256(path),
         prompt_attributes=meta.get("prompt_attributes"),
@@ -359,180 +378,3 @@ def apply_adapter(pipe, info: AdapterInfo, fuse: bool = True) -> None:
         pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, metadata=metadata)
         if fuse:
             pipe.fuse_lora(components=["unet"])
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def make_scheduler(name: str, config):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    if name not in classes:
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
-    return classes[name].from_config(config)
-
-
-@dataclass
-class DualSample:
-    images: np.ndarray  # uint8 N×H×W×3
-    masks: np.ndarray  # uint8 N×H×W, values 0/1
-    latents: torch.Tensor = field(repr=False)  # final joint latents (float32, CPU), before decoding
-
-
-class DualPipeline:
-    """One denoising loop over joint image–mask latents, with classifier-free guidance.
-
-    Wraps a `StableDiffusionPipeline` whose UNet is already adapted (by `prepare_unet` in a
-    training job, or by `from_pretrained` with an adapter folder).  `resolution` is the side of one
-    square image (and its mask) in pixels, by default the base model's.
-    """
-
-    def __init__(self, pipe, layout: str = "channels", scheduler: str = "ddim",
-                 adapter: AdapterInfo | None = None, resolution: int | None = None, decode_batch: int = 4):
-        self.pipe, self.layout, self.adapter = pipe, check_layout(layout), adapter
-        if layout == "channels" and pipe.unet.config.in_channels != 8:
-            raise ValueError("layout 'channels' needs a widened UNet: call prepare_unet or widen_unet first")
-        self.scheduler_name = scheduler
-        self.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-        self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        if self.resolution % step:
-            raise UserError(f"resolution {self.resolution}: this base model needs a multiple of {step}")
-        self.decode_batch = max(1, decode_batch)
-        trained = adapter.training_config.get("mask_condition_rate", 0) if adapter is not None else 0
-        self.mask_hold = "clean" if trained else "noised"
-        """How `__call__` holds given masks: an adapter trained with a mask-conditioned share sees them clean,
-        as it learnt to; any other joint model gets them noised to each step's level (RePaint-style)."""
-        self.mask_cleanup = "auto"
-        """Where `finish_masks` cleans the decoded masks: "auto" (torch on a GPU, scipy on the CPU), "torch" or
-        "scipy" (`sampling_speed.MASK_CLEANUPS`); the same masks either way."""
-
-    @classmethod
-    def from_pretrained(cls, base_model: str | Path, adapter: str | Path | None = None, device="cpu",
-                        dtype: torch.dtype = torch.float32, scheduler: str = "ddim",
-                        layout: str | None = None, fuse: bool = True, resolution: int | None = None,
-                        decode_batch: int = 4, s3_endpoint: str | None = None) -> "DualPipeline":
-        """The base model (an SD-2 id or folder) with an adapter folder applied, or the bare base
-        (``layout`` then picks the layout; ``channels`` starts as the base model, mask untrained).
-        Samples come at `resolution`, else the adapter's trained one, else the base model's."""
-        info = load_adapter(adapter) if adapter is not None else None
-        if info is not None and layout is not None and layout != info.layout:
-            raise UserError(f"adapter {adapter} has layout {info.layout!r}, not {layout!r}")
-        layout = info.layout if info is not None else (layout or "channels")
-        if info is not None and info.base_model != str(base_model) and (
-                demo_alias(info.base_model) is None or demo_alias(info.base_model) != demo_alias(base_model)):
-            log.warning("adapter %s was trained on %s, loading it onto %s", adapter, info.base_model, base_model)
-        pipe = load_pipeline(base_model, torch_dtype=dtype, s3_endpoint=s3_endpoint)
-        if info is not None:
-            apply_adapter(pipe, info, fuse=fuse)
-        elif layout == "channels":
-            widen_unet(pipe.unet)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, layout, scheduler, info, resolution or (info.resolution if info else None), decode_batch)
-
-    unet = property(lambda self: self.pipe.unet)
-    vae = property(lambda self: self.pipe.vae)
-    text_encoder = property(lambda self: self.pipe.text_encoder)
-    tokenizer = property(lambda self: self.pipe.tokenizer)
-    device = property(lambda self: self.pipe.unet.device)
-    dtype = property(lambda self: self.pipe.unet.dtype)
-
-    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        """Per-sample noise, each from its own CPU generator: a sample depends on its seed only."""
-        channels, side = self.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor
-        shape = (channels, side, 2 * side if self.layout == "side-by-side" else side)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.stack(noise).to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, masks: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Joint latents → (images N×3×H×W in [-1, 1], mask logits N×H×W: mean of the decoded channels, or
-        None without `masks`), decoded `decode_batch` latents at a time (the VAE decoder's memory grows with
-        its batch)."""
-        image_latents, mask_latents = unpack_latents(latents, self.layout)
-        both = (torch.cat([image_latents, mask_latents]) if masks else image_latents).to(self.dtype)
-        decode = vae_decoder(self.vae)
-        decoded = torch.cat([decode(both[i:i + self.decode_batch]).float()
-                             for i in range(0, len(both), self.decode_batch)])
-        if not masks:
-            return decoded.clamp(-1, 1), None
-        images, mask_logits = decoded.chunk(2)
-        return images.clamp(-1, 1), mask_logits.mean(1)
-
-    @torch.no_grad()
-    def encode_masks(self, masks: np.ndarray) -> torch.Tensor:
-        """0/1 masks N×H×W (at `resolution`) → their scaled VAE latents (posterior means), as training encodes them."""
-        images = mask_to_image(torch.from_numpy(np.ascontiguousarray(masks))).to(self.device, self.dtype)
-        encode = self.vae.encode
-        z = torch.cat([encode(images[i:i + self.decode_batch]).latent_dist.mean
-                       for i in range(0, len(images), self.decode_batch)])
-        return z * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-                 clean_masks: bool = True, mask_smoothing: float = MASK_SMOOTHING,
-                 masks: np.ndarray | None = None) -> DualSample:
-        """Sample one image–mask pair per (prompt, seed).  Masks: the decoded mask logits, smoothed by a
-        Gaussian of σ = `mask_smoothing` latent cells (× the VAE's scale factor in pixels), thresholded
-        at 0 and, with `clean_masks`, cut to their largest component with holes filled (`finish_masks`).
-
-        Given `masks` (0/1 N×H×W at `resolution`), only the image is sampled: before every step the mask half
-        of the latents is replaced by the given masks' latents (`encode_masks`), noised to that step's level
-        with the mask half of the seed's own noise (`scheduler.add_noise`), as RePaint-style inpainting holds
-        the known region, or clean (`mask_hold`); the returned masks are the given ones."""
-        latents = self.denoise(prompts, seeds, steps, guidance, masks)
-        if masks is not None:
-            images, _ = self.decode(latents, masks=False)
-            return DualSample(images=pixels(images), masks=np.asarray(masks, np.uint8), latents=latents.float().cpu())
-        images, mask_logits = self.decode(latents)
-        return DualSample(images=pixels(images), masks=self.finish_masks(mask_logits, mask_smoothing, clean_masks),
-                          latents=latents.float().cpu())
-
-    @torch.no_grad()
-    def denoise(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-                masks: np.ndarray | None = None) -> torch.Tensor:
-        """The denoising loop of `__call__`: the final joint latents, on the device (with given `masks`, their
-        mask half the given masks' latents)."""
-        if len(prompts) != len(seeds) or (masks is not None and len(masks) != len(seeds)):
-            raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, "
-                             f"{'no' if masks is None else len(masks)} masks")
-        if masks is not None and tuple(masks.shape[1:]) != (self.resolution, self.resolution):
-            raise ValueError(f"given masks are {masks.shape[1:]}, the pipeline samples {self.resolution}²")
-        cfg = guidance > 1.0
-        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
-        sched = self.scheduler
-        sched.set_timesteps(steps, device=self.device)
-        noise = self.initial_noise(seeds)
-        latents = noise * sched.init_noise_sigma
-        known = self.encode_masks(masks) if masks is not None else None
-        for t in sched.timesteps:
-            if known is not None and self.mask_hold == "noised":
-                held = sched.add_noise(known, unpack_latents(noise, self.layout)[1], t.reshape(1).expand(len(known)))
-                latents = pack_latents(unpack_latents(latents, self.layout)[0], held.to(latents.dtype), self.layout)
-            x = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
-            if known is not None and self.mask_hold == "clean":  # the model input's mask half, as in training
-                given = known.to(x.dtype)
-                x = pack_latents(unpack_latents(x, self.layout)[0], torch.cat([given, given]) if cfg else given,
-                                 self.layout)
-            pred = self.unet(x, t, encoder_hidden_states=embeds).sample
-            if cfg:
-                uncond_pred, cond_pred = pred.chunk(2)
-                pred = uncond_pred + guidance * (cond_pred - uncond_pred)
-            latents = sched.step(pred, t, latents).prev_sample
-        if known is not None:
-            latents = pack_latents(unpack_latents(latents, self.layout)[0], known.to(latents.dtype), self.layout)
-        return latents
-
-    def finish_masks(self, mask_logits: torch.Tensor, mask_smoothing: float = MASK_SMOOTHING,
-                     clean_masks: bool = True) -> np.ndarray:
-        """Decoded N×H×W mask logits → uint8 0/1 masks N×H×W (see `__call__`), cleaned where ``mask_cleanup``
-        says (`sampling_speed.finish_masks`: on a GPU, without leaving it)."""
-        return sampling_speed.finish_masks(mask_logits, mask_smoothing * self.pipe.vae_scale_factor, clean_masks,
-                                           self.mask_cleanup)
-
-def pixels(images: torch.Tensor) -> np.ndarray:
-    """Decoded N×3×H×W images in [-1, 1] → uint8 N×H×W×3 on the host (rounded on the images' device)."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -124,8 +124,9 @@ def contact_sheet(rows: list[tuple[str, list[list[tuple[np.ndarray, Box]]]]], ti
     return sheet, boxes
 
 
-def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2) -> Image.Image:
-    """A grid with one row per list: each pair shown as image | overlay, 2 px gaps."""
+def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2, alpha: float = 0.45) -> Image.Image:
+    """A grid with one row per list: each pair shown as image | overlay (the mask tinted at `alpha`, 0: its outline
+    only), 2 px gaps."""
     cells = max(len(r) for r in rows)
     h, w = rows[0][0][0].shape[:2]
     gap = 2
@@ -134,7 +135,7 @@ def pair_grid(rows: list[list[tuple[np.ndarray, np.ndarray]]], scale: int = 2) -
         for j, (image, mask) in enumerate(row):
             y, x = i * (h + gap), j * (2 * w + gap)
             canvas[y:y + h, x:x + w] = image
-            canvas[y:y + h, x + w:x + 2 * w] = overlay(image, mask)
+            canvas[y:y + h, x + w:x + 2 * w] = overlay(image, mask, alpha=alpha)
     img = Image.fromarray(canvas)
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 

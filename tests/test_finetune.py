@@ -18,8 +18,10 @@ from fixture_data import real_batch
 
 from skindual import model
 from skindual.errors import UserError
-from skindual.finetune import check_memory, plan_finetune, step_memory_gb, training_rows, training_selection
+from skindual.finetune import (check_memory, finetune_settings, plan_finetune, step_memory_gb, training_rows,
+                               training_selection)
 from skindual.finetune_config import FinetuneConfig, resolve_precision
+from skindual.fingerprint import config_fingerprint, settings_diff
 from skindual.joint_trainer import JointTrainer, lr_factor
 from skindual.storage import open_storage, ray_storage
 
@@ -253,6 +255,44 @@ def test_a_rerun_with_other_steps_or_cpu_threads_is_refused_naming_the_flag(demo
         plan_finetune(replace(on_gpus, name="g")).fingerprint
 
 
+def test_lora_on_the_resnet_blocks_and_the_prior_at_high_noise_only(demo_real):
+    """Plain PyTorch (no Ray): --lora-targets attention+resnet trains LoRA on the ResNet convolutions too, and the
+    prior's teacher (the UNet with every LoRA switched off, its original convs) stays the base exactly; with
+    --prior-min-t the prior counts only the samples at or above it, the base predicting only theirs."""
+    cfg = FinetuneConfig(training_data=str(demo_real), steps=3, batch_size=8, lora_rank=4,
+                         lora_targets="attention+resnet", w_prior=1.0, prior_min_t=500, ema_decay=0, lr=1e-3,
+                         warmup_steps=1)
+    trainer = JointTrainer(cfg, torch.device("cpu"))
+    batch = real_batch(demo_real, 64, n=8)
+    first = trainer.train_step(batch)
+    assert first["prior"] < 1e-10 and 0 < first["high_t"] < 8  # step 0 is the base; some samples below 500
+    later = [trainer.train_step(batch) for _ in range(2)]
+    assert all(0 < m["high_t"] < 8 for m in later) and all(m["prior"] > 1e-8 for m in later)
+    state = trainer.state()
+    convs = [k for k in state if ".resnets." in k and ".conv1.lora_B" in k]
+    assert convs and all(state[k].abs().sum() > 0 for k in convs)  # the ResNet convolutions' LoRA trained
+
+    base = model.load_pipeline(cfg.base_model).unet
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, base.config.cross_attention_dim, generator=g)
+    t = torch.tensor([900, 600])
+    with torch.no_grad():
+        with trainer.base_unet() as teacher:
+            torch.testing.assert_close(teacher(x, t, emb).sample, base(x, t, emb).sample)
+        adapted = trainer.unet(torch.cat([x, torch.zeros_like(x)], 1), t, emb).sample[:, :4]
+        assert not torch.allclose(adapted, base(x, t, emb).sample, atol=1e-4)
+    # both shape the weights: the run's fingerprint covers them, and a refused rerun names them
+    settings = finetune_settings(cfg, "data")
+    for change in ({"lora_targets": "attention"}, {"prior_min_t": 0}):
+        other = finetune_settings(replace(cfg, **change), "data")
+        assert config_fingerprint(other) != config_fingerprint(settings)
+        assert settings_diff(settings, other).startswith(f"--{next(iter(change)).replace('_', '-')} ")
+    with pytest.raises(UserError, match=r"^--prior-min-t 1000: must be in 0..999$"):
+        FinetuneConfig(prior_min_t=1000)
+    with pytest.raises(UserError, match=r"^--lora-targets 'all': choose one of attention, attention\+resnet$"):
+        FinetuneConfig(lora_targets="all")
+
+
 def test_config_built_in_code_is_checked_like_flags():
     with pytest.raises(UserError, match=r"^--layout 'tiles': choose one of channels, side-by-side$"):
         FinetuneConfig(layout="tiles")
@@ -317,6 +357,17 @@ def test_the_defaults_fit_a_24_gb_gpu_and_settings_that_do_not_are_refused():
     reward = replace(cfg, w_consistency=1.0, consistency_segmenter="qc")
     assert step_memory_gb(cfg, sd2, 512) < step_memory_gb(reward, sd2, 512) <= 24
     check_memory(reward, sd2, 512, "A10G")
+    # LoRA on the ResNet blocks too: more activations a sample, the defaults still fit; the whole UNet adds its fp32
+    # weights, gradients, AdamW moments, EMA and autocast's bf16 copies (20 bytes a parameter) and is refused there
+    resnet = replace(cfg, lora_targets="attention+resnet")
+    assert step_memory_gb(cfg, sd2, 512) < step_memory_gb(resnet, sd2, 512) <= 24
+    full = replace(cfg, train="full")
+    assert step_memory_gb(full, sd2, 512) - step_memory_gb(resnet, sd2, 512) == pytest.approx(
+        865_910_724 * 20 / 1024**3 - 0.08, abs=0.15)
+    with pytest.raises(UserError, match=r"^--batch-size 8 --mixed-precision bf16 at 512²: one training step needs "
+                                        r"about [\d.]+ GB, more than the 24 GB of an A10G; use --batch-size 1 "):
+        check_memory(full, sd2, 512, "A10G")
+    check_memory(full, sd2, 512, "H100")
 
 
 def test_the_consistency_reward_trains_the_image_through_a_frozen_segmenter(demo_real, tmp_path):

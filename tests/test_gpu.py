@@ -20,7 +20,7 @@ import torch
 
 from fixture_data import real_batch
 
-from skindual import model
+from skindual import dual_pipeline, model
 from skindual.finetune_config import FinetuneConfig
 from skindual.joint_trainer import JointTrainer
 
@@ -84,7 +84,7 @@ def test_bf16_training_steps_are_finite(cuda, sd2_bases, demo_real):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_generation_decodes_without_nans(cuda, sd2_bases, dtype):
-    pipe = model.DualPipeline.from_pretrained(sd2_bases["base"], device="cuda", dtype=dtype, resolution=SIZE)
+    pipe = dual_pipeline.DualPipeline.from_pretrained(sd2_bases["base"], device="cuda", dtype=dtype, resolution=SIZE)
     sample = pipe(PROMPTS * 2, [1, 2, 3, 4], steps=10)
     images, mask_logits = pipe.decode(sample.latents.to("cuda", dtype))
     nans = {"latents": int(torch.isnan(sample.latents).sum()), "images": int(torch.isnan(images).sum()),
@@ -129,11 +129,11 @@ def test_lora_loads_and_fuses_on_the_gpu(cuda, sd2_bases, tmp_path):
             if "lora_B" in name:
                 param.normal_(0, 0.02)  # a trained-looking adapter: LoRA B is zero at initialisation
     model.save_adapter(tmp_path / "adapter", pipe.unet, "channels", str(sd2_bases["base"]), {}, resolution=SIZE)
-    fused = model.DualPipeline.from_pretrained(sd2_bases["base"], tmp_path / "adapter", device="cuda",
+    fused = dual_pipeline.DualPipeline.from_pretrained(sd2_bases["base"], tmp_path / "adapter", device="cuda",
                                                dtype=torch.float16, fuse=True)
-    unfused = model.DualPipeline.from_pretrained(sd2_bases["base"], tmp_path / "adapter", device="cuda",
+    unfused = dual_pipeline.DualPipeline.from_pretrained(sd2_bases["base"], tmp_path / "adapter", device="cuda",
                                                  dtype=torch.float16, fuse=False)
-    bare = model.DualPipeline.from_pretrained(sd2_bases["base"], device="cuda", dtype=torch.float16, resolution=SIZE)
+    bare = dual_pipeline.DualPipeline.from_pretrained(sd2_bases["base"], device="cuda", dtype=torch.float16, resolution=SIZE)
     a, b, c = (p(PROMPTS, [5, 6], steps=4).latents for p in (fused, unfused, bare))
     torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
     assert (a - c).abs().mean() > 10 * (a - b).abs().mean()  # the adapter changed the samples

@@ -102,7 +102,7 @@ def test_terms_are_separate_and_total_is_the_weighted_sum(layout, prediction_typ
     masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
     out = losses.joint_loss(pred, x0, eps, t, ac, prediction_type, layout, masks, _decode,
                             w_img=0.7, w_mask=1.3, w_geo=0.2)
-    assert set(out) == {"total", "img", "mask", "geo", "prior", "consistency", "low_t"}
+    assert set(out) == {"total", "img", "mask", "geo", "prior", "consistency", "low_t", "high_t"}
     assert out["consistency"] == 0  # off unless w_consistency
     assert out["prior"] == 0  # off unless w_prior
     abar = ac[t]
@@ -176,6 +176,24 @@ def test_prior_preservation_term_by_hand():
     torch.testing.assert_close(out["total"], out["img"] + out["mask"] + 2.0 * by_hand)
     with pytest.raises(ValueError, match="prior_pred"):
         losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, w_prior=1.0)
+
+
+def test_the_prior_counts_only_the_samples_at_high_noise():
+    """With ``prior_min_t`` the prior term is the mean over the samples whose timestep reaches it (t = 100 and
+    700 here): the low-noise sample's image is free of the base; no such sample, no term."""
+    pred, x0, eps, t, ac = _batch("channels")
+    teacher = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    everywhere = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, prior_pred=teacher, w_prior=1.0)
+    torch.testing.assert_close(everywhere["prior"], F.mse_loss(pred[:, :4], teacher))
+    assert everywhere["high_t"] == 2
+    high = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, prior_pred=teacher, w_prior=1.0,
+                             prior_min_t=500)
+    torch.testing.assert_close(high["prior"], F.mse_loss(pred[1:, :4], teacher[1:]))
+    torch.testing.assert_close(high["total"], high["img"] + high["mask"] + high["prior"])
+    assert high["high_t"] == 1 and high["img"] == everywhere["img"]
+    none = losses.joint_loss(pred, x0, eps, t, ac, "epsilon", "channels", w_geo=0, prior_pred=teacher, w_prior=1.0,
+                             prior_min_t=800)
+    assert none["prior"] == 0 and none["high_t"] == 0
 
 
 @pytest.mark.parametrize("layout", ["channels", "side-by-side"])

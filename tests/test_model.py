@@ -1,4 +1,5 @@
-"""The joint image–mask model on a tiny, randomly initialised SD-2-shaped pipeline."""
+"""The joint image–mask model (skindual/model.py) and its sampling (skindual/dual_pipeline.py) on a tiny, randomly
+initialised SD-2-shaped pipeline."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from skindual import model, sampling_speed
 from skindual.base_models import ARTIFACT, artifact_metadata, artifact_tokenizer, assemble_pipeline, build_components
 from skindual.demo.world import DEMO_ADAPTER
 from skindual.errors import UserError
-from skindual.model import (DualPipeline, load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
+from skindual.dual_pipeline import DualPipeline
+from skindual.model import (load_adapter, load_pipeline, pack_latents, prepare_unet, save_adapter,
                             unpack_latents)
 from skindual.quality import largest_component
 from skindual.storage import file_sha256
@@ -94,6 +96,47 @@ def test_trainable_parameters_lora_vs_full(base_dir):
     params = prepare_unet(full, "channels", train="full")
     assert len(params) == len(list(full.parameters()))
     assert not any("lora_" in n for n, _ in full.named_parameters())
+
+    with pytest.raises(UserError, match="unknown LoRA targets 'everything'"):
+        prepare_unet(base(base_dir).unet, "channels", lora_targets="everything")
+
+
+def adapted_modules(unet) -> dict[str, int]:
+    """How many modules of each kind (the `model.LORA_TARGETS` entry its name ends with) carry a LoRA."""
+    from collections import Counter
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kinds = model.LORA_TARGETS["attention+resnet"]
+    return dict(Counter(next(k for k in kinds if n.endswith("." + k)) for n, m in unet.named_modules()
+                        if isinstance(m, BaseTunerLayer)))
+
+
+def test_lora_on_the_resnet_blocks_and_feed_forwards_of_sd2s_unet():
+    """SD-2's UNet (its structure at 1/16 width): ``attention`` adapts its 128 attention projections;
+    ``attention+resnet`` also the 22 ResNet blocks' two convolutions and time-embedding projection, the 14 1×1
+    shortcut convolutions where a block changes width, and the 16 transformer blocks' two feed-forward layers;
+    step 0 is the base either way (every LoRA B starts at zero)."""
+    from diffusers import UNet2DConditionModel
+
+    from skindual.sd2 import sd2_configs
+
+    torch.manual_seed(0)
+    attention = {"to_q": 32, "to_k": 32, "to_v": 32, "to_out.0": 32}
+    for targets, expected in (("attention", attention),
+                              ("attention+resnet", attention | {"conv1": 22, "conv2": 22, "conv_shortcut": 14,
+                                                                "time_emb_proj": 22, "ff.net.0.proj": 16,
+                                                                "ff.net.2": 16})):
+        unet = UNet2DConditionModel(**sd2_configs("base", 16)["unet"])
+        g = torch.Generator().manual_seed(1)
+        x, emb = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 1024, generator=g)
+        with torch.no_grad():
+            before = unet(x, torch.tensor([500]), emb).sample
+        params = prepare_unet(unet, "side-by-side", lora_rank=4, lora_targets=targets)
+        assert adapted_modules(unet) == expected
+        assert len(params) == 2 * sum(expected.values())  # each module's lora_A and lora_B, nothing else
+        with torch.no_grad():
+            assert torch.equal(unet(x, torch.tensor([500]), emb).sample, before)
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +265,12 @@ def test_mask_cleanup_keeps_largest_component_and_fills_holes():
     assert largest_component(np.zeros((4, 4), np.uint8)).sum() == 0
 
 
-@pytest.mark.parametrize("layout,train", [("channels", "lora"), ("side-by-side", "lora"), ("channels", "full")])
-def test_saved_adapter_reproduces_the_adapted_model(base_dir, tmp_path, layout, train):
+@pytest.mark.parametrize("layout,train,targets", [("channels", "lora", "attention"), ("side-by-side", "lora", "attention"),
+                                                  ("channels", "lora", "attention+resnet"),
+                                                  ("channels", "full", "attention")])
+def test_saved_adapter_reproduces_the_adapted_model(base_dir, tmp_path, layout, train, targets):
     pipe = base(base_dir)
-    prepare_unet(pipe.unet, layout, lora_rank=4, lora_alpha=2, train=train)
+    prepare_unet(pipe.unet, layout, lora_rank=4, lora_alpha=2, train=train, lora_targets=targets)
     perturb(pipe.unet, seed=7)
     adapted = DualPipeline(pipe, layout)
     expected = adapted(PROMPTS[:2], seeds=[5, 6], steps=STEPS)
@@ -241,6 +286,9 @@ def test_saved_adapter_reproduces_the_adapted_model(base_dir, tmp_path, layout, 
     assert [c["code"] for c in meta["classes"]] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert set(meta["files"]) == expected_files - {"skindual_adapter.json"}
     assert info.lora_rank == (4 if train == "lora" else None) and len(info.sha256) == 64
+    assert info.lora_targets == (targets if train == "lora" else None)
+    if train == "lora":
+        assert meta["lora"]["targets"] == targets and meta["lora"]["target_modules"] == model.LORA_TARGETS[targets]
 
     bare = DualPipeline.from_pretrained(base_dir, layout=layout)(PROMPTS[:2], seeds=[5, 6], steps=STEPS)
     assert not torch.allclose(bare.latents, expected.latents, atol=1e-3)  # the adapter matters
@@ -291,11 +339,19 @@ def test_an_adapter_names_only_files_inside_its_folder(tmp_path, outside):
         load_adapter(crafted_adapter(tmp_path, files=files))
 
 
-def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
+@pytest.mark.parametrize("targets", list(model.LORA_TARGETS))
+def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path, targets):
+    """diffusers' `load_lora_weights` loads every adapted module of the LoRA file, the convolutions too (their
+    keys are written in diffusers' ``lora.down``/``lora.up`` form like the attention projections')."""
+    from safetensors import safe_open
+
     pipe = base(base_dir)
-    prepare_unet(pipe.unet, "side-by-side", lora_rank=4, lora_alpha=8)
+    prepare_unet(pipe.unet, "side-by-side", lora_rank=4, lora_alpha=8, lora_targets=targets)
     perturb(pipe.unet, seed=3)
     save_adapter(tmp_path / "adapter", pipe.unet, "side-by-side", base_dir, {})
+    with safe_open(str(tmp_path / "adapter" / model.LORA_FILE), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys)
     stock = load_pipeline(base_dir)
     x, t, emb = unet_inputs(width=32)
     with torch.no_grad():
@@ -305,6 +361,7 @@ def test_side_by_side_lora_loads_into_a_stock_pipeline(base_dir, tmp_path):
         adapted = pipe.unet(x, t, emb).sample
     assert not torch.allclose(before, after, atol=1e-4)
     torch.testing.assert_close(after, adapted, atol=1e-5, rtol=1e-5)
+    assert adapted_modules(stock.unet) == adapted_modules(pipe.unet)
 
 
 SAVE_IN_A_FRESH_PROCESS = """

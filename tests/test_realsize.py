@@ -22,7 +22,7 @@ from safetensors import safe_open
 from fixture_data import real_batch
 from job_runs import error_line, ok, run_job
 
-from skindual import model, report
+from skindual import dual_pipeline, model, report
 from skindual.errors import UserError
 from skindual.finetune_config import FinetuneConfig
 from skindual.finetune_worker import write_outputs
@@ -64,7 +64,7 @@ def test_both_layouts_and_prediction_types_train_on_sd2s_architecture(trained, s
         assert len(projections(info.folder / model.LORA_FILE)) == 128
         assert (trained / name / "validation_grid.png").is_file() and (trained / name / "loss_curve.png").is_file()
         # loaded, it samples at its trained resolution, not the base's 512 (the round trip: test_model.py)
-        assert model.DualPipeline.from_pretrained(sd2_bases[base], info.folder, fuse=False).resolution == 256
+        assert dual_pipeline.DualPipeline.from_pretrained(sd2_bases[base], info.folder, fuse=False).resolution == 256
     with Image.open(trained / "channels" / "validation_grid.png") as grid:  # 7 classes × (image | overlay) at 256²
         assert grid.size == (2 * (2 * 256 + 2), 2 * 7 * (256 + 2))
     history = json.loads(sorted((trained / "channels").glob("checkpoint_*/progress.json"))[-1].read_text())["history"]
@@ -185,7 +185,7 @@ def test_exact_sd2_size_trains_and_samples(demo_real, tmp_path):
     metrics = trainer.train_step(batch)
     assert np.isfinite(metrics["total"]) and len([n for n, _ in trainer.unet.named_modules()
                                                   if n.endswith(".lora_A")]) == 128
-    dual = model.DualPipeline(trainer.pipe, "channels", resolution=256)
+    dual = dual_pipeline.DualPipeline(trainer.pipe, "channels", resolution=256)
     with trainer.autocast():
         sample = dual(PROMPTS, [1, 2], steps=2)
     assert sample.images.shape == (2, 256, 256, 3) and sample.masks.shape == (2, 256, 256)

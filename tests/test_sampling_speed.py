@@ -72,7 +72,7 @@ def test_the_eager_levers_keep_the_samples_and_compile_enters_the_fingerprint_on
     from skindual import generate, generate_model
     from skindual.demo.world import DEMO_ADAPTER
     from skindual.generate_config import GenerateConfig
-    from skindual.model import DualPipeline
+    from skindual.dual_pipeline import DualPipeline
 
     prompts, seeds = ["a dermoscopy image of melanoma", "a dermoscopy image of vascular lesion"], [3, 4]
     eager = DualPipeline.from_pretrained("demo", DEMO_ADAPTER)(prompts, seeds, steps=3)

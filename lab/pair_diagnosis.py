@@ -1,0 +1,258 @@
+"""Pairs that agree: what the joint model's fine-tune lets the image learn from its mask, measured before any lever
+is chosen.  One command, one table.
+
+Per variant and seed (``--seeds``: the fine-tune's and the generation's seed), in one process with no Ray (GPU when
+there is one), on the pieces of lab/consistency_levers.py:
+
+  1. the fine-tune: the demo chain's settings (`DEMO_FINETUNE`) changed by the variant, on the real cut
+     (``--real-fraction``); its seconds a step (the first left out) and peak memory (GPU: max_memory_allocated; CPU:
+     the resident set's peak over it less the resident set before it);
+  2. the raw draws (``--per-class`` a class: the QC scores, rejects none) and the QC-kept draws (the threshold the
+     demo chain would pick from the raw draws, ``--qc-attempts`` draws a pair);
+  3. agreement: the held-out judge's Dice between each pair's mask and its own segmentation of the pair's image
+     (segmentation_models_pytorch's U-Net, ResNet-18 encoder, trained on the whole real train split: another
+     architecture than the QC's), mean over the raw and over the kept pairs;
+  4. class fidelity of the raw draws (the lesion-cnn trained on the real train split: the share of a class's draws
+     it classifies as that class, mean over classes), and per class the diversity ratio: `fidelity.feature_spread`
+     of the class's raw draws over that of the real train pairs of the class, in the same lesion-cnn's features
+     (the evaluation's measure; 1: as varied as the real pairs), the least over classes and each class's;
+  5. a contact sheet (``sheets/<variant>.png``, seed 0): per class a row of raw pairs, each its image and the image
+     with its own mask's outline on it (`report.pair_grid`); ``sheets/real.png`` the same of real pairs.
+
+A variant is a comma-separated ``FIELD=VALUE`` list: `FinetuneConfig` fields (``lora_targets=attention+resnet``,
+``prior_min_t=600``, ``w_prior=0``, ``train=full``), ``steps=xK`` (K times ``--finetune-steps``), and the sampling
+fields of `GENERATION_FIELDS` (``guidance=2``); an empty one is the demo's settings.  ``--classes`` draws only
+those classes (the real row too).  Variants differing only in
+sampling share their fine-tunes.  ``--preset issue`` runs `PRESETS["issue"]`.  The first row is the real pairs
+(the train cut; their class fidelity is the classifier's on its own training images).
+
+Writes ``OUTPUT/pair_diagnosis.md`` (the table) and ``OUTPUT/pair_diagnosis.json`` (every seed's figures), both
+rewritten after each variant, and ends with one JSON line of the table.  A rerun reuses the fine-tunes it finds done
+under ``OUTPUT/runs``.
+
+    python lab/pair_diagnosis.py --preset issue --seeds 3 --output RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from consistency_levers import SIZE, build_judges, draw_sets, fine_tune, generation_config, load_world, per_pair_dice
+from finetune_quality import parse_fields
+
+from skindual import fidelity, quality, report
+from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS
+from skindual.demo.world import world_base
+from skindual.finetune_config import FinetuneConfig
+from skindual.prompts import CLASS_CODES
+
+GENERATION_FIELDS = {"guidance": float, "scheduler": str, "mask_smoothing": float}
+"""The variant fields that change the sampling, not the fine-tune (`GenerateConfig` fields)."""
+PRESETS = {"issue": [
+    "",  # today: LoRA r32 on the attention projections, the prior at weight 10 everywhere, guidance 4
+    "lora_rank=16", "lora_rank=64",
+    "lora_targets=attention+resnet", "lora_targets=attention+resnet,lora_rank=16",
+    "lora_targets=attention+resnet,lora_rank=64",
+    "train=full,lr=0.0001",  # the whole UNet, at the learning rate lab/notes/finetune-quality.md trained it with
+    "prior_min_t=600",  # the prior only where class and layout form (t >= 600 of 1000)
+    "w_prior=0", "w_prior=1", "w_prior=3",
+    "guidance=2", "guidance=3",
+    "steps=x2", "steps=x4",
+]}
+"""Named variant lists: ``issue``, the diagnosis of what is trained, the prior term, guidance and length."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "demo", or its fields as k-v joined by _
+    finetune: dict  # FinetuneConfig fields
+    sampling: dict  # GenerateConfig fields
+    run_name: str  # its fine-tune's name under OUTPUT/runs, without the seed: variants differing in sampling share it
+
+
+def parse_variant(text: str, finetune_steps: int) -> Variant:
+    """A ``FIELD=VALUE,...`` variant: `GENERATION_FIELDS` to the sampling, ``steps=xK`` to K × `finetune_steps`,
+    the rest to the fine-tune (`FinetuneConfig` fields, typed by their defaults)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    finetune, sampling, named = {}, {}, {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        named[key] = value
+        if key in GENERATION_FIELDS:
+            sampling[key] = GENERATION_FIELDS[key](value)
+        elif key == "steps" and value.startswith("x"):
+            finetune["steps"] = round(float(value[1:]) * finetune_steps)
+        else:
+            finetune |= parse_fields([part])
+
+    def name(keys) -> str:
+        return "_".join(f"{k}-{named[k]}" for k in sorted(keys)) or "demo"
+
+    return Variant(name(named), finetune, sampling, name(set(named) - set(GENERATION_FIELDS)))
+
+
+def per_class_diversity(features: np.ndarray, labels: np.ndarray, real_features: np.ndarray,
+                        real_labels: np.ndarray) -> dict[str, float | None]:
+    """Per class, the spread of its features over the spread of the real features of that class (None below 2)."""
+    out = {}
+    for c, code in enumerate(CLASS_CODES):
+        mine = fidelity.feature_spread(features[labels == c])
+        real = fidelity.feature_spread(real_features[real_labels == c])
+        out[code] = round(mine / real, 4) if mine is not None and real else None
+    return out
+
+
+def pair_figures(pairs: dict, judge, extractor, real_features: np.ndarray, real_labels: np.ndarray,
+                 device: torch.device) -> dict:
+    """The judge's agreement, class fidelity and per-class diversity of one set of pairs in memory."""
+    images, labels = pairs["image"], pairs["label"]
+    judged = per_pair_dice(judge, images, pairs["mask"], device)
+    fid = quality.class_fidelity(extractor.model, images, labels)
+    return {"pairs": int(len(labels)), "draws": int(pairs.get("draws", len(labels))),
+            "judge": round(float(judged.mean()), 4) if len(judged) else None,
+            "class_fidelity": round(float(np.mean(list(fid.values()))), 4) if fid else None,
+            "diversity": per_class_diversity(extractor(images), labels, real_features, real_labels)}
+
+
+def contact_sheet(pairs: dict, per_class: int, path: Path) -> None:
+    """Per class drawn, in class order, a row of its first `per_class` pairs: the image, and the image with its own
+    mask's outline drawn on it."""
+    rows = [[(pairs["image"][i], pairs["mask"][i]) for i in np.flatnonzero(pairs["label"] == c)[:per_class]]
+            for c in np.unique(pairs["label"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.pair_grid(rows, alpha=0.0).save(path)
+
+
+def summary(per_seed: list[dict]) -> dict:
+    """The table's row of a variant: each figure's mean (and std over seeds), the least class diversity."""
+
+    def stat(values: list) -> dict:
+        values = [v for v in values if v is not None]
+        return {"mean": round(float(np.mean(values)), 4) if values else None,
+                "std": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else 0.0}
+
+    diversity = {c: stat([s["raw"]["diversity"][c] for s in per_seed])["mean"] for c in CLASS_CODES}
+    known = {c: v for c, v in diversity.items() if v is not None}
+    least = min(known, key=known.get) if known else None
+    train = [s.get("finetune", {}) for s in per_seed]
+    return {"judge_raw": stat([s["raw"]["judge"] for s in per_seed]),
+            "judge_kept": stat([s["kept"]["judge"] for s in per_seed]),
+            "draws_per_kept_pair": stat([s["kept"]["draws"] / max(s["kept"]["pairs"], 1) for s in per_seed]),
+            "class_fidelity": stat([s["raw"]["class_fidelity"] for s in per_seed]),
+            "diversity_min": known.get(least), "diversity_min_class": least, "diversity": diversity,
+            "seconds_per_step": stat([t.get("seconds_per_step") for t in train]),
+            "peak_memory_gb": stat([t.get("peak_memory_gb") for t in train]), "seeds": len(per_seed)}
+
+
+def markdown(table: dict, device: str) -> str:
+    """The table as markdown: mean ± std over seeds."""
+
+    def cell(x: dict | None, digits: int = 3) -> str:
+        if not x or x["mean"] is None:
+            return "—"
+        return f"{x['mean']:.{digits}f}" + (f" ± {x['std']:.{digits}f}" if x.get("std") else "")
+
+    lines = [f"| variant | judge raw | judge kept | draws a kept pair | class fidelity | diversity min | diversity "
+             f"({' '.join(CLASS_CODES)}) | s/step | peak GB ({device}) | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in table.items():
+        least = "—" if row["diversity_min"] is None else f"{row['diversity_min']:.2f} ({row['diversity_min_class']})"
+        listed = " ".join("—" if row["diversity"][c] is None else f"{row['diversity'][c]:.2f}" for c in CLASS_CODES)
+        lines.append(f"| {name} | {cell(row['judge_raw'])} | {cell(row['judge_kept'])} | "
+                     f"{cell(row['draws_per_kept_pair'], 1)} | {cell(row['class_fidelity'])} | {least} | {listed} | "
+                     f"{cell(row['seconds_per_step'], 2)} | {cell(row['peak_memory_gb'], 2)} | {row['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--difficulty", default="hard", choices=["easy", "hard"])
+    parser.add_argument("--real-fraction", type=float, default=0.2)
+    parser.add_argument("--variants", nargs="*", default=[""], help="one comma-separated FIELD=VALUE list a variant")
+    parser.add_argument("--preset", choices=list(PRESETS), help="run these variants (after any --variants)")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tune and generation seeds 0..N-1 per variant")
+    parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
+    parser.add_argument("--per-class", type=int, default=50, help="raw (and kept) pairs a class per seed")
+    parser.add_argument("--classes", default="", help="comma-separated class codes to draw; empty: all seven")
+    parser.add_argument("--sample-steps", type=int, default=25, help="sampling steps (generation's --steps)")
+    parser.add_argument("--qc-attempts", type=int, default=DEMO_QC_ATTEMPTS, help="draws a kept pair at most")
+    parser.add_argument("--sheet-per-class", type=int, default=8, help="pairs a class on each contact sheet")
+    parser.add_argument("--judge-steps", type=int, default=600)
+    parser.add_argument("--qc-steps", type=int, default=600)
+    parser.add_argument("--extractor-steps", type=int, default=300, help="training steps of the lesion-cnn")
+    parser.add_argument("--data-scale", type=float, default=0.1, help="the demo world's size, when it is prepared here")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--world", default="", help="a demo world prepared earlier (its real/ and demo_world.json); "
+                                                    "default: prepare one under OUTPUT")
+    args = parser.parse_args(argv)
+    texts = list(args.variants) + (PRESETS[args.preset] if args.preset else [])
+    variants = [parse_variant(v, args.finetune_steps) for v in dict.fromkeys(texts)]
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    device_label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    out, f = Path(args.output).resolve(), args.real_fraction
+    started = time.perf_counter()
+    real, _ = load_world(out, args.difficulty, args.world, args.data_scale)
+    out.mkdir(parents=True, exist_ok=True)
+    judges = build_judges(real, f, out, args.qc_steps, args.judge_steps, device)
+    real_all = judges.real_all
+    extractor = fidelity.build_extractor("lesion-cnn", size=SIZE, train=lambda: (real_all["image"], real_all["label"]),
+                                         steps=args.extractor_steps, seed=0)
+    real_features = extractor(real_all["image"])
+    results: dict = {"difficulty": args.difficulty, "real_fraction": f, "device": device_label,
+                     "torch": torch.__version__, "per_class": args.per_class, "finetune_steps": args.finetune_steps,
+                     "sample_steps": args.sample_steps, "qc_val_dice": round(judges.qc_val, 4),
+                     "judge_on_real_val": round(float(per_pair_dice(judges.judge, judges.val["image"],
+                                                                    judges.val["mask"], device).mean()), 4),
+                     "variants": {}}
+    asked = [CLASS_CODES.index(c) for c in args.classes.split(",")] if args.classes else list(range(len(CLASS_CODES)))
+    real_cut = {k: v[np.isin(judges.real_cut["label"], asked)] for k, v in judges.real_cut.items()}
+    real_row = pair_figures(real_cut, judges.judge, extractor, real_features, real_all["label"], device)
+    contact_sheet(real_cut, args.sheet_per_class, out / "sheets" / "real.png")
+    results["variants"]["real pairs (train cut)"] = [{"raw": real_row, "kept": real_row}]
+    table = {"real pairs (train cut)": summary(results["variants"]["real pairs (train cut)"])}
+
+    def save() -> None:
+        results["table"], results["seconds"] = table, round(time.perf_counter() - started, 1)
+        (out / "pair_diagnosis.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "pair_diagnosis.md").write_text(markdown(table, device_label))
+
+    for variant in variants:
+        per_seed = []
+        for seed in range(args.seeds):
+            ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"),
+                                name=f"{variant.run_name}-seed{seed}", base_model=world_base(args.difficulty),
+                                use_gpu=device.type == "cuda", seed=seed, validation_per_class=1,
+                                validation_steps=args.sample_steps,
+                                **{**DEMO_FINETUNE, "steps": args.finetune_steps, **variant.finetune})
+            figures: dict = {"seed": seed, "finetune": fine_tune(ft, device)}
+            t = time.perf_counter()
+            gen = generation_config(str(out / "runs" / ft.name / "adapter"), judges, args.per_class, device,
+                                    seed=seed, steps=args.sample_steps, classes=args.classes, **variant.sampling)
+            sets, figures["threshold"], figures["threshold_from"] = draw_sets(gen, judges.qc_val, "pilot",
+                                                                              args.qc_attempts)
+            figures["generation_seconds"] = round(time.perf_counter() - t, 1)
+            for which, pairs in sets.items():
+                figures[which] = pair_figures(pairs, judges.judge, extractor, real_features, real_all["label"], device)
+            if seed == 0:
+                contact_sheet(sets["raw"], args.sheet_per_class, out / "sheets" / f"{variant.name}.png")
+            per_seed.append(figures)
+        results["variants"][variant.name] = per_seed
+        table[variant.name] = summary(per_seed)
+        save()
+        print(json.dumps({variant.name: table[variant.name]}), flush=True)
+    save()
+    line = {"device": device_label, "seconds": results["seconds"], "table": table}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""lab/pair_diagnosis.py: its variants, and the whole diagnosis at the tiniest settings on a small hard demo world."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lab's scripts import each other by name
+
+from pair_diagnosis import PRESETS, main, parse_variant  # noqa: E402
+
+from skindual.finetune_config import FinetuneConfig  # noqa: E402
+from skindual.prompts import CLASS_CODES  # noqa: E402
+
+
+def test_a_variant_splits_into_the_fine_tune_and_the_sampling_and_steps_multiply():
+    v = parse_variant("lora_targets=attention+resnet, guidance=2,steps=x2", 300)
+    assert v.finetune == {"lora_targets": "attention+resnet", "steps": 600} and v.sampling == {"guidance": 2.0}
+    assert v.name == "guidance-2_lora_targets-attention+resnet_steps-x2"
+    assert v.run_name == "lora_targets-attention+resnet_steps-x2"  # what the guidance variants share
+    assert parse_variant("", 300).name == parse_variant("guidance=3", 300).run_name == "demo"
+    for text in PRESETS["issue"]:  # every preset variant is a valid fine-tune
+        FinetuneConfig(**parse_variant(text, 400).finetune)
+    with pytest.raises(SystemExit, match="no field 'lora_target'"):
+        parse_variant("lora_target=all", 300)
+
+
+@pytest.fixture(scope="module")
+def hard_world(tmp_path_factory):
+    """A small hard demo world (6 pairs a class, 12 nv) prepared into WORLD/real, as --world takes it."""
+    from skindual.demo import render
+    from skindual.prepare import PrepareConfig, prepare_here
+
+    root = tmp_path_factory.mktemp("world")
+    render.write_demo_dataset(root / "data", {c: 12 if c == "nv" else 6 for c in CLASS_CODES}, seed=1,
+                              difficulty="hard")
+    prepare_here(PrepareConfig(ham10000=str(root / "data"), output=str(root / "real"), samples_per_shard=100))
+    (root / "demo_world.json").write_text(json.dumps({"difficulty": "hard"}))
+    return root
+
+
+def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = ["--world", str(hard_world), "--output", str(out), "--real-fraction", "1", "--finetune-steps", "1",
+            "--per-class", "2", "--classes", "df,vasc", "--sample-steps", "2", "--qc-attempts", "2", "--judge-steps",
+            "2", "--qc-steps", "2", "--extractor-steps", "2", "--sheet-per-class", "2", "--device", "cpu"]
+    lever = "lora_targets=attention+resnet,prior_min_t=600,steps=x2"
+    line = main([*tiny, "--variants", lever, f"{lever},guidance=2"])
+    table = line["table"]
+    run = "lora_targets-attention+resnet_prior_min_t-600_steps-x2"
+    names = ["real pairs (train cut)", run, f"guidance-2_{run}"]
+    assert list(table) == names
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == line  # the last line: the table
+    for name in names:
+        row = table[name]
+        assert 0 <= row["judge_raw"]["mean"] <= 1 and 0 <= row["judge_kept"]["mean"] <= 1
+        assert 0 <= row["class_fidelity"]["mean"] <= 1
+        assert [c for c, v in row["diversity"].items() if v is not None] == ["df", "vasc"]  # the classes drawn
+        assert row["diversity_min"] == min(row["diversity"]["df"], row["diversity"]["vasc"]) > 0
+        with Image.open(out / "sheets" / f"{name if name != names[0] else 'real'}.png") as sheet:
+            assert sheet.size == (2 * 2 * (2 * 64 + 2), 2 * 2 * (64 + 2))  # a row a class drawn, 2 pairs, scaled 2×
+    assert table[run]["seconds_per_step"]["mean"] > 0 and table[run]["peak_memory_gb"]["mean"] > 0
+    # the guidance variant samples the same fine-tune again: one fine-tune (2 steps), the same step figures
+    assert [p.name for p in (out / "runs").iterdir() if p.is_dir()] == [f"{run}-seed0"]
+    assert table[f"guidance-2_{run}"]["seconds_per_step"] == table[run]["seconds_per_step"]
+    adapter = json.loads((out / "runs" / f"{run}-seed0" / "adapter" / "skindual_adapter.json").read_text())
+    assert adapter["lora"]["targets"] == "attention+resnet"
+    assert adapter["training_config"]["prior_min_t"] == 600 and adapter["training_config"]["steps"] == 2
+    md = (out / "pair_diagnosis.md").read_text()
+    assert all(f"| {name} |" in md for name in names)
+    saved = json.loads((out / "pair_diagnosis.json").read_text())
+    assert saved["table"] == table and len(saved["variants"][run]) == 1
