@@ -225,7 +225,7 @@ def main() -> int:
             if damaged:
                 mismatch.setdefault("intact", {})[chaos] = damaged
             leftovers = [n for n in out.list() if not re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|"
-                                                                   r"(sizes|manifest|run)\.json", n)]
+                                                                   r"(sizes|manifest|run)\.json|README\.md|preview\.png", n)]
             if leftovers:
                 mismatch.setdefault("nothing_half_written", {})[chaos] = leftovers
         for check in ("same_bytes", "same_counts", "exact_counts", "intact", "nothing_half_written"):
