@@ -27,8 +27,9 @@ sampling share their fine-tunes.  ``--preset issue`` runs `PRESETS["issue"]`.  T
 (the train cut; their class fidelity is the classifier's on its own training images).
 
 Writes ``OUTPUT/pair_diagnosis.md`` (the table) and ``OUTPUT/pair_diagnosis.json`` (every seed's figures), both
-rewritten after each variant, and ends with one JSON line of the table.  A rerun reuses the fine-tunes it finds done
-under ``OUTPUT/runs``.
+rewritten after each variant, and ends with one JSON line of the table.  A rerun into the same OUTPUT with the same
+`SETTINGS` adds to that table: the variants and seeds it holds are kept, not measured again (so a run cut short, or
+split over several sessions, continues), and the fine-tunes done under ``OUTPUT/runs`` are reused.
 
     python lab/pair_diagnosis.py --preset issue --seeds 3 --output RUN
 """
@@ -52,6 +53,9 @@ from skindual.demo.world import world_base
 from skindual.finetune_config import FinetuneConfig
 from skindual.prompts import CLASS_CODES
 
+SETTINGS = ("difficulty", "real_fraction", "finetune_steps", "per_class", "classes", "sample_steps", "qc_attempts",
+            "judge_steps", "qc_steps", "extractor_steps")
+"""The flags every figure of a table shares: a rerun into the same --output must give the same ones."""
 GENERATION_FIELDS = {"guidance": float, "scheduler": str, "mask_smoothing": float}
 """The variant fields that change the sampling, not the fine-tune (`GenerateConfig` fields)."""
 PRESETS = {"issue": [
@@ -199,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
     device_label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     out, f = Path(args.output).resolve(), args.real_fraction
     started = time.perf_counter()
+    settings = {k: getattr(args, k) for k in SETTINGS} | {"device": device_label}
+    earlier = json.loads((out / "pair_diagnosis.json").read_text()) if (out / "pair_diagnosis.json").is_file() else {}
+    if earlier and earlier.get("settings") != settings:
+        changed = ", ".join(f"{k} {earlier.get('settings', {}).get(k)!r} now {v!r}" for k, v in settings.items()
+                            if earlier.get("settings", {}).get(k) != v)
+        raise SystemExit(f"{out / 'pair_diagnosis.json'} was measured with other settings ({changed}): give another "
+                         "--output, or the same settings to add variants and seeds to it")
     real, _ = load_world(out, args.difficulty, args.world, args.data_scale)
     out.mkdir(parents=True, exist_ok=True)
     judges = build_judges(real, f, out, args.qc_steps, args.judge_steps, device)
@@ -206,9 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     extractor = fidelity.build_extractor("lesion-cnn", size=SIZE, train=lambda: (real_all["image"], real_all["label"]),
                                          steps=args.extractor_steps, seed=0)
     real_features = extractor(real_all["image"])
-    results: dict = {"difficulty": args.difficulty, "real_fraction": f, "device": device_label,
-                     "torch": torch.__version__, "per_class": args.per_class, "finetune_steps": args.finetune_steps,
-                     "sample_steps": args.sample_steps, "qc_val_dice": round(judges.qc_val, 4),
+    results: dict = {"settings": settings, "torch": torch.__version__, "qc_val_dice": round(judges.qc_val, 4),
                      "judge_on_real_val": round(float(per_pair_dice(judges.judge, judges.val["image"],
                                                                     judges.val["mask"], device).mean()), 4),
                      "variants": {}}
@@ -216,8 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     real_cut = {k: v[np.isin(judges.real_cut["label"], asked)] for k, v in judges.real_cut.items()}
     real_row = pair_figures(real_cut, judges.judge, extractor, real_features, real_all["label"], device)
     contact_sheet(real_cut, args.sheet_per_class, out / "sheets" / "real.png")
-    results["variants"]["real pairs (train cut)"] = [{"raw": real_row, "kept": real_row}]
-    table = {"real pairs (train cut)": summary(results["variants"]["real pairs (train cut)"])}
+    results["variants"] = {"real pairs (train cut)": [{"raw": real_row, "kept": real_row}]} | {
+        name: per_seed for name, per_seed in earlier.get("variants", {}).items() if name != "real pairs (train cut)"}
+    table = {name: summary(per_seed) for name, per_seed in results["variants"].items()}
 
     def save() -> None:
         results["table"], results["seconds"] = table, round(time.perf_counter() - started, 1)
@@ -225,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "pair_diagnosis.md").write_text(markdown(table, device_label))
 
     for variant in variants:
-        per_seed = []
-        for seed in range(args.seeds):
+        per_seed = results["variants"].get(variant.name, [])  # an earlier run's seeds are kept, not measured again
+        for seed in sorted(set(range(args.seeds)) - {s["seed"] for s in per_seed}):
             ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"),
                                 name=f"{variant.run_name}-seed{seed}", base_model=world_base(args.difficulty),
                                 use_gpu=device.type == "cuda", seed=seed, validation_per_class=1,
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
             if seed == 0:
                 contact_sheet(sets["raw"], args.sheet_per_class, out / "sheets" / f"{variant.name}.png")
             per_seed.append(figures)
-        results["variants"][variant.name] = per_seed
+        results["variants"][variant.name] = sorted(per_seed, key=lambda s: s["seed"])
         table[variant.name] = summary(per_seed)
         save()
         print(json.dumps({variant.name: table[variant.name]}), flush=True)

@@ -110,6 +110,9 @@ class FinetuneConfig:
             raise UserError(f"--consistency-max-t {self.consistency_max_t}: must be in 1..1000")
         if not 0 <= self.prior_min_t < 1000:
             raise UserError(f"--prior-min-t {self.prior_min_t}: must be in 0..999")
+        if self.train == "full" and self.lora_targets != "attention":
+            raise UserError(f"--lora-targets {self.lora_targets}: only with --train lora (--train full trains every "
+                            "weight of the UNet)")
 
 
 def resolve_precision(asked: str, use_gpu: bool) -> str:

@@ -291,6 +291,8 @@ def test_lora_on_the_resnet_blocks_and_the_prior_at_high_noise_only(demo_real):
         FinetuneConfig(prior_min_t=1000)
     with pytest.raises(UserError, match=r"^--lora-targets 'all': choose one of attention, attention\+resnet$"):
         FinetuneConfig(lora_targets="all")
+    with pytest.raises(UserError, match=r"^--lora-targets attention\+resnet: only with --train lora"):
+        FinetuneConfig(train="full", lora_targets="attention+resnet")
 
 
 def test_config_built_in_code_is_checked_like_flags():
