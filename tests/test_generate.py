@@ -234,7 +234,7 @@ def test_adapter_from_s3_drives_the_shard_generator(skindual_cache, s3_env, tmp_
     meta["files"][f"../adapter/{model.LORA_FILE}"] = meta["files"][model.LORA_FILE]
     crafted.write_bytes(model.ADAPTER_JSON, json.dumps(meta).encode())
     with pytest.raises(UserError, match=rf"names the file '\.\./adapter/{model.LORA_FILE}', which is not a plain file"):
-        generate.fetch_adapter(crafted.url, None, tmp_path / "fetched")
+        generate_model.fetch_adapter(crafted.url, None, tmp_path / "fetched")
     assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == [model.ADAPTER_JSON]
     cfg = GenerateConfig(per_class="df=2,vasc=1", adapter=remote.url, samples_per_shard=2, steps=2, batch_size=2,
                          max_mask_area=1.0)
