@@ -49,16 +49,21 @@ def read_index(url: str, s3_endpoint: str | None = None, what: str = "", partial
     if not committed_shards(storage):
         raise UserError(f"{what + ' ' if what else ''}{url}: no committed shards (with a _stats.json) there; "
                         "give a dataset written by jobs/prepare.py or jobs/generate.py")
-    tables = []
-    for shard in readable_shards(storage, what, partial):
-        raw = storage.read_bytes(shard_names(shard)[1])
-        stats = read_stats(storage, shard)
-        if stats is not None and hashlib.sha256(raw).hexdigest() != stats.parquet_sha256:
-            raise UserError(f"{what + ' ' if what else ''}{url}: shard {shard:05d}'s parquet does not match the "
-                            "sha256 its _stats.json records; run the job that wrote it again")
-        table = pq.read_table(io.BytesIO(raw))
-        tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
+    label = f"{what + ' ' if what else ''}{url}"
+    tables = [shard_rows(storage, shard, label) for shard in readable_shards(storage, what, partial)]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def shard_rows(storage: Storage, shard: int, label: str = "") -> pa.Table:
+    """The parquet rows of one committed shard with a ``shard`` column, once the parquet's bytes match the sha256
+    its ``_stats.json`` records (a `UserError` naming the output, as `label` or its URL, otherwise)."""
+    raw = storage.read_bytes(shard_names(shard)[1])
+    stats = read_stats(storage, shard)
+    if stats is not None and hashlib.sha256(raw).hexdigest() != stats.parquet_sha256:
+        raise UserError(f"{label or storage.url}: shard {shard:05d}'s parquet does not match the "
+                        "sha256 its _stats.json records; run the job that wrote it again")
+    table = pq.read_table(io.BytesIO(raw))
+    return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32()))
 
 
 def iter_shard(storage: Storage, shard: int, keys: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from skindual import pairs, report
 from skindual.cli import check_fields, option
 from skindual.errors import UserError
 from skindual.prompts import CLASS_CODES
-from skindual.shard_format import PREVIEW_FILE, shard_names
+from skindual.shard_format import PREVIEW_FILE
 from skindual.shard_store import committed_shards
 from skindual.storage import Storage, open_storage
 
@@ -119,12 +118,10 @@ def draw_preview(storage: Storage, index: pa.Table, per_class: int = PER_CLASS, 
 
 def shards_index(storage: Storage, shards: list[int] | None = None) -> pa.Table:
     """The parquet rows of `shards` (default: every committed shard) of the dataset in `storage`, with a
-    ``shard`` column, as `pairs.read_index` gives them (the shards' tars are checked as they stream)."""
-    tables = []
-    for shard in committed_shards(storage) if shards is None else shards:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_names(shard)[1])))
-        tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
-    return pa.concat_tables(tables, promote_options="default")
+    ``shard`` column, as `pairs.read_index` gives them (`pairs.shard_rows`: each parquet checked by its sha256;
+    the shards' tars are checked as they stream)."""
+    shards = committed_shards(storage) if shards is None else shards
+    return pa.concat_tables([pairs.shard_rows(storage, shard) for shard in shards], promote_options="default")
 
 
 def write_preview(storage: Storage, shards: list[int] | None = None, index: pa.Table | None = None,
