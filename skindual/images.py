@@ -95,9 +95,7 @@ def member_label(sample: Mapping[str, Any], member: str) -> str:
     shard's location when the reader gives it)."""
     key = str(sample.get("__key__", "?"))
     shard = f" of shard {int(key) // MAX_SAMPLES_PER_SHARD:05d}" if key.isdigit() else ""
-    url = str(sample.get("__url__") or "")
-    if url.startswith("pipe:"):  # read_shards streams an s3:// shard through a `skindual.shards cat` command
-        url = next((word for word in url.split() if word.startswith("s3://")), url)
+    url = str(sample.get("__url__") or "")  # the shard's tar, where `shards.read_shards` gives it
     where = f" ({url})" if url else ""
     return f"member {key}.{member}{shard}{where}"
 
