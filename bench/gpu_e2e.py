@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from job_runs import registered_steps  # noqa: E402 (the tests' job helpers, as bench/chaos.py uses them)
 MARKER = "SKINDUAL_E2E_CLUSTER"
 LIMITS = {"stage_base": 120, "finetune": 300, "qc_model": 120, "generate": 180, "evaluate": 240}
 """Each stage's own time limit in seconds (the run's budget may cut it shorter)."""
@@ -193,15 +195,6 @@ class Run:
         self.say(f"{chain}: {stage} {'ok' if rc == 0 else f'FAILED ({rc})'} in {end - start:.0f} s: {tail[0][:200]}")
         self.emit()
         return rc == 0
-
-
-def registered_steps(run: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what a restart resumes from)."""
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]
 
 
 def worker_killer(run: Path, record: dict):

@@ -8,6 +8,7 @@ log file), for tests that kill it.  `ok` and `error_line` check how a job ended.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,12 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     return line
+
+
+def registered_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what it resumes from)."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]

@@ -41,15 +41,6 @@ def run_job(args, ray_cluster, timeout=600) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def registered_steps(run: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what it resumes from)."""
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]
-
-
 def last_checkpoint(run: Path) -> Path:
     return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
 
@@ -98,13 +89,13 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
     proc = start_job(args, ray_cluster)
     run = tmp_path / "r"
     deadline = time.time() + 400
-    while not registered_steps(run) and time.time() < deadline:
+    while not jobs.registered_steps(run) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # the step Ray Train resumes from: the last checkpoint its manager registered before the kill
-    first = registered_steps(run)[-1]
+    first = jobs.registered_steps(run)[-1]
     assert 0 < first < 8
 
     code, out = run_job(args, ray_cluster)
@@ -130,7 +121,7 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(de
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     run, deadline, pid = tmp_path / "w", time.time() + 400, None
-    while (pid is None or not registered_steps(run)) and time.time() < deadline:
+    while (pid is None or not jobs.registered_steps(run)) and time.time() < deadline:
         assert proc.poll() is None, "".join(lines)[-4000:]
         found = [re.search(r"worker 1 of 2 on cpu, pid (\d+)", line) for line in list(lines)]
         pid = next((int(m.group(1)) for m in found if m), None)
