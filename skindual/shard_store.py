@@ -165,14 +165,16 @@ def _sha256_of(storage: Storage, name: str) -> str:
     return digest.hexdigest()
 
 
-def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8, changed: bool = False) -> dict[int, str]:
+def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8, changed: bool = False,
+                   listing: Mapping[str, Listed] | None = None) -> dict[int, str]:
     """The committed shards (a ``_stats.json`` beside a tar and a parquet) whose files do not match what their
-    stats record: shard → why.  Sizes come from one listing.  With `changed`, the shards whose listing does not
-    show the stamps recorded at commit (a file written since, or stats older than stamps) are read and their
-    sha256 compared; with `verify`, every shard is (threads of `workers`)."""
+    stats record: shard → why.  Sizes come from one listing (`listing`, when the caller has made it).  With
+    `changed`, the shards whose listing does not show the stamps recorded at commit (a file written since, or
+    stats older than stamps) are read and their sha256 compared; with `verify`, every shard is (threads of
+    `workers`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    listing = storage.listing()
+    listing = storage.listing() if listing is None else listing
     found: dict[int, str] = {}
     stats = [s for s in (read_stats(storage, n) for n in committed_shards(storage, listing)) if s is not None]
     for record in stats:
@@ -205,11 +207,12 @@ def intact_shards(storage: Storage, verify: bool = False) -> set[int]:
     listing shows the size and stamp recorded at commit is taken as intact without reading it; any other is read
     and its sha256 compared, and with `verify` every shard is (`damaged_shards`).  Each damaged one is one log
     line naming it; the resume writes it again."""
-    damaged = damaged_shards(storage, verify=verify, changed=True)
+    listing = storage.listing()
+    damaged = damaged_shards(storage, verify=verify, changed=True, listing=listing)
     for shard, why in damaged.items():
         log.warning("shard %05d at %s does not match its _stats.json (%s): it is written again", shard,
                     storage.url, why)
-    return set(committed_shards(storage)) - set(damaged)
+    return set(committed_shards(storage, listing)) - set(damaged)
 
 
 def _read_json(storage: Storage, name: str) -> Any:
@@ -259,13 +262,14 @@ def readable_shards(storage: Storage, what: str = "", partial: bool = False) -> 
     `partial`, which reads the committed part.  `what` is the flag that named the output in a job (every job
     that reads a dataset has ``--partial``): the message names the flag, or without `what` the argument."""
     label = f"{what} {storage.url}" if what else storage.url
-    damaged = damaged_shards(storage)
+    listing = storage.listing()
+    damaged = damaged_shards(storage, listing=listing)
     if damaged:
         shard, why = next(iter(damaged.items()))
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
         raise UserError(f"{label}: shard {shard:05d} does not match its _stats.json: {why}{more}; run the job that "
                         "wrote it again (it writes that shard again)")
-    committed = committed_shards(storage)
+    committed = committed_shards(storage, listing)
     why = unfinished(storage, committed)
     if why and not partial:
         how = "pass --partial" if what else "read it with partial=True"
