@@ -29,7 +29,8 @@ from skindual import data, images, pairs
 from skindual.errors import UserError
 from skindual.prompts import Attributes, lesion_class
 from skindual.quality import MaskLimits, largest_component, mask_check
-from skindual.storage import open_storage
+from skindual.shard_store import read_stats
+from skindual.storage import Storage, open_storage
 
 AUGMENTATION_TRIES = 8
 """Augmentations tried per row (seeds s, s+1, ...): the first whose mask passes the quality limits is kept."""
@@ -76,9 +77,18 @@ def plan_mask_source(url: str, fraction: float, classes: Sequence[str], s3_endpo
     chosen = {c: found[c] for c in classes}
     stats = sorted(set(rows.column("shard").to_pylist()))
     storage = open_storage(url, s3_endpoint)
-    shard_digests = {s: json.loads(storage.read_bytes(f"{s:05d}_stats.json"))["tar_sha256"] for s in stats}
+    shard_digests = {s: _shard_digest(storage, s) for s in stats}
     digest = hashlib.sha256(json.dumps({"rows": chosen, "shards": shard_digests}, sort_keys=True).encode()).hexdigest()
     return MaskSource(url, chosen, digest)
+
+
+def _shard_digest(storage: Storage, shard: int) -> str:
+    """The tar sha256 a committed shard's ``_stats.json`` records."""
+    stats = read_stats(storage, shard)
+    if stats is None:
+        raise UserError(f"--mask-source {storage.url}: shard {shard:05d} is in its index but has no _stats.json, so "
+                        "it is not committed; run its prepare again to finish it, or pass --partial")
+    return stats.tar_sha256
 
 
 def load_masks(source: MaskSource, source_keys: Sequence[str], s3_endpoint: str | None,

@@ -33,7 +33,7 @@ from skindual.errors import UserError
 from skindual.images import decode_members
 from skindual.shard_format import MANIFEST_FILE, shard_names
 from skindual.shard_reader import verified_samples
-from skindual.shard_store import committed_shards, read_stats, readable_shards
+from skindual.shard_store import committed_shards, read_record, read_stats, readable_shards
 from skindual.storage import Storage, is_remote, open_storage
 
 
@@ -201,6 +201,6 @@ def local_batches(url: str, selection: dict[int, dict[str, int]], size: int, bat
 def dataset_manifest(url: str, s3_endpoint: str | None = None) -> dict:
     """A prepared dataset's manifest (its prompt template, its fingerprint), or {} when it has none."""
     try:
-        return json.loads(open_storage(url, s3_endpoint).read_bytes(MANIFEST_FILE))
+        return read_record(open_storage(url, s3_endpoint), MANIFEST_FILE)
     except FileNotFoundError:
         return {}

@@ -17,7 +17,7 @@ from skindual.errors import UserError
 from skindual.fingerprint import config_fingerprint, settings_diff
 from skindual.shard_format import (CARD_FILE, MANIFEST_FILE, PREVIEW_FILE, RUN_FILE, SHARD_FILE, SIZES_FILE,
                                    shard_names)
-from skindual.shard_store import committed_shards, read_stats
+from skindual.shard_store import committed_shards, read_record, read_stats
 from skindual.storage import Storage
 
 
@@ -71,7 +71,7 @@ def write_run_files(storage: Storage, manifest: Mapping[str, Any]) -> dict[str, 
 def read_run_config(storage: Storage) -> dict[str, Any]:
     """The settings (``config``) recorded in an output's ``run.json``; empty when it has none."""
     try:
-        return json.loads(storage.read_bytes(RUN_FILE)).get("config", {})
+        return read_record(storage, RUN_FILE).get("config", {})
     except FileNotFoundError:
         return {}
 
@@ -87,7 +87,7 @@ def guard_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
     if overwrite:
         return fingerprint
     try:
-        previous = json.loads(storage.read_bytes(RUN_FILE))
+        previous = read_record(storage, RUN_FILE)
     except FileNotFoundError:
         previous = None
     if previous is not None:
@@ -112,7 +112,7 @@ def check_output(storage: Storage, config: Mapping[str, Any], overwrite: bool = 
     committed shards'.  ``run.json`` is written when the output is fresh."""
     fingerprint = guard_output(storage, config, overwrite)
     try:
-        previous = None if overwrite else json.loads(storage.read_bytes(RUN_FILE))
+        previous = None if overwrite else read_record(storage, RUN_FILE)
     except FileNotFoundError:
         previous = None
     if previous is not None:

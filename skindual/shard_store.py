@@ -114,12 +114,41 @@ def commit_shard(storage: Storage, shard: int, members: Sequence[Mapping[str, An
     return stats
 
 
-def read_stats(storage: Storage, shard: int) -> ShardStats | None:
-    """The stats of ``shard``, or None when it has none (never written or not finished)."""
+class DamagedRecord(UserError):
+    """A run file (``run.json``, ``manifest.json``, a shard's ``_stats.json``) that is there but is not the record
+    this tool writes: a file cut short or edited."""
+
+
+def read_record(storage: Storage, name: str) -> Any:
+    """The JSON object in `name` at `storage`; `FileNotFoundError` when there is none, `DamagedRecord` (one line
+    naming the file) when it is not a JSON object."""
+    raw = storage.read_bytes(name)
     try:
-        return ShardStats(**json.loads(storage.read_bytes(shard_names(shard)[2])))
+        record = json.loads(raw)
+    except ValueError as exc:
+        record, why = None, f"not valid JSON ({exc})"
+    else:
+        why = "not a JSON object"
+    if not isinstance(record, dict):
+        raise DamagedRecord(f"{storage.url.rstrip('/')}/{name} is {why}: a file cut short or edited by hand; pass "
+                            "--overwrite to write the output again, or restore the file")
+    return record
+
+
+def read_stats(storage: Storage, shard: int) -> ShardStats | None:
+    """The stats of ``shard``, or None when it has none (never written or not finished); `DamagedRecord` when its
+    ``_stats.json`` is not the stats this tool writes."""
+    name = shard_names(shard)[2]
+    try:
+        record = read_record(storage, name)
     except FileNotFoundError:
         return None
+    try:
+        return ShardStats(**record)
+    except TypeError:
+        raise DamagedRecord(f"{storage.url.rstrip('/')}/{name} does not hold a shard's stats (its fields are "
+                            f"{', '.join(sorted(record)) or 'none'}): a file edited by hand or written by another "
+                            "tool; pass --overwrite to write the output again, or restore the file") from None
 
 
 def is_committed(storage: Storage, shard: int, fingerprint: str) -> bool:
@@ -176,7 +205,15 @@ def damaged_shards(storage: Storage, verify: bool = False, workers: int = 8, cha
 
     listing = storage.listing() if listing is None else listing
     found: dict[int, str] = {}
-    stats = [s for s in (read_stats(storage, n) for n in committed_shards(storage, listing)) if s is not None]
+    stats = []
+    for n in committed_shards(storage, listing):
+        try:
+            record = read_stats(storage, n)
+        except DamagedRecord:
+            found[n] = "its _stats.json is damaged"
+            continue
+        if record is not None:
+            stats.append(record)
     for record in stats:
         why = _mismatch(record, listing)
         if why:
@@ -217,8 +254,8 @@ def intact_shards(storage: Storage, verify: bool = False) -> set[int]:
 
 def _read_json(storage: Storage, name: str) -> Any:
     try:
-        return json.loads(storage.read_bytes(name))
-    except (FileNotFoundError, ValueError):
+        return read_record(storage, name)
+    except FileNotFoundError:
         return None
 
 

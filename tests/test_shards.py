@@ -343,6 +343,32 @@ def test_committed_means_intact_a_damaged_shard_is_named_and_never_used(tmp_path
     assert readable_shards(store) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("damage", [b"{\"shard\": 1, \"cou", b"[1, 2]", b"{\"shard\": 1, \"colour\": 3}"])
+def test_a_damaged_run_record_is_one_line_and_a_resume_writes_its_shard_again(tmp_path: Path, damage: bytes) -> None:
+    """A _stats.json cut short, not an object, or with other fields: a reader refuses naming the file (no
+    traceback), a resume (`intact_shards`) takes the shard as damaged and writes it again; a damaged run.json or
+    manifest.json is one line naming it."""
+    from skindual.run_files import guard_output
+    from skindual.shard_store import damaged_shards, intact_shards, unfinished
+
+    store = LocalStorage(tmp_path / "out")
+    check_output(store, CONFIG)
+    for shard in (0, 1):
+        write_shard(store, shard, make_samples(shard), RUN_INFO)
+    write_run_files(store, {"fingerprint": FP})
+    store.write_bytes("00001_stats.json", damage)
+    assert damaged_shards(store) == {1: "its _stats.json is damaged"} and intact_shards(store) == {0}
+    with pytest.raises(UserError, match=r"out: shard 00001 .*its _stats.json is damaged; run the job that wrote it "
+                                        r"again"):
+        list(read_shards(store.url))
+    store.write_bytes("run.json", b'{"fingerprint": "')
+    with pytest.raises(UserError, match=r"out/run\.json is not .*--overwrite"):
+        guard_output(store, CONFIG)
+    store.write_bytes("manifest.json", b"[]")
+    with pytest.raises(UserError, match=r"out/manifest\.json is not"):
+        unfinished(store)
+
+
 def test_a_shard_listed_but_never_committed_is_refused_unless_partial(tmp_path: Path) -> None:
     """sizes.json names every shard of the run; one without its _stats.json (lost, or the run cut short) makes
     readers refuse, naming it, where they once read the rest silently."""
