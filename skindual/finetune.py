@@ -31,10 +31,13 @@ from skindual.finetune_worker import train_loop
 from skindual.pairs import dataset_manifest
 from skindual.qc_model import QCSegmenter, card_digest
 from skindual.fingerprint import config_fingerprint, settings_diff
-from skindual.shard_store import unfinished_part
+from skindual.shard_store import read_record, unfinished_part
 from skindual.storage import Storage, finished, open_storage, output_storage, ray_storage
 
 log = logging.getLogger(__name__)
+RERUN_HINT = ("a rerun with the same --name resumes it with its own settings: give the same ones, or another "
+              "--name")
+"""What a refused resume tells the user of jobs/finetune.py (`plan_finetune`'s `rerun_hint`)."""
 
 
 # --------------------------------------------------------------------------- memory at real size
@@ -152,7 +155,7 @@ def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str, data_shards: l
                        data_fingerprint}
 
 
-def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
+def plan_finetune(cfg: FinetuneConfig, rerun_hint: str = RERUN_HINT) -> FinetunePlan:
     """Resolve and check a fine-tuning run: the training data, the base model (configs only), the resolution,
     the output and the run's earlier settings (a rerun with other ones is refused), reading storage only;
     every problem is one `UserError`."""
@@ -173,25 +176,24 @@ def plan_finetune(cfg: FinetuneConfig) -> FinetunePlan:
     manifest = dataset_manifest(cfg.training_data, endpoint)
     settings = finetune_settings(cfg, manifest.get("fingerprint", ""), data_shards)
     fingerprint = config_fingerprint(settings)
-    _check_run(storage, cfg, settings, fingerprint)
+    _check_run(storage, cfg, settings, fingerprint, rerun_hint)
     prompting = Prompting(manifest.get("prompt_template", prompts.DEFAULT_TEMPLATE),
                           prompts.attribute_distribution(rows))
     done = finished(storage, f"{cfg.name}/adapter/{model.ADAPTER_JSON}", fingerprint)
     return FinetunePlan(cfg, rows.num_rows, selection, prompting, tuple(widths), settings, fingerprint, done)
 
 
-def _check_run(storage: Storage, cfg: FinetuneConfig, settings: dict, fingerprint: str) -> None:
+def _check_run(storage: Storage, cfg: FinetuneConfig, settings: dict, fingerprint: str, hint: str) -> None:
     """Refuse to resume a run (`--name` under `--output`) that was started with other settings (``--steps``
-    included: a longer run is another run, its learning rate decays over all its steps)."""
+    included: a longer run is another run, its learning rate decays over all its steps); `hint` says what to do."""
     try:
-        previous = json.loads(storage.read_bytes(f"{cfg.name}/{RUN_FILE}"))
+        previous = read_record(storage, f"{cfg.name}/{RUN_FILE}")
     except FileNotFoundError:
         return
     if previous.get("fingerprint") == fingerprint:
         return
     what = settings_diff(previous.get("settings", {}), settings) or "other settings"
-    raise UserError(f"run {cfg.name} at {storage.url} was started with {what}; a rerun "
-                    "with the same --name resumes it with its own settings: give the same ones, or another --name")
+    raise UserError(f"run {cfg.name} at {storage.url} was started with {what}; {hint}")
 
 
 def check_cluster(cfg: FinetuneConfig, shape: ClusterShape) -> str:

@@ -136,6 +136,11 @@ def test_rerun_keeps_the_fine_tune_the_shards_and_the_evaluation(demo_run, skind
     # the same shards and settings: the evaluation is kept, not run again
     assert "already holds the evaluation of these inputs and settings" in run.stderr
     assert (out / "eval" / "metrics.json").read_bytes() == metrics
+    # another step count: the fine-tune would resume with its own; one line in the demo's own flags
+    other = run_demo_job([*TINY, "--finetune-steps", "4", "--output", str(out)], skindual_cache)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert re.search(r"--steps 3, now --steps 4; the demo resumes its fine-tune .* give the same --finetune-steps, "
+                     r"or another --output", other.stderr) and "--name" not in other.stderr
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(skindual_cache, tmp_path):

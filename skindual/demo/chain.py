@@ -158,7 +158,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
                        f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
     with _stage_errors(name):
-        plan = plan_finetune(ft)
+        plan = plan_finetune(ft, rerun_hint="the demo resumes its fine-tune with the settings it started with: give "
+                                            "the same --finetune-steps, or another --output")
         step = plan.done["training_config"]["steps"] if plan.done else (run_finetune(plan).metrics or {}).get("step")
     adapter = out / "runs" / ft.name / "adapter"
     done(name, t, f"{'already done: ' if plan.done else ''}{f'step {step}, ' if step else ''}adapter at {adapter}")
