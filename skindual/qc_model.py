@@ -154,11 +154,14 @@ class QCPlan:
     done: dict | None
 
 
-def qc_fingerprint(cfg: QCModelConfig, data_shards: list[int] | None = None) -> str:
-    """sha256 of the settings that change what is trained (not `REUSE_IGNORES`), and of the shards read when
-    ``--partial`` reads the committed part of an unfinished dataset (`data_shards`): the segmenter of the
+def qc_fingerprint(cfg: QCModelConfig, data_shards: list[int] | None = None, data_fingerprint: str = "") -> str:
+    """sha256 of the settings that change what is trained (not `REUSE_IGNORES`), of the training data's own
+    fingerprint (its manifest's: another dataset prepared at the same URL is other data), and of the shards read
+    when ``--partial`` reads the committed part of an unfinished dataset (`data_shards`): the segmenter of the
     finished dataset is not taken for that one's."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in REUSE_IGNORES}
+    if data_fingerprint:
+        settings["training_data_fingerprint"] = data_fingerprint
     if data_shards is not None:
         settings["training_data_shards"] = data_shards
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -168,7 +171,8 @@ def plan_qc_model(cfg: QCModelConfig) -> QCPlan:
     """Read the training data's index and check it and the output (every problem one `UserError`)."""
     endpoint = cfg.s3_endpoint or None
     data_shards = unfinished_part(open_storage(cfg.training_data, endpoint)) if cfg.partial else None
-    fingerprint = qc_fingerprint(cfg, data_shards)
+    data_fingerprint = pairs.dataset_manifest(cfg.training_data, endpoint).get("fingerprint", "")
+    fingerprint = qc_fingerprint(cfg, data_shards, data_fingerprint)
     done = finished(open_storage(cfg.output, endpoint), CARD, fingerprint)
     if done is not None:
         log.info("QC segmenter at %s already trained with these settings (val Dice %s): reusing it", cfg.output,

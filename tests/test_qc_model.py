@@ -106,3 +106,12 @@ def test_a_rerun_with_the_same_settings_reuses_the_segmenter(segmenter, demo_rea
     assert (segmenter / "segmenter.safetensors").stat().st_mtime_ns == before
     cfg = QCModelConfig(training_data=str(demo_real), steps=150, size=32, output=str(segmenter))
     assert plan_qc_model(cfg).done is not None and plan_qc_model(replace(cfg, steps=151)).done is None
+    # other data prepared at the same URL (its manifest's fingerprint) is not what the segmenter learnt
+    manifest = demo_real / "manifest.json"
+    kept = manifest.read_bytes()
+    try:
+        manifest.write_text(json.dumps({**json.loads(kept), "fingerprint": "another-prepare-run"}))
+        assert plan_qc_model(cfg).done is None
+    finally:
+        manifest.write_bytes(kept)
+    assert plan_qc_model(cfg).done is not None
