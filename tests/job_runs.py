@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from skindual.storage import open_storage
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,10 +59,14 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
-def registered_steps(run: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what it resumes from)."""
+def registered_steps(run: Path | str) -> list[int]:
+    """Steps of the checkpoints Ray Train's checkpoint manager has registered (what it resumes from), in a run
+    folder or under an s3:// URL."""
     try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        if isinstance(run, Path):
+            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        else:
+            snapshot = json.loads(open_storage(run).read_bytes("checkpoint_manager_snapshot.json"))
     except (OSError, ValueError):
         return []
     return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]

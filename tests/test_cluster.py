@@ -102,7 +102,7 @@ def test_the_readme_sets_the_cluster_up_closed_and_submits_through_the_dashboard
     for path in (ROOT / "deploy").glob("*.json"):
         assert f"file://deploy/{path.name}" in readme, path.name
     assert "--port 22 --cidr YOUR_CIDR" in readme and "UserIdGroupPairs=[{GroupId=$SG}]" in readme
-    assert f"(umask 077 && mkdir -p ~/.skindual && " in readme and f"> {CLUSTER_TOKEN})" in readme
+    assert "(umask 077 && mkdir -p ~/.skindual && " in readme and f"> {CLUSTER_TOKEN})" in readme
     assert "ray dashboard cluster.yaml" in readme
     assert f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={CLUSTER_TOKEN}" in readme
     lifecycle = json.loads((ROOT / "deploy" / "s3-lifecycle.json").read_text())
@@ -150,9 +150,13 @@ def nodes_of_job(cluster: RayTestCluster, submission_id: str) -> set[str]:
 
 def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_cluster, s3_env, tmp_path):
     """prepare → finetune → generate → evaluate → export, each through `ray job submit --working-dir .` on
-    the two-node cluster, the raw download and every output on S3 only (the local copy deleted first)."""
+    the two-node cluster, the raw download and every output on S3 only (the local copy deleted first).  The base
+    is SD-2's architecture (1/16 width) staged once on S3: the fine-tune and the two generator actors (one per
+    node) fetch it once per node into the node's cache, whatever runs there."""
+    from skindual.base_models import FETCH_RECORD, STAGED_CACHE, stage_base
     from skindual.demo import render
     from skindual.prompts import CLASSES
+    from skindual.sd2 import save_sd2_pipeline
 
     cluster, run = ray_test_cluster, secrets.token_hex(4)
     alive = {n["node_id"]: n for n in ray_list(cluster, "nodes") if n["state"] == "ALIVE"}
@@ -174,14 +178,28 @@ def test_the_chain_runs_off_one_machine_with_the_real_data_only_on_s3(ray_test_c
     sources = read_index(real).column("source_image").to_pylist()
     assert len(sources) == 64 and all(s.startswith(raw + "/") for s in sources)  # read from S3, nowhere else
 
-    submit(cluster, f"finetune-{run}", ["jobs/finetune.py", "--training-data", real, "--output", runs, "--name", "v1",
-                                        *FINETUNE])
+    base = f"{s3_env}/models/sd2-base"
+    stage_base(str(save_sd2_pipeline(tmp_path / "sd2", "base", width=16)), base, dtype="fp16")
+    shutil.rmtree(tmp_path / "sd2")
+    submit(cluster, f"finetune-{run}", ["jobs/finetune.py", "--training-data", real, "--base-model", base,
+                                        "--resolution", "64", "--output", runs, "--name", "v1", *FINETUNE])
     adapter = json.loads(open_storage(f"{runs}/v1/adapter").read_bytes("skindual_adapter.json"))
     assert set(adapter["prompt_attributes"]) == {c.code for c in CLASSES}  # the real train split's sites, ages, sexes
+    assert adapter["base_model"] == base and adapter["resolution"] == 64
 
+    generate_started = time.time()
     submit(cluster, f"generate-{run}", ["jobs/generate.py", *GENERATE, "--adapter", f"{runs}/v1/adapter",
                                         "--output", synthetic])
-    assert nodes_of_job(cluster, f"generate-{run}") == set(alive)
+    assert nodes_of_job(cluster, f"generate-{run}") == set(alive)  # both nodes sampled from the staged base
+    assert json.loads(open_storage(synthetic).read_bytes("manifest.json"))["resolved"]["base_model"].startswith(
+        base + "@")  # named by its content
+    copies = [p for cache in cluster.caches for p in Path(cache, STAGED_CACHE).glob("*") if p.is_dir()]
+    assert len(copies) == 2 and len({p.name for p in copies}) == 1  # one copy per node, the same content
+    records = [json.loads((p / FETCH_RECORD).read_text()) for p in copies]
+    assert all(r["url"] == base for r in records)
+    # the fine-tune worker's node fetched it during the fine-tune, and that node's generator actor used its copy;
+    # the other node fetched it once, for its actor
+    assert sorted(r["time"] < generate_started for r in records) == [False, True]
     storage = open_storage(synthetic)
     assert sorted(n for n in storage.list() if n.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     assert json.loads(storage.read_bytes("sizes.json")) == {"00000.tar": 5, "00001.tar": 5, "00002.tar": 4}
@@ -268,39 +286,6 @@ def test_the_test_cluster_has_two_nodes_listening_on_127_0_0_1_only(ray_test_clu
     assert sorted(n["is_head_node"] for n in nodes) == [False, True]
     assert {n["node_ip"] for n in nodes} == {"127.0.0.1"}
     assert listening_addresses(ray_test_cluster) == {"127.0.0.1"}
-
-
-def test_a_staged_base_is_fetched_once_per_node_by_finetune_and_generate(ray_test_cluster, s3_env, demo_real,
-                                                                         tmp_path):
-    """SD-2's architecture (1/16 width) staged once on S3; a fine-tune on it and generation from its adapter on two
-    actors (one per node): each node fetches the base once into its own cache, whatever runs there."""
-    from skindual.base_models import FETCH_RECORD, STAGED_CACHE, stage_base
-    from skindual.sd2 import save_sd2_pipeline
-
-    cluster, run = ray_test_cluster, secrets.token_hex(4)
-    base = f"{s3_env}/models/sd2-base"
-    stage_base(str(save_sd2_pipeline(tmp_path / "sd2", "base", width=16)), base, dtype="fp16")
-    shutil.rmtree(tmp_path / "sd2")
-    submit(cluster, f"staged-finetune-{run}", [
-        "jobs/finetune.py", "--training-data", str(demo_real), "--base-model", base, "--resolution", "64",
-        "--output", f"{s3_env}/runs", "--name", "staged", *FINETUNE])
-    adapter = json.loads(open_storage(f"{s3_env}/runs/staged/adapter").read_bytes("skindual_adapter.json"))
-    assert adapter["base_model"] == base and adapter["resolution"] == 64
-    generate_started = time.time()
-    submit(cluster, f"staged-generate-{run}", [
-        "jobs/generate.py", *GENERATE, "--adapter", f"{s3_env}/runs/staged/adapter", "--steps", "2",
-        "--output", f"{s3_env}/staged-synthetic"])
-    alive = {n["node_id"] for n in ray_list(cluster, "nodes") if n["state"] == "ALIVE"}
-    assert nodes_of_job(cluster, f"staged-generate-{run}") == alive  # both nodes sampled from the staged base
-    manifest = json.loads(open_storage(f"{s3_env}/staged-synthetic").read_bytes("manifest.json"))
-    assert manifest["resolved"]["base_model"].startswith(base + "@")  # named by its content
-    copies = [p for cache in cluster.caches for p in Path(cache, STAGED_CACHE).glob("*") if p.is_dir()]
-    assert len(copies) == 2 and len({p.name for p in copies}) == 1  # one copy per node, the same content
-    records = [json.loads((p / FETCH_RECORD).read_text()) for p in copies]
-    assert all(r["url"] == base for r in records)
-    # the fine-tune worker's node fetched it during the fine-tune, and that node's generator actor used its copy;
-    # the other node fetched it once, for its actor
-    assert sorted(r["time"] < generate_started for r in records) == [False, True]
 
 
 def test_node_local_outputs_are_refused_on_the_two_node_cluster(ray_test_cluster, demo_real, eval_world, tmp_path):

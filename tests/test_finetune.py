@@ -41,34 +41,13 @@ def run_job(args, ray_cluster, timeout=600) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def last_checkpoint(run: Path) -> Path:
-    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
-
-
-def test_two_workers_to_s3_write_adapter_grid_and_curve(demo_real, ray_cluster, s3_env):
-    code, out = run_job(["--training-data", str(demo_real), "--output", s3_env, "--name", "s3run",
-                         "--num-workers", "2", *TINY], ray_cluster)
-    assert code == 0, out[-4000:]
-    storage = open_storage(s3_env)
-    names = storage.list("s3run/")
-    assert {f"s3run/adapter/{n}" for n in (model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON)} <= set(names)
-    assert {"s3run/validation_grid.png", "s3run/loss_curve.png"} <= set(names)
-    assert any(n.startswith("s3run/checkpoint_") and n.endswith("trainable.safetensors") for n in names)
-    # each worker's share of a checkpoint lands in the same folder on S3
-    for name in [n for n in names if n.endswith("/progress.json")]:
-        assert {name.replace("progress.json", f"rng-rank{r}.safetensors") for r in (0, 1)} <= set(names)
-    assert "step 4/4" in out and "steps/s" in out and "ETA" in out
-    meta = json.loads(storage.read_bytes("s3run/adapter/" + model.ADAPTER_JSON))
-    assert meta["layout"] == "channels" and meta["base_model"] == "demo"
-
-
 RESUMED = [*TINY, "--num-workers", "2"]
 RESUMED[RESUMED.index("--steps") + 1] = "8"
 
 
-def adapter_digests(folder: Path) -> dict[str, str]:
+def adapter_digests(folder: Path | str) -> dict[str, str]:
     """sha256 of the adapter's tensor files (its json also holds the run's name, which differs)."""
-    files = json.loads((folder / model.ADAPTER_JSON).read_text())["files"]
+    files = json.loads(open_storage(str(folder)).read_bytes(model.ADAPTER_JSON))["files"]
     return {name: digest for name, digest in files.items() if name.endswith(".safetensors")}
 
 
@@ -83,11 +62,14 @@ def uninterrupted(demo_real, ray_cluster, tmp_path_factory) -> Path:
     return out / "u" / "adapter"
 
 
-def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_real, ray_cluster, tmp_path,
-                                                                        uninterrupted):
-    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "r", *RESUMED]
+def test_a_run_of_two_workers_on_s3_killed_resumes_to_the_same_adapter(demo_real, ray_cluster, s3_env,
+                                                                       uninterrupted):
+    """Two workers write their checkpoints, the adapter, the grid and the loss curve to S3 (Ray Train's
+    storage_path); the driver killed after a registered checkpoint, the rerun resumes from it and ends with the
+    bytes of a local run nothing interrupted."""
+    args = ["--training-data", str(demo_real), "--output", s3_env, "--name", "r", *RESUMED]
     proc = start_job(args, ray_cluster)
-    run = tmp_path / "r"
+    run = f"{s3_env}/r"
     deadline = time.time() + 400
     while not jobs.registered_steps(run) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -100,14 +82,21 @@ def test_resume_after_kill_ends_at_the_same_step_and_adapter_reproduces(demo_rea
 
     code, out = run_job(args, ray_cluster)
     assert code == 0, out[-4000:]
-    assert f"resumed from step {first}" in out
+    assert f"resumed from step {first}" in out and "step 8/8" in out and "steps/s" in out and "ETA" in out
     # the RNG streams, the data order and the EMA came back with the checkpoint: the same bytes as a run
     # nothing interrupted
-    assert adapter_digests(run / "adapter") == adapter_digests(uninterrupted)
-    final = last_checkpoint(run)
-    progress = json.loads((final / "progress.json").read_text())
+    assert adapter_digests(f"{run}/adapter") == adapter_digests(uninterrupted)
+    storage = open_storage(s3_env)
+    names = storage.list("r/")
+    assert {f"r/adapter/{n}" for n in (model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON)} <= set(names)
+    assert {"r/validation_grid.png", "r/loss_curve.png"} <= set(names)
+    final = sorted(n.split("/")[1] for n in names if re.fullmatch(r"r/checkpoint_[^/]+/progress\.json", n))[-1]
+    progress = json.loads(storage.read_bytes(f"r/{final}/progress.json"))
     assert progress["step"] == 8 and [h["step"] for h in progress["history"]] == list(range(1, 9))
-    assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    # each worker's share of a checkpoint lands in the same folder on S3
+    assert {f"r/{final}/rng-rank{r}.safetensors" for r in (0, 1)} | {f"r/{final}/trainable.safetensors"} <= set(names)
+    meta = json.loads(storage.read_bytes("r/adapter/" + model.ADAPTER_JSON))
+    assert meta["layout"] == "channels" and meta["base_model"] == "demo"
 
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint_in_the_same_run(demo_real, ray_cluster, tmp_path,
