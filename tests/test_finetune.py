@@ -180,7 +180,7 @@ def test_prior_term_starts_at_zero_and_ema_lags_the_weights(demo_real):
     assert first["prior"] < 1e-10 and first["img"] > 0
     later = trainer.train_step(batch)
     assert later["prior"] > 1e-6  # the image branch moved; the term now pulls it back
-    raw = trainer.state()
+    raw = {k: v.clone() for k, v in trainer.state().items()}  # on a CPU `state()` aliases the live weights
     name = next(k for k in raw if "lora_B" in k)
     assert not torch.equal(trainer.ema[name], raw[name])
     # both moved from B=0 at the same sign, the EMA a shorter way
