@@ -1,0 +1,199 @@
+"""The ControlNet branch (skindual/controlnet.py, skindual/controlnet_trainer.py): trained beside the demo base's
+frozen UNet on the demo world in this process, its adapter folder loaded by stock diffusers, resumed exactly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from skindual import model
+from skindual.base_models import demo_base_path
+from skindual.controlnet import (ControlNetPipeline, controlnet_misfit, load_controlnet, load_controlnet_info,
+                                 mask_condition, save_controlnet)
+from skindual.controlnet_trainer import ControlNetTrainer
+from skindual.demo.world import DEMO_ADAPTER
+from skindual.errors import UserError
+from skindual.finetune import finetune_settings
+from skindual.finetune_config import FinetuneConfig
+from skindual.fingerprint import config_fingerprint
+from skindual.joint_trainer import load_checkpoint, save_checkpoint
+from skindual.storage import file_sha256
+
+torch.set_num_threads(1)
+
+
+def controlnet_config(real, **changes) -> FinetuneConfig:
+    return FinetuneConfig(training_data=str(real), train="controlnet", steps=4, batch_size=4, lr=1e-3, warmup_steps=1,
+                          ema_decay=0.9, **changes)
+
+
+def batches(real, n: int = 4) -> list[dict]:
+    """`n` training batches of 4 pairs of the demo world's train split at 64²."""
+    from skindual.finetune import training_rows, training_selection
+    from skindual.pairs import local_batches, read_index
+
+    selection = training_selection(training_rows(read_index(str(real))), False, 0)
+    return list(itertools.islice(local_batches(str(real), selection, 64, 4), n))
+
+
+def disc_masks(side: int, centres: list[float]) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    return np.stack([(((yy - side / 2) ** 2 + (xx - c * side) ** 2) < (0.2 * side) ** 2).astype(np.uint8)
+                     for c in centres])
+
+
+@pytest.fixture(scope="module")
+def trained(demo_real, tmp_path_factory):
+    """A 2-step ControlNet on the demo base, then a checkpoint, then 2 more steps; its adapter folder (EMA weights)
+    and the checkpoint taken half-way: (trainer, folder, checkpoint)."""
+    root = tmp_path_factory.mktemp("controlnet")
+    trainer = ControlNetTrainer(controlnet_config(demo_real), torch.device("cpu"))
+    data = batches(demo_real)
+    for batch in data[:2]:
+        trainer.train_step(batch)
+    (root / "checkpoint").mkdir()
+    save_checkpoint(trainer, str(root / "checkpoint"))
+    for batch in data[2:]:
+        trainer.train_step(batch)
+    with trainer.ema_weights():
+        save_controlnet(root / "adapter", trainer.controlnet, "demo", {"steps": 4, "resolution": 64})
+    return trainer, root / "adapter", root / "checkpoint"
+
+
+def test_the_controlnet_starts_as_the_base_and_trains_the_image_term_beside_the_frozen_unet(demo_real):
+    """Step 0 is the base model (the zero convolutions add nothing); a step moves the ControlNet only, on the image
+    term, and the base UNet's weights stay the stock ones."""
+    cfg = controlnet_config(demo_real)
+    trainer = ControlNetTrainer(cfg, torch.device("cpu"))
+    base = model.load_pipeline("demo").unet
+    assert trainer.unet.config.in_channels == 4 and not getattr(trainer.unet, "peft_config", None)
+    assert all(not p.requires_grad for p in trainer.unet.parameters())
+    assert set(trainer.state()) == {k for k, _ in trainer.controlnet.named_parameters()}
+    copied = {k: v for k, v in trainer.controlnet.state_dict().items() if k.startswith(("down_blocks", "mid_block"))}
+    assert copied and all(torch.equal(v, base.state_dict()[k]) for k, v in copied.items())  # from_unet's copy
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([900, 50])
+    emb = torch.randn(2, 77, base.config.cross_attention_dim, generator=g)
+    control = mask_condition(disc_masks(64, [0.4, 0.6]))
+    with torch.no_grad():
+        down, mid = trainer.controlnet(x, t, emb, controlnet_cond=control, return_dict=False)
+        with_residuals = trainer.unet(x, t, emb, down_block_additional_residuals=down,
+                                      mid_block_additional_residual=mid).sample
+        assert torch.equal(with_residuals, base(x, t, emb).sample)
+    before = {k: v.clone() for k, v in trainer.state().items()}
+    metrics = [trainer.train_step(b) for b in batches(demo_real, 2)]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["img"] > 0 and m["total"] == m["img"] for m in metrics)
+    assert set(metrics[0]) == {"total", "img", "step", "time", "skipped_steps"}
+    after = trainer.state()
+    assert not torch.equal(after["controlnet_mid_block.weight"], before["controlnet_mid_block.weight"])
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trainer.unet.state_dict().items())
+
+
+def test_a_resumed_controlnet_ends_with_the_same_bytes(demo_real, trained, tmp_path):
+    """Half-way checkpoint (`save_checkpoint`, as each Ray Train worker writes it) → a fresh trainer resumed from it
+    (`load_checkpoint`) → the same 2 steps: the same weights, EMA and adapter bytes as the run nothing interrupted."""
+    straight, folder, checkpoint = trained
+    resumed = ControlNetTrainer(controlnet_config(demo_real), torch.device("cpu"))
+    load_checkpoint(resumed, str(checkpoint))
+    assert resumed.step == 2
+    for batch in batches(demo_real)[2:]:
+        resumed.train_step(batch)
+    assert all(torch.equal(v, straight.state()[k]) for k, v in resumed.state().items())
+    with resumed.ema_weights():
+        save_controlnet(tmp_path / "adapter", resumed.controlnet, "demo", {"steps": 4, "resolution": 64})
+    assert load_controlnet_info(tmp_path / "adapter").files == load_controlnet_info(folder).files
+
+
+def test_the_adapter_folder_is_a_diffusers_controlnet_that_stock_diffusers_loads(trained, tmp_path):
+    """``controlnet/`` is `ControlNetModel.save_pretrained`'s; stock `StableDiffusionControlNetPipeline` on the demo
+    base runs 2 steps on a mask image with it, and skindual's own loop gives the same latents."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    _, folder, _ = trained
+    meta = json.loads((folder / model.ADAPTER_JSON).read_text())
+    assert (meta["train"], meta["layout"], meta["base_model"]) == ("controlnet", None, "demo")
+    assert sorted(meta["files"]) == ["controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["controlnet", model.ADAPTER_JSON]  # no temp leftovers
+    assert all(file_sha256(folder / name) == digest for name, digest in meta["files"].items())
+    controlnet = ControlNetModel.from_pretrained(folder / "controlnet")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(demo_base_path(), controlnet=controlnet,
+                                                             safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    mask = disc_masks(64, [0.45])
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    stock = pipe("a dermoscopy image of melanoma", image=Image.fromarray(mask[0] * 255), num_inference_steps=2,
+                 guidance_scale=3.0, latents=noise.clone(), output_type="latent").images
+    ours = ControlNetPipeline(pipe, load_controlnet(load_controlnet_info(folder)), scheduler="ddim")
+    ours.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    latents = ours.denoise(["a dermoscopy image of melanoma"], [3], mask, steps=2, guidance=3.0)
+    torch.testing.assert_close(latents, stock, atol=1e-5, rtol=1e-5)
+    out = ours(["a dermoscopy image of melanoma"], [3], steps=2, guidance=3.0, masks=mask)
+    assert out.images.shape == (1, 64, 64, 3) and np.array_equal(out.masks, mask)
+
+
+def test_a_folder_that_is_not_a_sound_controlnet_is_one_line(trained, tmp_path, sd2_bases):
+    _, folder, _ = trained
+    with pytest.raises(UserError, match=r"^--controlnet .*: an adapter of --train lora, not a ControlNet"):
+        load_controlnet_info(DEMO_ADAPTER)
+    crafted = tmp_path / "crafted"
+    shutil.copytree(folder, crafted)
+    meta = json.loads((crafted / model.ADAPTER_JSON).read_text())
+    for name in ("controlnet/../../x.json", "other/config.json", "/etc/passwd"):
+        bad = meta | {"files": meta["files"] | {name: "0" * 64}}
+        (crafted / model.ADAPTER_JSON).write_text(json.dumps(bad))
+        with pytest.raises(UserError, match="which is not a plain file name inside the adapter folder"):
+            load_controlnet_info(crafted)
+    (crafted / model.ADAPTER_JSON).write_text(json.dumps(meta))
+    weights = crafted / "controlnet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model\.safetensors is corrupted"):
+        load_controlnet_info(crafted)
+    assert controlnet_misfit(load_controlnet_info(folder), "demo") is None
+    assert controlnet_misfit(load_controlnet_info(folder), str(sd2_bases["base"])).startswith(
+        "its block_out_channels is [32, 64], the base UNet's [40, 80, 160, 160]")
+
+
+def test_controlnet_flags_that_do_not_apply_are_refused_and_unused_ones_not_fingerprinted(demo_real):
+    for changes, line in [({"w_consistency": 1.0, "consistency_segmenter": "qc"}, "--w-consistency 1.0"),
+                          ({"mask_condition_rate": 0.5}, "--mask-condition-rate 0.5"),
+                          ({"w_prior": 1.0}, "--w-prior 1.0"),
+                          ({"layout": "side-by-side"}, "--layout side-by-side"),
+                          ({"lora_targets": "attention+resnet"}, "--lora-targets attention\\+resnet")]:
+        with pytest.raises(UserError, match=rf"^{line}: --train controlnet trains the image for a given mask, on the "
+                                            "image term only.*; leave --"):
+            FinetuneConfig(train="controlnet", **changes)
+    cfg = FinetuneConfig(training_data=str(demo_real), train="controlnet")
+    same = config_fingerprint(finetune_settings(cfg, "data"))
+    for unused in ({"w_mask": 0.0}, {"w_geo": 0.0}, {"lora_rank": 4}, {"geo_crop": 0}):
+        assert config_fingerprint(finetune_settings(replace(cfg, **unused), "data")) == same
+    for used in ({"w_img": 2.0}, {"snr_gamma": 5.0}, {"uncond_prob": 0.2}):
+        assert config_fingerprint(finetune_settings(replace(cfg, **used), "data")) != same
+
+
+def test_the_finetune_job_trains_a_controlnet_on_two_workers(demo_real, ray_cluster, tmp_path):
+    """jobs/finetune.py --train controlnet on the shared local Ray cluster: two DDP workers, checkpoints with each
+    rank's streams, the ControlNet's adapter folder and the loss curve (no validation grid: it draws joint pairs)."""
+    import job_runs as jobs
+
+    args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "cn", "--train", "controlnet",
+            "--steps", "3", "--checkpoint-every", "2", "--batch-size", "4", "--num-workers", "2",
+            "--cpus-per-worker", "0.5"]
+    result = jobs.ok(jobs.run_job("finetune", args, ray_cluster))
+    out = result.stdout + result.stderr
+    assert "step 3/3" in out and "(img " in out and "mask " not in out.split("step 3/3")[1].splitlines()[0]
+    info = load_controlnet_info(tmp_path / "cn" / "adapter")
+    assert info.train == "controlnet" and info.base_model == "demo" and info.resolution == 64
+    assert info.training_config["train"] == "controlnet" and len(info.prompt_attributes) == 7
+    assert (tmp_path / "cn" / "loss_curve.png").is_file() and not (tmp_path / "cn" / "validation_grid.png").exists()
+    checkpoints = sorted(p for p in (tmp_path / "cn").glob("checkpoint_*") if p.is_dir())
+    assert {p.name for p in checkpoints[-1].iterdir()} >= {"trainable.safetensors", "ema.safetensors",
+                                                           "rng-rank0.safetensors", "rng-rank1.safetensors"}
+    again = jobs.ok(jobs.run_job("finetune", args, ray_cluster))
+    assert "already done: step 3" in again.stdout
