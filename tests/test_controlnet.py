@@ -7,6 +7,7 @@ import itertools
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,117 @@ def test_the_finetune_job_trains_a_controlnet_on_two_workers(demo_real, ray_clus
                                                            "rng-rank0.safetensors", "rng-rank1.safetensors"}
     again = jobs.ok(jobs.run_job("finetune", args, ray_cluster))
     assert "already done: step 3" in again.stdout
+
+
+# --------------------------------------------------------------------------- generation: jobs/generate.py --controlnet
+
+
+def shard_of(plan, masks=None):
+    """The plan's shard 0 drawn by a `ShardGenerator` in this process and written by the stage-2 writer into a
+    folder beside the plan's output: (the actor, the shard's pairs as read back, the shard's bytes)."""
+    import pyarrow as pa
+
+    from skindual import generate, generate_actors
+    from skindual.cluster import this_machine
+    from skindual.shards import read_shards
+    from skindual.storage import LocalStorage
+
+    table = generate.generation_prompts(plan.config, plan.model, plan.masks)
+    (item,) = generate_actors.shard_items(table, [0], masks)
+    actor = generate_actors.ShardGenerator(generate.resolve_devices(plan.config, this_machine()), plan.model)
+    batch = pa.table({"shard": [0], "rows": [item["rows"]], "masks": [item["masks"]]})
+    out = LocalStorage(Path(plan.config.output).parent / "written")
+    generate_actors.write_shard_rows(actor(batch), out, generate.shard_run_info(plan.config, plan.model, "fp"))
+    return actor, list(read_shards(out.url)), out.read_bytes("00000.tar")
+
+
+def test_mask_mode_with_a_controlnet_draws_each_image_for_its_real_mask(demo_real, trained, tmp_path):
+    """--mask-source with --controlnet: the shard's mask is the given (augmented real) mask exactly, its image the
+    ControlNet's for that mask and the row's seed, the same bytes again; the ControlNet's sha256 is in the run's
+    fingerprint and each pair's json, and a rerun with another ControlNet is refused naming the flag."""
+    from skindual import generate
+    from skindual.generate_config import GenerateConfig
+    from skindual.mask_source import given_mask, load_masks
+    from skindual.pairs import iter_shard
+    from skindual.run_files import check_output
+    from skindual.storage import LocalStorage
+
+    trainer, folder, _ = trained
+    info = load_controlnet_info(folder)
+    cfg = GenerateConfig(per_class="df=2,nv=2", mask_source=str(demo_real), controlnet=str(folder), steps=2,
+                         batch_size=4, samples_per_shard=4, image_format="png", output=str(tmp_path / "out"))
+    plan = generate.plan_generate(cfg)
+    assert (plan.model.controlnet_sha256, plan.model.adapter, plan.model.base_id.split("@")[0]) == (info.sha256, None,
+                                                                                                   "demo")
+    assert plan.settings["controlnet"] == f"sha256:{info.sha256}" and plan.settings["adapter"] == "none"
+    table = generate.generation_prompts(plan.config, plan.model, plan.masks)
+    masks = load_masks(plan.masks, table.column("source_key").to_pylist(), None)
+    actor, pairs, tar = shard_of(plan, masks)
+    assert isinstance(actor.pipe, ControlNetPipeline) and actor.pipe.masker is None
+    assert shard_of(plan, masks)[2] == tar  # the same bytes again
+    real = {}
+    for shard in {int(k.split("/")[0]) for k in masks}:
+        real |= {f"{shard:05d}/{x['__key__']}": x["seg.png"] for x in iter_shard(LocalStorage(demo_real), shard)}
+    given = []
+    for pair in pairs:
+        meta = pair["meta"]
+        assert meta["mode"] == "mask" and meta["controlnet_sha256"] == info.sha256 and meta["attempts"] == 1
+        expected, _ = given_mask(real[meta["source_key"]], 64, meta["augmentation_seed"], cfg.limits())
+        assert np.array_equal(pair["mask"], expected)
+        given.append(expected)
+    drawn = actor.pipe([p["meta"]["prompt"] for p in pairs], [p["meta"]["seed"] for p in pairs], steps=2,
+                       guidance=cfg.guidance, masks=np.stack(given))
+    assert all(np.array_equal(np.asarray(p["image"]), image) for p, image in zip(pairs, drawn.images))
+
+    check_output(LocalStorage(cfg.output), plan.settings)  # the run.json a run writes as it starts
+    save_controlnet(tmp_path / "other", trainer.controlnet, "demo", {"steps": 4, "resolution": 64})  # not the EMA
+    with pytest.raises(UserError, match=rf"^{cfg.output} was written with --controlnet sha256:{info.sha256}, now "
+                                        r"--controlnet sha256:\w+; pass --overwrite"):
+        generate.plan_generate(replace(cfg, controlnet=str(tmp_path / "other")))
+
+
+def test_a_controlnet_draws_the_image_for_the_mask_the_joint_model_sampled_first(trained, tmp_path):
+    """--adapter JOINT --controlnet CN: each row's mask is the joint model's for its seed, its image the
+    ControlNet's for that mask (not the joint model's image)."""
+    from skindual import generate
+    from skindual.generate_config import GenerateConfig
+
+    _, folder, _ = trained
+    cfg = GenerateConfig(per_class="mel=2,vasc=2", adapter=str(DEMO_ADAPTER), controlnet=str(folder), steps=2,
+                         batch_size=4, samples_per_shard=4, image_format="png", max_mask_area=1.0, min_mask_area=0.0,
+                         min_main_share=0.0, output=str(tmp_path / "out"))
+    plan = generate.plan_generate(cfg)
+    assert plan.settings["layout"] == "channels" and plan.settings["controlnet"].startswith("sha256:")
+    actor, pairs, _ = shard_of(plan)
+    assert actor.pipe.masker is not None and actor.pipe.adapter.sha256 == plan.model.adapter_sha256
+    prompts, seeds = [p["meta"]["prompt"] for p in pairs], [p["meta"]["seed"] for p in pairs]
+    joint = actor.pipe.masker(prompts, seeds, steps=2, guidance=cfg.guidance, mask_smoothing=cfg.mask_smoothing)
+    drawn = actor.pipe.denoise(prompts, seeds, joint.masks, steps=2, guidance=cfg.guidance)
+    assert len(pairs) == 4 and all(p["meta"]["mode"] == "joint" for p in pairs)
+    assert all(np.array_equal(p["mask"], m) for p, m in zip(pairs, joint.masks))
+    assert not any(np.array_equal(np.asarray(p["image"]), image) for p, image in zip(pairs, joint.images))
+    again = actor.pipe(prompts, seeds, steps=2, guidance=cfg.guidance, mask_smoothing=cfg.mask_smoothing)
+    assert torch.equal(again.latents, drawn.float().cpu())
+    assert all(np.array_equal(np.asarray(p["image"]), image) for p, image in zip(pairs, again.images))
+
+
+def test_generate_controlnet_errors_are_one_line(demo_real, trained, tmp_path, sd2_bases):
+    from skindual import generate
+    from skindual.generate_config import GenerateConfig
+
+    _, folder, _ = trained
+    masked = GenerateConfig(per_class="df=1", mask_source=str(demo_real), controlnet=str(folder),
+                            output=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="^--adapter: with --controlnet and --mask-source the ControlNet draws"):
+        replace(masked, adapter=str(DEMO_ADAPTER))
+    with pytest.raises(UserError, match="^--controlnet draws each image for a given mask: pass --mask-source"):
+        generate.plan_generate(replace(masked, mask_source=""))
+    with pytest.raises(UserError, match=r"^--controlnet .*demo_adapter: an adapter of --train lora, not a ControlNet"):
+        generate.plan_generate(replace(masked, controlnet=str(DEMO_ADAPTER)))
+    with pytest.raises(UserError, match=r"^--controlnet .* was trained beside demo@\w+, this run samples with "
+                                        r"demo-hard@\w+; give a ControlNet trained on that base$"):
+        generate.plan_generate(replace(masked, base_model="demo-hard"))
+    with pytest.raises(UserError, match=r"^--controlnet .* was trained on demo and does not fit the base model .*: its "
+                                        r"block_out_channels is \[32, 64\], the base UNet's \[40, 80, 160, 160\]"):
+        generate.plan_generate(replace(masked, base_model=str(sd2_bases["base"])))
+    assert not (tmp_path / "out").exists()
