@@ -312,3 +312,27 @@ def test_generate_controlnet_errors_are_one_line(demo_real, trained, tmp_path, s
                                         r"block_out_channels is \[32, 64\], the base UNet's \[40, 80, 160, 160\]"):
         generate.plan_generate(replace(masked, base_model=str(sd2_bases["base"])))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_generate_job_draws_with_a_controlnet_and_refuses_a_joint_adapter_as_one(demo_real, trained, ray_cluster,
+                                                                                     tmp_path):
+    """jobs/generate.py --mask-source --controlnet on the shared local Ray cluster (no demo adapter filled in), and a
+    joint adapter given as --controlnet: one line, before Ray starts."""
+    import job_runs as jobs
+    from skindual.shards import read_shards
+
+    _, folder, _ = trained
+    out = tmp_path / "out"
+    args = ["--per-class", "df=2,nv=1", "--mask-source", str(demo_real), "--controlnet", str(folder), "--steps", "2",
+            "--batch-size", "2", "--output", str(out)]
+    jobs.ok(jobs.run_job("generate", args, ray_cluster))
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = load_controlnet_info(folder)
+    assert manifest["complete"] and manifest["resolved"]["controlnet"] == f"sha256:{info.sha256}"
+    assert manifest["resolved"]["adapter"] == "none" and manifest["resolved"]["controlnet_url"] == str(folder)
+    pairs = list(read_shards(str(out)))
+    assert len(pairs) == 3 and all(p["meta"]["controlnet_sha256"] == info.sha256 for p in pairs)
+    line = jobs.error_line(jobs.run_job("generate", [*args[:-1], str(tmp_path / "other"), "--controlnet",
+                                                     str(DEMO_ADAPTER)], ray_cluster))
+    assert line == (f"error: --controlnet {DEMO_ADAPTER}: an adapter of --train lora, not a ControlNet; give the "
+                    "adapter folder of a fine-tune run with --train controlnet")
