@@ -84,13 +84,14 @@ def save_controlnet(folder: str | Path, controlnet, base_model: str | Path, trai
     return load_adapter(folder)
 
 
-def load_controlnet_info(folder: str | Path, flag: str = "--controlnet") -> AdapterInfo:
+def load_controlnet_info(folder: str | Path, flag: str = "--controlnet", url: str | None = None) -> AdapterInfo:
     """A ControlNet's adapter folder, verified (`model.load_adapter`: plain names, every sha256); a folder that
-    is not a ControlNet output (a joint model's adapter, say) is one `UserError` naming `flag`."""
+    is not a ControlNet output (a joint model's adapter, say) is one `UserError` naming `flag` and `url` (where the
+    folder was fetched from; the folder itself without one)."""
     info = load_adapter(folder)
     if info.train != "controlnet" or f"{CONTROLNET_DIR}/config.json" not in info.files:
-        raise UserError(f"{flag} {folder}: an adapter of --train {info.train}, not a ControlNet; give the adapter "
-                        "folder of a fine-tune run with --train controlnet")
+        raise UserError(f"{flag} {url or folder}: an adapter of --train {info.train}, not a ControlNet; give the "
+                        "adapter folder of a fine-tune run with --train controlnet")
     return info
 
 

@@ -76,7 +76,7 @@ def with_controlnet(cfg: GenerateConfig, joint: ModelSpec | None) -> ModelSpec:
     --base-model, else the one the ControlNet records (when it may pick it: `base_models.adapter_base`)."""
     endpoint, url = cfg.s3_endpoint or None, cfg.controlnet
     with tempfile.TemporaryDirectory(prefix="skindual-controlnet-") as tmp:
-        info = load_controlnet_info(fetch_adapter(url, endpoint, tmp, "--controlnet"))
+        info = load_controlnet_info(fetch_adapter(url, endpoint, tmp, "--controlnet"), url=url)
         base = joint.base_model if joint is not None else (
             cfg.base_model or adapter_base(info.base_model, url, endpoint, "--controlnet"))
         misfit = controlnet_misfit(info, base, endpoint)

@@ -336,3 +336,31 @@ def test_the_generate_job_draws_with_a_controlnet_and_refuses_a_joint_adapter_as
                                                      str(DEMO_ADAPTER)], ray_cluster))
     assert line == (f"error: --controlnet {DEMO_ADAPTER}: an adapter of --train lora, not a ControlNet; give the "
                     "adapter folder of a fine-tune run with --train controlnet")
+
+
+def test_a_controlnet_on_s3_is_fetched_with_its_subfolder_and_verified(demo_real, trained, s3_env, tmp_path):
+    """--controlnet s3://...: the json, then the files it names (``controlnet/...`` included) into the actor's
+    folder, every sha256 checked; a crafted name outside the folder is refused before anything else is fetched."""
+    from skindual import generate_model
+    from skindual.generate_config import GenerateConfig
+    from skindual.storage import open_storage
+
+    _, folder, _ = trained
+    info = load_controlnet_info(folder)
+    remote = open_storage(f"{s3_env}/cn")
+    for name in [*info.files, model.ADAPTER_JSON]:
+        remote.upload_file(folder / name, name)
+    cfg = GenerateConfig(per_class="df=1", mask_source=str(demo_real), controlnet=remote.url, steps=2)
+    spec = generate_model.resolve_model(cfg)
+    assert (spec.controlnet, spec.controlnet_sha256) == (remote.url, info.sha256)
+    pipe = generate_model.load_generator(spec, replace(cfg, dtype="fp32"), str(tmp_path / "actor"))
+    assert isinstance(pipe, ControlNetPipeline) and pipe.info.sha256 == info.sha256
+    assert sorted(p.name for p in (tmp_path / "actor" / "controlnet-adapter" / "controlnet").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    crafted = open_storage(f"{s3_env}/crafted")
+    meta = json.loads((folder / model.ADAPTER_JSON).read_text())
+    meta["files"]["controlnet/../../cn/controlnet/config.json"] = meta["files"]["controlnet/config.json"]
+    crafted.write_bytes(model.ADAPTER_JSON, json.dumps(meta).encode())
+    with pytest.raises(UserError, match=r"^--controlnet s3://.*crafted/skindual_adapter\.json names the file "
+                                        r"'controlnet/\.\./\.\./cn/controlnet/config\.json', which is not a plain"):
+        generate_model.resolve_model(replace(cfg, controlnet=crafted.url))
