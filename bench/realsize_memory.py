@@ -22,8 +22,8 @@ The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, 
 ``resnet_lora_gb_batch1`` / ``resnet_lora_gb_per_extra_sample`` / ``resnet_lora_step_seconds_ratio`` (LoRA on the
 ResNet blocks and feed-forwards too, against bf16_b1), ``controlnet_gb_batch1`` / ``controlnet_gb_per_extra_sample`` /
 ``controlnet_step_seconds_ratio`` / ``controlnet_parameters`` / ``unet_parameters`` (--train controlnet, against
-bf16_b1; ``controlnet_bf16_b8`` only when named in ``--only``), ``bf16_b8_consistency[_default]_step_seconds_ratio`` (the
-reward on every sample / at its default t <= 200, against bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
+bf16_b1; ``controlnet_bf16_b8`` only when named in ``--only``), ``bf16_b8_consistency[_default]_step_seconds_ratio``
+(the reward on every sample / at its default t <= 200, against bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
 `skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation

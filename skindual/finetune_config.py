@@ -128,8 +128,8 @@ class FinetuneConfig:
             raise UserError(f"--layout {self.layout}: {why}, beside the stock UNet (no layout); leave --layout out")
         if self.lora_targets != "attention":
             raise UserError(f"--lora-targets {self.lora_targets}: {why}, with no LoRA; leave --lora-targets out")
-        for flag, value in (("--w-consistency", self.w_consistency), ("--mask-condition-rate", self.mask_condition_rate),
-                            ("--w-prior", self.w_prior)):
+        for flag, value in (("--w-consistency", self.w_consistency),
+                            ("--mask-condition-rate", self.mask_condition_rate), ("--w-prior", self.w_prior)):
             if value:
                 raise UserError(f"{flag} {value}: {why}; leave {flag} out")
 

@@ -106,7 +106,8 @@ def _report_checkpoint(trainer: Trainer, metrics: dict) -> None:
 def write_outputs(cfg: FinetuneConfig, trainer: Trainer, prompting: Prompting | None = None,
                   fingerprint: str = "") -> None:
     """The adapter folder under `{output}/{name}/adapter/` (a ControlNet's: `controlnet.save_controlnet`), then the
-    validation grid (the joint model's; a ControlNet has none yet) and the loss curve beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
+    validation grid (the joint model's; a ControlNet has none yet) and the loss curve beside it (rank 0 only).
+    The adapter goes first and is uploaded before anything else is drawn:
     a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
     `prompting` is recorded in the adapter for generation; `fingerprint` (the plan's) marks the run done."""
     prompting = prompting or Prompting()
@@ -116,8 +117,9 @@ def write_outputs(cfg: FinetuneConfig, trainer: Trainer, prompting: Prompting | 
         adapter = Path(tmp) / "adapter"
         with trainer.ema_weights():
             if cfg.train == "controlnet":
-                info = save_controlnet(adapter, trained, cfg.base_model, asdict(cfg), prompt_template=prompting.template,
-                                       prompt_attributes=prompting.attributes, fingerprint=fingerprint)
+                info = save_controlnet(adapter, trained, cfg.base_model, asdict(cfg),
+                                       prompt_template=prompting.template, prompt_attributes=prompting.attributes,
+                                       fingerprint=fingerprint)
             else:
                 info = model.save_adapter(adapter, trained, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
                                           prompt_template=prompting.template, prompt_attributes=prompting.attributes,
