@@ -59,12 +59,12 @@ from skindual.demo.chain import (
 from skindual.demo.world import prepare_demo_world, split_pairs, world_base
 from skindual.finetune import plan_finetune, training_rows
 from skindual.finetune_config import FinetuneConfig
-from skindual.finetune_worker import write_outputs
+from skindual.finetune_worker import make_trainer, write_outputs
 from skindual.generate import generation_prompts
 from skindual.generate_actors import ShardGenerator
 from skindual.generate_config import GenerateConfig
 from skindual.generate_model import resolve_model
-from skindual.joint_trainer import JointTrainer
+from skindual.mask_source import load_masks, plan_mask_source
 from skindual.pairs import local_batches
 from skindual.prompts import CLASS_CODES
 from skindual.qc_model import QCModelConfig, write_segmenter
@@ -212,7 +212,7 @@ class PeakMemory:
 
 
 def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
-    """The fine-tune `ft` in this process (its `JointTrainer` over `local_batches`, no Ray), its adapter written by
+    """The fine-tune `ft` in this process (its trainer over `local_batches`, no Ray), its adapter written by
     `write_outputs` under ``{output}/{name}/adapter``.  Returns the last step's losses, the seconds a step (the first
     left out: it pays for the allocations) and the peak memory of loading the model and training (`PeakMemory`)."""
     device = torch.device(device_type)
@@ -220,7 +220,7 @@ def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
     cfg = plan.config
     last, seconds = {}, []
     with PeakMemory(device) as memory:
-        trainer = JointTrainer(cfg, device)
+        trainer = make_trainer(cfg, device)  # the joint model's, or a ControlNet's with --train controlnet
         epoch = 0
         while trainer.step < cfg.steps:
             epoch += 1
@@ -277,8 +277,14 @@ def draw_sets(gen: GenerateConfig, qc_val: float, min_consistency: str = "pilot"
     the demo chain would pick from the raw draws (`pilot_threshold`, ``pilot``) or the given one, `attempts` draws
     a pair.  Returns ({"raw", "kept"}, the threshold, where it came from)."""
     spec = resolve_model(gen)
-    rows = generation_prompts(gen, spec).to_pylist()
-    batch = pa.table({"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]})
+    masks = (plan_mask_source(gen.mask_source, gen.mask_fraction, list(gen.counts()), None, gen.partial)
+             if gen.mask_source else None)  # mask mode: each row's given real mask travels with the rows
+    rows = generation_prompts(gen, spec, masks).to_pylist()
+    batch = {"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]}
+    if masks is not None:
+        given = load_masks(masks, [r["source_key"] for r in rows], None)
+        batch["masks"] = [[given[r["source_key"]] for r in rows]]
+    batch = pa.table(batch)
     generator = ShardGenerator(gen, spec)  # its pipeline loaded once, for both sets
 
     def draw(cfg: GenerateConfig) -> dict:
