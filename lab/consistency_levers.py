@@ -48,6 +48,8 @@ import torch
 from finetune_quality import parse_fields
 from pair_recipes import batches, segmenter_dice, train
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from skindual import downstream, pairs
 from skindual.demo.chain import (
@@ -67,7 +69,7 @@ from skindual.generate_model import resolve_model
 from skindual.mask_source import load_masks, plan_mask_source
 from skindual.pairs import local_batches
 from skindual.prompts import CLASS_CODES
-from skindual.qc_model import QCModelConfig, write_segmenter
+from skindual.qc_model import QCModelConfig, QCSegmenter, write_segmenter
 from skindual.quality import dice, images_to_tensor
 
 SIZE = 64
@@ -166,15 +168,32 @@ def build_judges(real: str, f: float, out: Path, qc_steps: int, judge_steps: int
     real_cut = {k: v[np.asarray([k in cut_keys for k in real_all["key"]])] for k, v in real_all.items()}
     val = as_set(split_pairs(real, "val", SIZE))
     qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=qc_steps)
-    torch.manual_seed(qc_cfg.seed)
-    settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
-    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
-                                      batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
-                                      "segmenter", settings, qc_cfg.seed, device)
-    qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
-    write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
-                                             "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
-    judge = train("smp_unet", "segmenter", [real_all], judge_steps, 0, False, device)
+    # both are seeded: an earlier run's, trained with the same settings on the same data, are loaded, not trained again
+    trained_with = {"data": pairs.dataset_manifest(real).get("fingerprint", real), "real_fraction": f,
+                    "qc_steps": qc_steps, "judge_steps": judge_steps, "device": device.type}
+    card = out / "qc" / "segmenter.json"
+    if card.is_file() and json.loads(card.read_text()).get("lab_trained_with") == trained_with:
+        qc_model, qc_val = QCSegmenter.load(qc_cfg.output).model, json.loads(card.read_text())["val_dice"]
+    else:
+        torch.manual_seed(qc_cfg.seed)
+        settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
+        qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
+                                          batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
+                                          "segmenter", settings, qc_cfg.seed, device)
+        qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
+        write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
+                                                 "train_pairs": len(real_cut["label"]), "fingerprint": "lab",
+                                                 "lab_trained_with": trained_with})
+    judge_file = out / "judge.safetensors"
+    if judge_file.is_file() and safe_open(str(judge_file), "pt").metadata().get("trained_with") == json.dumps(
+            trained_with, sort_keys=True):
+        judge = downstream.build_model("smp_unet")
+        judge.load_state_dict(load_file(str(judge_file)))
+        judge = judge.to(device).eval()
+    else:
+        judge = train("smp_unet", "segmenter", [real_all], judge_steps, 0, False, device)
+        save_file({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, str(judge_file),
+                  metadata={"trained_with": json.dumps(trained_with, sort_keys=True)})
     return Judges(real_all, real_cut, val, qc_cfg, qc_val, judge)
 
 

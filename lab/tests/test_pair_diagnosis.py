@@ -76,9 +76,15 @@ def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_wor
     assert all(f"| {name} |" in md for name in names)
     saved = json.loads((out / "pair_diagnosis.json").read_text())
     assert saved["table"] == table and len(saved["variants"][run]) == 1
-    # a rerun keeps what the table holds (nothing measured again); other settings are refused before any work
+    # a rerun keeps what the table holds (nothing measured again) and loads the judges it trained; other settings
+    # are refused before any work
+    trained = {p: (out / p).stat().st_mtime_ns for p in ("judge.safetensors", "qc/segmenter.safetensors")}
     again = main([*tiny, "--variants", lever])["table"]
     assert list(again) == names and again[run] == table[run] and again[names[2]] == table[names[2]]
+    assert {p: (out / p).stat().st_mtime_ns for p in trained} == trained
+    resaved = json.loads((out / "pair_diagnosis.json").read_text())
+    assert [resaved[k] for k in ("judge_on_real_val", "qc_val_dice")] == [saved[k] for k in ("judge_on_real_val",
+                                                                                             "qc_val_dice")]
     with pytest.raises(SystemExit, match=r"other settings \(per_class 2 now 3\)"):
         main([*tiny, "--per-class", "3"])
 
