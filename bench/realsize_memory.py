@@ -20,8 +20,10 @@ The last line is one JSON object: ``peak_gb_batch1`` (bf16, default loss terms, 
 ``gb_per_extra_sample`` (bf16 batch 2 − batch 1), ``consistency_gb_batch1`` / ``consistency_gb_per_extra_sample`` /
 ``consistency_step_seconds_ratio`` (the consistency reward on every sample, against bf16_b1),
 ``resnet_lora_gb_batch1`` / ``resnet_lora_gb_per_extra_sample`` / ``resnet_lora_step_seconds_ratio`` (LoRA on the
-ResNet blocks and feed-forwards too, against bf16_b1), ``bf16_b8_consistency[_default]_step_seconds_ratio`` (the
-reward on every sample / at its default t <= 200, against bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
+ResNet blocks and feed-forwards too, against bf16_b1), ``controlnet_gb_batch1`` / ``controlnet_gb_per_extra_sample`` /
+``controlnet_step_seconds_ratio`` / ``controlnet_parameters`` / ``unet_parameters`` (--train controlnet, against
+bf16_b1; ``controlnet_bf16_b8`` only when named in ``--only``), ``bf16_b8_consistency[_default]_step_seconds_ratio``
+(the reward on every sample / at its default t <= 200, against bf16_b8), ``reserved_gb`` (on a GPU: the allocator's reserved peak of each setting), ``max_batch_24gb`` (the largest batch of that
 setting under 24 GB: batch 1 + whole extra samples), ``gb_per_extra_sample_fp32`` (fp32 batch 2 − batch 1;
 `skindual.finetune.STEP_MEMORY_GB` is built from these figures), ``device``, ``ratio`` (bf16 default ÷ the fp32
 full-geometry baseline) and the figure of every setting (GB); ``generate_bf16_b*``: one generation
@@ -66,6 +68,10 @@ SETTINGS = {
     "bf16_b8_consistency": ({"mixed_precision": "bf16", "w_consistency": 1.0, "consistency_max_t": 1000}, 8),
     # the reward as the fine-tune runs it by default: the samples with t <= 200 of each batch
     "bf16_b8_consistency_default": ({"mixed_precision": "bf16", "w_consistency": 1.0}, 8),
+    # --train controlnet: a ControlNet (from the UNet, fp32, AdamW, EMA) beside the frozen bf16 UNet, image term only
+    "controlnet_bf16_b1": ({"mixed_precision": "bf16", "train": "controlnet"}, 1),
+    "controlnet_bf16_b2": ({"mixed_precision": "bf16", "train": "controlnet"}, 2),
+    "controlnet_bf16_b8": ({"mixed_precision": "bf16", "train": "controlnet"}, 8),
     "generate_bf16_b1": ({"generate": True}, 1),  # sampling (guidance: a UNet batch of 2) and decoding
     "generate_bf16_b8": ({"generate": True}, 8),
 }
@@ -86,7 +92,7 @@ def child(base: str, name: str, report: str, warmup: str = "0", steps: str = "1"
     import torch
 
     from skindual.finetune_config import FinetuneConfig
-    from skindual.joint_trainer import JointTrainer
+    from skindual.finetune_worker import make_trainer
 
     empty = _rss_gb()
     settings, batch_size = SETTINGS[name]
@@ -97,7 +103,7 @@ def child(base: str, name: str, report: str, warmup: str = "0", steps: str = "1"
         settings = {**settings, "consistency_segmenter": str(Path(base).parent / "qc")}
     cfg = FinetuneConfig(base_model=base, batch_size=batch_size, resolution=512, lora_rank=16,
                          use_gpu=device.type == "cuda", **settings)
-    trainer = JointTrainer(cfg, device)
+    trainer = make_trainer(cfg, device)  # a JointTrainer, or a ControlNetTrainer for train=controlnet
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:512, :512]
     mask = (((yy - 256) ** 2 + (xx - 240) ** 2) < 150**2).astype(np.uint8)
@@ -125,6 +131,8 @@ def child(base: str, name: str, report: str, warmup: str = "0", steps: str = "1"
         extra["reserved_gb"] = round(torch.cuda.max_memory_reserved() / GB, 2)
     else:
         peak = _rss_gb("VmHWM") - empty
+    extra |= {"trained_parameters": sum(p.numel() for p in trainer.params),
+              "unet_parameters": sum(p.numel() for p in trainer.unet.parameters())}
     Path(report).write_text(json.dumps({"peak_gb": round(peak, 2), "loaded_gb": round(loaded - empty, 2),
                                         "step_seconds": round(seconds, 3), "loss": metrics["total"], **extra}))
 
@@ -171,8 +179,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], choices=list(SETTINGS), metavar="SETTING",
                         help="measure only these settings (bf16_b1 and bf16_b2 are always measured)")
     args = parser.parse_args()
-    names = [n for n in (QUICK if args.quick else SETTINGS)
-             if not (args.no_batch4 and n == "bf16_b4") and not n.startswith("bf16_b8")]  # b8: on request (--only)
+    names = [n for n in (QUICK if args.quick else SETTINGS)  # batch 8: on request (--only)
+             if not (args.no_batch4 and n == "bf16_b4") and not n.startswith(("bf16_b8", "controlnet_bf16_b8"))]
     if args.only:
         names = [n for n in SETTINGS if n in {"bf16_b1", "bf16_b2", "fp32_b1_full_geometry", *args.only}]
     from skindual.sd2 import save_sd2_pipeline
@@ -215,6 +223,14 @@ def main() -> None:
                    "resnet_lora_step_seconds_ratio": round(figures["bf16_b1_resnet_lora"]["step_seconds"]
                                                            / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2)}
                   if {"bf16_b1_resnet_lora", "bf16_b2_resnet_lora"} <= set(figures) else {}),
+               **({"controlnet_gb_batch1": figures["controlnet_bf16_b1"]["peak_gb"],
+                   "controlnet_gb_per_extra_sample": round(figures["controlnet_bf16_b2"]["peak_gb"]
+                                                           - figures["controlnet_bf16_b1"]["peak_gb"], 2),
+                   "controlnet_step_seconds_ratio": round(figures["controlnet_bf16_b1"]["step_seconds"]
+                                                          / max(figures["bf16_b1"]["step_seconds"], 1e-9), 2),
+                   "controlnet_parameters": figures["controlnet_bf16_b1"]["trained_parameters"],
+                   "unet_parameters": figures["controlnet_bf16_b1"]["unet_parameters"]}
+                  if {"controlnet_bf16_b1", "controlnet_bf16_b2"} <= set(figures) else {}),
                **({f"{n}_step_seconds_ratio": round(figures[n]["step_seconds"] / max(figures["bf16_b8"]["step_seconds"], 1e-9), 3)
                    for n in ("bf16_b8_consistency", "bf16_b8_consistency_default") if n in figures and "bf16_b8" in figures}),
                "ratio": round(b1 / figures["fp32_b1_full_geometry"]["peak_gb"], 3),

@@ -1,6 +1,7 @@
 r"""Fine-tune the joint image–mask model with Ray Train (LoRA on SD-2 attention + widened convs).
 
     python jobs/finetune.py                                   # demo data + demo base, local Ray, ./skindual-runs
+    python jobs/finetune.py --train controlnet --name cn      # a ControlNet that draws the image for a given mask
     ray job submit -- python jobs/finetune.py --training-data s3://bucket/real \
         --base-model s3://bucket/models/sd2-base --num-workers 8 --use-gpu --output s3://bucket/runs
 

@@ -4,6 +4,8 @@ r"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset
     ray job submit -- python jobs/generate.py --per-class 5000 --adapter s3://bucket/runs/finetune/adapter \
         --actors 8 --num-gpus-per-actor 1 --accelerator-type A10G --output s3://bucket/synthetic
     python jobs/generate.py --per-class df=5000,vasc=4000 ...  # top up only the rare classes
+    python jobs/generate.py --per-class 20 --mask-source REAL --controlnet runs/cn/adapter   # images for real masks
+    python jobs/generate.py --per-class 20 --adapter JOINT --controlnet runs/cn/adapter       # the joint model's masks
 
 Re-running into the same --output skips the committed shards; other settings need --overwrite.
 Ray workers read S3 credentials from their own environment (instance role or AWS_* variables); on a

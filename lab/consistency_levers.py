@@ -48,6 +48,8 @@ import torch
 from finetune_quality import parse_fields
 from pair_recipes import batches, segmenter_dice, train
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from skindual import downstream, pairs
 from skindual.demo.chain import (
@@ -59,15 +61,15 @@ from skindual.demo.chain import (
 from skindual.demo.world import prepare_demo_world, split_pairs, world_base
 from skindual.finetune import plan_finetune, training_rows
 from skindual.finetune_config import FinetuneConfig
-from skindual.finetune_worker import write_outputs
+from skindual.finetune_worker import make_trainer, write_outputs
 from skindual.generate import generation_prompts
 from skindual.generate_actors import ShardGenerator
 from skindual.generate_config import GenerateConfig
 from skindual.generate_model import resolve_model
-from skindual.joint_trainer import JointTrainer
+from skindual.mask_source import load_masks, plan_mask_source
 from skindual.pairs import local_batches
 from skindual.prompts import CLASS_CODES
-from skindual.qc_model import QCModelConfig, write_segmenter
+from skindual.qc_model import QCModelConfig, QCSegmenter, write_segmenter
 from skindual.quality import dice, images_to_tensor
 
 SIZE = 64
@@ -166,15 +168,32 @@ def build_judges(real: str, f: float, out: Path, qc_steps: int, judge_steps: int
     real_cut = {k: v[np.asarray([k in cut_keys for k in real_all["key"]])] for k, v in real_all.items()}
     val = as_set(split_pairs(real, "val", SIZE))
     qc_cfg = QCModelConfig(training_data=real, real_fraction=f, output=str(out / "qc"), steps=qc_steps)
-    torch.manual_seed(qc_cfg.seed)
-    settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
-    qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
-                                      batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
-                                      "segmenter", settings, qc_cfg.seed, device)
-    qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
-    write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
-                                             "train_pairs": len(real_cut["label"]), "fingerprint": "lab"})
-    judge = train("smp_unet", "segmenter", [real_all], judge_steps, 0, False, device)
+    # both are seeded: an earlier run's, trained with the same settings on the same data, are loaded, not trained again
+    trained_with = {"data": pairs.dataset_manifest(real).get("fingerprint", real), "real_fraction": f,
+                    "qc_steps": qc_steps, "judge_steps": judge_steps, "device": device.type}
+    card = out / "qc" / "segmenter.json"
+    if card.is_file() and json.loads(card.read_text()).get("lab_trained_with") == trained_with:
+        qc_model, qc_val = QCSegmenter.load(qc_cfg.output).model, json.loads(card.read_text())["val_dice"]
+    else:
+        torch.manual_seed(qc_cfg.seed)
+        settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)
+        qc_model = downstream.train_model(downstream.SmallUNet(qc_cfg.width),
+                                          batches(real_cut, qc_cfg.batch_size, qc_cfg.seed, False),
+                                          "segmenter", settings, qc_cfg.seed, device)
+        qc_val = segmenter_dice(qc_model, val["image"], val["mask"], device)
+        write_segmenter(qc_cfg, qc_model.cpu(), {"val_pairs": len(val["label"]), "val_dice": qc_val,
+                                                 "train_pairs": len(real_cut["label"]), "fingerprint": "lab",
+                                                 "lab_trained_with": trained_with})
+    judge_file = out / "judge.safetensors"
+    if judge_file.is_file() and safe_open(str(judge_file), "pt").metadata().get("trained_with") == json.dumps(
+            trained_with, sort_keys=True):
+        judge = downstream.build_model("smp_unet")
+        judge.load_state_dict(load_file(str(judge_file)))
+        judge = judge.to(device).eval()
+    else:
+        judge = train("smp_unet", "segmenter", [real_all], judge_steps, 0, False, device)
+        save_file({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, str(judge_file),
+                  metadata={"trained_with": json.dumps(trained_with, sort_keys=True)})
     return Judges(real_all, real_cut, val, qc_cfg, qc_val, judge)
 
 
@@ -212,7 +231,7 @@ class PeakMemory:
 
 
 def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
-    """The fine-tune `ft` in this process (its `JointTrainer` over `local_batches`, no Ray), its adapter written by
+    """The fine-tune `ft` in this process (its trainer over `local_batches`, no Ray), its adapter written by
     `write_outputs` under ``{output}/{name}/adapter``.  Returns the last step's losses, the seconds a step (the first
     left out: it pays for the allocations) and the peak memory of loading the model and training (`PeakMemory`)."""
     device = torch.device(device_type)
@@ -220,7 +239,7 @@ def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
     cfg = plan.config
     last, seconds = {}, []
     with PeakMemory(device) as memory:
-        trainer = JointTrainer(cfg, device)
+        trainer = make_trainer(cfg, device)  # the joint model's, or a ControlNet's with --train controlnet
         epoch = 0
         while trainer.step < cfg.steps:
             epoch += 1
@@ -277,8 +296,14 @@ def draw_sets(gen: GenerateConfig, qc_val: float, min_consistency: str = "pilot"
     the demo chain would pick from the raw draws (`pilot_threshold`, ``pilot``) or the given one, `attempts` draws
     a pair.  Returns ({"raw", "kept"}, the threshold, where it came from)."""
     spec = resolve_model(gen)
-    rows = generation_prompts(gen, spec).to_pylist()
-    batch = pa.table({"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]})
+    masks = (plan_mask_source(gen.mask_source, gen.mask_fraction, list(gen.counts()), None, gen.partial)
+             if gen.mask_source else None)  # mask mode: each row's given real mask travels with the rows
+    rows = generation_prompts(gen, spec, masks).to_pylist()
+    batch = {"shard": pa.array([0], pa.int32()), "rows": [json.dumps(rows)]}
+    if masks is not None:
+        given = load_masks(masks, [r["source_key"] for r in rows], None)
+        batch["masks"] = [[given[r["source_key"]] for r in rows]]
+    batch = pa.table(batch)
     generator = ShardGenerator(gen, spec)  # its pipeline loaded once, for both sets
 
     def draw(cfg: GenerateConfig) -> dict:

@@ -21,7 +21,9 @@ there is one), on the pieces of lab/consistency_levers.py:
 
 A variant is a comma-separated ``FIELD=VALUE`` list: `FinetuneConfig` fields (``lora_targets=attention+resnet``,
 ``prior_min_t=600``, ``w_prior=0``, ``train=full``), ``steps=xK`` (K times ``--finetune-steps``), and the sampling
-fields of `GENERATION_FIELDS` (``guidance=2``); an empty one is the demo's settings.  ``--classes`` draws only
+fields of `GENERATION_FIELDS` (``guidance=2``); an empty one is the demo's settings.  ``train=controlnet`` trains a
+ControlNet beside the frozen base (`CONTROLNET_SETTINGS`) and draws each image for a given mask: the real cut's
+(``masks=real``) or the demo variant's joint samples' (``masks=joint``).  ``--classes`` draws only
 those classes (the real row too).  Variants differing only in
 sampling share their fine-tunes.  ``--preset issue`` runs `PRESETS["issue"]`.  The first row is the real pairs
 (the train cut; their class fidelity is the classifier's on its own training images).
@@ -56,8 +58,13 @@ from skindual.prompts import CLASS_CODES
 SETTINGS = ("difficulty", "real_fraction", "finetune_steps", "per_class", "classes", "sample_steps", "qc_attempts",
             "judge_steps", "qc_steps", "extractor_steps")
 """The flags every figure of a table shares: a rerun into the same --output must give the same ones."""
-GENERATION_FIELDS = {"guidance": float, "scheduler": str, "mask_smoothing": float}
-"""The variant fields that change the sampling, not the fine-tune (`GenerateConfig` fields)."""
+GENERATION_FIELDS = {"guidance": float, "scheduler": str, "mask_smoothing": float, "masks": str}
+"""The variant fields that change the sampling, not the fine-tune (`GenerateConfig` fields, and ``masks``: where a
+ControlNet variant's masks come from, ``real`` (default: the real cut's train masks, augmented, generate's
+--mask-source) or ``joint`` (the masks the demo variant's joint model samples first, generate's --adapter))."""
+CONTROLNET_SETTINGS = {"w_prior": 0.0}
+"""What a ``train=controlnet`` variant changes of the demo's settings before its own fields: the prior term is the
+joint model's (the ControlNet trains beside a frozen base); steps, lr, batch, EMA and schedule stay the demo's."""
 PRESETS = {"issue": [
     "",  # today: LoRA r32 on the attention projections, the prior at weight 10 everywhere, guidance 4
     "lora_rank=16", "lora_rank=64",
@@ -68,6 +75,8 @@ PRESETS = {"issue": [
     "w_prior=0", "w_prior=1", "w_prior=3",
     "guidance=2", "guidance=3",
     "steps=x2", "steps=x4",
+    "train=controlnet",  # images drawn for the real cut's masks by a ControlNet beside the frozen base
+    "train=controlnet,masks=joint",  # ... for the masks the demo's joint model samples first
 ]}
 """Named variant lists: ``issue``, the diagnosis of what is trained, the prior term, guidance and length."""
 
@@ -234,18 +243,35 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "pair_diagnosis.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "pair_diagnosis.md").write_text(markdown(table, device_label))
 
+    def finetune_config(run_name: str, seed: int, fields: dict) -> FinetuneConfig:
+        return FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"),
+                              name=f"{run_name}-seed{seed}", base_model=world_base(args.difficulty),
+                              use_gpu=device.type == "cuda", seed=seed,
+                              validation_per_class=1, validation_steps=args.sample_steps,
+                              **{**DEMO_FINETUNE, "steps": args.finetune_steps, **fields})
+
     for variant in variants:
         per_seed = results["variants"].get(variant.name, [])  # an earlier run's seeds are kept, not measured again
+        controlnet = variant.finetune.get("train") == "controlnet"
         for seed in sorted(set(range(args.seeds)) - {s["seed"] for s in per_seed}):
-            ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"),
-                                name=f"{variant.run_name}-seed{seed}", base_model=world_base(args.difficulty),
-                                use_gpu=device.type == "cuda", seed=seed, validation_per_class=1,
-                                validation_steps=args.sample_steps,
-                                **{**DEMO_FINETUNE, "steps": args.finetune_steps, **variant.finetune})
+            ft = finetune_config(variant.run_name, seed, {**(CONTROLNET_SETTINGS if controlnet else {}),
+                                                          **variant.finetune})
             figures: dict = {"seed": seed, "finetune": fine_tune(ft, device)}
             t = time.perf_counter()
-            gen = generation_config(str(out / "runs" / ft.name / "adapter"), judges, args.per_class, device,
-                                    seed=seed, steps=args.sample_steps, classes=args.classes, **variant.sampling)
+            adapter, sampling = str(out / "runs" / ft.name / "adapter"), dict(variant.sampling)
+            masks = sampling.pop("masks", "real")
+            if controlnet and masks == "joint":  # the demo variant's joint model samples each mask first
+                joint = finetune_config("demo", seed, {})
+                fine_tune(joint, device)
+                sampling |= {"controlnet": adapter}
+                adapter = str(out / "runs" / joint.name / "adapter")
+            elif controlnet:  # the real cut's train masks, augmented (the ControlNet trained on their pairs)
+                sampling |= {"controlnet": adapter, "mask_source": real, "mask_fraction": f}
+                adapter = ""
+            elif "masks" in variant.sampling:
+                raise SystemExit(f"variant {variant.name}: masks= is a setting of a train=controlnet variant")
+            gen = generation_config(adapter, judges, args.per_class, device, seed=seed, steps=args.sample_steps,
+                                    classes=args.classes, **sampling)
             sets, figures["threshold"], figures["threshold_from"] = draw_sets(gen, judges.qc_val, "pilot",
                                                                               args.qc_attempts)
             figures["generation_seconds"] = round(time.perf_counter() - t, 1)

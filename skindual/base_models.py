@@ -205,7 +205,7 @@ KNOWN_SD2_IDS = (SD2_BASE_HUB, SD2_HUB)
 """The hub ids an adapter's recorded base may name by itself (and the withdrawn ids they mirror)."""
 
 
-def adapter_base(recorded: str, adapter: str, s3_endpoint: str | None = None) -> str:
+def adapter_base(recorded: str, adapter: str, s3_endpoint: str | None = None, flag: str = "--adapter") -> str:
     """The base to load when an adapter is given without ``--base-model``: the base it records, if it is one an
     adapter may pick by itself: a demo base (its name or a cache folder of it), a base staged by `stage_base`
     (s3:// or a folder holding `STAGED_FILE`) or a known SD-2 id (a withdrawn one: its mirror).  Any other
@@ -223,7 +223,7 @@ def adapter_base(recorded: str, adapter: str, s3_endpoint: str | None = None) ->
         staged = (folder / STAGED_FILE).is_file()
     if staged:
         return name
-    raise UserError(f"--adapter {adapter} records its base model as {name!r}, which is not a demo base, a base staged "
+    raise UserError(f"{flag} {adapter} records its base model as {name!r}, which is not a demo base, a base staged "
                     f"by jobs/stage_base.py or a known SD-2 id ({', '.join(KNOWN_SD2_IDS)}), so it is not loaded on the "
                     "adapter's word; pass --base-model naming the base it was trained on")
 

@@ -192,6 +192,9 @@ def _made(manifest: Mapping[str, Any]) -> str:
                f"{cfg.get('min_consistency')}")
     mode = (f"mask mode: each image sampled for a given real train mask (`{resolved.get('mask_source', '')}`), "
             "augmented" if cfg.get("mask_source") else "joint: image and mask sampled together")
+    if cfg.get("controlnet"):
+        mode += (f"; each image drawn for its mask by the ControlNet `{resolved.get('controlnet', '')}`"
+                 + ("" if cfg.get("mask_source") else ", the mask sampled first by the joint model"))
     rows = [["base model", f"`{resolved.get('base_model', '')}`"],
             ["adapter", f"`{resolved.get('adapter', 'none')}`, layout `{resolved.get('layout', '')}`"],
             ["resolution", resolved.get("resolution", "")], ["mode", mode],

@@ -25,8 +25,8 @@ from skindual.base_models import base_geometry, base_id
 from skindual.cli import check_interrupt
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
-from skindual.finetune_config import (NOT_FINGERPRINTED, RUN_FILE, FinetuneConfig, FinetunePlan, Prompting,
-                                      resolve_precision)
+from skindual.finetune_config import (CONTROLNET_UNUSED, NOT_FINGERPRINTED, RUN_FILE, FinetuneConfig, FinetunePlan,
+                                      Prompting, resolve_precision)
 from skindual.finetune_worker import train_loop
 from skindual.pairs import dataset_manifest
 from skindual.qc_model import QCSegmenter, card_digest
@@ -80,8 +80,9 @@ def step_memory_gb(cfg: FinetuneConfig, unet_widths: list[int], resolution: int)
     """Estimated GPU memory of one training step of `cfg` (CUDA context included) for SD-2-sized UNets, from
     `STEP_MEMORY_GB` with the activations scaled by the pixel count; None for other bases.  LoRA on the ResNet
     blocks too (`RESNET_LORA_GB`) grows the activations; so does the whole UNet trained, at least as much, its
-    weights and optimiser state added by `full_unet_gb`."""
-    if list(unet_widths) != SD2_WIDTHS:
+    weights and optimiser state added by `full_unet_gb`.  None for --train controlnet too (not measured on a GPU
+    yet: `bench/realsize_memory.py`'s ``controlnet_*`` settings)."""
+    if list(unet_widths) != SD2_WIDTHS or cfg.train == "controlnet":  # a ControlNet's step: not measured on a GPU yet
         return None
     precision = resolve_precision(cfg.mixed_precision, cfg.use_gpu)
     first, extra = STEP_MEMORY_GB["checkpointing" if cfg.gradient_checkpointing and precision != "no" else precision]
@@ -141,10 +142,12 @@ def training_selection(rows: pa.Table, balance: bool, seed: int) -> dict[int, di
 
 
 def finetune_settings(cfg: FinetuneConfig, data_fingerprint: str, data_shards: list[int] | None = None) -> dict:
-    """The settings that shape the weights (`NOT_FINGERPRINTED` left out), the base model by its identity and the
-    training data by its manifest's fingerprint, and by the shards read when ``--partial`` read the committed part
-    of an unfinished dataset (`data_shards`; so the finished dataset's run is not taken for this one)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    """The settings that shape the weights (`NOT_FINGERPRINTED` left out, and for a ControlNet `CONTROLNET_UNUSED`),
+    the base model by its identity and the training data by its manifest's fingerprint, and by the shards read when
+    ``--partial`` read the committed part of an unfinished dataset (`data_shards`; so the finished dataset's run is
+    not taken for this one)."""
+    unused = CONTROLNET_UNUSED if cfg.train == "controlnet" else ()
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED and k not in unused}
     if cfg.use_gpu:  # CPUs reserved beside a GPU: the sums are the GPU's
         del settings["cpus_per_worker"]
     if cfg.consistency_segmenter:  # by its identity (its card names its weights' sha256), not its place

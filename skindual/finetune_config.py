@@ -29,7 +29,11 @@ class FinetuneConfig:
     output: str = option("skindual-runs", "Ray Train storage_path: a folder or s3://bucket/prefix")
     name: str = option("finetune", "run name under --output; re-running the same name resumes it")
     layout: str = option("channels", "joint latent layout", choices=list(model.LAYOUTS))
-    train: str = option("lora", "what is trained: LoRA (+ widened convs) or the full UNet", choices=list(model.TRAIN_MODES))
+    train: str = option("lora", "what is trained: LoRA (+ widened convs) or the full UNet of the joint model; or "
+                                "controlnet: a ControlNet (initialised from the base UNet, which stays stock and "
+                                "frozen) that draws the image for a given mask, trained on the image term only "
+                                "(--w-mask, --w-geo, --geo-crop and the LoRA's and the layout's flags are unused)",
+                        choices=list(model.TRAIN_MODES))
     lora_rank: int = option(16, "LoRA rank")
     lora_targets: str = option("attention", "what LoRA adapts: the attention projections, or also every ResNet "
                                             "block's convolutions and time-embedding projection and every "
@@ -110,9 +114,31 @@ class FinetuneConfig:
             raise UserError(f"--consistency-max-t {self.consistency_max_t}: must be in 1..1000")
         if not 0 <= self.prior_min_t < 1000:
             raise UserError(f"--prior-min-t {self.prior_min_t}: must be in 0..999")
+        if self.train == "controlnet":
+            self._check_controlnet()
         if self.train == "full" and self.lora_targets != "attention":
             raise UserError(f"--lora-targets {self.lora_targets}: only with --train lora (--train full trains every "
                             "weight of the UNet)")
+
+
+    def _check_controlnet(self) -> None:
+        """--train controlnet learns the image term only, the mask given: the joint model's flags do not apply."""
+        why = "--train controlnet trains the image for a given mask, on the image term only"
+        if self.layout != "channels":
+            raise UserError(f"--layout {self.layout}: {why}, beside the stock UNet (no layout); leave --layout out")
+        if self.lora_targets != "attention":
+            raise UserError(f"--lora-targets {self.lora_targets}: {why}, with no LoRA; leave --lora-targets out")
+        for flag, value in (("--w-consistency", self.w_consistency),
+                            ("--mask-condition-rate", self.mask_condition_rate), ("--w-prior", self.w_prior)):
+            if value:
+                raise UserError(f"{flag} {value}: {why}; leave {flag} out")
+
+
+CONTROLNET_UNUSED = ("layout", "lora_rank", "lora_targets", "lora_alpha", "w_mask", "w_geo", "geo_crop", "w_prior",
+                     "prior_min_t", "w_consistency", "consistency_segmenter", "consistency_max_t",
+                     "mask_condition_rate")
+"""The `FinetuneConfig` fields a --train controlnet run does not read (the joint model's LoRA, layout and mask,
+geometry, prior and reward terms): left out of its fingerprint, so they neither shape nor guard its weights."""
 
 
 def resolve_precision(asked: str, use_gpu: bool) -> str:

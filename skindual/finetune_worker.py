@@ -1,6 +1,7 @@
-"""The Ray Train side of fine-tuning: `train_loop` runs on every worker (a `JointTrainer`, resumed from Ray
-Train's last checkpoint, over its shard of the pairs; a checkpoint every ``--checkpoint-every`` steps), and
-rank 0 ends with `write_outputs`: the adapter folder, then the validation grid and the loss curve beside it.
+"""The Ray Train side of fine-tuning: `train_loop` runs on every worker (a `JointTrainer`, or with --train
+controlnet a `ControlNetTrainer`, resumed from Ray Train's last checkpoint, over its shard of the pairs; a
+checkpoint every ``--checkpoint-every`` steps), and rank 0 ends with `write_outputs`: the adapter folder, then the
+validation grid (the joint model's) and the loss curve beside it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ import torch
 
 from skindual import dual_pipeline, model, report
 from skindual.cli import worker_setup
+from skindual.controlnet import save_controlnet
+from skindual.controlnet_trainer import ControlNetTrainer
 from skindual.finetune_config import FinetuneConfig, FinetunePlan, Prompting
-from skindual.joint_trainer import JointTrainer, device_name, load_checkpoint, save_checkpoint
+from skindual.joint_trainer import JointTrainer, Trainer, device_name, load_checkpoint, save_checkpoint
 from skindual.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0  # the longest gap between two progress lines while training goes on
+TERMS = ("img", "mask", "geo", "prior", "consistency")  # the loss terms a progress line shows, those a step has
+
+
+def make_trainer(cfg: FinetuneConfig, device, rank: int = 0, world_size: int = 1) -> Trainer:
+    """The trainer of ``--train``: a `ControlNetTrainer` for controlnet, else the joint model's `JointTrainer`."""
+    return (ControlNetTrainer if cfg.train == "controlnet" else JointTrainer)(cfg, device, rank, world_size)
 
 
 def train_loop(config: dict) -> None:
@@ -38,7 +47,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # its reserved CPUs, whatever this (reused) worker process had: the same sums every run
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    trainer = JointTrainer(cfg, device, rank, world_size)
+    trainer = make_trainer(cfg, device, rank, world_size)
     log.info("worker %d of %d on %s, pid %d, %d torch threads", rank, world_size, device_name(trainer.device),
              os.getpid(), torch.get_num_threads())
     checkpoint = ray.train.get_checkpoint()
@@ -46,7 +55,7 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             load_checkpoint(trainer, folder)
         log.info("resumed from step %d", trainer.step)
-    trainer.model = ray.train.torch.prepare_model(trainer.unet)
+    trainer.model = ray.train.torch.prepare_model(trainer.trained)
     shard = ray.train.get_dataset_shard("train")
     started, start_step, last_line = time.perf_counter(), trainer.step, 0.0
     while trainer.step < cfg.steps:
@@ -67,10 +76,9 @@ def train_loop(config: dict) -> None:
             now = time.perf_counter()
             if rank == 0 and (now - last_line >= PROGRESS_EVERY_S or step == cfg.steps):
                 last_line = now  # a line at least every 30 s while steps come, and at the last
-                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (img %.4f mask %.4f geo %.4f prior %.4f "
-                         "consistency %.4f), %.2f steps/s, ETA %.0f s", step, cfg.steps, 100 * step / cfg.steps,
-                         metrics["total"], metrics["img"], metrics["mask"], metrics["geo"], metrics["prior"],
-                         metrics["consistency"], rate, (cfg.steps - step) / max(rate, 1e-9))
+                terms = " ".join(f"{k} {metrics[k]:.4f}" for k in TERMS if k in metrics)
+                log.info("fine-tune: step %d/%d (%.0f%%), loss %.4f (%s), %.2f steps/s, ETA %.0f s", step, cfg.steps,
+                         100 * step / cfg.steps, metrics["total"], terms, rate, (cfg.steps - step) / max(rate, 1e-9))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _report_checkpoint(trainer, metrics | {"steps_per_s": rate})
             if step >= cfg.steps:
@@ -84,7 +92,7 @@ def train_loop(config: dict) -> None:
         write_outputs(cfg, trainer, prompting, plan.fingerprint)
 
 
-def _report_checkpoint(trainer: JointTrainer, metrics: dict) -> None:
+def _report_checkpoint(trainer: Trainer, metrics: dict) -> None:
     """Every worker reports its share of the checkpoint (`save_checkpoint`: rank 0 the weights, optimiser and
     progress, each rank its RNG streams and data order); Ray Train uploads them into one folder and registers
     it once every worker has reported."""
@@ -95,21 +103,27 @@ def _report_checkpoint(trainer: JointTrainer, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompting | None = None,
+def write_outputs(cfg: FinetuneConfig, trainer: Trainer, prompting: Prompting | None = None,
                   fingerprint: str = "") -> None:
-    """The adapter folder under `{output}/{name}/adapter/`, then the validation grid and the loss curve
-    beside it (rank 0 only).  The adapter goes first and is uploaded before anything else is drawn:
+    """The adapter folder under `{output}/{name}/adapter/` (a ControlNet's: `controlnet.save_controlnet`), then the
+    validation grid (the joint model's; a ControlNet has none yet) and the loss curve beside it (rank 0 only).
+    The adapter goes first and is uploaded before anything else is drawn:
     a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
     `prompting` is recorded in the adapter for generation; `fingerprint` (the plan's) marks the run done."""
     prompting = prompting or Prompting()
     storage = open_storage(cfg.output, cfg.s3_endpoint or None)
-    unet = trainer.unet.eval()
+    trained = trainer.trained.eval()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         with trainer.ema_weights():
-            info = model.save_adapter(adapter, unet, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
-                                      prompt_template=prompting.template, prompt_attributes=prompting.attributes,
-                                      fingerprint=fingerprint)
+            if cfg.train == "controlnet":
+                info = save_controlnet(adapter, trained, cfg.base_model, asdict(cfg),
+                                       prompt_template=prompting.template, prompt_attributes=prompting.attributes,
+                                       fingerprint=fingerprint)
+            else:
+                info = model.save_adapter(adapter, trained, cfg.layout, cfg.base_model, asdict(cfg), train=cfg.train,
+                                          prompt_template=prompting.template, prompt_attributes=prompting.attributes,
+                                          fingerprint=fingerprint)
         storage.delete(f"{cfg.name}/adapter/{model.ADAPTER_JSON}")  # the json last: a folder with one is complete
         for name in sorted(info.files) + [model.ADAPTER_JSON]:
             storage.upload_file(str(adapter / name), f"{cfg.name}/adapter/{name}")
@@ -122,8 +136,8 @@ def write_outputs(cfg: FinetuneConfig, trainer: JointTrainer, prompting: Prompti
                 report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed, path,
                                        batch=cfg.validation_batch)
 
-        for name, draw in (("validation_grid.png", grid),
-                           ("loss_curve.png", lambda path: report.loss_curve(trainer.history, path))):
+        pictures = [] if cfg.train == "controlnet" else [("validation_grid.png", grid)]
+        for name, draw in pictures + [("loss_curve.png", lambda path: report.loss_curve(trainer.history, path))]:
             try:
                 draw(Path(tmp) / name)
                 storage.upload_file(str(Path(tmp) / name), f"{cfg.name}/{name}")

@@ -95,7 +95,7 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> dict[str, Any]:
     """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
     `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_ON` switch only when
-    on, the `RESOLVED` ones through the counts and the model.  What samples them (the device model, on CPU the
+    on, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).  What samples them (the device model, on CPU the
     thread count) is known only once the cluster is, and is checked apart (`device_record`)."""
     types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
     plain = {name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
@@ -104,6 +104,8 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource |
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none",
                 "mask_source": f"sha256:{masks.digest}" if masks is not None else "none"}
+    if spec.controlnet_sha256:  # only when there is one: a run without keeps the fingerprint it had
+        resolved["controlnet"] = f"sha256:{spec.controlnet_sha256}"
     return plain | resolved
 
 
@@ -120,7 +122,7 @@ def shard_run_info(cfg: GenerateConfig, spec: ModelSpec, fingerprint: str) -> di
     """`shard_store.write_shard`'s run_info: the settings every sample's json names."""
     return {"base_model": spec.base_id, "adapter_sha256": spec.adapter_sha256, "layout": spec.layout,
             "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": float(cfg.guidance),
-            "fingerprint": fingerprint, "image_format": cfg.image_format}
+            "fingerprint": fingerprint, "image_format": cfg.image_format, "controlnet_sha256": spec.controlnet_sha256}
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
     cfg, spec, storage = plan.config, plan.model, plan.storage
     shape = shape or cluster_shape()
     check_shared_paths({"--output": cfg.output, "--adapter": cfg.adapter, "--qc-segmenter": cfg.qc_segmenter,
-                        "--mask-source": cfg.mask_source,
+                        "--mask-source": cfg.mask_source, "--controlnet": cfg.controlnet,
                         **({"--base-model": cfg.base_model} if Path(cfg.base_model).is_dir() else {})}, shape)
     run = resolve_devices(cfg, shape)
     fingerprint = check_output(storage, plan.settings, cfg.overwrite, device=device_record(run))
@@ -214,7 +216,8 @@ def run_generate(plan: GeneratePlan, shape: ClusterShape | None = None) -> dict[
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
         "resolved": {**plan.settings, "device": run.device, "device_model": device_record(run), "dtype": run.dtype,
                      "base_model_path": spec.base_model, "adapter_url": spec.adapter,
-                     "num_gpus_per_actor": run.num_gpus_per_actor, "resolution": spec.resolution},
+                     "num_gpus_per_actor": run.num_gpus_per_actor, "resolution": spec.resolution,
+                     **({"controlnet_url": spec.controlnet} if spec.controlnet else {})},
         "asked_per_class": counts, "fingerprint": fingerprint, "complete": False,
         "versions": {"skindual": __version__, **{p: version(p) for p in ("torch", "diffusers", "ray", "webdataset")}},
     })

@@ -50,6 +50,9 @@ class GenerateConfig:
                                   "class, varied by a seeded augmentation (flips, rotation, scale, shift, elastic), "
                                   "and that mask's site, age and sex; only the image is sampled, the mask held "
                                   "to it.  Empty: image and mask sampled together")
+    controlnet: str = option("", "draw each image for its mask with a ControlNet (the adapter folder of a fine-tune "
+                                 "with --train controlnet; folder or s3:// prefix): with --mask-source for the given "
+                                 "real masks (no --adapter), else for the masks the joint --adapter samples first")
     partial: bool = option(False, "with --mask-source: use the committed shards of a prepared dataset whose run has "
                                   "not finished; without it such a dataset is refused")
     mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
@@ -100,6 +103,11 @@ class GenerateConfig:
         if self.partial and not self.mask_source:
             raise UserError("--partial reads the committed part of --mask-source's dataset; without --mask-source "
                             "leave it out")
+        if self.controlnet and self.mask_source and self.adapter:
+            raise UserError("--adapter: with --controlnet and --mask-source the ControlNet draws every image for its real "
+                            "mask and no joint model samples; leave --adapter out")
+        if self.controlnet and self.compile:
+            raise UserError("--compile: not with --controlnet (its levers are not applied to a ControlNet yet)")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
                             "--qc-segmenter")
@@ -124,9 +132,9 @@ FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", 
                  "prompt_attributes", "min_consistency", "mask_fraction")
 """Fields whose value changes the output's bytes, entered into the run's fingerprint as they are."""
 RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
-            "accelerator_type", "mask_source", "partial")
+            "accelerator_type", "mask_source", "partial", "controlnet")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`, the QC segmenter's identity too), the given masks (`MaskSource.digest`: which rows of which shards,
+(`ModelSpec`, the QC segmenter's and the ControlNet's identity too), the given masks (`MaskSource.digest`: which rows of which shards,
 so a ``--partial`` read of a dataset names the shards it used), the device and its model, and on CPU the torch
 thread count."""
 FINGERPRINTED_WHEN_ON = ("compile",)

@@ -1,5 +1,6 @@
-"""The joint model's training, in plain PyTorch and without Ray: `JointTrainer` (the model, the optimiser and
-one training step; the Ray Train loop runs it on each worker, the bench and lab scripts in a plain loop) and its
+"""The joint model's training, in plain PyTorch and without Ray: `Trainer` (what every trainer shares: the frozen
+text encoder and VAE, a micro-batch's inputs, the optimiser step, the EMA), `JointTrainer` (the joint model and
+its loss; the Ray Train loop runs it on each worker, the bench and lab scripts in a plain loop) and the
 checkpoint (`save_checkpoint`, `load_checkpoint`): weights, EMA and optimiser (rank 0's), and every worker's own
 RNG streams and place in its share of the pairs, so that a resumed run continues exactly.
 """
@@ -50,8 +51,135 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") ->
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class JointTrainer:
-    """The model, optimiser and one training step: plain PyTorch, no Ray (the bench's baseline too).
+class Trainer:
+    """What the trainers share, plain PyTorch, no Ray: the frozen text encoder and VAE held in the compute dtype,
+    the noise schedule, each rank's own generator, a micro-batch's inputs, the optimiser step (gradient
+    accumulation, clipping, the gradient scaler, the learning-rate schedule), the EMA of the trained weights, and
+    what a checkpoint holds (`save_checkpoint`, `load_checkpoint`).  A subclass builds the module it trains,
+    ``self.trained`` (what the checkpoint, the EMA and DDP hold), calls `train_weights` with its trainable
+    parameters, and defines ``train_step``: one micro-batch, the metrics when an optimiser step was taken."""
+
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        precision = resolve_precision(cfg.mixed_precision, device.type == "cuda")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} computes no bf16; "
+                            "use --mixed-precision fp16")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.frozen_dtype = self.amp_dtype or torch.float32
+        self.pipe = model.load_pipeline(cfg.base_model, s3_endpoint=cfg.s3_endpoint or None)
+        self.vae = model.place(self.pipe.vae, device, self.frozen_dtype).eval().requires_grad_(False)
+        self.text_encoder = model.place(self.pipe.text_encoder, device, self.frozen_dtype).eval().requires_grad_(False)
+        self.alphas = torch.as_tensor(self.pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+        self.prediction_type = self.pipe.scheduler.config.prediction_type
+        self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
+        # each rank draws its own noise, timesteps, flips and prompt dropout
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
+        self.step, self.micro, self.history = 0, 0, []
+        self.skipped_steps = 0  # optimiser steps the gradient scaler skipped (inf/NaN gradients in fp16)
+        # where the data order stands: the current epoch's shuffle seed and the micro-batches it has given
+        self.epoch_seed, self.epoch_batches = cfg.seed, 0
+        self.ema = None  # float32 copies of the trainable weights, on their device
+        self.trained: torch.nn.Module | None = None  # the module a subclass trains
+
+    def train_weights(self, params: list[torch.nn.Parameter]) -> None:
+        """``self.trained``'s trainable `params` in fp32 whatever the compute dtype; their AdamW and EMA."""
+        self.params = params
+        for p in self.params:
+            p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=1e-2)
+        self.model = self.trained  # what runs forward: the DDP wrapper under Ray Train
+        if self.cfg.ema_decay:
+            self.ema = {k: v.detach().float().clone() for k, v in self.trained.named_parameters() if v.requires_grad}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.trained.named_parameters() if v.requires_grad}
+
+    def update_ema(self) -> None:
+        """ema ← d·ema + (1−d)·weights, with d warming up as (1+n)/(10+n) (diffusers' EMAModel)."""
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for name, param in self.trained.named_parameters():
+                if param.requires_grad:
+                    self.ema[name].lerp_(param.detach().float(), 1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the trained module holds the EMA weights (for sampling and the adapter)."""
+        if self.ema is None:
+            yield
+            return
+        backup = {k: v.clone() for k, v in self.state().items()}  # on a CPU `state()` aliases the live weights
+        self.trained.load_state_dict(self.ema, strict=False)
+        try:
+            yield
+        finally:
+            self.trained.load_state_dict(backup, strict=False)
+
+    def batch_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A micro-batch (uint8 images, 0/1 masks, prompts) → images N×3×H×W in [-1, 1] and masks N×H×W, each
+        pair flipped left-right with p = 1/2, and the prompts' text embeddings, each prompt dropped to '' with
+        p = ``--uncond-prob`` (classifier-free guidance): drawn from this rank's generator in that order."""
+        cfg, g, device = self.cfg, self.generator, self.device
+        images = images_to_tensor(batch["image"], device)
+        masks = torch.from_numpy(batch["mask"]).to(device, copy=True)  # flipped in place below: not the caller's
+        flip = (torch.rand(len(images), generator=g) < 0.5).to(device)
+        images[flip], masks[flip] = images[flip].flip(-1), masks[flip].flip(-1)
+        prompts = [p if torch.rand((), generator=g) >= cfg.uncond_prob else "" for p in batch["prompt"]]
+        with torch.no_grad():
+            tok = self.pipe.tokenizer
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            cond = self.text_encoder(ids)[0]
+        return images, masks, cond
+
+    def noise_and_timesteps(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's noise and timestep (uniform over the schedule), from this rank's generator."""
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.num_timesteps, (len(x0),), generator=self.generator).to(self.device)
+        return noise, t
+
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """Around a micro-batch's forward and backward: DDP all-reduces the gradients on the last micro-batch of
+        an optimiser step only."""
+        last = (self.micro + 1) % self.cfg.grad_accum == 0
+        with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+            yield
+
+    def optimizer_step(self, terms: dict[str, torch.Tensor]) -> dict | None:
+        """After a micro-batch's backward; on the last of an optimiser step, the step (the schedule's learning
+        rate, clipped gradients, the gradient scaler, the EMA) and its metrics: `terms`, the step, the time."""
+        cfg = self.cfg
+        self.micro += 1
+        if self.micro % cfg.grad_accum:
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:  # inf/NaN gradients: step skipped
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.update_ema()
+        metrics = ({k: float(v.detach()) for k, v in terms.items()}
+                   | {"step": self.step, "time": time.time(), "skipped_steps": self.skipped_steps})
+        self.history.append(metrics)
+        return metrics
+
+
+class JointTrainer(Trainer):
+    """The joint image–mask model's trainer (the bench's baseline too).
 
     Memory: with ``mixed_precision`` the frozen weights (text encoder, VAE, the UNet under its LoRA)
     are held in the compute dtype and only the trained ones in fp32; the prior term's base prediction
@@ -61,16 +189,10 @@ class JointTrainer:
     """
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, rank: int = 0, world_size: int = 1):
-        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
-        precision = resolve_precision(cfg.mixed_precision, device.type == "cuda")
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} computes no bf16; "
-                            "use --mixed-precision fp16")
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        frozen_dtype = self.amp_dtype or torch.float32
-        self.pipe = model.load_pipeline(cfg.base_model, s3_endpoint=cfg.s3_endpoint or None)
-        self.vae = model.place(self.pipe.vae, device, frozen_dtype).eval().requires_grad_(False)
-        self.text_encoder = model.place(self.pipe.text_encoder, device, frozen_dtype).eval().requires_grad_(False)
+        if cfg.train not in ("lora", "full"):
+            raise ValueError(f"JointTrainer trains --train lora or full, not {cfg.train!r}")
+        super().__init__(cfg, device, rank, world_size)
+        frozen_dtype = self.frozen_dtype
         self.unet = model.place(self.pipe.unet, device, frozen_dtype if cfg.train == "lora" else torch.float32)
         if cfg.w_geo or cfg.w_consistency:
             self.vae.enable_gradient_checkpointing()  # only the geometry and reward decodes run with gradients
@@ -87,30 +209,12 @@ class JointTrainer:
         # seeded right before the LoRA's random initialisation: whatever this process ran before (a Ray worker
         # is reused) and whatever loading the pipeline drew, the same seed gives the same start, on every rank
         torch.manual_seed(cfg.seed)
-        self.params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train,
-                                         cfg.lora_targets)
-        for p in self.params:  # trained weights in fp32 whatever the compute dtype (LoRA, widened convs)
-            p.data = p.data.float()
+        params = model.prepare_unet(self.unet, cfg.layout, cfg.lora_rank, cfg.lora_alpha or None, cfg.train,
+                                    cfg.lora_targets)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=1e-2)
-        self.model = self.unet  # what runs forward: the DDP wrapper under Ray Train
-        self.alphas = torch.as_tensor(self.pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
-        self.prediction_type = self.pipe.scheduler.config.prediction_type
-        self.num_timesteps = self.pipe.scheduler.config.num_train_timesteps
-        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-        # each rank draws its own noise, timesteps, flips and prompt dropout
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
-        self.step, self.micro, self.history = 0, 0, []
-        self.skipped_steps = 0  # optimiser steps the gradient scaler skipped (inf/NaN gradients in fp16)
-        # where the data order stands: the current epoch's shuffle seed and the micro-batches it has given
-        self.epoch_seed, self.epoch_batches = cfg.seed, 0
-        self.ema = None  # float32 copies of the trainable weights, on their device
-        if cfg.ema_decay:
-            self.ema = {k: v.detach().float().clone() for k, v in self.unet.named_parameters() if v.requires_grad}
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        self.trained = self.unet
+        self.train_weights(params)  # LoRA and widened convs, or the whole UNet
 
     @contextlib.contextmanager
     def base_unet(self):
@@ -143,48 +247,13 @@ class JointTrainer:
         with self.autocast():
             return self.segmenter(x)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.unet.named_parameters() if v.requires_grad}
-
-    def update_ema(self) -> None:
-        """ema ← d·ema + (1−d)·weights, with d warming up as (1+n)/(10+n) (diffusers' EMAModel)."""
-        if self.ema is None:
-            return
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for name, param in self.unet.named_parameters():
-                if param.requires_grad:
-                    self.ema[name].lerp_(param.detach().float(), 1 - decay)
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """Within the block the UNet holds the EMA weights (for sampling and the adapter)."""
-        if self.ema is None:
-            yield
-            return
-        backup = self.state()
-        self.unet.load_state_dict(self.ema, strict=False)
-        try:
-            yield
-        finally:
-            self.unet.load_state_dict(backup, strict=False)
-
     def train_step(self, batch: dict) -> dict | None:
         """One micro-batch (uint8 images, 0/1 masks, prompts); the metrics when an optimiser step was taken."""
         cfg, g, device = self.cfg, self.generator, self.device
-        images = images_to_tensor(batch["image"], device)
-        masks = torch.from_numpy(batch["mask"]).to(device, copy=True)  # flipped in place below: not the caller's
-        flip = (torch.rand(len(images), generator=g) < 0.5).to(device)
-        images[flip], masks[flip] = images[flip].flip(-1), masks[flip].flip(-1)
-        prompts = [p if torch.rand((), generator=g) >= cfg.uncond_prob else "" for p in batch["prompt"]]
+        images, masks, cond = self.batch_inputs(batch)
         with torch.no_grad():
-            tok = self.pipe.tokenizer
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(device)
-            cond = self.text_encoder(ids)[0]
             x0 = model.encode_pair(self.vae, images.to(self.vae.dtype), masks, cfg.layout).float()
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, self.num_timesteps, (len(x0),), generator=g).to(device)
+        noise, t = self.noise_and_timesteps(x0)
         noisy = losses.noisy(x0, noise, losses.alpha_bar(self.alphas, t))
         conditioned = None
         if cfg.mask_condition_rate:  # these samples see their mask clean: p(image | mask) is learnt
@@ -208,9 +277,7 @@ class JointTrainer:
                     prior_pred = torch.zeros(noisy_img.shape, device=device)
                     prior_pred[pinned] = base(noisy_img[pinned], t[pinned],
                                               encoder_hidden_states=cond[pinned]).sample.float()
-        last = (self.micro + 1) % cfg.grad_accum == 0
-        # DDP all-reduces the gradients on the last micro-batch of an optimiser step only
-        with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+        with self.micro_batch():
             with self.autocast():
                 pred = self.model(noisy, t, encoder_hidden_states=cond).sample
             terms = losses.joint_loss(pred.float(), x0, noise, t, self.alphas, self.prediction_type, cfg.layout,
@@ -221,28 +288,10 @@ class JointTrainer:
                                       w_consistency=cfg.w_consistency, consistency_max_t=cfg.consistency_max_t,
                                       conditioned=conditioned, prior_min_t=cfg.prior_min_t)
             self.scaler.scale(terms["total"] / cfg.grad_accum).backward()
-        self.micro += 1
-        if not last:
-            return None
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:  # inf/NaN gradients: step skipped
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.update_ema()
-        metrics = ({k: float(v.detach()) for k, v in terms.items()}
-                   | {"step": self.step, "time": time.time(), "skipped_steps": self.skipped_steps})
-        self.history.append(metrics)
-        return metrics
+        return self.optimizer_step(terms)
 
 
-def save_checkpoint(trainer: JointTrainer, folder: str) -> None:
+def save_checkpoint(trainer: Trainer, folder: str) -> None:
     """`trainer`'s share of a checkpoint in `folder` (every rank writes into the same one): rank 0 the weights,
     EMA, optimiser and progress, every rank its own RNG streams (noise, timesteps, flips, prompt dropout;
     torch's and CUDA's), gradient scaler and where its data order stands -- a resumed run continues exactly."""
@@ -265,7 +314,7 @@ def save_checkpoint(trainer: JointTrainer, folder: str) -> None:
         "scaler": json.dumps(trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {})})
 
 
-def load_checkpoint(trainer: JointTrainer, folder: str) -> None:
+def load_checkpoint(trainer: Trainer, folder: str) -> None:
     """Resume `trainer` from a folder `save_checkpoint` wrote, with its rank's own streams and data order; a
     checkpoint of another number of workers is refused (each rank's streams are its own)."""
     from safetensors import safe_open
@@ -280,7 +329,7 @@ def load_checkpoint(trainer: JointTrainer, folder: str) -> None:
         raise UserError(f"run {trainer.cfg.name}'s last checkpoint was written by {progress['world_size']} "
                         f"worker(s), this run has {trainer.world_size}: resume it with --num-workers "
                         f"{progress['world_size']}, or start another --name")
-    unexpected = trainer.unet.load_state_dict(load_file(os.path.join(folder, CHECKPOINT_STATE)), strict=False)
+    unexpected = trainer.trained.load_state_dict(load_file(os.path.join(folder, CHECKPOINT_STATE)), strict=False)
     if unexpected.unexpected_keys:
         raise RuntimeError(f"checkpoint has keys the model lacks: {unexpected.unexpected_keys[:3]}")
     if trainer.ema is not None and os.path.exists(os.path.join(folder, CHECKPOINT_EMA)):

@@ -119,6 +119,15 @@ def _mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None) ->
     return (per_sample * weights).mean() if weights is not None else per_sample.mean()
 
 
+def image_loss(model_pred: torch.Tensor, latents_x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               alphas_cumprod: torch.Tensor, prediction_type: str, snr_gamma: float | None = None) -> torch.Tensor:
+    """The denoising term of image latents alone (a ControlNet's loss): MSE against the target of
+    `prediction_type`, min-SNR-γ weighted per sample with `snr_gamma`; `joint_loss`'s ``img`` term."""
+    abar = alpha_bar(alphas_cumprod, timesteps)
+    weights = min_snr_weights(abar, snr_gamma, prediction_type) if snr_gamma else None
+    return _mse(model_pred, target(latents_x0, noise, abar, prediction_type), weights)
+
+
 def joint_loss(
     model_pred: torch.Tensor,
     latents_x0: torch.Tensor,

@@ -30,7 +30,9 @@ from skindual.storage import file_sha256
 
 
 LAYOUTS = ("channels", "side-by-side")
-TRAIN_MODES = ("lora", "full")
+TRAIN_MODES = ("lora", "full", "controlnet")
+"""What a fine-tune trains: LoRA on the joint UNet (+ its widened convs), the whole joint UNet, or a ControlNet
+beside the stock, frozen base UNet that draws the image for a given mask (`skindual.controlnet`)."""
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS = {"attention": ATTENTION,
                 "attention+resnet": ATTENTION + ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "ff.net.0.proj",
@@ -42,6 +44,9 @@ CONVS_FILE = "skindual_convs.safetensors"
 UNET_FILE = "skindual_unet.safetensors"
 ADAPTER_JSON = "skindual_adapter.json"
 ADAPTER_FORMAT = "skindual-adapter/1"
+CONTROLNET_DIR = "controlnet"
+"""The one folder an adapter folder may hold: a ControlNet's (--train controlnet), as diffusers'
+`ControlNetModel.save_pretrained` writes it (`skindual.controlnet`)."""
 
 
 def check_layout(layout: str) -> str:
@@ -205,7 +210,7 @@ def vae_decoder(vae):
 class AdapterInfo:
     folder: Path
     base_model: str
-    layout: str
+    layout: str | None  # None: a ControlNet (train "controlnet")
     train: str
     lora_rank: int | None
     lora_alpha: float | None
@@ -264,19 +269,9 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
         else:
             save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / UNET_FILE)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        meta = {
-            "format": ADAPTER_FORMAT, "base_model": str(base_model), "layout": layout, "train": train,
-            "lora": lora,
-            "resolution": resolution if resolution is not None else training_config.get("resolution"),
-            "classes": [{"code": c.code, "index": c.index, "name": c.name} for c in CLASSES],
-            "prompt_template": prompt_template,
-            "prompt_attributes": prompt_attributes,
-            "training_config": training_config,
-            "fingerprint": fingerprint,  # of the settings that shaped the weights: a finished run's marker
-            "versions": {name: version(name) for name in ("torch", "diffusers", "peft")},
-            "files": files,
-        }
-        (tmp / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        meta = adapter_record(base_model, layout, train, training_config, files, resolution, prompt_template,
+                              prompt_attributes, fingerprint, lora)
+        write_adapter_json(tmp, meta)
         (folder / ADAPTER_JSON).unlink(missing_ok=True)  # a half-replaced folder never looks complete
         for name in (LORA_FILE, CONVS_FILE, UNET_FILE):
             if name in files:
@@ -289,18 +284,41 @@ def save_adapter(folder: str | Path, unet, layout: str, base_model: str | Path, 
     return load_adapter(folder)
 
 
+def adapter_record(base_model: str | Path, layout: str | None, train: str, training_config: dict, files: dict[str, str],
+                   resolution: int | None = None, prompt_template: str = DEFAULT_TEMPLATE,
+                   prompt_attributes: dict | None = None, fingerprint: str = "", lora: dict | None = None) -> dict:
+    """The content of ``skindual_adapter.json``: what was trained on which base, how generation prompts it, and
+    `files` (name → sha256: every file of the folder)."""
+    return {
+        "format": ADAPTER_FORMAT, "base_model": str(base_model), "layout": layout, "train": train, "lora": lora,
+        "resolution": resolution if resolution is not None else training_config.get("resolution"),
+        "classes": [{"code": c.code, "index": c.index, "name": c.name} for c in CLASSES],
+        "prompt_template": prompt_template,
+        "prompt_attributes": prompt_attributes,
+        "training_config": training_config,
+        "fingerprint": fingerprint,  # of the settings that shaped the weights: a finished run's marker
+        "versions": {name: version(name) for name in ("torch", "diffusers", "peft")},
+        "files": files,
+    }
+
+
+def write_adapter_json(folder: Path, meta: dict) -> None:
+    (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
 ADAPTER_REDO = "re-download the adapter folder or re-train it"
 
 
 def adapter_files(meta: object, where: str) -> dict[str, str]:
     """The ``files`` of an adapter's json (file name → sha256), each a plain file name inside the adapter
-    folder: a name with a folder, ``..`` or an absolute path (which would read or fetch a file outside it) is
-    one `UserError` naming `where`."""
+    folder or its `CONTROLNET_DIR` folder: a name with another folder, ``..`` or an absolute path (which would read
+    or fetch a file outside it) is one `UserError` naming `where`."""
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or not all(isinstance(n, str) and isinstance(d, str) for n, d in files.items()):
         raise UserError(f"{where}: no table of the adapter's files and their sha256; {ADAPTER_REDO}")
     for name in files:
-        if name in ("", ".", "..", ADAPTER_JSON) or any(c in name for c in "/\\\0"):
+        folder, _, plain = name.rpartition("/")
+        if folder not in ("", CONTROLNET_DIR) or plain in ("", ".", "..", ADAPTER_JSON) or any(c in plain for c in "\\\0"):
             raise UserError(f"{where} names the file {name!r}, which is not a plain file name inside the adapter "
                             f"folder; {ADAPTER_REDO}")
     return dict(files)
@@ -322,7 +340,8 @@ def load_adapter(folder: str | Path) -> AdapterInfo:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise UserError(f"{path}: not a skindual adapter (format {found!r}); {redo}")
     files = adapter_files(meta, str(path))
-    check_layout(meta["layout"])
+    if meta.get("train") != "controlnet":  # a ControlNet has no joint layout
+        check_layout(meta["layout"])
     for name, digest in files.items():
         if not (folder / name).is_file():
             raise UserError(f"adapter file {folder / name} is missing; {redo}")

@@ -33,6 +33,9 @@ TAR_MODE = 0o444
 JPEG_QUALITY = 95
 SAMPLE_META_FIELDS = ("base_model", "adapter_sha256", "layout", "scheduler", "steps", "guidance")
 """The run settings (keys of `write_shard`'s ``run_info``) copied into every ``{key}.json``."""
+OPTIONAL_META_FIELDS = ("controlnet_sha256",)
+"""Run settings copied into every ``{key}.json`` when the run has them: the ControlNet that drew the images
+(generate --controlnet; its absence keeps the json of runs without one as it was)."""
 
 PARQUET_SCHEMA = pa.schema([
     ("key", pa.string()), ("row_id", pa.int64()), ("class_code", pa.string()),

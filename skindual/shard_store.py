@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from skindual.errors import UserError
 from skindual.fingerprint import canonical_json
-from skindual.shard_format import (MANIFEST_FILE, PARQUET_SCHEMA, RUN_FILE, SAMPLE_META_FIELDS, SHARD_FILE, SIZES_FILE,
+from skindual.shard_format import (MANIFEST_FILE, OPTIONAL_META_FIELDS, PARQUET_SCHEMA, RUN_FILE, SAMPLE_META_FIELDS, SHARD_FILE, SIZES_FILE,
                                    TAR_MODE, TAR_MTIME, TAR_OWNER, Sample, ShardStats, encode_sample, parquet_row,
                                    shard_names, validate_samples)
 from skindual.storage import Listed, Storage, file_sha256
@@ -45,6 +45,7 @@ def write_shard(storage: Storage, shard: int, samples: Sequence[Sample], run_inf
         raise ValueError(f"image_format must be 'jpg' or 'png', not {image_format!r}")
     ordered = validate_samples(shard, samples, image_format)
     meta = {name: run_info[name] for name in SAMPLE_META_FIELDS}
+    meta |= {name: run_info[name] for name in OPTIONAL_META_FIELDS if run_info.get(name)}
     members = []
     for s in ordered:
         if s.status != "ok":

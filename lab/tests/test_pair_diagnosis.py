@@ -41,11 +41,15 @@ def hard_world(tmp_path_factory):
     return root
 
 
-def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_world, tmp_path, capsys):
-    out = tmp_path / "run"
-    tiny = ["--world", str(hard_world), "--output", str(out), "--real-fraction", "1", "--finetune-steps", "1",
+def tiny_args(world: Path, out: Path) -> list[str]:
+    return ["--world", str(world), "--output", str(out), "--real-fraction", "1", "--finetune-steps", "1",
             "--per-class", "2", "--classes", "df,vasc", "--sample-steps", "2", "--qc-attempts", "2", "--judge-steps",
             "2", "--qc-steps", "2", "--extractor-steps", "2", "--sheet-per-class", "2", "--device", "cpu"]
+
+
+def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = tiny_args(hard_world, out)
     lever = "lora_targets=attention+resnet,prior_min_t=600,steps=x2"
     line = main([*tiny, "--variants", lever, f"{lever},guidance=2"])
     table = line["table"]
@@ -72,8 +76,30 @@ def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_wor
     assert all(f"| {name} |" in md for name in names)
     saved = json.loads((out / "pair_diagnosis.json").read_text())
     assert saved["table"] == table and len(saved["variants"][run]) == 1
-    # a rerun keeps what the table holds (nothing measured again); other settings are refused before any work
+    # a rerun keeps what the table holds (nothing measured again) and loads the judges it trained; other settings
+    # are refused before any work
+    trained = {p: (out / p).stat().st_mtime_ns for p in ("judge.safetensors", "qc/segmenter.safetensors")}
     again = main([*tiny, "--variants", lever])["table"]
     assert list(again) == names and again[run] == table[run] and again[names[2]] == table[names[2]]
+    assert {p: (out / p).stat().st_mtime_ns for p in trained} == trained
+    resaved = json.loads((out / "pair_diagnosis.json").read_text())
+    assert [resaved[k] for k in ("judge_on_real_val", "qc_val_dice")] == [saved[k] for k in ("judge_on_real_val",
+                                                                                             "qc_val_dice")]
     with pytest.raises(SystemExit, match=r"other settings \(per_class 2 now 3\)"):
         main([*tiny, "--per-class", "3"])
+
+
+def test_a_controlnet_variant_draws_images_for_the_real_masks_and_for_the_joint_models(hard_world, tmp_path):
+    """``train=controlnet``: one ControlNet, its images drawn for the real cut's masks and for the masks the demo
+    variant's joint model samples first (that fine-tune trained for it)."""
+    out = tmp_path / "run"
+    line = main([*tiny_args(hard_world, out), "--variants", "train=controlnet", "train=controlnet,masks=joint"])
+    table = line["table"]
+    assert list(table) == ["real pairs (train cut)", "train-controlnet", "masks-joint_train-controlnet"]
+    for row in list(table.values())[1:]:
+        assert 0 <= row["judge_raw"]["mean"] <= 1 and 0 <= row["class_fidelity"]["mean"] <= 1
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == ["demo-seed0", "train-controlnet-seed0"]
+    meta = json.loads((out / "runs" / "train-controlnet-seed0" / "adapter" / "skindual_adapter.json").read_text())
+    assert meta["train"] == "controlnet" and meta["training_config"]["w_prior"] == 0
+    with pytest.raises(SystemExit, match="masks= is a setting of a train=controlnet variant"):
+        main([*tiny_args(hard_world, out), "--variants", "masks=joint"])

@@ -219,10 +219,12 @@ def qc_defaults(cfg: QCModelConfig, demo_output: str = DEMO_OUTPUT) -> QCModelCo
 
 
 def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:
-    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter, and without
-    --license the demo world's licence."""
+    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter (unless a --controlnet
+    draws the images for --mask-source's masks), and without --license the demo world's licence."""
     if cfg.adapter or cfg.base_model not in ("", DEMO_BASE) or not (DEMO_ADAPTER / ADAPTER_JSON).is_file():
         return cfg
+    if cfg.controlnet and cfg.mask_source:  # the ControlNet draws every image for its real mask: no joint model
+        return replace(cfg, license=cfg.license or DEMO_LICENSE)
     return replace(cfg, adapter=str(DEMO_ADAPTER), license=cfg.license or DEMO_LICENSE)
 
 
