@@ -9,6 +9,7 @@
 #                   time to the first shard (bench/gpu_throughput.py); what is left but 90 s, a budget it keeps to
 #   tests           the CUDA tests, which fail rather than skip without a usable GPU (tests/test_gpu.py); what is left
 #   realsize        (not by default: measured, README "Real size") the fine-tune's memory and step time at 512²
+#                   (the joint model's defaults, with the reward, and a ControlNet's: --train controlnet, batch 8)
 #   mask_mode       (not by default: measured) mask-conditioned against joint sampling at SD-2-base's size
 # Every part writes its whole output to OUT/NAME.log and its last line (one JSON object) to OUT/NAME.json; the
 # last line of this script (also OUT/summary.json) is one JSON object: per part its exit status, seconds and
@@ -63,7 +64,8 @@ for name in $PARTS; do
         tests) part tests "$(limit tests 600)" env SKINDUAL_REQUIRE_GPU=1 "$PY" -m pytest -q -s -p no:cacheprovider \
                    tests/test_gpu.py ;;
         realsize) part realsize "$(limit realsize 200)" "$PY" bench/realsize_memory.py --warmup 2 --steps 3 \
-                      --only bf16_b8 bf16_b8_consistency bf16_b8_consistency_default ${REALSIZE_ARGS:-} ;;
+                      --only bf16_b8 bf16_b8_consistency bf16_b8_consistency_default controlnet_bf16_b8 \
+                      ${REALSIZE_ARGS:-} ;;
         mask_mode) part mask_mode "$(limit mask_mode 90)" "$PY" bench/mask_mode_throughput.py --batch-size 8 \
                        --batches 1 --repeats 3 ${MASK_ARGS:---sd2-width 1 --dtype bf16} ;;
         *) echo "unknown part $name (e2e gpu_throughput tests realsize mask_mode)" >&2 ;;
