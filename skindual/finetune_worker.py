@@ -1,7 +1,7 @@
 """The Ray Train side of fine-tuning: `train_loop` runs on every worker (a `JointTrainer`, or with --train
 controlnet a `ControlNetTrainer`, resumed from Ray Train's last checkpoint, over its shard of the pairs; a
 checkpoint every ``--checkpoint-every`` steps), and rank 0 ends with `write_outputs`: the adapter folder, then the
-validation grid (the joint model's) and the loss curve beside it.
+validation grid and the loss curve beside it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
-from skindual import dual_pipeline, model, report
+from skindual import data, dual_pipeline, model, pairs, report
 from skindual.cli import worker_setup
-from skindual.controlnet import save_controlnet
+from skindual.controlnet import ControlNetPipeline, save_controlnet
 from skindual.controlnet_trainer import ControlNetTrainer
 from skindual.finetune_config import FinetuneConfig, FinetunePlan, Prompting
 from skindual.joint_trainer import JointTrainer, Trainer, device_name, load_checkpoint, save_checkpoint
@@ -103,10 +105,25 @@ def _report_checkpoint(trainer: Trainer, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def validation_masks(cfg: FinetuneConfig, size: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Class index → (images, 0/1 masks) at `size` of the first ``--validation-per-class`` pairs of each class of
+    the training data's val split (its train split for a class the val split lacks): the masks a ControlNet's
+    validation grid draws images for, and the real pairs they came from."""
+    index = pairs.usable_rows(pairs.read_index(cfg.training_data, cfg.s3_endpoint or None, "--training-data",
+                                               cfg.partial))
+    val, train = data.classed_rows(index, "val", cfg.validation_per_class), data.classed_rows(index, "train")
+    lacking = train.filter(~np.isin(np.asarray(train.column("class_index")), np.asarray(val.column("class_index"))))
+    rows = pa.concat_tables([val, data.classed_rows(lacking, "all", cfg.validation_per_class)])
+    loaded = pairs.load_pairs(cfg.training_data, pairs.selection_of(rows), size, cfg.s3_endpoint or None)
+    return {int(c): (loaded["image"][loaded["class_index"] == c], loaded["mask"][loaded["class_index"] == c])
+            for c in np.unique(loaded["class_index"])}
+
+
 def write_outputs(cfg: FinetuneConfig, trainer: Trainer, prompting: Prompting | None = None,
                   fingerprint: str = "") -> None:
     """The adapter folder under `{output}/{name}/adapter/` (a ControlNet's: `controlnet.save_controlnet`), then the
-    validation grid (the joint model's; a ControlNet has none yet) and the loss curve beside it (rank 0 only).
+    validation grid (the joint model's pairs; a ControlNet's images for real val masks, `validation_masks`) and the
+    loss curve beside it (rank 0 only).
     The adapter goes first and is uploaded before anything else is drawn:
     a grid or curve that fails (out of memory, say) is a warning, and the run keeps its adapter.
     `prompting` is recorded in the adapter for generation; `fingerprint` (the plan's) marks the run done."""
@@ -136,7 +153,14 @@ def write_outputs(cfg: FinetuneConfig, trainer: Trainer, prompting: Prompting | 
                 report.validation_grid(dual, cfg.validation_per_class, cfg.validation_steps, cfg.seed, path,
                                        batch=cfg.validation_batch)
 
-        pictures = [] if cfg.train == "controlnet" else [("validation_grid.png", grid)]
+        def controlnet_grid(path: Path) -> None:
+            cn = ControlNetPipeline(trainer.pipe, trainer.controlnet, resolution=cfg.resolution or None,
+                                    decode_batch=cfg.validation_batch)
+            given = validation_masks(cfg, cn.resolution)
+            with trainer.ema_weights(), trainer.autocast():
+                report.controlnet_grid(cn, given, cfg.validation_steps, cfg.seed, path, batch=cfg.validation_batch)
+
+        pictures = [("validation_grid.png", controlnet_grid if cfg.train == "controlnet" else grid)]
         for name, draw in pictures + [("loss_curve.png", lambda path: report.loss_curve(trainer.history, path))]:
             try:
                 draw(Path(tmp) / name)

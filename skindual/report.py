@@ -153,6 +153,22 @@ def validation_grid(dual, per_class: int, steps: int, seed: int, path: str | Pat
     pair_grid([pairs[c * per_class:(c + 1) * per_class] for c in range(len(CLASSES))]).save(path)
 
 
+def controlnet_grid(pipe, given: dict[int, tuple[np.ndarray, np.ndarray]], steps: int, seed: int, path: str | Path,
+                    guidance: float = 4.0, batch: int = 4) -> None:
+    """Per class of `given` (class index → (real images, their 0/1 masks)), in class order, a row: the images a
+    `ControlNetPipeline` draws for those masks (`batch` at a time), then the real pairs the masks came from, each
+    image beside itself with its mask's outline; saved as PNG."""
+    rows = []
+    for c in sorted(given):
+        images, masks = given[c]
+        prompts = [build_prompt(CLASSES[c].code)] * len(masks)
+        seeds = [row_seed(seed, 10**9 + 100 * c + i) for i in range(len(masks))]
+        drawn = np.concatenate([pipe(prompts[i:i + batch], seeds[i:i + batch], steps=steps, guidance=guidance,
+                                     masks=masks[i:i + batch]).images for i in range(0, len(masks), batch)])
+        rows.append(list(zip(drawn, masks)) + list(zip(images, masks)))
+    pair_grid(rows, alpha=0.0).save(path)
+
+
 def loss_curve(history: list[dict], path: str | Path) -> None:
     """Each loss term against the optimiser step (log scale), saved as PNG."""
     plt = _pyplot()

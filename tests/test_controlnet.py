@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from skindual import model
 from skindual.base_models import demo_base_path
@@ -111,6 +112,27 @@ def test_a_resumed_controlnet_ends_with_the_same_bytes(demo_real, trained, tmp_p
     assert load_controlnet_info(tmp_path / "adapter").files == load_controlnet_info(folder).files
 
 
+def test_the_validation_grid_draws_an_image_for_each_classs_real_val_mask(demo_real, trained, tmp_path):
+    """`write_outputs` of a ControlNet run: its adapter folder, and a grid with a row per class: the image drawn for
+    a real val pair's mask (its outline on it), then that real pair."""
+    from skindual.finetune_worker import validation_masks, write_outputs
+
+    trainer, _, _ = trained
+    cfg = replace(controlnet_config(demo_real), output=str(tmp_path), name="cn", validation_per_class=1,
+                  validation_steps=2)
+    given = validation_masks(cfg, 64)
+    assert sorted(given) == list(range(7)) and all(len(masks) == 1 for _, masks in given.values())
+    write_outputs(cfg, trainer)
+    assert load_controlnet_info(tmp_path / "cn" / "adapter").train == "controlnet"
+    with Image.open(tmp_path / "cn" / "validation_grid.png") as grid:
+        assert grid.size == (2 * 2 * (2 * 64 + 2), 2 * 7 * (64 + 2))  # 1 drawn + 1 real pair a row, scaled 2×
+        cells = np.asarray(grid.convert("RGB"))[::2, ::2]
+    for row, (images, _) in enumerate(given[c] for c in sorted(given)):
+        y = row * 66
+        assert np.array_equal(cells[y:y + 64, 130:194], images[0])  # the real pair the mask came from
+        assert not np.array_equal(cells[y:y + 64, :64], images[0])  # the drawn image is another
+
+
 def test_the_adapter_folder_is_a_diffusers_controlnet_that_stock_diffusers_loads(trained, tmp_path):
     """``controlnet/`` is `ControlNetModel.save_pretrained`'s; stock `StableDiffusionControlNetPipeline` on the demo
     base runs 2 steps on a mask image with it, and skindual's own loop gives the same latents."""
@@ -180,19 +202,23 @@ def test_controlnet_flags_that_do_not_apply_are_refused_and_unused_ones_not_fing
 
 def test_the_finetune_job_trains_a_controlnet_on_two_workers(demo_real, ray_cluster, tmp_path):
     """jobs/finetune.py --train controlnet on the shared local Ray cluster: two DDP workers, checkpoints with each
-    rank's streams, the ControlNet's adapter folder and the loss curve (no validation grid: it draws joint pairs)."""
+    rank's streams, the ControlNet's adapter folder, its validation grid (images drawn for real val masks) and the loss
+    curve."""
     import job_runs as jobs
 
     args = ["--training-data", str(demo_real), "--output", str(tmp_path), "--name", "cn", "--train", "controlnet",
             "--steps", "3", "--checkpoint-every", "2", "--batch-size", "4", "--num-workers", "2",
-            "--cpus-per-worker", "0.5"]
+            "--cpus-per-worker", "0.5", "--validation-per-class", "1", "--validation-steps", "2"]
     result = jobs.ok(jobs.run_job("finetune", args, ray_cluster))
     out = result.stdout + result.stderr
     assert "step 3/3" in out and "(img " in out and "mask " not in out.split("step 3/3")[1].splitlines()[0]
     info = load_controlnet_info(tmp_path / "cn" / "adapter")
     assert info.train == "controlnet" and info.base_model == "demo" and info.resolution == 64
     assert info.training_config["train"] == "controlnet" and len(info.prompt_attributes) == 7
-    assert (tmp_path / "cn" / "loss_curve.png").is_file() and not (tmp_path / "cn" / "validation_grid.png").exists()
+    assert (tmp_path / "cn" / "loss_curve.png").is_file()
+    # the grid: per class a row of 1 image drawn for a real val mask, then that real pair (2 × (64 + 64 + 2) wide)
+    with Image.open(tmp_path / "cn" / "validation_grid.png") as grid:
+        assert grid.size == (2 * 2 * (2 * 64 + 2), 2 * 7 * (64 + 2))
     checkpoints = sorted(p for p in (tmp_path / "cn").glob("checkpoint_*") if p.is_dir())
     assert {p.name for p in checkpoints[-1].iterdir()} >= {"trainable.safetensors", "ema.safetensors",
                                                            "rng-rank0.safetensors", "rng-rank1.safetensors"}
