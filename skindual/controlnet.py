@@ -28,7 +28,7 @@ from skindual.base_models import base_config
 from skindual.dual_pipeline import DualPipeline, DualSample, make_scheduler, pixels
 from skindual.errors import UserError
 from skindual.model import (ADAPTER_JSON, CONTROLNET_DIR, ADAPTER_REDO, AdapterInfo, adapter_record, load_adapter,
-                            load_pipeline, write_adapter_json)
+                            load_pipeline, stock_pipeline_beside, write_adapter_json)
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.quality import MASK_SMOOTHING
 from skindual.storage import file_sha256
@@ -141,10 +141,13 @@ class ControlNetPipeline:
                         dtype: torch.dtype = torch.float32, scheduler: str = "ddim", resolution: int | None = None,
                         decode_batch: int = 4, s3_endpoint: str | None = None,
                         masker: DualPipeline | None = None) -> "ControlNetPipeline":
-        """The stock base model (its own copy, apart from a `masker`'s adapted one) with a ControlNet folder's
-        model; samples at `resolution`, else the masker's, else the ControlNet's trained one."""
+        """The stock base model (its own UNet beside a `masker`'s adapted one, the rest shared with the masker) with a
+        ControlNet folder's model; samples at `resolution`, else the masker's, else the ControlNet's trained one."""
         info = load_controlnet_info(controlnet)
-        pipe = load_pipeline(base_model, torch_dtype=dtype, s3_endpoint=s3_endpoint)
+        if masker is not None:  # the masker's VAE and text encoder serve both: only the stock UNet is loaded again
+            pipe = stock_pipeline_beside(masker.pipe, base_model, dtype, s3_endpoint)
+        else:
+            pipe = load_pipeline(base_model, torch_dtype=dtype, s3_endpoint=s3_endpoint)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         model = load_controlnet(info, dtype).to(device).eval()

@@ -85,6 +85,18 @@ def load_pipeline(model: str | Path, torch_dtype=torch.float32, s3_endpoint: str
         raise
 
 
+def stock_pipeline_beside(pipe, model: str | Path, torch_dtype=torch.float32, s3_endpoint: str | None = None):
+    """The base pipeline `model` with its own stock UNet, sharing `pipe`'s (the same base, its UNet adapted) VAE,
+    text encoder, tokenizer and scheduler: those weights are held once."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_base_model(model, s3_endpoint), subfolder="unet",
+                                                dtype=torch_dtype)
+    return StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     """`module` on `device` in `dtype`, by torch's own `Module.to`: diffusers 0.42's `ModelMixin.to` warns on every
     dtype cast that modules "should be kept in float32: []" (its check tests the list against None), though SD-2's

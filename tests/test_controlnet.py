@@ -316,6 +316,13 @@ def test_a_controlnet_draws_the_image_for_the_mask_the_joint_model_sampled_first
     again = actor.pipe(prompts, seeds, steps=2, guidance=cfg.guidance, mask_smoothing=cfg.mask_smoothing)
     assert torch.equal(again.latents, drawn.float().cpu())
     assert all(np.array_equal(np.asarray(p["image"]), image) for p, image in zip(pairs, again.images))
+    # the VAE and text encoder are the masker's, held once; the stock UNet is its own, and draws what a
+    # ControlNet pipeline of its own copy of the base draws
+    cn, masker = actor.pipe, actor.pipe.masker
+    assert cn.vae is masker.vae and cn.pipe.text_encoder is masker.pipe.text_encoder
+    assert cn.unet is not masker.unet and cn.unet.config.in_channels == 4
+    alone = ControlNetPipeline.from_pretrained("demo", folder, dtype=cn.dtype)
+    assert torch.equal(alone.denoise(prompts, seeds, joint.masks, steps=2, guidance=cfg.guidance), drawn)
 
 
 def test_generate_controlnet_errors_are_one_line(demo_real, trained, tmp_path, sd2_bases):
