@@ -269,7 +269,10 @@ def main() -> None:
                                                                   "cannot start with 15 s left is skipped")
     parser.add_argument("--limit-scale", type=float, default=1.0, help="multiplies every stage's own time limit")
     parser.add_argument("--keep-going", action="store_true", help="run the SD-2 chain even when the demo chain failed")
+    parser.add_argument("--build-sd2", nargs=3, metavar=("FOLDER", "WIDTH", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_sd2:
+        return build_sd2(args.build_sd2[0], int(args.build_sd2[1]), args.build_sd2[2])
     gpu = None if args.cpu else gpu_name()
     run = Run(args, gpu)
 
@@ -305,8 +308,9 @@ def main() -> None:
             if name == "sd2":
                 t = time.monotonic()
                 source = str(run.out / "sd2-source")
-                if not (Path(source) / "model_index.json").exists():
-                    build_sd2(source, settings["sd2"]["width"], settings["sd2"]["base_dtype"])
+                if not (Path(source) / "model_index.json").exists():  # in a child: this process holds no CUDA
+                    subprocess.run([sys.executable, __file__, "--build-sd2", source, str(settings["sd2"]["width"]),
+                                    settings["sd2"]["base_dtype"]], check=True, timeout=600)
                 run.report["sd2_build_s"] = round(time.monotonic() - t, 1)
             results.append(chain(run, name, source, world, settings[name], run.out / "qc"))
         run.report["ok"] = bool(results) and all(results) and len(results) == len(args.chains)
@@ -320,13 +324,18 @@ def main() -> None:
 
 
 def build_sd2(folder: str, width: int, dtype: str) -> None:
-    """SD-2-base's architecture at `width` with random weights, saved as a diffusers folder in `dtype`."""
+    """SD-2-base's architecture at `width` with random weights, saved as a diffusers folder in `dtype`; initialised
+    on the GPU when there is one (much faster than on the CPU at SD-2's size)."""
     import torch
 
+    from skindual.model import place
     from skindual.sd2 import build_sd2_pipeline
 
-    pipe = build_sd2_pipeline("base", width)
-    pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        pipe = build_sd2_pipeline("base", width)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):  # model.place: diffusers' .to(dtype) warns for each
+        place(model, device, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

@@ -22,9 +22,9 @@ def last_json_line(args: list[str], timeout: int = 600) -> dict:
 def test_gpu_throughput_bench_runs_on_the_cpu_at_narrow_width():
     """The throughput bench as bench/gpu_check.sh runs it on a GPU, narrow: eager batches, where a batch's time goes
     (the two mask clean-ups agree pixel for pixel), a lever arm against eager with image-only under it."""
-    figures = last_json_line(["bench/gpu_throughput.py", "--width", "16", "--resolution", "128", "--steps", "2",
+    figures = last_json_line(["bench/gpu_throughput.py", "--width", "16", "--resolution", "64", "--steps", "2",
                               "--batches", "1", "2", "--lever-batch", "2", "--arms", "fuse_qkv+channels_last",
-                              "--dtypes", "bf16", "--peak-tflops", "1"])
+                              "--dtypes", "bf16", "--peak-tflops", "1"], timeout=900)
     assert figures["device"] == "cpu" and figures["attention"] == ["AttnProcessor2_0"]  # SDPA
     assert [(r["dtype"], r["batch"], r["levers"]) for r in figures["results"]] == [("bf16", 1, "eager"), ("bf16", 2, "eager")]
     for entry in figures["results"]:
