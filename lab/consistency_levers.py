@@ -171,9 +171,10 @@ def build_judges(real: str, f: float, out: Path, qc_steps: int, judge_steps: int
     # both are seeded: an earlier run's, trained with the same settings on the same data, are loaded, not trained again
     trained_with = {"data": pairs.dataset_manifest(real).get("fingerprint", real), "real_fraction": f,
                     "qc_steps": qc_steps, "judge_steps": judge_steps, "device": device.type}
-    card = out / "qc" / "segmenter.json"
-    if card.is_file() and json.loads(card.read_text()).get("lab_trained_with") == trained_with:
-        qc_model, qc_val = QCSegmenter.load(qc_cfg.output).model, json.loads(card.read_text())["val_dice"]
+    card_file = out / "qc" / "segmenter.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    if card.get("lab_trained_with") == trained_with:
+        qc_model, qc_val = QCSegmenter.load(qc_cfg.output).model, card["val_dice"]
     else:
         torch.manual_seed(qc_cfg.seed)
         settings = downstream.BenchmarkSettings(steps=qc_cfg.steps, batch_size=qc_cfg.batch_size, lr=qc_cfg.lr)

@@ -120,7 +120,6 @@ class FinetuneConfig:
             raise UserError(f"--lora-targets {self.lora_targets}: only with --train lora (--train full trains every "
                             "weight of the UNet)")
 
-
     def _check_controlnet(self) -> None:
         """--train controlnet learns the image term only, the mask given: the joint model's flags do not apply."""
         why = "--train controlnet trains the image for a given mask, on the image term only"

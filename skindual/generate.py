@@ -95,8 +95,9 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> dict[str, Any]:
     """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
     `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_ON` switch only when
-    on, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).  What samples them (the device model, on CPU the
-    thread count) is known only once the cluster is, and is checked apart (`device_record`)."""
+    on, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).
+    What samples them (the device model, on CPU the thread count) is known only once the cluster is, and is checked
+    apart (`device_record`)."""
     types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
     plain = {name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
              for name in FINGERPRINTED} | {name: True for name in FINGERPRINTED_WHEN_ON if getattr(cfg, name)}

@@ -104,8 +104,8 @@ class GenerateConfig:
             raise UserError("--partial reads the committed part of --mask-source's dataset; without --mask-source "
                             "leave it out")
         if self.controlnet and self.mask_source and self.adapter:
-            raise UserError("--adapter: with --controlnet and --mask-source the ControlNet draws every image for its real "
-                            "mask and no joint model samples; leave --adapter out")
+            raise UserError("--adapter: with --controlnet and --mask-source the ControlNet draws every image for its "
+                            "real mask and no joint model samples; leave --adapter out")
         if self.controlnet and self.compile:
             raise UserError("--compile: not with --controlnet (its levers are not applied to a ControlNet yet)")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
@@ -134,9 +134,9 @@ FINGERPRINTED = ("seed", "samples_per_shard", "steps", "guidance", "scheduler", 
 RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor", "cpus_per_actor", "qc_segmenter",
             "accelerator_type", "mask_source", "partial", "controlnet")
 """Fields that enter the fingerprint through what they resolve to: the per-class counts, the model
-(`ModelSpec`, the QC segmenter's and the ControlNet's identity too), the given masks (`MaskSource.digest`: which rows of which shards,
-so a ``--partial`` read of a dataset names the shards it used), the device and its model, and on CPU the torch
-thread count."""
+(`ModelSpec`, the QC segmenter's and the ControlNet's identity too), the given masks (`MaskSource.digest`: which
+rows of which shards, so a ``--partial`` read of a dataset names the shards it used), the device and its model,
+and on CPU the torch thread count."""
 FINGERPRINTED_WHEN_ON = ("compile",)
 """Switches that change the bytes when on and enter the fingerprint only then: a run without them keeps the
 fingerprint it had before they existed."""
