@@ -105,21 +105,78 @@ def pipeline_from_artifact(path: str | Path = ARTIFACT):
     return assemble_pipeline(components, tokenizer)
 
 
+MATERIALISED = "skindual_materialised.json"
+"""Written last into a materialised demo base: every file's size.  A folder without it (or whose files
+differ from it) is incomplete and is materialised again."""
+
+
+def save_pipeline(pipe, folder: str | Path) -> Path:
+    """`pipe.save_pretrained(folder)` (safetensors), whatever process calls it.
+
+    transformers (5.x) writes a model's weights only on rank 0 when `torch.distributed` is initialised, so in
+    a Ray Train worker of rank > 0 the text encoder would be saved without them, silently.  Each transformers
+    model left without its weights is written here (its config, and its tensors by safetensors' `save_model`:
+    the file transformers would write), and a component still missing one is an error, never a folder that
+    loads nowhere."""
+    from safetensors.torch import save_model
+    from transformers import PreTrainedModel
+
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name, component in pipe.components.items():
+        if isinstance(component, PreTrainedModel) and not any((folder / name).glob("*.safetensors")):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            component.config.to_json_file(str(folder / name / "config.json"))
+            save_model(component, str(folder / name / "model.safetensors"), metadata={"format": "pt"})
+    missing = [name for name, component in pipe.components.items()
+               if hasattr(component, "state_dict") and not any((folder / name).glob("*.safetensors"))]
+    if missing:
+        raise RuntimeError(f"saving the pipeline into {folder} wrote no weights for {', '.join(missing)}")
+    return folder
+
+
+def _materialised(target: Path) -> bool:
+    """Whether `target` holds a whole materialised demo base: its record, and every file it lists at its size."""
+    try:
+        files = json.loads((target / MATERIALISED).read_text())["files"]
+        return all((target / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -> Path:
-    """A `from_pretrained`-loadable folder of the demo base, materialised once per artifact hash."""
+    """A `from_pretrained`-loadable folder of the demo base, materialised once per node and artifact hash.
+
+    It is written into a temp folder and renamed into place with its record (`MATERIALISED`) last, so a
+    reader finds it whole or not at all; an incomplete one (an older version's, written by a Ray Train
+    worker of rank > 0 without the text encoder's weights) is replaced."""
     if not Path(artifact).is_file():
         raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
                         f"or rebuild it with `{REBUILD_COMMAND} --artifact {artifact}`")
     digest = file_sha256(artifact)[:16]
     target = (cache or cache_root()) / CACHE_FOLDER / digest
-    if (target / "model_index.json").exists():
+    if _materialised(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
-    pipeline_from_artifact(artifact).save_pretrained(tmp, safe_serialization=True)
     try:
-        os.rename(tmp, target)
-    except OSError:  # another process materialised it first
+        save_pipeline(pipeline_from_artifact(artifact), tmp)
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MATERIALISED).write_text(json.dumps({"artifact_sha256": file_sha256(artifact), "files": files},
+                                                   indent=1, sort_keys=True) + "\n")
+        if target.exists() and not _materialised(target):  # an incomplete one: moved aside, then removed
+            stale = Path(tempfile.mkdtemp(prefix=f".{digest}-stale-", dir=target.parent))
+            try:
+                os.rename(target, stale / digest)
+            except OSError:  # another process replaced it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process materialised it first
+            if not _materialised(target):
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -386,7 +443,7 @@ def stage_base(source: str, output: str, dtype: str = "fp32", s3_endpoint: str |
             raise hub_error(source, exc) from None
         raise UserError(f"--source {source}: not a diffusers pipeline ({' '.join(str(exc).split())[:160]})") from None
     with tempfile.TemporaryDirectory(prefix="skindual-stage-") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)
         paths = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
         files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in paths}
         storage.delete(STAGED_FILE)  # un-commit an older staging before its files are replaced

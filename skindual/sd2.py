@@ -19,7 +19,7 @@ from __future__ import annotations
 from math import gcd
 from pathlib import Path
 
-from skindual.base_models import artifact_tokenizer
+from skindual.base_models import artifact_tokenizer, save_pipeline
 
 VARIANTS = ("base", "v")
 WIDTHS = (1, 2, 4, 8, 16)  # 64 channels per head in SD-2: each must leave a whole number
@@ -78,5 +78,4 @@ def build_sd2_pipeline(variant: str = "base", width: int = 1, seed: int = 0):
 
 def save_sd2_pipeline(folder: str | Path, variant: str = "base", width: int = 1, seed: int = 0) -> Path:
     """`build_sd2_pipeline` saved as a `from_pretrained` folder (safetensors); returns the folder."""
-    build_sd2_pipeline(variant, width, seed).save_pretrained(str(folder), safe_serialization=True)
-    return Path(folder)
+    return save_pipeline(build_sd2_pipeline(variant, width, seed), folder)

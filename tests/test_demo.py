@@ -132,6 +132,44 @@ def test_base_cache_is_keyed_by_artifact_hash(base_folder, tmp_path):
     assert (base_folder / "model_index.json").stat().st_mtime_ns == stamp
 
 
+def _materialise_as_rank(rank: int, port: int, cache: str) -> None:
+    """A process of a 2-rank gloo group (as a Ray Train worker is) materialising the demo base."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        base_models.demo_base_path(cache=Path(cache) / f"rank{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_training_worker_of_rank_1_materialises_a_whole_base(tmp_path):
+    """transformers writes a model's weights only on rank 0 of an initialised process group: the worker of
+    rank 1 (on another node, its own cache) must still materialise a base that loads, with the artifact's
+    text encoder, and a cache left incomplete that way by an older version is replaced, not trusted."""
+    from s3server import _free_ports
+    from safetensors.torch import load_file
+
+    (port,) = _free_ports(1)
+    torch.multiprocessing.spawn(_materialise_as_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    expected = {k[len("text_encoder."):]: v.float() for k, v in load_file(str(base_models.ARTIFACT)).items()
+                if k.startswith("text_encoder.")}
+    for rank in (0, 1):
+        folder = tmp_path / f"rank{rank}" / base_models.CACHE_FOLDER / file_sha256(base_models.ARTIFACT)[:16]
+        state = load_pipeline(folder).text_encoder.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+        assert json.loads((folder / base_models.MATERIALISED).read_text())["files"]["text_encoder/model.safetensors"]
+
+    # an older version's incomplete cache: no record, the text encoder's weights missing
+    folder = tmp_path / "rank1" / base_models.CACHE_FOLDER / file_sha256(base_models.ARTIFACT)[:16]
+    (folder / base_models.MATERIALISED).unlink()
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    assert base_models.demo_base_path(cache=tmp_path / "rank1") == folder
+    assert (folder / "text_encoder" / "model.safetensors").is_file() and load_pipeline(folder).text_encoder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nothing left beside it
+
+
 def test_shipped_vae_reconstructs_demo_images_and_masks(base_folder, demo_root):
     pipe = load_pipeline(base_folder)
     images, masks, _ = folder_arrays(demo_root, 64)
