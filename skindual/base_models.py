@@ -153,7 +153,8 @@ def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -
     if not Path(artifact).is_file():
         raise UserError(f"demo base artifact {artifact} not found; restore it (git checkout skindual/assets) "
                         f"or rebuild it with `{REBUILD_COMMAND} --artifact {artifact}`")
-    digest = file_sha256(artifact)[:16]
+    sha256 = file_sha256(artifact)
+    digest = sha256[:16]
     target = (cache or cache_root()) / CACHE_FOLDER / digest
     if _materialised(target):
         return target
@@ -162,7 +163,7 @@ def demo_base_path(artifact: str | Path = ARTIFACT, cache: Path | None = None) -
     try:
         save_pipeline(pipeline_from_artifact(artifact), tmp)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MATERIALISED).write_text(json.dumps({"artifact_sha256": file_sha256(artifact), "files": files},
+        (tmp / MATERIALISED).write_text(json.dumps({"artifact_sha256": sha256, "files": files},
                                                    indent=1, sort_keys=True) + "\n")
         if target.exists() and not _materialised(target):  # an incomplete one: moved aside, then removed
             stale = Path(tempfile.mkdtemp(prefix=f".{digest}-stale-", dir=target.parent))
