@@ -286,3 +286,19 @@ def test_the_hard_base_records_how_to_rebuild_it_without_a_local_path():
             "/nonexistent/demo_base_hard.safetensors") in str(raised.value)
     # the artifact it continued from, by name and content: the easy base as shipped
     assert recipe["start_from"] == {"file": base_models.ARTIFACT.name, "sha256": file_sha256(base_models.ARTIFACT)}
+
+
+def test_the_demo_draws_controlnet_pairs_unless_asked_for_joint_ones():
+    """--pairs: the ControlNet recipe by default (images drawn for real masks), the joint LoRA recipe on request;
+    --finetune-steps 0 keeps the recipe's steps, and both recipes pass the fine-tune's own checks."""
+    from skindual.demo.chain import DEMO_CONTROLNET, DEMO_FINETUNE, DemoConfig
+    from skindual.finetune_config import FinetuneConfig
+
+    assert DemoConfig().pairs == "controlnet" and DemoConfig().recipe == DEMO_CONTROLNET
+    assert DemoConfig(finetune_steps=7).recipe == {**DEMO_CONTROLNET, "steps": 7}
+    assert DemoConfig(pairs="joint").recipe == DEMO_FINETUNE and DEMO_FINETUNE["train"] == "lora"
+    for pairs in ("controlnet", "joint"):
+        ft = FinetuneConfig(training_data="demo-real", **DemoConfig(pairs=pairs).recipe)
+        assert ft.train == DemoConfig(pairs=pairs).recipe["train"]
+    with pytest.raises(UserError, match=r"^--finetune-steps -1: must be at least 1 \(or 0: the recipe's\)$"):
+        DemoConfig(finetune_steps=-1)

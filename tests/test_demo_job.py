@@ -13,7 +13,8 @@ import pytest
 from fixture_data import shard_snapshot
 from job_runs import ok, run_job
 from skindual import model
-from skindual.demo.chain import DEMO_FINETUNE, STAGES
+from skindual.controlnet import CONTROLNET_DIR, load_controlnet_info
+from skindual.demo.chain import DEMO_CONTROLNET, STAGES
 from skindual.demo.world import DEMO_TEST_PER_CLASS
 from skindual.prompts import CLASS_CODES
 from skindual.shards import read_shards
@@ -21,9 +22,9 @@ from skindual.storage import LocalStorage
 
 pytestmark = pytest.mark.slow  # whole chains
 ROOT = Path(__file__).resolve().parents[1]
-# 3 fine-tuning steps leave the mask channel untrained (near full-frame masks), so QC keeps those
-# (--max-mask-area 1.0) and the 5-step QC segmenter only scores (--min-consistency 0); one actor for one
-# shard of 14 pairs; a 20-step lesion-cnn, 5-step downstream models
+# 3 fine-tuning steps of the ControlNet (the demo's default pairs: images drawn for real train masks), the 5-step
+# QC segmenter only scores (--min-consistency 0); one actor for one shard of 14 pairs; a 20-step lesion-cnn,
+# 5-step downstream models
 TINY = ["--finetune-steps", "3", "--per-class", "2", "--actors", "1", "--extractor-steps", "20", "--eval-steps", "5",
         "--seeds", "1", "--max-mask-area", "1.0", "--qc-steps", "5", "--min-consistency", "0"]
 
@@ -53,7 +54,8 @@ def test_the_chain_runs_its_five_stages_and_summarises(demo_run):
         assert len(start) == len(end) == 1, (name, run.stdout)
         positions += [start[0], end[0]]
     assert positions == sorted(positions)
-    assert "[2/5] fine-tune: 3 steps (channels layout, lora rank 32, batch 16, lr 0.0005, prior weight 10)" in run.stdout
+    assert "[2/5] fine-tune: 3 steps (a ControlNet beside the stock base, batch 16, lr 0.0005) into" in run.stdout
+    assert "[4/5] generate: 2 pairs per class, images drawn by that ControlNet for the real train masks" in run.stdout
     assert "[3/5] qc segmenter: 5 steps of a U-Net on the real train pairs" in run.stdout
     assert "[4/5] generate: done in" in run.stdout and "14 pairs in 1 shards" in run.stdout
 
@@ -73,7 +75,7 @@ def test_the_chain_runs_its_five_stages_and_summarises(demo_run):
     assert list(saved["stage_seconds"]) == list(STAGES)
     # each figure is rounded to 0.1 s, so the stages' sum may exceed the total by up to 0.05 s per stage
     assert saved["total_seconds"] >= sum(saved["stage_seconds"].values()) - 0.05 * len(STAGES)
-    assert saved["finetune"] == {**DEMO_FINETUNE, "steps": 3}
+    assert saved["finetune"] == {**DEMO_CONTROLNET, "steps": 3} and saved["pairs"] == "controlnet"
     assert saved["pair_quality"]["pairs"] == 14 and set(saved["pair_quality"]["class_fidelity"]) == set(CLASS_CODES)
     assert saved["qc"]["format"] == "skindual-qc-segmenter/1" and saved["qc"]["min_consistency"] == 0
     assert saved["generation"]["draws"]["kept"] == 14 and 0 <= saved["generation"]["draws"]["kept_qc_consistency"] <= 1
@@ -83,23 +85,27 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     out, _ = demo_run
     assert (out / "data" / "HAM10000_metadata.csv").is_file() and (out / "real" / "manifest.json").is_file()
 
-    # the adapter the fine-tune stage wrote, with the demo's settings ...
+    # the ControlNet the fine-tune stage wrote, with the demo's settings ...
     adapter = out / "runs" / "demo" / "adapter"
-    assert {model.LORA_FILE, model.CONVS_FILE, model.ADAPTER_JSON} <= {p.name for p in adapter.iterdir()}
+    assert {CONTROLNET_DIR, model.ADAPTER_JSON} <= {p.name for p in adapter.iterdir()}
     meta = json.loads((adapter / model.ADAPTER_JSON).read_text())
-    assert {k: meta["training_config"][k] for k in DEMO_FINETUNE} == {**DEMO_FINETUNE, "steps": 3}
+    assert {k: meta["training_config"][k] for k in DEMO_CONTROLNET} == {**DEMO_CONTROLNET, "steps": 3}
     assert (out / "runs" / "demo" / "validation_grid.png").is_file()
-    sha = model.load_adapter(adapter).sha256
+    sha = load_controlnet_info(adapter).sha256
 
-    # ... is the one every generated pair names, and the classes have exactly the asked counts
+    # ... draws every generated pair's image, each for a real train mask (mask mode), and the classes have exactly
+    # the asked counts
     counts: dict[str, int] = {}
+    real_keys = {s["key"] for s in read_shards(str(out / "real"))}
     for sample in read_shards(str(out / "synthetic")):
-        assert sample["meta"]["adapter_sha256"] == sha and sample["meta"]["status"] == "ok"
-        counts[sample["meta"]["class_code"]] = counts.get(sample["meta"]["class_code"], 0) + 1
+        meta = sample["meta"]
+        assert meta["controlnet_sha256"] == sha and meta["status"] == "ok" and meta["mode"] == "mask"
+        assert meta["source_key"].split("/")[1] in real_keys
+        counts[meta["class_code"]] = counts.get(meta["class_code"], 0) + 1
     assert counts == {code: 2 for code in CLASS_CODES}
     assert sorted(p.name for p in (out / "synthetic").glob("*.tar")) == ["00000.tar"]
     manifest = json.loads((out / "synthetic" / "manifest.json").read_text())
-    assert manifest["resolved"]["adapter"] == f"sha256:{sha}"
+    assert manifest["resolved"]["controlnet"] == f"sha256:{sha}" and manifest["resolved"]["adapter"] == "none"
     # every kept pair scored by the QC segmenter the chain trained, in its json and the parquet
     qc_card = json.loads((out / "qc" / "segmenter.json").read_text())
     assert manifest["resolved"]["qc_segmenter"].startswith("sha256:") and qc_card["train_pairs"] > 0

@@ -7,6 +7,12 @@ of `DEMO_FINETUNE`.  Re-running into the same folder keeps what each stage's pla
 marker, `storage.finished`): the demo data, a finished fine-tuning run (an unfinished one resumes),
 the QC segmenter, the committed shards and the evaluation, while their settings and inputs are the
 same; delete a stage's folder to run it again.
+
+The pairs come from one of two recipes (``--pairs``): by default a ControlNet (`DEMO_CONTROLNET`) fine-tuned
+beside the stock demo base on the real train pairs draws each image for a real train mask, augmented
+(generation's ``--controlnet`` with ``--mask-source``); ``joint`` fine-tunes LoRA (`DEMO_FINETUNE`) so that one
+sampling pass draws image and mask together, the shipped demo adapter's recipe.  The ControlNet's pairs are the
+ones whose images follow their masks (docs/demo.md, "Pairs that agree").
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ defaults): how the shipped demo adapter (`skindual/assets/demo_adapter`) was tra
 pins the image branch to the demo base, which was pretrained on this very domain: without it the
 mask objective erodes class control (measured in lab/notes/finetune-quality.md).
 Retune here; ``--finetune-steps`` of jobs/demo.py overrides ``steps``."""
+DEMO_CONTROLNET = {"train": "controlnet", "steps": 1600, "lr": 5e-4, "batch_size": 16, "ema_decay": 0.995,
+                   "lr_schedule": "cosine", "cpus_per_worker": 2}
+"""The demo's default fine-tune (``--pairs controlnet``): a ControlNet initialised from the demo base's UNet,
+trained on the image term for the real pairs' masks, the base frozen (no prior term: the base stays stock).  Its
+step count is the one past which the held-out judge's agreement of its pairs stopped rising (400 steps: 0.80,
+800: 0.84, 1,600: 0.83 over 3 seeds) while their diversity still rose (lab/notes/pair-diagnosis.md)."""
+DEMO_RECIPES = {"controlnet": DEMO_CONTROLNET, "joint": DEMO_FINETUNE}
+"""``--pairs`` → its fine-tuning settings."""
 DEMO_SAMPLES_PER_SHARD = 50  # several shards even for a small demo: resumable, spread over --actors
 
 
@@ -68,8 +82,14 @@ would leave classes short, which generation refuses)."""
 @dataclass
 class DemoConfig:
     output: str = option("skindual-demo-run", "local folder for everything: data/, runs/, synthetic/, eval/")
-    finetune_steps: int = option(DEMO_FINETUNE["steps"], "fine-tuning optimiser steps (the other demo settings: "
-                                                         "skindual.demo.chain.DEMO_FINETUNE)")
+    pairs: str = option("controlnet", "how the pairs are drawn: controlnet (a ControlNet fine-tuned on the real "
+                                      "pairs draws each image for a real train mask, augmented: images that follow "
+                                      "their masks) or joint (LoRA fine-tuned so that one pass samples image and mask "
+                                      "together; its run, shards and report get their own folders)",
+                        choices=list(DEMO_RECIPES))
+    finetune_steps: int = option(0, "fine-tuning optimiser steps; 0: the recipe's (controlnet "
+                                    f"{DEMO_CONTROLNET['steps']}, joint {DEMO_FINETUNE['steps']}; the other settings: "
+                                    "skindual.demo.chain.DEMO_CONTROLNET and DEMO_FINETUNE)")
     per_class: int = option(100, "synthetic pairs per class")
     actors: int = option(2, "generator actors (one CPU each)")
     eval_steps: int = option(150, "optimiser steps of every downstream model in the evaluation")
@@ -106,7 +126,9 @@ class DemoConfig:
                                                "their own folders)", choices=["adapter", "none"])
 
     def __post_init__(self) -> None:
-        check_fields(self, ("finetune_steps", "per_class", "actors", "eval_steps", "seeds", "extractor_steps",
+        if self.finetune_steps < 0:
+            raise UserError(f"--finetune-steps {self.finetune_steps}: must be at least 1 (or 0: the recipe's)")
+        check_fields(self, ("per_class", "actors", "eval_steps", "seeds", "extractor_steps",
                             "qc_steps"))
         if not (0 <= self.min_consistency <= 1 or self.min_consistency == -1):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1] (or -1: automatic)")
@@ -120,9 +142,15 @@ class DemoConfig:
         if not 0 < self.max_mask_area <= 1:
             raise UserError(f"--max-mask-area {self.max_mask_area}: must be in (0, 1]")
 
+    @property
+    def recipe(self) -> dict:
+        """The fine-tuning settings of ``--pairs``, with ``--finetune-steps`` when given."""
+        recipe = DEMO_RECIPES[self.pairs]
+        return {**recipe, "steps": self.finetune_steps or recipe["steps"]}
+
     def min_cpus(self) -> int:
         """Logical CPUs the local cluster needs: the training worker's or the actors', plus one for Ray Data."""
-        return math.ceil(max(DEMO_FINETUNE["cpus_per_worker"], self.actors, 1)) + 1
+        return math.ceil(max(self.recipe["cpus_per_worker"], self.actors, 1)) + 1
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
@@ -146,7 +174,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                        f"into {out / 'real'}")
     with _stage_errors(name):
         world = prepare_demo_world(out, measure=False, difficulty=cfg.difficulty)
-    suffix = f"-real{cfg.real_fraction:g}" if cfg.real_fraction < 1 else ""
+    cut = f"-real{cfg.real_fraction:g}" if cfg.real_fraction < 1 else ""
+    suffix = cut + ("" if cfg.pairs == "controlnet" else f"-{cfg.pairs}")
     rows = finetune.training_rows(pairs.read_index(str(world.real)), cfg.real_fraction)
     counts = {c.code: int(n) for c, n in zip(CLASSES, np.bincount(np.asarray(rows.column("class_index")), minlength=7))}
     done(name, t, f"{sum(counts.values())} train pairs ({_per_class(counts)}), test set "
@@ -154,9 +183,12 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     ft = FinetuneConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, output=str(out / "runs"),
                         name=f"demo{suffix}", base_model=world_base(cfg.difficulty),
-                        **{**DEMO_FINETUNE, "steps": cfg.finetune_steps})
-    name, t = stage(2, f"{ft.steps} steps ({ft.layout} layout, {ft.train} rank {ft.lora_rank}, batch {ft.batch_size}, "
-                       f"lr {ft.lr:g}, prior weight {ft.w_prior:g}) into {out / 'runs' / ft.name}")
+                        **cfg.recipe)
+    what = ("a ControlNet beside the stock base" if ft.train == "controlnet" else
+            f"{ft.layout} layout, {ft.train} rank {ft.lora_rank}")
+    name, t = stage(2, f"{ft.steps} steps ({what}, batch {ft.batch_size}, lr {ft.lr:g}"
+                       f"{'' if ft.train == 'controlnet' else f', prior weight {ft.w_prior:g}'}) into "
+                       f"{out / 'runs' / ft.name}")
     with _stage_errors(name):
         plan = plan_finetune(ft, rerun_hint="the demo resumes its fine-tune with the settings it started with: give "
                                             "the same --finetune-steps, or another --output")
@@ -165,7 +197,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     done(name, t, f"{'already done: ' if plan.done else ''}{f'step {step}, ' if step else ''}adapter at {adapter}")
 
     qc = QCModelConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, steps=cfg.qc_steps,
-                       output=str(out / f"qc{suffix}"), cpus_per_worker=DEMO_FINETUNE["cpus_per_worker"])
+                       output=str(out / f"qc{cut}"), cpus_per_worker=ft.cpus_per_worker)
     name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}")
     with _stage_errors(name):
         qc_plan = plan_qc_model(qc)
@@ -174,13 +206,17 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                   "real pairs")
 
     suffix += "" if cfg.prompt_attributes == "adapter" else "-noattributes"
-    gen = GenerateConfig(per_class=str(cfg.per_class), adapter=str(adapter),
+    drawn = ({"controlnet": str(adapter), "mask_source": str(world.real), "mask_fraction": cfg.real_fraction}
+             if cfg.pairs == "controlnet" else {"adapter": str(adapter)})
+    gen = GenerateConfig(per_class=str(cfg.per_class), **drawn,
                          output=str(out / f"synthetic{suffix}{'' if cfg.qc else '-noqc'}"),
                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
                          max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite, qc_segmenter=qc.output,
                          max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes,
                          license=DEMO_LICENSE)
-    name, t = stage(4, f"{cfg.per_class} pairs per class with that adapter into {gen.output}")
+    how = ("images drawn by that ControlNet for the real train masks, augmented" if cfg.pairs == "controlnet" else
+           "image and mask sampled together by that adapter")
+    name, t = stage(4, f"{cfg.per_class} pairs per class, {how}, into {gen.output}")
     with _stage_errors(name):
         threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")
         if pilot is not None:
@@ -214,7 +250,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     quality = metrics["pair_quality"]
     summary = {"output": str(out), "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
-               "finetune": {k: getattr(ft, k) for k in DEMO_FINETUNE}, "adapter": str(adapter),
+               "pairs": cfg.pairs, "finetune": {k: getattr(ft, k) for k in cfg.recipe}, "adapter": str(adapter),
                "synthetic": gen.output, "synthetic_per_class": {c: n["ok"] for c, n in totals["per_class"].items()},
                "real_fraction": cfg.real_fraction, "real": str(world.real), "test_data": str(world.test_data),
                "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
