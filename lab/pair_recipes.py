@@ -5,7 +5,9 @@ Rows (each against the same real train cut, test set and seeds):
   their ignore maps out of the segmenter's loss); + pairs of the consistency-reward fine-tune (QC, ignore
   maps); + mask-conditioned pairs (generate --mask-source with an adapter fine-tuned with
   --mask-condition-rate, QC, ignore maps); pretrain on the QC'd joint
-  pairs, then fine-tune on real; and its control, real only with the same two schedules (twice the steps).
+  pairs, then fine-tune on real; and its control, real only with the same two schedules (twice the steps);
+  + ControlNet pairs (the demo chain's default: a ControlNet fine-tuned with `DEMO_CONTROLNET` draws each
+  image for a real train mask of the cut, augmented; QC) mixed in, and pretrain on them, then fine-tune on real.
 Columns: each synthetic set's consistency judged by a held-out segmenter of another architecture
 (segmentation_models_pytorch's U-Net with a ResNet-18 encoder, trained on the whole real train split; the QC
 and the reward use the small in-house U-Net), downstream segmenter Dice and IoU (in-house U-Net), classifier
@@ -34,6 +36,7 @@ import torch
 from skindual import data, downstream, fidelity, finetune, pairs, quality
 from skindual.cluster import init_ray
 from skindual.demo.chain import (
+    DEMO_CONTROLNET,
     DEMO_FINETUNE,
     DEMO_QC_ATTEMPTS,
     DEMO_SAMPLES_PER_SHARD,
@@ -53,9 +56,11 @@ from skindual.storage import LocalStorage
 SIZE = 64
 ROW_SETS = {"real only": None, "+ joint pairs, raw": "raw", "+ joint pairs, pair-level QC": "qc", "+ ignore maps": "qc",
             "+ consistency-reward fine-tune": "consistency", "+ mask-conditioned pairs": "mask",
-            "pretrain synthetic → fine-tune real": "qc", "real only, twice the steps": None}
+            "pretrain synthetic → fine-tune real": "qc", "real only, twice the steps": None,
+            "+ ControlNet pairs, pair-level QC": "controlnet", "pretrain ControlNet pairs → fine-tune real": "controlnet"}
 """The synthetic set each row adds (None: real pairs only)."""
-SET_ADAPTER = {"raw": "joint", "qc": "joint", "consistency": "consistency", "mask": "mask-conditioned"}
+SET_ADAPTER = {"raw": "joint", "qc": "joint", "consistency": "consistency", "mask": "mask-conditioned",
+               "controlnet": "controlnet"}
 """The fine-tune whose adapter draws each set."""
 
 
@@ -109,6 +114,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE["steps"])
+    parser.add_argument("--controlnet-steps", type=int, default=DEMO_CONTROLNET["steps"],
+                        help="the ControlNet rows' fine-tune (DEMO_CONTROLNET's other settings)")
     parser.add_argument("--w-consistency", type=float, default=1.0)
     parser.add_argument("--mask-condition-rate", type=float, default=0.5,
                         help="the mask-conditioned row's fine-tune: its share of samples trained with the mask given")
@@ -135,12 +142,14 @@ def main() -> None:
     adapters = {}
     for name, extra in (("joint", {}), ("consistency", {"w_consistency": args.w_consistency,
                                                         "consistency_segmenter": qc.output}),
-                        ("mask-conditioned", {"mask_condition_rate": args.mask_condition_rate})):
+                        ("mask-conditioned", {"mask_condition_rate": args.mask_condition_rate}),
+                        ("controlnet", None)):
         if not any(SET_ADAPTER[which] == name for which in needed_sets):  # only what the asked rows use
             continue
+        settings = ({**DEMO_CONTROLNET, "steps": args.controlnet_steps} if extra is None else
+                    {**DEMO_FINETUNE, "steps": args.finetune_steps, **extra})
         ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
-                            base_model=world_base(args.difficulty), **{**DEMO_FINETUNE, "steps": args.finetune_steps},
-                            **extra)
+                            base_model=world_base(args.difficulty), **settings)
         plan = plan_finetune(ft)
         if plan.done is None:
             run_finetune(plan)
@@ -154,7 +163,9 @@ def main() -> None:
             "qc": lambda: replace(base, adapter=adapters["joint"], output=str(out / "syn-qc")),
             "consistency": lambda: replace(base, adapter=adapters["consistency"], output=str(out / "syn-consistency")),
             "mask": lambda: replace(base, adapter=adapters["mask-conditioned"], mask_source=real, mask_fraction=f,
-                                    max_attempts=args.mask_attempts, output=str(out / "syn-mask"))}
+                                    max_attempts=args.mask_attempts, output=str(out / "syn-mask")),
+            "controlnet": lambda: replace(base, controlnet=adapters["controlnet"], mask_source=real, mask_fraction=f,
+                                          output=str(out / "syn-controlnet"))}
     sets = {name: make() for name, make in sets.items() if name in needed_sets}
     thresholds, seconds = {}, {}
     for name, gen in sets.items():
@@ -203,6 +214,8 @@ def main() -> None:
             "+ consistency-reward fine-tune": (lambda: mixed("consistency"), True),
             "+ mask-conditioned pairs": (lambda: mixed("mask"), True),
             "pretrain synthetic → fine-tune real": (lambda: [synthetic["qc"], real_cut], True),
+            "+ ControlNet pairs, pair-level QC": (lambda: mixed("controlnet"), False),
+            "pretrain ControlNet pairs → fine-tune real": (lambda: [synthetic["controlnet"], real_cut], True),
             # the control of the row above: the same two schedules, both on real, so the same optimiser steps
             "real only, twice the steps": (lambda: [real_cut, real_cut], False)}
     if args.rows:
@@ -230,6 +243,7 @@ def main() -> None:
 
     report = {"difficulty": args.difficulty, "real_fraction": f, "seeds": args.seeds, "per_class": args.per_class,
               "downstream_steps": args.steps, "finetune_steps": args.finetune_steps,
+              "controlnet_steps": args.controlnet_steps,
               "w_consistency": args.w_consistency, "mask_condition_rate": args.mask_condition_rate,
               "qc_val_dice": card.get("val_dice"), "thresholds": thresholds,
               "judge_test_dice": round(judge_test, 4), "rarest_classes": [CLASS_CODES[c] for c in rarest],
