@@ -64,11 +64,12 @@ SET_ADAPTER = {"raw": "joint", "qc": "joint", "consistency": "consistency", "mas
 """The fine-tune whose adapter draws each set."""
 
 
-def load_set(url: str, selection: dict | None = None) -> dict[str, np.ndarray]:
-    """Every usable pair of a dataset (or `selection`), with its ignore map, in memory at `SIZE`."""
+def load_set(url: str, selection: dict | None = None, partial: bool = False) -> dict[str, np.ndarray]:
+    """Every usable pair of a dataset (or `selection`), with its ignore map, in memory at `SIZE` (`partial`: also a
+    generation the QC left short, which never finishes)."""
     storage = LocalStorage(url)
     if selection is None:
-        selection = pairs.selection_of(data.classed_rows(pairs.usable_rows(pairs.read_index(url))))
+        selection = pairs.selection_of(data.classed_rows(pairs.usable_rows(pairs.read_index(url, partial=partial))))
     decoded = [pairs.decode_sample(s, SIZE) for shard in sorted(selection)
                for s in pairs.iter_shard(storage, shard, selection[shard])]
     return {"image": np.stack([d["image"] for d in decoded]), "mask": np.stack([d["mask"] for d in decoded]),
@@ -187,7 +188,8 @@ def main() -> None:
     real_cut = load_set(real, pairs.selection_of(train_rows))
     real_all = load_set(real, pairs.selection_of(data.classed_rows(pairs.usable_rows(pairs.read_index(real)), "train")))
     test = load_set(str(world.test_data))
-    synthetic = {name: load_set(gen.output) for name, gen in sets.items()}
+    synthetic = {name: load_set(gen.output, partial=seconds[name]["pairs"] < sum(gen.counts().values()))
+                 for name, gen in sets.items()}
 
     judge = train("smp_unet", "segmenter", [real_all], args.judge_steps, 0, False)
     judge_test = segmenter_dice(judge, test["image"], test["mask"])

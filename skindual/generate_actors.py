@@ -15,7 +15,7 @@ from skindual.cli import worker_setup
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig, cpu_threads
 from skindual.generate_model import ModelSpec, load_generator
-from skindual.mask_source import given_mask
+from skindual.mask_source import GivenMasks
 from skindual.qc_model import QCSegmenter
 from skindual.redraw import generate_samples
 from skindual.shard_format import Sample
@@ -67,7 +67,7 @@ class ShardGenerator:
             torch.set_num_threads(cpu_threads(cfg))
             self.device_name = "cpu"
         self._tmp = tempfile.TemporaryDirectory(prefix="skindual-adapter-")
-        self._given: dict[int, np.ndarray] = {}  # mask mode: the current shard's given masks by row id
+        self._given: GivenMasks | None = None  # mask mode: the current shard's given masks
         self.pipe = load_generator(spec, cfg, self._tmp.name)
         self.encoder = ThreadPoolExecutor(2)
         self.qc = None
@@ -77,7 +77,7 @@ class ShardGenerator:
                 raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
 
     def _generate(self, rows: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        given = np.stack([self._given[r["row_id"]] for r in rows]) if self._given else None
+        given = self._given(rows) if self._given else None  # a redraw: a new augmentation of the row's mask
         out = self.pipe([r["prompt"] for r in rows], seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
                         mask_smoothing=self.cfg.mask_smoothing, masks=given)
         if self.counter is not None:  # draws made, for the driver's progress lines (fire and forget)
@@ -89,10 +89,8 @@ class ShardGenerator:
         (rows,) = [json.loads(r) for r in batch.column("rows").to_pylist()]
         (masks,) = batch.column("masks").to_pylist() if "masks" in batch.column_names else [[]]
         cfg = self.cfg
-        self._given = {}
-        for row, png in zip(rows, masks or []):  # mask mode: each row's real mask, resized and augmented
-            self._given[row["row_id"]], row["augmentation_seed"] = given_mask(png, self.pipe.resolution,
-                                                                              row["augmentation_seed"], cfg.limits())
+        # mask mode: each row's real mask, resized and augmented, draw by draw
+        self._given = GivenMasks(rows, masks, self.pipe.resolution, cfg.limits()) if masks else None
         samples = generate_samples(rows, self._generate, cfg.seed, cfg.batch_size, cfg.max_attempts, cfg.limits(),
                                    cfg.image_format, self.encoder, self.qc.judge if self.qc else None,
                                    cfg.min_consistency)

@@ -159,6 +159,34 @@ def given_mask(png: bytes, size: int, seed: int, limits: MaskLimits) -> tuple[np
     return base, -1
 
 
+class GivenMasks:
+    """Mask mode's masks of one shard's rows, draw by draw: a row's first draw gets its real mask resized and
+    augmented from its ``augmentation_seed`` (`given_mask`); each redraw (the row failed a check or the QC) gets a
+    new augmentation of the same real mask, from the next block of `AUGMENTATION_TRIES` seeds, so that a mask the
+    generator cannot draw an agreeing image for is not tried again unchanged.  The seed each draw used is written
+    back into the row's ``augmentation_seed``, which its sample records."""
+
+    def __init__(self, rows: Sequence[dict], pngs: Sequence[bytes], size: int, limits: MaskLimits):
+        self.size, self.limits = size, limits
+        self.png = {r["row_id"]: png for r, png in zip(rows, pngs)}
+        self.first = {r["row_id"]: r["augmentation_seed"] for r in rows}
+        self.draws = dict.fromkeys(self.png, 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.png)
+
+    def __call__(self, rows: Sequence[dict]) -> np.ndarray:
+        """The masks of `rows`' next draws (N×H×W 0/1)."""
+        out = []
+        for row in rows:
+            rid = row["row_id"]
+            k, self.draws[rid] = self.draws[rid], self.draws[rid] + 1
+            seed = self.first[rid] if k == 0 else (self.first[rid] + k * AUGMENTATION_TRIES) % 2**62  # int64 room
+            mask, row["augmentation_seed"] = given_mask(self.png[rid], self.size, seed, self.limits)
+            out.append(mask)
+        return np.stack(out)
+
+
 def source_table(source: MaskSource, counts: Mapping[str, int], seed: int) -> dict[str, list[tuple[str, Attributes]]]:
     """Per class, the source of its row r (r < its count): its real rows after a seeded shuffle (by run seed and
     class), in turn, so each serves ⌊n/m⌋ or ⌈n/m⌉ times."""

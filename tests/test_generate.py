@@ -492,3 +492,39 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(local_run, ray_cluster, tmp_pa
     assert lines[-1] == "interrupted; run the same command again to resume" and "Traceback" not in log.read_text()
     ok(run_job("generate", [*JOB_ARGS, "--output", str(out)], ray_cluster))
     assert snapshot(LocalStorage(out)) == snapshot(local_run[0])
+
+
+def test_a_redraw_in_mask_mode_draws_a_new_augmentation_of_the_same_real_mask(demo_real):
+    """A mask-mode row the QC turns down is drawn again for another augmentation of its real mask (the next block
+    of seeds), not for the same mask: the kept sample records the seed of the mask it was drawn for."""
+    from skindual.mask_source import AUGMENTATION_TRIES, GivenMasks, given_mask
+    from skindual.pairs import iter_shard
+    from skindual.qc_model import Judgement
+    from skindual.quality import MaskLimits
+    from skindual.redraw import generate_samples
+
+    pngs = [x["seg.png"] for x in iter_shard(LocalStorage(demo_real), 0)][:3]
+    rows = [{"row_id": i, "key": f"{i:09d}", "class_code": "nv", "class_index": 5, "prompt": "p", "seed": i,
+             "source_key": f"00000/{i}", "augmentation_seed": 1000 * i} for i in range(3)]
+    limits, seen = MaskLimits(), []
+    given = GivenMasks(rows, pngs, 64, limits)
+
+    def draw(chunk, seeds):
+        masks = given(chunk)
+        seen.append([(r["row_id"], r["augmentation_seed"], m) for r, m in zip(chunk, masks)])
+        return np.zeros((len(chunk), 64, 64, 3), np.uint8), masks
+
+    def judge(images, masks):  # row 1's first draw disagrees; every other draw agrees
+        bad = len(seen) == 1
+        score = np.array([0.0 if bad and rid == 1 else 1.0 for rid, _, _ in seen[-1]])
+        return Judgement(score, np.zeros_like(masks), np.zeros(len(masks)))
+
+    samples = generate_samples(rows, draw, 0, 4, 3, limits, "png", judge=judge, min_consistency=0.5)
+    assert [s.attempts for s in samples] == [1, 2, 1] and samples[1].rejections == ["inconsistent"]
+    (first_try,) = [m for rid, _, m in seen[0] if rid == 1]
+    (redraw,) = seen[1]
+    assert redraw[0] == 1 and 1000 + AUGMENTATION_TRIES <= redraw[1] < 1000 + 2 * AUGMENTATION_TRIES
+    assert samples[1].augmentation_seed == redraw[1] and not np.array_equal(redraw[2], first_try)
+    for (rid, seed, mask), sample in [(seen[0][0], samples[0]), (redraw, samples[1]), (seen[0][2], samples[2])]:
+        assert sample.augmentation_seed == seed and np.array_equal(mask, given_mask(pngs[rid], 64, seed, limits)[0])
+    assert samples[0].augmentation_seed < AUGMENTATION_TRIES  # a first draw keeps its row's own seeds
