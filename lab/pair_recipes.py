@@ -57,7 +57,8 @@ SIZE = 64
 ROW_SETS = {"real only": None, "+ joint pairs, raw": "raw", "+ joint pairs, pair-level QC": "qc", "+ ignore maps": "qc",
             "+ consistency-reward fine-tune": "consistency", "+ mask-conditioned pairs": "mask",
             "pretrain synthetic → fine-tune real": "qc", "real only, twice the steps": None,
-            "+ ControlNet pairs, pair-level QC": "controlnet", "pretrain ControlNet pairs → fine-tune real": "controlnet"}
+            "+ ControlNet pairs, pair-level QC": "controlnet",
+            "pretrain ControlNet pairs → fine-tune real": "controlnet"}
 """The synthetic set each row adds (None: real pairs only)."""
 SET_ADAPTER = {"raw": "joint", "qc": "joint", "consistency": "consistency", "mask": "mask-conditioned",
                "controlnet": "controlnet"}
@@ -141,14 +142,14 @@ def main() -> None:
         raise SystemExit(f"--rows {', '.join(map(repr, unknown))}: no such row; the rows are {', '.join(map(repr, ROW_SETS))}")
     needed_sets = {which for row, which in ROW_SETS.items() if which and (not args.rows or row in args.rows)}
     adapters = {}
-    for name, extra in (("joint", {}), ("consistency", {"w_consistency": args.w_consistency,
-                                                        "consistency_segmenter": qc.output}),
-                        ("mask-conditioned", {"mask_condition_rate": args.mask_condition_rate}),
-                        ("controlnet", None)):
+    joint = {**DEMO_FINETUNE, "steps": args.finetune_steps}
+    for name, settings in (("joint", joint),
+                           ("consistency", {**joint, "w_consistency": args.w_consistency,
+                                            "consistency_segmenter": qc.output}),
+                           ("mask-conditioned", {**joint, "mask_condition_rate": args.mask_condition_rate}),
+                           ("controlnet", {**DEMO_CONTROLNET, "steps": args.controlnet_steps})):
         if not any(SET_ADAPTER[which] == name for which in needed_sets):  # only what the asked rows use
             continue
-        settings = ({**DEMO_CONTROLNET, "steps": args.controlnet_steps} if extra is None else
-                    {**DEMO_FINETUNE, "steps": args.finetune_steps, **extra})
         ft = FinetuneConfig(training_data=real, real_fraction=f, output=str(out / "runs"), name=name,
                             base_model=world_base(args.difficulty), **settings)
         plan = plan_finetune(ft)

@@ -77,7 +77,7 @@ class ShardGenerator:
                 raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
 
     def _generate(self, rows: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        given = self._given(rows) if self._given else None  # a redraw: a new augmentation of the row's mask
+        given = self._given(rows) if self._given is not None else None  # a redraw: a new augmentation of its mask
         out = self.pipe([r["prompt"] for r in rows], seeds, steps=self.cfg.steps, guidance=self.cfg.guidance,
                         mask_smoothing=self.cfg.mask_smoothing, masks=given)
         if self.counter is not None:  # draws made, for the driver's progress lines (fire and forget)

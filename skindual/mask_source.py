@@ -172,9 +172,6 @@ class GivenMasks:
         self.first = {r["row_id"]: r["augmentation_seed"] for r in rows}
         self.draws = dict.fromkeys(self.png, 0)
 
-    def __bool__(self) -> bool:
-        return bool(self.png)
-
     def __call__(self, rows: Sequence[dict]) -> np.ndarray:
         """The masks of `rows`' next draws (N×H×W 0/1)."""
         out = []
