@@ -128,8 +128,12 @@ class ControlNetPipeline:
     half of the joint sample's)."""
 
     def __init__(self, pipe, controlnet, info: AdapterInfo | None = None, scheduler: str = "ddim",
-                 resolution: int | None = None, decode_batch: int = 4, masker: DualPipeline | None = None):
+                 resolution: int | None = None, decode_batch: int = 4, masker: DualPipeline | None = None,
+                 control_scale: float = 1.0, control_end: float = 1.0):
         self.pipe, self.controlnet, self.info, self.masker = pipe, controlnet, info, masker
+        if control_scale < 0 or not 0 < control_end <= 1:
+            raise ValueError(f"control_scale {control_scale} must be ≥ 0 and control_end {control_end} in (0, 1]")
+        self.control_scale, self.control_end = control_scale, control_end
         self.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         if masker is not None and masker.resolution != self.resolution:
@@ -140,9 +144,11 @@ class ControlNetPipeline:
     def from_pretrained(cls, base_model: str | Path, controlnet: str | Path, device="cpu",
                         dtype: torch.dtype = torch.float32, scheduler: str = "ddim", resolution: int | None = None,
                         decode_batch: int = 4, s3_endpoint: str | None = None,
-                        masker: DualPipeline | None = None) -> "ControlNetPipeline":
+                        masker: DualPipeline | None = None, control_scale: float = 1.0,
+                        control_end: float = 1.0) -> "ControlNetPipeline":
         """The stock base model (its own UNet beside a `masker`'s adapted one, the rest shared with the masker) with a
-        ControlNet folder's model; samples at `resolution`, else the masker's, else the ControlNet's trained one."""
+        ControlNet folder's model; samples at `resolution`, else the masker's, else the ControlNet's trained one
+        (`control_scale`, `control_end`: `denoise`'s control schedule)."""
         info = load_controlnet_info(controlnet)
         if masker is not None:  # the masker's VAE and text encoder serve both: only the stock UNet is loaded again
             pipe = stock_pipeline_beside(masker.pipe, base_model, dtype, s3_endpoint)
@@ -152,7 +158,7 @@ class ControlNetPipeline:
         pipe.set_progress_bar_config(disable=True)
         model = load_controlnet(info, dtype).to(device).eval()
         size = resolution or (masker.resolution if masker is not None else info.resolution)
-        return cls(pipe, model, info, scheduler, size, decode_batch, masker)
+        return cls(pipe, model, info, scheduler, size, decode_batch, masker, control_scale, control_end)
 
     unet = property(lambda self: self.pipe.unet)
     vae = property(lambda self: self.pipe.vae)
@@ -171,7 +177,10 @@ class ControlNetPipeline:
     @torch.no_grad()
     def denoise(self, prompts: list[str], seeds: list[int], masks: np.ndarray, steps: int = 25,
                 guidance: float = 4.0) -> torch.Tensor:
-        """The final image latents for `masks` (0/1 N×H×W at `resolution`)."""
+        """The final image latents for `masks` (0/1 N×H×W at `resolution`).  The ControlNet's residuals enter
+        scaled by ``control_scale`` over the first ``control_end`` share of the steps (diffusers'
+        ``controlnet_conditioning_scale`` and ``control_guidance_end``); the steps after it are the stock base's alone,
+        where the fine texture forms on the outline the mask has already set."""
         if not len(prompts) == len(seeds) == len(masks):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, {len(masks)} masks")
         if tuple(masks.shape[1:]) != (self.resolution, self.resolution):
@@ -184,9 +193,13 @@ class ControlNetPipeline:
         sched = self.scheduler
         sched.set_timesteps(steps, device=self.device)
         latents = self.initial_noise(seeds) * sched.init_noise_sigma
-        for t in sched.timesteps:
+        timesteps = sched.timesteps
+        for i, t in enumerate(timesteps):
             x = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
-            down, mid = self.controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=control, return_dict=False)
+            down = mid = None
+            if (i + 1) / len(timesteps) <= self.control_end and self.control_scale > 0:  # as diffusers' keeps a step
+                down, mid = self.controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=control,
+                                            conditioning_scale=self.control_scale, return_dict=False)
             pred = self.unet(x, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid).sample
             if cfg:

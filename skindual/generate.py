@@ -24,7 +24,7 @@ from skindual.cli import Progress, check_interrupt
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.generate_actors import DrawCounter, ShardGenerator, shard_items, write_shard_rows
-from skindual.generate_config import FINGERPRINTED, FINGERPRINTED_WHEN_ON, GenerateConfig, cpu_threads
+from skindual.generate_config import FINGERPRINTED, FINGERPRINTED_WHEN_SET, GenerateConfig, cpu_threads
 from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
 from skindual.preview import write_preview
@@ -94,13 +94,14 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
 
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> dict[str, Any]:
     """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
-    `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_ON` switch only when
-    on, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).
+    `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_SET` one only when not at its
+    default, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).
     What samples them (the device model, on CPU the thread count) is known only once the cluster is, and is checked
     apart (`device_record`)."""
-    types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
-    plain = {name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
-             for name in FINGERPRINTED} | {name: True for name in FINGERPRINTED_WHEN_ON if getattr(cfg, name)}
+    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    value = lambda name: float(getattr(cfg, name)) if fields[name].type == "float" else getattr(cfg, name)
+    plain = {name: value(name) for name in FINGERPRINTED} | {
+        name: value(name) for name in FINGERPRINTED_WHEN_SET if getattr(cfg, name) != fields[name].default}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none",

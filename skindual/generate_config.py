@@ -1,5 +1,5 @@
 """Generation's settings: `GenerateConfig` (the flags of jobs/generate.py) and which of its fields change
-a run's bytes (`FINGERPRINTED`, or `FINGERPRINTED_WHEN_ON` for a switch), enter the fingerprint through what they
+a run's bytes (`FINGERPRINTED`, or `FINGERPRINTED_WHEN_SET` when not at their default), enter the fingerprint through what they
 resolve to (`RESOLVED`), or neither (`NOT_FINGERPRINTED`); every field is declared once, checked at import."""
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ class GenerateConfig:
     controlnet: str = option("", "draw each image for its mask with a ControlNet (the adapter folder of a fine-tune "
                                  "with --train controlnet; folder or s3:// prefix): with --mask-source for the given "
                                  "real masks (no --adapter), else for the masks the joint --adapter samples first")
+    control_scale: float = option(1.0, "with a ControlNet: the weight of its residuals in the UNet (diffusers' "
+                                       "controlnet_conditioning_scale); below 1 the mask steers the image less")
+    control_end: float = option(1.0, "with a ControlNet: the share of the sampling steps it steers (diffusers' "
+                                     "control_guidance_end); the later steps are the stock base's alone, where the "
+                                     "class texture forms on the outline the mask has set")
     partial: bool = option(False, "with --mask-source: use the committed shards of a prepared dataset whose run has "
                                   "not finished; without it such a dataset is refused")
     mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
@@ -108,6 +113,9 @@ class GenerateConfig:
         if self.controlnet and self.mask_source and self.adapter:
             raise UserError("--adapter: with --controlnet and --mask-source the ControlNet draws every image for its "
                             "real mask and no joint model samples; leave --adapter out")
+        if self.control_scale < 0 or not 0 < self.control_end <= 1:
+            raise UserError(f"--control-scale {self.control_scale} / --control-end {self.control_end}: the scale must "
+                            "not be negative and the end must be a share of the steps in (0, 1]")
         if self.controlnet and self.compile:
             raise UserError("--compile: not with --controlnet (its levers are not applied to a ControlNet yet)")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
@@ -139,15 +147,15 @@ RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor
 (`ModelSpec`, the QC segmenter's and the ControlNet's identity too), the given masks (`MaskSource.digest`: which
 rows of which shards, so a ``--partial`` read of a dataset names the shards it used), the device and its model,
 and on CPU the torch thread count."""
-FINGERPRINTED_WHEN_ON = ("compile",)
-"""Switches that change the bytes when on and enter the fingerprint only then: a run without them keeps the
-fingerprint it had before they existed."""
+FINGERPRINTED_WHEN_SET = ("compile", "control_scale", "control_end")
+"""Fields that change the bytes when not at their default and enter the fingerprint only then: a run that leaves
+them at their defaults keeps the fingerprint it had before they existed."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
-_declared = FINGERPRINTED + RESOLVED + FINGERPRINTED_WHEN_ON + NOT_FINGERPRINTED
+_declared = FINGERPRINTED + RESOLVED + FINGERPRINTED_WHEN_SET + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
     raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, "
-                    "FINGERPRINTED_WHEN_ON or NOT_FINGERPRINTED")
+                    "FINGERPRINTED_WHEN_SET or NOT_FINGERPRINTED")
 
 
 def cpu_threads(cfg: GenerateConfig) -> int:

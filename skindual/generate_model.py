@@ -62,6 +62,9 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
     sha256, its tensors checked against the base model's UNet), and its ControlNet (`with_controlnet`)."""
     if not cfg.controlnet:
+        if (cfg.control_scale, cfg.control_end) != (1.0, 1.0):
+            raise UserError(f"--control-scale {cfg.control_scale} / --control-end {cfg.control_end}: they steer a "
+                            "ControlNet; pass --controlnet, or leave them out")
         return resolve_joint(cfg)
     if not cfg.mask_source and not cfg.adapter:
         raise UserError("--controlnet draws each image for a given mask: pass --mask-source (a prepared real dataset's "
@@ -142,7 +145,8 @@ def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeli
         folder = fetch_adapter(spec.controlnet, endpoint, Path(tmp) / "controlnet-adapter", "--controlnet")
         pipe = ControlNetPipeline.from_pretrained(spec.base_model, folder, device=cfg.device, dtype=torch_dtype,
                                                   scheduler=cfg.scheduler, resolution=spec.resolution,
-                                                  s3_endpoint=endpoint, masker=pipe)
+                                                  s3_endpoint=endpoint, masker=pipe, control_scale=cfg.control_scale,
+                                                  control_end=cfg.control_end)
         if pipe.info.sha256 != spec.controlnet_sha256:
             raise RuntimeError(f"ControlNet {spec.controlnet} changed while the run started; rerun the job")
     if cfg.compile:

@@ -159,6 +159,16 @@ def test_the_adapter_folder_is_a_diffusers_controlnet_that_stock_diffusers_loads
     torch.testing.assert_close(latents, stock, atol=1e-5, rtol=1e-5)
     out = ours(["a dermoscopy image of melanoma"], [3], steps=2, guidance=3.0, masks=mask)
     assert out.images.shape == (1, 64, 64, 3) and np.array_equal(out.masks, mask)
+    # the control schedule is diffusers' own: its residuals scaled, and the last steps the stock base's alone
+    stock = pipe("a dermoscopy image of melanoma", image=Image.fromarray(mask[0] * 255), num_inference_steps=4,
+                 guidance_scale=3.0, latents=noise.clone(), output_type="latent", controlnet_conditioning_scale=0.5,
+                 control_guidance_end=0.5).images
+    ours.control_scale, ours.control_end = 0.5, 0.5
+    latents = ours.denoise(["a dermoscopy image of melanoma"], [3], mask, steps=4, guidance=3.0)
+    torch.testing.assert_close(latents, stock, atol=1e-5, rtol=1e-5)
+    ours.control_end = 1.0
+    assert not torch.allclose(ours.denoise(["a dermoscopy image of melanoma"], [3], mask, steps=4, guidance=3.0),
+                              stock, atol=1e-4)
 
 
 def test_a_folder_that_is_not_a_sound_controlnet_is_one_line(trained, tmp_path, sd2_bases):
@@ -336,6 +346,17 @@ def test_generate_controlnet_errors_are_one_line(demo_real, trained, tmp_path, s
         replace(masked, adapter=str(DEMO_ADAPTER))
     with pytest.raises(UserError, match="^--controlnet draws each image for a given mask: pass --mask-source"):
         generate.plan_generate(replace(masked, mask_source=""))
+    with pytest.raises(UserError, match=r"^--control-scale 1.0 / --control-end 0.0: the scale must not be negative "
+                                        r"and the end must be a share of the steps in \(0, 1\]$"):
+        replace(masked, control_end=0.0)
+    with pytest.raises(UserError, match="^--control-scale 0.5 / --control-end 1.0: they steer a ControlNet; pass "
+                                        "--controlnet, or leave them out$"):
+        generate.plan_generate(replace(masked, controlnet="", mask_source="", control_scale=0.5,
+                                       adapter=str(DEMO_ADAPTER)))
+    plain = generate.fingerprint_config(masked, generate.resolve_model(masked))
+    assert "control_end" not in plain and "control_scale" not in plain  # older runs keep their fingerprint
+    late = generate.fingerprint_config(replace(masked, control_end=0.8), generate.resolve_model(masked))
+    assert late == plain | {"control_end": 0.8}
     with pytest.raises(UserError, match=r"^--controlnet .*demo_adapter: an adapter of --train lora, not a ControlNet"):
         generate.plan_generate(replace(masked, controlnet=str(DEMO_ADAPTER)))
     with pytest.raises(UserError, match=r"^--controlnet .* was trained beside demo@\w+, this run samples with "
