@@ -94,14 +94,16 @@ def resolve_devices(cfg: GenerateConfig, shape: ClusterShape) -> GenerateConfig:
 
 def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource | None = None) -> dict[str, Any]:
     """The settings that change the output's bytes, keyed like the flags (for `guard_output`'s message): the
-    `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_SET` one only when not at its
-    default, the `RESOLVED` ones through the counts and the model (the ControlNet by its sha256, when there is one).
+    `FINGERPRINTED` fields as they are (numbers by their declared type), a `FINGERPRINTED_WHEN_SET` one only at
+    another value than skindual sampled with before it existed, the `RESOLVED` ones through the counts and the model
+    (the ControlNet by its sha256, when there is one).
     What samples them (the device model, on CPU the thread count) is known only once the cluster is, and is checked
     apart (`device_record`)."""
-    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
-    value = lambda name: float(getattr(cfg, name)) if fields[name].type == "float" else getattr(cfg, name)
+    types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
+    value = lambda name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
     plain = {name: value(name) for name in FINGERPRINTED} | {
-        name: value(name) for name in FINGERPRINTED_WHEN_SET if getattr(cfg, name) != fields[name].default}
+        name: value(name) for name, before in FINGERPRINTED_WHEN_SET.items()
+        if value(name) != before and (spec.controlnet_sha256 or not name.startswith("control_"))}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none",

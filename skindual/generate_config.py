@@ -1,5 +1,5 @@
 """Generation's settings: `GenerateConfig` (the flags of jobs/generate.py) and which of its fields change
-a run's bytes (`FINGERPRINTED`, or `FINGERPRINTED_WHEN_SET` when not at their default), enter the fingerprint through what they
+a run's bytes (`FINGERPRINTED`, or `FINGERPRINTED_WHEN_SET` when not at the value that samples as before they existed), enter the fingerprint through what they
 resolve to (`RESOLVED`), or neither (`NOT_FINGERPRINTED`); every field is declared once, checked at import."""
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ class GenerateConfig:
     controlnet: str = option("", "draw each image for its mask with a ControlNet (the adapter folder of a fine-tune "
                                  "with --train controlnet; folder or s3:// prefix): with --mask-source for the given "
                                  "real masks (no --adapter), else for the masks the joint --adapter samples first")
-    control_scale: float = option(1.0, "with a ControlNet: the weight of its residuals in the UNet (diffusers' "
-                                       "controlnet_conditioning_scale); below 1 the mask steers the image less")
+    control_scale: float = option(0.7, "with a ControlNet: the weight of its residuals in the UNet (diffusers' "
+                                       "controlnet_conditioning_scale); lower keeps more of the base's class "
+                                       "colour and texture, higher follows the mask's outline more closely and "
+                                       "varies more (0.7: the demo worlds' best balance; 1: diffusers' default)")
     control_end: float = option(1.0, "with a ControlNet: the share of the sampling steps it steers (diffusers' "
                                      "control_guidance_end); the later steps are the stock base's alone, where the "
                                      "class texture forms on the outline the mask has set")
@@ -147,12 +149,13 @@ RESOLVED = ("per_class", "classes", "adapter", "base_model", "num_gpus_per_actor
 (`ModelSpec`, the QC segmenter's and the ControlNet's identity too), the given masks (`MaskSource.digest`: which
 rows of which shards, so a ``--partial`` read of a dataset names the shards it used), the device and its model,
 and on CPU the torch thread count."""
-FINGERPRINTED_WHEN_SET = ("compile", "control_scale", "control_end")
-"""Fields that change the bytes when not at their default and enter the fingerprint only then: a run that leaves
-them at their defaults keeps the fingerprint it had before they existed."""
+FINGERPRINTED_WHEN_SET = {"compile": False, "control_scale": 1.0, "control_end": 1.0}
+"""Fields added later, each with the value that samples as skindual did before it existed: one enters the
+fingerprint only at another value (``control_*`` only with a ControlNet, which they steer), so a run made before
+keeps its fingerprint and resumes."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
-_declared = FINGERPRINTED + RESOLVED + FINGERPRINTED_WHEN_SET + NOT_FINGERPRINTED
+_declared = FINGERPRINTED + RESOLVED + tuple(FINGERPRINTED_WHEN_SET) + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
     raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, "
                     "FINGERPRINTED_WHEN_SET or NOT_FINGERPRINTED")

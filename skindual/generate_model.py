@@ -62,7 +62,7 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
     sha256, its tensors checked against the base model's UNet), and its ControlNet (`with_controlnet`)."""
     if not cfg.controlnet:
-        if (cfg.control_scale, cfg.control_end) != (1.0, 1.0):
+        if (cfg.control_scale, cfg.control_end) != (GenerateConfig.control_scale, GenerateConfig.control_end):
             raise UserError(f"--control-scale {cfg.control_scale} / --control-end {cfg.control_end}: they steer a "
                             "ControlNet; pass --controlnet, or leave them out")
         return resolve_joint(cfg)

@@ -281,6 +281,7 @@ def test_mask_mode_with_a_controlnet_draws_each_image_for_its_real_mask(demo_rea
     masks = load_masks(plan.masks, table.column("source_key").to_pylist(), None)
     actor, pairs, tar = shard_of(plan, masks)
     assert isinstance(actor.pipe, ControlNetPipeline) and actor.pipe.masker is None
+    assert (actor.pipe.control_scale, actor.pipe.control_end) == (0.7, 1.0)  # generation's default schedule
     assert shard_of(plan, masks)[2] == tar  # the same bytes again
     real = {}
     for shard in {int(k.split("/")[0]) for k in masks}:
@@ -331,7 +332,7 @@ def test_a_controlnet_draws_the_image_for_the_mask_the_joint_model_sampled_first
     cn, masker = actor.pipe, actor.pipe.masker
     assert cn.vae is masker.vae and cn.pipe.text_encoder is masker.pipe.text_encoder
     assert cn.unet is not masker.unet and cn.unet.config.in_channels == 4
-    alone = ControlNetPipeline.from_pretrained("demo", folder, dtype=cn.dtype)
+    alone = ControlNetPipeline.from_pretrained("demo", folder, dtype=cn.dtype, control_scale=cfg.control_scale)
     assert torch.equal(alone.denoise(prompts, seeds, joint.masks, steps=2, guidance=cfg.guidance), drawn)
 
 
@@ -346,17 +347,20 @@ def test_generate_controlnet_errors_are_one_line(demo_real, trained, tmp_path, s
         replace(masked, adapter=str(DEMO_ADAPTER))
     with pytest.raises(UserError, match="^--controlnet draws each image for a given mask: pass --mask-source"):
         generate.plan_generate(replace(masked, mask_source=""))
-    with pytest.raises(UserError, match=r"^--control-scale 1.0 / --control-end 0.0: the scale must not be negative "
+    with pytest.raises(UserError, match=r"^--control-scale 0.7 / --control-end 0.0: the scale must not be negative "
                                         r"and the end must be a share of the steps in \(0, 1\]$"):
         replace(masked, control_end=0.0)
     with pytest.raises(UserError, match="^--control-scale 0.5 / --control-end 1.0: they steer a ControlNet; pass "
                                         "--controlnet, or leave them out$"):
         generate.plan_generate(replace(masked, controlnet="", mask_source="", control_scale=0.5,
                                        adapter=str(DEMO_ADAPTER)))
-    plain = generate.fingerprint_config(masked, generate.resolve_model(masked))
-    assert "control_end" not in plain and "control_scale" not in plain  # older runs keep their fingerprint
-    late = generate.fingerprint_config(replace(masked, control_end=0.8), generate.resolve_model(masked))
-    assert late == plain | {"control_end": 0.8}
+    spec = generate.resolve_model(masked)
+    plain = generate.fingerprint_config(masked, spec)
+    assert plain["control_scale"] == 0.7 and "control_end" not in plain  # the default scale; the end as before
+    assert generate.fingerprint_config(replace(masked, control_end=0.8), spec) == plain | {"control_end": 0.8}
+    # at the values skindual sampled with before the schedule existed, a run keeps the fingerprint it had then
+    before = generate.fingerprint_config(replace(masked, control_scale=1.0), spec)
+    assert before == {k: v for k, v in plain.items() if k != "control_scale"}
     with pytest.raises(UserError, match=r"^--controlnet .*demo_adapter: an adapter of --train lora, not a ControlNet"):
         generate.plan_generate(replace(masked, controlnet=str(DEMO_ADAPTER)))
     with pytest.raises(UserError, match=r"^--controlnet .* was trained beside demo@\w+, this run samples with "
