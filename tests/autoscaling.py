@@ -14,17 +14,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fixture_servers import kill_marked
 
 GPU_NODE_TYPES = {
     "gpu_a10g": {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}, "node_config": {},
@@ -39,17 +38,6 @@ class AutoscalingTestCluster:
     address: str  # "127.0.0.1:<gcs port>"
     env: dict[str, str]  # what a driver connecting to it needs (RAY_ADDRESS, the token)
     temp_dir: str
-
-
-def _kill_marked(marker: bytes) -> None:
-    for _ in range(2):
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.5)
 
 
 @contextmanager
@@ -90,5 +78,5 @@ def run_autoscaling_cluster(free_ports, base_env: dict[str, str], head_cpus: int
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
         yield AutoscalingTestCluster(f"127.0.0.1:{gcs}", {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, temp_dir)
     finally:
-        _kill_marked(marker.encode())
+        kill_marked(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -130,11 +130,8 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
     caches = (skindual_cache, tempfile.mkdtemp(prefix="skindual-cache-node2-"))
     cluster = RayTestCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dirs, caches)
     try:
-        for command, cache in ((head, caches[0]), (worker, caches[1])):
-            started = subprocess.run(command, env={**env, "SKINDUAL_CACHE": cache},
-                                     cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                                     text=True, timeout=180)  # cwd: where `ray job submit` entrypoints run
-            assert started.returncode == 0, f"{command[:4]}: {started.stdout[-2000:]}{started.stderr[-3000:]}"
+        for command, cache, temp_dir in ((head, caches[0], temp_dirs[0]), (worker, caches[1], temp_dirs[1])):
+            start_node(command, {**env, "SKINDUAL_CACHE": cache, "SKINDUAL_TEST_RAY_NODE": temp_dir})
         # Every job a test starts inherits these: the token, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
         # without which a driver turns 127.0.0.1 into the machine's address and cannot connect.
         with pytest.MonkeyPatch.context() as mp:
@@ -146,19 +143,39 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
                 time.sleep(1)
             yield cluster
     finally:
-        # `ray stop` would stop every Ray cluster on the machine (other sessions' too): kill only
-        # ours, by pid, found by the marker in their environment; twice, for late-started workers.
-        marker = f"SKINDUAL_TEST_RAY_CLUSTER={temp_dirs[0]}".encode()
-        for _ in range(2):
-            for proc in Path("/proc").iterdir():
-                try:
-                    if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
-                        os.kill(int(proc.name), signal.SIGKILL)
-                except (OSError, ValueError):
-                    pass
-            time.sleep(0.5)
+        kill_marked(f"SKINDUAL_TEST_RAY_CLUSTER={temp_dirs[0]}")
         for temp_dir in (*temp_dirs, caches[1]):
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL this machine's processes whose environment holds `marker` (``NAME=value``): `ray stop` would stop
+    every Ray cluster on the machine (other sessions' and test workers' too); twice, for late-started workers."""
+    for _ in range(2):
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.5)
+
+
+def start_node(command: list[str], env: dict[str, str], tries: int = 3) -> None:
+    """`ray start ...` (the head, or a node joining it) to its end.  Ray gives a starting node's raylet 30 s to
+    register with the GCS (fixed in ray/_private/node.py); on a 2-core machine busy with other tests (pytest-xdist's
+    other worker training, say) it can take longer, and `ray start` fails.  A failed start's processes (marked by
+    SKINDUAL_TEST_RAY_NODE in their environment) are killed and the start tried again."""
+    for attempt in range(1, tries + 1):
+        started = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                 text=True, timeout=180)  # cwd: where `ray job submit` entrypoints run
+        if started.returncode == 0:
+            return
+        failure = f"{command[:4]}: {started.stdout[-2000:]}{started.stderr[-3000:]}"
+        assert attempt < tries and "timed out during startup" in started.stderr, failure
+        kill_marked(f"SKINDUAL_TEST_RAY_NODE={env['SKINDUAL_TEST_RAY_NODE']}")
+        for leftover in Path(env["SKINDUAL_TEST_RAY_NODE"]).glob("session_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
