@@ -24,7 +24,8 @@ from skindual.cli import Progress, check_interrupt
 from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths, resolve_gpus
 from skindual.errors import UserError
 from skindual.generate_actors import DrawCounter, ShardGenerator, shard_items, write_shard_rows
-from skindual.generate_config import FINGERPRINTED, FINGERPRINTED_WHEN_SET, GenerateConfig, cpu_threads
+from skindual.generate_config import (CONTROLNET_ONLY, FINGERPRINTED, FINGERPRINTED_WHEN_SET, GenerateConfig,
+                                      cpu_threads)
 from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
 from skindual.preview import write_preview
@@ -103,7 +104,7 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource |
     value = lambda name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
     plain = {name: value(name) for name in FINGERPRINTED} | {
         name: value(name) for name, before in FINGERPRINTED_WHEN_SET.items()
-        if value(name) != before and (spec.controlnet_sha256 or not name.startswith("control_"))}
+        if value(name) != before and (spec.controlnet_sha256 or name not in CONTROLNET_ONLY)}
     resolved = {"per_class": ",".join(f"{c}={n}" for c, n in cfg.counts().items()), "base_model": spec.base_id,
                 "adapter": f"sha256:{spec.adapter_sha256}" if spec.adapter_sha256 else "none", "layout": spec.layout,
                 "qc_segmenter": f"sha256:{spec.qc_sha256}" if spec.qc_sha256 else "none",

@@ -153,6 +153,8 @@ FINGERPRINTED_WHEN_SET = {"compile": False, "control_scale": 1.0, "control_end":
 """Fields added later, each with the value that samples as skindual did before it existed: one enters the
 fingerprint only at another value (``control_*`` only with a ControlNet, which they steer), so a run made before
 keeps its fingerprint and resumes."""
+CONTROLNET_ONLY = ("control_scale", "control_end")
+"""Fields that steer a ControlNet: without one they are refused unless left at their defaults, and never fingerprinted."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + tuple(FINGERPRINTED_WHEN_SET) + NOT_FINGERPRINTED

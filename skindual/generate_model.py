@@ -15,7 +15,7 @@ from skindual.base_models import DEMO_BASE, adapter_base, base_id, is_demo_base
 from skindual.controlnet import ControlNetPipeline, controlnet_misfit, load_controlnet_info
 from skindual.dual_pipeline import DualPipeline
 from skindual.errors import UserError
-from skindual.generate_config import GenerateConfig
+from skindual.generate_config import CONTROLNET_ONLY, GenerateConfig
 from skindual.model import ADAPTER_JSON, adapter_files, adapter_misfit, load_adapter
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.qc_model import QCSegmenter
@@ -62,7 +62,7 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
     sha256, its tensors checked against the base model's UNet), and its ControlNet (`with_controlnet`)."""
     if not cfg.controlnet:
-        if (cfg.control_scale, cfg.control_end) != (GenerateConfig.control_scale, GenerateConfig.control_end):
+        if any(getattr(cfg, name) != getattr(GenerateConfig, name) for name in CONTROLNET_ONLY):
             raise UserError(f"--control-scale {cfg.control_scale} / --control-end {cfg.control_end}: they steer a "
                             "ControlNet; pass --controlnet, or leave them out")
         return resolve_joint(cfg)
