@@ -148,23 +148,42 @@ def pair_dataset(url: str, selection: Mapping[int, Mapping[str, int]], size: int
 
 
 def stream_pairs(sources: Iterable[tuple[str, Mapping[int, Mapping[str, int]]]], size: int, seed: int = 0,
-                 buffer_size: int = 2048, s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
+                 buffer_size: int = 2048, s3_endpoint: str | None = None,
+                 hold: bool = True) -> Iterator[dict[str, Any]]:
     """An endless seeded stream of decoded pairs (`decode_sample` at `size`) from the selections of one
     or more datasets (URL, shard → {key: count}), each key as often as its count an epoch: every epoch
     visits the shards of all sources in a new random order and passes the pairs through a shuffle
     buffer of `buffer_size`.  Nothing beyond the buffer and the shard being read (`iter_shard`'s spool, on disk
-    past a few tens of MiB) is held, however large the datasets."""
+    past a few tens of MiB) is held, however large the datasets; a selection of no more distinct pairs than the
+    buffer holds is read and decoded once, its pairs kept for the later epochs (the same stream: short runs on
+    small sets, such as a pretraining stage on a few synthetic pairs, otherwise decode them over and over to
+    fill the buffer; ``hold=False`` decodes every epoch again)."""
     units = [(url, int(shard), dict(keys)) for url, selection in sources for shard, keys in selection.items() if keys]
     if not units:
         raise ValueError("stream_pairs needs at least one selected pair")
     storages = {url: open_storage(url, s3_endpoint) for url, _, _ in units}
+    held: dict[int, list[dict[str, Any]]] | None = {} if hold and sum(len(k) for _, _, k in units) <= buffer_size else None
     rng = np.random.default_rng(seed)
     buffer: list[dict[str, Any]] = []
+
+    def unit_pairs(u: int) -> Iterator[dict[str, Any]]:
+        url, shard, keys = units[u]
+        if held is not None and u in held:
+            yield from held[u]
+            return
+        decoded = [] if held is not None else None
+        for sample in iter_shard(storages[url], shard, keys):
+            pair = decode_sample(sample, size)
+            if decoded is not None:
+                decoded.append(pair)
+            yield pair
+        if held is not None:
+            held[u] = decoded
+
     while True:
         for u in rng.permutation(len(units)):
-            url, shard, keys = units[u]
-            for sample in iter_shard(storages[url], shard, keys):
-                pair = decode_sample(sample, size)
+            keys = units[u][2]
+            for pair in unit_pairs(int(u)):
                 for _ in range(keys[pair["key"]]):
                     buffer.append(pair)
                     if len(buffer) >= buffer_size:
