@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow  # whole chains
 ROOT = Path(__file__).resolve().parents[1]
 # 3 fine-tuning steps of the ControlNet (the demo's default pairs: images drawn for real train masks), the 5-step
 # QC segmenter only scores (--min-consistency 0); one actor for one shard of 14 pairs; a 20-step lesion-cnn,
-# 5-step downstream models
-TINY = ["--finetune-steps", "3", "--per-class", "2", "--actors", "1", "--extractor-steps", "20", "--eval-steps", "5",
+# 5-step downstream models; a 2-step validation grid
+TINY = ["--finetune-steps", "3", "--validation-steps", "2", "--per-class", "2", "--actors", "1", "--extractor-steps", "20", "--eval-steps", "5",
         "--seeds", "1", "--max-mask-area", "1.0", "--qc-steps", "5", "--min-consistency", "0"]
 
 

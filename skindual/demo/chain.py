@@ -122,6 +122,8 @@ class DemoConfig:
                                           f"{DEMO_PILOT_QUANTILE:g} quantile in a scored pilot draw "
                                           f"({DEMO_PILOT_PER_CLASS} pairs a class)")
     qc_steps: int = option(QCModelConfig.steps, "training steps of the QC segmenter")
+    validation_steps: int = option(FinetuneConfig.validation_steps, "sampling steps of the fine-tune's validation "
+                                                                     "grid (runs/NAME/validation_grid.png)")
     prompt_attributes: str = option("adapter", "generation's --prompt-attributes (none: its shards and report get "
                                                "their own folders)", choices=["adapter", "none"])
 
@@ -129,7 +131,7 @@ class DemoConfig:
         if self.finetune_steps < 0:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must be at least 1 (or 0: the recipe's)")
         check_fields(self, ("per_class", "actors", "eval_steps", "seeds", "extractor_steps",
-                            "qc_steps"))
+                            "qc_steps", "validation_steps"))
         if not (0 <= self.min_consistency <= 1 or self.min_consistency == -1):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1] (or -1: automatic)")
         if is_remote(self.output):
@@ -183,7 +185,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
     ft = FinetuneConfig(training_data=str(world.real), real_fraction=cfg.real_fraction, output=str(out / "runs"),
                         name=f"demo{suffix}", base_model=world_base(cfg.difficulty),
-                        **cfg.recipe)
+                        validation_steps=cfg.validation_steps, **cfg.recipe)
     what = ("a ControlNet beside the stock base" if ft.train == "controlnet" else
             f"{ft.layout} layout, {ft.train} rank {ft.lora_rank}")
     name, t = stage(2, f"{ft.steps} steps ({what}, batch {ft.batch_size}, lr {ft.lr:g}"
