@@ -98,27 +98,57 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+QUIETED = ("diffusers.utils.logging", "transformers.utils.logging")
+"""The model libraries' logging modules `quiet_libraries` turns down (their verbosity and progress bars)."""
+
+
+def _quiet(module: Any) -> None:
+    module.set_verbosity_error()
+    module.disable_progress_bar()
+
+
+class _QuietOnImport:
+    """A `sys.meta_path` finder that turns a library's logging down as the library is imported, so a process
+    that never loads a model (an evaluation's feature actor or downstream task) never pays for importing one
+    just to quiet it (diffusers: about 3 s)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in QUIETED:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def run(module: Any) -> None:
+            exec_module(module)
+            _quiet(module)
+
+        spec.loader.exec_module = run  # type: ignore[method-assign]
+        return spec
+
+
 def quiet_libraries() -> None:
     """Keep diffusers', transformers' and the Hugging Face Hub's progress bars and advisories (weights loading,
     shards written, the LoRA loader's notes) out of a job's output unless --verbose; called by the jobs and
-    by every Ray worker that loads a model, whose output Ray forwards to the job's."""
+    by every Ray worker (`worker_setup`), whose output Ray forwards to the job's.  A library not imported yet is
+    quieted when it is (`_QuietOnImport`), not imported for it."""
     if verbose():
         return
     for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                         ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
         os.environ.setdefault(name, value)
-    for module in ("diffusers", "transformers"):
-        try:
-            library = __import__(f"{module}.utils.logging", fromlist=["logging"])
-        except ImportError:
-            continue
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    try:
+    for name in QUIETED:
+        if name in sys.modules:
+            _quiet(sys.modules[name])
+    if not any(isinstance(finder, _QuietOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietOnImport())
+    if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
-    except ImportError:
-        return
-    disable_progress_bars()
+
+        disable_progress_bars()  # (imported later, it reads HF_HUB_DISABLE_PROGRESS_BARS)
 
 
 REQUEST_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")

@@ -162,3 +162,30 @@ sys.stderr.write("last")
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and time.monotonic() - started < 15, run.stderr
     assert run.stderr == f"native line\npython line\n{THEIR_ACTOR}\nno newline yet, now\nlast"
+
+
+QUIET_CHECK = """
+import sys
+from skindual.cli import quiet_libraries, worker_setup
+{before}
+worker_setup()
+assert ("diffusers" in sys.modules) == {imported}, "worker_setup imported diffusers"
+import diffusers.utils.logging as d, transformers.utils.logging as t
+from huggingface_hub.utils import are_progress_bars_disabled
+print(d.get_verbosity(), d.is_progress_bar_enabled(), t.get_verbosity(), t.is_progress_bar_enabled(),
+      are_progress_bars_disabled())
+"""
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_a_worker_quiets_the_model_libraries_without_importing_them(imported):
+    """A Ray worker that never loads a model (a feature actor, a downstream task) does not import diffusers to
+    quiet it; one that imports it later, or did before, gets it quiet all the same."""
+    import subprocess
+
+    code = QUIET_CHECK.format(before="import diffusers" if imported else "", imported=imported)
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("SKINDUAL_VERBOSE", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["40", "False", "40", "False", "True"]  # logging.ERROR, no progress bars
