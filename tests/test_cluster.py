@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -297,9 +298,14 @@ def test_node_local_outputs_are_refused_on_the_two_node_cluster(ray_test_cluster
             "generate": ["--per-class", "1"], "prepare": ["--ham10000", str(eval_world["root"] / "data")],
             "evaluate": ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
                          "--feature-extractor", "lesion-cnn"]}
-    for job, args in jobs.items():
-        run = subprocess.run([sys.executable, f"jobs/{job}.py", *args, "--output", out], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+
+    def refuse(job: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, f"jobs/{job}.py", *jobs[job], "--output", out], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each is mostly its imports
+        runs = dict(zip(jobs, pool.map(refuse, jobs)))
+    for job, run in runs.items():
         assert run.returncode == 2, (job, run.stderr[-3000:])
         assert run.stderr.strip().splitlines()[-1] == (
             f"error: --output {out}: a local path, on a cluster of 2 nodes, so it exists on one node only; use "
