@@ -74,8 +74,9 @@ class GenerateConfig:
                                                    "pixels: 6 px at SD-2's 512²); "
                                                    "removes the VAE's spiky mask edges; 0: off")
     dtype: str = option("auto", "model dtype; auto: fp16 on GPU, fp32 on CPU", choices=list(DTYPES))
-    compile: bool = option(False, "speed levers for GPUs: torch.compile of the UNet and the VAE decoder (each actor "
-                                  "compiles on its first mini-batches), channels-last weights, fused QKV projections; "
+    compile: bool = option(False, "speed levers for GPUs: torch.compile of the UNet, the VAE decoder and a "
+                                  "ControlNet (each actor compiles on its first mini-batches), channels-last weights, "
+                                  "fused QKV projections; "
                                   "the samples round differently, so an output is written with it on or off "
                                   "throughout (it enters the run's fingerprint when on)")
     seed: int = option(0, "run seed: every pair's seed derives from it and the pair's row id")
@@ -118,8 +119,6 @@ class GenerateConfig:
         if self.control_scale < 0 or not 0 < self.control_end <= 1:
             raise UserError(f"--control-scale {self.control_scale} / --control-end {self.control_end}: the scale must "
                             "not be negative and the end must be a share of the steps in (0, 1]")
-        if self.controlnet and self.compile:
-            raise UserError("--compile: not with --controlnet (its levers are not applied to a ControlNet yet)")
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
                             "--qc-segmenter")

@@ -150,5 +150,10 @@ def load_generator(spec: ModelSpec, cfg: GenerateConfig, tmp: str) -> DualPipeli
         if pipe.info.sha256 != spec.controlnet_sha256:
             raise RuntimeError(f"ControlNet {spec.controlnet} changed while the run started; rerun the job")
     if cfg.compile:
-        speed_up(pipe.pipe)
+        if isinstance(pipe, ControlNetPipeline):
+            speed_up(pipe.pipe, controlnet=pipe.controlnet)  # the stock base and its ControlNet
+            if pipe.masker is not None:
+                speed_up(pipe.masker.pipe)  # the joint model that samples the masks
+        else:
+            speed_up(pipe.pipe)
     return pipe

@@ -9,8 +9,9 @@ sums rounded to float32 after each axis) and its components come from union–fi
 component's first pixel in raster order, as scipy numbers them, so ties between equal components go the same way.
 
 `speed_up` applies the levers of ``jobs/generate.py --compile`` to a loaded pipeline: fused QKV projections,
-channels-last memory format and `torch.compile` of the UNet and the VAE decoder (Inductor in its deterministic
-mode, so the same settings give the same kernels, hence the same bytes, run after run).
+channels-last memory format and `torch.compile` of the UNet and the VAE decoder, and of a ControlNet that steers
+the UNet (Inductor in its deterministic mode, so the same settings give the same kernels, hence the same bytes,
+run after run).
 """
 
 from __future__ import annotations
@@ -150,16 +151,18 @@ def clean_masks(mask_logits: torch.Tensor, sigma: float, largest: bool = True) -
 LEVERS = ("fuse_qkv", "channels_last", "compile")
 
 
-def speed_up(pipe, levers: tuple[str, ...] | list[str] = LEVERS) -> None:
+def speed_up(pipe, levers: tuple[str, ...] | list[str] = LEVERS, controlnet=None) -> None:
     """Apply the named `levers` (of `LEVERS`) to a loaded diffusers pipeline whose LoRA, if any, is fused, in place:
     ``fuse_qkv``: the LoRA layers folded away, then each attention's Q, K, V (cross-attention: K, V) projections
     one matmul (diffusers' `fuse_qkv_projections`, UNet and VAE); ``channels_last``: the UNet's and VAE's
     weights in channels-last memory format; ``compile``: `torch.compile` of the UNet's and the VAE decoder's
     forward (Inductor, deterministic mode; compiled on first use, again for a new batch size once, then with a
-    dynamic batch)."""
+    dynamic batch).  A `controlnet` (diffusers' `ControlNetModel`) that steers the pipeline's UNet gets the same
+    three."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}; choose from {LEVERS}")
+    steering = [controlnet] if controlnet is not None else []
     if "fuse_qkv" in levers:
         if getattr(pipe.unet, "peft_config", None):  # LoRA merged into the weights by fuse_lora: drop the wrappers
             from peft.tuners.tuners_utils import BaseTunerLayer
@@ -167,16 +170,16 @@ def speed_up(pipe, levers: tuple[str, ...] | list[str] = LEVERS) -> None:
             if not all(m.merged for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)):
                 raise ValueError("fuse_qkv needs the LoRA fused into the weights first (fuse_lora)")
             pipe.unload_lora_weights()
-        pipe.unet.fuse_qkv_projections()
-        pipe.vae.fuse_qkv_projections()
+        for model in (pipe.unet, pipe.vae, *steering):
+            model.fuse_qkv_projections()
     if "channels_last" in levers:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        for model in (pipe.unet, pipe.vae, *steering):
+            model.to(memory_format=torch.channels_last)
     if "compile" in levers:
         import torch._inductor.config as inductor
 
         if hasattr(inductor, "deterministic"):  # where torch has it: no kernel chosen by timing, the same bytes
             inductor.deterministic = True
-        pipe.unet.compile()
-        pipe.vae.decoder.compile()
+        for model in (pipe.unet, pipe.vae.decoder, *steering):
+            model.compile()
 

@@ -92,31 +92,40 @@ def test_the_eager_levers_keep_the_samples_and_compile_enters_the_fingerprint_on
     assert "compile" not in eager_settings and compiled_settings == eager_settings | {"compile": True}
 
 
-@pytest.mark.slow  # torch.compile of the demo UNet and VAE decoder takes minutes on a 2-core CPU
-def test_compiled_sampling_gives_the_eager_masks_and_shard_layout(tmp_path):
-    """``generate --compile`` on the demo adapter through the real generator actor and shard writer (no Ray): the same
-    samples in the same shard layout as eager sampling, each mask within Dice 0.99 of its eager twin; the switch
-    enters the fingerprint only when on."""
+@pytest.mark.slow  # torch.compile of the demo UNet and VAE decoder (and ControlNet) takes minutes on a 2-core CPU
+@pytest.mark.parametrize("drawn_by", ["joint", "controlnet"])
+def test_compiled_sampling_gives_the_eager_pairs_and_shard_layout(demo_real, drawn_by, tmp_path):
+    """``generate --compile`` through the real generator actor and shard writer (no Ray), on the demo adapter (image
+    and mask sampled together) and on the demo ControlNet (images drawn for the real train masks: the base, its
+    ControlNet and the VAE decoder compiled): the same samples in the same shard layout as eager sampling, each mask
+    within Dice 0.99 of its eager twin (a given mask: the same), each image within two grey levels."""
     from dataclasses import replace
 
     import pyarrow as pa
 
-    from skindual import generate, generate_actors, generate_model
+    from skindual import generate, generate_actors
     from skindual.cluster import this_machine
-    from skindual.demo.world import DEMO_ADAPTER
+    from skindual.demo.world import DEMO_ADAPTER, DEMO_CONTROLNET_ADAPTER
     from skindual.generate_config import GenerateConfig
+    from skindual.mask_source import load_masks
     from skindual.quality import dice
     from skindual.shards import read_shards
     from skindual.storage import LocalStorage
 
-    cfg = GenerateConfig(per_class="mel=2,nv=2", adapter=str(DEMO_ADAPTER), samples_per_shard=4, steps=4, batch_size=4,
+    drawn = ({"adapter": str(DEMO_ADAPTER)} if drawn_by == "joint" else
+             {"controlnet": str(DEMO_CONTROLNET_ADAPTER), "mask_source": str(demo_real)})
+    cfg = GenerateConfig(per_class="mel=2,nv=2", **drawn, samples_per_shard=4, steps=4, batch_size=4,
                          min_mask_area=0.0, max_mask_area=1.0, min_main_share=0.0)  # no redraws: one batch size
-    spec = generate_model.resolve_model(cfg)
-    (item,) = generate_actors.shard_items(generate.generation_prompts(cfg, spec), [0])
-    batch = pa.table({"shard": [0], "rows": [item["rows"]]})
+    plan = generate.plan_generate(replace(cfg, output=str(tmp_path / "plan")))
+    spec, prompts = plan.model, generate.generation_prompts(plan.config, plan.model, plan.masks)
+    masks = (load_masks(plan.masks, prompts.column("source_key").to_pylist(), None) if plan.masks is not None
+             else None)
+    (item,) = generate_actors.shard_items(prompts, [0], masks)
+    batch = pa.table({"shard": [0], "rows": [item["rows"]], "masks": [item["masks"]]})
     shards = {}
     for compiled in (False, True):
-        actor = generate_actors.ShardGenerator(generate.resolve_devices(replace(cfg, compile=compiled), this_machine()),
+        actor = generate_actors.ShardGenerator(generate.resolve_devices(replace(plan.config, compile=compiled),
+                                                                        this_machine()),
                                                spec)
         out = LocalStorage(tmp_path / str(compiled))
         generate_actors.write_shard_rows(actor(batch), out, generate.shard_run_info(cfg, spec, "fp"))
