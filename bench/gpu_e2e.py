@@ -11,6 +11,11 @@ fast), then on an SD-2-structured base (`skindual.sd2`, random weights, SD-2-bas
   qc_model     jobs/qc_model.py --use-gpu (once, in the first chain: the segmenter learns the real data only)
   generate     jobs/generate.py --num-gpus-per-actor 1 into two shards (QC thresholds open: the random base's
                masks are noise), the QC segmenter scoring every pair on the GPU
+  controlnet   jobs/finetune.py --train controlnet --use-gpu: a ControlNet beside the frozen base, one checkpoint's
+               steps (the demo's default pairs)
+  generate_controlnet
+               jobs/generate.py --controlnet --mask-source: an image drawn for each real train mask on a GPU actor,
+               two shards
   evaluate     jobs/evaluate.py with GPU feature actors and GPU downstream tasks
 
 The demo data (`skindual.demo.world`) is the real data of both chains.  Peak GPU memory per stage is the
@@ -48,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from job_runs import registered_steps  # noqa: E402 (the tests' job helpers, as bench/chaos.py uses them)
 MARKER = "SKINDUAL_E2E_CLUSTER"
-LIMITS = {"stage_base": 120, "finetune": 300, "qc_model": 120, "generate": 180, "evaluate": 240}
+LIMITS = {"stage_base": 120, "finetune": 300, "qc_model": 120, "generate": 180, "controlnet": 300,
+          "generate_controlnet": 180, "evaluate": 240}
 """Each stage's own time limit in seconds (the run's budget may cut it shorter)."""
 
 
@@ -162,9 +168,9 @@ class Run:
     def say(self, line: str) -> None:
         print(f"[e2e {time.monotonic() - self.started:6.0f} s] {line}", file=sys.stderr, flush=True)
 
-    def job(self, chain: str, stage: str, args: list[str], watch=None) -> bool:
-        """Run ``jobs/<stage>.py args`` in the cluster under its time limit (`watch(proc, log)` polls it while it
-        runs); record its exit status, seconds and peak GPU memory."""
+    def job(self, chain: str, stage: str, args: list[str], watch=None, script: str = "") -> bool:
+        """Run ``jobs/<script or stage>.py args`` in the cluster under its time limit (`watch(proc, log)` polls it
+        while it runs); record its exit status, seconds and peak GPU memory under `stage`."""
         record = self.report["chains"][chain]["stages"]
         limit = min(LIMITS[stage] * self.args.limit_scale, self.left())
         if limit < 15:
@@ -174,7 +180,7 @@ class Run:
         self.say(f"{chain}: {stage} (limit {limit:.0f} s, log {log_path})")
         start = time.monotonic()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"{script or stage}.py"), *args], cwd=ROOT,
                                     env=self.cluster.env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
             rc = None
@@ -249,6 +255,20 @@ def chain(run: Run, name: str, source: str, world, settings: dict, qc: Path) -> 
     if not run.job(name, "generate", generate):
         return False
     record["shards"] = sorted(p.name for p in synthetic.glob("*.tar"))
+    # the demo's default pairs: a ControlNet fine-tuned beside the frozen base, then drawing an image for each real
+    # train mask (augmented) on a GPU actor
+    controlnet = ["--training-data", str(world.real), "--base-model", str(base), "--output", str(runs),
+                  "--name", "e2e-controlnet", "--train", "controlnet", "--resolution", str(settings["resolution"]),
+                  "--mixed-precision", "bf16", "--steps", str(every), "--checkpoint-every", str(every),
+                  "--batch-size", "2", "--validation-per-class", "1", "--validation-steps", "2",
+                  "--validation-batch", "7", "--cpus-per-worker", cpus, *(["--use-gpu"] if gpu else [])]
+    if not run.job(name, "controlnet", controlnet, script="finetune"):
+        return False
+    drawn = [*generate[:generate.index("--output")], "--output", str(home / "synthetic-controlnet")]
+    drawn[:2] = ["--controlnet", str(runs / "e2e-controlnet" / "adapter"), "--mask-source", str(world.real)]
+    if not run.job(name, "generate_controlnet", drawn, script="generate"):
+        return False
+    record["controlnet_shards"] = sorted(p.name for p in (home / "synthetic-controlnet").glob("*.tar"))
     evaluate = ["--real", str(world.real), "--test-data", str(world.test_data), "--synthetic", str(synthetic),
                 "--output", str(home / "eval"), "--feature-extractor", "lesion-cnn", "--extractor-steps", "20",
                 "--steps", "10", "--seeds", "1", "--actors", "1", "--cpus-per-actor", cpus, "--cpus-per-task", cpus,
@@ -256,7 +276,7 @@ def chain(run: Run, name: str, source: str, world, settings: dict, qc: Path) -> 
                 "--kid-subsets", "5", "--classifier", "small", "--qc-segmenter", str(qc)]
     if not run.job(name, "evaluate", evaluate):
         return False
-    record["ok"] = len(record["shards"]) == 2
+    record["ok"] = len(record["shards"]) == 2 and len(record["controlnet_shards"]) == 2
     return record["ok"]
 
 
