@@ -39,6 +39,8 @@ under it was submitted with ``ray job submit --working-dir``."""
 ACCELERATOR_PREFIX = "accelerator_type:"
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch between a local-only node (0: bound to 127.0.0.1) and one of a cluster (`_loopback_ray`)."""
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+"""The port Ray binds a starting head node's GCS to (unset or 0: any free one; `_start_embedded`)."""
 
 
 def init_ray(min_cpus: int = 1) -> None:
@@ -70,10 +72,38 @@ def init_ray(min_cpus: int = 1) -> None:
         ray.init(logging_level=level)
     else:
         _private_token_file()
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), logging_level=level)
+        _start_embedded(max(os.cpu_count() or 1, min_cpus), level)
     if not loud:
         _forward_only_our_lines()
         drop_native_lines(RAY_DATA_RESTART_NOTE)  # Ray Data's own, on every actor pool (it stays in Ray's log)
+
+
+def _start_embedded(num_cpus: int, level: int) -> None:
+    """Start the embedded cluster with its GCS on a loopback port picked here, and tell its workers that address.
+
+    Ray's own actors that look their cluster up without an address (Ray Train's placement-group cleaner asks the
+    state API so, every few seconds) take RAY_ADDRESS, else the cluster `ray start` recorded last, else the one
+    GCS process running on the machine.  An embedded cluster is not recorded, so beside a second Ray instance on
+    the machine (another job's embedded cluster, a local `ray start`) that lookup fails: the cleaner stops
+    watching and its traceback reaches the job's output.  The job's workers get RAY_ADDRESS through the job's
+    runtime environment, which Ray fixes when the driver connects, before the cluster's port is otherwise known."""
+    import socket
+
+    import ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # free now; Ray binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)  # read by Ray when it starts a head node's GCS
+    try:
+        ray.init(num_cpus=num_cpus, logging_level=level,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
 
 
 def _loopback_ray(address: str) -> None:

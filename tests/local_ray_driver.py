@@ -2,7 +2,7 @@
 
 It runs as a job does (`cli.run_job`), in the environment the test gives it (the quick start's: no
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER), and prints one line ``listeners: [...]``, the addresses that it and the
-Ray processes it started listen on.  Then its workers fail as workers do: an actor whose ``__init__`` raises a
+Ray processes it started listen on, and ``clusters: [its own, the one a worker finds]``.  Then its workers fail as workers do: an actor whose ``__init__`` raises a
 `UserError` (the job shows one line for that, never the worker's traceback), a task that logs an error with
 its traceback and an NCCL error line and raises, and an actor that crashes (SIGSEGV) and fails the job.
 Beside those, the workers write chatter that a quiet job must not show.
@@ -80,6 +80,14 @@ class CrashingActor:
         ctypes.string_at(0)  # SIGSEGV: the worker's own stderr says why, the driver only that it died
 
 
+def cluster_seen() -> str:
+    """The cluster a worker finds when it looks its own up without an address, as Ray Train's placement-group
+    cleaner does (through the state API) every few seconds."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return canonicalize_bootstrap_address_or_die(None)
+
+
 def main(cfg: DriverConfig) -> None:
     import ray
 
@@ -87,6 +95,11 @@ def main(cfg: DriverConfig) -> None:
     crashing = ray.remote(max_restarts=0)(CrashingActor).remote()
     ray.get(crashing.ping.remote())  # a worker process up before the listeners are read
     print("listeners: " + json.dumps(listening_addresses()), flush=True)
+    try:
+        seen = ray.get(ray.remote(cluster_seen).options(max_retries=0).remote())
+    except Exception as exc:  # noqa: BLE001 - the test reads what it found
+        seen = repr(exc)
+    print("clusters: " + json.dumps([ray.get_runtime_context().gcs_address, seen]), flush=True)
     refusing = ray.remote(RefusingActor).remote()
     try:
         ray.get(refusing.ping.remote())

@@ -436,10 +436,11 @@ def test_init_ray_keeps_a_local_ray_on_127_0_0_1_also_when_ray_was_imported_firs
 
 
 @pytest.fixture(scope="module")
-def quick_start_driver(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def quick_start_driver(tmp_path_factory, ray_test_cluster) -> tuple[Path, subprocess.CompletedProcess]:
     """tests/local_ray_driver.py run as the quick start runs a job: its own embedded Ray cluster, in an
     environment without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (nor any other RAY_ variable), a fresh HOME (where
-    Ray finds or writes its token); its workers fail at the end."""
+    Ray finds or writes its token), beside another Ray instance on the machine (the shared test cluster); its
+    workers fail at the end."""
     home = tmp_path_factory.mktemp("home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home),
                                                                                 "PYTHONUNBUFFERED": "1"}
@@ -455,6 +456,18 @@ def test_the_quick_starts_ray_listens_on_127_0_0_1_only_and_its_token_is_private
     assert json.loads(line.removeprefix("listeners: ")) == ["127.0.0.1"], run.stdout[-3000:] + run.stderr[-3000:]
     token = home / ".ray" / "auth_token"
     assert len(token.read_text().strip()) == 64 and token.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_the_quick_starts_workers_find_their_own_cluster_beside_another(quick_start_driver):
+    """A worker that looks its cluster up without an address (Ray Train's placement-group cleaner does, through
+    the state API) finds the job's embedded cluster, though another Ray instance runs on the machine: unrecorded,
+    the embedded one used to make that lookup fail, and the cleaner's traceback reached the job's output."""
+    _, run = quick_start_driver
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("clusters: ")]
+    own, seen = json.loads(line.removeprefix("clusters: "))
+    assert own.startswith("127.0.0.1:") and seen == own, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Found multiple active Ray instances" not in run.stdout + run.stderr
 
 
 @pytest.mark.slow
