@@ -246,10 +246,22 @@ def drop_native_lines(pattern: re.Pattern[bytes]) -> Callable[[], None]:
         sys.stderr.flush()
         put_back()  # this process's end of the pipe closes: what is in it still goes out, then the pump ends
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=30)  # returns as soon as the pipe is drained; longer only under a heavy load
 
     atexit.register(restore)
+    _RESTORE_STDERR.append(restore)
     return restore
+
+
+_RESTORE_STDERR: list[Callable[[], None]] = []
+"""The `drop_native_lines` filters in place, each undone by `stderr_direct`."""
+
+
+def stderr_direct() -> None:
+    """Put this process's own standard error back (what the `drop_native_lines` filters hold goes out first), so
+    that a job's last line, its error, reaches it from the main thread, not through a filter's thread."""
+    while _RESTORE_STDERR:
+        _RESTORE_STDERR.pop()()
 
 
 class Progress:
@@ -334,12 +346,14 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], description: str, arg
         main(config)
         check_interrupt()  # swallowed where no stage checked: the run may be whole, but it does not say so
     except KeyboardInterrupt:
+        stderr_direct()
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a user's mistake is one line, wherever it was raised; the rest re-raises
         err = user_error_in(exc)
         if err is None:
             raise
+        stderr_direct()
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
