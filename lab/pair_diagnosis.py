@@ -44,15 +44,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import controlnet_base_lora
 import numpy as np
 import torch
-from consistency_levers import SIZE, build_judges, draw_sets, fine_tune, generation_config, load_world, per_pair_dice
+from consistency_levers import (SIZE, as_set, build_judges, draw_sets, fine_tune, generation_config, load_world,
+                                per_pair_dice)
 from finetune_quality import parse_fields
 
 from skindual import fidelity, quality, report
 from skindual.demo.chain import DEMO_FINETUNE, DEMO_QC_ATTEMPTS
-from skindual.demo.world import world_base
+from skindual.base_models import resolve_base_model
+from skindual.demo.world import split_pairs, vae_round_trip, world_base
 from skindual.finetune_config import FinetuneConfig
+from skindual.model import load_pipeline
 from skindual.prompts import CLASS_CODES
 
 SETTINGS = ("difficulty", "real_fraction", "finetune_steps", "per_class", "classes", "sample_steps", "qc_attempts",
@@ -100,6 +104,8 @@ def parse_variant(text: str, finetune_steps: int) -> Variant:
         named[key] = value
         if key in GENERATION_FIELDS:
             sampling[key] = GENERATION_FIELDS[key](value)
+        elif key == "base_lora":  # lab/controlnet_base_lora.py: LoRA of this rank on the base, with the ControlNet
+            finetune["base_lora"] = int(value)
         elif key == "steps" and value.startswith("x"):
             finetune["steps"] = round(float(value[1:]) * finetune_steps)
         else:
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                             if earlier.get("settings", {}).get(k) != v)
         raise SystemExit(f"{out / 'pair_diagnosis.json'} was measured with other settings ({changed}): give another "
                          "--output, or the same settings to add variants and seeds to it")
-    real, _ = load_world(out, args.difficulty, args.world, args.data_scale)
+    real, real_test = load_world(out, args.difficulty, args.world, args.data_scale)
     out.mkdir(parents=True, exist_ok=True)
     judges = build_judges(real, f, out, args.qc_steps, args.judge_steps, device)
     real_all = judges.real_all
@@ -235,8 +241,21 @@ def main(argv: list[str] | None = None) -> dict:
     real_cut = {k: v[np.isin(judges.real_cut["label"], asked)] for k, v in judges.real_cut.items()}
     real_row = pair_figures(real_cut, judges.judge, extractor, real_features, real_all["label"], device)
     contact_sheet(real_cut, args.sheet_per_class, out / "sheets" / "real.png")
-    results["variants"] = {"real pairs (train cut)": [{"raw": real_row, "kept": real_row}]} | {
-        name: per_seed for name, per_seed in earlier.get("variants", {}).items() if name != "real pairs (train cut)"}
+    # the ceiling a generator drawing through this base's decoder can be measured against: real pairs the judge never
+    # saw (the test split), as they are and with their images round-tripped through the base's VAE (consistent by
+    # construction, with the decoder's look)
+    test = as_set(split_pairs(real_test, "all", SIZE))
+    held_out = {k: v[np.isin(test["label"], asked)] for k, v in test.items()}
+    vae = load_pipeline(resolve_base_model(world_base(args.difficulty))).vae.eval()
+    round_trip = held_out | {"image": vae_round_trip(vae, held_out["image"])}
+    fixed_rows = {"real pairs (train cut)": real_row,
+                  "real test pairs (held out from the judge)": pair_figures(
+                      held_out, judges.judge, extractor, real_features, real_all["label"], device),
+                  "real test pairs through the base's VAE (the decoder's ceiling)": pair_figures(
+                      round_trip, judges.judge, extractor, real_features, real_all["label"], device)}
+    contact_sheet(round_trip, args.sheet_per_class, out / "sheets" / "real-test-vae.png")
+    results["variants"] = {name: [{"raw": row, "kept": row}] for name, row in fixed_rows.items()} | {
+        name: per_seed for name, per_seed in earlier.get("variants", {}).items() if name not in fixed_rows}
     table = {name: summary(per_seed) for name, per_seed in results["variants"].items()}
 
     def save() -> None:
@@ -255,9 +274,13 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed = results["variants"].get(variant.name, [])  # an earlier run's seeds are kept, not measured again
         controlnet = variant.finetune.get("train") == "controlnet"
         for seed in sorted(set(range(args.seeds)) - {s["seed"] for s in per_seed}):
-            ft = finetune_config(variant.run_name, seed, {**(CONTROLNET_SETTINGS if controlnet else {}),
-                                                          **variant.finetune})
-            figures: dict = {"seed": seed, "finetune": fine_tune(ft, device)}
+            fields = dict(variant.finetune)
+            base_lora = fields.pop("base_lora", 0)
+            if base_lora and not controlnet:
+                raise SystemExit(f"variant {variant.name}: base_lora= is a setting of a train=controlnet variant")
+            ft = finetune_config(variant.run_name, seed, {**(CONTROLNET_SETTINGS if controlnet else {}), **fields})
+            figures: dict = {"seed": seed, "finetune": (controlnet_base_lora.fine_tune(ft, base_lora, device)
+                                                        if base_lora else fine_tune(ft, device))}
             t = time.perf_counter()
             adapter, sampling = str(out / "runs" / ft.name / "adapter"), dict(variant.sampling)
             masks = sampling.pop("masks", "real")
@@ -268,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                 adapter = str(out / "runs" / joint.name / "adapter")
             elif controlnet:  # the real cut's train masks, augmented (the ControlNet trained on their pairs)
                 sampling |= {"controlnet": adapter, "mask_source": real, "mask_fraction": f}
+                if base_lora:  # the base it trained beside, its LoRA fused in
+                    sampling["base_model"] = str(out / "runs" / ft.name / controlnet_base_lora.BASE_DIR)
                 adapter = ""
             elif "masks" in variant.sampling:
                 raise SystemExit(f"variant {variant.name}: masks= is a setting of a train=controlnet variant")
