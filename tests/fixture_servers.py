@@ -178,10 +178,12 @@ def start_node(command: list[str], env: dict[str, str], tries: int = 3) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def autoscaling_cluster(skindual_cache: str):
     """A Ray cluster on 127.0.0.1 whose autoscaler launches (fake) GPU nodes of two models, A10G and L4, from
-    zero, as cluster.yaml's does (tests/autoscaling.py); its own token, so drivers use its `env`."""
+    zero, as cluster.yaml's does (tests/autoscaling.py); its own token, so drivers use its `env`.  Stopped after
+    the module that uses it: idle, its head and autoscaler (polling every second) take 5% of a core, which the
+    rest of a session would pay for."""
     from autoscaling import run_autoscaling_cluster
     from s3server import _free_ports
 
