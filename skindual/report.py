@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from skindual import downstream, mask_stats
 from skindual.prompts import CLASSES, build_prompt, row_seed
 
 
@@ -217,6 +216,8 @@ def write_figures(folder: Path, metrics: dict, tables: dict, sheets: dict[str, d
     `agreement_sheet`), FD per class, the mask-statistic histograms (`tables`: "real"/"synthetic" →
     `mask_stats.statistics_table`) and, with a downstream benchmark in `metrics`, its bars; returns the file
     names."""
+    from skindual import mask_stats  # here: the preview's sheets (prepare, generate) need neither it nor torch
+
     plt = _pyplot()
     names = []
     for code, rows in sheets.items():
@@ -259,6 +260,8 @@ def _recipe(settings: dict) -> str:
 
 
 def _downstream_plot(folder: Path, summary: dict, plt) -> str:
+    from skindual import downstream
+
     bars = [(model, m) for model, names in downstream.METRICS.items() for m in names if m in summary.get(model, {})]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     x = np.arange(len(bars))
@@ -313,6 +316,8 @@ def _per_class_section(metrics: dict, figures: list[str]) -> list[str]:
 
 def render_report(metrics: dict, figures: list[str]) -> str:
     """``report.md`` of an evaluation's metrics (``metrics.json``) and figures."""
+    from skindual import downstream
+
     fid, cfg = metrics["fidelity"], metrics["config"]
     fd, kd = fid["fd_name"], fid["kd_name"]
     lines = ["# SkinDualGen evaluation", "",
