@@ -32,11 +32,12 @@ class BuildDemoConfig:
     measure: bool = option(True, "measure VAE reconstruction and the base's class fidelity")
     samples_per_class: int = option(24, "base samples per class for the class-fidelity figure")
     sample_steps: int = option(25, "sampling steps for those samples")
+    classifier_steps: int = option(200, "training steps of the lesion classifier that measures class fidelity")
 
     def __post_init__(self) -> None:
         if not 0 < self.data_scale <= 1:
             raise UserError(f"--data-scale {self.data_scale}: must be in (0, 1]")
-        check_fields(self, ("samples_per_class", "sample_steps"))
+        check_fields(self, ("samples_per_class", "sample_steps", "classifier_steps"))
         if self.artifact and not Path(self.artifact).is_file():
             raise UserError(f"--artifact {self.artifact}: no such file; give a demo base artifact (the shipped ones "
                             "are in skindual/assets/)")
@@ -45,7 +46,7 @@ class BuildDemoConfig:
 def main(cfg: BuildDemoConfig) -> None:
     world = prepare_demo_world(cfg.output, data_scale=cfg.data_scale, seed=cfg.seed, artifact=cfg.artifact or None,
                                difficulty=cfg.difficulty, measure=cfg.measure, samples_per_class=cfg.samples_per_class,
-                               sample_steps=cfg.sample_steps)
+                               sample_steps=cfg.sample_steps, classifier_steps=cfg.classifier_steps)
     print(json.dumps({"data_root": str(world.data_root), "base_model": str(world.base_model), **world.report},
                      indent=2))
 

@@ -186,12 +186,13 @@ def _run_job(*args, env_extra=None):
 def test_build_demo_job_end_to_end(tmp_path):
     out = tmp_path / "world"
     result = _run_job("--output", str(out), "--data-scale", "0.02", "--samples-per-class", "2",
-                      "--sample-steps", "4", env_extra={"SKINDUAL_CACHE": str(tmp_path / "cache")})
+                      "--sample-steps", "4", "--classifier-steps", "20", env_extra={"SKINDUAL_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "demo_world.json").read_text())
     assert report["class_counts"]["nv"] == 134 and report["class_counts"]["df"] == 10
     assert set(report["base_class_fidelity"]) == {c.code for c in CLASSES}
     assert report["vae_psnr_db"] > 20 and 0 <= report["base_class_fidelity_mean"] <= 1
+    assert report["classifier_steps"] == 20 and 0 <= report["classifier_real_accuracy"] <= 1
     # the classifier's recall after a VAE round trip: how much of the classes the VAE keeps
     assert set(report["vae_round_trip_class_recall"]) <= {c.code for c in CLASSES}
     assert 0 < report["vae_round_trip_class_recall_mean"] <= 1 and 0 <= report["vae_round_trip_accuracy"] <= 1

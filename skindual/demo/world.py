@@ -93,6 +93,7 @@ def prepare_demo_world(
     samples_per_class: int = 24,
     sample_steps: int = 25,
     guidance: float = 4.0,
+    classifier_steps: int = 200,
 ) -> DemoWorld:
     """Demo data under `output/data` prepared into `output/real`, the separate test set under
     `output/data-test` prepared into `output/real-test`, the base ready, a report.  `difficulty` "hard":
@@ -122,7 +123,8 @@ def prepare_demo_world(
     log.info("demo base ready at %s after %.1f s", base, report["base_ready_seconds"])
 
     if measure:
-        report.update(measure_base(base, output / "real", samples_per_class, sample_steps, guidance, seed))
+        report.update(measure_base(base, output / "real", samples_per_class, sample_steps, guidance, seed,
+                                   classifier_steps))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     output.mkdir(parents=True, exist_ok=True)
     (output / "demo_world.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -136,8 +138,10 @@ def split_pairs(real: str | Path, split: str, size: int) -> dict[str, np.ndarray
     return pairs.load_pairs(str(real), pairs.selection_of(rows), size)
 
 
-def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, guidance: float, seed: int) -> dict:
-    """VAE reconstruction on held-out demo pairs, and class fidelity of the base's samples."""
+def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, guidance: float, seed: int,
+                 classifier_steps: int = 200) -> dict:
+    """VAE reconstruction on held-out demo pairs, and class fidelity of the base's samples (by a lesion classifier
+    trained `classifier_steps` steps on the real train pairs)."""
     pipe = load_pipeline(base)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     test = split_pairs(real, "test", size)
@@ -147,7 +151,7 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
 
     t = time.perf_counter()
     train = split_pairs(real, "train", size)
-    classifier = quality.train_classifier(train["image"], train["class_index"], seed=seed)
+    classifier = quality.train_classifier(train["image"], train["class_index"], steps=classifier_steps, seed=seed)
     real_accuracy = float((quality.classify(classifier, test["image"]) == test["class_index"]).mean())
     log.info("class-fidelity classifier: %.3f on held-out real demo images (%.0f s)", real_accuracy,
              time.perf_counter() - t)
@@ -175,6 +179,7 @@ def measure_base(base: Path, real: Path, samples_per_class: int, steps: int, gui
         "base_class_fidelity": per_class, "base_class_fidelity_mean": round(float(np.mean(list(fidelity.values()))), 3),
         "base_confusion_rows_prompted_cols_predicted": confusion.tolist(),
         "fidelity_samples_per_class": samples_per_class, "sample_steps": steps, "guidance": guidance,
+        "classifier_steps": classifier_steps,
     }
 
 
