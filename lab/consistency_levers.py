@@ -231,16 +231,25 @@ class PeakMemory:
             self.gb = self._rss_gb("VmHWM") - self.start
 
 
-def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
+def write_adapter(cfg: FinetuneConfig, trainer, plan) -> dict:
+    """`train_adapter`'s default output: the adapter folder by `write_outputs` (marked done with the plan's
+    fingerprint); no figures of its own."""
+    write_outputs(cfg, trainer, plan.prompting, plan.fingerprint)
+    return {}
+
+
+def train_adapter(ft: FinetuneConfig, device_type: str, build=make_trainer, write=write_adapter) -> dict:
     """The fine-tune `ft` in this process (its trainer over `local_batches`, no Ray), its adapter written by
     `write_outputs` under ``{output}/{name}/adapter``.  Returns the last step's losses, the seconds a step (the first
-    left out: it pays for the allocations) and the peak memory of loading the model and training (`PeakMemory`)."""
+    left out: it pays for the allocations) and the peak memory of loading the model and training (`PeakMemory`).
+    A lab variant gives its own trainer (`build(cfg, device)`) and output (`write(cfg, trainer, plan)`, which
+    returns figures to add; module-level callables, so that a spawned process can run them)."""
     device = torch.device(device_type)
     plan = plan_finetune(ft)
     cfg = plan.config
     last, seconds = {}, []
     with PeakMemory(device) as memory:
-        trainer = make_trainer(cfg, device)  # the joint model's, or a ControlNet's with --train controlnet
+        trainer = build(cfg, device)  # the joint model's, or a ControlNet's with --train controlnet
         epoch = 0
         while trainer.step < cfg.steps:
             epoch += 1
@@ -256,26 +265,27 @@ def train_adapter(ft: FinetuneConfig, device_type: str) -> dict:
                     break
             if len(seconds) == given:  # an epoch gave no batch: the loop would never end
                 raise SystemExit(f"{cfg.training_data}: an epoch has fewer pairs than a batch ({cfg.batch_size})")
-    write_outputs(cfg, trainer, plan.prompting, plan.fingerprint)
+    extra = write(cfg, trainer, plan)
     timed = seconds[1:] or seconds
-    return {"steps": cfg.steps, "seconds_per_step": round(float(np.mean(timed)), 4),
+    return {"steps": cfg.steps, **extra, "seconds_per_step": round(float(np.mean(timed)), 4),
             "peak_memory_gb": round(memory.gb, 3),
             "last_step_losses": {k: round(float(v), 4) for k, v in last.items() if k != "time"}}
 
 
-def fine_tune(ft: FinetuneConfig, device: torch.device) -> dict:
-    """`train_adapter`'s figures of the fine-tune `ft`, kept beside its adapter (``train_figures.json``); a run found
-    done (its plan's) is reused with them.  On the CPU it trains in a fresh process, so that the resident set's peak
-    counts this fine-tune alone, not what this process loaded or freed before."""
+def fine_tune(ft: FinetuneConfig, device: torch.device, build=make_trainer, write=write_adapter) -> dict:
+    """`train_adapter`'s figures of the fine-tune `ft` (`build`, `write`: as there), kept beside its adapter
+    (``train_figures.json``); a run found done (its plan's) is reused with them.  On the CPU it trains in a fresh
+    process, so that the resident set's peak counts this fine-tune alone, not what this process loaded or freed
+    before."""
     plan = plan_finetune(ft)
     figures_path = Path(plan.config.output) / plan.config.name / "train_figures.json"
     if plan.done is not None:
         return json.loads(figures_path.read_text()) if figures_path.is_file() else {}
     if device.type == "cpu":
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            figures = pool.submit(train_adapter, ft, "cpu").result()
+            figures = pool.submit(train_adapter, ft, "cpu", build, write).result()
     else:
-        figures = train_adapter(ft, device.type)
+        figures = train_adapter(ft, device.type, build, write)
     figures_path.write_text(json.dumps(figures, indent=1) + "\n")
     return figures
 

@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
             if base_lora and not controlnet:
                 raise SystemExit(f"variant {variant.name}: base_lora= is a setting of a train=controlnet variant")
             ft = finetune_config(variant.run_name, seed, {**(CONTROLNET_SETTINGS if controlnet else {}), **fields})
-            figures: dict = {"seed": seed, "finetune": (controlnet_base_lora.fine_tune(ft, base_lora, device)
-                                                        if base_lora else fine_tune(ft, device))}
+            hooks = controlnet_base_lora.hooks(base_lora) if base_lora else {}
+            figures: dict = {"seed": seed, "finetune": fine_tune(ft, device, **hooks)}
             t = time.perf_counter()
             adapter, sampling = str(out / "runs" / ft.name / "adapter"), dict(variant.sampling)
             masks = sampling.pop("masks", "real")

@@ -185,8 +185,8 @@ def _run_job(*args, env_extra=None):
 @pytest.mark.slow
 def test_build_demo_job_end_to_end(tmp_path):
     out = tmp_path / "world"
-    result = _run_job("--output", str(out), "--data-scale", "0.02", "--samples-per-class", "2",
-                      "--sample-steps", "4", "--classifier-steps", "20", env_extra={"SKINDUAL_CACHE": str(tmp_path / "cache")})
+    result = _run_job("--output", str(out), "--data-scale", "0.02", "--samples-per-class", "2", "--sample-steps", "4",
+                      "--classifier-steps", "20", env_extra={"SKINDUAL_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "demo_world.json").read_text())
     assert report["class_counts"]["nv"] == 134 and report["class_counts"]["df"] == 10
