@@ -237,6 +237,33 @@ def test_the_hard_world_keeps_the_lesion_and_adds_what_makes_segmentation_hard()
         render.render_lesion("nv", 1, difficulty="impossible")
 
 
+
+
+def all_points_distance(points: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Every pixel's distance to the nearest point, over every pair (what the hair was first drawn from)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.min(np.hypot(xx[..., None] - points[:, 0], yy[..., None] - points[:, 1]), axis=-1)
+
+
+def test_hair_is_drawn_from_the_exact_distances_near_its_curve():
+    """The hard world's hair darkens pixels within 1.2 px of its curve; their distances are computed only in a
+    window around each curve point, and must be the all-pairs minimum's exactly, so the demo worlds (and what the
+    demo bases were pretrained on) keep their bytes."""
+    rng = np.random.default_rng(3)
+    for h, w in ((72, 96), (64, 64), (9, 5)):
+        for _ in range(20):  # curves that leave the frame too
+            p0, p1, p2 = (rng.uniform(-0.3, 1.3, 2) * (w, h) for _ in range(3))
+            s = np.linspace(0, 1, 4 * max(h, w))[:, None]
+            curve = (1 - s) ** 2 * p0 + 2 * (1 - s) * s * p1 + s ** 2 * p2
+            exact, near = all_points_distance(curve, h, w), render._near_distance(curve, h, w)
+            reach = exact < 1.2
+            assert np.array_equal(near[reach], exact[reach]) and np.all(near[~reach] >= 1.2)
+    # whole hard lesions: the same bytes as with the all-pairs distance
+    with mock.patch.object(render, "_near_distance", all_points_distance):
+        reference = [render.render_lesion(c.code, seed, view=seed % 2, difficulty="hard")[0]
+                     for c in CLASSES for seed in range(3)]
+    assert all(np.array_equal(render.render_lesion(c.code, seed, view=seed % 2, difficulty="hard")[0], ref)
+               for (c, seed), ref in zip([(c, s) for c in CLASSES for s in range(3)], reference))
 def test_a_demo_world_of_another_difficulty_is_refused(tmp_path, skindual_cache):
     from skindual.demo.world import prepare_demo_world
     from skindual.errors import UserError

@@ -200,6 +200,30 @@ def render_lesion(code: str, seed: int, size: tuple[int, int] = DEMO_IMAGE_SIZE,
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+HAIR_REACH = 2
+"""Pixels a hair's curve point can darken: those within this many pixels of it along each axis (a hair's half-width
+is at most 1.2 pixels)."""
+
+
+def _near_distance(points: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Each pixel's distance to the nearest of `points` (N×2, x then y) where that is under `HAIR_REACH` pixels,
+    and infinity elsewhere: the exact values of the all-pixels-to-all-points minimum below that reach (so a hair
+    drawn from it has the same bytes) at the cost of a window around each point, not of the whole image."""
+    offsets = np.arange(-HAIR_REACH, HAIR_REACH + 1)
+    px = np.floor(points[:, 0]).astype(np.int64)[:, None, None] + offsets[None, None, :]
+    py = np.floor(points[:, 1]).astype(np.int64)[:, None, None] + offsets[None, :, None]
+    px, py = np.broadcast_arrays(px, py)
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    cx = np.broadcast_to(points[:, 0, None, None], px.shape)[inside]
+    cy = np.broadcast_to(points[:, 1, None, None], py.shape)[inside]
+    px, py = px[inside], py[inside]
+    # the same float64 arithmetic as hypot(xx - x, yy - y) on the float32 pixel grid
+    dist = np.hypot(px.astype(np.float32).astype(np.float64) - cx, py.astype(np.float32).astype(np.float64) - cy)
+    out = np.full(h * w, np.inf)
+    np.minimum.at(out, py * w + px, dist)
+    return out.reshape(h, w)
+
+
 def _hard_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One photograph's hard conditions over a painted image (float RGB): uneven illumination and a
     stronger, off-centre vignette; hair strands across lesion and skin; sometimes air bubbles or the
@@ -218,7 +242,7 @@ def _hard_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         p1 = (p0 + p2) / 2 + rng.normal(0, 0.25, 2) * (w, h)
         s = np.linspace(0, 1, 4 * max(h, w))[:, None]
         curve = (1 - s) ** 2 * p0 + 2 * (1 - s) * s * p1 + s ** 2 * p2
-        d = np.min(np.hypot(xx[..., None] - curve[:, 0], yy[..., None] - curve[:, 1]), axis=-1)
+        d = _near_distance(curve, h, w)
         alpha = np.clip(1 - d / rng.uniform(0.6, 1.2), 0, 1)[..., None] * rng.uniform(0.6, 0.95)
         image = image * (1 - alpha) + np.array((38, 27, 22), np.float32) * rng.uniform(0.7, 1.3) * alpha
     if rng.random() < 0.4:  # air bubbles: bright discs with a dark rim
