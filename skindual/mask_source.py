@@ -159,18 +159,31 @@ def given_mask(png: bytes, size: int, seed: int, limits: MaskLimits) -> tuple[np
     return base, -1
 
 
+MASK_SWITCH_DRAWS = 4
+"""Draws of one real mask (each a new augmentation) after which a mask-mode row that keeps failing moves on to the next
+real mask of its class in the shard: a mask whose images the QC turns down four times running is one the generator
+cannot draw an agreeing image for (most draws pass: the threshold is set so), and trying it until --max-attempts
+would leave the class short."""
+
+
 class GivenMasks:
     """Mask mode's masks of one shard's rows, draw by draw: a row's first draw gets its real mask resized and
     augmented from its ``augmentation_seed`` (`given_mask`); each redraw (the row failed a check or the QC) gets a
-    new augmentation of the same real mask, from the next block of `AUGMENTATION_TRIES` seeds, so that a mask the
-    generator cannot draw an agreeing image for is not tried again unchanged.  The seed each draw used is written
-    back into the row's ``augmentation_seed``, which its sample records."""
+    new augmentation, from the next block of `AUGMENTATION_TRIES` seeds, so that a mask the generator cannot draw an
+    agreeing image for is not tried again unchanged; after `MASK_SWITCH_DRAWS` draws of one real mask, the next
+    real mask of the row's class in the shard (in row order, round the shard's distinct masks of that class).  The
+    seed and the real mask each draw used are written back into the row's ``augmentation_seed`` and
+    ``source_key``, which its sample records."""
 
     def __init__(self, rows: Sequence[dict], pngs: Sequence[bytes], size: int, limits: MaskLimits):
         self.size, self.limits = size, limits
-        self.png = {r["row_id"]: png for r, png in zip(rows, pngs)}
         self.first = {r["row_id"]: r["augmentation_seed"] for r in rows}
-        self.draws = dict.fromkeys(self.png, 0)
+        self.draws = dict.fromkeys(self.first, 0)
+        sources: dict[str, dict[str, bytes]] = {}  # class → its distinct real masks in the shard, in row order
+        for r, png in zip(rows, pngs):
+            sources.setdefault(r["class_code"], {}).setdefault(r["source_key"], png)
+        self.sources = {c: list(found.items()) for c, found in sources.items()}
+        self.own = {r["row_id"]: [k for k, _ in self.sources[r["class_code"]]].index(r["source_key"]) for r in rows}
 
     def __call__(self, rows: Sequence[dict]) -> np.ndarray:
         """The masks of `rows`' next draws (N×H×W 0/1)."""
@@ -179,7 +192,9 @@ class GivenMasks:
             rid = row["row_id"]
             k, self.draws[rid] = self.draws[rid], self.draws[rid] + 1
             seed = self.first[rid] if k == 0 else (self.first[rid] + k * AUGMENTATION_TRIES) % 2**62  # int64 room
-            mask, row["augmentation_seed"] = given_mask(self.png[rid], self.size, seed, self.limits)
+            of_class = self.sources[row["class_code"]]
+            row["source_key"], png = of_class[(self.own[rid] + k // MASK_SWITCH_DRAWS) % len(of_class)]
+            mask, row["augmentation_seed"] = given_mask(png, self.size, seed, self.limits)
             out.append(mask)
         return np.stack(out)
 

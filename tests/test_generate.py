@@ -528,3 +528,38 @@ def test_a_redraw_in_mask_mode_draws_a_new_augmentation_of_the_same_real_mask(de
     for (rid, seed, mask), sample in [(seen[0][0], samples[0]), (redraw, samples[1]), (seen[0][2], samples[2])]:
         assert sample.augmentation_seed == seed and np.array_equal(mask, given_mask(pngs[rid], 64, seed, limits)[0])
     assert samples[0].augmentation_seed < AUGMENTATION_TRIES  # a first draw keeps its row's own seeds
+
+
+def test_a_real_mask_turned_down_draw_after_draw_gives_way_to_another_of_its_class(demo_real):
+    """A mask-mode row whose real mask the QC turns down `MASK_SWITCH_DRAWS` times running moves on to the next real
+    mask of its class in the shard, not to another class's; its sample records the mask it was kept for (source key
+    and augmentation seed), so the pair's provenance stays true."""
+    from skindual.mask_source import MASK_SWITCH_DRAWS, GivenMasks, given_mask
+    from skindual.pairs import iter_shard
+    from skindual.qc_model import Judgement
+    from skindual.quality import MaskLimits
+    from skindual.redraw import generate_samples
+
+    pngs = [x["seg.png"] for x in iter_shard(LocalStorage(demo_real), 0)][:4]
+    codes = ["nv", "nv", "mel", "nv"]
+    rows = [{"row_id": i, "key": f"{i:09d}", "class_code": c, "class_index": 0, "prompt": "p", "seed": i,
+             "source_key": f"00000/{i}", "augmentation_seed": 1000 * i} for i, c in enumerate(codes)]
+    limits = MaskLimits()
+    given, drawn = GivenMasks(rows, pngs, 64, limits), []
+
+    def draw(chunk, seeds):
+        masks = given(chunk)
+        drawn.append([r["source_key"] for r in chunk])
+        return np.zeros((len(chunk), 64, 64, 3), np.uint8), masks
+
+    def judge(images, masks):  # whatever is drawn for row 1's own real mask disagrees
+        return Judgement(np.array([0.0 if key == "00000/1" else 1.0 for key in drawn[-1]]), np.zeros_like(masks),
+                         np.zeros(len(masks)))
+
+    samples = generate_samples(rows, draw, 0, 4, 16, limits, "png", judge=judge, min_consistency=0.5)
+    assert [s.status for s in samples] == ["ok"] * 4
+    assert samples[1].attempts == MASK_SWITCH_DRAWS + 1 and samples[1].rejections == ["inconsistent"] * MASK_SWITCH_DRAWS
+    assert samples[1].source_key == "00000/3"  # the next nv mask of the shard (row 2's is mel's)
+    kept = (np.asarray(Image.open(io.BytesIO(samples[1].mask_bytes))) >= 128).astype(np.uint8)
+    assert np.array_equal(kept, given_mask(pngs[3], 64, samples[1].augmentation_seed, limits)[0])
+    assert [s.source_key for s in (samples[0], samples[2], samples[3])] == ["00000/0", "00000/2", "00000/3"]
