@@ -183,7 +183,8 @@ class GivenMasks:
         for r, png in zip(rows, pngs):
             sources.setdefault(r["class_code"], {}).setdefault(r["source_key"], png)
         self.sources = {c: list(found.items()) for c, found in sources.items()}
-        self.own = {r["row_id"]: [k for k, _ in self.sources[r["class_code"]]].index(r["source_key"]) for r in rows}
+        position = {(c, key): i for c, found in sources.items() for i, key in enumerate(found)}
+        self.own = {r["row_id"]: position[r["class_code"], r["source_key"]] for r in rows}
 
     def __call__(self, rows: Sequence[dict]) -> np.ndarray:
         """The masks of `rows`' next draws (N×H×W 0/1)."""

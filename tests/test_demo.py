@@ -237,8 +237,6 @@ def test_the_hard_world_keeps_the_lesion_and_adds_what_makes_segmentation_hard()
         render.render_lesion("nv", 1, difficulty="impossible")
 
 
-
-
 def all_points_distance(points: np.ndarray, h: int, w: int) -> np.ndarray:
     """Every pixel's distance to the nearest point, over every pair (what the hair was first drawn from)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -259,11 +257,16 @@ def test_hair_is_drawn_from_the_exact_distances_near_its_curve():
             reach = exact < 1.2
             assert np.array_equal(near[reach], exact[reach]) and np.all(near[~reach] >= 1.2)
     # whole hard lesions: the same bytes as with the all-pairs distance
+    cases = [(c.code, seed) for c in CLASSES for seed in range(3)]
+
+    def draw() -> list[np.ndarray]:
+        return [render.render_lesion(code, seed, view=seed % 2, difficulty="hard")[0] for code, seed in cases]
+
     with mock.patch.object(render, "_near_distance", all_points_distance):
-        reference = [render.render_lesion(c.code, seed, view=seed % 2, difficulty="hard")[0]
-                     for c in CLASSES for seed in range(3)]
-    assert all(np.array_equal(render.render_lesion(c.code, seed, view=seed % 2, difficulty="hard")[0], ref)
-               for (c, seed), ref in zip([(c, s) for c in CLASSES for s in range(3)], reference))
+        reference = draw()
+    assert all(np.array_equal(mine, ref) for mine, ref in zip(draw(), reference))
+
+
 def test_a_demo_world_of_another_difficulty_is_refused(tmp_path, skindual_cache):
     from skindual.demo.world import prepare_demo_world
     from skindual.errors import UserError

@@ -217,8 +217,8 @@ def _near_distance(points: np.ndarray, h: int, w: int) -> np.ndarray:
     cx = np.broadcast_to(points[:, 0, None, None], px.shape)[inside]
     cy = np.broadcast_to(points[:, 1, None, None], py.shape)[inside]
     px, py = px[inside], py[inside]
-    # the same float64 arithmetic as hypot(xx - x, yy - y) on the float32 pixel grid
-    dist = np.hypot(px.astype(np.float32).astype(np.float64) - cx, py.astype(np.float32).astype(np.float64) - cy)
+    # the same float64 arithmetic as hypot(xx - x, yy - y) on the float32 pixel grid (whose integers are exact)
+    dist = np.hypot(px.astype(np.float64) - cx, py.astype(np.float64) - cy)
     out = np.full(h * w, np.inf)
     np.minimum.at(out, py * w + px, dist)
     return out.reshape(h, w)
