@@ -114,6 +114,9 @@ def ray_test_cluster(s3_server: S3Server, skindual_cache: str) -> Iterator[RayTe
     # the nodes start a Python worker when a task or actor needs one, none ahead for a connecting driver:
     # on the 2-core test machine that measured 4-11 % less CPU over the cluster and fine-tuning tests
     env.update(RAY_prestart_worker_first_driver="0", RAY_enable_worker_prestart="0")
+    # Ray Train's controller polls its workers every 2 s by default: the end of each training run and a lost worker
+    # are seen that much later; the tests' runs are seconds long
+    env.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
 
     def node_ports(agent, agent_grpc, metrics, node_manager, object_manager, runtime_env) -> list[str]:
         return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",

@@ -130,16 +130,30 @@ NOT_UPLOADED = (".venv", ".git", "skindual-demo", "skindual-demo-run", "skindual
                 "skindual-eval", "skindual-export", "skindual-real", "skindual-qc", "skindual-demo-hard")
 
 
-def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> subprocess.CompletedProcess:
+def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> str:
     """`ray job submit --working-dir .` as a user runs it: no S3 credentials on the submitting side
-    (the nodes have theirs), the cluster's token from RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH."""
+    (the nodes have theirs), the cluster's token from RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH; the job's logs.
+
+    With --no-wait, then the job's status from Ray's job SDK every 0.2 s: the CLI's own wait tails the logs at a
+    second a poll and ends about 5 s after the job (the test of a relative --output waits as users do)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
+    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id, "--no-wait",
                "--working-dir", ".", "--", "python", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
-    assert result.returncode == 0 and f"Job '{submission_id}' succeeded" in result.stdout, (
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and f"Job '{submission_id}' submitted successfully" in result.stdout, (
         result.stdout[-4000:] + result.stderr[-3000:])
-    return result
+    # the token passed as the CLI sends it: this process's Ray read RAY_AUTH_MODE when it was first imported
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + 500
+    while not (status := client.get_job_status(submission_id)).is_terminal():
+        assert time.monotonic() < deadline, f"{submission_id} still {status} after 500 s"
+        time.sleep(0.2)
+    logs = client.get_job_logs(submission_id)
+    assert status == JobStatus.SUCCEEDED, f"{submission_id} {status}: {logs[-6000:]}"
+    return logs
 
 
 def nodes_of_job(cluster: RayTestCluster, submission_id: str) -> set[str]:
