@@ -155,8 +155,10 @@ class DemoConfig:
         return math.ceil(max(self.recipe["cpus_per_worker"], self.actors, 1)) + 1
 
 
-def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
-    """Run the five stages on the current Ray cluster, one `progress` line as each starts and ends;
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print,
+             start_ray: Callable[[], None] = lambda: None) -> dict:
+    """Run the five stages on the Ray cluster `start_ray` connects to (called before the first stage that has work
+    left, so that a rerun of a finished demo starts none), one `progress` line as each starts and ends;
     returns the summary (also written to ``{output}/demo_summary.json``; below ``--real-fraction`` 1,
     ``demo_summary-real{F}.json``, next to that run's own table, run, shards and report)."""
     out = Path(cfg.output).expanduser().resolve()
@@ -194,6 +196,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     with _stage_errors(name):
         plan = plan_finetune(ft, rerun_hint="the demo resumes its fine-tune with the settings it started with: give "
                                             "the same --finetune-steps, or another --output")
+        if plan.done is None:
+            start_ray()
         step = plan.done["training_config"]["steps"] if plan.done else (run_finetune(plan).metrics or {}).get("step")
     adapter = out / "runs" / ft.name / "adapter"
     done(name, t, f"{'already done: ' if plan.done else ''}{f'step {step}, ' if step else ''}adapter at {adapter}")
@@ -203,6 +207,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     name, t = stage(3, f"{qc.steps} steps of a U-Net on the real train pairs into {qc.output}")
     with _stage_errors(name):
         qc_plan = plan_qc_model(qc)
+        if qc_plan.done is None:
+            start_ray()
         card = qc_plan.done or run_qc_model(qc_plan)
     done(name, t, f"{'already done: ' if qc_plan.done else ''}val Dice {card['val_dice']:.3f} on {card['val_pairs']} "
                   "real pairs")
@@ -220,13 +226,15 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
            "image and mask sampled together by that adapter")
     name, t = stage(4, f"{cfg.per_class} pairs per class, {how}, into {gen.output}")
     with _stage_errors(name):
-        threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}")
+        threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}", start_ray)
         if pilot is not None:
             progress(f"[4/5] {name}: min consistency {threshold:g} (segmenter val Dice × {DEMO_CONSISTENCY_SHARE:g}: "
                      f"{pilot['from_val_dice']:g}; pilot's weakest class {pilot['weakest_class']}: "
                      f"{pilot['weakest_quantile']:g})")
         gen, generate_started = replace(gen, min_consistency=threshold), time.perf_counter()
         gen_plan = plan_generate(gen)
+        if gen_plan.done is None:
+            start_ray()
         manifest = gen_plan.done or run_generate(gen_plan)
         generate_seconds = time.perf_counter() - generate_started
     suffix += "" if cfg.qc else "-noqc"
@@ -247,6 +255,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
                        f"({cfg.hybrid}) {cfg.eval_steps} steps x {cfg.seeds} seed(s), into {ev.output}")
     with _stage_errors(name):
         ev_plan = plan_evaluate(ev)
+        if ev_plan.done is None:
+            start_ray()
         metrics = ev_plan.done or run_evaluate(ev_plan)
     done(name, t, f"{'already done: ' if ev_plan.done else ''}report at {Path(ev.output) / 'report.md'}")
 
@@ -263,15 +273,18 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def choose_min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_output: Path) -> tuple[float, dict | None]:
+def choose_min_consistency(cfg: DemoConfig, card: dict, gen: GenerateConfig, pilot_output: Path,
+                           start_ray: Callable[[], None] = lambda: None) -> tuple[float, dict | None]:
     """Generation's --min-consistency: 0 without the QC, the given one, or the automatic one (and how it was
-    set): a pilot draw of `DEMO_PILOT_PER_CLASS` scored pairs a class (its own shards, `pilot_output`)."""
+    set): a pilot draw of `DEMO_PILOT_PER_CLASS` scored pairs a class (its own shards, `pilot_output`; `start_ray`
+    before drawing it)."""
     if not cfg.qc:
         return 0.0, None
     if cfg.min_consistency >= 0:
         return cfg.min_consistency, None
     pilot = plan_generate(replace(gen, per_class=str(DEMO_PILOT_PER_CLASS), output=str(pilot_output), min_consistency=0.0))
     if pilot.done is None:
+        start_ray()
         run_generate(pilot)
     index = pairs.read_index(str(pilot_output))
     scores: dict[str, list[float]] = {}
