@@ -18,7 +18,8 @@ already holds this evaluation; `run_evaluate(plan)` then, on the current Ray clu
    ``--qc-segmenter``, each class's agreement with it);
 4. the downstream benchmark (`evaluate_downstream.run_task`): one Ray task per (arm, model, seed),
    each streaming its pairs from the real dataset (and the synthetic shards) at ``--size``, tested on
-   the real test split (or ``--test-data``);
+   the real test split (or ``--test-data``); it needs no features, so its tasks are submitted right
+   after the extractor's and run beside steps 1–3 on what those leave free;
 
 and writes ``metrics.json``, ``report.md`` and PNGs (among them a sheet per class: its synthetic and real
 test pairs, each image with its mask's outline and the QC segmenter's beside it) to ``--output`` (a folder
@@ -40,7 +41,7 @@ from skindual import pairs, report
 from skindual.card import add_evaluation
 from skindual.cli import check_interrupt
 from skindual.cluster import ClusterShape, check_shared_paths, resolve_gpus
-from skindual.evaluate_downstream import run_benchmark
+from skindual.evaluate_downstream import PendingBenchmark, finish_benchmark, start_benchmark
 from skindual.evaluate_features import combine, extractor_spec, feature_pass
 from skindual.evaluate_plan import METRICS, EvaluateConfig, EvaluatePlan, library_versions
 from skindual.prompts import CLASS_CODES
@@ -105,7 +106,10 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     check_interrupt()  # a Ctrl-C that Ray's setup calls swallowed stops the run before each phase
-    spec, extractor_cached = extractor_spec(cfg, plan)
+    benchmark: list[PendingBenchmark] = []  # its tasks need no features: submitted behind the extractor's, they
+    # run beside it and the feature pass, on what those leave free
+    spec, extractor_cached = extractor_spec(cfg, plan, meanwhile=lambda: benchmark.extend(
+        [start_benchmark(cfg, plan, task_gpus)] if cfg.downstream else []))
     stages["extractor"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     groups = feature_pass(cfg, plan, spec, actor_gpus)
     name = "inception" if spec.kind == "inception" else spec.kind.replace("-", "")
@@ -118,10 +122,10 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     metrics: dict = {"config": asdict(cfg), "image_size": plan.image_size, "counts": plan.counts,
                      "fidelity": fid | {"extractor_cached": extractor_cached},
                      "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"]}
-    if cfg.downstream:
+    if benchmark:
         check_interrupt()
-        metrics["downstream"] = run_benchmark(cfg, plan, task_gpus)
-        stages["downstream"] = round(time.perf_counter() - clock, 2)
+        metrics["downstream"] = finish_benchmark(benchmark[0])
+        stages["downstream"] = round(time.perf_counter() - clock, 2)  # the wait for it after the feature pass
     check_interrupt()  # and before the report: its metrics.json marks the run done
     metrics["stage_seconds"] = stages
     metrics["versions"], metrics["fingerprint"] = library_versions(), fingerprint

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,21 @@ def run_task(arm: str, task: str, seed: int, stages: list[list[Source]], test: S
             "test_pairs": len(loaded["key"]), "seconds": round(time.perf_counter() - started, 1), **metrics}
 
 
-def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) -> dict[str, Any]:
-    """Every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster; results in that order, and
-    their summary."""
+@dataclass(frozen=True)
+class PendingBenchmark:
+    """The benchmark's tasks, submitted (`start_benchmark`): `finish_benchmark` waits for their rows."""
+
+    settings: downstream.BenchmarkSettings
+    hybrid: str
+    size: int
+    gpus: float
+    schedules: int
+    futures: list
+
+
+def start_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) -> PendingBenchmark:
+    """Submit every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster, and return at once:
+    they need neither the feature extractor nor the feature pass, so they run beside them."""
     import ray
 
     settings = downstream.BenchmarkSettings(cfg.classifier, cfg.segmenter, cfg.steps, cfg.batch_size, cfg.lr,
@@ -71,7 +83,20 @@ def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) ->
     futures = [remote.remote(arm, task, seed, stages[arm], plan.sets["real_test"], settings, cfg.size,
                              cfg.s3_endpoint or None, max(1, int(cfg.cpus_per_task)))
                for task in ("classifier", "segmenter") for arm in ARMS for seed in seeds]
-    results = ray.get(futures)
-    return {"settings": asdict(settings) | {"size": cfg.size, "num_gpus_per_task": gpus, "hybrid": cfg.hybrid,
-                                            "schedules": len(stages["real"])}, "results": results,
-            "summary": downstream.summarise(results)}
+    return PendingBenchmark(settings, cfg.hybrid, cfg.size, gpus, len(stages["real"]), futures)
+
+
+def finish_benchmark(pending: PendingBenchmark) -> dict[str, Any]:
+    """The submitted tasks' rows, in (model, arm, seed) order, and their summary."""
+    import ray
+
+    results = ray.get(pending.futures)
+    return {"settings": asdict(pending.settings) | {"size": pending.size, "num_gpus_per_task": pending.gpus,
+                                                    "hybrid": pending.hybrid, "schedules": pending.schedules},
+            "results": results, "summary": downstream.summarise(results)}
+
+
+def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) -> dict[str, Any]:
+    """Every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster; results in that order, and
+    their summary."""
+    return finish_benchmark(start_benchmark(cfg, plan, gpus))

@@ -16,7 +16,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -68,12 +68,16 @@ class ExtractorSpec:
         return fidelity.CNNExtractor("lesioncnn" if self.kind == "lesion-cnn" else "randomcnn", model, self.size, device)
 
 
-def extractor_spec(cfg: EvaluateConfig, plan: EvaluatePlan) -> tuple[ExtractorSpec, bool]:
-    """The extractor of the run, and whether the lesion-cnn's weights came from the cache."""
+def extractor_spec(cfg: EvaluateConfig, plan: EvaluatePlan,
+                   meanwhile: Callable[[], None] = lambda: None) -> tuple[ExtractorSpec, bool]:
+    """The extractor of the run, and whether the lesion-cnn's weights came from the cache; `meanwhile` is called once
+    its training (one Ray task) is submitted, before waiting for it, or at once when there is none."""
     if cfg.feature_extractor == "inception":
+        meanwhile()
         return ExtractorSpec("inception", cfg.size, inception=str(fidelity.find_inception_weights(
             cfg.inception_weights, cfg.s3_endpoint or None))), False
     if cfg.feature_extractor == "random-cnn":
+        meanwhile()
         return ExtractorSpec("random-cnn", cfg.size, seed=cfg.seed), False
     import ray
 
@@ -82,11 +86,13 @@ def extractor_spec(cfg: EvaluateConfig, plan: EvaluatePlan) -> tuple[ExtractorSp
                          f"{selection_digest(real, cfg.s3_endpoint or None)}".encode()).hexdigest()[:32]
     path = fidelity.feature_cache(cfg.cache_dir or None) / f"lesioncnn-{key}.npz"
     if path.is_file():
+        meanwhile()
         with np.load(path) as weights:
             return ExtractorSpec("lesion-cnn", cfg.size, weights=dict(weights)), True
     task = ray.remote(train_extractor).options(num_cpus=cfg.cpus_per_task, max_retries=1)
-    weights = ray.get(task.remote(real.url, real.selection, cfg.size, cfg.extractor_steps, cfg.seed,
-                                  cfg.s3_endpoint or None))
+    training = task.remote(real.url, real.selection, cfg.size, cfg.extractor_steps, cfg.seed, cfg.s3_endpoint or None)
+    meanwhile()
+    weights = ray.get(training)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
         np.savez(tmp, **weights)

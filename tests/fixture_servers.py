@@ -66,10 +66,12 @@ class RayTestCluster:
     caches: tuple[str, str]  # the head's and the worker node's SKINDUAL_CACHE (each node has its own)
 
 
-def ray_list(cluster: RayTestCluster, resource: str, *filters: str) -> list[dict]:
-    """`ray list RESOURCE --filter F ...` of the cluster's state API, as dicts."""
+def ray_list(cluster: RayTestCluster, resource: str, *filters: str, detail: bool = False) -> list[dict]:
+    """`ray list RESOURCE --filter F ...` of the cluster's state API, as dicts (`detail`: with --detail: a task's
+    times, say)."""
     command = [str(Path(sys.executable).parent / "ray"), "list", resource, "--format", "json", "--limit", "10000",
-               "--address", cluster.dashboard, *(arg for f in filters for arg in ("--filter", f))]
+               "--address", cluster.dashboard, *(arg for f in filters for arg in ("--filter", f)),
+               *(["--detail"] if detail else [])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)

@@ -18,6 +18,7 @@ from PIL import Image
 
 import job_runs as jobs
 from fixture_data import assert_outlined, read_card, write_test_shards
+from fixture_servers import ray_list
 from skindual.cli import run_job
 from skindual.evaluate_plan import EvaluateConfig
 from skindual.prompts import CLASS_CODES
@@ -49,13 +50,19 @@ def untrained_segmenter(folder: Path) -> str:
     return str(folder)
 
 
-def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_cluster, s3_env, tmp_path):
+def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_cluster, ray_test_cluster, s3_env, tmp_path):
     cache, output = tmp_path / "cache", s3_env + "/eval"
     qc = ["--qc-segmenter", untrained_segmenter(tmp_path / "qc")]
     run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
                             "--cache-dir", str(cache), *qc, *FAST], ray_cluster)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: FD_lesioncnn" in run.stdout
+    # the downstream tasks need no features: all of them were submitted while the extractor still trained
+    (extractor,) = sorted(ray_list(ray_test_cluster, "tasks", "func_or_class_name=train_extractor", detail=True),
+                          key=lambda t: t["creation_time_ms"])[-1:]  # this run's: the cluster's latest
+    downstream = [t for t in ray_list(ray_test_cluster, "tasks", "func_or_class_name=run_task", detail=True)
+                  if t["job_id"] == extractor["job_id"]]
+    assert len(downstream) == 2 * 2 * 2 and all(t["creation_time_ms"] < extractor["end_time_ms"] for t in downstream)
     storage = open_storage(output)
     assert {"metrics.json", "report.md", "downstream.png", *FIGURES} <= set(storage.list())
     metrics = json.loads(storage.read_bytes("metrics.json"))
