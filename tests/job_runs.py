@@ -24,7 +24,8 @@ def job_env(ray_address: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    return env | {"PYTHONUNBUFFERED": "1"} | extra
+    # as on the test cluster (tests/fixture_servers.py): a job's own embedded cluster inherits it from the job
+    return env | {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"} | extra
 
 
 def command(job: str, args: list[str]) -> list[str]:

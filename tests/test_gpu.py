@@ -39,7 +39,7 @@ def cuda_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, as the data fixtures are: so it is set up (and skips or fails) first
 def cuda() -> torch.device:
     problem = cuda_problem()
     if problem:
