@@ -50,6 +50,7 @@ def tiny_args(world: Path, out: Path) -> list[str]:
             "2", "--qc-steps", "2", "--extractor-steps", "2", "--sheet-per-class", "2", "--device", "cpu"]
 
 
+@pytest.mark.slow  # a whole diagnosis: fine-tunes, draws, judges (the slow tier's "whole chains")
 def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_world, tmp_path, capsys):
     out = tmp_path / "run"
     tiny = tiny_args(hard_world, out)
@@ -100,6 +101,7 @@ def test_the_diagnosis_gives_one_table_of_every_variant_with_its_sheets(hard_wor
         main([*tiny, "--per-class", "3"])
 
 
+@pytest.mark.slow  # three fine-tunes and their draws
 def test_a_controlnet_variant_draws_images_for_the_real_masks_and_for_the_joint_models(hard_world, tmp_path):
     """``train=controlnet``: one ControlNet, its images drawn for the real cut's masks and for the masks the demo
     variant's joint model samples first (that fine-tune trained for it)."""
