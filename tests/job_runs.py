@@ -2,7 +2,7 @@
 
 `run_job("generate", [...], ray_address)` is ``python jobs/generate.py ...`` from the repository root;
 without a `ray_address` the job starts its own embedded local Ray cluster (RAY_ADDRESS removed), with one
-it connects to that cluster.  `start_job` is the same, not waited for (its output merged into a pipe or a
+it connects to that cluster.  `run_jobs` runs independent jobs side by side.  `start_job` is the same, not waited for (its output merged into a pipe or a
 log file), for tests that kill it.  `ok` and `error_line` check how a job ended.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +38,15 @@ def run_job(job: str, args: list[str], ray_address: str | None = None, timeout: 
     """Run ``jobs/<job>.py args`` to its end; stdout and stderr apart."""
     return subprocess.run(command(job, args), cwd=ROOT, env=job_env(ray_address, **env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_jobs(runs: list[tuple[str, list[str]]], ray_address: str | None = None,
+             timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Independent jobs side by side, each ``(job, args)`` to its end (`run_job`); their results in order.  A job
+    leaves the 2-core test machine's CPUs idle for much of its time (its actors and workers starting), which the
+    others fill."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda run: run_job(*run, ray_address=ray_address, timeout=timeout), runs))
 
 
 def start_job(job: str, args: list[str], ray_address: str | None = None, log: IO[str] | None = None,

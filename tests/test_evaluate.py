@@ -135,17 +135,18 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
     text = render_report(unscored, list(FIGURES))
     assert "pass its output as `--qc-segmenter`" in text and "| df | – | – |" in text
 
-    # a rerun of the same inputs and settings keeps the report (no cluster work: the same bytes, its timings too)
+    # side by side (neither writes what the other reads): a rerun of the same inputs and settings, which keeps the
+    # report (no cluster work: the same bytes, its timings too), and one into a local folder without the benchmark,
+    # whose extractor and real features come from the cache
     before = {name: storage.read_bytes(name) for name in ("metrics.json", "report.md")}
-    run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--output", output,
-                            "--cache-dir", str(cache), "--actors", "1", *qc, *FAST], ray_cluster)
+    inputs = ["--real", eval_world["real"], "--synthetic", eval_world["synthetic"], "--cache-dir", str(cache), *qc, *FAST]
+    run, local_run = jobs.run_jobs([("evaluate", [*inputs, "--output", output, "--actors", "1"]),
+                                    ("evaluate", [*inputs, "--output", str(tmp_path / "local"), "--no-downstream"])],
+                                   ray_cluster, timeout=240)
     assert run.returncode == 0 and "already holds the evaluation of these inputs and settings" in run.stderr, run.stderr
     assert {name: storage.read_bytes(name) for name in before} == before and "done: FD_lesioncnn" in run.stdout
 
-    # again, into a local folder and without the benchmark: the extractor and the real features come from the cache
-    run = run_evaluate(["--real", eval_world["real"], "--synthetic", eval_world["synthetic"],
-                            "--output", str(tmp_path / "local"), "--cache-dir", str(cache), "--no-downstream", *qc, *FAST],
-                           ray_cluster)
+    run = local_run
     assert run.returncode == 0, run.stderr[-3000:]
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
     assert local["fidelity"]["real_features_cached"] is True and local["fidelity"]["extractor_cached"] is True

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from job_runs import run_job
+from job_runs import run_job, run_jobs
 from skindual.demo.world import split_pairs
 from skindual.errors import UserError
 from skindual.qc_model import CARD, QCSegmenter, ignore_maps
@@ -73,15 +73,15 @@ def test_a_segmenter_that_is_not_one_is_one_clear_error(segmenter, tmp_path):
 def test_generation_redraws_the_pairs_the_segmenter_disagrees_with(segmenter, ray_cluster, tmp_path):
     common = ["--per-class", "2", "--classes", "df,nv", "--steps", "10", "--batch-size", "4", "--max-attempts", "2",
               "--qc-segmenter", str(segmenter)]
-    result = run_job("generate", [*common, "--min-consistency", "1.0", "--output", str(tmp_path / "strict")],
-                 ray_cluster)  # no generated mask is a perfect match: every pair is drawn twice, then rejected
+    # side by side: strict (no generated mask is a perfect match: every pair is drawn twice, then rejected) and scored
+    result, scored = run_jobs([("generate", [*common, "--min-consistency", threshold, "--output", str(tmp_path / name)])
+                               for name, threshold in (("strict", "1.0"), ("scored", "0"))], ray_cluster)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "--min-consistency" in errors[0]
     rows = pq.read_table(tmp_path / "strict" / "00000.parquet").to_pylist()
     assert {r["reason"] for r in rows} == {"inconsistent"} and all(r["rejections"] == ["inconsistent"] * 2 for r in rows)
     assert all(0 <= r["consistency"] < 1 for r in rows)
-    result = run_job("generate", [*common, "--min-consistency", "0", "--output", str(tmp_path / "scored")], ray_cluster)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert scored.returncode == 0, scored.stderr[-4000:]
     rows = pq.read_table(tmp_path / "scored" / "00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 4 and all(0 <= r["consistency"] <= 1 for r in rows)
     # every kept pair has its ignore map in the tar, its share in the json and the parquet

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from fixture_data import real_batch
-from job_runs import error_line, ok, run_job, start_job
+from job_runs import error_line, ok, run_job, run_jobs
 
 from skindual import dual_pipeline, model, report
 from skindual.errors import UserError
@@ -49,19 +48,10 @@ def trained(sd2_bases, demo_real, ray_cluster, tmp_path_factory):
     runs = {"channels": ["--base-model", str(sd2_bases["base"]), "--layout", "channels", "--mixed-precision", "bf16",
                          "--w-prior", "1", "--geo-crop", "16"],
             "side-by-side": ["--base-model", str(sd2_bases["v"]), "--layout", "side-by-side"]}
-    started = {}  # side by side: each leaves the 2-core machine's CPUs idle for much of its time (actors starting)
-    for name, args in runs.items():
-        with (out / f"{name}.log").open("w") as log:
-            started[name] = start_job("finetune", ["--training-data", str(demo_real), "--output", str(out), "--name",
-                                                   name, *args, *TWO_STEPS], ray_cluster, log=log)
-    try:
-        for name, proc in started.items():
-            assert proc.wait(timeout=600) == 0, (out / f"{name}.log").read_text()[-5000:]
-    finally:
-        for proc in started.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    # side by side: each leaves the 2-core machine's CPUs idle for much of its time (its actors starting)
+    for result in run_jobs([("finetune", ["--training-data", str(demo_real), "--output", str(out), "--name", name,
+                                          *args, *TWO_STEPS]) for name, args in runs.items()], ray_cluster):
+        ok(result)
     return out
 
 
