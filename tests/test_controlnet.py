@@ -383,15 +383,16 @@ def test_the_generate_job_draws_with_a_controlnet_and_refuses_a_joint_adapter_as
     out = tmp_path / "out"
     args = ["--per-class", "df=2,nv=1", "--mask-source", str(demo_real), "--controlnet", str(folder), "--steps", "2",
             "--batch-size", "2", "--output", str(out)]
-    jobs.ok(jobs.run_job("generate", args, ray_cluster))
+    drawn, refused = jobs.run_jobs([("generate", args), ("generate", [*args[:-1], str(tmp_path / "other"),
+                                                                      "--controlnet", str(DEMO_ADAPTER)])], ray_cluster)
+    jobs.ok(drawn)
     manifest = json.loads((out / "manifest.json").read_text())
     info = load_controlnet_info(folder)
     assert manifest["complete"] and manifest["resolved"]["controlnet"] == f"sha256:{info.sha256}"
     assert manifest["resolved"]["adapter"] == "none" and manifest["resolved"]["controlnet_url"] == str(folder)
     pairs = list(read_shards(str(out)))
     assert len(pairs) == 3 and all(p["meta"]["controlnet_sha256"] == info.sha256 for p in pairs)
-    line = jobs.error_line(jobs.run_job("generate", [*args[:-1], str(tmp_path / "other"), "--controlnet",
-                                                     str(DEMO_ADAPTER)], ray_cluster))
+    line = jobs.error_line(refused)  # the joint adapter as --controlnet, run beside it
     assert line == (f"error: --controlnet {DEMO_ADAPTER}: an adapter of --train lora, not a ControlNet; give the "
                     "adapter folder of a fine-tune run with --train controlnet")
 
