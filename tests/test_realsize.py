@@ -116,12 +116,12 @@ def test_generation_samples_at_the_adapters_resolution_in_bf16(trained, sd2_base
 
 def test_a_base_without_its_adapter_is_one_clear_line(sd2_bases, ray_cluster, tmp_path):
     base = str(sd2_bases["base"])
-    line = error_line(run_job("generate", ["--base-model", base, "--output", str(tmp_path / "a")], ray_cluster))
-    assert f"--base-model {base} without --adapter" in line
     demo_adapter = str(ROOT / "skindual" / "assets" / "demo_adapter")
-    line = error_line(run_job("generate", ["--base-model", base, "--adapter", demo_adapter,
-                                              "--output", str(tmp_path / "b")], ray_cluster))
-    assert f"--adapter {demo_adapter} was trained on demo and does not fit --base-model {base}" in line
+    without, misfit = run_jobs([("generate", ["--base-model", base, "--output", str(tmp_path / "a")]),
+                                ("generate", ["--base-model", base, "--adapter", demo_adapter,
+                                              "--output", str(tmp_path / "b")])], ray_cluster)
+    assert f"--base-model {base} without --adapter" in error_line(without)
+    assert f"--adapter {demo_adapter} was trained on demo and does not fit --base-model {base}" in error_line(misfit)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
