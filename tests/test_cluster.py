@@ -131,12 +131,14 @@ NOT_UPLOADED = (".venv", ".git", "skindual-demo", "skindual-demo-run", "skindual
                 "skindual-eval", "skindual-export", "skindual-real", "skindual-qc", "skindual-demo-hard")
 
 
-def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> str:
+def submit(cluster: RayTestCluster, submission_id: str, args: list[str], succeeds: bool = True) -> str:
     """`ray job submit --working-dir .` as a user runs it: no S3 credentials on the submitting side
-    (the nodes have theirs), the cluster's token from RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH; the job's logs.
+    (the nodes have theirs), the cluster's token from RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH; the job's logs, once it
+    ended as `succeeds` says.
 
     With --no-wait, then the job's status from Ray's job SDK every 0.2 s: the CLI's own wait tails the logs at a
-    second a poll and ends about 5 s after the job (the test of a relative --output waits as users do)."""
+    second a poll and ends about 5 s after the job (test_generate's overwrite through `ray job submit` waits as users
+    do)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
@@ -153,7 +155,7 @@ def submit(cluster: RayTestCluster, submission_id: str, args: list[str]) -> str:
         assert time.monotonic() < deadline, f"{submission_id} still {status} after 500 s"
         time.sleep(0.2)
     logs = client.get_job_logs(submission_id)
-    assert status == JobStatus.SUCCEEDED, f"{submission_id} {status}: {logs[-6000:]}"
+    assert status == (JobStatus.SUCCEEDED if succeeds else JobStatus.FAILED), f"{submission_id} {status}: {logs[-6000:]}"
     return logs
 
 
@@ -328,13 +330,10 @@ def test_node_local_outputs_are_refused_on_the_two_node_cluster(ray_test_cluster
 
 
 def test_a_relative_output_in_rays_copy_of_the_working_dir_is_refused(ray_test_cluster):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    run = subprocess.run([RAY, "job", "submit", "--address", ray_test_cluster.dashboard, "--working-dir", ".", "--",
-                          "python", "jobs/generate.py", "--per-class", "1", "--output", "relative-out"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert "error: --output relative-out: a relative path, and this job runs in Ray's copy of the working dir" in (
-        run.stdout), run.stdout[-3000:] + run.stderr[-2000:]
-    assert run.returncode != 0
+    logs = submit(ray_test_cluster, f"relative-{secrets.token_hex(4)}",
+                  ["jobs/generate.py", "--per-class", "1", "--output", "relative-out"], succeeds=False)
+    assert "error: --output relative-out: a relative path, and this job runs in Ray's copy of the working dir" in logs, (
+        logs[-3000:])
 
 
 def pinned_versions() -> dict[str, str]:
