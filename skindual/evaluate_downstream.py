@@ -95,8 +95,3 @@ def finish_benchmark(pending: PendingBenchmark) -> dict[str, Any]:
                                                     "hybrid": pending.hybrid, "schedules": pending.schedules},
             "results": results, "summary": downstream.summarise(results)}
 
-
-def run_benchmark(cfg: EvaluateConfig, plan: EvaluatePlan, gpus: float = 0.0) -> dict[str, Any]:
-    """Every (arm, model, seed) as one Ray task (`gpus` each) on the current cluster; results in that order, and
-    their summary."""
-    return finish_benchmark(start_benchmark(cfg, plan, gpus))

@@ -2,8 +2,9 @@
 
 `run_job("generate", [...], ray_address)` is ``python jobs/generate.py ...`` from the repository root;
 without a `ray_address` the job starts its own embedded local Ray cluster (RAY_ADDRESS removed), with one
-it connects to that cluster.  `run_jobs` runs independent jobs side by side.  `start_job` is the same, not waited for (its output merged into a pipe or a
-log file), for tests that kill it.  `ok` and `error_line` check how a job ended.
+it connects to that cluster.  `run_jobs` runs independent jobs side by side.  `start_job` is the same, not
+waited for (its output merged into a pipe or a log file), for tests that kill it.  `ok` and `error_line` check
+how a job ended.
 """
 
 from __future__ import annotations
