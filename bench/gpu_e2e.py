@@ -14,8 +14,9 @@ fast), then on an SD-2-structured base (`skindual.sd2`, random weights, SD-2-bas
   controlnet   jobs/finetune.py --train controlnet --use-gpu: a ControlNet beside the frozen base, one checkpoint's
                steps (the demo's default pairs)
   generate_controlnet
-               jobs/generate.py --controlnet --mask-source: an image drawn for each real train mask on a GPU actor,
-               two shards
+               jobs/generate.py --controlnet --mask-source --segmenter-guidance 2: an image drawn for each real
+               train mask on a GPU actor, nudged by the QC segmenter (its peak memory: the backward pass through
+               the VAE decoder at 512²), two shards
   evaluate     jobs/evaluate.py with GPU feature actors and GPU downstream tasks
 
 The demo data (`skindual.demo.world`) is the real data of both chains.  Peak GPU memory per stage is the
@@ -266,6 +267,7 @@ def chain(run: Run, name: str, source: str, world, settings: dict, qc: Path) -> 
         return False
     drawn = [*generate[:generate.index("--output")], "--output", str(home / "synthetic-controlnet")]
     drawn[:2] = ["--controlnet", str(runs / "e2e-controlnet" / "adapter"), "--mask-source", str(world.real)]
+    drawn += ["--segmenter-guidance", "2"]  # the QC segmenter nudges each image: backward through the VAE decoder
     if not run.job(name, "generate_controlnet", drawn, script="generate"):
         return False
     record["controlnet_shards"] = sorted(p.name for p in (home / "synthetic-controlnet").glob("*.tar"))

@@ -63,7 +63,7 @@ SETTINGS = ("difficulty", "real_fraction", "finetune_steps", "per_class", "class
             "judge_steps", "qc_steps", "extractor_steps")
 """The flags every figure of a table shares: a rerun into the same --output must give the same ones."""
 GENERATION_FIELDS = {"guidance": float, "scheduler": str, "mask_smoothing": float, "control_scale": float,
-                     "control_end": float, "masks": str}
+                     "control_end": float, "segmenter_guidance": int, "masks": str}
 """The variant fields that change the sampling, not the fine-tune (`GenerateConfig` fields, and ``masks``: where a
 ControlNet variant's masks come from, ``real`` (default: the real cut's train masks, augmented, generate's
 --mask-source) or ``joint`` (the masks the demo variant's joint model samples first, generate's --adapter))."""

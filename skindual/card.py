@@ -195,6 +195,10 @@ def _made(manifest: Mapping[str, Any]) -> str:
     if cfg.get("controlnet"):
         mode += (f"; each image drawn for its mask by the ControlNet `{resolved.get('controlnet', '')}`"
                  + ("" if cfg.get("mask_source") else ", the mask sampled first by the joint model"))
+    if cfg.get("segmenter_guidance"):
+        mode += (f"; segmenter guidance: {cfg['segmenter_guidance']} Adam steps, twice while sampling, nudged each "
+                 "image towards one the QC segmenter reads as its mask (so its consistency scores are no independent "
+                 "check)")
     rows = [["base model", f"`{resolved.get('base_model', '')}`"],
             ["adapter", f"`{resolved.get('adapter', 'none')}`, layout `{resolved.get('layout', '')}`"],
             ["resolution", resolved.get("resolution", "")], ["mode", mode],

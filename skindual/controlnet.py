@@ -8,7 +8,9 @@ initialised from the base UNet as diffusers does (`controlnet_from_unet`), condi
 ``skindual_adapter.json`` (``train: controlnet``, the base model, the training config, the sha256 of every
 file), so stock diffusers loads it and `load_controlnet` verifies it.  `ControlNetPipeline` samples: the
 ControlNet's down and mid residuals added into the base UNet at every step, with classifier-free guidance, one
-seeded noise per sample; given no masks it takes them from a joint model's own sampling first (`masker`).
+seeded noise per sample; given no masks it takes them from a joint model's own sampling first (`masker`); with
+a `guide` (`guidance.SegmenterGuidance`) each image is nudged while it is sampled towards one a segmenter reads as
+its mask.
 Pure model code: no Ray, no storage beyond a local folder.
 """
 
@@ -27,6 +29,7 @@ import torch
 from skindual.base_models import base_config
 from skindual.dual_pipeline import DualPipeline, DualSample, make_scheduler, pixels
 from skindual.errors import UserError
+from skindual.guidance import SegmenterGuidance
 from skindual.model import (ADAPTER_JSON, CONTROLNET_DIR, ADAPTER_REDO, AdapterInfo, adapter_record, load_adapter,
                             load_pipeline, stock_pipeline_beside, write_adapter_json)
 from skindual.prompts import DEFAULT_TEMPLATE
@@ -139,6 +142,7 @@ class ControlNetPipeline:
         if masker is not None and masker.resolution != self.resolution:
             raise ValueError(f"the joint model samples {masker.resolution}², the ControlNet {self.resolution}²")
         self.decode_batch = max(1, decode_batch)
+        self.guide: SegmenterGuidance | None = None  # set it to refine each image for its mask while sampling
 
     @classmethod
     def from_pretrained(cls, base_model: str | Path, controlnet: str | Path, device="cpu",
@@ -180,7 +184,8 @@ class ControlNetPipeline:
         """The final image latents for `masks` (0/1 N×H×W at `resolution`).  The ControlNet's residuals enter
         scaled by ``control_scale`` over the first ``control_end`` share of the steps (diffusers'
         ``controlnet_conditioning_scale`` and ``control_guidance_end``); the steps after it are the stock base's alone,
-        where the fine texture forms on the outline the mask has already set."""
+        where the fine texture forms on the outline the mask has already set.  With a `guide` (DDIM only), the
+        predicted clean latents of its steps are refined for the masks (`guidance.SegmenterGuidance`)."""
         if not len(prompts) == len(seeds) == len(masks):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds, {len(masks)} masks")
         if tuple(masks.shape[1:]) != (self.resolution, self.resolution):
@@ -194,6 +199,7 @@ class ControlNetPipeline:
         sched.set_timesteps(steps, device=self.device)
         latents = self.initial_noise(seeds) * sched.init_noise_sigma
         timesteps = sched.timesteps
+        guided = self._guided_steps(len(timesteps))
         for i, t in enumerate(timesteps):
             x = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
             down = mid = None
@@ -205,8 +211,23 @@ class ControlNetPipeline:
             if cfg:
                 uncond_pred, cond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance * (cond_pred - uncond_pred)
-            latents = sched.step(pred, t, latents).prev_sample
+            out = sched.step(pred, t, latents)
+            latents = out.prev_sample
+            if i in guided:  # DDIM's next latents, for the refined x̂0 (the predicted noise kept)
+                x0 = out.pred_original_sample
+                a_next = float(sched.alphas_cumprod[timesteps[i + 1]])
+                latents = latents + a_next ** 0.5 * (self.guide.refine(self.vae, x0, masks) - x0)
         return latents
+
+    def _guided_steps(self, n: int) -> set[int]:
+        if self.guide is None:
+            return set()
+        from diffusers import DDIMScheduler
+
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise ValueError(f"segmenter guidance updates latents as DDIM does; the scheduler is "
+                             f"{type(self.scheduler).__name__}")
+        return self.guide.guided_steps(n)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,

@@ -15,6 +15,7 @@ from skindual.cli import worker_setup
 from skindual.errors import UserError
 from skindual.generate_config import GenerateConfig, cpu_threads
 from skindual.generate_model import ModelSpec, load_generator
+from skindual.guidance import SegmenterGuidance
 from skindual.mask_source import GivenMasks
 from skindual.qc_model import QCSegmenter
 from skindual.redraw import generate_samples
@@ -75,6 +76,9 @@ class ShardGenerator:
             self.qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None, cfg.device)
             if self.qc.sha256 != spec.qc_sha256:
                 raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
+            if cfg.segmenter_guidance:  # the ControlNet's images nudged towards what it reads (--segmenter-guidance)
+                self.pipe.guide = SegmenterGuidance(self.qc.model, self.qc.size, cfg.segmenter_guidance,
+                                                    batch=self.pipe.decode_batch)
 
     def _generate(self, rows: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         given = self._given(rows) if self._given is not None else None  # a redraw: a new augmentation of its mask

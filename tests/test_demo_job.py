@@ -56,6 +56,7 @@ def test_the_chain_runs_its_five_stages_and_summarises(demo_run):
     assert positions == sorted(positions)
     assert "[2/5] fine-tune: 3 steps (a ControlNet beside the stock base, batch 16, lr 0.0005) into" in run.stdout
     assert "[4/5] generate: 2 pairs per class, images drawn by that ControlNet for the real train masks" in run.stdout
+    assert "each nudged towards its mask by the QC segmenter (5 guidance steps)" in run.stdout
     assert "[3/5] qc segmenter: 5 steps of a U-Net on the real train pairs" in run.stdout
     assert "[4/5] generate: done in" in run.stdout and "14 pairs in 1 shards" in run.stdout
 
@@ -78,6 +79,7 @@ def test_the_chain_runs_its_five_stages_and_summarises(demo_run):
     assert saved["finetune"] == {**DEMO_CONTROLNET, "steps": 3} and saved["pairs"] == "controlnet"
     assert saved["pair_quality"]["pairs"] == 14 and set(saved["pair_quality"]["class_fidelity"]) == set(CLASS_CODES)
     assert saved["qc"]["format"] == "skindual-qc-segmenter/1" and saved["qc"]["min_consistency"] == 0
+    assert saved["generation"]["segmenter_guidance"] == 5
     assert saved["generation"]["draws"]["kept"] == 14 and 0 <= saved["generation"]["draws"]["kept_qc_consistency"] <= 1
 
 
@@ -106,6 +108,9 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert sorted(p.name for p in (out / "synthetic").glob("*.tar")) == ["00000.tar"]
     manifest = json.loads((out / "synthetic" / "manifest.json").read_text())
     assert manifest["resolved"]["controlnet"] == f"sha256:{sha}" and manifest["resolved"]["adapter"] == "none"
+    assert manifest["resolved"]["segmenter_guidance"] == 5  # the images nudged by the QC segmenter the chain trained
+    card = (out / "synthetic" / "README.md").read_text()
+    assert "segmenter guidance: 5 Adam steps" in card
     # every kept pair scored by the QC segmenter the chain trained, in its json and the parquet
     qc_card = json.loads((out / "qc" / "segmenter.json").read_text())
     assert manifest["resolved"]["qc_segmenter"].startswith("sha256:") and qc_card["train_pairs"] > 0

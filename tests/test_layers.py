@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "skindual": 1, "errors": 1, "cli": 1, "cluster": 1, "prompts": 1, "storage": 1, "fingerprint": 1,
     "data": 2, "images": 2, "jpeg": 2, "quality": 2, "mask_stats": 2, "fidelity": 2, "downstream": 2,
     "base_models": 3, "model": 3, "dual_pipeline": 3, "sd2": 3, "sampling_speed": 3, "controlnet": 3,
+    "guidance": 3,
     "losses": 4, "shard_format": 4, "shard_store": 4, "shard_reader": 4, "run_files": 4, "shards": 4, "report": 4,
     "pairs": 4,
     "mask_source": 4, "card": 4,
@@ -30,13 +31,13 @@ LAYERS: dict[str, int] = {
 }
 """Module (under skindual/, the demo subpackage's as ``demo.<name>``) → its layer: 1 errors, CLI, cluster,
 prompts, storage, the settings' fingerprint; 2 data and the pure measures; 3 the model (its sampling, and the module that
-resolves what a --base-model names, SD-2's architecture built in code, the sampling speed levers, and the ControlNet
-branch); 4 losses,
+resolves what a --base-model names, SD-2's architecture built in code, the sampling speed levers, the ControlNet
+branch and its segmenter guidance); 4 losses,
 the shard format, writer and scans, run files and reader, report, the pair-dataset reader; 5 the stages (and
 generation's config, model, redraws and Ray stages, fine-tuning's config, trainers and worker loop, and a dataset's
 preview); 6 the demo world (skindual/demo/); 7 the demo chain."""
 
-NEVER_DEMO = {"model", "dual_pipeline", "controlnet", "controlnet_trainer", "losses", "base_models", "sd2", "sampling_speed", "pairs", "mask_source", "finetune", "generate", "evaluate", "export", "prepare",
+NEVER_DEMO = {"model", "dual_pipeline", "controlnet", "guidance", "controlnet_trainer", "losses", "base_models", "sd2", "sampling_speed", "pairs", "mask_source", "finetune", "generate", "evaluate", "export", "prepare",
               "qc_model", "finetune_config", "joint_trainer", "finetune_worker", "generate_config", "generate_model", "redraw", "generate_actors", "evaluate_plan",
               "evaluate_features", "evaluate_downstream", "preview"}
 

@@ -74,6 +74,10 @@ pairs: a generated pair must agree with it nearly as well as a real pair does, o
 DEMO_QC_ATTEMPTS = 16  # draws per pair with the QC on (generation's default is 8)
 DEMO_PILOT_PER_CLASS = 12  # pairs per class of the scored pilot draw that sets the automatic threshold
 DEMO_PILOT_QUANTILE = 0.3
+DEMO_SEGMENTER_GUIDANCE = 5
+"""Generation's --segmenter-guidance for the ControlNet's pairs: Adam steps that nudge each image, twice while it is
+sampled, towards one the QC segmenter reads as its mask (held-out agreement in the hard world 0.84 -> 0.92;
+lab/notes/pair-diagnosis.md, "Segmenter guidance")."""
 """...and at most this quantile of the pilot's scores in its weakest class: every class's draws then pass
 about 70% of the time, so 16 draws fail a row about once in 10^8 (a threshold the generator cannot meet
 would leave classes short, which generation refuses)."""
@@ -121,6 +125,11 @@ class DemoConfig:
                                           "segmenter's Dice on the real val pairs and the weakest class's "
                                           f"{DEMO_PILOT_QUANTILE:g} quantile in a scored pilot draw "
                                           f"({DEMO_PILOT_PER_CLASS} pairs a class)")
+    segmenter_guidance: int = option(DEMO_SEGMENTER_GUIDANCE, "with --pairs controlnet: generation's "
+                                                              "--segmenter-guidance, Adam steps that nudge each image "
+                                                              "towards one the QC segmenter reads as its mask (0: off; "
+                                                              "another value: its shards and report get their own "
+                                                              "folders)")
     qc_steps: int = option(QCModelConfig.steps, "training steps of the QC segmenter")
     validation_steps: int = option(FinetuneConfig.validation_steps, "sampling steps of the fine-tune's validation "
                                                                      "grid (runs/NAME/validation_grid.png)")
@@ -132,6 +141,8 @@ class DemoConfig:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must be at least 1 (or 0: the recipe's)")
         check_fields(self, ("per_class", "actors", "eval_steps", "seeds", "extractor_steps",
                             "qc_steps", "validation_steps"))
+        if self.segmenter_guidance < 0:
+            raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: must be 0 (off) or more Adam steps")
         if not (0 <= self.min_consistency <= 1 or self.min_consistency == -1):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1] (or -1: automatic)")
         if is_remote(self.output):
@@ -214,6 +225,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print,
                   "real pairs")
 
     suffix += "" if cfg.prompt_attributes == "adapter" else "-noattributes"
+    guide = cfg.segmenter_guidance if cfg.pairs == "controlnet" else 0
+    suffix += "" if guide == DEMO_SEGMENTER_GUIDANCE or cfg.pairs != "controlnet" else f"-guidance{guide}"
     drawn = ({"controlnet": str(adapter), "mask_source": str(world.real), "mask_fraction": cfg.real_fraction}
              if cfg.pairs == "controlnet" else {"adapter": str(adapter)})
     gen = GenerateConfig(per_class=str(cfg.per_class), **drawn,
@@ -221,9 +234,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print,
                          samples_per_shard=DEMO_SAMPLES_PER_SHARD, actors=cfg.actors,
                          max_mask_area=cfg.max_mask_area, overwrite=cfg.overwrite, qc_segmenter=qc.output,
                          max_attempts=DEMO_QC_ATTEMPTS if cfg.qc else 8, prompt_attributes=cfg.prompt_attributes,
-                         license=DEMO_LICENSE)
+                         segmenter_guidance=guide, license=DEMO_LICENSE)
     how = ("images drawn by that ControlNet for the real train masks, augmented" if cfg.pairs == "controlnet" else
            "image and mask sampled together by that adapter")
+    how += f", each nudged towards its mask by the QC segmenter ({guide} guidance steps)" if guide else ""
     name, t = stage(4, f"{cfg.per_class} pairs per class, {how}, into {gen.output}")
     with _stage_errors(name):
         threshold, pilot = choose_min_consistency(cfg, card, gen, out / f"qc-pilot{suffix}", start_ray)
@@ -268,7 +282,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print,
                "report": str(Path(ev.output) / "report.md"), "metrics": str(Path(ev.output) / "metrics.json"),
                "pair_quality": quality["synthetic"], "real_test_pair_quality": quality["real_test"],
                "difficulty": cfg.difficulty, "qc": card | {"min_consistency": gen.min_consistency, "pilot": pilot},
-               "generation": generation, **key_figures(metrics)}
+               "generation": generation | {"segmenter_guidance": guide}, **key_figures(metrics)}
     (out / f"demo_summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
