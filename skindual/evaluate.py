@@ -86,6 +86,16 @@ def class_sheet_pairs(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, dict
     return sheets
 
 
+def guided_by_qc_segmenter(cfg: EvaluateConfig) -> bool:
+    """Whether the synthetic images were nudged towards their masks (generate --segmenter-guidance) by the very QC
+    segmenter that scores them here: its agreement figures are then no independent check."""
+    made = pairs.dataset_manifest(cfg.synthetic, cfg.s3_endpoint or None)
+    if not cfg.qc_segmenter or not made.get("config", {}).get("segmenter_guidance"):
+        return False
+    scorer = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None).sha256
+    return made.get("resolved", {}).get("qc_segmenter") == f"sha256:{scorer}"
+
+
 def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     """Measure everything and write the report on the current Ray cluster (`shape`: what it has and can launch,
     read from it when not given); returns the metrics (also in ``metrics.json``, written last)."""
@@ -121,7 +131,8 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
              "cached" if fid["real_features_cached"] else "computed")
     metrics: dict = {"config": asdict(cfg), "image_size": plan.image_size, "counts": plan.counts,
                      "fidelity": fid | {"extractor_cached": extractor_cached},
-                     "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"]}
+                     "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"],
+                     "synthetic_guided_by_qc_segmenter": guided_by_qc_segmenter(cfg)}
     if benchmark:
         check_interrupt()
         metrics["downstream"] = finish_benchmark(benchmark[0])

@@ -278,6 +278,11 @@ def _downstream_plot(folder: Path, summary: dict, plt) -> str:
     return "downstream.png"
 
 
+GUIDED_NOTE = ("The synthetic images were drawn with `--segmenter-guidance` by this same QC segmenter, which nudged "
+               "each towards an image it reads as the pair's mask: its agreement and QC consistency figures for them "
+               "are not an independent check (a segmenter of another architecture, trained apart, is).")
+
+
 def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -290,6 +295,7 @@ def _per_class_section(metrics: dict, figures: list[str]) -> list[str]:
     if agreement["synthetic"]:
         lines += ["Agreement: the mean Dice between each pair's mask and the QC segmenter's mask of its image, for the "
                   "synthetic pairs and the real test pairs (held out from the segmenter's training).", ""]
+        lines += [GUIDED_NOTE, ""] if metrics.get("synthetic_guided_by_qc_segmenter") else []
     else:
         lines += ["No QC segmenter was given, so there are no agreement figures and no segmenter outlines: train one "
                   "with `jobs/qc_model.py` on the real data and pass its output as `--qc-segmenter`.", ""]
@@ -356,6 +362,8 @@ def render_report(metrics: dict, figures: list[str]) -> str:
         for name, q in quality.items():
             lines.append(f"| {name} | {q['pairs']} | {_fmt(q['consistency_dice'])} | {_fmt(q.get('qc_consistency_dice'))} "
                          f"| {_fmt(q['sane_mask_share'])} | {_fmt(q.get('class_fidelity_mean'))} |")
+        if metrics.get("synthetic_guided_by_qc_segmenter"):
+            lines += ["", GUIDED_NOTE]
     if "downstream" in metrics:
         d = metrics["downstream"]
         s = d["settings"]

@@ -120,6 +120,9 @@ def test_every_stage_wrote_its_output_under_the_one_folder(demo_run):
     assert (out / "eval" / "report.md").read_text().startswith("# SkinDualGen evaluation")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["counts"]["synthetic"] == {code: 2 for code in CLASS_CODES}
+    # the pairs were guided by the QC segmenter that scores them: the report says its figures are no independent check
+    assert metrics["synthetic_guided_by_qc_segmenter"] is True
+    assert "drawn with `--segmenter-guidance` by this same QC segmenter" in (out / "eval" / "report.md").read_text()
     # the downstream test set is the separate balanced one, not the imbalanced table's test split
     assert metrics["config"]["test_data"] == str(out / "real-test")
     assert metrics["counts"]["real_test"] == {code: DEMO_TEST_PER_CLASS for code in CLASS_CODES}

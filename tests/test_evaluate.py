@@ -87,6 +87,7 @@ def test_the_job_end_to_end_on_a_ray_cluster_writing_to_s3(eval_world, ray_clust
                if "/synthetic-" in n)
     assert rows == 28
     quality = metrics["pair_quality"]
+    assert metrics["synthetic_guided_by_qc_segmenter"] is False  # the stand-in shards were not drawn with guidance
     assert quality["synthetic"]["pairs"] == 28 and 0 <= quality["synthetic"]["consistency_dice"] <= 1
     assert set(quality["real_test"]["class_fidelity"]) == set(metrics["counts"]["real_test"])
     assert quality["synthetic"]["sane_mask_share"] == 1.0  # the stand-in shards are procedural lesions
