@@ -6,6 +6,8 @@ r"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset
     python jobs/generate.py --per-class df=5000,vasc=4000 ...  # top up only the rare classes
     python jobs/generate.py --per-class 20 --mask-source REAL --controlnet runs/cn/adapter   # images for real masks
     python jobs/generate.py --per-class 20 --adapter JOINT --controlnet runs/cn/adapter       # the joint model's masks
+    python jobs/generate.py --per-class 20 --mask-source REAL --controlnet runs/cn/adapter --qc-segmenter QC \
+        --segmenter-guidance 5                             # each image nudged towards its mask by the QC segmenter
 
 Re-running into the same --output skips the committed shards; other settings need --overwrite.
 Ray workers read S3 credentials from their own environment (instance role or AWS_* variables); on a

@@ -130,10 +130,10 @@ class GenerateConfig:
                             "--qc-segmenter")
         if self.segmenter_guidance < 0:
             raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: must be 0 (off) or more Adam steps")
-        if self.segmenter_guidance and not (self.controlnet and self.qc_segmenter and self.scheduler == "ddim"):
-            raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: it nudges a ControlNet's images towards "
-                            "what the QC segmenter reads, on DDIM's steps; pass --controlnet and --qc-segmenter with "
-                            "--scheduler ddim, or leave it out")
+        if self.segmenter_guidance and not (self.qc_segmenter and self.scheduler == "ddim"):
+            raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: it nudges each image towards what the QC "
+                            "segmenter reads, on DDIM's steps; pass --qc-segmenter with --scheduler ddim, or leave it "
+                            "out")
         self.counts()  # --per-class / --classes errors name the flag
 
     def counts(self) -> dict[str, int]:

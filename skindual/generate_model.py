@@ -62,9 +62,11 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
     sha256, its tensors checked against the base model's UNet), and its ControlNet (`with_controlnet`)."""
     if not cfg.controlnet:
-        if any(getattr(cfg, name) != getattr(GenerateConfig, name) for name in CONTROLNET_ONLY):
-            raise UserError(f"--control-scale {cfg.control_scale} / --control-end {cfg.control_end}: they steer a "
-                            "ControlNet; pass --controlnet, or leave them out")
+        given = [name for name in CONTROLNET_ONLY if getattr(cfg, name) != getattr(GenerateConfig, name)]
+        if given:
+            flags = " / ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in given)
+            raise UserError(f"{flags}: {'they steer' if len(given) > 1 else 'it steers'} a ControlNet; pass "
+                            f"--controlnet, or leave {'them' if len(given) > 1 else 'it'} out")
         return resolve_joint(cfg)
     if not cfg.mask_source and not cfg.adapter:
         raise UserError("--controlnet draws each image for a given mask: pass --mask-source (a prepared real dataset's "

@@ -97,16 +97,23 @@ def test_a_guided_pipeline_draws_images_the_segmenter_reads_closer_to_their_mask
 
 def test_the_flag_needs_a_controlnet_a_qc_segmenter_and_ddim_and_enters_the_fingerprint(demo_real, tmp_path):
     from skindual import generate
-    from skindual.demo.world import DEMO_CONTROLNET_ADAPTER
+    from skindual.demo.world import DEMO_ADAPTER, DEMO_CONTROLNET_ADAPTER
     from skindual.generate_config import GenerateConfig
 
     masked = GenerateConfig(per_class="df=1", mask_source=str(demo_real), controlnet=str(DEMO_CONTROLNET_ADAPTER),
                             qc_segmenter=str(tmp_path / "qc"), output=str(tmp_path / "out"))
-    hint = ("it nudges a ControlNet's images towards what the QC segmenter reads, on DDIM's steps; pass --controlnet "
-            "and --qc-segmenter with --scheduler ddim, or leave it out$")
-    for changes in ({"qc_segmenter": ""}, {"scheduler": "euler"}, {"controlnet": "", "mask_source": ""}):
+    hint = ("it nudges each image towards what the QC segmenter reads, on DDIM's steps; pass --qc-segmenter with "
+            "--scheduler ddim, or leave it out$")
+    for changes in ({"qc_segmenter": ""}, {"scheduler": "euler"}):
         with pytest.raises(UserError, match=f"^--segmenter-guidance 5: {hint}"):
             replace(masked, segmenter_guidance=5, **changes)
+    joint = replace(masked, controlnet="", mask_source="", adapter=str(DEMO_ADAPTER), segmenter_guidance=5)
+    with pytest.raises(UserError, match="^--segmenter-guidance 5: it steers a ControlNet; pass --controlnet, or leave it "
+                                        "out$"):
+        generate.resolve_model(joint)
+    with pytest.raises(UserError, match="^--control-end 0.5 / --segmenter-guidance 5: they steer a ControlNet; pass "
+                                        "--controlnet, or leave them out$"):
+        generate.resolve_model(replace(joint, control_end=0.5))
     with pytest.raises(UserError, match=r"^--segmenter-guidance -1: must be 0 \(off\) or more Adam steps$"):
         replace(masked, segmenter_guidance=-1)
     spec = generate.resolve_model(replace(masked, qc_segmenter=""))
