@@ -67,7 +67,7 @@ class GenerateConfig:
                                         "its mask, the later steps putting the class texture back "
                                         "(skindual.guidance); 0: off.  The QC's scores of guided pairs are then no "
                                         "independent check.  5: the demo's (held-out agreement in the hard demo "
-                                        "world 0.84 -> 0.92; about half again the sampling time on CPU)")
+                                        "world 0.84 -> 0.92; generation about 1.6x as long on CPU)")
     partial: bool = option(False, "with --mask-source: use the committed shards of a prepared dataset whose run has "
                                   "not finished; without it such a dataset is refused")
     mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
