@@ -86,14 +86,14 @@ def class_sheet_pairs(cfg: EvaluateConfig, plan: EvaluatePlan) -> dict[str, dict
     return sheets
 
 
-def guided_by_qc_segmenter(cfg: EvaluateConfig) -> bool:
+def guided_by_qc_segmenter(plan: EvaluatePlan) -> bool:
     """Whether the synthetic images were nudged towards their masks (generate --segmenter-guidance) by the very QC
     segmenter that scores them here: its agreement figures are then no independent check."""
-    made = pairs.dataset_manifest(cfg.synthetic, cfg.s3_endpoint or None)
-    if not cfg.qc_segmenter or not made.get("config", {}).get("segmenter_guidance"):
+    if not plan.qc_sha256:
         return False
-    scorer = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None).sha256
-    return made.get("resolved", {}).get("qc_segmenter") == f"sha256:{scorer}"
+    made = pairs.dataset_manifest(plan.config.synthetic, plan.config.s3_endpoint or None)
+    return bool(made.get("config", {}).get("segmenter_guidance")) and (
+        made.get("resolved", {}).get("qc_segmenter") == f"sha256:{plan.qc_sha256}")
 
 
 def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
@@ -132,7 +132,7 @@ def run_evaluate(plan: EvaluatePlan, shape: ClusterShape | None = None) -> dict:
     metrics: dict = {"config": asdict(cfg), "image_size": plan.image_size, "counts": plan.counts,
                      "fidelity": fid | {"extractor_cached": extractor_cached},
                      "mask_statistics": measured["mask_statistics"], "pair_quality": measured["pair_quality"],
-                     "synthetic_guided_by_qc_segmenter": guided_by_qc_segmenter(cfg)}
+                     "synthetic_guided_by_qc_segmenter": guided_by_qc_segmenter(plan)}
     if benchmark:
         check_interrupt()
         metrics["downstream"] = finish_benchmark(benchmark[0])

@@ -118,6 +118,7 @@ class EvaluatePlan:
     train: Source | None  # the downstream real arm's pairs (--real-fraction of the train split)
     counts: dict[str, dict[str, int]]  # set → class code → pairs
     image_size: int  # the synthetic pairs' side: every set is measured at it
+    qc_sha256: str = ""  # the --qc-segmenter's weights, checked when the plan was made ("" without one)
     fingerprint: str = ""
     done: dict | None = None
 
@@ -217,8 +218,8 @@ def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
             raise UserError(f"{cfg.real} has no classed pairs in its test split, which the downstream benchmark "
                             "needs; prepare it again, pass --test-data, or pass --no-downstream")
         train = data.fraction_per_class(train_split, cfg.real_fraction, cfg.seed)
-    if cfg.qc_segmenter:
-        QCSegmenter.load(cfg.qc_segmenter, endpoint)  # a bad one is one line, before any work
+    # a bad one is one line, before any work
+    qc_sha256 = QCSegmenter.load(cfg.qc_segmenter, endpoint).sha256 if cfg.qc_segmenter else ""
     if cfg.feature_extractor == "inception":  # after the inputs: a typo in a path is reported as such first
         fidelity.find_inception_weights(cfg.inception_weights, endpoint)
     sets = {"real": Source(cfg.real, pairs.selection_of(real)), "synthetic": Source(cfg.synthetic, pairs.selection_of(synthetic)),
@@ -230,7 +231,7 @@ def _inputs(cfg: EvaluateConfig) -> EvaluatePlan:
              real.num_rows, cfg.fid_split, test.num_rows,
              f", downstream {train.num_rows} real train pairs" if train is not None else "")
     return EvaluatePlan(cfg, sets, Source(cfg.real, pairs.selection_of(train)) if train is not None else None, counts,
-                        first[0])
+                        first[0], qc_sha256)
 
 
 # --------------------------------------------------------------------------- the fingerprint
@@ -265,7 +266,7 @@ def evaluation_fingerprint(plan: EvaluatePlan) -> str:
     sources = {**plan.sets, "train": plan.train}
     key = {"settings": {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED},
            "inputs": {name: selection_digest(s, endpoint) for name, s in sorted(sources.items()) if s is not None},
-           "qc_segmenter": QCSegmenter.load(cfg.qc_segmenter, endpoint).sha256 if cfg.qc_segmenter else "",
+           "qc_segmenter": plan.qc_sha256,
            "versions": library_versions()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -74,13 +74,13 @@ pairs: a generated pair must agree with it nearly as well as a real pair does, o
 DEMO_QC_ATTEMPTS = 16  # draws per pair with the QC on (generation's default is 8)
 DEMO_PILOT_PER_CLASS = 12  # pairs per class of the scored pilot draw that sets the automatic threshold
 DEMO_PILOT_QUANTILE = 0.3
+"""...and at most this quantile of the pilot's scores in its weakest class: every class's draws then pass
+about 70% of the time, so 16 draws fail a row about once in 10^8 (a threshold the generator cannot meet
+would leave classes short, which generation refuses)."""
 DEMO_SEGMENTER_GUIDANCE = 5
 """Generation's --segmenter-guidance for the ControlNet's pairs: Adam steps that nudge each image, twice while it is
 sampled, towards one the QC segmenter reads as its mask (held-out agreement in the hard world 0.84 -> 0.92;
 lab/notes/pair-diagnosis.md, "Segmenter guidance")."""
-"""...and at most this quantile of the pilot's scores in its weakest class: every class's draws then pass
-about 70% of the time, so 16 draws fail a row about once in 10^8 (a threshold the generator cannot meet
-would leave classes short, which generation refuses)."""
 
 
 @dataclass
