@@ -25,7 +25,7 @@ from skindual.cluster import ClusterShape, check_accelerator, check_shared_paths
 from skindual.errors import UserError
 from skindual.generate_actors import DrawCounter, ShardGenerator, shard_items, write_shard_rows
 from skindual.generate_config import (CONTROLNET_ONLY, FINGERPRINTED, FINGERPRINTED_WHEN_SET, GenerateConfig,
-                                      cpu_threads)
+                                      cpu_threads, without_auto)
 from skindual.generate_model import ModelSpec, resolve_model
 from skindual.mask_source import MaskSource, load_masks, plan_mask_source, source_table
 from skindual.preview import write_preview
@@ -100,6 +100,7 @@ def fingerprint_config(cfg: GenerateConfig, spec: ModelSpec, masks: MaskSource |
     (the ControlNet by its sha256, when there is one).
     What samples them (the device model, on CPU the thread count) is known only once the cluster is, and is checked
     apart (`device_record`)."""
+    cfg = without_auto(cfg)
     types = {f.name: f.type for f in dataclasses.fields(GenerateConfig)}
     value = lambda name: float(getattr(cfg, name)) if types[name] == "float" else getattr(cfg, name)
     plain = {name: value(name) for name in FINGERPRINTED} | {
@@ -151,6 +152,7 @@ class GeneratePlan:
 def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     """Resolve and check a generation run (the model, the adapter, the QC segmenter, the output and its earlier
     runs' settings), reading storage only; every problem is one `UserError`."""
+    cfg = without_auto(cfg)
     spec = resolve_model(cfg)  # the inputs first: a bad one leaves no output folder behind
     masks = (plan_mask_source(cfg.mask_source, cfg.mask_fraction, list(cfg.counts()), cfg.s3_endpoint or None,
                               cfg.partial) if cfg.mask_source else None)

@@ -76,7 +76,7 @@ class ShardGenerator:
             self.qc = QCSegmenter.load(cfg.qc_segmenter, cfg.s3_endpoint or None, cfg.device)
             if self.qc.sha256 != spec.qc_sha256:
                 raise RuntimeError(f"QC segmenter {cfg.qc_segmenter} changed while the run started; rerun the job")
-            if cfg.segmenter_guidance:  # the ControlNet's images nudged towards what it reads (--segmenter-guidance)
+            if cfg.segmenter_guidance > 0:  # the ControlNet's images nudged towards what it reads (--segmenter-guidance)
                 self.pipe.guide = SegmenterGuidance(self.qc.model, self.qc.size, cfg.segmenter_guidance,
                                                     batch=self.pipe.decode_batch)
 

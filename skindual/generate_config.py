@@ -14,6 +14,7 @@ from skindual.prompts import MAX_SAMPLES_PER_SHARD, parse_per_class
 from skindual.quality import MASK_SMOOTHING, MaskLimits
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+AUTO_GUIDANCE = -1  # --segmenter-guidance's default: the embedded default's choice, else off
 _LIMITS = MaskLimits()
 
 
@@ -62,12 +63,14 @@ class GenerateConfig:
     control_end: float = option(1.0, "with a ControlNet: the share of the sampling steps it steers (diffusers' "
                                      "control_guidance_end); the later steps are the stock base's alone, where the "
                                      "class texture forms on the outline the mask has set")
-    segmenter_guidance: int = option(0, "with a ControlNet and --qc-segmenter (DDIM only): Adam steps, at two points of "
-                                        "the sampling, that nudge each image towards one the QC segmenter reads as "
-                                        "its mask, the later steps putting the class texture back "
-                                        "(skindual.guidance); 0: off.  The QC's scores of guided pairs are then no "
-                                        "independent check.  5: the demo's (held-out agreement in the hard demo "
-                                        "world 0.84 -> 0.92; generation about 1.6x as long on CPU)")
+    segmenter_guidance: int = option(-1, "with a ControlNet and --qc-segmenter (DDIM only): Adam steps, at two points "
+                                         "of the sampling, that nudge each image towards one the QC segmenter reads "
+                                         "as its mask, the later steps putting the class texture back "
+                                         "(skindual.guidance); 0: off.  The QC's scores of guided pairs are then no "
+                                         "independent check.  5: the demo's (held-out agreement in the hard demo "
+                                         "world 0.84 -> 0.92; generation about 1.6x as long on CPU).  -1: 5 in "
+                                         "jobs/generate.py's embedded default (the shipped demo ControlNet, scored "
+                                         "and guided by the shipped demo QC segmenter), else 0")
     partial: bool = option(False, "with --mask-source: use the committed shards of a prepared dataset whose run has "
                                   "not finished; without it such a dataset is refused")
     mask_fraction: float = option(1.0, "with --mask-source: only the masks of a seeded share of each class of its "
@@ -128,9 +131,10 @@ class GenerateConfig:
         if not 0 <= self.min_consistency <= 1 or (self.min_consistency and not self.qc_segmenter):
             raise UserError(f"--min-consistency {self.min_consistency}: must be in [0, 1], and above 0 needs "
                             "--qc-segmenter")
-        if self.segmenter_guidance < 0:
-            raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: must be 0 (off) or more Adam steps")
-        if self.segmenter_guidance and not (self.qc_segmenter and self.scheduler == "ddim"):
+        if self.segmenter_guidance < AUTO_GUIDANCE:
+            raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: must be 0 (off) or more Adam steps "
+                            "(or -1: the embedded default's choice)")
+        if self.segmenter_guidance > 0 and not (self.qc_segmenter and self.scheduler == "ddim"):
             raise UserError(f"--segmenter-guidance {self.segmenter_guidance}: it nudges each image towards what the QC "
                             "segmenter reads, on DDIM's steps; pass --qc-segmenter with --scheduler ddim, or leave it "
                             "out")
@@ -165,13 +169,20 @@ FINGERPRINTED_WHEN_SET = {"compile": False, "control_scale": 1.0, "control_end":
 fingerprint only at another value (``control_*`` only with a ControlNet, which they steer), so a run made before
 keeps its fingerprint and resumes."""
 CONTROLNET_ONLY = ("control_scale", "control_end", "segmenter_guidance")
-"""Fields that steer a ControlNet: without one they are refused unless left at their defaults, and never fingerprinted."""
+"""Fields that steer a ControlNet: without one they are refused unless left at their defaults or at the value that
+samples as without them (`FINGERPRINTED_WHEN_SET`'s), and never fingerprinted."""
 NOT_FINGERPRINTED = ("output", "actors", "overwrite", "verify", "s3_endpoint", "license")
 """Fields that never change the bytes of a shard."""
 _declared = FINGERPRINTED + RESOLVED + tuple(FINGERPRINTED_WHEN_SET) + NOT_FINGERPRINTED
 if sorted(_declared) != sorted(f.name for f in dataclasses.fields(GenerateConfig)) or len(set(_declared)) != len(_declared):
     raise TypeError("every GenerateConfig field must be declared once in FINGERPRINTED, RESOLVED, "
                     "FINGERPRINTED_WHEN_SET or NOT_FINGERPRINTED")
+
+
+def without_auto(cfg: GenerateConfig) -> GenerateConfig:
+    """`cfg` with ``--segmenter-guidance -1`` resolved to 0 (off): the stages' own choice.  jobs/generate.py's embedded
+    default resolves it first, to the demo's guidance (`skindual.demo.world.generate_defaults`)."""
+    return dataclasses.replace(cfg, segmenter_guidance=0) if cfg.segmenter_guidance == AUTO_GUIDANCE else cfg
 
 
 def cpu_threads(cfg: GenerateConfig) -> int:

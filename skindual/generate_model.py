@@ -15,7 +15,7 @@ from skindual.base_models import DEMO_BASE, adapter_base, base_id, is_demo_base
 from skindual.controlnet import ControlNetPipeline, controlnet_misfit, load_controlnet_info
 from skindual.dual_pipeline import DualPipeline
 from skindual.errors import UserError
-from skindual.generate_config import CONTROLNET_ONLY, GenerateConfig
+from skindual.generate_config import CONTROLNET_ONLY, FINGERPRINTED_WHEN_SET, GenerateConfig
 from skindual.model import ADAPTER_JSON, adapter_files, adapter_misfit, load_adapter
 from skindual.prompts import DEFAULT_TEMPLATE
 from skindual.qc_model import QCSegmenter
@@ -62,7 +62,8 @@ def resolve_model(cfg: GenerateConfig) -> ModelSpec:
     """The base model, adapter, layout and resolution of a run (the adapter's files verified by their
     sha256, its tensors checked against the base model's UNet), and its ControlNet (`with_controlnet`)."""
     if not cfg.controlnet:
-        given = [name for name in CONTROLNET_ONLY if getattr(cfg, name) != getattr(GenerateConfig, name)]
+        given = [name for name in CONTROLNET_ONLY
+                 if getattr(cfg, name) not in (getattr(GenerateConfig, name), FINGERPRINTED_WHEN_SET[name])]
         if given:
             flags = " / ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in given)
             raise UserError(f"{flags}: {'they steer' if len(given) > 1 else 'it steers'} a ControlNet; pass "

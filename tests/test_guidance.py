@@ -114,9 +114,13 @@ def test_the_flag_needs_a_controlnet_a_qc_segmenter_and_ddim_and_enters_the_fing
     with pytest.raises(UserError, match="^--control-end 0.5 / --segmenter-guidance 5: they steer a ControlNet; pass "
                                         "--controlnet, or leave them out$"):
         generate.resolve_model(replace(joint, control_end=0.5))
-    with pytest.raises(UserError, match=r"^--segmenter-guidance -1: must be 0 \(off\) or more Adam steps$"):
-        replace(masked, segmenter_guidance=-1)
+    for off in (-1, 0):  # the default (-1: off outside the embedded default) and off are no ControlNet flags
+        assert generate.resolve_model(replace(joint, segmenter_guidance=off, qc_segmenter="")).controlnet_sha256 is None
+    with pytest.raises(UserError, match=r"^--segmenter-guidance -2: must be 0 \(off\) or more Adam steps \(or -1: "
+                                        r"the embedded default's choice\)$"):
+        replace(masked, segmenter_guidance=-2)
     spec = generate.resolve_model(replace(masked, qc_segmenter=""))
     plain = generate.fingerprint_config(masked, spec)
     assert "segmenter_guidance" not in plain  # off: a run made before the flag existed keeps its fingerprint
+    assert generate.fingerprint_config(replace(masked, segmenter_guidance=0), spec) == plain
     assert generate.fingerprint_config(replace(masked, segmenter_guidance=5), spec) == plain | {"segmenter_guidance": 5}

@@ -32,7 +32,8 @@ import numpy as np
 from skindual import fidelity, finetune, pairs, quality
 from skindual.cli import check_fields, option
 from skindual.demo.render import DIFFICULTIES
-from skindual.demo.world import DEMO_LICENSE, DEMO_TEST_PER_CLASS, prepare_demo_world, world_base
+from skindual.demo.world import (DEMO_LICENSE, DEMO_SEGMENTER_GUIDANCE, DEMO_TEST_PER_CLASS, prepare_demo_world,
+                                 world_base)
 from skindual.downstream import ARMS, CLASSIFIERS, HYBRIDS
 from skindual.errors import UserError
 from skindual.evaluate import run_evaluate
@@ -77,10 +78,6 @@ DEMO_PILOT_QUANTILE = 0.3
 """...and at most this quantile of the pilot's scores in its weakest class: every class's draws then pass
 about 70% of the time, so 16 draws fail a row about once in 10^8 (a threshold the generator cannot meet
 would leave classes short, which generation refuses)."""
-DEMO_SEGMENTER_GUIDANCE = 5
-"""Generation's --segmenter-guidance for the ControlNet's pairs: Adam steps that nudge each image, twice while it is
-sampled, towards one the QC segmenter reads as its mask (held-out agreement in the hard world 0.84 -> 0.92;
-lab/notes/pair-diagnosis.md, "Segmenter guidance")."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ outside the package, in lab/.
 
 The jobs' embedded defaults come from here, resolved by the job entry points (the stages never
 look at the demo world): `finetune_defaults`, `evaluate_defaults`, `qc_defaults` and `generate_defaults` fill the
-flags a user left empty with the demo world's datasets and the shipped demo ControlNet and adapter.
+flags a user left empty with the demo world's datasets and the shipped demo ControlNet, QC segmenter and adapter.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from skindual.demo import render
 from skindual.errors import UserError
 from skindual.evaluate_plan import EvaluateConfig
 from skindual.finetune_config import FinetuneConfig
-from skindual.generate_config import GenerateConfig
+from skindual.generate_config import AUTO_GUIDANCE, GenerateConfig
 from skindual.model import load_pipeline, mask_to_image
 from skindual.prepare import PrepareConfig, prepare_here
-from skindual.qc_model import QCModelConfig
 from skindual.prompts import CLASSES, build_prompt, row_seed
+from skindual.qc_model import QCModelConfig
+from skindual.shard_format import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ DEMO_CONTROLNET_ADAPTER = Path(__file__).parents[1] / "assets" / "demo_controlne
 """The shipped demo ControlNet: generation's embedded default draws each image with it for a mask of the demo
 world's real train split, augmented (how it was trained: `skindual.demo.chain.DEMO_CONTROLNET` on the easy demo
 world's train pairs, lab/notes/pair-diagnosis.md)."""
+DEMO_QC_SEGMENTER = Path(__file__).parents[1] / "assets" / "demo_qc"
+"""The shipped demo QC segmenter (`jobs/qc_model.py` on the easy demo world's real pairs, its defaults): generation's
+embedded default scores each pair with it and guides the shipped ControlNet's images towards their masks with it."""
+DEMO_SEGMENTER_GUIDANCE = 5
+"""Generation's --segmenter-guidance in the demo (the embedded default and the demo chain's ControlNet pairs): Adam
+steps that nudge each image, twice while it is sampled, towards one the QC segmenter reads as its mask (held-out
+agreement in the hard world 0.84 -> 0.92; lab/notes/pair-diagnosis.md, "Segmenter guidance")."""
 DEMO_TEST_PER_CLASS = 40
 """Images per class of the demo's separate, balanced held-out test set (``data-test/``, its table
 ``test_table.parquet``): the downstream benchmark's test set.  The main demo data keeps HAM10000's
@@ -77,8 +85,15 @@ class DemoWorld:
 
 
 def _prepared(folder: Path, output: Path, seed: int) -> dict:
-    """`folder` through the prepare job's code, in this process (a rerun skips what is committed)."""
-    return prepare_here(PrepareConfig(ham10000=str(folder), output=str(output), seed=seed,
+    """`folder` through the prepare job's code, in this process (a rerun skips what is committed).  When `output`'s
+    run.json names `folder` by another path (a demo world written before every embedded default resolved its folder:
+    some named it relative to the working directory), that spelling is kept, so the rerun resumes, not refuses."""
+    source, run = str(folder), output / RUN_FILE
+    if run.is_file():
+        written = json.loads(run.read_text()).get("config", {}).get("ham10000", "")
+        if written and written != source and Path(written).resolve() == folder.resolve():
+            source = written
+    return prepare_here(PrepareConfig(ham10000=source, output=str(output), seed=seed,
                                      samples_per_shard=DEMO_PAIRS_PER_SHARD, license=DEMO_LICENSE))
 
 
@@ -97,8 +112,9 @@ def prepare_demo_world(
 ) -> DemoWorld:
     """Demo data under `output/data` prepared into `output/real`, the separate test set under
     `output/data-test` prepared into `output/real-test`, the base ready, a report.  `difficulty` "hard":
-    the hard demo world (`render.render_lesion`), its base the ``demo-hard`` artifact by default."""
-    output = Path(output)
+    the hard demo world (`render.render_lesion`), its base the ``demo-hard`` artifact by default.  `output` is
+    resolved: every job's embedded default names the same world's datasets the same way."""
+    output = Path(output).resolve()
     started = time.perf_counter()
     report: dict = {"difficulty": difficulty}
     artifact = artifact or DEMO_BASES[world_base(difficulty)]
@@ -232,8 +248,10 @@ def qc_defaults(cfg: QCModelConfig, demo_output: str = DEMO_OUTPUT) -> QCModelCo
 def generate_defaults(cfg: GenerateConfig, demo_output: str = DEMO_OUTPUT) -> GenerateConfig:
     """With neither --adapter nor --base-model (or --base-model demo), without --license the demo world's licence, and
     the model: with no --controlnet, the shipped demo ControlNet drawing each image for a mask of --mask-source, by
-    default the demo world's prepared real dataset (built if missing; its train masks, augmented); with --controlnet
-    and no --mask-source, the shipped demo adapter sampling the masks it draws the images for."""
+    default the demo world's prepared real dataset (built if missing; its train masks, augmented), each pair scored by
+    the shipped demo QC segmenter (without --qc-segmenter) and, with --segmenter-guidance left at -1 and DDIM, guided
+    by it (`DEMO_SEGMENTER_GUIDANCE`); with --controlnet and no --mask-source, the shipped demo adapter sampling the
+    masks it draws the images for."""
     if cfg.adapter or cfg.base_model not in ("", DEMO_BASE):
         return cfg
     licensed = replace(cfg, license=cfg.license or DEMO_LICENSE)
@@ -241,8 +259,12 @@ def generate_defaults(cfg: GenerateConfig, demo_output: str = DEMO_OUTPUT) -> Ge
         return licensed
     if cfg.controlnet:  # the joint model samples each mask first, the given ControlNet draws the image for it
         return replace(licensed, adapter=str(DEMO_ADAPTER))
-    masks = cfg.mask_source or str(prepare_demo_world(Path(demo_output).resolve(), measure=False).real)
-    return replace(licensed, controlnet=str(DEMO_CONTROLNET_ADAPTER), mask_source=masks)
+    masks = cfg.mask_source or str(prepare_demo_world(demo_output, measure=False).real)
+    guide = cfg.segmenter_guidance
+    if guide == AUTO_GUIDANCE:
+        guide = DEMO_SEGMENTER_GUIDANCE if cfg.scheduler == "ddim" else 0
+    return replace(licensed, controlnet=str(DEMO_CONTROLNET_ADAPTER), mask_source=masks,
+                   qc_segmenter=cfg.qc_segmenter or str(DEMO_QC_SEGMENTER), segmenter_guidance=guide)
 
 
 @torch.no_grad()
