@@ -1,6 +1,6 @@
 r"""Generate a class-balanced synthetic set of (image, mask) pairs as WebDataset shards.
 
-    python jobs/generate.py --per-class 20                 # the demo: its ControlNet, its world's masks, local Ray
+    python jobs/generate.py --per-class 20                 # the demo: its ControlNet and QC segmenter, its world's masks
     ray job submit -- python jobs/generate.py --per-class 5000 --adapter s3://bucket/runs/finetune/adapter \
         --actors 8 --num-gpus-per-actor 1 --accelerator-type A10G --output s3://bucket/synthetic
     python jobs/generate.py --per-class df=5000,vasc=4000 ...  # top up only the rare classes
@@ -29,7 +29,7 @@ from skindual.generate_config import GenerateConfig
 
 
 def main(cfg: GenerateConfig) -> None:
-    cfg = generate_defaults(cfg)  # the embedded default: the shipped demo ControlNet and the demo world's masks
+    cfg = generate_defaults(cfg)  # the embedded default: the shipped demo ControlNet and QC segmenter, the world's masks
     plan = plan_generate(cfg)  # the model, the adapter, the QC segmenter and the output checked before Ray starts
     manifest = plan.done
     if manifest is not None:  # done; a new --license still reaches its manifest and card
