@@ -35,7 +35,8 @@ from skindual.model import load_pipeline, mask_to_image
 from skindual.prepare import PrepareConfig, prepare_here
 from skindual.prompts import CLASSES, build_prompt, row_seed
 from skindual.qc_model import QCModelConfig
-from skindual.shard_format import RUN_FILE
+from skindual.run_files import read_run_config
+from skindual.storage import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,9 @@ def _prepared(folder: Path, output: Path, seed: int) -> dict:
     """`folder` through the prepare job's code, in this process (a rerun skips what is committed).  When `output`'s
     run.json names `folder` by another path (a demo world written before every embedded default resolved its folder:
     some named it relative to the working directory), that spelling is kept, so the rerun resumes, not refuses."""
-    source, run = str(folder), output / RUN_FILE
-    if run.is_file():
-        written = json.loads(run.read_text()).get("config", {}).get("ham10000", "")
-        if written and written != source and Path(written).resolve() == folder.resolve():
-            source = written
+    source, written = str(folder), read_run_config(LocalStorage(output)).get("ham10000", "")
+    if written and written != source and Path(written).resolve() == folder.resolve():
+        source = written
     return prepare_here(PrepareConfig(ham10000=source, output=str(output), seed=seed,
                                      samples_per_shard=DEMO_PAIRS_PER_SHARD, license=DEMO_LICENSE))
 
