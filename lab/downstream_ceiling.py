@@ -75,8 +75,8 @@ def main() -> None:
     oracle = balanced_like(spare, counts, 0)
     vae = load_pipeline(world_base(args.difficulty)).vae.eval()
     decoded = PairSet(vae_round_trip(vae, oracle.images), oracle.masks, oracle.labels)
-    print(f"real cut {len(real)} pairs {np.bincount(real.labels, minlength=7).tolist()}, left out {len(spare)} "
-          f"{np.bincount(spare.labels, minlength=7).tolist()}, synthetic {len(synthetic)} {counts.tolist()}, "
+    print(f"real cut {len(real)} pairs {np.bincount(real.labels, minlength=len(CLASS_CODES)).tolist()}, left out {len(spare)} "
+          f"{np.bincount(spare.labels, minlength=len(CLASS_CODES)).tolist()}, synthetic {len(synthetic)} {counts.tolist()}, "
           f"test {len(test)}", flush=True)
     settings = BenchmarkSettings("small", "unet", args.steps, 32, 1e-3, ignore_maps=False)
     torch.set_num_threads(args.threads)
