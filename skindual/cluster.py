@@ -69,13 +69,29 @@ def init_ray(min_cpus: int = 1) -> None:
                 handler.setLevel(logging.ERROR)
     level = logging.INFO if loud else logging.ERROR
     if address:
-        ray.init(logging_level=level)
+        try:
+            ray.init(logging_level=level)
+        except ConnectionError as error:  # Ray's own words end a traceback of its retries: one line instead
+            raise UserError(unreachable_cluster(address, error)) from None
     else:
         _private_token_file()
         _start_embedded(max(os.cpu_count() or 1, min_cpus), level)
     if not loud:
         _forward_only_our_lines()
         drop_native_lines(RAY_DATA_RESTART_NOTE)  # Ray Data's own, on every actor pool (it stays in Ray's log)
+
+
+def unreachable_cluster(address: str, error: BaseException) -> str:
+    """What to do when ``ray.init`` could not join the cluster at RAY_ADDRESS (`error`: its ConnectionError, whose
+    cause holds the GCS client's last failure): the cluster wants a token this driver did not send, or no Ray
+    cluster answers there."""
+    said = f"{error} {error.__cause__ or ''}"
+    if "InvalidAuthToken" in said or "AuthenticationError" in said:
+        return (f"RAY_ADDRESS {address}: that cluster runs with token authentication and refused this driver; set "
+                "RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH if its token is not ~/.ray/auth_token), as "
+                "`ray job submit` needs too")
+    return (f"RAY_ADDRESS {address}: no Ray cluster answered there; start it (`ray start --head`), correct "
+            "RAY_ADDRESS, or unset it and the job starts a local cluster of its own")
 
 
 def _start_embedded(num_cpus: int, level: int) -> None:
