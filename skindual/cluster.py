@@ -171,6 +171,10 @@ BLOCK_STARTS = ("Traceback (most recent call last)", "Stack (most recent call fi
 """How a traceback (or a chained one, or faulthandler's stack of a crash) starts: shown with its indented lines."""
 KNOWN_NOISE = re.compile(r"has constructor arguments in the object store and max_restarts > 0")
 """Error lines Ray writes on every run (README, "Limits"): not shown from workers."""
+RAYLET_NOISE = re.compile(r"PYTHON worker processes have been started on node")
+"""The raylet's warning that it started more worker processes at once than its node has CPUs: each Ray Train run
+starts about nine (its controller, worker and helpers) and each job its actors, so a small machine gets it on most
+runs, and it is no fault; it stays in Ray's log."""
 USER_ERROR_IN_WORKER = re.compile(r"skindual\.errors\.\w+Error\b|\((?:User|Data|Storage)Error\)")
 """A worker's report of a user error: the job says it in one line (`cli.run_job`), not with the traceback."""
 
@@ -203,10 +207,16 @@ def forwarded_lines(lines: list[str], ours: re.Pattern) -> list[str]:
     return shown
 
 
+def raylet_notes(lines: list[str]) -> list[str]:
+    """Of one batch of the raylet's lines, those a job shows unless --verbose: all (a task killed for memory,
+    say) but `RAYLET_NOISE`."""
+    return [line for line in lines if not RAYLET_NOISE.search(line)]
+
+
 def _forward_only_our_lines() -> None:
     """Of the output Ray forwards from the job's workers, show skindual's log lines (`cli.worker_setup`),
-    the workers' error lines (`forwarded_lines`) and the raylet's notes (a task killed for memory, say);
-    Ray's own actors' and libraries' other lines (the train controller, the placement-group cleaner,
+    the workers' error lines (`forwarded_lines`) and the raylet's notes (a task killed for memory, say), but not
+    its count of started workers (`raylet_notes`); Ray's own actors' and libraries' other lines (the train controller, the placement-group cleaner,
     dataset coordinators, progress bars) stay in Ray's log files."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -216,12 +226,10 @@ def _forward_only_our_lines() -> None:
     ours = re.compile(OUR_LINE)
 
     def forward(data: dict) -> None:
-        if data.get("pid") != "raylet":
-            lines = forwarded_lines(list(data.get("lines", [])), ours)
-            if not lines:
-                return
-            data = {**data, "lines": lines}
-        printers[0](data)
+        lines = list(data.get("lines", []))
+        lines = raylet_notes(lines) if data.get("pid") == "raylet" else forwarded_lines(lines, ours)
+        if lines:
+            printers[0]({**data, "lines": lines})
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", forward)

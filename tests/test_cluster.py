@@ -433,6 +433,17 @@ def test_a_quiet_job_forwards_skindual_lines_and_worker_errors_of_a_batch():
     assert forwarded_lines(refused, ours) == refused[3:]
 
 
+def test_a_quiet_job_shows_the_raylets_notes_but_not_its_count_of_started_workers():
+    from skindual.cluster import raylet_notes
+
+    notes = ["WARNING: 8 PYTHON worker processes have been started on node: e133 with address: 127.0.0.1, which is 4x "
+             "the maximum expected startup concurrency (2). This could be a result of using a large number of actors, "
+             "or due to tasks blocked in ray.get() calls (see https://github.com/ray-project/ray/issues/3644 for some "
+             "discussion of workarounds).",
+             "Task was killed due to the node running low on memory.", "Memory on the node (IP: 127.0.0.1) was 23 GB"]
+    assert raylet_notes(notes) == notes[1:]
+
+
 def test_init_ray_keeps_a_local_ray_on_127_0_0_1_also_when_ray_was_imported_first():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported; a caller that imported it before
     `init_ray` (without the variable) still gets a local cluster on 127.0.0.1, and a remote one is Ray's."""
