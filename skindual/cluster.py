@@ -216,8 +216,8 @@ def raylet_notes(lines: list[str]) -> list[str]:
 def _forward_only_our_lines() -> None:
     """Of the output Ray forwards from the job's workers, show skindual's log lines (`cli.worker_setup`),
     the workers' error lines (`forwarded_lines`) and the raylet's notes (a task killed for memory, say), but not
-    its count of started workers (`raylet_notes`); Ray's own actors' and libraries' other lines (the train controller, the placement-group cleaner,
-    dataset coordinators, progress bars) stay in Ray's log files."""
+    its count of started workers (`raylet_notes`); Ray's own actors' and libraries' other lines (the train
+    controller, the placement-group cleaner, dataset coordinators, progress bars) stay in Ray's log files."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
