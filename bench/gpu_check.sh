@@ -13,7 +13,7 @@
 #   mask_mode       (not by default: measured) mask-conditioned against joint sampling at SD-2-base's size
 # Every part writes its whole output to OUT/NAME.log and its last line (one JSON object) to OUT/NAME.json; the
 # last line of this script (also OUT/summary.json) is one JSON object: per part its exit status, seconds and
-# figures.
+# figures, and what ran them (each GPU's name, driver and memory; the torch that ran and constraints.txt's pin).
 #
 #   bash bench/gpu_check.sh [OUT]
 # GPU_CHECK_PARTS: the parts, in order (default "e2e gpu_throughput tests"); PYTHON: the interpreter (default
@@ -29,6 +29,7 @@ PY="${PYTHON:-.venv/bin/python}"
 PARTS="${GPU_CHECK_PARTS:-e2e gpu_throughput tests}"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-540} ))
 nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$OUT/nvidia_smi.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpus.csv" 2>/dev/null || true
 : > "$OUT/parts.txt"
 
 limit() {  # limit CAP: the seconds a part may take, at most CAP, leaving 90 for the tests when they come after it
@@ -93,6 +94,17 @@ for line in open(f"{out}/parts.txt"):
                 entry["last_line"] = last[-300:]
     summary[name] = entry
 summary["ok"] = bool(summary) and all(e["rc"] == 0 for e in summary.values() if isinstance(e, dict))
+# what the figures were measured with: each GPU's name, driver and memory, and the torch that ran (a lent machine's
+# image brings its own, which may not be constraints.txt's pin: both are named)
+summary["gpus"] = [dict(zip(("name", "driver", "memory"), (f.strip() for f in line.split(","))))
+                   for line in open(f"{out}/gpus.csv", errors="replace") if line.strip()]
+try:
+    import torch
+    summary["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda}
+except ImportError:
+    summary["torch"] = None
+pins = [l.split("==")[1].strip() for l in open("constraints.txt") if l.startswith("torch==")]
+summary["torch_pinned"] = pins[0] if pins else None
 print(json.dumps(summary), file=open(f"{out}/summary.json", "w"))
 print(json.dumps(summary))
 PYEOF
