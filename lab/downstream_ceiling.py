@@ -39,7 +39,7 @@ from skindual.prompts import CLASS_CODES
 
 def pair_set(url: str, rows, size: int) -> PairSet:
     loaded = load_pairs(url, selection_of(rows), size)
-    return PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    return PairSet.of(loaded)
 
 
 def balanced_like(pool: PairSet, counts: np.ndarray, seed: int) -> PairSet:
@@ -67,8 +67,7 @@ def main() -> None:
     left_out = whole.filter(pc.invert(pc.is_in(whole.column("key"), cut.column("key"))))
     real = pair_set(str(run / "real"), cut, args.size)
     spare = pair_set(str(run / "real"), left_out, args.size)
-    loaded = split_pairs(run / "real-test", "all", args.size)
-    test = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    test = PairSet.of(split_pairs(run / "real-test", "all", args.size))
     synthetic_url = str(run / f"synthetic{suffix}")
     synthetic = pair_set(synthetic_url, usable_rows(read_index(synthetic_url)), args.size)
     counts = np.bincount(synthetic.labels, minlength=len(CLASS_CODES))

@@ -62,13 +62,13 @@ def main() -> None:
     suffix = "" if args.real_fraction >= 1 else f"-real{args.real_fraction:g}"
     rows = training_rows(read_index(str(run / "real")), args.real_fraction)
     loaded = load_pairs(str(run / "real"), selection_of(rows), args.size)
-    train = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    train = PairSet.of(loaded)
     loaded = split_pairs(run / "real-test", "all", args.size)
-    test = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    test = PairSet.of(loaded)
     index = read_index(str(run / f"synthetic{suffix}"))
     loaded = load_pairs(str(run / f"synthetic{suffix}"), selection_of(usable_rows(index)),
                         args.size)
-    synthetic = PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+    synthetic = PairSet.of(loaded)
     print(f"{len(train)} real train pairs, {len(synthetic)} synthetic, {len(test)} test")
     own = [quality.dice(quality.segment_lesion(i), m) for i, m in zip(test.images, test.masks)]
     print(f"segment_lesion on the real test pairs: Dice {np.mean(own):.3f}")

@@ -72,6 +72,11 @@ class PairSet:
         return len(self.labels)
 
     @staticmethod
+    def of(loaded: dict) -> PairSet:
+        """The pairs of `pairs.load_pairs` (or the demo's `split_pairs`): its images, masks and class indices."""
+        return PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+
+    @staticmethod
     def concat(sets: Sequence[PairSet]) -> PairSet:
         return PairSet(*(np.concatenate([getattr(s, f) for s in sets]) for f in ("images", "masks", "labels")))
 

@@ -48,8 +48,7 @@ def run_task(arm: str, task: str, seed: int, stages: list[list[Source]], test: S
                                        (batches(pool, k) for k, pool in enumerate(stages)), task, settings, seed,
                                        device)
     loaded = pairs.load_pairs(test.url, test.selection, size, s3_endpoint)
-    metrics = downstream.test_model(model, PairSet(loaded["image"], loaded["mask"], loaded["class_index"]), task,
-                                    CLASS_CODES, device)
+    metrics = downstream.test_model(model, PairSet.of(loaded), task, CLASS_CODES, device)
     used = {id(s): s for pool in stages for s in pool}.values()
     return {"arm": arm, "model": task, "architecture": kind, "seed": seed, "train_pairs": sum(len(s) for s in used),
             "schedules": len(stages),

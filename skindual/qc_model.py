@@ -115,7 +115,7 @@ def _loop(config: dict) -> None:
     figures = {"val_pairs": 0, "val_dice": None}
     if val:
         loaded = pairs.load_pairs(cfg.training_data, val, cfg.size, cfg.s3_endpoint or None)
-        test = downstream.PairSet(loaded["image"], loaded["mask"], loaded["class_index"])
+        test = downstream.PairSet.of(loaded)
         figures = {"val_pairs": len(test), "val_dice": downstream.test_model(model, test, "segmenter", [], device)["dice"]}
     write_segmenter(cfg, model.cpu(), figures | {"train_pairs": plan.train_pairs, "fingerprint": plan.fingerprint})
     ray.train.report(figures)
